@@ -1,0 +1,16 @@
+//! The Kiln dispatcher: the hub every other process connects to.
+//!
+//! It accepts QUIC connections from peers holding a certificate signed by the
+//! Kiln CA, authorizes each request by the role in that certificate, keeps a
+//! git mirror fed by observers, queues submitted commits, hands them to
+//! registered runners as leases, serves runners the source they need, and
+//! stores per-commit results as files.
+//!
+//! Layout: [`state`] is the scheduling state machine (no I/O); [`results`]
+//! is the results directory; [`server`] owns sockets, tasks and the mirror.
+
+pub mod results;
+pub mod server;
+pub mod state;
+
+pub use server::{Config, Dispatcher, StartError};

@@ -1,0 +1,285 @@
+//! Git access for Kiln: the only crate that names git2.
+//!
+//! Kiln moves source code as git packs. The observer reads the watched repository
+//! and sends the dispatcher a pack of the objects the dispatcher lacks; the
+//! dispatcher keeps them in a bare mirror repository; a runner asks the dispatcher
+//! for a commit, saying which commits it already has, receives a pack of just the
+//! missing objects, indexes it into its own bare object cache and checks the
+//! commit out into a fresh per-job directory. All three sides use the same small
+//! API, [`ObjectStore`].
+//!
+//! Design decisions:
+//!
+//! - **Recorded commits are refs.** Every commit a store has received in full is
+//!   named by `refs/kiln/commits/<id>`. The refs keep the objects alive through
+//!   `git gc` and are the list a runner offers as "haves".
+//! - **Packs are checked, not trusted.** Pack bytes come from the network. Indexing
+//!   recomputes every object id from its content, so objects cannot be forged; after
+//!   indexing, [`ObjectStore::unpack`] walks the expected commit's whole tree and
+//!   refuses the commit if anything is missing. Garbage is an error, never a panic.
+//! - **Checkout is our own tree walk**, not libgit2's checkout: a runner's cache is
+//!   bare, we want the exact blob bytes (no `.gitattributes` filters, no index),
+//!   and we want one obvious place that guarantees nothing is written outside the
+//!   destination (see [`ObjectStore::checkout`]).
+//! - git2's error type never crosses the API: everything fails with [`GitError`],
+//!   which keeps the git2 error as its `source`.
+//!
+//! Every call blocks; async callers run them inside `spawn_blocking`, which is why
+//! [`ObjectStore`] is `Send`. It is not `Sync`: open one per thread.
+//!
+//! Unix only: checkouts create symlinks and set executable bits.
+
+mod checkout;
+mod error;
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use git2::{Oid, Repository, RepositoryInitOptions};
+use kiln_proto::CommitId;
+
+pub use error::{GitError, GitErrorKind};
+
+/// The namespace of the refs that record commits a store holds in full.
+const RECORDED_PREFIX: &str = "refs/kiln/commits/";
+
+/// A git repository used as an object store: the watched repository itself
+/// (observer), the dispatcher's bare mirror, or a runner's bare object cache.
+pub struct ObjectStore {
+    /// The open repository. `git2::Repository` is `Send` but not `Sync`, and so is this.
+    repo: Repository,
+    /// The path the store was opened with, for error messages.
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for ObjectStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl ObjectStore {
+    /// Opens an existing repository (bare or with a work tree) at `path`.
+    ///
+    /// `path` must be the repository itself (the work tree or the bare directory);
+    /// parent directories are not searched.
+    pub fn open(path: &Path) -> Result<ObjectStore, GitError> {
+        let repo = Repository::open(path).map_err(|e| GitError::new(path, GitErrorKind::Open, e))?;
+        Ok(ObjectStore { repo, path: path.to_owned() })
+    }
+
+    /// Opens the bare repository at `path`, creating it (and parent dirs) if missing.
+    ///
+    /// A missing path or an empty directory gets a new bare repository; anything
+    /// else must already be a bare repository, so that a mistyped path never turns
+    /// an unrelated directory into a repository.
+    pub fn open_or_init_bare(path: &Path) -> Result<ObjectStore, GitError> {
+        let create = match fs::read_dir(path) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            // Not a directory, or unreadable: let opening report it.
+            Err(_) => false,
+        };
+        let repo = if create {
+            Repository::init_opts(
+                path,
+                RepositoryInitOptions::new()
+                    .bare(true)
+                    .mkpath(true)
+                    // The system's template directory only holds sample hooks and
+                    // descriptions, which a cache has no use for.
+                    .external_template(false),
+            )
+            .map_err(|e| GitError::new(path, GitErrorKind::Init, e))?
+        } else {
+            Repository::open_bare(path).map_err(|e| GitError::new(path, GitErrorKind::Open, e))?
+        };
+        Ok(ObjectStore { repo, path: path.to_owned() })
+    }
+
+    /// The path this store was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The commit `refs/heads/<branch>` points at (error naming the branch and repo if missing).
+    ///
+    /// A missing branch fails with [`GitErrorKind::NoSuchBranch`], so a caller can tell
+    /// "not created yet" apart from a broken repository.
+    pub fn branch_head(&self, branch: &str) -> Result<CommitId, GitError> {
+        let read_error = || GitErrorKind::ReadBranch { branch: branch.to_owned() };
+        let name = format!("refs/heads/{branch}");
+        let reference = match self.repo.find_reference(&name) {
+            Ok(reference) => reference,
+            Err(e) if e.code() == git2::ErrorCode::NotFound => {
+                return Err(self.error(GitErrorKind::NoSuchBranch { branch: branch.to_owned() }, e));
+            }
+            Err(e) => return Err(self.error(read_error(), e)),
+        };
+        let commit = reference.peel_to_commit().map_err(|e| self.error(read_error(), e))?;
+        to_commit_id(commit.id()).map_err(|e| self.error(read_error(), e))
+    }
+
+    /// Whether the commit object is present.
+    pub fn has_commit(&self, id: &CommitId) -> bool {
+        self.find_commit(id).is_ok()
+    }
+
+    /// Up to `limit` commits this store has recorded (see `unpack`/`remember`), newest first by commit time.
+    ///
+    /// Commits with equal times are ordered by id, so the answer is deterministic.
+    /// A ref under `refs/kiln/commits/` that does not point at a present commit is
+    /// skipped (and logged): it can only come from tampering, and one bad ref must
+    /// not stop a runner from offering the rest.
+    pub fn recorded_commits(&self, limit: usize) -> Result<Vec<CommitId>, GitError> {
+        let list_error = |e: git2::Error| self.error(GitErrorKind::ListRecorded, e);
+        let mut found: Vec<(i64, Oid)> = Vec::new();
+        let glob = format!("{RECORDED_PREFIX}*");
+        for reference in self.repo.references_glob(&glob).map_err(list_error)? {
+            let reference = reference.map_err(list_error)?;
+            let Some(oid) = reference.target() else {
+                tracing::warn!(
+                    repo = %self.path.display(),
+                    reference = reference.name().unwrap_or("?"),
+                    "skipping symbolic ref among recorded commits"
+                );
+                continue;
+            };
+            match self.repo.find_commit(oid) {
+                Ok(commit) => found.push((commit.time().seconds(), oid)),
+                Err(e) => tracing::warn!(
+                    repo = %self.path.display(),
+                    object = %oid,
+                    error = %e,
+                    "skipping recorded commit that is not present"
+                ),
+            }
+        }
+        found.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        found
+            .into_iter()
+            .take(limit)
+            .map(|(_, oid)| to_commit_id(oid).map_err(|e| self.error(GitErrorKind::ListRecorded, e)))
+            .collect()
+    }
+
+    /// Records `id` (which must be present) under `refs/kiln/commits/<id>` so it survives gc and is listed by [`recorded_commits`](Self::recorded_commits).
+    pub fn remember(&self, id: &CommitId) -> Result<(), GitError> {
+        let oid = self.find_commit(id)?.id();
+        let name = format!("{RECORDED_PREFIX}{id}");
+        match self.repo.reference(&name, oid, true, "kiln: remember commit") {
+            Ok(_) => Ok(()),
+            // Another process may be recording the same commit at the same moment
+            // and hold the ref's lock; if the ref now says what we wanted, we are done.
+            Err(_) if self.repo.refname_to_id(&name).ok() == Some(oid) => Ok(()),
+            Err(e) => Err(self.error(GitErrorKind::Remember { commit: *id }, e)),
+        }
+    }
+
+    /// A pack (bytes in git's pack format) holding every object reachable from `want` and not reachable from
+    /// any of `haves`. Haves this store does not have are ignored (they come from the network).
+    ///
+    /// The pack is self-contained (no deltas against objects outside it). If `want`
+    /// is reachable from a have, the pack holds no objects, and still unpacks.
+    pub fn pack(&self, want: &CommitId, haves: &[CommitId]) -> Result<Vec<u8>, GitError> {
+        let want_oid = self.find_commit(want)?.id();
+        let pack_error = |e: git2::Error| self.error(GitErrorKind::Pack { want: *want }, e);
+
+        let mut walk = self.repo.revwalk().map_err(pack_error)?;
+        walk.push(want_oid).map_err(pack_error)?;
+        for have in haves {
+            // Hiding an object the walk cannot load fails the whole walk, so only
+            // commits that are really here are hidden.
+            if let Ok(commit) = self.find_commit(have) {
+                walk.hide(commit.id()).map_err(pack_error)?;
+            }
+        }
+
+        // The walk yields the commits to send; `insert_walk` adds their trees and
+        // blobs, skipping everything reachable from the trees of the hidden commits.
+        let mut builder = self.repo.packbuilder().map_err(pack_error)?;
+        builder.insert_walk(&mut walk).map_err(pack_error)?;
+        let mut buf = git2::Buf::new();
+        builder.write_buf(&mut buf).map_err(pack_error)?;
+        tracing::debug!(
+            repo = %self.path.display(),
+            %want,
+            haves = haves.len(),
+            objects = builder.object_count(),
+            bytes = buf.len(),
+            "built pack"
+        );
+        Ok(buf.to_vec())
+    }
+
+    /// Indexes `pack` into this store, checks that `expect` is now present as a commit with its whole tree
+    /// present, and remembers it. A pack that is garbage or lacks objects is an error, never a panic, and leaves
+    /// the store usable.
+    ///
+    /// Objects of a pack that indexed cleanly stay in the store even when the
+    /// check fails: they are valid objects (their ids are recomputed from their
+    /// content), just not enough of them. Only a complete commit is remembered.
+    pub fn unpack(&self, pack: &[u8], expect: &CommitId) -> Result<(), GitError> {
+        let bad_pack = || GitErrorKind::BadPack { expect: *expect };
+        let odb = self.repo.odb().map_err(|e| self.error(bad_pack(), e))?;
+        {
+            // Dropping the writer without `commit` (on any error below) deletes its
+            // temporary pack file, which is what leaves the store as it was.
+            let mut writer = odb.packwriter().map_err(|e| self.error(bad_pack(), e))?;
+            if writer.write_all(pack).is_err() {
+                // git2's `io::Write` for the pack writer reports every failure as
+                // a bare "Write error"; the indexer's own message ("bad object
+                // header", ...) is still in libgit2's thread-local last error.
+                return Err(self.error(bad_pack(), git2::Error::last_error(-1)));
+            }
+            writer.commit().map_err(|e| self.error(bad_pack(), e))?;
+        }
+        // Make the new pack visible to lookups through this repository at once.
+        odb.refresh().map_err(|e| self.error(bad_pack(), e))?;
+
+        checkout::check_complete(&self.repo, &self.path, expect)?;
+        tracing::debug!(
+            repo = %self.path.display(),
+            %expect,
+            bytes = pack.len(),
+            "unpacked commit"
+        );
+        self.remember(expect)
+    }
+
+    /// Writes the files of `commit`'s tree into `dest` (created; must not exist or be empty).
+    /// Regular files keep the executable bit; symlinks are written as symlinks; submodules (gitlinks) are skipped.
+    /// It must not write anything outside `dest` whatever the tree contains.
+    ///
+    /// Files get the exact blob bytes (no `.gitattributes` filters or line-ending
+    /// conversion). An entry whose name is unsafe (empty, `.`, `..`, `.git` in any
+    /// case, or containing `/` or NUL) fails the checkout, as it does in git. On
+    /// error `dest` may hold a partial checkout; the caller owns and removes it.
+    pub fn checkout(&self, commit: &CommitId, dest: &Path) -> Result<(), GitError> {
+        checkout::checkout(&self.repo, &self.path, commit, dest)
+    }
+
+    /// The commit `id`, or [`GitErrorKind::MissingCommit`].
+    fn find_commit(&self, id: &CommitId) -> Result<git2::Commit<'_>, GitError> {
+        find_commit(&self.repo, &self.path, id)
+    }
+
+    /// An error about this store.
+    fn error(&self, kind: GitErrorKind, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> GitError {
+        GitError::new(&self.path, kind, source)
+    }
+}
+
+/// The commit `id` in `repo`, or [`GitErrorKind::MissingCommit`] (also when the
+/// object exists but is not a commit).
+fn find_commit<'r>(repo: &'r Repository, path: &Path, id: &CommitId) -> Result<git2::Commit<'r>, GitError> {
+    let missing = || GitErrorKind::MissingCommit { commit: *id };
+    let oid = Oid::from_str(id.as_str()).map_err(|e| GitError::new(path, missing(), e))?;
+    repo.find_commit(oid).map_err(|e| GitError::new(path, missing(), e))
+}
+
+/// Converts a git2 object id to Kiln's commit id. Fails only for non-SHA-1 ids.
+fn to_commit_id(oid: Oid) -> Result<CommitId, kiln_proto::model::BadCommitId> {
+    oid.to_string().parse()
+}

@@ -1,0 +1,552 @@
+//! Tests of [`kiln_git::ObjectStore`] on real repositories in temporary directories.
+//!
+//! Source repositories are built with git2 itself (no `git` binary needed); stores
+//! then exchange packs the way the observer, dispatcher and runner do.
+
+#![expect(clippy::unwrap_used, reason = "a test should stop at the first unexpected error, with its message")]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use git2::{Oid, Repository, Signature, Time};
+use kiln_git::{GitErrorKind, ObjectStore};
+use kiln_proto::CommitId;
+use tempfile::TempDir;
+
+/// A tree to build, entry by entry.
+enum Node<'a> {
+    File(&'a [u8]),
+    Exec(&'a [u8]),
+    Link(&'a str),
+    Dir(Vec<(&'a str, Node<'a>)>),
+    Gitlink(Oid),
+}
+
+/// Writes the tree described by `entries` into `repo`'s object database.
+fn write_tree(repo: &Repository, entries: &[(&str, Node<'_>)]) -> Oid {
+    let mut builder = repo.treebuilder(None).unwrap();
+    for (name, node) in entries {
+        let (id, mode) = match node {
+            Node::File(bytes) => (repo.blob(bytes).unwrap(), 0o100_644),
+            Node::Exec(bytes) => (repo.blob(bytes).unwrap(), 0o100_755),
+            Node::Link(target) => (repo.blob(target.as_bytes()).unwrap(), 0o120_000),
+            Node::Dir(children) => (write_tree(repo, children), 0o040_000),
+            Node::Gitlink(id) => (*id, 0o160_000),
+        };
+        builder.insert(name, id, mode).unwrap();
+    }
+    builder.write().unwrap()
+}
+
+/// Commits `tree` with `parents` at `time` (seconds), moving `refs/heads/<branch>` if given.
+fn commit(repo: &Repository, branch: Option<&str>, tree: Oid, parents: &[Oid], time: i64) -> CommitId {
+    let sig = Signature::new("Kiln Test", "test@kiln.invalid", &Time::new(time, 0)).unwrap();
+    let tree = repo.find_tree(tree).unwrap();
+    let parents: Vec<_> = parents.iter().map(|p| repo.find_commit(*p).unwrap()).collect();
+    let parents: Vec<_> = parents.iter().collect();
+    let refname = branch.map(|b| format!("refs/heads/{b}"));
+    let id = repo.commit(refname.as_deref(), &sig, &sig, &format!("commit at {time}"), &tree, &parents).unwrap();
+    id.to_string().parse().unwrap()
+}
+
+fn oid(id: &CommitId) -> Oid {
+    Oid::from_str(id.as_str()).unwrap()
+}
+
+/// A non-bare "watched" repository at `dir/work`.
+fn work_repo(dir: &TempDir) -> (Repository, ObjectStore) {
+    let path = dir.path().join("work");
+    let repo = Repository::init(&path).unwrap();
+    let store = ObjectStore::open(&path).unwrap();
+    (repo, store)
+}
+
+/// The object count from a pack's header.
+fn pack_objects(pack: &[u8]) -> u32 {
+    assert_eq!(&pack[..4], b"PACK", "not a pack");
+    u32::from_be_bytes(pack[8..12].try_into().unwrap())
+}
+
+/// `len` bytes that do not compress, so that pack sizes reflect what is sent.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+fn is_executable(path: &Path) -> bool {
+    fs::metadata(path).unwrap().permissions().mode() & 0o111 != 0
+}
+
+/// An id that no test repository contains.
+fn unknown_id() -> CommitId {
+    "0123456789abcdef0123456789abcdef01234567".parse().unwrap()
+}
+
+#[test]
+fn object_store_is_send() {
+    fn assert_send<T: Send>() {}
+    assert_send::<ObjectStore>();
+}
+
+#[test]
+fn round_trip_then_checkout_gives_exact_files() {
+    let dir = TempDir::new().unwrap();
+    let (repo, sender) = work_repo(&dir);
+    let readme: &[u8] = b"line one\r\nline two\n\xff\xfe not utf-8\n";
+    let script: &[u8] = b"#!/bin/sh\necho hello\n";
+    let tree = write_tree(
+        &repo,
+        &[
+            // Filters would turn LF into CRLF here; the checkout must not apply them.
+            (".gitattributes", Node::File(b"*.txt eol=crlf\n")),
+            ("README", Node::File(readme)),
+            ("notes.txt", Node::File(b"a\nb\n")),
+            ("empty", Node::File(b"")),
+            ("link", Node::Link("README")),
+            ("vendor", Node::Gitlink(Oid::from_str(unknown_id().as_str()).unwrap())),
+            (
+                "bin",
+                Node::Dir(vec![
+                    ("run.sh", Node::Exec(script)),
+                    ("deep", Node::Dir(vec![("data.bin", Node::File(&[0, 1, 2, 255]))])),
+                ]),
+            ),
+        ],
+    );
+    let id = commit(&repo, Some("main"), tree, &[], 1_000);
+    assert_eq!(sender.branch_head("main").unwrap(), id);
+
+    let pack = sender.pack(&id, &[]).unwrap();
+    // Directories that do not exist yet are created for the cache.
+    let cache = dir.path().join("runner/cache/objects.git");
+    let receiver = ObjectStore::open_or_init_bare(&cache).unwrap();
+    assert!(!receiver.has_commit(&id));
+    receiver.unpack(&pack, &id).unwrap();
+    assert!(receiver.has_commit(&id));
+    assert_eq!(receiver.recorded_commits(10).unwrap(), vec![id]);
+
+    let dest = dir.path().join("jobs/1");
+    receiver.checkout(&id, &dest).unwrap();
+    assert_eq!(fs::read(dest.join("README")).unwrap(), readme);
+    assert_eq!(fs::read(dest.join("notes.txt")).unwrap(), b"a\nb\n");
+    assert_eq!(fs::read(dest.join("empty")).unwrap(), b"");
+    assert_eq!(fs::read(dest.join("bin/run.sh")).unwrap(), script);
+    assert_eq!(fs::read(dest.join("bin/deep/data.bin")).unwrap(), [0, 1, 2, 255]);
+    assert!(is_executable(&dest.join("bin/run.sh")));
+    assert!(!is_executable(&dest.join("README")));
+    assert!(!is_executable(&dest.join("bin/deep/data.bin")));
+    assert_eq!(fs::read_link(dest.join("link")).unwrap(), Path::new("README"));
+    assert!(!dest.join("vendor").exists(), "submodules are skipped");
+
+    let mut names: Vec<_> =
+        fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, [".gitattributes", "README", "bin", "empty", "link", "notes.txt"]);
+
+    // The store reopens with its objects and records.
+    drop(receiver);
+    let reopened = ObjectStore::open_or_init_bare(&cache).unwrap();
+    assert!(reopened.has_commit(&id));
+    assert_eq!(reopened.recorded_commits(10).unwrap(), vec![id]);
+    let reopened = ObjectStore::open(&cache).unwrap();
+    assert!(reopened.has_commit(&id));
+}
+
+#[test]
+fn pack_with_haves_sends_only_missing_objects() {
+    let dir = TempDir::new().unwrap();
+    let (repo, sender) = work_repo(&dir);
+    let big = noise(256 * 1024, 0x9e37_79b9_7f4a_7c15);
+    let first_tree = write_tree(&repo, &[("big.bin", Node::File(&big)), ("small.txt", Node::File(b"version 1\n"))]);
+    let first = commit(&repo, Some("main"), first_tree, &[], 1_000);
+    let second_tree = write_tree(&repo, &[("big.bin", Node::File(&big)), ("small.txt", Node::File(b"version 2\n"))]);
+    let second = commit(&repo, Some("main"), second_tree, &[oid(&first)], 2_000);
+    assert_eq!(sender.branch_head("main").unwrap(), second);
+
+    let receiver = ObjectStore::open_or_init_bare(&dir.path().join("cache")).unwrap();
+    receiver.unpack(&sender.pack(&first, &[]).unwrap(), &first).unwrap();
+
+    let full = sender.pack(&second, &[]).unwrap();
+    let delta = sender.pack(&second, &[first]).unwrap();
+    // Full: two commits, two root trees, big.bin and two versions of small.txt.
+    assert_eq!(pack_objects(&full), 7);
+    // Delta: the second commit, its root tree and the new small.txt; not big.bin.
+    assert_eq!(pack_objects(&delta), 3);
+    assert!(delta.len() * 20 < full.len(), "delta pack is {} bytes, full pack {}", delta.len(), full.len());
+
+    // A store without the first commit cannot complete the second from the delta pack,
+    // which shows the pack really omits what the receiver already has.
+    let fresh = ObjectStore::open_or_init_bare(&dir.path().join("fresh")).unwrap();
+    let err = fresh.unpack(&delta, &second).unwrap_err();
+    match err.kind() {
+        GitErrorKind::Incomplete { expect, path, .. } => {
+            assert_eq!(*expect, second);
+            assert_eq!(path, "big.bin");
+        }
+        other => panic!("unexpected error kind {other:?}: {err}"),
+    }
+    assert!(fresh.recorded_commits(10).unwrap().is_empty());
+
+    receiver.unpack(&delta, &second).unwrap();
+    let dest = dir.path().join("job");
+    receiver.checkout(&second, &dest).unwrap();
+    assert_eq!(fs::read(dest.join("big.bin")).unwrap(), big);
+    assert_eq!(fs::read(dest.join("small.txt")).unwrap(), b"version 2\n");
+    assert_eq!(receiver.recorded_commits(10).unwrap(), vec![second, first]);
+}
+
+#[test]
+fn empty_pack_unpacks_when_want_is_reachable_from_haves() {
+    let dir = TempDir::new().unwrap();
+    let (repo, sender) = work_repo(&dir);
+    let tree = write_tree(&repo, &[("a", Node::File(b"a\n"))]);
+    let first = commit(&repo, Some("main"), tree, &[], 1_000);
+    let tree = write_tree(&repo, &[("a", Node::File(b"b\n"))]);
+    let second = commit(&repo, Some("main"), tree, &[oid(&first)], 2_000);
+
+    let receiver = ObjectStore::open_or_init_bare(&dir.path().join("cache")).unwrap();
+    receiver.unpack(&sender.pack(&second, &[]).unwrap(), &second).unwrap();
+
+    // The receiver already has both: a pack with no objects must still go through,
+    // and unpacking records the commit it was for.
+    for (want, have) in [(second, second), (first, second)] {
+        let pack = sender.pack(&want, &[have]).unwrap();
+        assert_eq!(pack_objects(&pack), 0);
+        receiver.unpack(&pack, &want).unwrap();
+    }
+    assert_eq!(receiver.recorded_commits(10).unwrap(), vec![second, first]);
+}
+
+#[test]
+fn haves_unknown_to_the_sender_are_ignored() {
+    let dir = TempDir::new().unwrap();
+    let (repo, sender) = work_repo(&dir);
+    let tree = write_tree(&repo, &[("a", Node::File(b"a\n"))]);
+    let id = commit(&repo, Some("main"), tree, &[], 1_000);
+    let blob: CommitId = repo.blob(b"a\n").unwrap().to_string().parse().unwrap();
+
+    // An id nobody has, and an object that exists but is not a commit.
+    let pack = sender.pack(&id, &[unknown_id(), blob]).unwrap();
+    assert_eq!(pack_objects(&pack), pack_objects(&sender.pack(&id, &[]).unwrap()));
+    let receiver = ObjectStore::open_or_init_bare(&dir.path().join("cache")).unwrap();
+    receiver.unpack(&pack, &id).unwrap();
+    receiver.checkout(&id, &dir.path().join("job")).unwrap();
+    assert_eq!(fs::read(dir.path().join("job/a")).unwrap(), b"a\n");
+}
+
+#[test]
+fn garbage_and_truncated_packs_are_errors_and_the_store_still_works() {
+    let dir = TempDir::new().unwrap();
+    let (repo, sender) = work_repo(&dir);
+    let content = noise(8 * 1024, 7);
+    let tree = write_tree(&repo, &[("data", Node::File(&content))]);
+    let id = commit(&repo, Some("main"), tree, &[], 1_000);
+    let pack = sender.pack(&id, &[]).unwrap();
+
+    let cache = dir.path().join("cache");
+    let receiver = ObjectStore::open_or_init_bare(&cache).unwrap();
+    let mut corrupt = pack.clone();
+    let middle = corrupt.len() / 2;
+    corrupt[middle] ^= 0xff;
+    let mut bad_header = pack.clone();
+    bad_header[11] = bad_header[11].wrapping_add(5); // claims more objects than it holds
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("garbage", b"this is not a pack, just some bytes from the network".to_vec()),
+        ("header only", pack[..12].to_vec()),
+        ("truncated", pack[..pack.len() / 2].to_vec()),
+        ("missing checksum", pack[..pack.len() - 20].to_vec()),
+        ("corrupt", corrupt),
+        ("wrong object count", bad_header),
+        // A header claiming 2^32 - 1 objects, and nothing after it.
+        ("huge object count", b"PACK\0\0\0\x02\xff\xff\xff\xff".to_vec()),
+    ];
+    for (what, bytes) in &cases {
+        let err = receiver.unpack(bytes, &id).unwrap_err();
+        assert!(
+            matches!(err.kind(), GitErrorKind::BadPack { expect } if *expect == id),
+            "{what}: unexpected error {err}"
+        );
+        // The indexer's own reason is kept, not git2's generic "Write error".
+        let source = std::error::Error::source(&err).map(ToString::to_string);
+        assert!(source.as_deref().is_some_and(|s| !s.is_empty() && s != "Write error"), "{what}: source {source:?}");
+        assert!(err.to_string().contains(&cache.display().to_string()), "{what}: {err}");
+        assert!(!receiver.has_commit(&id), "{what}: commit appeared");
+    }
+    assert!(receiver.recorded_commits(10).unwrap().is_empty());
+
+    // No temporary files are left behind, and a good pack still goes in.
+    for entry in fs::read_dir(cache.join("objects/pack")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        assert!(
+            name.starts_with("pack-") && (name.ends_with(".pack") || name.ends_with(".idx")),
+            "left behind: {name}"
+        );
+    }
+    receiver.unpack(&pack, &id).unwrap();
+    receiver.checkout(&id, &dir.path().join("job")).unwrap();
+    assert_eq!(fs::read(dir.path().join("job/data")).unwrap(), content);
+}
+
+#[test]
+fn unpack_of_a_pack_without_the_expected_commit_errors() {
+    let dir = TempDir::new().unwrap();
+    let (repo, sender) = work_repo(&dir);
+    let tree = write_tree(&repo, &[("a", Node::File(b"a\n"))]);
+    let first = commit(&repo, Some("main"), tree, &[], 1_000);
+    let tree = write_tree(&repo, &[("b", Node::File(b"b\n"))]);
+    let other = commit(&repo, Some("other"), tree, &[], 2_000);
+
+    let receiver = ObjectStore::open_or_init_bare(&dir.path().join("cache")).unwrap();
+    let pack = sender.pack(&first, &[]).unwrap();
+    for expect in [other, unknown_id()] {
+        let err = receiver.unpack(&pack, &expect).unwrap_err();
+        assert!(
+            matches!(err.kind(), GitErrorKind::Incomplete { expect: e, .. } if *e == expect),
+            "unexpected error {err}"
+        );
+        assert!(err.to_string().contains(expect.as_str()), "{err}");
+    }
+    // The pack's own commit came in whole, but only commits asked for are recorded.
+    assert!(receiver.has_commit(&first));
+    assert!(receiver.recorded_commits(10).unwrap().is_empty());
+}
+
+#[test]
+fn unpack_of_a_pack_lacking_a_blob_errors_naming_its_path() {
+    let dir = TempDir::new().unwrap();
+    let (repo, _sender) = work_repo(&dir);
+    let tree = write_tree(&repo, &[("src", Node::Dir(vec![("main.rs", Node::File(b"fn main() {}\n"))]))]);
+    let id = commit(&repo, Some("main"), tree, &[], 1_000);
+
+    // A pack with the commit and its trees but no blobs, as a broken peer might send.
+    let src = repo.find_tree(tree).unwrap().get_name("src").unwrap().id();
+    let mut builder = repo.packbuilder().unwrap();
+    builder.insert_object(oid(&id), None).unwrap();
+    builder.insert_object(tree, None).unwrap();
+    builder.insert_object(src, None).unwrap();
+    let mut buf = git2::Buf::new();
+    builder.write_buf(&mut buf).unwrap();
+
+    let receiver = ObjectStore::open_or_init_bare(&dir.path().join("cache")).unwrap();
+    let err = receiver.unpack(&buf, &id).unwrap_err();
+    match err.kind() {
+        GitErrorKind::Incomplete { path, .. } => assert_eq!(path, "src/main.rs"),
+        other => panic!("unexpected error kind {other:?}: {err}"),
+    }
+    assert!(err.to_string().contains("src/main.rs"), "{err}");
+    assert!(receiver.recorded_commits(10).unwrap().is_empty());
+}
+
+#[test]
+fn branch_head_of_a_missing_branch_names_it() {
+    let dir = TempDir::new().unwrap();
+    let (repo, store) = work_repo(&dir);
+    // Before any commit, not even the default branch exists.
+    let err = store.branch_head("main").unwrap_err();
+    assert!(matches!(err.kind(), GitErrorKind::NoSuchBranch { branch } if branch == "main"));
+
+    let tree = write_tree(&repo, &[("a", Node::File(b"a\n"))]);
+    commit(&repo, Some("main"), tree, &[], 1_000);
+    let err = store.branch_head("release/2.0").unwrap_err();
+    assert!(matches!(err.kind(), GitErrorKind::NoSuchBranch { branch } if branch == "release/2.0"), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("`release/2.0`"), "{message}");
+    assert!(message.contains(&dir.path().join("work").display().to_string()), "{message}");
+    assert!(std::error::Error::source(&err).is_some());
+}
+
+#[test]
+fn recorded_commits_are_newest_first_and_limited() {
+    let dir = TempDir::new().unwrap();
+    let (repo, store) = work_repo(&dir);
+    let mut ids = Vec::new();
+    for (n, time) in [1_000, 3_000, 2_000, 4_000].into_iter().enumerate() {
+        let tree = write_tree(&repo, &[("n", Node::File(format!("{n}\n").as_bytes()))]);
+        ids.push(commit(&repo, None, tree, &[], time));
+    }
+    assert!(store.recorded_commits(10).unwrap().is_empty());
+    for id in &ids[..3] {
+        store.remember(id).unwrap();
+    }
+    // Remembering twice is harmless.
+    store.remember(&ids[0]).unwrap();
+
+    assert_eq!(store.recorded_commits(10).unwrap(), vec![ids[1], ids[2], ids[0]]);
+    assert_eq!(store.recorded_commits(2).unwrap(), vec![ids[1], ids[2]]);
+    assert!(store.recorded_commits(0).unwrap().is_empty());
+    store.remember(&ids[3]).unwrap();
+    assert_eq!(store.recorded_commits(1).unwrap(), vec![ids[3]]);
+
+    let err = store.remember(&unknown_id()).unwrap_err();
+    assert!(matches!(err.kind(), GitErrorKind::MissingCommit { commit } if *commit == unknown_id()));
+    assert_eq!(store.recorded_commits(10).unwrap().len(), 4);
+}
+
+#[test]
+fn pack_and_checkout_of_a_missing_commit_error() {
+    let dir = TempDir::new().unwrap();
+    let (_repo, store) = work_repo(&dir);
+    let err = store.pack(&unknown_id(), &[]).unwrap_err();
+    assert!(matches!(err.kind(), GitErrorKind::MissingCommit { .. }), "{err}");
+    assert!(err.to_string().contains(unknown_id().as_str()));
+    let dest = dir.path().join("job");
+    let err = store.checkout(&unknown_id(), &dest).unwrap_err();
+    assert!(matches!(err.kind(), GitErrorKind::MissingCommit { .. }), "{err}");
+    assert!(!dest.exists());
+}
+
+#[test]
+fn opening_checks_what_is_there() {
+    let dir = TempDir::new().unwrap();
+    let missing = dir.path().join("missing");
+    let err = ObjectStore::open(&missing).unwrap_err();
+    assert!(matches!(err.kind(), GitErrorKind::Open));
+    assert!(err.to_string().contains(&missing.display().to_string()));
+
+    // A directory with unrelated content is not turned into a repository.
+    let unrelated = dir.path().join("unrelated");
+    fs::create_dir(&unrelated).unwrap();
+    fs::write(unrelated.join("file"), b"keep me").unwrap();
+    let err = ObjectStore::open_or_init_bare(&unrelated).unwrap_err();
+    assert!(matches!(err.kind(), GitErrorKind::Open), "{err}");
+    assert_eq!(fs::read_dir(&unrelated).unwrap().count(), 1);
+
+    // An empty directory gets a bare repository.
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    ObjectStore::open_or_init_bare(&empty).unwrap();
+    assert!(Repository::open_bare(&empty).unwrap().is_bare());
+}
+
+#[test]
+fn checkout_destination_must_be_missing_or_empty() {
+    let dir = TempDir::new().unwrap();
+    let (repo, store) = work_repo(&dir);
+    let tree = write_tree(&repo, &[("a", Node::File(b"a\n"))]);
+    let id = commit(&repo, Some("main"), tree, &[], 1_000);
+
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    store.checkout(&id, &empty).unwrap();
+    assert_eq!(fs::read(empty.join("a")).unwrap(), b"a\n");
+
+    // Now it is not empty any more.
+    let err = store.checkout(&id, &empty).unwrap_err();
+    assert!(matches!(err.kind(), GitErrorKind::DestinationNotEmpty { .. }), "{err}");
+
+    let file = dir.path().join("file");
+    fs::write(&file, b"x").unwrap();
+    let err = store.checkout(&id, &file).unwrap_err();
+    assert!(matches!(err.kind(), GitErrorKind::DestinationNotEmpty { .. }), "{err}");
+
+    // A symlink to an empty directory is not followed.
+    let target = dir.path().join("target");
+    fs::create_dir(&target).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let err = store.checkout(&id, &link).unwrap_err();
+    assert!(matches!(err.kind(), GitErrorKind::DestinationNotEmpty { .. }), "{err}");
+    assert_eq!(fs::read_dir(&target).unwrap().count(), 0);
+}
+
+/// Raw tree entries, written without git2's name checks, as a hostile peer could.
+fn raw_tree(repo: &Repository, entries: &[(&str, &[u8], Oid)]) -> Oid {
+    let mut data = Vec::new();
+    for (mode, name, id) in entries {
+        data.extend_from_slice(mode.as_bytes());
+        data.push(b' ');
+        data.extend_from_slice(name);
+        data.push(0);
+        data.extend_from_slice(id.as_bytes());
+    }
+    repo.odb().unwrap().write(git2::ObjectType::Tree, &data).unwrap()
+}
+
+#[test]
+fn checkout_of_a_hostile_tree_writes_nothing_outside_the_destination() {
+    let dir = TempDir::new().unwrap();
+    let (repo, store) = work_repo(&dir);
+    let outside = dir.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let payload = repo.blob(b"pwned\n").unwrap();
+    let payload_tree = raw_tree(&repo, &[("100644", b"pwned", payload)]);
+    let outside_link = repo.blob(outside.as_os_str().as_encoded_bytes()).unwrap();
+    let relative_link = repo.blob(b"../outside").unwrap();
+
+    let nested_dot_dot = raw_tree(&repo, &[("40000", b"..", payload_tree)]);
+    let unsafe_names: Vec<(&str, Oid, &str)> = vec![
+        ("dot-dot dir", raw_tree(&repo, &[("40000", b"..", payload_tree)]), ".."),
+        ("dot-dot file", raw_tree(&repo, &[("100644", b"..", payload)]), ".."),
+        ("dot dir", raw_tree(&repo, &[("40000", b".", payload_tree)]), "."),
+        ("slash in name", raw_tree(&repo, &[("100644", b"../outside/pwned", payload)]), "../outside/pwned"),
+        (
+            "absolute name",
+            raw_tree(&repo, &[("100644", outside.join("pwned").as_os_str().as_encoded_bytes(), payload)]),
+            "",
+        ),
+        ("dot git", raw_tree(&repo, &[("40000", b".GIT", payload_tree)]), ".GIT"),
+        ("nested dot-dot", raw_tree(&repo, &[("40000", b"sub", nested_dot_dot)]), "sub/.."),
+    ];
+    for (n, (what, tree, path)) in unsafe_names.into_iter().enumerate() {
+        let id = commit(&repo, None, tree, &[], 1_000);
+        let dest = dir.path().join(format!("unsafe/{n}"));
+        let err = store.checkout(&id, &dest).unwrap_err();
+        match err.kind() {
+            GitErrorKind::UnsafePath { commit, path: p } => {
+                assert_eq!(*commit, id, "{what}");
+                if !path.is_empty() {
+                    assert_eq!(p, path, "{what}");
+                }
+            }
+            other => panic!("{what}: unexpected error kind {other:?}: {err}"),
+        }
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "{what}: wrote outside");
+        assert!(!dir.path().join("pwned").exists(), "{what}: wrote outside");
+        assert!(!dir.path().join("unsafe/pwned").exists(), "{what}: wrote next to dest");
+    }
+
+    // Duplicate names: whichever comes second finds the first in its way, and the
+    // walk never writes through the symlink.
+    let duplicates: Vec<(&str, Oid)> = vec![
+        (
+            "symlink then dir of the same name",
+            raw_tree(&repo, &[("120000", b"esc", outside_link), ("40000", b"esc", payload_tree)]),
+        ),
+        (
+            "relative symlink then file of the same name",
+            raw_tree(&repo, &[("120000", b"esc", relative_link), ("100644", b"esc", payload)]),
+        ),
+        (
+            "dir then symlink of the same name",
+            raw_tree(&repo, &[("40000", b"esc", payload_tree), ("120000", b"esc", outside_link)]),
+        ),
+    ];
+    for (n, (what, tree)) in duplicates.into_iter().enumerate() {
+        let id = commit(&repo, None, tree, &[], 1_000);
+        let dest = dir.path().join(format!("jobs/{n}"));
+        let err = store.checkout(&id, &dest).unwrap_err();
+        assert!(
+            matches!(err.kind(), GitErrorKind::Checkout { path, .. } if *path == dest.join("esc")),
+            "{what}: unexpected error {err}"
+        );
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "{what}: wrote outside");
+        assert!(!dir.path().join("jobs/pwned").exists(), "{what}: wrote next to dest");
+        assert!(!dir.path().join("pwned").exists(), "{what}: wrote outside");
+    }
+
+    // A symlink pointing outside is fine on its own: it is written, not followed.
+    let tree = raw_tree(&repo, &[("120000", b"esc", outside_link)]);
+    let id = commit(&repo, None, tree, &[], 1_000);
+    let dest = dir.path().join("jobs/link-only");
+    store.checkout(&id, &dest).unwrap();
+    assert_eq!(fs::read_link(dest.join("esc")).unwrap(), outside);
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+}

@@ -1,0 +1,194 @@
+//! Framed message I/O over QUIC streams, using the codec in
+//! [`kiln_proto::frame`], plus the raw byte runs that carry git packs.
+//!
+//! Every read is bounded: a frame by [`kiln_proto::MAX_FRAME_LEN`], a pack by
+//! the caller's limit, and both are checked before memory is committed.
+
+use kiln_proto::frame::{self, FrameError};
+use kiln_proto::wire::PackHeader;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Application close codes: why a connection was closed on purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseCode {
+    /// An orderly shutdown.
+    Shutdown,
+    /// The peer sent bytes that are not a valid message, or a message that
+    /// is not valid at that point of the exchange.
+    Protocol,
+    /// The peer's role does not allow what it asked.
+    Unauthorized,
+    /// Another connection with the same identity replaced this one.
+    Replaced,
+}
+
+impl CloseCode {
+    /// The code's number on the wire.
+    pub fn code(self) -> u32 {
+        match self {
+            CloseCode::Shutdown => 0,
+            CloseCode::Protocol => 1,
+            CloseCode::Unauthorized => 2,
+            CloseCode::Replaced => 3,
+        }
+    }
+
+    /// The code for a number, if it is one of ours.
+    pub fn from_code(code: u64) -> Option<CloseCode> {
+        [CloseCode::Shutdown, CloseCode::Protocol, CloseCode::Unauthorized, CloseCode::Replaced]
+            .into_iter()
+            .find(|c| u64::from(c.code()) == code)
+    }
+}
+
+impl From<CloseCode> for quinn::VarInt {
+    fn from(c: CloseCode) -> quinn::VarInt {
+        quinn::VarInt::from_u32(c.code())
+    }
+}
+
+impl std::fmt::Display for CloseCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CloseCode::Shutdown => "shutdown",
+            CloseCode::Protocol => "protocol violation",
+            CloseCode::Unauthorized => "unauthorized",
+            CloseCode::Replaced => "replaced by a newer connection",
+        })
+    }
+}
+
+/// Why a framed read or write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FramedError {
+    /// The bytes were not a valid frame.
+    #[error("invalid frame")]
+    Frame(#[from] FrameError),
+    /// The stream ended in the middle of a frame or pack.
+    #[error("the stream ended early")]
+    Truncated,
+    /// The stream or its connection failed.
+    #[error("stream read failed")]
+    Read(#[from] quinn::ReadError),
+    /// The stream or its connection failed.
+    #[error("stream write failed")]
+    Write(#[from] quinn::WriteError),
+    /// A pack was larger than allowed.
+    #[error("pack of {len} bytes exceeds the limit of {limit} bytes")]
+    PackTooLarge {
+        /// Announced size.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+impl FramedError {
+    /// Whether the peer sent invalid bytes (as opposed to the connection failing).
+    pub fn is_protocol_violation(&self) -> bool {
+        matches!(self, FramedError::Frame(_) | FramedError::Truncated | FramedError::PackTooLarge { .. })
+    }
+}
+
+/// The sending half of a stream.
+#[derive(Debug)]
+pub struct SendStream(quinn::SendStream);
+
+impl SendStream {
+    pub(crate) fn new(s: quinn::SendStream) -> Self {
+        SendStream(s)
+    }
+
+    /// Sends one message as a frame.
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FramedError> {
+        let bytes = frame::encode(msg)?;
+        self.0.write_all(&bytes).await?;
+        Ok(())
+    }
+
+    /// Sends raw bytes announced by a [`PackHeader`].
+    pub async fn send_pack(&mut self, pack: &[u8]) -> Result<(), FramedError> {
+        self.send(&PackHeader { len: pack.len() as u64 }).await?;
+        self.0.write_all(pack).await?;
+        Ok(())
+    }
+
+    /// Sends raw bytes with no framing (only for tests of hostile peers).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), FramedError> {
+        self.0.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Ends the stream; the peer reads what was sent, then the end.
+    pub fn finish(&mut self) {
+        // Finishing a stream that is already finished or reset is harmless.
+        let _ = self.0.finish();
+    }
+
+    /// Waits until the peer has received everything sent (or the stream failed).
+    pub async fn stopped(&mut self) {
+        let _ = self.0.stopped().await;
+    }
+}
+
+/// The receiving half of a stream.
+#[derive(Debug)]
+pub struct RecvStream(quinn::RecvStream);
+
+impl RecvStream {
+    pub(crate) fn new(r: quinn::RecvStream) -> Self {
+        RecvStream(r)
+    }
+
+    /// Reads exactly `buf.len()` bytes; `Ok(false)` if the stream ended before the first byte.
+    async fn fill(&mut self, buf: &mut [u8]) -> Result<bool, FramedError> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.0.read(&mut buf[filled..]).await? {
+                Some(n) => filled += n,
+                None if filled == 0 => return Ok(false),
+                None => return Err(FramedError::Truncated),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads the next message; `Ok(None)` if the stream ended cleanly between frames.
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FramedError> {
+        let mut prefix = [0u8; 4];
+        if !self.fill(&mut prefix).await? {
+            return Ok(None);
+        }
+        let len = frame::body_len(prefix)?;
+        let mut body = vec![0u8; len];
+        if !self.fill(&mut body).await? && len > 0 {
+            return Err(FramedError::Truncated);
+        }
+        Ok(Some(frame::decode_body(&body)?))
+    }
+
+    /// Reads the next message, treating the end of the stream as an error.
+    pub async fn expect<T: DeserializeOwned>(&mut self) -> Result<T, FramedError> {
+        self.recv().await?.ok_or(FramedError::Truncated)
+    }
+
+    /// Reads a [`PackHeader`] and the pack it announces, refusing packs over `limit` bytes.
+    pub async fn recv_pack(&mut self, limit: u64) -> Result<Vec<u8>, FramedError> {
+        let header: PackHeader = self.expect().await?;
+        if header.len > limit {
+            return Err(FramedError::PackTooLarge { len: header.len, limit });
+        }
+        // Grow as bytes arrive instead of trusting the announced size up front.
+        let mut pack = Vec::with_capacity(header.len.min(1 << 20) as usize);
+        let mut chunk = vec![0u8; 64 * 1024];
+        while (pack.len() as u64) < header.len {
+            let want = ((header.len - pack.len() as u64) as usize).min(chunk.len());
+            match self.0.read(&mut chunk[..want]).await? {
+                Some(n) => pack.extend_from_slice(&chunk[..n]),
+                None => return Err(FramedError::Truncated),
+            }
+        }
+        Ok(pack)
+    }
+}

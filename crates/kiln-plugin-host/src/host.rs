@@ -1,0 +1,596 @@
+//! [`PluginHost`]: loads plugins (compiling each once), matches a job's files
+//! to them, and runs each plugin in a fresh, limited store.
+//!
+//! Each call is bounded twice over: an epoch deadline traps WebAssembly that
+//! computes for too long, and a watchdog future cancels a call that waits too
+//! long inside WASI (a guest sleeping, say), which no epoch check can
+//! interrupt. Both measure the same clock, which stops while `run-command`
+//! runs (the command timeout bounds that).
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use kiln_proto::{Outcome, TestResult};
+use tokio::sync::mpsc;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::{FsPerms, WasiCtx};
+
+use crate::bindings::{self, PluginPre};
+use crate::claims::Claim;
+use crate::state::{CallClock, GuestOutput, HostState, Job};
+use crate::{HostError, Policy};
+
+/// The plugins compiled into the runner: (name, component). The build script
+/// builds them from `plugins/` and says where the files are.
+const BUILT_IN: &[(&str, &[u8])] = &[("python-unittest", include_bytes!(env!("KILN_PLUGIN_PYTHON_UNITTEST")))];
+
+/// The `kiln:executor` version this host implements (plugins/wit).
+const CONTRACT_VERSION: &str = "0.1.0";
+const EXECUTOR_EXPORT: &str = "kiln:executor/executor";
+const HOST_IMPORT: &str = "kiln:executor/host";
+
+/// How often the engine's epoch advances: the resolution of the call time
+/// limit, and how long a computing plugin may hold an executor thread before
+/// it yields.
+const EPOCH_TICK: Duration = Duration::from_millis(20);
+
+/// Where the checkout appears inside a plugin.
+const GUEST_CHECKOUT: &str = "/checkout";
+
+/// What a loaded plugin is and what it was granted, for the runner's log and
+/// its registration with the dispatcher.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginSummary {
+    /// The plugin's name, unique among the loaded plugins.
+    pub name: String,
+    /// The plugin's own version.
+    pub version: String,
+    /// Glob patterns of the files it claims.
+    pub claims: Vec<String>,
+    /// Programs it asked to run.
+    pub programs: Vec<String>,
+    /// The programs it may run: those it asked for that the policy allows.
+    pub granted: Vec<String>,
+}
+
+/// Runs Kiln executor plugins. Share it between jobs with an `Arc`: `run`
+/// takes `&self` and every call gets its own store.
+pub struct PluginHost {
+    engine: Engine,
+    linker: Linker<HostState>,
+    policy: Policy,
+    /// Built-ins first, then files in load order: the first plugin whose
+    /// claims match a file gets it.
+    plugins: Vec<Plugin>,
+    /// Advances the engine's epoch for as long as the host lives.
+    _ticker: EpochTicker,
+}
+
+/// A compiled, described plugin, ready to instantiate.
+struct Plugin {
+    name: Arc<str>,
+    summary: PluginSummary,
+    claims: Vec<Claim>,
+    granted: Arc<BTreeMap<String, PathBuf>>,
+    pre: PluginPre<HostState>,
+}
+
+/// Why a plugin call produced no (or not all) results.
+enum Failure {
+    /// The plugin returned `err`.
+    Refused(String),
+    /// The watchdog stopped a call that waited too long.
+    TimeLimit,
+    /// wasmtime reported a trap or another error.
+    Wasm(wasmtime::Error),
+}
+
+/// The error the epoch callback raises when a call has used its time.
+#[derive(Debug, thiserror::Error)]
+#[error("the plugin call exceeded its time limit")]
+struct TimeLimitExceeded;
+
+impl PluginHost {
+    /// Sets up the engine and loads the built-in plugins.
+    pub fn new(policy: Policy) -> Result<PluginHost, HostError> {
+        let engine_error = |e: wasmtime::Error| HostError::Engine(e.into_boxed_dyn_error());
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(engine_error)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_error)?;
+        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
+            .map_err(engine_error)?;
+        let ticker = EpochTicker::start(engine.clone())?;
+        let mut host = PluginHost { engine, linker, policy, plugins: Vec::new(), _ticker: ticker };
+        for (name, bytes) in BUILT_IN {
+            host.load(format!("built-in plugin {name}"), bytes)?;
+        }
+        Ok(host)
+    }
+
+    /// Loads a plugin component from a `.wasm` file. Its claims come after
+    /// those of the plugins already loaded.
+    pub fn load_file(&mut self, path: &Path) -> Result<(), HostError> {
+        let bytes = std::fs::read(path).map_err(|source| HostError::ReadPlugin { path: path.to_owned(), source })?;
+        self.load(format!("plugin file {}", path.display()), &bytes)
+    }
+
+    /// The loaded plugins, in the order they get files.
+    pub fn plugins(&self) -> Vec<PluginSummary> {
+        self.plugins.iter().map(|p| p.summary.clone()).collect()
+    }
+
+    /// Runs the tests in `files` (repository-relative, `/`-separated) of the
+    /// checkout at `checkout`, sending each result to `report` as it comes.
+    ///
+    /// Each file goes to the first plugin that claims it; files no plugin
+    /// claims are ignored. A plugin that fails (traps, runs out of time or
+    /// memory, or refuses) yields an `error` result for each of its files
+    /// without results. A test id already reported in this run is dropped.
+    /// Errors are only what the caller must handle: a checkout that cannot be
+    /// opened, or `report`'s receiver gone.
+    pub async fn run(
+        &self,
+        checkout: &Path,
+        files: &[String],
+        report: &mpsc::UnboundedSender<TestResult>,
+    ) -> Result<(), HostError> {
+        let checkout = tokio::fs::canonicalize(checkout)
+            .await
+            .map_err(|e| HostError::Checkout { path: checkout.to_owned(), source: Box::new(e) })?;
+        let mut seen = HashSet::new();
+        for (plugin, files) in self.plugins.iter().zip(self.assign(files)) {
+            if !files.is_empty() {
+                seen = self.run_plugin(plugin, &checkout, files, report, seen).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Splits `files` among the plugins (same order as `self.plugins`).
+    fn assign(&self, files: &[String]) -> Vec<Vec<String>> {
+        let mut assigned = vec![Vec::new(); self.plugins.len()];
+        let mut unique = HashSet::new();
+        for file in files {
+            if !is_repository_path(file) {
+                tracing::warn!(file, "ignoring a file that is not a relative path inside the repository");
+                continue;
+            }
+            if !unique.insert(file) {
+                continue;
+            }
+            match self.plugins.iter().position(|p| p.claims.iter().any(|c| c.matches(file))) {
+                Some(index) => assigned[index].push(file.clone()),
+                None => tracing::trace!(file, "no plugin claims this file"),
+            }
+        }
+        assigned
+    }
+
+    /// Runs one plugin on its files; returns the test ids reported so far.
+    async fn run_plugin(
+        &self,
+        plugin: &Plugin,
+        checkout: &Path,
+        files: Vec<String>,
+        report: &mpsc::UnboundedSender<TestResult>,
+        seen: HashSet<String>,
+    ) -> Result<HashSet<String>, HostError> {
+        let started = Instant::now();
+        let job = Job {
+            checkout: checkout.to_owned(),
+            report: report.clone(),
+            seen,
+            files_with_results: HashSet::new(),
+            closed: false,
+        };
+        let mut store = self.store(&plugin.name, &plugin.granted, Some(job), Some(checkout))?;
+        let clock = store.data().call.clock.clone();
+        let call = async {
+            let instance = plugin.pre.instantiate_async(&mut store).await?;
+            instance.kiln_executor_executor().call_run(&mut store, &files).await
+        };
+        let failure = match self.bounded(call, &clock).await {
+            Ok(()) => {
+                let printed = store.data().call.output.text();
+                if !printed.is_empty() {
+                    tracing::debug!(plugin = %plugin.name, "the plugin printed: {printed}");
+                }
+                None
+            }
+            Err(failure) => Some(self.explain(&format!("plugin {}", plugin.name), &failure, store.data())),
+        };
+        tracing::debug!(plugin = %plugin.name, files = files.len(), elapsed_ms = started.elapsed().as_millis(), "plugin run ended");
+        let Some(mut job) = store.into_data().call.job else { unreachable!("a run call's store always holds its job") };
+        if job.closed {
+            return Err(HostError::ReportClosed);
+        }
+        if let Some(message) = failure {
+            tracing::warn!(plugin = %plugin.name, "{message}");
+            let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            for file in files {
+                if job.files_with_results.contains(&file) || !job.seen.insert(file.clone()) {
+                    continue;
+                }
+                let result = TestResult {
+                    id: file.clone(),
+                    file,
+                    outcome: Outcome::Error,
+                    duration_ms,
+                    message: message.clone(),
+                };
+                report.send(result).map_err(|_| HostError::ReportClosed)?;
+            }
+        }
+        Ok(job.seen)
+    }
+
+    /// Runs a plugin call under the call time limit. The epoch callback traps
+    /// computing WebAssembly; this watchdog catches a call blocked in WASI.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = wasmtime::Result<Result<T, String>>>,
+        clock: &CallClock,
+    ) -> Result<T, Failure> {
+        let limit = self.policy.call_timeout;
+        let watchdog = async {
+            // The clock cannot run faster than wall time, so sleeping for the
+            // time left never oversleeps; it stops during commands, so check
+            // again on waking.
+            loop {
+                let used = clock.used();
+                if used >= limit {
+                    return;
+                }
+                tokio::time::sleep(limit - used).await;
+            }
+        };
+        tokio::select! {
+            result = call => match result {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(message)) => Err(Failure::Refused(message)),
+                Err(error) => Err(Failure::Wasm(error)),
+            },
+            () = watchdog => Err(Failure::TimeLimit),
+        }
+    }
+
+    /// A fresh store for one call of `plugin`: WASI with at most the checkout
+    /// (read-only), no network, no environment, no arguments; the memory
+    /// limit; the epoch deadline.
+    fn store(
+        &self,
+        name: &Arc<str>,
+        granted: &Arc<BTreeMap<String, PathBuf>>,
+        job: Option<Job>,
+        checkout: Option<&Path>,
+    ) -> Result<Store<HostState>, HostError> {
+        let output = GuestOutput::new();
+        let mut wasi = WasiCtx::builder();
+        wasi.allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .stdout(output.clone())
+            .stderr(output.clone());
+        if let Some(dir) = checkout {
+            wasi.preopened_dir(dir, GUEST_CHECKOUT, FsPerms::ReadOnly)
+                .map_err(|e| HostError::Checkout { path: dir.to_owned(), source: e.into_boxed_dyn_error() })?;
+        }
+        let call = crate::state::Call {
+            plugin: name.clone(),
+            granted: granted.clone(),
+            command_timeout: self.policy.command_timeout,
+            max_output: self.policy.max_output,
+            job,
+            clock: CallClock::start(),
+            output,
+        };
+        let mut store = Store::new(&self.engine, HostState::new(wasi.build(), self.policy.max_memory, call));
+        store.limiter(|state| &mut state.limiter);
+        let limit = self.policy.call_timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |context| {
+            if context.data().call.clock.used() >= limit {
+                return Err(wasmtime::Error::new(TimeLimitExceeded));
+            }
+            // Yielding lets other jobs' tasks run on this executor thread.
+            Ok(UpdateDeadline::Yield(1))
+        });
+        Ok(store)
+    }
+
+    /// The message given to a failed call's files: which plugin (`who`, e.g.
+    /// "plugin python-unittest"), what went wrong, and what the plugin
+    /// printed (a panic message, usually).
+    fn explain(&self, who: &str, failure: &Failure, state: &HostState) -> String {
+        let time_limit = || format!("{who} exceeded its time limit of {}", human_duration(self.policy.call_timeout));
+        let mut message = match failure {
+            Failure::Refused(why) => format!("{who} could not run these tests: {why}"),
+            Failure::TimeLimit => time_limit(),
+            Failure::Wasm(error) if error.downcast_ref::<TimeLimitExceeded>().is_some() => time_limit(),
+            Failure::Wasm(_) if state.limiter.exceeded => {
+                format!("{who} exceeded its memory limit of {}", human_bytes(self.policy.max_memory))
+            }
+            Failure::Wasm(error) => {
+                tracing::debug!(who, "plugin failure: {error:?}");
+                match error.downcast_ref::<Trap>() {
+                    Some(trap) => format!("{who} crashed: {trap}"),
+                    None => format!("{who} failed: {}", error_chain(error)),
+                }
+            }
+        };
+        let printed = state.call.output.text();
+        if !printed.is_empty() {
+            message.push_str("\n\nThe plugin printed:\n");
+            message.push_str(&printed);
+        }
+        message
+    }
+
+    /// Compiles, checks and describes a plugin, and adds it to the list.
+    fn load(&mut self, origin: String, bytes: &[u8]) -> Result<(), HostError> {
+        let started = Instant::now();
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| HostError::Compile { origin: origin.clone(), source: e.into_boxed_dyn_error() })?;
+        check_contract(&origin, &self.engine, &component)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .and_then(PluginPre::new)
+            .map_err(|e| HostError::NotAPlugin { origin: origin.clone(), reason: error_chain(&e) })?;
+        let info = self.describe(&origin, &pre)?;
+        let plugin = self.admit(origin, info, pre)?;
+        tracing::info!(
+            plugin = %plugin.name,
+            version = %plugin.summary.version,
+            claims = ?plugin.summary.claims,
+            granted = ?plugin.summary.granted,
+            elapsed_ms = started.elapsed().as_millis(),
+            "plugin loaded"
+        );
+        self.plugins.push(plugin);
+        Ok(())
+    }
+
+    /// Calls the plugin's `info` export, under the same limits as any call
+    /// but with nothing granted and no checkout.
+    fn describe(
+        &self,
+        origin: &str,
+        pre: &PluginPre<HostState>,
+    ) -> Result<bindings::kiln::executor::types::PluginInfo, HostError> {
+        let mut store = self.store(&Arc::from(origin), &Arc::new(BTreeMap::new()), None, None)?;
+        let clock = store.data().call.clock.clone();
+        let call = async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance.kiln_executor_executor().call_info(&mut store).await.map(Ok)
+        };
+        let result = block_on(self.bounded(call, &clock))?;
+        result.map_err(|failure| HostError::Info {
+            origin: origin.to_owned(),
+            detail: self.explain("its `info` call", &failure, store.data()),
+        })
+    }
+
+    /// Checks a plugin's self-description and works out its grants.
+    fn admit(
+        &self,
+        origin: String,
+        info: bindings::kiln::executor::types::PluginInfo,
+        pre: PluginPre<HostState>,
+    ) -> Result<Plugin, HostError> {
+        let bad = |detail: String| HostError::BadInfo { origin: origin.clone(), detail };
+        let name_ok = !info.name.is_empty()
+            && info.name.len() <= 64
+            && info.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !name_ok {
+            return Err(bad(format!(
+                "its name `{}` must be 1 to 64 ASCII letters, digits, `-`, `_` or `.`",
+                info.name.chars().take(80).collect::<String>()
+            )));
+        }
+        if self.plugins.iter().any(|p| p.summary.name == info.name) {
+            return Err(HostError::DuplicateName { origin, name: info.name });
+        }
+        let claims = info.claims.iter().map(|c| Claim::parse(c)).collect::<Result<Vec<_>, _>>().map_err(bad)?;
+        let mut granted = BTreeMap::new();
+        for program in &info.programs {
+            match self.policy.programs.get(program) {
+                Some(path) => {
+                    granted.insert(program.clone(), path.clone());
+                }
+                None => tracing::warn!(
+                    plugin = %info.name,
+                    program,
+                    "the plugin asks for a program the runner does not allow; its commands will be denied"
+                ),
+            }
+        }
+        Ok(Plugin {
+            name: Arc::from(info.name.as_str()),
+            summary: PluginSummary {
+                name: info.name,
+                version: info.version,
+                claims: info.claims,
+                programs: info.programs,
+                granted: granted.keys().cloned().collect(),
+            },
+            claims,
+            granted: Arc::new(granted),
+            pre,
+        })
+    }
+}
+
+/// Refuses a component that does not export the executor interface, or
+/// that targets a contract version this host cannot run: same major version,
+/// and for 0.x the same minor, with nothing newer than the host's own.
+fn check_contract(origin: &str, engine: &Engine, component: &Component) -> Result<(), HostError> {
+    let ty = component.component_type();
+    let mut exported = None;
+    for (name, _) in ty.exports(engine) {
+        if let Some(rest) = name.strip_prefix(EXECUTOR_EXPORT) {
+            exported = Some(rest.strip_prefix('@').unwrap_or("(unversioned)").to_owned());
+        }
+    }
+    let Some(found) = exported else {
+        return Err(HostError::NotAPlugin {
+            origin: origin.to_owned(),
+            reason: format!("it does not export {EXECUTOR_EXPORT}"),
+        });
+    };
+    let mut versions = vec![found];
+    for (name, _) in ty.imports(engine) {
+        if let Some(rest) = name.strip_prefix(HOST_IMPORT) {
+            versions.push(rest.strip_prefix('@').unwrap_or("(unversioned)").to_owned());
+        }
+    }
+    for found in versions {
+        if !compatible(&found, CONTRACT_VERSION) {
+            return Err(HostError::IncompatibleContract {
+                origin: origin.to_owned(),
+                found,
+                supported: CONTRACT_VERSION.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether a plugin built for contract version `found` runs on a host that
+/// implements `supported` (the rule stated in the WIT package's docs).
+fn compatible(found: &str, supported: &str) -> bool {
+    let (Some(found), Some(supported)) = (parse_version(found), parse_version(supported)) else {
+        return false;
+    };
+    match (found, supported) {
+        ((0, minor, patch), (0, s_minor, s_patch)) => minor == s_minor && patch <= s_patch,
+        ((major, minor, _), (s_major, s_minor, _)) => major == s_major && minor <= s_minor,
+    }
+}
+
+fn parse_version(version: &str) -> Option<(u64, u64, u64)> {
+    let core = version.split(['-', '+']).next()?;
+    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+    let parsed = (parts.next()??, parts.next()??, parts.next()??);
+    parts.next().is_none().then_some(parsed)
+}
+
+/// Whether `path` is a plain relative path inside a repository.
+fn is_repository_path(path: &str) -> bool {
+    !path.is_empty()
+        && !path.contains('\0')
+        && path.split('/').all(|segment| !segment.is_empty() && segment != "." && segment != "..")
+}
+
+fn human_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 { format!("{}s", d.as_secs()) } else { format!("{}ms", d.as_millis()) }
+}
+
+fn human_bytes(bytes: usize) -> String {
+    const MIB: usize = 1 << 20;
+    if bytes.is_multiple_of(MIB) { format!("{} MiB", bytes / MIB) } else { format!("{bytes} bytes") }
+}
+
+/// An error and its causes on one line.
+fn error_chain(error: &wasmtime::Error) -> String {
+    error.chain().map(|cause| cause.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+/// Drives `future` to completion from synchronous code (loading a plugin),
+/// whether or not the caller is inside a tokio runtime: on a scoped thread
+/// with its own small runtime, which WASI's host functions need.
+fn block_on<F>(future: F) -> Result<F::Output, HostError>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("kiln-plugin-load".to_owned())
+            .spawn_scoped(scope, move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                Ok(runtime.block_on(future))
+            })
+            .map_err(HostError::Thread)?;
+        match thread.join() {
+            Ok(result) => result.map_err(HostError::Thread),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// A thread that advances the engine's epoch every [`EPOCH_TICK`] until
+/// dropped.
+struct EpochTicker {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Result<EpochTicker, HostError> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("kiln-epoch".to_owned())
+            .spawn(move || {
+                // Dropping the sender wakes this up with `Disconnected`.
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(EPOCH_TICK) {
+                    engine.increment_epoch();
+                }
+            })
+            .map_err(HostError::Thread)?;
+        Ok(EpochTicker { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_versions() {
+        assert!(compatible("0.1.0", "0.1.0"));
+        assert!(compatible("0.1.0", "0.1.3"));
+        assert!(!compatible("0.1.4", "0.1.3"));
+        assert!(!compatible("0.2.0", "0.1.0"));
+        assert!(compatible("1.2.0", "1.3.0"));
+        assert!(!compatible("1.4.0", "1.3.0"));
+        assert!(!compatible("2.0.0", "1.3.0"));
+        assert!(!compatible("(unversioned)", "0.1.0"));
+    }
+
+    #[test]
+    fn contract_version_matches_the_wit() {
+        let wit = include_str!("../../../plugins/wit/executor.wit");
+        assert!(wit.contains(&format!("package kiln:executor@{CONTRACT_VERSION};")));
+    }
+
+    #[test]
+    fn repository_paths() {
+        assert!(is_repository_path("tests/test_a.py"));
+        for bad in ["", "/etc/passwd", "tests/../x", "tests//x", "./x"] {
+            assert!(!is_repository_path(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_is_shareable() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<PluginHost>();
+    }
+}

@@ -1,0 +1,31 @@
+//! Runs Kiln's executor plugins: WebAssembly components built for
+//! wasm32-wasip2 against the `kiln:executor` contract (plugins/wit).
+//!
+//! Key decision: a plugin is untrusted code that gets nothing by default. Each
+//! call runs in a fresh store whose only capabilities are the job's checkout,
+//! read-only at `/checkout`, and the host imports: `run-command` (only for
+//! programs both the plugin asked for and the runner's [`Policy`] allows,
+//! started with a cleared environment, a timeout that kills the whole process
+//! group, and capped output), `report` and `log`. A plugin that traps, runs
+//! out of time or memory, or returns an error becomes `error` results for the
+//! files it did not report on, and the host carries on serving.
+//!
+//! Only this crate names wasmtime: its types and errors stay behind
+//! [`PluginHost`] and [`HostError`].
+//!
+//! Layout: `host` loads and runs plugins; `state` is what a plugin's store
+//! holds and the host functions it calls; `command` starts programs; `policy`
+//! resolves the allowed programs; `claims` matches files to plugins;
+//! `bindings` is generated from the WIT.
+
+mod bindings;
+mod claims;
+mod command;
+mod error;
+mod host;
+mod policy;
+mod state;
+
+pub use error::HostError;
+pub use host::{PluginHost, PluginSummary};
+pub use policy::Policy;

@@ -1,0 +1,340 @@
+//! What one plugin call's store holds, and the host functions (`run-command`,
+//! `report`, `log`) the plugin calls through it.
+//!
+//! A store lives for exactly one call (`info` at load, or `run` for one job),
+//! so nothing a plugin does can leak into the next call or another job.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use kiln_proto::{Outcome, TestResult};
+use tokio::io::AsyncWrite;
+use tokio::sync::mpsc;
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
+
+use crate::bindings::kiln::executor::{host, types};
+use crate::command::{self, Capped, Refusal};
+
+/// Longest test id forwarded; ids are keys, not documents.
+const MAX_ID_BYTES: usize = 1024;
+/// Longest message forwarded (head and tail kept): results travel in frames
+/// of at most 1 MiB, and a traceback rarely needs more than this.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Longest `log` line forwarded to tracing.
+const MAX_LOG_BYTES: usize = 4 * 1024;
+/// How much of what the plugin itself printed is kept, to explain a crash.
+const GUEST_OUTPUT_BYTES: usize = 8 * 1024;
+
+/// The data of a plugin's store.
+pub(crate) struct HostState {
+    /// The plugin's WASI view: at most the checkout, read-only.
+    wasi: WasiCtx,
+    /// WASI's resources (open files, streams).
+    table: ResourceTable,
+    /// The memory limit, and whether the plugin ran into it.
+    pub(crate) limiter: MemoryLimiter,
+    /// Everything about this call.
+    pub(crate) call: Call,
+}
+
+impl HostState {
+    pub(crate) fn new(wasi: WasiCtx, max_memory: usize, call: Call) -> HostState {
+        HostState { wasi, table: ResourceTable::new(), limiter: MemoryLimiter::new(max_memory), call }
+    }
+}
+
+/// One call of a plugin: who it is, what it may do, and what it did.
+pub(crate) struct Call {
+    /// The plugin's name, for logs and messages.
+    pub plugin: Arc<str>,
+    /// Programs it may run: bare name to absolute path.
+    pub granted: Arc<BTreeMap<String, PathBuf>>,
+    /// The runner's cap on one command's wall-clock time.
+    pub command_timeout: Duration,
+    /// Bytes kept per command output stream.
+    pub max_output: usize,
+    /// The job being run; `None` while the plugin is loaded (`info`), when
+    /// it may neither run commands nor report.
+    pub job: Option<Job>,
+    /// How much of the call's time limit the plugin has used.
+    pub clock: CallClock,
+    /// What the plugin printed on stdout/stderr (bounded).
+    pub output: GuestOutput,
+}
+
+/// Measures a call's time against its limit: wall-clock time since the call
+/// started, minus the time spent inside `run-command` (which the command
+/// timeout bounds instead). Shared between the store (which marks commands)
+/// and the watchers that enforce the limit.
+#[derive(Clone)]
+pub(crate) struct CallClock(Arc<Mutex<ClockState>>);
+
+struct ClockState {
+    started: Instant,
+    /// Time spent in commands that have ended.
+    in_commands: Duration,
+    /// When the command running now started.
+    command_since: Option<Instant>,
+}
+
+impl CallClock {
+    pub(crate) fn start() -> CallClock {
+        CallClock(Arc::new(Mutex::new(ClockState {
+            started: Instant::now(),
+            in_commands: Duration::ZERO,
+            command_since: None,
+        })))
+    }
+
+    /// The time that counts against the call's limit so far.
+    pub(crate) fn used(&self) -> Duration {
+        let state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let in_command = state.command_since.map_or(Duration::ZERO, |since| now - since);
+        (now - state.started).saturating_sub(state.in_commands + in_command)
+    }
+
+    /// Stops the clock until the returned guard is dropped (also when a
+    /// cancelled call drops it mid-command).
+    fn pause(&self) -> ClockPause {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).command_since = Some(Instant::now());
+        ClockPause(self.clone())
+    }
+}
+
+struct ClockPause(CallClock);
+
+impl Drop for ClockPause {
+    fn drop(&mut self) {
+        let mut state = self.0.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(since) = state.command_since.take() {
+            state.in_commands += since.elapsed();
+        }
+    }
+}
+
+/// What a `run` call needs to know about the job, and what it reported.
+pub(crate) struct Job {
+    /// The checkout (absolute), where commands run.
+    pub checkout: PathBuf,
+    /// Where results go.
+    pub report: mpsc::UnboundedSender<TestResult>,
+    /// Test ids already reported in this run (across plugins): a repeated id
+    /// keeps its first result, as the contract says.
+    pub seen: HashSet<String>,
+    /// Files that got at least one result from this plugin.
+    pub files_with_results: HashSet<String>,
+    /// Set when the receiver is gone: the plugin is then stopped.
+    pub closed: bool,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    async fn run_command(
+        &mut self,
+        cmd: host::Command,
+    ) -> wasmtime::Result<Result<host::CommandOutput, host::CommandError>> {
+        let Some(job) = &self.call.job else {
+            return Ok(Err(host::CommandError::Denied("commands can only be run during `run`".to_owned())));
+        };
+        let _paused = self.call.clock.pause();
+        let request = command::Request {
+            program: cmd.program,
+            args: cmd.args,
+            cwd: cmd.cwd,
+            timeout: Duration::from_millis(cmd.timeout_ms),
+        };
+        tracing::debug!(plugin = %self.call.plugin, program = %request.program, args = ?request.args, "running command");
+        let limits = command::Limits {
+            granted: &self.call.granted,
+            timeout: self.call.command_timeout,
+            max_output: self.call.max_output,
+        };
+        let result = command::run(&job.checkout, request, &limits).await;
+        Ok(match result {
+            Ok(out) => {
+                tracing::debug!(plugin = %self.call.plugin, exit_code = ?out.exit_code, timed_out = out.timed_out, "command ended");
+                Ok(host::CommandOutput {
+                    exit_code: out.exit_code,
+                    timed_out: out.timed_out,
+                    stdout: out.stdout,
+                    stderr: out.stderr,
+                })
+            }
+            Err(Refusal::Denied(why)) => {
+                tracing::warn!(plugin = %self.call.plugin, "command denied: {why}");
+                Err(host::CommandError::Denied(why))
+            }
+            Err(Refusal::Failed(why)) => {
+                tracing::warn!(plugin = %self.call.plugin, "command failed to start: {why}");
+                Err(host::CommandError::Failed(why))
+            }
+        })
+    }
+
+    async fn report(&mut self, result: types::TestResult) -> wasmtime::Result<()> {
+        let Some(job) = &mut self.call.job else {
+            tracing::warn!(plugin = %self.call.plugin, "ignoring a result reported outside `run`");
+            return Ok(());
+        };
+        let id = truncate(result.id, MAX_ID_BYTES);
+        if !job.seen.insert(id.clone()) {
+            tracing::debug!(plugin = %self.call.plugin, id, "dropping a repeated test id");
+            return Ok(());
+        }
+        job.files_with_results.insert(result.file.clone());
+        let result = TestResult {
+            id,
+            file: truncate(result.file, MAX_ID_BYTES),
+            outcome: outcome(result.outcome),
+            duration_ms: result.duration_ms,
+            message: truncate(result.message, MAX_MESSAGE_BYTES),
+        };
+        if job.report.send(result).is_err() {
+            // Nobody is listening: stop the plugin rather than run tests whose
+            // results would be thrown away.
+            job.closed = true;
+            return Err(wasmtime::Error::msg("the runner stopped listening for results"));
+        }
+        Ok(())
+    }
+
+    async fn log(&mut self, message: String) -> wasmtime::Result<()> {
+        tracing::info!(plugin = %self.call.plugin, "{}", truncate(message, MAX_LOG_BYTES));
+        Ok(())
+    }
+}
+
+fn outcome(outcome: types::Outcome) -> Outcome {
+    match outcome {
+        types::Outcome::Pass => Outcome::Pass,
+        types::Outcome::Fail => Outcome::Fail,
+        types::Outcome::Error => Outcome::Error,
+        types::Outcome::Skip => Outcome::Skip,
+        types::Outcome::Xfail => Outcome::Xfail,
+        types::Outcome::Xpass => Outcome::Xpass,
+    }
+}
+
+/// `text`, or its head and tail with a marker if longer than `max` bytes.
+pub(crate) fn truncate(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut capped = Capped::new(max);
+    capped.push(text.as_bytes());
+    // The cut may split a character; the lossy conversion marks it.
+    String::from_utf8_lossy(&capped.to_bytes()).into_owned()
+}
+
+/// The store's resource limiter: wasmtime's [`StoreLimits`] with a record of
+/// whether the plugin hit the memory limit, so that the trap that usually
+/// follows (an allocation failure aborts a Rust guest) can be explained.
+pub(crate) struct MemoryLimiter {
+    inner: StoreLimits,
+    max_memory: usize,
+    /// Whether a memory growth was refused for going over the limit.
+    pub exceeded: bool,
+}
+
+impl MemoryLimiter {
+    fn new(max_memory: usize) -> MemoryLimiter {
+        MemoryLimiter { inner: StoreLimitsBuilder::new().memory_size(max_memory).build(), max_memory, exceeded: false }
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_memory {
+            self.exceeded = true;
+        }
+        self.inner.memory_growing(current, desired, maximum)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.inner.memories()
+    }
+}
+
+/// The plugin's stdout and stderr: a bounded buffer (head and tail) that
+/// never refuses a write, so a chatty plugin cannot fail on printing, and
+/// whose content explains a crash (a Rust guest prints its panic message
+/// before it aborts).
+#[derive(Clone)]
+pub(crate) struct GuestOutput(Arc<Mutex<Capped>>);
+
+impl GuestOutput {
+    pub(crate) fn new() -> GuestOutput {
+        GuestOutput(Arc::new(Mutex::new(Capped::new(GUEST_OUTPUT_BYTES))))
+    }
+
+    /// What the plugin printed (bounded), as text.
+    pub(crate) fn text(&self) -> String {
+        let bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner).to_bytes();
+        String::from_utf8_lossy(&bytes).trim_end().to_owned()
+    }
+}
+
+impl AsyncWrite for GuestOutput {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_keeps_head_and_tail() {
+        assert_eq!(truncate("short".to_owned(), 10), "short");
+        assert_eq!(truncate("abcdefghij".to_owned(), 4), "ab\n[... 6 bytes cut ...]\nij");
+    }
+}

@@ -1,0 +1,26 @@
+//! Kiln's shared vocabulary, with no I/O: the domain types every process
+//! agrees on ([`model`]), the messages peers exchange ([`wire`]) and the
+//! length-prefixed frame codec that carries them ([`frame`]).
+//!
+//! Keeping these free of sockets and files means the protocol can be tested
+//! as plain data in, data out, and every process links the same definitions.
+
+pub mod frame;
+pub mod model;
+pub mod wire;
+
+pub use frame::{FrameError, MAX_FRAME_LEN};
+pub use model::{CommitId, CommitReport, CommitStatus, Counts, Outcome, Role, TestResult};
+
+/// Formats an error with its chain of causes, as `a: b: c`, for log lines
+/// and messages that must name the root cause.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

@@ -1,0 +1,340 @@
+//! Domain types: commits, test outcomes, per-commit reports and peer roles.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A git commit id: 40 lowercase hexadecimal digits (SHA-1 object names).
+///
+/// Validated on construction, so a `CommitId` from the network can be used in
+/// file names and git calls without further checks.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CommitId([u8; 40]);
+
+/// Why a string is not a commit id.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a commit id (expected 40 hexadecimal digits)")]
+pub struct BadCommitId(String);
+
+impl CommitId {
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        // The constructor admits only ASCII hex digits.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// The first 10 digits, for humans.
+    pub fn short(&self) -> &str {
+        &self.as_str()[..10]
+    }
+}
+
+impl FromStr for CommitId {
+    type Err = BadCommitId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = s.as_bytes();
+        if bytes.len() != 40 || !bytes.iter().all(u8::is_ascii_hexdigit) {
+            return Err(BadCommitId(s.chars().take(64).collect()));
+        }
+        let mut id = [0u8; 40];
+        for (d, s) in id.iter_mut().zip(bytes) {
+            *d = s.to_ascii_lowercase();
+        }
+        Ok(CommitId(id))
+    }
+}
+
+impl TryFrom<String> for CommitId {
+    type Error = BadCommitId;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<CommitId> for String {
+    fn from(id: CommitId) -> String {
+        id.as_str().to_owned()
+    }
+}
+
+impl fmt::Display for CommitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for CommitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CommitId({})", self.as_str())
+    }
+}
+
+/// How one test ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Ran and passed.
+    Pass,
+    /// An assertion failed.
+    Fail,
+    /// Could not run, or raised an unexpected exception.
+    Error,
+    /// Skipped; the message holds the reason.
+    Skip,
+    /// Failed as expected.
+    Xfail,
+    /// Marked as an expected failure, but passed.
+    Xpass,
+}
+
+impl Outcome {
+    /// All outcomes, in report order.
+    pub const ALL: [Outcome; 6] =
+        [Outcome::Pass, Outcome::Fail, Outcome::Error, Outcome::Skip, Outcome::Xfail, Outcome::Xpass];
+
+    /// Whether this outcome makes the commit fail. An unexpected success
+    /// fails, as it does in unittest since Python 3.4.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Outcome::Fail | Outcome::Error | Outcome::Xpass)
+    }
+
+    /// The lowercase name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Pass => "pass",
+            Outcome::Fail => "fail",
+            Outcome::Error => "error",
+            Outcome::Skip => "skip",
+            Outcome::Xfail => "xfail",
+            Outcome::Xpass => "xpass",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The result of one test.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestResult {
+    /// The framework's own id for the test, e.g. `tests.test_math.MathTest.test_add`.
+    pub id: String,
+    /// The repository-relative file the test came from.
+    pub file: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// Failure text, skip reason, or empty.
+    pub message: String,
+}
+
+/// Where a commit is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommitStatus {
+    /// Waiting for a runner.
+    Queued,
+    /// A runner is working on it.
+    Running,
+    /// Every test passed (or was skipped, or failed as expected).
+    Passed,
+    /// At least one test failed, errored or unexpectedly passed.
+    Failed,
+    /// The tests could not be run at all (see the report's `error`).
+    Error,
+}
+
+impl CommitStatus {
+    /// Whether the commit's testing has ended.
+    pub fn is_final(self) -> bool {
+        matches!(self, CommitStatus::Passed | CommitStatus::Failed | CommitStatus::Error)
+    }
+
+    /// The lowercase name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommitStatus::Queued => "queued",
+            CommitStatus::Running => "running",
+            CommitStatus::Passed => "passed",
+            CommitStatus::Failed => "failed",
+            CommitStatus::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for CommitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How many tests ended each way.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Tests in total.
+    pub total: u64,
+    /// Passed.
+    pub pass: u64,
+    /// Failed.
+    pub fail: u64,
+    /// Errored.
+    pub error: u64,
+    /// Skipped.
+    pub skip: u64,
+    /// Failed as expected.
+    pub xfail: u64,
+    /// Passed unexpectedly.
+    pub xpass: u64,
+}
+
+impl Counts {
+    /// Counts the outcomes of `tests`.
+    pub fn of<'a>(tests: impl IntoIterator<Item = &'a TestResult>) -> Counts {
+        let mut c = Counts::default();
+        for t in tests {
+            c.total += 1;
+            *match t.outcome {
+                Outcome::Pass => &mut c.pass,
+                Outcome::Fail => &mut c.fail,
+                Outcome::Error => &mut c.error,
+                Outcome::Skip => &mut c.skip,
+                Outcome::Xfail => &mut c.xfail,
+                Outcome::Xpass => &mut c.xpass,
+            } += 1;
+        }
+        c
+    }
+}
+
+/// Everything known about one commit's test run: the document the dispatcher
+/// stores as `results/<commit>.json` and `kiln results` prints.
+///
+/// No field may be skipped when serializing: postcard, the wire encoding, is
+/// not self-describing, so absent values are written as `null`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitReport {
+    /// The commit tested.
+    pub commit: CommitId,
+    /// The repository it came from, as the observer named it.
+    pub repo: String,
+    /// The branch it was seen on.
+    pub branch: String,
+    /// Where testing stands.
+    pub status: CommitStatus,
+    /// Outcome counts over `tests`.
+    pub counts: Counts,
+    /// Why the tests could not run, when `status` is `error`.
+    pub error: Option<String>,
+    /// The runner that ran (or is running) the tests.
+    pub runner: Option<String>,
+    /// Unix time (ms) when the dispatcher queued the commit.
+    pub queued_at_ms: u64,
+    /// Unix time (ms) when the last test result or status change was stored.
+    pub finished_at_ms: Option<u64>,
+    /// Per-test results, sorted by id.
+    pub tests: Vec<TestResult>,
+}
+
+impl CommitReport {
+    /// The status a finished run earns from its results (or its error).
+    pub fn final_status(tests: &BTreeMap<String, TestResult>, error: Option<&str>) -> CommitStatus {
+        if error.is_some() {
+            CommitStatus::Error
+        } else if tests.values().any(|t| t.outcome.is_failure()) {
+            CommitStatus::Failed
+        } else {
+            CommitStatus::Passed
+        }
+    }
+}
+
+/// What a peer is allowed to do, as written in its certificate by `kiln certs issue`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Takes jobs and reports test results.
+    Runner,
+    /// Submits commits.
+    Observer,
+    /// Reads results and administers the dispatcher.
+    Admin,
+}
+
+impl Role {
+    /// The lowercase name written in certificates.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Runner => "runner",
+            Role::Observer => "observer",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a string is not a role.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a role (expected runner, observer or admin)")]
+pub struct BadRole(String);
+
+impl FromStr for Role {
+    type Err = BadRole;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "runner" => Ok(Role::Runner),
+            "observer" => Ok(Role::Observer),
+            "admin" => Ok(Role::Admin),
+            other => Err(BadRole(other.chars().take(64).collect())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_ids_are_validated_and_lowercased() {
+        let id: CommitId = "ABCDEF0123456789abcdef0123456789ABCDEF01".parse().unwrap();
+        assert_eq!(id.as_str(), "abcdef0123456789abcdef0123456789abcdef01");
+        assert_eq!(id.short(), "abcdef0123");
+        assert!("abc".parse::<CommitId>().is_err());
+        assert!("g".repeat(40).parse::<CommitId>().is_err());
+        assert!(serde_json::from_str::<CommitId>("\"../../etc/passwd\"").is_err());
+    }
+
+    #[test]
+    fn final_status_follows_outcomes() {
+        let mut tests = BTreeMap::new();
+        let mk = |id: &str, outcome| TestResult {
+            id: id.into(),
+            file: "tests/test_a.py".into(),
+            outcome,
+            duration_ms: 1,
+            message: String::new(),
+        };
+        tests.insert("a".into(), mk("a", Outcome::Pass));
+        tests.insert("b".into(), mk("b", Outcome::Xfail));
+        assert_eq!(CommitReport::final_status(&tests, None), CommitStatus::Passed);
+        tests.insert("c".into(), mk("c", Outcome::Xpass));
+        assert_eq!(CommitReport::final_status(&tests, None), CommitStatus::Failed);
+        assert_eq!(CommitReport::final_status(&tests, Some("boom")), CommitStatus::Error);
+        let c = Counts::of(tests.values());
+        assert_eq!((c.total, c.pass, c.xfail, c.xpass), (3, 1, 1, 1));
+    }
+}

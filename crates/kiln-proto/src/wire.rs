@@ -1,0 +1,112 @@
+//! The messages Kiln peers exchange over QUIC streams.
+//!
+//! Every stream starts with one frame from the side that opened it: a
+//! [`Request`] when a client (runner, observer, admin) opens it, an
+//! [`Assignment`] when the dispatcher opens it to hand a runner work. What
+//! follows on the stream depends on that first frame and is documented on
+//! each variant. Each frame carries exactly one of these types; which one is
+//! fixed by the position in the exchange, so a peer never has to guess.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{CommitId, CommitReport, TestResult};
+
+/// The ALPN protocol name: the version of this wire protocol. A peer speaking
+/// another version fails the TLS handshake instead of misreading frames.
+pub const ALPN: &[u8] = b"kiln/1";
+
+/// The first frame on a stream a client opens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Runner: register for work. The stream then stays open as the runner's
+    /// control stream; the dispatcher answers [`Reply::Registered`] and the
+    /// runner's assignments arrive on streams the dispatcher opens.
+    Register {
+        /// How many jobs the runner runs at once.
+        slots: u32,
+    },
+    /// Observer: a branch of a repository points at a new commit. The
+    /// dispatcher answers [`Reply::Known`] if it has the commit already, or
+    /// [`Reply::SendPack`]; then the observer sends a [`PackHeader`] frame and
+    /// that many bytes of git pack, and the dispatcher answers
+    /// [`Reply::Queued`].
+    Submit {
+        /// The repository, as the observer names it (a path or URL).
+        repo: String,
+        /// The branch.
+        branch: String,
+        /// The commit at the branch's head.
+        commit: CommitId,
+    },
+    /// Runner: send me the source of `commit`. The dispatcher answers
+    /// [`Reply::Source`], a [`PackHeader`] frame and that many bytes of git
+    /// pack holding the objects reachable from `commit` and not from `haves`.
+    FetchSource {
+        /// The commit wanted.
+        commit: CommitId,
+        /// Commits the runner has already, so the pack can leave them out.
+        haves: Vec<CommitId>,
+    },
+    /// Admin: the report for `commit`, or for the newest commit when `None`.
+    /// The dispatcher answers [`Reply::Report`].
+    GetResults {
+        /// Which commit.
+        commit: Option<CommitId>,
+    },
+}
+
+/// The dispatcher's answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The runner is registered under the name in its certificate.
+    Registered,
+    /// The commit was submitted before; nothing more to do.
+    Known,
+    /// The dispatcher lacks the commit: send a pack leaving out `haves`.
+    SendPack {
+        /// Commits the dispatcher's mirror has.
+        haves: Vec<CommitId>,
+    },
+    /// The commit is stored and queued for testing.
+    Queued,
+    /// A [`PackHeader`] and the pack it announces follow.
+    Source,
+    /// A commit's report, or `None` if the dispatcher knows no such commit.
+    Report(Option<Box<CommitReport>>),
+    /// The request was refused; the stream ends after this.
+    Refused(String),
+}
+
+/// Announces `len` bytes of git pack that follow on the stream, outside any
+/// frame, so a large pack is never one giant frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackHeader {
+    /// The pack's size in bytes.
+    pub len: u64,
+}
+
+/// The first frame on a stream the dispatcher opens to a runner: run the tests
+/// of a commit. The runner then sends [`JobEvent`]s on the same stream, ending
+/// with [`JobEvent::Finished`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The job's id, unique within the dispatcher.
+    pub job: u64,
+    /// The lease's attempt number (a fencing token): the dispatcher accepts
+    /// events only for the current attempt of a job.
+    pub attempt: u32,
+    /// The commit to test.
+    pub commit: CommitId,
+}
+
+/// What a runner reports about an assignment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobEvent {
+    /// One test finished.
+    Test(TestResult),
+    /// The job is over. `error` says why it could not run, if it could not.
+    Finished {
+        /// Why the job could not run at all.
+        error: Option<String>,
+    },
+}

@@ -1,0 +1,154 @@
+//! The Kiln runner: dials out to the dispatcher, registers, and runs each
+//! assignment it is given.
+//!
+//! For each job it fetches the commit's source from the dispatcher over the
+//! same connection (a pack of only the objects its local cache lacks), checks
+//! it out into a fresh directory, lists the files under `tests/`, runs them
+//! through the executor plugins, and streams each test's result back as soon
+//! as the plugin reports it. A runner needs only the dispatcher's address and
+//! its certificate bundle: no shared filesystem, no access to the git host.
+
+mod job;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_net::{Backoff, Bundle, Connection, NetConfig, RequestError};
+use kiln_plugin_host::PluginHost;
+use kiln_proto::error_chain;
+use kiln_proto::wire::{Reply, Request};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+/// The runner's settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The dispatcher's `HOST:PORT`.
+    pub dispatcher: String,
+    /// Where the object cache and job checkouts live.
+    pub work_dir: PathBuf,
+    /// How many jobs to run at once.
+    pub slots: u32,
+    /// The largest source pack accepted.
+    pub max_pack_bytes: u64,
+    /// Transport settings.
+    pub net: NetConfig,
+}
+
+/// Why the runner stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The bundle is not a runner's.
+    #[error("the certificate in {0} is not a runner certificate (issue one with `kiln certs issue runner NAME`)")]
+    NotRunner(PathBuf),
+    /// The work directory is unusable.
+    #[error("prepare the work directory {path}")]
+    WorkDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The dispatcher refused this runner.
+    #[error("the dispatcher refused this runner: {0}")]
+    Refused(String),
+    /// The dispatcher refused this runner's certificate.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// Serves the dispatcher until `shutdown` is cancelled, reconnecting with
+/// back-off whenever the connection is lost.
+pub async fn run(
+    bundle: Bundle,
+    config: Config,
+    host: Arc<PluginHost>,
+    shutdown: CancellationToken,
+) -> Result<(), RunnerError> {
+    if bundle.identity().is_none_or(|id| id.role != kiln_proto::Role::Runner) {
+        return Err(RunnerError::NotRunner(bundle.dir.clone()));
+    }
+    for dir in [config.work_dir.join("jobs"), config.work_dir.clone()] {
+        std::fs::create_dir_all(&dir).map_err(|source| RunnerError::WorkDir { path: dir.clone(), source })?;
+    }
+    let ctx = Arc::new(job::JobContext {
+        cache: config.work_dir.join("cache.git"),
+        jobs_dir: config.work_dir.join("jobs"),
+        max_pack_bytes: config.max_pack_bytes,
+        host,
+    });
+    let tasks = TaskTracker::new();
+    let mut backoff = Backoff::default();
+    while !shutdown.is_cancelled() {
+        let conn = tokio::select! {
+            () = shutdown.cancelled() => break,
+            conn = connect_and_register(&bundle, &config) => conn,
+        };
+        match conn {
+            Ok((conn, _control)) => {
+                backoff.reset();
+                serve(&conn, &ctx, &tasks, &shutdown).await;
+                conn.close(kiln_net::CloseCode::Shutdown, "runner shutting down");
+            }
+            Err(RequestError::Refused(reason)) => return Err(RunnerError::Refused(reason)),
+            // Retrying with a certificate the dispatcher refuses cannot help.
+            Err(RequestError::Rejected(reason)) => return Err(RunnerError::Rejected(reason)),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(
+                    "cannot register with the dispatcher at {}: {}; retrying in {delay:.1?}",
+                    config.dispatcher,
+                    error_chain(&e)
+                );
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+/// Connects and registers; returns the connection and the control stream's
+/// send half, which must live as long as the connection.
+async fn connect_and_register(
+    bundle: &Bundle,
+    config: &Config,
+) -> Result<(Connection, kiln_net::SendStream), RequestError> {
+    let conn = kiln_net::connect(bundle, &config.dispatcher, config.net).await?;
+    let (send, _recv, reply) = conn.request(&Request::Register { slots: config.slots }).await?;
+    match reply {
+        Reply::Registered => {
+            info!(dispatcher = %config.dispatcher, slots = config.slots, "registered");
+            Ok((conn, send))
+        }
+        other => Err(RequestError::Connection(format!("unexpected reply to registration: {other:?}"))),
+    }
+}
+
+/// Takes assignments from one connection until it closes or shutdown.
+async fn serve(conn: &Connection, ctx: &Arc<job::JobContext>, tasks: &TaskTracker, shutdown: &CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return,
+            stream = conn.accept() => stream,
+        };
+        match stream {
+            Ok((send, recv)) => {
+                let (ctx, conn, shutdown) = (Arc::clone(ctx), conn.clone(), shutdown.clone());
+                tasks.spawn(async move {
+                    job::serve_assignment(ctx, conn, send, recv, shutdown).instrument(info_span!("assignment")).await
+                });
+            }
+            Err(e) => {
+                warn!("lost the dispatcher: {}", kiln_net::describe_connection_error(&e));
+                return;
+            }
+        }
+    }
+}

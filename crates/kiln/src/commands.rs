@@ -1,0 +1,241 @@
+//! What each subcommand does: turn flags into settings, start the library
+//! pieces, and decide the exit code.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use kiln_net::{Bundle, NetConfig, RequestError};
+use kiln_proto::wire::{Reply, Request};
+use kiln_proto::{CommitId, CommitReport, CommitStatus, Outcome, Role};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::cli::{CertsCommand, ClientArgs, Command, Format, ResultsArgs, RoleArg, RunnerArgs};
+
+/// Runs one subcommand.
+pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Certs(c) => certs(c),
+        Command::Dispatcher(a) => {
+            let bundle = load_bundle(&a.identity)?;
+            let net = NetConfig { idle_timeout: a.idle_timeout, ..NetConfig::default() };
+            let listener = kiln_net::Listener::bind(&bundle, a.listen, net)
+                .with_context(|| format!("cannot listen on {}", a.listen))?;
+            let addr = listener.local_addr().context("cannot read the bound address")?;
+            // One line on stdout, for scripts and tests that listen on port 0.
+            println!("listening {addr}");
+            info!(%addr, state = %a.state.display(), "dispatcher listening");
+            let config = kiln_dispatcher::Config {
+                state_dir: a.state.clone(),
+                max_pack_bytes: a.max_pack_mib.saturating_mul(1 << 20),
+            };
+            kiln_dispatcher::Dispatcher::run(listener, config, shutdown_on_signal())
+                .await
+                .with_context(|| format!("the dispatcher cannot use its state directory {}", a.state.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Observer(a) => {
+            let bundle = load_bundle(&a.client.identity)?;
+            let config = kiln_observer::Config {
+                dispatcher: a.client.dispatcher.clone(),
+                repo: a.repo.clone(),
+                branches: a.branches,
+                interval: a.interval,
+                net: net(&a.client),
+            };
+            kiln_observer::run(bundle, config, shutdown_on_signal()).await.map_err(anyhow::Error::from)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runner(a) => runner(a).await,
+        Command::Results(a) => results(a).await,
+        Command::Demo(a) => crate::demo::run(a).await,
+    }
+}
+
+fn certs(command: CertsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        CertsCommand::Init { dir, sans } => {
+            kiln_net::certs::init(&dir, &sans).context("cannot create the certificate authority")?;
+            println!("created the certificate authority in {}", dir.join("ca").display());
+            println!(
+                "created the dispatcher's bundle in {} (for {})",
+                dir.join("dispatcher").display(),
+                sans.join(", ")
+            );
+        }
+        CertsCommand::Issue { role, name, dir } => {
+            let role = match role {
+                RoleArg::Runner => Role::Runner,
+                RoleArg::Observer => Role::Observer,
+                RoleArg::Admin => Role::Admin,
+            };
+            let bundle = kiln_net::certs::issue(&dir, role, &name)
+                .with_context(|| format!("cannot issue a {role} certificate for `{name}`"))?;
+            println!("issued a {role} bundle in {} (copy this directory to the {role}'s machine)", bundle.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_bundle(dir: &std::path::Path) -> anyhow::Result<Bundle> {
+    Bundle::load(dir).with_context(|| {
+        format!(
+            "cannot load the certificate bundle in {} (make one with `kiln certs init` or `kiln certs issue`)",
+            dir.display()
+        )
+    })
+}
+
+fn net(client: &ClientArgs) -> NetConfig {
+    NetConfig { idle_timeout: client.idle_timeout, ..NetConfig::default() }
+}
+
+async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
+    let bundle = load_bundle(&a.client.identity)?;
+    let names: Vec<&str> = a.allow_programs.iter().map(String::as_str).collect();
+    let programs = kiln_plugin_host::Policy::resolve_programs(&names).context("cannot resolve the allowed programs")?;
+    for (name, path) in &programs {
+        info!(program = %name, path = %path.display(), "allowed program");
+    }
+    let policy = kiln_plugin_host::Policy {
+        programs,
+        command_timeout: a.command_timeout,
+        // Generous for test output, small enough that a flood cannot exhaust the runner.
+        max_output: 4 << 20,
+        // Time spent in WebAssembly itself; waiting on commands does not count.
+        call_timeout: Duration::from_secs(60),
+        max_memory: 256 << 20,
+    };
+    let mut host = kiln_plugin_host::PluginHost::new(policy).context("cannot start the plugin host")?;
+    if let Some(dir) = &a.plugins {
+        let entries =
+            std::fs::read_dir(dir).with_context(|| format!("cannot read the plugins directory {}", dir.display()))?;
+        let mut paths: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            host.load_file(&path).with_context(|| format!("cannot load the plugin {}", path.display()))?;
+        }
+    }
+    for p in host.plugins() {
+        info!(plugin = %p.name, version = %p.version, claims = ?p.claims, granted = ?p.granted, "plugin loaded");
+    }
+    let config = kiln_runner::Config {
+        dispatcher: a.client.dispatcher.clone(),
+        work_dir: a.work.clone(),
+        slots: a.slots,
+        max_pack_bytes: 1 << 30,
+        net: net(&a.client),
+    };
+    kiln_runner::run(bundle, config, Arc::new(host), shutdown_on_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Fetches a commit's report as an admin.
+pub async fn fetch_report(
+    bundle: &Bundle,
+    client: &ClientArgs,
+    commit: Option<CommitId>,
+) -> anyhow::Result<Option<CommitReport>> {
+    let conn = kiln_net::connect(bundle, &client.dispatcher, net(client)).await?;
+    let reply = conn.request(&Request::GetResults { commit }).await;
+    conn.close(kiln_net::CloseCode::Shutdown, "done");
+    match reply {
+        Ok((_, _, Reply::Report(report))) => Ok(report.map(|r| *r)),
+        Ok((_, _, other)) => bail!("unexpected reply from the dispatcher: {other:?}"),
+        Err(RequestError::Refused(reason)) => bail!("the dispatcher refused: {reason}"),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("cannot get results from {}", client.dispatcher))),
+    }
+}
+
+async fn results(a: ResultsArgs) -> anyhow::Result<ExitCode> {
+    let bundle = load_bundle(&a.client.identity)?;
+    let commit = a.commit.as_deref().map(str::parse::<CommitId>).transpose()?;
+    let deadline = a.wait.map(|w| tokio::time::Instant::now() + w);
+    let report = loop {
+        let report = fetch_report(&bundle, &a.client, commit).await?;
+        let done = report.as_ref().is_some_and(|r| r.status.is_final());
+        match deadline {
+            Some(deadline) if !done && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            _ => break report,
+        }
+    };
+    let Some(report) = report else {
+        match commit {
+            Some(c) => bail!("the dispatcher knows no commit {c}"),
+            None => bail!("the dispatcher has no commits yet"),
+        }
+    };
+    match a.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Text => print!("{}", render(&report)),
+    }
+    Ok(exit_code(report.status))
+}
+
+/// The exit code `kiln results` gives for a status.
+pub fn exit_code(status: CommitStatus) -> ExitCode {
+    match status {
+        CommitStatus::Passed => ExitCode::SUCCESS,
+        CommitStatus::Failed => ExitCode::from(1),
+        CommitStatus::Queued | CommitStatus::Running | CommitStatus::Error => ExitCode::from(2),
+    }
+}
+
+/// Renders a report for a terminal.
+pub fn render(r: &CommitReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let c = &r.counts;
+    let _ = writeln!(out, "commit {} on {}: {}", r.commit, r.branch, r.status.as_str().to_uppercase());
+    if let Some(runner) = &r.runner {
+        let _ = writeln!(out, "  ran on {runner}");
+    }
+    if let Some(error) = &r.error {
+        let _ = writeln!(out, "  error: {error}");
+    }
+    let _ = writeln!(
+        out,
+        "  {} tests: {} passed, {} failed, {} errors, {} skipped, {} expected failures, {} unexpected successes",
+        c.total, c.pass, c.fail, c.error, c.skip, c.xfail, c.xpass
+    );
+    for t in &r.tests {
+        let _ = writeln!(out, "  {:<5} {} ({} ms)", t.outcome.as_str().to_uppercase(), t.id, t.duration_ms);
+        // A traceback's end says what went wrong; a skip reason is one line.
+        let lines: Vec<&str> = t.message.trim_end().lines().collect();
+        let shown = match t.outcome {
+            Outcome::Fail | Outcome::Error => &lines[lines.len().saturating_sub(6)..],
+            Outcome::Skip => &lines[..lines.len().min(1)],
+            _ => &[][..],
+        };
+        for line in shown {
+            let _ = writeln!(out, "        {line}");
+        }
+    }
+    out
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received, shutting down"),
+            _ = int.recv() => info!("SIGINT received, shutting down"),
+        }
+        t.cancel();
+    });
+    token
+}

@@ -1,0 +1,129 @@
+//! A plugin that misbehaves on request, so kiln-plugin-host's tests can check
+//! that a plugin which loops, balloons, panics or fails turns into `error`
+//! results and that the host keeps serving. It is not built into the runner.
+//!
+//! Each claimed file `misbehave/<action>` asks for one behaviour; the files
+//! are handled in order, so a file after a fatal one never gets a result.
+
+use bindings::exports::kiln::executor::executor::Guest;
+use bindings::kiln::executor::host::{self, Command, CommandError};
+use bindings::kiln::executor::types::{Outcome, PluginInfo, TestResult};
+
+/// The guest side of the `kiln:executor` contract, generated from the WIT.
+#[expect(unsafe_code, reason = "the canonical-ABI glue that wit-bindgen generates is unsafe by nature")]
+mod bindings {
+    use super::Misbehaving;
+
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "plugin",
+    });
+
+    export!(Misbehaving);
+}
+
+struct Misbehaving;
+
+impl Guest for Misbehaving {
+    fn info() -> PluginInfo {
+        PluginInfo {
+            name: "misbehaving".to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            claims: vec!["misbehave/*".to_owned()],
+            programs: vec!["python3".to_owned(), "sh".to_owned()],
+        }
+    }
+
+    fn run(files: Vec<String>) -> Result<(), String> {
+        for file in files {
+            let action = file.rsplit('/').next().unwrap_or_default();
+            let (outcome, message) = match action {
+                "loop" => spin(),
+                "sleep" => {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                    (Outcome::Pass, String::new())
+                }
+                "balloon" => balloon(),
+                "panic" => panic!("deliberate panic in the misbehaving plugin"),
+                "refuse" => return Err("deliberately refusing to run".to_owned()),
+                "run-sh" => command("sh", ""),
+                "escape" => command("python3", "../.."),
+                "sandbox" => sandbox(),
+                "twice" => {
+                    report(&file, Outcome::Pass, "first");
+                    (Outcome::Fail, "second".to_owned())
+                }
+                "ok" | "after" => (Outcome::Pass, String::new()),
+                other => (Outcome::Error, format!("unknown action `{other}`")),
+            };
+            report(&file, outcome, &message);
+        }
+        Ok(())
+    }
+}
+
+fn report(file: &str, outcome: Outcome, message: &str) {
+    host::report(&TestResult {
+        id: file.to_owned(),
+        file: file.to_owned(),
+        outcome,
+        duration_ms: 0,
+        message: message.to_owned(),
+    });
+}
+
+/// Runs a program and reports what the host said about it.
+fn command(program: &str, cwd: &str) -> (Outcome, String) {
+    let command = Command {
+        program: program.to_owned(),
+        args: vec!["-c".to_owned(), "pass".to_owned()],
+        cwd: cwd.to_owned(),
+        timeout_ms: 10_000,
+    };
+    match host::run_command(&command) {
+        Ok(out) => (Outcome::Pass, format!("exit code {:?}", out.exit_code)),
+        Err(CommandError::Denied(why)) => (Outcome::Error, format!("denied: {why}")),
+        Err(CommandError::Failed(why)) => (Outcome::Error, format!("failed: {why}")),
+    }
+}
+
+/// Checks that the plugin can see nothing but a read-only checkout: passes
+/// if every escape fails, fails naming each one that worked.
+fn sandbox() -> (Outcome, String) {
+    let mut leaks = Vec::new();
+    if std::fs::write("/checkout/written-by-plugin", b"x").is_ok() {
+        leaks.push("wrote into the checkout");
+    }
+    if std::fs::read("/checkout/misbehave/.keep").is_err() {
+        leaks.push("(could not read the checkout at all)");
+    }
+    if std::fs::read("/etc/passwd").is_ok() || std::fs::read("/checkout/../../../etc/passwd").is_ok() {
+        leaks.push("read outside the checkout");
+    }
+    if std::env::vars_os().next().is_some() {
+        leaks.push("saw environment variables");
+    }
+    if std::env::args_os().next().is_some() {
+        leaks.push("saw arguments");
+    }
+    if std::net::TcpStream::connect(("127.0.0.1", 9)).is_ok() || std::net::UdpSocket::bind(("127.0.0.1", 0)).is_ok() {
+        leaks.push("opened a socket");
+    }
+    if leaks.is_empty() { (Outcome::Pass, String::new()) } else { (Outcome::Fail, leaks.join("; ")) }
+}
+
+/// Never returns: only the host's epoch deadline stops it.
+fn spin() -> (Outcome, String) {
+    let mut n: u64 = 0;
+    loop {
+        n = std::hint::black_box(n.wrapping_add(1));
+    }
+}
+
+/// Allocates until the host's memory limit stops it.
+fn balloon() -> (Outcome, String) {
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    loop {
+        chunks.push(std::hint::black_box(vec![1u8; 1 << 20]));
+    }
+}

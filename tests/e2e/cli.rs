@@ -1,0 +1,72 @@
+//! Bad input on the command line gets one clear sentence and exit code 2,
+//! never a panic.
+
+use crate::harness::{Cluster, kiln, kiln_output};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_mistyped_flag_is_named() {
+    let out = kiln_output(&["dispatcher", "--lisen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--lisen"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_missing_certificate_bundle_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    let out = kiln().arg("runner").arg("--identity").arg(&missing).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("cannot load the certificate bundle") && err.contains("nope/ca.pem"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_missing_repository_is_named() {
+    let mut cluster = Cluster::start();
+    cluster.issue("observer", "observer");
+    let out = kiln()
+        .args(["observer", "--dispatcher", &cluster.addr, "--repo", "/definitely/not/a/repo", "--identity"])
+        .arg(cluster.certs().join("observer"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("/definitely/not/a/repo"), "{err}");
+    cluster.procs.clear();
+}
+
+#[test]
+fn an_unreachable_dispatcher_is_reported_not_awaited_forever() {
+    let cluster = Cluster::start();
+    // A port nothing listens on.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap().to_string();
+    drop(socket);
+    let out = kiln()
+        .args(["results", "--idle-timeout", "1s", "--dispatcher", &addr, "--identity"])
+        .arg(cluster.certs().join("admin"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains(&addr), "{err}");
+}
+
+#[test]
+fn a_client_bundle_cannot_serve_as_the_dispatcher() {
+    let cluster = Cluster::start();
+    let out = kiln()
+        .args(["dispatcher", "--listen", "127.0.0.1:0", "--identity"])
+        .arg(cluster.certs().join("admin"))
+        .arg("--state")
+        .arg(cluster.dir.path().join("state2"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("is for admin `admin`"), "{}", stderr(&out));
+}

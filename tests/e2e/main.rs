@@ -1,0 +1,14 @@
+//! Kiln's end-to-end tests: the real `kiln` binary started as separate
+//! processes (dispatcher, observer, runners) talking QUIC with mutual TLS on
+//! 127.0.0.1, over real git repositories and real Python.
+//!
+//! One test binary for all of them keeps build times down; each test gets
+//! its own temporary directory, certificates and dispatcher port.
+
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on any unexpected error")]
+
+mod harness;
+
+mod auth;
+mod cli;
+mod pipeline;

@@ -1,0 +1,88 @@
+//! The main job end to end: observer → dispatcher → two runners → the
+//! python-unittest plugin → per-test results stored by the dispatcher.
+
+use kiln_proto::{CommitReport, CommitStatus, Outcome};
+
+use crate::harness::{Cluster, Repo, kiln, outcomes};
+
+const SAMPLE: &[(&str, &str)] = &[
+    ("calc.py", include_str!("../../crates/kiln/src/demo/sample/calc.py")),
+    ("tests/__init__.py", include_str!("../../crates/kiln/src/demo/sample/tests/__init__.py")),
+    ("tests/test_calc.py", include_str!("../../crates/kiln/src/demo/sample/tests/test_calc.py")),
+    ("tests/test_plugins.py", include_str!("../../crates/kiln/src/demo/sample/tests/test_plugins.py")),
+    // Not a test module (no __init__.py on the way): unittest discovery skips it, and so must Kiln.
+    (
+        "tests/helpers/test_not_a_package.py",
+        "import unittest\nclass T(unittest.TestCase):\n    def test_x(self): pass\n",
+    ),
+];
+
+fn expected(shout: Outcome) -> Vec<(String, Outcome)> {
+    [
+        ("tests.test_calc.CalcTest.test_add", Outcome::Pass),
+        ("tests.test_calc.CalcTest.test_add_strings", Outcome::Xpass),
+        ("tests.test_calc.CalcTest.test_download", Outcome::Skip),
+        ("tests.test_calc.CalcTest.test_float_is_exact", Outcome::Xfail),
+        ("tests.test_calc.CalcTest.test_lookup", Outcome::Error),
+        ("tests.test_calc.CalcTest.test_shout", shout),
+        ("tests.test_calc.TextTest.test_strip", Outcome::Pass),
+        ("tests.test_plugins", Outcome::Error),
+    ]
+    .into_iter()
+    .map(|(id, o)| (id.to_owned(), o))
+    .collect()
+}
+
+fn message<'a>(report: &'a CommitReport, id: &str) -> &'a str {
+    &report.tests.iter().find(|t| t.id == id).unwrap_or_else(|| panic!("no test {id}")).message
+}
+
+#[test]
+fn a_commit_flows_to_stored_per_test_results_and_a_fix_is_picked_up_by_polling() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), SAMPLE);
+    let first = repo.commit("calc and its tests");
+    cluster.runner("runner-1");
+    cluster.runner("runner-2");
+    cluster.observer("observer", &repo.path, "300ms");
+
+    let report = cluster.wait_for(&first);
+    assert_eq!(outcomes(&report).into_iter().collect::<Vec<_>>(), expected(Outcome::Fail), "{}", cluster.logs());
+    assert_eq!(report.status, CommitStatus::Failed);
+    assert_eq!((report.counts.total, report.counts.pass, report.counts.error), (8, 2, 2));
+    assert_eq!(report.branch, "main");
+    assert!(report.runner.as_deref().is_some_and(|r| r.starts_with("runner-")), "{report:?}");
+    assert!(message(&report, "tests.test_calc.CalcTest.test_download").contains("needs a network"));
+    assert!(message(&report, "tests.test_calc.CalcTest.test_shout").contains("AssertionError: 'KILNS' != 'KILN'"));
+    assert!(message(&report, "tests.test_calc.CalcTest.test_lookup").contains("KeyError: 'b'"));
+    assert!(message(&report, "tests.test_plugins").contains("yaml_that_is_not_installed"));
+    for t in &report.tests {
+        assert_eq!(
+            t.file,
+            if t.id.starts_with("tests.test_plugins") { "tests/test_plugins.py" } else { "tests/test_calc.py" }
+        );
+    }
+
+    // The dispatcher keeps the same document as a file.
+    let stored = cluster.dir.path().join(format!("state/results/{first}.json"));
+    let on_disk: CommitReport = serde_json::from_slice(&std::fs::read(&stored).expect("results file")).expect("json");
+    assert_eq!(on_disk, report);
+
+    // `kiln results` in text form exits 1 for a failed commit.
+    let text = kiln()
+        .args(["results", first.as_str(), "--dispatcher", &cluster.addr])
+        .arg("--identity")
+        .arg(cluster.certs().join("admin"))
+        .output()
+        .expect("kiln results");
+    assert_eq!(text.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(stdout.contains("FAILED") && stdout.contains("FAIL  tests.test_calc.CalcTest.test_shout"), "{stdout}");
+
+    // A second commit fixes the failure; the observer's polling picks it up.
+    repo.write(&[("calc.py", include_str!("../../crates/kiln/src/demo/fixed/calc.py"))]);
+    let second = repo.commit("fix shout");
+    let report = cluster.wait_for(&second);
+    assert_eq!(outcomes(&report).into_iter().collect::<Vec<_>>(), expected(Outcome::Pass), "{}", cluster.logs());
+    assert!(cluster.dir.path().join(format!("state/results/{second}.json")).exists());
+}
