@@ -14,7 +14,8 @@ use std::process::Command;
 
 /// Plugins built into the runner: (file name of its .wasm, the variable
 /// through which the crate learns the file's path).
-const BUILT_IN: &[(&str, &str)] = &[("python_unittest.wasm", "KILN_PLUGIN_PYTHON_UNITTEST")];
+const BUILT_IN: &[(&str, &str)] =
+    &[("python_unittest.wasm", "KILN_PLUGIN_PYTHON_UNITTEST"), ("tap.wasm", "KILN_PLUGIN_TAP")];
 
 const TARGET: &str = "wasm32-wasip2";
 

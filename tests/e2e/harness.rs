@@ -6,6 +6,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_proto::{CommitId, CommitReport, Outcome};
+pub use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 
 /// The `kiln` binary under test.
 pub fn kiln() -> Command {
@@ -26,6 +28,12 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Sends a signal to the process.
+    pub fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, signal).expect("signal");
+    }
+
     /// The process's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -49,19 +57,47 @@ pub struct Cluster {
 impl Cluster {
     /// Makes certificates (CA, dispatcher, `admin`) and starts a dispatcher on a free port.
     pub fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    /// Like [`Cluster::start`], with extra dispatcher flags.
+    pub fn start_with(flags: &[&str]) -> Cluster {
+        Cluster::start_on(&["localhost", "127.0.0.1"], "127.0.0.1:0", flags)
+    }
+
+    /// Like [`Cluster::start`], with the dispatcher's certificate valid for
+    /// `sans` and listening on `listen`; `addr` stays a loopback address.
+    pub fn start_on(sans: &[&str], listen: &str, flags: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
-        let out = kiln().args(["certs", "init", "--dir"]).arg(&certs).output().expect("certs init");
+        let mut init = kiln();
+        init.args(["certs", "init", "--dir"]).arg(&certs);
+        for san in sans {
+            init.args(["--san", san]);
+        }
+        let out = init.output().expect("certs init");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let mut cluster = Cluster { dir, addr: String::new(), procs: Vec::new() };
         cluster.issue("admin", "admin");
-        let log = cluster.dir.path().join("dispatcher.log");
+        let proc = cluster.spawn_dispatcher(listen, flags);
+        cluster.procs.insert(0, proc);
+        let port = cluster.addr.rsplit_once(':').map(|(_, p)| p.to_owned()).expect("port");
+        cluster.addr = format!("127.0.0.1:{port}");
+        cluster
+    }
+
+    /// Starts a dispatcher listening on `listen` with the cluster's state
+    /// directory, and records its address.
+    pub fn spawn_dispatcher(&mut self, listen: &str, flags: &[&str]) -> Proc {
+        let n = self.procs.len();
+        let log = self.dir.path().join(format!("dispatcher-{n}.log"));
         let mut child = kiln()
             .arg("dispatcher")
             .arg("--identity")
-            .arg(certs.join("dispatcher"))
-            .args(["--listen", "127.0.0.1:0", "--idle-timeout", "3s", "--state"])
-            .arg(cluster.dir.path().join("state"))
+            .arg(self.certs().join("dispatcher"))
+            .args(["--listen", listen, "--idle-timeout", "3s", "--state"])
+            .arg(self.state())
+            .args(flags)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()
@@ -69,9 +105,42 @@ impl Cluster {
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read address");
         let proc = Proc { child, log };
-        cluster.addr = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("{}", proc.log())).to_owned();
-        cluster.procs.push(proc);
-        cluster
+        self.addr = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("{}", proc.log())).to_owned();
+        proc
+    }
+
+    /// Kills the dispatcher with SIGKILL and starts a new one on the same
+    /// address and state directory.
+    pub fn restart_dispatcher(&mut self) {
+        self.procs[0].signal(Signal::SIGKILL);
+        let _ = self.procs[0].child.wait();
+        let addr = self.addr.clone();
+        let proc = self.spawn_dispatcher(&addr, &[]);
+        let old = std::mem::replace(&mut self.procs[0], proc);
+        // Keep the old log for failure messages.
+        self.procs.push(old);
+    }
+
+    /// The dispatcher's state directory.
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The stored results document of a commit, if any.
+    pub fn stored(&self, commit: &CommitId) -> Option<CommitReport> {
+        let bytes = std::fs::read(self.state().join(format!("results/{commit}.json"))).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Waits until the stored document of `commit` satisfies `cond`.
+    pub fn wait_stored(&self, commit: &CommitId, what: &str, cond: impl Fn(&CommitReport) -> bool) -> CommitReport {
+        let mut last = None;
+        let ok = eventually(Duration::from_secs(90), || {
+            last = self.stored(commit);
+            last.as_ref().is_some_and(&cond)
+        });
+        assert!(ok, "{commit} never became {what}: {last:?}\n{}", self.logs());
+        last.expect("checked above")
     }
 
     /// The certificate directory.
@@ -88,7 +157,8 @@ impl Cluster {
 
     /// Starts `kiln SUBCOMMAND --identity certs/NAME --dispatcher ADDR EXTRA…`, logging to NAME.log.
     pub fn spawn(&mut self, subcommand: &str, name: &str, extra: &[&std::ffi::OsStr]) -> &Proc {
-        let log = self.dir.path().join(format!("{name}.log"));
+        let n = self.procs.len();
+        let log = self.dir.path().join(format!("{name}-{n}.log"));
         let child = kiln()
             .arg(subcommand)
             .arg("--identity")
@@ -103,17 +173,57 @@ impl Cluster {
         self.procs.last().expect("just pushed")
     }
 
-    /// Issues a runner certificate and starts a runner with its own work directory.
-    pub fn runner(&mut self, name: &str) {
+    /// Starts a runner inside network namespace `netns`, dialling `dispatcher`.
+    pub fn runner_in(&mut self, netns: &str, name: &str, dispatcher: &str) -> usize {
         self.issue("runner", name);
+        let log = self.dir.path().join(format!("{name}.log"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, env!("CARGO_BIN_EXE_kiln"), "runner", "--identity"])
+            .arg(self.certs().join(name))
+            .args(["--dispatcher", dispatcher, "--idle-timeout", "3s", "--work"])
+            .arg(self.dir.path().join(format!("{name}-work")))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn ip netns exec");
+        self.procs.push(Proc { child, log });
+        self.procs.len() - 1
+    }
+
+    /// Issues a runner certificate and starts a runner with its own work
+    /// directory; returns its index in `procs`.
+    pub fn runner(&mut self, name: &str) -> usize {
+        if !self.certs().join(name).exists() {
+            self.issue("runner", name);
+        }
         let work = self.dir.path().join(format!("{name}-work"));
         self.spawn("runner", name, &["--work".as_ref(), work.as_os_str()]);
+        self.procs.len() - 1
     }
 
     /// Issues an observer certificate and starts an observer polling `repo` every `interval`.
     pub fn observer(&mut self, name: &str, repo: &Path, interval: &str) {
-        self.issue("observer", name);
-        self.spawn("observer", name, &["--repo".as_ref(), repo.as_os_str(), "--interval".as_ref(), interval.as_ref()]);
+        self.observer_with(name, repo, interval, &[]);
+    }
+
+    /// Like [`Cluster::observer`], with extra flags; the certificate is issued once.
+    pub fn observer_with(&mut self, name: &str, repo: &Path, interval: &str, flags: &[&str]) -> usize {
+        if !self.certs().join(name).exists() {
+            self.issue("observer", name);
+        }
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec!["--repo".as_ref(), repo.as_os_str(), "--interval".as_ref(), interval.as_ref()];
+        args.extend(flags.iter().map(|f| std::ffi::OsStr::new(*f)));
+        self.spawn("observer", name, &args);
+        self.procs.len() - 1
+    }
+
+    /// Waits until a process's log contains `text`.
+    pub fn wait_log(&self, proc: usize, text: &str) {
+        let ok = eventually(Duration::from_secs(60), || self.procs[proc].log().contains(text));
+        assert!(ok, "process {proc} never logged {text:?}\n{}", self.logs());
     }
 
     /// Waits until the commit's testing has ended and returns its report.
@@ -131,10 +241,72 @@ impl Cluster {
         report
     }
 
+    /// Runs `kiln ARGS --identity certs/admin --dispatcher ADDR` to completion.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        kiln()
+            .args(args)
+            .args(["--dispatcher", &self.addr])
+            .arg("--identity")
+            .arg(self.certs().join("admin"))
+            .output()
+            .expect("kiln")
+    }
+
     /// Every process's log, for failure messages.
     pub fn logs(&self) -> String {
         self.procs.iter().map(|p| format!("--- {}\n{}", p.log.display(), p.log())).collect::<Vec<_>>().join("\n")
     }
+}
+
+/// A network namespace joined to this one by a veth pair: a second "host"
+/// for tests of what crosses a network. Removed when dropped.
+pub struct NetNs {
+    /// The namespace's name.
+    pub name: String,
+    /// The veth end in this (the dispatcher's) namespace.
+    pub host_if: String,
+    /// The address of this end, which the namespace reaches the dispatcher by.
+    pub host_ip: &'static str,
+}
+
+impl NetNs {
+    /// Creates the namespace and its link; panics with the reason if the
+    /// machine cannot (the test needs root and iproute2).
+    pub fn create() -> NetNs {
+        let id = std::process::id();
+        let ns = NetNs { name: format!("kiln-test-{id}"), host_if: format!("kh{id}"), host_ip: "169.254.77.1" };
+        let peer = format!("kn{id}");
+        ip(&["netns", "add", &ns.name]);
+        ip(&["link", "add", &ns.host_if, "type", "veth", "peer", "name", &peer]);
+        ip(&["link", "set", &peer, "netns", &ns.name]);
+        ip(&["addr", "add", "169.254.77.1/30", "dev", &ns.host_if]);
+        ip(&["link", "set", &ns.host_if, "up"]);
+        ip(&["netns", "exec", &ns.name, "ip", "addr", "add", "169.254.77.2/30", "dev", &peer]);
+        ip(&["netns", "exec", &ns.name, "ip", "link", "set", &peer, "up"]);
+        ip(&["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Cuts (`false`) or heals (`true`) the link.
+    pub fn link(&self, up: bool) {
+        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }]);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace destroys its veth end, and with it the pair.
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip (install iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed (this test needs root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A git repository in a temporary directory, driven by the `git` CLI.
@@ -179,6 +351,25 @@ impl Repo {
         self.git(&["commit", "--quiet", "-m", message]);
         self.git(&["rev-parse", "HEAD"]).parse().expect("commit id")
     }
+}
+
+/// A suite of `modules` test modules with `tests` tests each that sleep
+/// `sleep_ms` and pass: slow enough to interrupt.
+pub fn slow_suite(modules: usize, tests: usize, sleep_ms: u64) -> Vec<(String, String)> {
+    let mut files = vec![("tests/__init__.py".to_owned(), String::new())];
+    for m in 0..modules {
+        let mut src = format!("import time\nimport unittest\n\n\nclass Slow{m}(unittest.TestCase):\n");
+        for t in 0..tests {
+            src.push_str(&format!("    def test_{t}(self):\n        time.sleep({})\n", sleep_ms as f64 / 1000.0));
+        }
+        files.push((format!("tests/test_slow{m}.py"), src));
+    }
+    files
+}
+
+/// Borrows a list of owned files as the `(path, contents)` pairs [`Repo`] takes.
+pub fn borrow(files: &[(String, String)]) -> Vec<(&str, &str)> {
+    files.iter().map(|(p, c)| (p.as_str(), c.as_str())).collect()
 }
 
 /// The report's tests as an id → outcome map.

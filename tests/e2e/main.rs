@@ -11,4 +11,7 @@ mod harness;
 
 mod auth;
 mod cli;
+mod faults;
 mod pipeline;
+mod plugin;
+mod tap;

@@ -6,9 +6,11 @@
 //! registered runners as leases, serves runners the source they need, and
 //! stores per-commit results as files.
 //!
-//! Layout: [`state`] is the scheduling state machine (no I/O); [`results`]
-//! is the results directory; [`server`] owns sockets, tasks and the mirror.
+//! Layout: [`state`] is the scheduling state machine (no I/O); [`db`] makes
+//! it durable (SQLite); [`results`] is the results directory; [`server`] owns
+//! sockets, tasks and the mirror.
 
+pub mod db;
 pub mod results;
 pub mod server;
 pub mod state;

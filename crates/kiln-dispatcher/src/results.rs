@@ -3,8 +3,8 @@
 //!
 //! Every write goes to a temporary file that is synced and then renamed over
 //! the old one, so a crash leaves either the old document or the new one,
-//! never half of either. The files are also how a restarted dispatcher finds
-//! the commits it knew.
+//! never half of either. The database (`db`) is the source of truth; these
+//! files are the readable copy for people and other tools.
 
 use std::fs;
 use std::io::Write;
@@ -34,25 +34,10 @@ pub struct ResultsDir {
 }
 
 impl ResultsDir {
-    /// Opens (creating if needed) `dir` and reads the reports in it. Files
-    /// that do not parse are left in place and named in the returned list of
-    /// problems, so no data is thrown away.
-    pub fn open(dir: &Path) -> Result<(ResultsDir, Vec<CommitReport>, Vec<String>), ResultsError> {
+    /// Opens (creating if needed) the results directory.
+    pub fn open(dir: &Path) -> Result<ResultsDir, ResultsError> {
         fs::create_dir_all(dir).map_err(err("create directory", dir))?;
-        let mut reports = Vec::new();
-        let mut problems = Vec::new();
-        for entry in fs::read_dir(dir).map_err(err("read directory", dir))? {
-            let path = entry.map_err(err("read directory", dir))?.path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            match fs::read(&path).map(|bytes| serde_json::from_slice::<CommitReport>(&bytes)) {
-                Ok(Ok(report)) => reports.push(report),
-                Ok(Err(e)) => problems.push(format!("{} is not a valid report ({e}); ignoring it", path.display())),
-                Err(e) => problems.push(format!("cannot read {} ({e}); ignoring it", path.display())),
-            }
-        }
-        Ok((ResultsDir { dir: dir.to_owned() }, reports, problems))
+        Ok(ResultsDir { dir: dir.to_owned() })
     }
 
     /// The path of a commit's document.
@@ -82,30 +67,27 @@ mod tests {
     use kiln_proto::{CommitStatus, Counts};
 
     #[test]
-    fn writes_atomically_and_reads_back() {
+    fn writes_atomically() {
         let dir = tempfile::tempdir().unwrap();
-        let (results, found, problems) = ResultsDir::open(dir.path()).unwrap();
-        assert!(found.is_empty() && problems.is_empty());
-        let report = CommitReport {
+        let results = ResultsDir::open(&dir.path().join("results")).unwrap();
+        let mut report = CommitReport {
             commit: "0123456789abcdef0123456789abcdef01234567".parse().unwrap(),
             repo: "r".into(),
             branch: "main".into(),
-            status: CommitStatus::Passed,
+            status: CommitStatus::Running,
             counts: Counts::default(),
             error: None,
             runner: None,
             queued_at_ms: 1,
-            finished_at_ms: Some(2),
+            finished_at_ms: None,
             tests: vec![],
         };
         results.write(&report).unwrap();
+        report.status = CommitStatus::Passed;
         results.write(&report).unwrap();
-        fs::write(dir.path().join("junk.json"), b"{").unwrap();
-        let (_, found, problems) = ResultsDir::open(dir.path()).unwrap();
-        assert_eq!(found, vec![report]);
-        assert_eq!(problems.len(), 1);
-        assert!(problems[0].contains("junk.json"));
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names.len(), 2, "no temporary files left: {names:?}");
+        let back: CommitReport = serde_json::from_slice(&fs::read(results.path_of(&report)).unwrap()).unwrap();
+        assert_eq!(back, report);
+        let names: Vec<_> = fs::read_dir(dir.path().join("results")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "no temporary files left: {names:?}");
     }
 }

@@ -6,6 +6,9 @@
 //! request the peer's role does not allow, or a message out of place closes
 //! that peer's connection with a close code and a reason, and is logged once;
 //! every other peer carries on.
+//!
+//! Every decision is made by [`State`] and written to the [`Db`] under one
+//! lock before anyone is told about it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,28 +17,33 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_git::ObjectStore;
 use kiln_net::{CloseCode, Connection, FramedError, Listener, PeerIdentity, RecvStream, SendStream};
-use kiln_proto::wire::{JobEvent, Reply, Request};
-use kiln_proto::{CommitId, CommitReport, Role, error_chain};
+use kiln_proto::wire::{Control, JobEvent, Reply, Request, Supersede};
+use kiln_proto::{CommitId, CommitReport, CommitStatus, Role, error_chain};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::db::{Db, DbError};
 use crate::results::ResultsDir;
-use crate::state::{ConnId, Dispatch, State};
+use crate::state::{ConnId, Dispatch, State, Stopped};
 
 /// How long a peer may take to send the first frame of a stream it opened.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a runner may take to acknowledge a cancellation.
+const CANCEL_GRACE: Duration = Duration::from_secs(10);
 /// How many commits the dispatcher offers as "haves" when asking for a pack.
 const HAVES: usize = 32;
 
 /// The dispatcher's settings.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Where the mirror and results live.
+    /// Where the database, mirror and results live.
     pub state_dir: PathBuf,
     /// The largest git pack accepted from an observer.
     pub max_pack_bytes: u64,
+    /// How long one commit's tests may run before they are stopped.
+    pub job_timeout: Duration,
 }
 
 /// Why the dispatcher could not start.
@@ -47,6 +55,9 @@ pub enum StartError {
     /// The git mirror is unusable.
     #[error("open the git mirror")]
     Mirror(#[from] kiln_git::GitError),
+    /// The state database is unusable.
+    #[error("open the state database")]
+    Db(#[from] DbError),
 }
 
 /// Why a stream's exchange ended badly.
@@ -74,12 +85,32 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// What the lock guards: the decisions and their durable record.
+struct Core {
+    state: State,
+    db: Db,
+}
+
+impl Core {
+    /// Records a commit's row; a database failure is logged loudly, and the
+    /// dispatcher keeps serving from memory rather than dropping work.
+    fn save(&self, commit: &CommitId) {
+        if let Some(entry) = self.state.entry(commit)
+            && let Err(e) = self.db.save_commit(entry)
+        {
+            error!("cannot record {commit} in the state database: {}", error_chain(&e));
+        }
+    }
+}
+
 /// The running dispatcher.
 pub struct Dispatcher {
-    /// Queue, leases and results.
-    state: Mutex<State>,
+    /// Queue, leases, results, and their durable record.
+    core: Mutex<Core>,
     /// Open runner connections by id, to open assignment streams on.
     runners: Mutex<HashMap<ConnId, Connection>>,
+    /// Running assignments by job id: cancelling the token tells the runner to stop.
+    running: Mutex<HashMap<u64, (u32, CancellationToken)>>,
     /// The bare git mirror's path; opened per operation on a blocking thread.
     mirror: PathBuf,
     /// Reports to write to the results directory, in order.
@@ -93,27 +124,26 @@ impl Dispatcher {
     /// Opens the state directory and serves `listener` until `shutdown` is
     /// cancelled; then closes every connection and waits for its tasks.
     pub async fn run(listener: Listener, config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
-        let (results, reports, problems) = ResultsDir::open(&config.state_dir.join("results"))?;
-        for p in problems {
-            warn!("{p}");
-        }
+        let results = ResultsDir::open(&config.state_dir.join("results"))?;
         let mirror = config.state_dir.join("mirror.git");
         ObjectStore::open_or_init_bare(&mirror)?;
+        let db = Db::open(&config.state_dir.join("kiln.db"))?;
         let mut state = State::default();
-        let restored = reports.len();
-        for r in reports {
-            state.restore(r);
+        let entries = db.load()?;
+        let (restored, unfinished) = (entries.len(), entries.iter().filter(|e| !e.status.is_final()).count());
+        for entry in entries {
+            state.restore(entry);
         }
-        state.sort_by_queue_time();
         if restored > 0 {
-            info!(commits = restored, "restored results from an earlier run");
+            info!(commits = restored, unfinished, "resumed from the state database");
         }
 
         let (persist, mut persist_rx) = mpsc::unbounded_channel::<CommitReport>();
         let tasks = TaskTracker::new();
         let dispatcher = Arc::new(Dispatcher {
-            state: Mutex::new(state),
+            core: Mutex::new(Core { state, db }),
             runners: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
             mirror,
             persist,
             config,
@@ -154,13 +184,15 @@ impl Dispatcher {
         Ok(())
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    fn core(&self) -> MutexGuard<'_, Core> {
         // A panic while holding the lock would be a bug in State; keep serving.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn persist(&self, state: &State, commit: &CommitId) {
-        if let Some(report) = state.report(commit) {
+    /// Records a commit durably and queues its results file.
+    fn persist(&self, core: &Core, commit: &CommitId) {
+        core.save(commit);
+        if let Some(report) = core.state.report(commit) {
             // The writer lives as long as any task; a send only fails at shutdown.
             let _ = self.persist.send(report);
         }
@@ -207,12 +239,12 @@ impl Dispatcher {
 
     fn runner_gone(self: &Arc<Self>, name: &str, id: ConnId) {
         self.runners.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-        let mut state = self.state();
-        for commit in state.unregister(name, id) {
+        let mut core = self.core();
+        for commit in core.state.unregister(name, id) {
             info!(%commit, "requeued the work of a disconnected runner");
-            self.persist(&state, &commit);
+            self.persist(&core, &commit);
         }
-        drop(state);
+        drop(core);
         self.schedule();
     }
 
@@ -241,18 +273,15 @@ impl Dispatcher {
         let request: Request = tokio::time::timeout(REQUEST_TIMEOUT, recv.expect())
             .await
             .map_err(|_| StreamError::Protocol("no request within 30 s of opening a stream".into()))??;
-        let allowed = match &request {
-            Request::Register { .. } | Request::FetchSource { .. } => Role::Runner,
-            Request::Submit { .. } => Role::Observer,
-            Request::GetResults { .. } => Role::Admin,
+        let (allowed, what) = match &request {
+            Request::Register { .. } => (Role::Runner, "register as a runner"),
+            Request::FetchSource { .. } => (Role::Runner, "fetch source"),
+            Request::Submit { .. } => (Role::Observer, "submit commits"),
+            Request::BranchTip { .. } => (Role::Observer, "ask for branch tips"),
+            Request::GetResults { .. } => (Role::Admin, "read results"),
+            Request::Cancel { .. } => (Role::Admin, "cancel commits"),
         };
         if peer.role != allowed {
-            let what = match &request {
-                Request::Register { .. } => "register as a runner",
-                Request::FetchSource { .. } => "fetch source",
-                Request::Submit { .. } => "submit commits",
-                Request::GetResults { .. } => "read results",
-            };
             let reason = format!("{peer} may not {what}: that needs the {allowed} role");
             // Say why before closing; the peer may or may not read it.
             let _ = send.send(&Reply::Refused(reason.clone())).await;
@@ -261,16 +290,55 @@ impl Dispatcher {
         }
         match request {
             Request::Register { slots } => self.register(conn, peer, send, recv, slots).await,
-            Request::Submit { repo, branch, commit } => self.submit(send, recv, repo, branch, commit).await,
+            Request::Submit { repo, branch, commit, supersede } => {
+                self.submit(send, recv, repo, branch, commit, supersede).await
+            }
+            Request::BranchTip { repo, branch } => {
+                let tip = self.core().state.branch_tip(&repo, &branch);
+                reply(send, Reply::Tip(tip)).await
+            }
             Request::FetchSource { commit, haves } => self.fetch_source(send, commit, haves).await,
             Request::GetResults { commit } => {
                 let report = {
-                    let state = self.state();
-                    commit.or_else(|| state.newest()).and_then(|c| state.report(&c))
+                    let core = self.core();
+                    commit.or_else(|| core.state.newest()).and_then(|c| core.state.report(&c))
                 };
-                send.send(&Reply::Report(report.map(Box::new))).await?;
-                send.finish();
-                Ok(())
+                reply(send, Reply::Report(report.map(Box::new))).await
+            }
+            Request::Cancel { commit } => {
+                let stopped = self.stop(&commit, CommitStatus::Cancelled, format!("cancelled by {peer}"));
+                if stopped {
+                    info!(%commit, "cancelled");
+                }
+                reply(send, Reply::Cancelled(stopped)).await
+            }
+        }
+    }
+
+    /// Ends a commit that is not final with `status`, telling its runner to
+    /// kill the tests if it is running. Returns whether anything was stopped.
+    fn stop(self: &Arc<Self>, commit: &CommitId, status: CommitStatus, reason: String) -> bool {
+        let stopped = {
+            let mut core = self.core();
+            let stopped = core.state.stop(commit, status, reason, now_ms());
+            if stopped.is_some() {
+                self.persist(&core, commit);
+            }
+            stopped
+        };
+        let Some(stopped) = stopped else { return false };
+        self.tell_stopped(&[stopped]);
+        self.schedule();
+        true
+    }
+
+    fn tell_stopped(&self, stopped: &[Stopped]) {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        for s in stopped {
+            if s.conn.is_some()
+                && let Some((_, token)) = running.get(&s.job)
+            {
+                token.cancel();
             }
         }
     }
@@ -286,7 +354,7 @@ impl Dispatcher {
         let slots = slots.clamp(1, 256);
         let id = conn.stable_id();
         self.runners.lock().unwrap_or_else(|e| e.into_inner()).insert(id, conn.clone());
-        let replaced = self.state().register(&peer.name, id, slots);
+        let replaced = self.core().state.register(&peer.name, id, slots);
         if let Some(old) = replaced {
             let old_conn = self.runners.lock().unwrap_or_else(|e| e.into_inner()).remove(&old);
             if let Some(old_conn) = old_conn {
@@ -313,14 +381,13 @@ impl Dispatcher {
         repo: String,
         branch: String,
         commit: CommitId,
+        supersede: Supersede,
     ) -> Result<(), StreamError> {
         if repo.len() > 4096 || branch.len() > 1024 {
             return Err(StreamError::Protocol("repository or branch name too long".into()));
         }
-        if self.state().knows(&commit) {
-            send.send(&Reply::Known).await?;
-            send.finish();
-            return Ok(());
+        if self.core().state.knows(&commit) {
+            return reply(send, Reply::Known).await;
         }
         let mirror = self.mirror.clone();
         let present = blocking(move || Ok(ObjectStore::open(&mirror)?.has_commit(&commit))).await?;
@@ -336,13 +403,20 @@ impl Dispatcher {
                 .map_err(|e| StreamError::Protocol(format!("the pack for {commit} is unusable: {e}")))?;
             debug!(%commit, bytes, "pack stored in the mirror");
         }
-        {
-            let mut state = self.state();
-            if state.submit(&repo, &branch, commit, now_ms()) {
+        let stopped = {
+            let mut core = self.core();
+            let result = core.state.submit(&repo, &branch, commit, supersede, now_ms());
+            if let Some(stopped) = &result {
                 info!(%commit, %repo, %branch, "commit queued");
-                self.persist(&state, &commit);
+                self.persist(&core, &commit);
+                for s in stopped {
+                    info!(commit = %s.commit, by = %commit, "superseded");
+                    self.persist(&core, &s.commit);
+                }
             }
-        }
+            result.unwrap_or_default()
+        };
+        self.tell_stopped(&stopped);
         send.send(&Reply::Queued).await?;
         send.finish();
         self.schedule();
@@ -355,10 +429,9 @@ impl Dispatcher {
         commit: CommitId,
         haves: Vec<CommitId>,
     ) -> Result<(), StreamError> {
-        if !self.state().knows(&commit) {
+        if !self.core().state.knows(&commit) {
             let reason = format!("commit {commit} was never submitted");
-            send.send(&Reply::Refused(reason.clone())).await?;
-            send.finish();
+            reply(send, Reply::Refused(reason.clone())).await?;
             return Err(StreamError::Failed(reason));
         }
         let haves: Vec<CommitId> = haves.into_iter().take(256).collect();
@@ -375,87 +448,167 @@ impl Dispatcher {
     /// Hands queued jobs to free runners.
     fn schedule(self: &Arc<Self>) {
         let dispatches = {
-            let mut state = self.state();
-            let dispatches = state.assign();
+            let mut core = self.core();
+            let dispatches = core.state.assign();
             for d in &dispatches {
-                self.persist(&state, &d.assignment.commit);
+                self.persist(&core, &d.assignment.commit);
             }
             dispatches
         };
         for d in dispatches {
             let conn = self.runners.lock().unwrap_or_else(|e| e.into_inner()).get(&d.conn).cloned();
             let Some(conn) = conn else {
-                self.state().abandon(d.assignment.job, d.assignment.attempt, d.conn);
+                let mut core = self.core();
+                if let Some(commit) = core.state.abandon(d.assignment.job, d.assignment.attempt, d.conn) {
+                    self.persist(&core, &commit);
+                }
                 continue;
             };
+            let token = CancellationToken::new();
+            self.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(d.assignment.job, (d.assignment.attempt, token.clone()));
             let me = Arc::clone(self);
             let span = info_span!("job", job = d.assignment.job, attempt = d.assignment.attempt, runner = %d.runner);
-            self.tasks.spawn(async move { me.drive(conn, d).await }.instrument(span));
+            self.tasks.spawn(async move { me.drive(conn, d, token).await }.instrument(span));
         }
     }
 
     /// Runs one assignment: sends it, records the events that come back.
-    async fn drive(self: Arc<Self>, conn: Connection, d: Dispatch) {
+    async fn drive(self: Arc<Self>, conn: Connection, d: Dispatch, cancel: CancellationToken) {
         let a = &d.assignment;
-        info!(commit = %a.commit, "assigned");
-        let outcome = async {
-            let (mut send, mut recv) = conn.open().await.map_err(|e| StreamError::Failed(e.to_string()))?;
-            send.send(a).await?;
-            loop {
-                let event: Option<JobEvent> = tokio::select! {
-                    () = self.shutdown.cancelled() => return Err(StreamError::Failed("shutting down".into())),
-                    event = recv.recv() => event?,
-                };
-                match event {
-                    None => {
-                        return Err(StreamError::Protocol("assignment stream ended before the job finished".into()));
-                    }
-                    Some(JobEvent::Test(result)) => {
-                        if result.id.len() > 4096 || result.message.len() > 512 * 1024 {
-                            return Err(StreamError::Protocol("oversized test result".into()));
-                        }
-                        let mut state = self.state();
-                        match state.record_test(a.job, a.attempt, d.conn, result) {
-                            Ok(true) => {}
-                            Ok(false) => debug!("duplicate test result ignored"),
-                            Err(stale) => {
-                                warn!("rejected a result: {stale}");
-                                return Err(StreamError::Failed(stale.to_string()));
-                            }
-                        }
-                    }
-                    Some(JobEvent::Finished { error }) => {
-                        let mut state = self.state();
-                        match state.finish(a.job, a.attempt, d.conn, error, now_ms()) {
-                            Ok(commit) => {
-                                self.persist(&state, &commit);
-                                if let Some(r) = state.report(&commit) {
-                                    info!(%commit, status = %r.status, tests = r.counts.total, "job finished");
-                                }
-                            }
-                            Err(stale) => warn!("rejected a job end: {stale}"),
-                        }
-                        drop(state);
-                        send.finish();
-                        return Ok(());
-                    }
-                }
+        info!(commit = %a.commit, skip = a.skip_files.len(), "assigned");
+        let outcome = self.exchange(&conn, &d, &cancel).await;
+        {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            if running.get(&a.job).is_some_and(|(attempt, _)| *attempt == a.attempt) {
+                running.remove(&a.job);
             }
         }
-        .await;
         if let Err(e) = outcome {
             if let StreamError::Protocol(reason) = &e {
                 warn!("protocol violation, closing connection: {reason}");
                 conn.close(CloseCode::Protocol, reason);
             }
-            let mut state = self.state();
-            if state.abandon(a.job, a.attempt, d.conn) {
+            let mut core = self.core();
+            if let Some(commit) = core.state.abandon(a.job, a.attempt, d.conn) {
                 info!("job requeued: {e}");
-                self.persist(&state, &a.commit);
+                self.persist(&core, &commit);
             }
         }
         self.schedule();
     }
+
+    async fn exchange(&self, conn: &Connection, d: &Dispatch, cancel: &CancellationToken) -> Result<(), StreamError> {
+        let a = &d.assignment;
+        let (mut send, mut recv) = conn.open().await.map_err(|e| StreamError::Failed(e.to_string()))?;
+        send.send(a).await?;
+        let deadline = tokio::time::sleep(self.config.job_timeout);
+        tokio::pin!(deadline);
+        let mut cancelled = false;
+        loop {
+            let event: Option<JobEvent> = tokio::select! {
+                () = self.shutdown.cancelled() => return Err(StreamError::Failed("shutting down".into())),
+                () = cancel.cancelled(), if !cancelled => {
+                    cancelled = true;
+                    let _ = send.send(&Control::Cancel { reason: "the commit was stopped".into() }).await;
+                    // The runner acknowledges with Finished; don't wait forever for it.
+                    deadline.as_mut().reset(tokio::time::Instant::now() + CANCEL_GRACE);
+                    continue;
+                }
+                () = &mut deadline => {
+                    if cancelled {
+                        return Ok(());
+                    }
+                    let reason = format!("the tests ran longer than the job timeout of {:?}", self.config.job_timeout);
+                    warn!(commit = %a.commit, "{reason}");
+                    self.stop_for_timeout(&a.commit, reason);
+                    continue;
+                }
+                event = recv.recv() => event?,
+            };
+            let Some(event) = event else {
+                return Err(StreamError::Protocol("assignment stream ended before the job finished".into()));
+            };
+            let mut core = self.core();
+            let result = match event {
+                JobEvent::Test(result) => {
+                    if result.id.len() > 4096 || result.message.len() > 512 * 1024 {
+                        return Err(StreamError::Protocol("oversized test result".into()));
+                    }
+                    let commit = a.commit;
+                    let stored = result.clone();
+                    core.state.record_test(a.job, a.attempt, d.conn, result).map(|new| {
+                        if new && let Err(e) = core.db.insert_test(&commit, &stored) {
+                            error!("cannot record a result: {}", error_chain(&e));
+                        }
+                    })
+                }
+                JobEvent::FileDone { file } => {
+                    let commit = a.commit;
+                    core.state.file_done(a.job, a.attempt, d.conn, file.clone()).map(|new| {
+                        if new {
+                            if let Err(e) = core.db.insert_done_file(&commit, &file) {
+                                error!("cannot record a finished file: {}", error_chain(&e));
+                            }
+                            // Progress shows in the results file file by file.
+                            self.persist(&core, &commit);
+                        }
+                    })
+                }
+                JobEvent::Finished { error } => {
+                    let result = core.state.finish(a.job, a.attempt, d.conn, error, now_ms());
+                    if let Ok(commit) = &result {
+                        self.persist(&core, commit);
+                        if let Some(r) = core.state.report(commit) {
+                            info!(%commit, status = %r.status, tests = r.counts.total, "job finished");
+                        }
+                    }
+                    let stopped = cancelled || core.state.entry(&a.commit).is_some_and(|e| e.status.is_final());
+                    drop(core);
+                    send.finish();
+                    return match result {
+                        Ok(_) => Ok(()),
+                        Err(_) if stopped => Ok(()),
+                        Err(stale) => Err(StreamError::Failed(format!("rejected a job end: {stale}"))),
+                    };
+                }
+                JobEvent::Abandoned { reason } => {
+                    drop(core);
+                    send.finish();
+                    return Err(StreamError::Failed(format!("the runner gave the job back: {reason}")));
+                }
+            };
+            // A commit stopped by cancel, timeout or a newer commit may still
+            // get events the runner sent before it heard; they are expected.
+            let stopped = cancelled || core.state.entry(&a.commit).is_some_and(|e| e.status.is_final());
+            match result {
+                Ok(()) => {}
+                Err(_) if stopped => {}
+                Err(stale) => {
+                    warn!("rejected an event: {stale}");
+                    return Err(StreamError::Protocol(format!("an event for work this runner does not hold: {stale}")));
+                }
+            }
+        }
+    }
+
+    fn stop_for_timeout(&self, commit: &CommitId, reason: String) {
+        let mut core = self.core();
+        if let Some(stopped) = core.state.stop(commit, CommitStatus::Error, reason, now_ms()) {
+            self.persist(&core, commit);
+            drop(core);
+            self.tell_stopped(&[stopped]);
+        }
+    }
+}
+
+/// Sends one reply and ends the stream.
+async fn reply(mut send: SendStream, reply: Reply) -> Result<(), StreamError> {
+    send.send(&reply).await?;
+    send.finish();
+    Ok(())
 }
 
 /// Runs blocking git work off the async threads.

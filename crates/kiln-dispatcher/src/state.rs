@@ -1,47 +1,65 @@
-//! The dispatcher's bookkeeping as a plain state machine: commits, the job
-//! queue, runners' free slots and leases. No I/O happens here, so every
-//! scheduling and fencing decision is tested as data in, data out.
+//! The dispatcher's bookkeeping as a plain state machine: commits, their jobs
+//! and leases, the queue, and runners' free slots. No I/O happens here, so
+//! every scheduling and fencing decision is tested as data in, data out; the
+//! server persists what changed after each call.
 //!
-//! Invariants:
-//! - a job is in the queue, or held by exactly one runner connection, or done;
-//! - an event for a job is accepted only from the connection holding the
-//!   job's current attempt (the fencing token), so a late or replaced runner
-//!   can never overwrite newer work;
-//! - a test id is recorded at most once per commit.
+//! Each commit has one job. Invariants:
+//! - a commit that is not final is queued, or leased to exactly one runner
+//!   connection, never both;
+//! - an event is accepted only from the connection holding the job's current
+//!   attempt (the fencing token), so a late or replaced runner can never
+//!   overwrite newer work;
+//! - a test id is recorded at most once per commit, and a finished file is
+//!   never handed out again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-use kiln_proto::wire::Assignment;
+use kiln_proto::wire::{Assignment, Supersede};
 use kiln_proto::{CommitId, CommitReport, CommitStatus, Counts, TestResult};
 
 /// A connection's stable id: a runner that reconnects gets a new one.
 pub type ConnId = usize;
 
-/// Where a job's lease is.
+/// Who holds a job's lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Lease {
-    runner: String,
-    conn: ConnId,
+pub struct Lease {
+    /// The runner's name.
+    pub runner: String,
+    /// Its connection.
+    pub conn: ConnId,
 }
 
-#[derive(Debug)]
-struct Job {
-    commit: CommitId,
-    attempt: u32,
-    lease: Option<Lease>,
-    done: bool,
-}
-
-#[derive(Debug)]
-struct CommitEntry {
-    repo: String,
-    branch: String,
-    status: CommitStatus,
-    error: Option<String>,
-    runner: Option<String>,
-    queued_at_ms: u64,
-    finished_at_ms: Option<u64>,
-    tests: BTreeMap<String, TestResult>,
+/// Everything about one commit; also the persisted form (see `db`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitEntry {
+    /// The commit.
+    pub commit: CommitId,
+    /// Its repository, as the observer names it.
+    pub repo: String,
+    /// Its branch.
+    pub branch: String,
+    /// Submission order, unique and increasing.
+    pub seq: u64,
+    /// Where testing stands.
+    pub status: CommitStatus,
+    /// Why testing could not run or was stopped.
+    pub error: Option<String>,
+    /// The runner that ran (or runs) it.
+    pub runner: Option<String>,
+    /// When it was queued (Unix ms).
+    pub queued_at_ms: u64,
+    /// When it reached a final status (Unix ms).
+    pub finished_at_ms: Option<u64>,
+    /// The job's id.
+    pub job: u64,
+    /// The current attempt: 0 until first assigned.
+    pub attempt: u32,
+    /// The current lease, while running.
+    pub lease: Option<Lease>,
+    /// Results so far, by test id.
+    pub tests: BTreeMap<String, TestResult>,
+    /// Files whose every test has been reported.
+    pub done_files: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -78,16 +96,29 @@ pub struct Dispatch {
     pub assignment: Assignment,
 }
 
+/// A running job that was stopped: its runner must be told to kill it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stopped {
+    /// The commit.
+    pub commit: CommitId,
+    /// The job.
+    pub job: u64,
+    /// Its connection, if it was running.
+    pub conn: Option<ConnId>,
+}
+
 /// All of the dispatcher's state.
 #[derive(Debug, Default)]
 pub struct State {
     commits: HashMap<CommitId, CommitEntry>,
+    /// Job id → commit.
+    jobs: HashMap<u64, CommitId>,
     /// Commits in submission order, for "the newest commit".
     order: Vec<CommitId>,
-    jobs: HashMap<u64, Job>,
     queue: VecDeque<u64>,
     runners: BTreeMap<String, Runner>,
     next_job: u64,
+    next_seq: u64,
 }
 
 impl State {
@@ -96,74 +127,94 @@ impl State {
         self.commits.contains_key(commit)
     }
 
-    /// Queues a newly seen commit for testing. Returns `false` (and changes
-    /// nothing) if it was submitted before: submission is idempotent.
-    pub fn submit(&mut self, repo: &str, branch: &str, commit: CommitId, now_ms: u64) -> bool {
-        if self.knows(&commit) {
-            return false;
-        }
-        self.commits.insert(
-            commit,
-            CommitEntry {
-                repo: repo.to_owned(),
-                branch: branch.to_owned(),
-                status: CommitStatus::Queued,
-                error: None,
-                runner: None,
-                queued_at_ms: now_ms,
-                finished_at_ms: None,
-                tests: BTreeMap::new(),
-            },
-        );
-        self.order.push(commit);
-        self.new_job(commit);
-        true
+    /// A commit's entry.
+    pub fn entry(&self, commit: &CommitId) -> Option<&CommitEntry> {
+        self.commits.get(commit)
     }
 
-    /// Takes back a report stored by an earlier dispatcher process. A commit
-    /// whose testing had not ended is queued again from scratch.
-    pub fn restore(&mut self, report: CommitReport) {
-        if self.knows(&report.commit) {
+    /// Queues a newly seen commit. Returns `None` (and changes nothing) if it
+    /// was submitted before: submission is idempotent. Otherwise returns the
+    /// older commits of the same branch that `supersede` stopped.
+    pub fn submit(
+        &mut self,
+        repo: &str,
+        branch: &str,
+        commit: CommitId,
+        supersede: Supersede,
+        now_ms: u64,
+    ) -> Option<Vec<Stopped>> {
+        if self.knows(&commit) {
+            return None;
+        }
+        let mut stopped = Vec::new();
+        if supersede != Supersede::Nothing {
+            let older: Vec<CommitId> = self
+                .commits
+                .values()
+                .filter(|e| e.repo == repo && e.branch == branch && !e.status.is_final())
+                .filter(|e| e.status == CommitStatus::Queued || supersede == Supersede::CancelRunning)
+                .map(|e| e.commit)
+                .collect();
+            for old in older {
+                let status = if self.commits[&old].status == CommitStatus::Queued {
+                    CommitStatus::Skipped
+                } else {
+                    CommitStatus::Cancelled
+                };
+                let reason = format!("superseded by {} on {branch}", commit.short());
+                stopped.extend(self.stop(&old, status, reason, now_ms));
+            }
+        }
+        self.next_job += 1;
+        self.next_seq += 1;
+        let entry = CommitEntry {
+            commit,
+            repo: repo.to_owned(),
+            branch: branch.to_owned(),
+            seq: self.next_seq,
+            status: CommitStatus::Queued,
+            error: None,
+            runner: None,
+            queued_at_ms: now_ms,
+            finished_at_ms: None,
+            job: self.next_job,
+            attempt: 0,
+            lease: None,
+            tests: BTreeMap::new(),
+            done_files: BTreeSet::new(),
+        };
+        self.insert(entry);
+        Some(stopped)
+    }
+
+    /// Takes back an entry persisted by an earlier dispatcher process. Work
+    /// that was running is queued again (its runner lost its connection to
+    /// that process and dropped it); results and finished files are kept.
+    pub fn restore(&mut self, mut entry: CommitEntry) {
+        if self.knows(&entry.commit) {
             return;
         }
-        let commit = report.commit;
-        let unfinished = !report.status.is_final();
-        let tests =
-            if unfinished { BTreeMap::new() } else { report.tests.into_iter().map(|t| (t.id.clone(), t)).collect() };
-        self.commits.insert(
-            commit,
-            CommitEntry {
-                repo: report.repo,
-                branch: report.branch,
-                status: if unfinished { CommitStatus::Queued } else { report.status },
-                error: report.error,
-                runner: if unfinished { None } else { report.runner },
-                queued_at_ms: report.queued_at_ms,
-                finished_at_ms: report.finished_at_ms,
-                tests,
-            },
-        );
-        self.order.push(commit);
-        if unfinished {
-            self.new_job(commit);
+        if entry.status == CommitStatus::Running {
+            entry.status = CommitStatus::Queued;
         }
-    }
-
-    /// Sorts restored commits by the time they were queued, so "newest" stays true after a restart.
-    pub fn sort_by_queue_time(&mut self) {
+        entry.lease = None;
+        self.next_job = self.next_job.max(entry.job);
+        self.next_seq = self.next_seq.max(entry.seq);
+        self.insert(entry);
+        // Restored entries may arrive in any order; keep submission order.
         let commits = &self.commits;
-        self.order.sort_by_key(|c| commits.get(c).map(|e| e.queued_at_ms));
-        let jobs = &self.jobs;
-        self.queue
-            .make_contiguous()
-            .sort_by_key(|j| jobs.get(j).and_then(|job| commits.get(&job.commit)).map(|e| e.queued_at_ms));
+        self.order.sort_by_key(|c| commits.get(c).map(|e| e.seq));
+        self.queue.make_contiguous().sort_by_key(|j| self.jobs.get(j).and_then(|c| commits.get(c)).map(|e| e.seq));
     }
 
-    fn new_job(&mut self, commit: CommitId) {
-        self.next_job += 1;
-        let id = self.next_job;
-        self.jobs.insert(id, Job { commit, attempt: 0, lease: None, done: false });
-        self.queue.push_back(id);
+    fn insert(&mut self, entry: CommitEntry) {
+        let (commit, job) = (entry.commit, entry.job);
+        if entry.status == CommitStatus::Queued {
+            self.queue.push_back(job);
+        }
+        self.jobs.insert(job, commit);
+        self.order.push(commit);
+        self.commits.insert(commit, entry);
     }
 
     /// Adds a runner with `slots` free slots. If a runner of that name is
@@ -174,7 +225,9 @@ impl State {
         if let Some(old) = old {
             self.unregister(name, old);
         }
-        self.runners.insert(name.to_owned(), Runner { conn, slots: slots.max(1), jobs: BTreeSet::new() });
+        // Registering again on the same connection only changes the slots.
+        let runner = self.runners.entry(name.to_owned()).or_insert(Runner { conn, slots: 1, jobs: BTreeSet::new() });
+        runner.slots = slots.max(1);
         old
     }
 
@@ -184,23 +237,25 @@ impl State {
         let Some(runner) = self.runners.get(name).filter(|r| r.conn == conn) else { return Vec::new() };
         let jobs: Vec<u64> = runner.jobs.iter().copied().collect();
         self.runners.remove(name);
+        let mut requeued = Vec::new();
         for &job in jobs.iter().rev() {
-            self.requeue(job);
+            requeued.extend(self.requeue(job));
         }
-        jobs.iter().filter_map(|j| self.jobs.get(j)).map(|j| j.commit).collect()
+        requeued
     }
 
-    fn requeue(&mut self, job_id: u64) {
-        let Some(job) = self.jobs.get_mut(&job_id) else { return };
-        if job.done || job.lease.is_none() {
-            return;
+    /// Puts a leased job back at the front of the queue.
+    fn requeue(&mut self, job: u64) -> Option<CommitId> {
+        let commit = *self.jobs.get(&job)?;
+        let entry = self.commits.get_mut(&commit)?;
+        let lease = entry.lease.take()?;
+        if let Some(r) = self.runners.get_mut(&lease.runner) {
+            r.jobs.remove(&job);
         }
-        job.lease = None;
-        if let Some(entry) = self.commits.get_mut(&job.commit) {
-            entry.status = CommitStatus::Queued;
-            entry.runner = None;
-        }
-        self.queue.push_front(job_id);
+        entry.status = CommitStatus::Queued;
+        entry.runner = None;
+        self.queue.push_front(job);
+        Some(commit)
     }
 
     /// Pairs queued jobs with free runner slots, least busy runner first.
@@ -215,35 +270,44 @@ impl State {
             else {
                 break;
             };
-            let Some(job_id) = self.queue.pop_front() else { break };
-            let Some(job) = self.jobs.get_mut(&job_id) else { continue };
-            job.attempt += 1;
-            job.lease = Some(Lease { runner: name.clone(), conn: runner.conn });
-            runner.jobs.insert(job_id);
-            if let Some(entry) = self.commits.get_mut(&job.commit) {
-                entry.status = CommitStatus::Running;
-                entry.runner = Some(name.clone());
+            let Some(job) = self.queue.pop_front() else { break };
+            let Some(entry) = self.jobs.get(&job).and_then(|c| self.commits.get_mut(c)) else { continue };
+            if entry.status != CommitStatus::Queued {
+                continue;
             }
+            entry.attempt += 1;
+            entry.lease = Some(Lease { runner: name.clone(), conn: runner.conn });
+            entry.status = CommitStatus::Running;
+            entry.runner = Some(name.clone());
+            runner.jobs.insert(job);
             out.push(Dispatch {
                 runner: name.clone(),
                 conn: runner.conn,
-                assignment: Assignment { job: job_id, attempt: job.attempt, commit: job.commit },
+                assignment: Assignment {
+                    job,
+                    attempt: entry.attempt,
+                    commit: entry.commit,
+                    skip_files: entry.done_files.iter().cloned().collect(),
+                },
             });
         }
         out
     }
 
-    fn current(&self, job_id: u64, attempt: u32, conn: ConnId) -> Result<&Job, Stale> {
-        let job = self.jobs.get(&job_id).ok_or(Stale::UnknownJob(job_id))?;
-        let current = !job.done && job.attempt == attempt && job.lease.as_ref().is_some_and(|l| l.conn == conn);
-        if current { Ok(job) } else { Err(Stale::NotCurrent { job: job_id, attempt }) }
+    /// The entry of `job` if `conn` holds its current `attempt`.
+    fn current(&mut self, job: u64, attempt: u32, conn: ConnId) -> Result<&mut CommitEntry, Stale> {
+        let commit = self.jobs.get(&job).ok_or(Stale::UnknownJob(job))?;
+        let entry = self.commits.get_mut(commit).ok_or(Stale::UnknownJob(job))?;
+        let current = entry.status == CommitStatus::Running
+            && entry.attempt == attempt
+            && entry.lease.as_ref().is_some_and(|l| l.conn == conn);
+        if current { Ok(entry) } else { Err(Stale::NotCurrent { job, attempt }) }
     }
 
     /// Records one test result from the lease holder. Returns whether it was
     /// new (a repeated id keeps its first result).
     pub fn record_test(&mut self, job: u64, attempt: u32, conn: ConnId, result: TestResult) -> Result<bool, Stale> {
-        let commit = self.current(job, attempt, conn)?.commit;
-        let Some(entry) = self.commits.get_mut(&commit) else { return Err(Stale::UnknownJob(job)) };
+        let entry = self.current(job, attempt, conn)?;
         if entry.tests.contains_key(&result.id) {
             return Ok(false);
         }
@@ -251,50 +315,62 @@ impl State {
         Ok(true)
     }
 
+    /// Records that the lease holder reported every test of `file`.
+    pub fn file_done(&mut self, job: u64, attempt: u32, conn: ConnId, file: String) -> Result<bool, Stale> {
+        Ok(self.current(job, attempt, conn)?.done_files.insert(file))
+    }
+
     /// Ends a job as its lease holder reports, and frees the runner's slot.
-    /// Returns the commit whose status is now final.
+    /// Returns the commit, whose status is now final.
     pub fn finish(
         &mut self,
-        job_id: u64,
+        job: u64,
         attempt: u32,
         conn: ConnId,
         error: Option<String>,
         now_ms: u64,
     ) -> Result<CommitId, Stale> {
-        let commit = self.current(job_id, attempt, conn)?.commit;
-        let Some(job) = self.jobs.get_mut(&job_id) else { return Err(Stale::UnknownJob(job_id)) };
-        job.done = true;
-        if let Some(lease) = job.lease.take()
+        let entry = self.current(job, attempt, conn)?;
+        let error = error.or_else(|| {
+            entry.tests.is_empty().then(|| "no tests found: nothing under tests/ was claimed by a plugin".to_owned())
+        });
+        entry.status = CommitReport::final_status(&entry.tests, error.as_deref());
+        entry.error = error;
+        entry.finished_at_ms = Some(now_ms);
+        let commit = entry.commit;
+        if let Some(lease) = entry.lease.take()
             && let Some(runner) = self.runners.get_mut(&lease.runner)
         {
-            runner.jobs.remove(&job_id);
-        }
-        if let Some(entry) = self.commits.get_mut(&commit) {
-            let error = error.or_else(|| {
-                entry
-                    .tests
-                    .is_empty()
-                    .then(|| "no tests found: nothing under tests/ was claimed by a plugin".to_owned())
-            });
-            entry.status = CommitReport::final_status(&entry.tests, error.as_deref());
-            entry.error = error;
-            entry.finished_at_ms = Some(now_ms);
+            runner.jobs.remove(&job);
         }
         Ok(commit)
     }
 
-    /// The assignment stream to the lease holder broke before the job ended:
-    /// put the job back in the queue (if that lease is still current).
-    pub fn abandon(&mut self, job_id: u64, attempt: u32, conn: ConnId) -> bool {
-        if self.current(job_id, attempt, conn).is_err() {
-            return false;
-        }
-        let runner = self.jobs.get(&job_id).and_then(|j| j.lease.as_ref()).map(|l| l.runner.clone());
-        if let Some(r) = runner.and_then(|r| self.runners.get_mut(&r)) {
-            r.jobs.remove(&job_id);
-        }
-        self.requeue(job_id);
-        true
+    /// The lease holder gave the job back, or its assignment stream broke:
+    /// put the job back in the queue. Returns the commit if it was requeued.
+    pub fn abandon(&mut self, job: u64, attempt: u32, conn: ConnId) -> Option<CommitId> {
+        self.current(job, attempt, conn).ok()?;
+        self.requeue(job)
+    }
+
+    /// Stops testing a commit that is not final: it ends with `status`
+    /// (`cancelled`, `skipped` or `error`) and `reason`. Returns what was
+    /// stopped, with the connection to tell if it was running.
+    pub fn stop(&mut self, commit: &CommitId, status: CommitStatus, reason: String, now_ms: u64) -> Option<Stopped> {
+        let entry = self.commits.get_mut(commit).filter(|e| !e.status.is_final())?;
+        let job = entry.job;
+        entry.status = status;
+        entry.error = Some(reason);
+        entry.finished_at_ms = Some(now_ms);
+        let lease = entry.lease.take();
+        self.queue.retain(|&j| j != job);
+        let conn = lease.map(|l| {
+            if let Some(r) = self.runners.get_mut(&l.runner) {
+                r.jobs.remove(&job);
+            }
+            l.conn
+        });
+        Some(Stopped { commit: *commit, job, conn })
     }
 
     /// The report for a commit.
@@ -319,6 +395,15 @@ impl State {
         self.order.last().copied()
     }
 
+    /// The commit submitted last for a branch.
+    pub fn branch_tip(&self, repo: &str, branch: &str) -> Option<CommitId> {
+        self.order
+            .iter()
+            .rev()
+            .find(|c| self.commits.get(c).is_some_and(|e| e.repo == repo && e.branch == branch))
+            .copied()
+    }
+
     /// The names of the registered runners and how many jobs each holds.
     pub fn runners(&self) -> Vec<(String, usize)> {
         self.runners.iter().map(|(n, r)| (n.clone(), r.jobs.len())).collect()
@@ -338,11 +423,15 @@ mod tests {
         TestResult { id: id.into(), file: "tests/test_a.py".into(), outcome, duration_ms: 1, message: String::new() }
     }
 
+    fn submit(s: &mut State, n: u8) {
+        s.submit("repo", "main", commit(n), Supersede::Nothing, u64::from(n)).unwrap();
+    }
+
     #[test]
     fn submission_is_idempotent() {
         let mut s = State::default();
-        assert!(s.submit("repo", "main", commit(1), 10));
-        assert!(!s.submit("repo", "main", commit(1), 11));
+        submit(&mut s, 1);
+        assert!(s.submit("repo", "main", commit(1), Supersede::Nothing, 11).is_none());
         s.register("r1", 1, 4);
         assert_eq!(s.assign().len(), 1);
         assert!(s.assign().is_empty());
@@ -352,7 +441,7 @@ mod tests {
     fn jobs_go_to_the_least_busy_runner_and_respect_slots() {
         let mut s = State::default();
         for n in 1..=3 {
-            s.submit("repo", "main", commit(n), u64::from(n));
+            submit(&mut s, n);
         }
         s.register("a", 1, 1);
         s.register("b", 2, 1);
@@ -371,19 +460,23 @@ mod tests {
     #[test]
     fn only_the_current_lease_holder_is_heard() {
         let mut s = State::default();
-        s.submit("repo", "main", commit(1), 1);
+        submit(&mut s, 1);
         s.register("a", 1, 1);
         let first = s.assign().remove(0).assignment;
         assert_eq!(s.record_test(first.job, 1, 1, result("t1", Outcome::Pass)), Ok(true));
-        // The runner vanishes; its job is requeued and goes to another runner.
+        assert_eq!(s.file_done(first.job, 1, 1, "tests/test_a.py".into()), Ok(true));
+        // The runner vanishes; its job is requeued and goes to another runner,
+        // without the file it finished.
         assert_eq!(s.unregister("a", 1), vec![commit(1)]);
         assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Queued);
         s.register("b", 2, 1);
         let second = s.assign().remove(0);
         assert_eq!(second.assignment.attempt, 2);
+        assert_eq!(second.assignment.skip_files, vec!["tests/test_a.py".to_owned()]);
         // The late runner's events are refused, whatever it claims.
         assert!(s.record_test(first.job, 1, 1, result("t2", Outcome::Fail)).is_err());
         assert!(s.record_test(first.job, 2, 1, result("t2", Outcome::Fail)).is_err());
+        assert!(s.file_done(first.job, 1, 1, "tests/test_b.py".into()).is_err());
         assert!(s.finish(first.job, 1, 1, None, 5).is_err());
         // The current holder's are accepted, each test once.
         assert_eq!(s.record_test(first.job, 2, 2, result("t1", Outcome::Fail)), Ok(false));
@@ -395,27 +488,28 @@ mod tests {
         assert_eq!(report.finished_at_ms, Some(9));
         // Nothing more is accepted once done.
         assert!(s.record_test(first.job, 2, 2, result("t3", Outcome::Pass)).is_err());
+        assert!(s.runners().iter().all(|(_, busy)| *busy == 0));
     }
 
     #[test]
     fn a_reconnecting_runner_replaces_its_old_connection() {
         let mut s = State::default();
-        s.submit("repo", "main", commit(1), 1);
+        submit(&mut s, 1);
         s.register("a", 1, 1);
         let d = s.assign().remove(0);
         assert_eq!(s.register("a", 7, 1), Some(1));
         let again = s.assign().remove(0);
         assert_eq!((again.conn, again.assignment.attempt), (7, 2));
-        assert!(!s.abandon(d.assignment.job, 1, 1));
-        assert!(s.abandon(again.assignment.job, 2, 7));
+        assert_eq!(s.abandon(d.assignment.job, 1, 1), None);
+        assert_eq!(s.abandon(again.assignment.job, 2, 7), Some(commit(1)));
         assert_eq!(s.assign().remove(0).assignment.attempt, 3);
     }
 
     #[test]
     fn a_run_with_no_tests_is_an_error_and_a_failure_fails() {
         let mut s = State::default();
-        s.submit("repo", "main", commit(1), 1);
-        s.submit("repo", "main", commit(2), 2);
+        submit(&mut s, 1);
+        submit(&mut s, 2);
         s.register("a", 1, 2);
         let d = s.assign();
         s.finish(d[0].assignment.job, 1, 1, None, 3).unwrap();
@@ -429,17 +523,172 @@ mod tests {
     }
 
     #[test]
-    fn restored_unfinished_commits_are_queued_again() {
+    fn a_newer_commit_supersedes_older_ones_of_its_branch() {
         let mut s = State::default();
-        s.submit("repo", "main", commit(1), 1);
-        let mut report = s.report(&commit(1)).unwrap();
-        report.status = CommitStatus::Running;
-        report.tests.push(result("t", Outcome::Pass));
+        submit(&mut s, 1);
+        s.register("a", 1, 1);
+        let running = s.assign().remove(0).assignment;
+        s.submit("repo", "main", commit(2), Supersede::Nothing, 2).unwrap();
+        s.submit("repo", "other", commit(3), Supersede::Nothing, 3).unwrap();
+        // Latest mode: 1 (running) is cancelled, 2 (queued) skipped, 3 (another branch) untouched.
+        let stopped = s.submit("repo", "main", commit(4), Supersede::CancelRunning, 4).unwrap();
+        assert_eq!(stopped.len(), 2);
+        assert!(stopped.contains(&Stopped { commit: commit(1), job: running.job, conn: Some(1) }));
+        assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Cancelled);
+        assert_eq!(s.report(&commit(2)).unwrap().status, CommitStatus::Skipped);
+        assert!(s.report(&commit(2)).unwrap().error.unwrap().contains("superseded by"));
+        assert_eq!(s.report(&commit(3)).unwrap().status, CommitStatus::Queued);
+        // The cancelled lease is dead; the runner's slot is free for the rest.
+        assert!(s.record_test(running.job, 1, 1, result("t", Outcome::Pass)).is_err());
+        let next: Vec<CommitId> = s.assign().into_iter().map(|d| d.assignment.commit).collect();
+        assert_eq!(next, vec![commit(3)]);
+        // SkipQueued leaves running work alone.
+        let running = s.entry(&commit(3)).unwrap().job;
+        s.submit("repo", "other", commit(5), Supersede::SkipQueued, 5).unwrap();
+        assert_eq!(s.report(&commit(3)).unwrap().status, CommitStatus::Running);
+        assert_eq!(s.entry(&commit(3)).unwrap().job, running);
+        assert_eq!(s.branch_tip("repo", "main"), Some(commit(4)));
+        assert_eq!(s.branch_tip("repo", "nope"), None);
+    }
+
+    #[test]
+    fn cancelling_frees_the_slot_and_ends_the_commit() {
+        let mut s = State::default();
+        submit(&mut s, 1);
+        submit(&mut s, 2);
+        s.register("a", 1, 1);
+        let d = s.assign().remove(0);
+        let stopped = s.stop(&commit(1), CommitStatus::Cancelled, "cancelled by admin".into(), 7).unwrap();
+        assert_eq!(stopped.conn, Some(1));
+        assert!(s.stop(&commit(1), CommitStatus::Cancelled, "again".into(), 8).is_none());
+        assert!(s.finish(d.assignment.job, 1, 1, None, 9).is_err());
+        assert_eq!(s.assign().remove(0).assignment.commit, commit(2));
+        let queued = s.stop(&commit(2), CommitStatus::Cancelled, "x".into(), 9);
+        assert!(queued.is_some());
+    }
+
+    #[test]
+    fn restored_running_work_is_queued_again_with_its_results() {
+        let mut s = State::default();
+        submit(&mut s, 1);
+        submit(&mut s, 2);
+        s.register("a", 1, 1);
+        let d = s.assign().remove(0).assignment;
+        s.record_test(d.job, 1, 1, result("t", Outcome::Pass)).unwrap();
+        s.file_done(d.job, 1, 1, "tests/test_a.py".into()).unwrap();
+        let entries: Vec<CommitEntry> = [commit(2), commit(1)].iter().map(|c| s.entry(c).unwrap().clone()).collect();
         let mut fresh = State::default();
-        fresh.restore(report);
-        fresh.register("a", 1, 1);
+        for e in entries {
+            fresh.restore(e);
+        }
+        assert_eq!(fresh.newest(), Some(commit(2)));
+        fresh.register("b", 9, 2);
         let d = fresh.assign();
-        assert_eq!(d.len(), 1);
-        assert_eq!(fresh.report(&commit(1)).unwrap().counts.total, 0);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].assignment.commit, commit(1), "submission order survives");
+        assert_eq!(d[0].assignment.attempt, 2, "attempts keep counting");
+        assert_eq!(d[0].assignment.skip_files, vec!["tests/test_a.py".to_owned()]);
+        assert_eq!(fresh.report(&commit(1)).unwrap().counts.total, 1);
+        // New jobs never reuse a restored id.
+        fresh.submit("repo", "main", commit(3), Supersede::Nothing, 3).unwrap();
+        assert!(fresh.entry(&commit(3)).unwrap().job > d[1].assignment.job);
+    }
+
+    /// Checks the invariants listed in the module docs.
+    fn check_invariants(s: &State, finals: &mut HashMap<CommitId, CommitStatus>) {
+        for (commit, e) in &s.commits {
+            let queued = s.queue.iter().filter(|&&j| j == e.job).count();
+            match e.status {
+                CommitStatus::Queued => {
+                    assert_eq!(queued, 1, "{commit:?} queued {queued} times");
+                    assert!(e.lease.is_none());
+                }
+                CommitStatus::Running => {
+                    assert_eq!(queued, 0);
+                    let lease = e.lease.as_ref().expect("a running job has a lease");
+                    let runner = s.runners.get(&lease.runner).expect("its runner is registered");
+                    assert_eq!(runner.conn, lease.conn);
+                    assert!(runner.jobs.contains(&e.job));
+                }
+                status => {
+                    assert_eq!(queued, 0);
+                    assert!(e.lease.is_none());
+                    // A final status never changes.
+                    assert_eq!(*finals.entry(*commit).or_insert(status), status);
+                }
+            }
+            assert!(e.tests.iter().all(|(id, t)| *id == t.id));
+        }
+        for (name, r) in &s.runners {
+            for job in &r.jobs {
+                let e = &s.commits[&s.jobs[job]];
+                assert_eq!(e.lease.as_ref().map(|l| (&l.runner, l.conn)), Some((name, r.conn)));
+            }
+        }
+    }
+
+    #[test]
+    fn random_event_sequences_keep_the_invariants() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..300 {
+            let mut s = State::default();
+            let mut finals = HashMap::new();
+            let mut known: Vec<Dispatch> = Vec::new();
+            for step in 0..200u64 {
+                let n = (next(6) + 1) as u8;
+                let runner = format!("r{}", next(3));
+                let conn = next(5) as usize;
+                // Sometimes an assignment we saw, sometimes a made-up one.
+                let (job, attempt, conn) = match known.get(next(known.len() as u64 + 1) as usize) {
+                    Some(d) if next(4) > 0 => (d.assignment.job, d.assignment.attempt, d.conn),
+                    _ => (next(8), next(4) as u32, conn),
+                };
+                let id = format!("t{}", next(4));
+                match next(10) {
+                    0 => {
+                        let supersede =
+                            [Supersede::Nothing, Supersede::SkipQueued, Supersede::CancelRunning][next(3) as usize];
+                        let _ = s.submit("repo", ["a", "b"][next(2) as usize], commit(n), supersede, step);
+                    }
+                    1 => {
+                        s.register(&runner, conn, next(3) as u32 + 1);
+                    }
+                    2 => {
+                        s.unregister(&runner, conn);
+                    }
+                    3 | 4 => {
+                        let given = s.assign();
+                        // Only free slots are filled.
+                        for d in &given {
+                            let r = &s.runners[&d.runner];
+                            assert!(r.jobs.len() as u32 <= r.slots);
+                        }
+                        known.extend(given);
+                    }
+                    5 => {
+                        let _ = s.record_test(job, attempt, conn, result(&id, Outcome::Pass));
+                    }
+                    6 => {
+                        let _ = s.file_done(job, attempt, conn, "tests/test_a.py".into());
+                    }
+                    7 => {
+                        let _ = s.finish(job, attempt, conn, None, step);
+                    }
+                    8 => {
+                        let _ = s.abandon(job, attempt, conn);
+                    }
+                    _ => {
+                        let _ = s.stop(&commit(n), CommitStatus::Cancelled, "stop".into(), step);
+                    }
+                }
+                check_invariants(&s, &mut finals);
+            }
+        }
     }
 }

@@ -28,7 +28,11 @@ impl Server {
         let listener = Listener::bind(&bundle, "127.0.0.1:0".parse().unwrap(), NetConfig::default()).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let shutdown = CancellationToken::new();
-        let config = Config { state_dir: dir.path().join("state"), max_pack_bytes: 1 << 20 };
+        let config = Config {
+            state_dir: dir.path().join("state"),
+            max_pack_bytes: 1 << 20,
+            job_timeout: Duration::from_secs(60),
+        };
         let token = shutdown.clone();
         let task = tokio::spawn(async move { Dispatcher::run(listener, config, token).await.unwrap() });
         Server { dir, addr, shutdown, task }

@@ -66,6 +66,11 @@ pub enum GitErrorKind {
         /// The commit being recorded.
         commit: CommitId,
     },
+    /// Listing the commits leading to a commit failed.
+    Walk {
+        /// The newest commit of the walk.
+        to: CommitId,
+    },
     /// Building a pack failed.
     Pack {
         /// The commit the pack was for.
@@ -161,6 +166,7 @@ impl fmt::Display for Message<'_> {
             GitErrorKind::Remember { commit } => {
                 write!(f, "record commit {commit} under refs/kiln/commits in {repo}")
             }
+            GitErrorKind::Walk { to } => write!(f, "list the commits leading to {to} in {repo}"),
             GitErrorKind::Pack { want } => write!(f, "build a pack for commit {want} from {repo}"),
             GitErrorKind::BadPack { expect } => {
                 write!(f, "index a pack for commit {expect} into {repo}")

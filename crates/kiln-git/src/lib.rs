@@ -177,6 +177,35 @@ impl ObjectStore {
         }
     }
 
+    /// The commits reachable from `to` and not from `from`, oldest first (parents
+    /// before children), at most the newest `limit` of them. With `from` absent
+    /// or unknown here (say, after a force push), just `to`.
+    ///
+    /// This is what an observer that tests every commit submits after a gap.
+    pub fn commits_between(
+        &self,
+        from: Option<&CommitId>,
+        to: &CommitId,
+        limit: usize,
+    ) -> Result<Vec<CommitId>, GitError> {
+        let to_oid = self.find_commit(to)?.id();
+        let walk_error = |e: git2::Error| self.error(GitErrorKind::Walk { to: *to }, e);
+        let Some(from_oid) = from.and_then(|f| self.find_commit(f).ok()).map(|c| c.id()) else {
+            return Ok(vec![*to]);
+        };
+        let mut walk = self.repo.revwalk().map_err(walk_error)?;
+        walk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::TIME).map_err(walk_error)?;
+        walk.push(to_oid).map_err(walk_error)?;
+        walk.hide(from_oid).map_err(walk_error)?;
+        let mut newest_first = Vec::new();
+        for oid in walk.take(limit) {
+            let oid = oid.map_err(walk_error)?;
+            newest_first.push(to_commit_id(oid).map_err(|e| self.error(GitErrorKind::Walk { to: *to }, e))?);
+        }
+        newest_first.reverse();
+        Ok(newest_first)
+    }
+
     /// A pack (bytes in git's pack format) holding every object reachable from `want` and not reachable from
     /// any of `haves`. Haves this store does not have are ignored (they come from the network).
     ///

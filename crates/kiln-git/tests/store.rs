@@ -550,3 +550,22 @@ fn checkout_of_a_hostile_tree_writes_nothing_outside_the_destination() {
     assert_eq!(fs::read_link(dest.join("esc")).unwrap(), outside);
     assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
 }
+
+#[test]
+fn commits_between_lists_a_gap_oldest_first() {
+    let dir = TempDir::new().unwrap();
+    let (repo, store) = work_repo(&dir);
+    let mut ids: Vec<CommitId> = Vec::new();
+    for n in 0..5 {
+        let tree = write_tree(&repo, &[("n", Node::File(format!("{n}\n").as_bytes()))]);
+        let parents: Vec<Oid> = ids.last().map(oid).into_iter().collect();
+        ids.push(commit(&repo, Some("main"), tree, &parents, 1_000 + n));
+    }
+    assert_eq!(store.commits_between(Some(&ids[1]), &ids[4], 100).unwrap(), ids[2..].to_vec());
+    assert_eq!(store.commits_between(Some(&ids[4]), &ids[4], 100).unwrap(), Vec::<CommitId>::new());
+    // Only the newest `limit`, still oldest first.
+    assert_eq!(store.commits_between(Some(&ids[0]), &ids[4], 2).unwrap(), ids[3..].to_vec());
+    // No starting point, or one this repository never had (a force push): just the tip.
+    assert_eq!(store.commits_between(None, &ids[4], 100).unwrap(), vec![ids[4]]);
+    assert_eq!(store.commits_between(Some(&unknown_id()), &ids[4], 100).unwrap(), vec![ids[4]]);
+}

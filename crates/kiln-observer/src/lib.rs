@@ -2,21 +2,28 @@
 //! dispatcher about each branch's newest commit, sending along a git pack of
 //! the objects the dispatcher's mirror lacks.
 //!
-//! Like the original design it tests the newest commit seen in each polling
-//! period. Submissions are idempotent at the dispatcher, so a restarted
-//! observer simply submits the current heads again and nothing is queued
-//! twice.
+//! In `latest` mode (the default, as in the original design) it submits the
+//! newest commit seen in each polling period, and the dispatcher skips or
+//! cancels older commits of the branch. In `every` mode it submits every new
+//! commit in order; after a restart it asks the dispatcher for the last
+//! commit it has of each branch and submits what came after. Submissions are
+//! idempotent at the dispatcher, so nothing is queued twice.
+//!
+//! `kiln notify` (e.g. from a git hook) pokes the observer through a Unix
+//! socket so it looks at once instead of at the next poll.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_git::ObjectStore;
 use kiln_net::{Backoff, Bundle, Connection, NetConfig, RequestError};
-use kiln_proto::wire::{Reply, Request};
+use kiln_proto::wire::{Reply, Request, Supersede};
 use kiln_proto::{CommitId, error_chain};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The observer's settings.
 #[derive(Clone, Debug)]
@@ -31,6 +38,43 @@ pub struct Config {
     pub interval: Duration,
     /// Transport settings.
     pub net: NetConfig,
+    /// Which commits to submit.
+    pub mode: Mode,
+    /// Where to listen for `kiln notify` (see [`default_notify_socket`]).
+    pub notify_socket: Option<PathBuf>,
+}
+
+/// Which commits an observer submits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The newest commit of each branch. Older commits still queued are
+    /// skipped; running ones are cancelled if `cancel_running`.
+    Latest {
+        /// Whether a newer commit cancels running work of older ones.
+        cancel_running: bool,
+    },
+    /// Every new commit, oldest first.
+    Every,
+}
+
+impl Mode {
+    fn supersede(self) -> Supersede {
+        match self {
+            Mode::Latest { cancel_running: true } => Supersede::CancelRunning,
+            Mode::Latest { cancel_running: false } => Supersede::SkipQueued,
+            Mode::Every => Supersede::Nothing,
+        }
+    }
+}
+
+/// How many commits one `every`-mode catch-up submits at most.
+const MAX_CATCH_UP: usize = 1000;
+
+/// The default `kiln notify` socket of a repository: `kiln-observer.sock`
+/// in its git directory (`.git/` of a work tree, or the bare repository).
+pub fn default_notify_socket(repo: &std::path::Path) -> PathBuf {
+    let dot_git = repo.join(".git");
+    if dot_git.is_dir() { dot_git.join("kiln-observer.sock") } else { repo.join("kiln-observer.sock") }
 }
 
 /// Why the observer stopped.
@@ -48,6 +92,15 @@ pub enum ObserverError {
     /// The dispatcher refused this observer's certificate.
     #[error("{0}")]
     Rejected(String),
+    /// The notify socket could not be opened.
+    #[error("listen for `kiln notify` on {path}")]
+    Notify {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why one submission failed.
@@ -69,7 +122,12 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
     // Fail at once, with a clear message, if the repository is not there.
     let repo = config.repo.clone();
     blocking(move || ObjectStore::open(&repo).map(drop)).await.map_err(ObserverError::Repo)?;
-    info!(repo = %config.repo.display(), branches = ?config.branches, interval = ?config.interval, "watching");
+    info!(repo = %config.repo.display(), branches = ?config.branches, interval = ?config.interval, mode = ?config.mode, "watching");
+    let poke = Arc::new(Notify::new());
+    let _socket = match &config.notify_socket {
+        Some(path) => Some(listen_for_pokes(path, Arc::clone(&poke), shutdown.clone())?),
+        None => None,
+    };
 
     let mut submitted: HashMap<String, CommitId> = HashMap::new();
     let mut conn: Option<Connection> = None;
@@ -89,6 +147,7 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
             if submitted.get(branch) == Some(&head) {
                 continue;
             }
+            let known = submitted.get(branch).copied();
             let c = match &conn {
                 Some(c) if c.close_reason().is_none() => c.clone(),
                 _ => match kiln_net::connect(&bundle, &config.dispatcher, config.net).await {
@@ -106,13 +165,8 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
                     }
                 },
             };
-            match submit(&c, &config, branch, head).await {
-                Ok(queued) => {
-                    if queued {
-                        info!(%branch, commit = %head, "submitted");
-                    } else {
-                        info!(%branch, commit = %head, "already known to the dispatcher");
-                    }
+            match submit_branch(&c, &config, branch, known, head).await {
+                Ok(()) => {
                     submitted.insert(branch.clone(), head);
                 }
                 Err(SubmitError::Request(RequestError::Refused(reason))) => return Err(ObserverError::Refused(reason)),
@@ -136,6 +190,7 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(wait) => {}
+            () = poke.notified() => debug!("poked by kiln notify"),
         }
     }
     if let Some(c) = conn {
@@ -144,9 +199,97 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
     Ok(())
 }
 
-/// Submits `head`; returns whether the dispatcher queued it (`false`: known already).
+/// Submits what is new on `branch`: its head, or in `every` mode each commit
+/// since the last one submitted (`known`, or else the dispatcher's tip).
+async fn submit_branch(
+    conn: &Connection,
+    config: &Config,
+    branch: &str,
+    known: Option<CommitId>,
+    head: CommitId,
+) -> Result<(), SubmitError> {
+    let commits = match config.mode {
+        Mode::Latest { .. } => vec![head],
+        Mode::Every => {
+            let from = match known {
+                Some(known) => Some(known),
+                None => {
+                    let request = Request::BranchTip { repo: repo_name(config), branch: branch.to_owned() };
+                    match conn.request(&request).await?.2 {
+                        Reply::Tip(tip) => tip,
+                        other => return Err(SubmitError::Unexpected(other)),
+                    }
+                }
+            };
+            let repo = config.repo.clone();
+            blocking(move || ObjectStore::open(&repo)?.commits_between(from.as_ref(), &head, MAX_CATCH_UP)).await?
+        }
+    };
+    for commit in commits {
+        if submit(conn, config, branch, commit).await? {
+            info!(%branch, %commit, "submitted");
+        } else {
+            info!(%branch, %commit, "already known to the dispatcher");
+        }
+    }
+    Ok(())
+}
+
+fn repo_name(config: &Config) -> String {
+    config.repo.display().to_string()
+}
+
+/// Listens on `path` for `kiln notify`; each connection wakes the observer.
+fn listen_for_pokes(
+    path: &std::path::Path,
+    poke: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> Result<SocketGuard, ObserverError> {
+    let err = |source| ObserverError::Notify { path: path.to_owned(), source };
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        let busy = std::io::Error::new(std::io::ErrorKind::AddrInUse, "another observer is listening there");
+        return Err(err(busy));
+    }
+    // A socket file left by an observer that died; nobody answers on it.
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    info!(socket = %path.display(), "listening for kiln notify");
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(_) => poke.notify_one(),
+                    Err(e) => warn!("notify socket failed: {e}"),
+                },
+            }
+        }
+    });
+    Ok(SocketGuard(path.to_owned()))
+}
+
+/// Removes the notify socket file when the observer stops.
+struct SocketGuard(PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Pokes the observer listening on `socket` (what `kiln notify` does).
+pub fn notify(socket: &std::path::Path) -> std::io::Result<()> {
+    std::os::unix::net::UnixStream::connect(socket).map(drop)
+}
+
+/// Submits one commit; returns whether the dispatcher queued it (`false`: known already).
 async fn submit(conn: &Connection, config: &Config, branch: &str, head: CommitId) -> Result<bool, SubmitError> {
-    let request = Request::Submit { repo: config.repo.display().to_string(), branch: branch.to_owned(), commit: head };
+    let request = Request::Submit {
+        repo: repo_name(config),
+        branch: branch.to_owned(),
+        commit: head,
+        supersede: config.mode.supersede(),
+    };
     let (mut send, mut recv, reply) = conn.request(&request).await?;
     match reply {
         Reply::Known => Ok(false),

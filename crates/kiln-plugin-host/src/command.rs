@@ -1,14 +1,16 @@
-//! `run-command`: starts a program for a plugin, in the job's checkout, under
-//! the runner's limits.
+//! `run-command`: starts a program for a plugin, in the job's checkout, in
+//! the process sandbox (see `sandbox`), under the runner's limits.
 //!
-//! Every command runs in its own process group with a cleared environment,
-//! stdin closed, and a wall-clock timeout after which the whole group gets
-//! SIGKILL. When the program exits, the rest of its group is killed too, so a
-//! background child cannot keep the output pipes (and the job) alive. Output
-//! is read concurrently from both pipes and capped, keeping the head and the
-//! tail, so a chatty program costs bounded memory. A program that escapes its
-//! group (`setsid`) is out of reach here; that needs a cgroup or a PID
-//! namespace.
+//! Every command runs with a cleared environment (the fixed list below, plus
+//! `HOME` and a private `TMPDIR`), stdin closed, in its own session, and a
+//! working directory that may not leave the checkout, not even through a
+//! symbolic link. It has a wall-clock timeout after which everything it
+//! started is killed, and when the program exits, whatever it left behind is
+//! killed too, so a background child cannot keep the output pipes (and the
+//! job) alive. Output is read concurrently from both pipes and capped,
+//! keeping the head and the tail, so a chatty program costs bounded memory.
+//! Lines starting with `[kiln sandbox]` at the end of stderr say what the
+//! sandbox lacked or what limit the command hit.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Component, Path, PathBuf};
@@ -18,7 +20,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 
-/// The environment every command gets, besides `HOME` (the checkout).
+use crate::sandbox::{NOTE_PREFIX, Sandbox};
+
+/// The environment every command gets, besides `HOME` (the checkout) and
+/// `TMPDIR` (its private temporary directory).
 const ENVIRONMENT: &[(&str, &str)] = &[
     ("PATH", "/usr/local/bin:/usr/bin:/bin"),
     ("LANG", "C.UTF-8"),
@@ -27,9 +32,13 @@ const ENVIRONMENT: &[(&str, &str)] = &[
     ("PYTHONIOENCODING", "utf-8"),
 ];
 
-/// How long to keep reading the pipes after the program's group is gone.
-/// Only a process that escaped the group can hold them open longer.
+/// How long to keep reading the pipes after the command's processes are
+/// gone. Only a process that escaped the sandbox can hold them open longer.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// How long the sandbox may take to stop a timed-out command before its
+/// supervisor is killed outright.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// A command as the plugin asked for it, before any check.
 #[derive(Clone, Debug)]
@@ -69,8 +78,19 @@ pub(crate) struct Limits<'a> {
     pub max_output: usize,
 }
 
-/// Runs `request` in `checkout` (an absolute path) under `limits`.
+/// Runs `request` in `checkout` (an absolute, canonical path) under
+/// `limits`, in the runner's sandbox.
 pub(crate) async fn run(checkout: &Path, request: Request, limits: &Limits<'_>) -> Result<Output, Refusal> {
+    run_in(Sandbox::global(), checkout, request, limits).await
+}
+
+/// [`run`] in a given sandbox (tests use ones without some mechanisms).
+pub(crate) async fn run_in(
+    sandbox: &Sandbox,
+    checkout: &Path,
+    request: Request,
+    limits: &Limits<'_>,
+) -> Result<Output, Refusal> {
     let Some(program) = limits.granted.get(&request.program) else {
         let granted: Vec<&str> = limits.granted.keys().map(String::as_str).collect();
         return Err(Refusal::Denied(format!(
@@ -80,9 +100,20 @@ pub(crate) async fn run(checkout: &Path, request: Request, limits: &Limits<'_>) 
         )));
     };
     let cwd = working_directory(checkout, &request.cwd)?;
+    // The checkout is the repository's content: a symbolic link in it must
+    // not lead the command out of it.
+    let cwd = tokio::fs::canonicalize(&cwd)
+        .await
+        .map_err(|e| Refusal::Failed(format!("working directory `{}`: {e}", request.cwd)))?;
+    if !cwd.starts_with(checkout) {
+        return Err(Refusal::Denied(format!("working directory `{}` leads outside the checkout", request.cwd)));
+    }
     // A zero timeout means "no limit of my own": the runner's applies.
     let timeout = if request.timeout.is_zero() { limits.timeout } else { request.timeout.min(limits.timeout) };
 
+    let mut confinement = sandbox
+        .prepare(checkout)
+        .map_err(|e| Refusal::Failed(format!("could not set up the sandbox for {}: {e}", program.display())))?;
     let mut command = Command::new(program);
     command
         .args(&request.args)
@@ -93,61 +124,68 @@ pub(crate) async fn run(checkout: &Path, request: Request, limits: &Limits<'_>) 
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
         // If this future is dropped (the job was cancelled), tokio kills and
-        // reaps the program; `GroupGuard` takes care of the rest of its group.
+        // reaps the child; dropping `confinement` takes care of the rest.
         .kill_on_drop(true);
+    if let Some(tmp) = confinement.tmp_dir() {
+        command.env("TMPDIR", tmp);
+    }
+    confinement.install(&mut command);
     let mut child = command
         .spawn()
         .map_err(|e| Refusal::Failed(format!("could not start {} in {}: {e}", program.display(), cwd.display())))?;
-    let guard = child.id().map(GroupGuard);
+    // Closes the parent's copies of what the child needed (cgroup files, the
+    // Landlock ruleset).
+    drop(command);
+    confinement.started(child.id());
 
     let mut stdout = Capped::new(limits.max_output);
     let mut stderr = Capped::new(limits.max_output);
-    let (status, timed_out) = {
+    let (status, timed_out, notes) = {
         let stdout_pipe = child.stdout.take();
         let stderr_pipe = child.stderr.take();
         let reading = async { tokio::join!(drain(stdout_pipe, &mut stdout), drain(stderr_pipe, &mut stderr)) };
-        let waiting = async {
-            let ended = match tokio::time::timeout(timeout, child.wait()).await {
-                Ok(status) => (status, false),
-                Err(_) => {
-                    if let Some(guard) = &guard {
-                        guard.kill();
-                    }
-                    (child.wait().await, true)
-                }
-            };
-            // The program is gone; so must be anything it left behind in its
-            // group, which may still hold the pipes open. (The group id could
-            // in theory be reused once the group is empty, but only by a
-            // process that made itself a group leader in the microseconds
-            // since; a cgroup per command would close that gap.)
-            if let Some(guard) = &guard {
-                guard.kill();
-            }
-            ended
-        };
-        tokio::pin!(reading, waiting);
+        tokio::pin!(reading);
         let mut read_all = false;
-        let ended = loop {
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut timed_out = false;
+        let status = loop {
             tokio::select! {
                 _ = &mut reading, if !read_all => read_all = true,
-                ended = &mut waiting => break ended,
+                status = child.wait() => break status,
+                () = &mut deadline => {
+                    if timed_out {
+                        // The sandbox did not stop it in time (it always
+                        // should): kill the child itself.
+                        let _ = child.start_kill();
+                        deadline.as_mut().reset(tokio::time::Instant::now() + STOP_GRACE);
+                    } else {
+                        timed_out = true;
+                        confinement.stop();
+                        deadline.as_mut().reset(tokio::time::Instant::now() + STOP_GRACE);
+                    }
+                }
             }
         };
+        // The program is gone; so must be anything it left behind.
+        let notes = confinement.finish().await;
         if !read_all {
             // Whatever is still buffered in the pipes arrives right away; a
-            // process that left the group could hold them open forever.
+            // process that escaped could hold them open forever.
             let _ = tokio::time::timeout(DRAIN_GRACE, &mut reading).await;
         }
-        ended
+        (status, timed_out, notes)
     };
-    if let Some(guard) = guard {
-        guard.disarm();
-    }
     let status = status.map_err(|e| Refusal::Failed(format!("could not wait for {}: {e}", program.display())))?;
-    Ok(Output { exit_code: status.code(), timed_out, stdout: stdout.to_bytes(), stderr: stderr.to_bytes() })
+    let mut stderr = stderr.to_bytes();
+    for note in notes {
+        if !stderr.is_empty() && !stderr.ends_with(b"\n") {
+            stderr.push(b'\n');
+        }
+        stderr.extend_from_slice(format!("{NOTE_PREFIX} {note}\n").as_bytes());
+    }
+    Ok(Output { exit_code: status.code(), timed_out, stdout: stdout.to_bytes(), stderr })
 }
 
 /// The checkout joined with a plugin's relative working directory, which may
@@ -171,42 +209,6 @@ async fn drain(pipe: Option<impl AsyncRead + Unpin>, into: &mut Capped) {
             Ok(0) | Err(_) => return,
             Ok(n) => into.push(&buffer[..n]),
         }
-    }
-}
-
-/// Kills a command's process group when dropped, unless disarmed: a job
-/// cancelled mid-command must not leave the command's children running.
-struct GroupGuard(u32);
-
-impl GroupGuard {
-    fn kill(&self) {
-        kill_process_group(self.0);
-    }
-
-    fn disarm(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Sends SIGKILL to every process in the group `pgid`.
-#[expect(unsafe_code, reason = "libc::kill is the only way to signal a process group from std/tokio")]
-fn kill_process_group(pgid: u32) {
-    let Ok(pgid) = libc::pid_t::try_from(pgid) else { return };
-    // Never signal group 0 (our own) or -1 (every process we may signal).
-    if pgid <= 1 {
-        return;
-    }
-    // SAFETY: kill(2) takes plain integers and has no memory-safety
-    // preconditions. A negative pid addresses the process group; an error
-    // (ESRCH: the group is already empty) needs no handling.
-    unsafe {
-        libc::kill(-pgid, libc::SIGKILL);
     }
 }
 
@@ -275,6 +277,26 @@ mod tests {
         let mut c = Capped::new(6);
         c.push(b"abcdefghijklmnop");
         assert_eq!(String::from_utf8(c.to_bytes()).unwrap(), "abc\n[... 10 bytes cut ...]\nnop");
+    }
+
+    #[tokio::test]
+    async fn a_symbolic_link_does_not_lead_the_command_out() {
+        let checkout = tempfile::tempdir().unwrap();
+        let checkout = std::fs::canonicalize(checkout.path()).unwrap();
+        std::os::unix::fs::symlink("/", checkout.join("out")).unwrap();
+        std::fs::create_dir(checkout.join("sub")).unwrap();
+        let granted = BTreeMap::from([("sh".to_owned(), PathBuf::from("/bin/sh"))]);
+        let limits = Limits { granted: &granted, timeout: Duration::from_secs(10), max_output: 1024 };
+        let request = |cwd: &str| Request {
+            program: "sh".to_owned(),
+            args: vec!["-c".to_owned(), "pwd".to_owned()],
+            cwd: cwd.to_owned(),
+            timeout: Duration::ZERO,
+        };
+        let refused = run(&checkout, request("out"), &limits).await;
+        assert!(matches!(&refused, Err(Refusal::Denied(why)) if why.contains("leads outside")), "{refused:?}");
+        let out = run(&checkout, request("sub"), &limits).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), checkout.join("sub").to_string_lossy());
     }
 
     #[test]

@@ -54,13 +54,16 @@ pub enum HostError {
         source: std::io::Error,
     },
     /// The bytes are not a WebAssembly component wasmtime can compile.
-    #[error("compile {origin}")]
+    #[error("load {origin}: {reason}")]
     Compile {
         /// Which plugin (built-in name or file path).
         origin: String,
-        /// wasmtime's reason.
+        /// What the bytes are instead, and what to do about it.
+        reason: String,
+        /// wasmtime's reason, when the bytes look like a component (for
+        /// other bytes the reason says all there is to say).
         #[source]
-        source: BoxError,
+        source: Option<BoxError>,
     },
     /// The component does not implement the `kiln:executor` world: it lacks
     /// the export, or it needs imports the host does not provide.
@@ -107,6 +110,15 @@ pub enum HostError {
         origin: String,
         /// The name they share.
         name: String,
+    },
+    /// The compile cache directory could not be created.
+    #[error("create the plugin compile cache {}", path.display())]
+    Cache {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
     },
     /// The job's checkout could not be opened for the plugin.
     #[error("open the checkout {} for plugins", path.display())]

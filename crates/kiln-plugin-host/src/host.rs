@@ -1,5 +1,12 @@
-//! [`PluginHost`]: loads plugins (compiling each once), matches a job's files
-//! to them, and runs each plugin in a fresh, limited store.
+//! [`PluginHost`]: loads plugins (compiling each once, or loading it from the
+//! compile cache), matches a job's files to them, and runs each plugin in a
+//! fresh, limited store.
+//!
+//! Which plugin gets a file: the first loaded whose claims match it. The
+//! built-ins load first (python-unittest, then tap), then the files the
+//! runner loads, in the order it loads them (`kiln runner --plugins DIR`
+//! loads them sorted by file name). When a later plugin also claims a file,
+//! a warning names the file and both plugins.
 //!
 //! Each call is bounded twice over: an epoch deadline traps WebAssembly that
 //! computes for too long, and a watchdog future cancels a call that waits too
@@ -21,16 +28,22 @@ use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx};
 
 use crate::bindings::{self, PluginPre};
+use crate::cache::{Compilation, CompileCache};
 use crate::claims::Claim;
 use crate::state::{CallClock, GuestOutput, HostState, Job};
 use crate::{HostError, Policy};
 
-/// The plugins compiled into the runner: (name, component). The build script
-/// builds them from `plugins/` and says where the files are.
-const BUILT_IN: &[(&str, &[u8])] = &[("python-unittest", include_bytes!(env!("KILN_PLUGIN_PYTHON_UNITTEST")))];
+/// The plugins compiled into the runner, in the order they get files:
+/// (name, component). The build script builds them from `plugins/` and says
+/// where the files are.
+const BUILT_IN: &[(&str, &[u8])] = &[
+    ("python-unittest", include_bytes!(env!("KILN_PLUGIN_PYTHON_UNITTEST"))),
+    ("tap", include_bytes!(env!("KILN_PLUGIN_TAP"))),
+];
 
-/// The `kiln:executor` version this host implements (plugins/wit).
-const CONTRACT_VERSION: &str = "0.1.0";
+/// The `kiln:executor` contract version this host implements
+/// (plugins/wit/executor.wit).
+pub const CONTRACT_VERSION: &str = "0.1.0";
 const EXECUTOR_EXPORT: &str = "kiln:executor/executor";
 const HOST_IMPORT: &str = "kiln:executor/host";
 
@@ -42,20 +55,42 @@ const EPOCH_TICK: Duration = Duration::from_millis(20);
 /// Where the checkout appears inside a plugin.
 const GUEST_CHECKOUT: &str = "/checkout";
 
-/// What a loaded plugin is and what it was granted, for the runner's log and
-/// its registration with the dispatcher.
+/// What a loaded plugin is and what it was granted, for the runner's log,
+/// its registration with the dispatcher and `kiln plugin check`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PluginSummary {
     /// The plugin's name, unique among the loaded plugins.
     pub name: String,
     /// The plugin's own version.
     pub version: String,
+    /// The `kiln:executor` contract version it was built against.
+    pub contract: String,
+    /// What the component imports (e.g. `kiln:executor/host@0.1.0`,
+    /// `wasi:filesystem/types@0.2.6`). The host links all of WASI, but with
+    /// nothing behind it except the read-only checkout.
+    pub imports: Vec<String>,
     /// Glob patterns of the files it claims.
     pub claims: Vec<String>,
     /// Programs it asked to run.
     pub programs: Vec<String>,
     /// The programs it may run: those it asked for that the policy allows.
     pub granted: Vec<String>,
+    /// Whether it was compiled at load or came from the compile cache.
+    pub compilation: Compilation,
+}
+
+/// What [`PluginHost::run`] sends while it runs, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostEvent {
+    /// One test's result, as soon as the plugin reports it (or as the host
+    /// makes it up for a file whose plugin failed).
+    Test(TestResult),
+    /// Every result of this file (repository-relative path, as given to
+    /// `run`) has been sent, including the `error` results the host
+    /// synthesizes when the plugin fails on it. Sent once for each file a
+    /// plugin claims; files no plugin claims (and invalid or repeated paths)
+    /// get no event.
+    FileDone(String),
 }
 
 /// Runs Kiln executor plugins. Share it between jobs with an `Arc`: `run`
@@ -64,11 +99,23 @@ pub struct PluginHost {
     engine: Engine,
     linker: Linker<HostState>,
     policy: Policy,
+    /// Where compiled plugins are kept between runs, if anywhere.
+    cache: Option<CompileCache>,
+    /// Whether this host serves a runner or only checks a plugin file.
+    purpose: Purpose,
     /// Built-ins first, then files in load order: the first plugin whose
     /// claims match a file gets it.
     plugins: Vec<Plugin>,
     /// Advances the engine's epoch for as long as the host lives.
     _ticker: EpochTicker,
+}
+
+/// What a host is for: a runner's (built-ins loaded, grant problems logged)
+/// or `kiln plugin check`'s (the file alone, nothing to warn a runner about).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Runner,
+    Check,
 }
 
 /// A compiled, described plugin, ready to instantiate.
@@ -96,8 +143,39 @@ enum Failure {
 struct TimeLimitExceeded;
 
 impl PluginHost {
-    /// Sets up the engine and loads the built-in plugins.
+    /// Sets up the engine and loads the built-in plugins, compiling each.
     pub fn new(policy: Policy) -> Result<PluginHost, HostError> {
+        PluginHost::build(policy, None, Purpose::Runner)
+    }
+
+    /// Like [`PluginHost::new`], keeping compiled plugins in `cache_dir`
+    /// (created if missing, private to this user): a plugin compiled once,
+    /// by this or an earlier process with the same wasmtime build and
+    /// configuration, is loaded from there instead of compiled again.
+    pub fn with_cache(policy: Policy, cache_dir: &Path) -> Result<PluginHost, HostError> {
+        PluginHost::build(policy, Some(cache_dir), Purpose::Runner)
+    }
+
+    /// Loads the plugin in `path` the way a runner would, on its own (no
+    /// built-ins, no cache, no programs allowed), and describes it: what
+    /// `kiln plugin check` prints. The error says why it cannot be loaded.
+    pub fn check_file(path: &Path) -> Result<PluginSummary, HostError> {
+        let policy = Policy {
+            programs: BTreeMap::new(),
+            command_timeout: Duration::from_secs(10),
+            max_output: 1 << 20,
+            call_timeout: Duration::from_secs(10),
+            max_memory: 256 << 20,
+        };
+        let mut host = PluginHost::build(policy, None, Purpose::Check)?;
+        host.load_file(path)?;
+        host.plugins.pop().map(|p| p.summary).ok_or_else(|| HostError::Info {
+            origin: format!("plugin file {}", path.display()),
+            detail: "it was not loaded".to_owned(),
+        })
+    }
+
+    fn build(policy: Policy, cache_dir: Option<&Path>, purpose: Purpose) -> Result<PluginHost, HostError> {
         let engine_error = |e: wasmtime::Error| HostError::Engine(e.into_boxed_dyn_error());
         let mut config = Config::new();
         config.epoch_interruption(true);
@@ -106,10 +184,13 @@ impl PluginHost {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_error)?;
         bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
             .map_err(engine_error)?;
+        let cache = cache_dir.map(|dir| CompileCache::open(dir, &engine)).transpose()?;
         let ticker = EpochTicker::start(engine.clone())?;
-        let mut host = PluginHost { engine, linker, policy, plugins: Vec::new(), _ticker: ticker };
-        for (name, bytes) in BUILT_IN {
-            host.load(format!("built-in plugin {name}"), bytes)?;
+        let mut host = PluginHost { engine, linker, policy, cache, purpose, plugins: Vec::new(), _ticker: ticker };
+        if purpose == Purpose::Runner {
+            for (name, bytes) in BUILT_IN {
+                host.load(format!("built-in plugin {name}"), bytes)?;
+            }
         }
         Ok(host)
     }
@@ -126,37 +207,53 @@ impl PluginHost {
         self.plugins.iter().map(|p| p.summary.clone()).collect()
     }
 
+    /// The names of the plugins whose claims match `file`, in load order:
+    /// the first one gets the file.
+    pub fn claimants(&self, file: &str) -> Vec<String> {
+        self.plugins
+            .iter()
+            .filter(|p| p.claims.iter().any(|c| c.matches(file)))
+            .map(|p| p.summary.name.clone())
+            .collect()
+    }
+
     /// Runs the tests in `files` (repository-relative, `/`-separated) of the
-    /// checkout at `checkout`, sending each result to `report` as it comes.
+    /// checkout at `checkout`, sending each result to `report` as it comes
+    /// and [`HostEvent::FileDone`] after each file's last result.
     ///
     /// Each file goes to the first plugin that claims it; files no plugin
-    /// claims are ignored. A plugin that fails (traps, runs out of time or
-    /// memory, or refuses) yields an `error` result for each of its files
-    /// without results. A test id already reported in this run is dropped.
-    /// Errors are only what the caller must handle: a checkout that cannot be
-    /// opened, or `report`'s receiver gone.
+    /// claims are ignored. The plugin's `run` is called once per file, each
+    /// time in a fresh instance, so a plugin that fails on one file (traps,
+    /// runs out of time or memory, or refuses) costs only that file, which
+    /// gets an `error` result if it has none. A test id already reported in
+    /// this run is dropped. Errors are only what the caller must handle: a
+    /// checkout that cannot be opened, or `report`'s receiver gone.
     pub async fn run(
         &self,
         checkout: &Path,
         files: &[String],
-        report: &mpsc::UnboundedSender<TestResult>,
+        report: &mpsc::UnboundedSender<HostEvent>,
     ) -> Result<(), HostError> {
         let checkout = tokio::fs::canonicalize(checkout)
             .await
             .map_err(|e| HostError::Checkout { path: checkout.to_owned(), source: Box::new(e) })?;
         let mut seen = HashSet::new();
         for (plugin, files) in self.plugins.iter().zip(self.assign(files)) {
-            if !files.is_empty() {
-                seen = self.run_plugin(plugin, &checkout, files, report, seen).await?;
+            for file in files {
+                seen = self.run_file(plugin, &checkout, file, report, seen).await?;
             }
         }
         Ok(())
     }
 
-    /// Splits `files` among the plugins (same order as `self.plugins`).
+    /// Splits `files` among the plugins (same order as `self.plugins`): each
+    /// goes to the first plugin that claims it. Files that more than one
+    /// plugin claims are reported, one warning per pair of plugins.
     fn assign(&self, files: &[String]) -> Vec<Vec<String>> {
         let mut assigned = vec![Vec::new(); self.plugins.len()];
         let mut unique = HashSet::new();
+        // (winner, loser) -> (how many files, the first of them)
+        let mut overlaps: BTreeMap<(usize, usize), (usize, &str)> = BTreeMap::new();
         for file in files {
             if !is_repository_path(file) {
                 tracing::warn!(file, "ignoring a file that is not a relative path inside the repository");
@@ -165,21 +262,44 @@ impl PluginHost {
             if !unique.insert(file) {
                 continue;
             }
-            match self.plugins.iter().position(|p| p.claims.iter().any(|c| c.matches(file))) {
-                Some(index) => assigned[index].push(file.clone()),
-                None => tracing::trace!(file, "no plugin claims this file"),
+            let mut claiming = self
+                .plugins
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.claims.iter().any(|c| c.matches(file)))
+                .map(|(i, _)| i);
+            let Some(winner) = claiming.next() else {
+                tracing::trace!(file, "no plugin claims this file");
+                continue;
+            };
+            assigned[winner].push(file.clone());
+            for loser in claiming {
+                overlaps.entry((winner, loser)).or_insert((0, file)).0 += 1;
             }
+        }
+        for ((winner, loser), (count, file)) in overlaps {
+            let (winner, loser) = (&self.plugins[winner].name, &self.plugins[loser].name);
+            tracing::warn!(
+                file,
+                plugin = %winner,
+                also_claimed_by = %loser,
+                files = count,
+                "{file} (and {} more) is claimed by plugins {winner} and {loser}; {winner} runs it, because the \
+                 first plugin loaded wins (built-ins, then --plugins files by name)",
+                count - 1
+            );
         }
         assigned
     }
 
-    /// Runs one plugin on its files; returns the test ids reported so far.
-    async fn run_plugin(
+    /// Runs one plugin on one file in a fresh instance, then sends the
+    /// file's `FileDone`; returns the test ids reported so far.
+    async fn run_file(
         &self,
         plugin: &Plugin,
         checkout: &Path,
-        files: Vec<String>,
-        report: &mpsc::UnboundedSender<TestResult>,
+        file: String,
+        report: &mpsc::UnboundedSender<HostEvent>,
         seen: HashSet<String>,
     ) -> Result<HashSet<String>, HostError> {
         let started = Instant::now();
@@ -192,6 +312,7 @@ impl PluginHost {
         };
         let mut store = self.store(&plugin.name, &plugin.granted, Some(job), Some(checkout))?;
         let clock = store.data().call.clock.clone();
+        let files = [file];
         let call = async {
             let instance = plugin.pre.instantiate_async(&mut store).await?;
             instance.kiln_executor_executor().call_run(&mut store, &files).await
@@ -206,28 +327,22 @@ impl PluginHost {
             }
             Err(failure) => Some(self.explain(&format!("plugin {}", plugin.name), &failure, store.data())),
         };
-        tracing::debug!(plugin = %plugin.name, files = files.len(), elapsed_ms = started.elapsed().as_millis(), "plugin run ended");
+        let [file] = files;
+        tracing::debug!(plugin = %plugin.name, file, elapsed_ms = started.elapsed().as_millis(), "plugin run ended");
         let Some(mut job) = store.into_data().call.job else { unreachable!("a run call's store always holds its job") };
         if job.closed {
             return Err(HostError::ReportClosed);
         }
         if let Some(message) = failure {
-            tracing::warn!(plugin = %plugin.name, "{message}");
-            let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            for file in files {
-                if job.files_with_results.contains(&file) || !job.seen.insert(file.clone()) {
-                    continue;
-                }
-                let result = TestResult {
-                    id: file.clone(),
-                    file,
-                    outcome: Outcome::Error,
-                    duration_ms,
-                    message: message.clone(),
-                };
-                report.send(result).map_err(|_| HostError::ReportClosed)?;
+            tracing::warn!(plugin = %plugin.name, file, "{message}");
+            if !job.files_with_results.contains(&file) && job.seen.insert(file.clone()) {
+                let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let result =
+                    TestResult { id: file.clone(), file: file.clone(), outcome: Outcome::Error, duration_ms, message };
+                report.send(HostEvent::Test(result)).map_err(|_| HostError::ReportClosed)?;
             }
         }
+        report.send(HostEvent::FileDone(file)).map_err(|_| HostError::ReportClosed)?;
         Ok(job.seen)
     }
 
@@ -333,27 +448,57 @@ impl PluginHost {
         message
     }
 
-    /// Compiles, checks and describes a plugin, and adds it to the list.
+    /// Compiles (or finds in the cache), checks and describes a plugin, and
+    /// adds it to the list.
     fn load(&mut self, origin: String, bytes: &[u8]) -> Result<(), HostError> {
         let started = Instant::now();
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| HostError::Compile { origin: origin.clone(), source: e.into_boxed_dyn_error() })?;
-        check_contract(&origin, &self.engine, &component)?;
+        let compile = || {
+            Component::new(&self.engine, bytes).map_err(|e| {
+                let (reason, detail_helps) = not_a_component(bytes);
+                HostError::Compile {
+                    origin: origin.clone(),
+                    reason,
+                    source: detail_helps.then(|| e.into_boxed_dyn_error()),
+                }
+            })
+        };
+        let (component, compilation) = match &self.cache {
+            Some(cache) => cache.load_or_compile(&self.engine, &origin, bytes, compile)?,
+            None => (compile()?, Compilation::Compiled),
+        };
+        let contract = check_contract(&origin, &self.engine, &component)?;
+        let imports = component.component_type().imports(&self.engine).map(|(name, _)| name.to_owned()).collect();
         let pre = self
             .linker
             .instantiate_pre(&component)
             .and_then(PluginPre::new)
             .map_err(|e| HostError::NotAPlugin { origin: origin.clone(), reason: error_chain(&e) })?;
         let info = self.describe(&origin, &pre)?;
-        let plugin = self.admit(origin, info, pre)?;
-        tracing::info!(
-            plugin = %plugin.name,
-            version = %plugin.summary.version,
-            claims = ?plugin.summary.claims,
-            granted = ?plugin.summary.granted,
-            elapsed_ms = started.elapsed().as_millis(),
-            "plugin loaded"
-        );
+        let plugin = self.admit(origin, info, pre, Loaded { contract, imports, compilation })?;
+        for claim in &plugin.summary.claims {
+            if let Some(earlier) = self.plugins.iter().find(|p| p.summary.claims.contains(claim)) {
+                tracing::warn!(
+                    plugin = %plugin.name,
+                    claim,
+                    "plugin {} claims `{claim}`, as plugin {} (loaded earlier) does: {} gets those files",
+                    plugin.name,
+                    earlier.name,
+                    earlier.name
+                );
+            }
+        }
+        if self.purpose == Purpose::Runner {
+            tracing::info!(
+                plugin = %plugin.name,
+                version = %plugin.summary.version,
+                contract = %plugin.summary.contract,
+                claims = ?plugin.summary.claims,
+                granted = ?plugin.summary.granted,
+                compilation = ?plugin.summary.compilation,
+                elapsed_ms = started.elapsed().as_millis(),
+                "plugin loaded"
+            );
+        }
         self.plugins.push(plugin);
         Ok(())
     }
@@ -384,6 +529,7 @@ impl PluginHost {
         origin: String,
         info: bindings::kiln::executor::types::PluginInfo,
         pre: PluginPre<HostState>,
+        loaded: Loaded,
     ) -> Result<Plugin, HostError> {
         let bad = |detail: String| HostError::BadInfo { origin: origin.clone(), detail };
         let name_ok = !info.name.is_empty()
@@ -405,11 +551,12 @@ impl PluginHost {
                 Some(path) => {
                     granted.insert(program.clone(), path.clone());
                 }
-                None => tracing::warn!(
+                None if self.purpose == Purpose::Runner => tracing::warn!(
                     plugin = %info.name,
                     program,
                     "the plugin asks for a program the runner does not allow; its commands will be denied"
                 ),
+                None => {}
             }
         }
         Ok(Plugin {
@@ -417,9 +564,12 @@ impl PluginHost {
             summary: PluginSummary {
                 name: info.name,
                 version: info.version,
+                contract: loaded.contract,
+                imports: loaded.imports,
                 claims: info.claims,
                 programs: info.programs,
                 granted: granted.keys().cloned().collect(),
+                compilation: loaded.compilation,
             },
             claims,
             granted: Arc::new(granted),
@@ -428,10 +578,34 @@ impl PluginHost {
     }
 }
 
+/// What loading found out about a component before asking the plugin.
+struct Loaded {
+    contract: String,
+    imports: Vec<String>,
+    compilation: Compilation,
+}
+
+/// Why bytes that wasmtime could not compile are not a plugin, in terms of
+/// what to do about it, and whether wasmtime's own message adds to that
+/// (it does for a damaged component; for other bytes it is noise).
+fn not_a_component(bytes: &[u8]) -> (String, bool) {
+    match bytes.get(..8) {
+        Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => (
+            "it is a core WebAssembly module, not a component: build it for the wasm32-wasip2 target (or wrap it \
+             with `wasm-tools component new`)"
+                .to_owned(),
+            false,
+        ),
+        Some([0, b'a', b's', b'm', _, _, 1, 0]) => ("it is not a valid WebAssembly component".to_owned(), true),
+        _ => ("it is not a WebAssembly component (a plugin is a .wasm file built for wasm32-wasip2)".to_owned(), false),
+    }
+}
+
 /// Refuses a component that does not export the executor interface, or
 /// that targets a contract version this host cannot run: same major version,
 /// and for 0.x the same minor, with nothing newer than the host's own.
-fn check_contract(origin: &str, engine: &Engine, component: &Component) -> Result<(), HostError> {
+/// Returns the version the plugin was built against.
+fn check_contract(origin: &str, engine: &Engine, component: &Component) -> Result<String, HostError> {
     let ty = component.component_type();
     let mut exported = None;
     for (name, _) in ty.exports(engine) {
@@ -445,22 +619,22 @@ fn check_contract(origin: &str, engine: &Engine, component: &Component) -> Resul
             reason: format!("it does not export {EXECUTOR_EXPORT}"),
         });
     };
-    let mut versions = vec![found];
+    let mut versions = vec![found.clone()];
     for (name, _) in ty.imports(engine) {
         if let Some(rest) = name.strip_prefix(HOST_IMPORT) {
             versions.push(rest.strip_prefix('@').unwrap_or("(unversioned)").to_owned());
         }
     }
-    for found in versions {
-        if !compatible(&found, CONTRACT_VERSION) {
+    for version in versions {
+        if !compatible(&version, CONTRACT_VERSION) {
             return Err(HostError::IncompatibleContract {
                 origin: origin.to_owned(),
-                found,
+                found: version,
                 supported: CONTRACT_VERSION.to_owned(),
             });
         }
     }
-    Ok(())
+    Ok(found)
 }
 
 /// Whether a plugin built for contract version `found` runs on a host that

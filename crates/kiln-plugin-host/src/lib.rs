@@ -14,18 +14,23 @@
 //! [`PluginHost`] and [`HostError`].
 //!
 //! Layout: `host` loads and runs plugins; `state` is what a plugin's store
-//! holds and the host functions it calls; `command` starts programs; `policy`
+//! holds and the host functions it calls; `command` starts programs in the
+//! process `sandbox` (see its docs for what it enforces); `policy`
 //! resolves the allowed programs; `claims` matches files to plugins;
-//! `bindings` is generated from the WIT.
+//! `cache` keeps compiled plugins on disk; `bindings` is generated from the
+//! WIT.
 
 mod bindings;
+mod cache;
 mod claims;
 mod command;
 mod error;
 mod host;
 mod policy;
+pub mod sandbox;
 mod state;
 
+pub use cache::Compilation;
 pub use error::HostError;
-pub use host::{PluginHost, PluginSummary};
+pub use host::{CONTRACT_VERSION, HostEvent, PluginHost, PluginSummary};
 pub use policy::Policy;

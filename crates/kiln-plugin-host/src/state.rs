@@ -19,6 +19,7 @@ use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
 
+use crate::HostEvent;
 use crate::bindings::kiln::executor::{host, types};
 use crate::command::{self, Capped, Refusal};
 
@@ -120,12 +121,12 @@ impl Drop for ClockPause {
     }
 }
 
-/// What a `run` call needs to know about the job, and what it reported.
+/// What a `run` call (one file) needs to know about the job, and what it reported.
 pub(crate) struct Job {
     /// The checkout (absolute), where commands run.
     pub checkout: PathBuf,
     /// Where results go.
-    pub report: mpsc::UnboundedSender<TestResult>,
+    pub report: mpsc::UnboundedSender<HostEvent>,
     /// Test ids already reported in this run (across plugins): a repeated id
     /// keeps its first result, as the contract says.
     pub seen: HashSet<String>,
@@ -204,7 +205,7 @@ impl host::Host for HostState {
             duration_ms: result.duration_ms,
             message: truncate(result.message, MAX_MESSAGE_BYTES),
         };
-        if job.report.send(result).is_err() {
+        if job.report.send(HostEvent::Test(result)).is_err() {
             // Nobody is listening: stop the plugin rather than run tests whose
             // results would be thrown away.
             job.closed = true;

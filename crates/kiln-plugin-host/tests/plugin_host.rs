@@ -1,12 +1,14 @@
 //! End-to-end tests of the plugin host: the real built-in python-unittest
-//! plugin running real `python3` on a temporary checkout, and a deliberately
-//! misbehaving plugin (plugins/misbehaving) for the host's limits.
+//! and tap plugins running real `python3` and `sh` on a temporary checkout,
+//! a deliberately misbehaving plugin (plugins/misbehaving) for the host's
+//! limits, and loading: the compile cache, overlapping claims, contract
+//! versions and what is not a plugin.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_plugin_host::{HostError, PluginHost, Policy};
+use kiln_plugin_host::{Compilation, HostError, HostEvent, PluginHost, Policy};
 use kiln_proto::{Outcome, TestResult};
 use tokio::sync::mpsc;
 
@@ -165,8 +167,18 @@ fn checkout(files: &[(&str, &str)]) -> (tempfile::TempDir, Vec<String>) {
     (dir, names)
 }
 
-/// Runs `files` and returns the results by id, failing on a repeated id.
+/// Runs `files` and returns the results by id, failing on a repeated id, on
+/// a result after its file's `FileDone`, and on a file done twice.
 async fn run(host: &PluginHost, dir: &Path, files: &[String]) -> BTreeMap<String, TestResult> {
+    run_with_events(host, dir, files).await.0
+}
+
+/// Like [`run`], and also returns the files in the order they were done.
+async fn run_with_events(
+    host: &PluginHost,
+    dir: &Path,
+    files: &[String],
+) -> (BTreeMap<String, TestResult>, Vec<String>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     tokio::time::timeout(Duration::from_secs(60), host.run(dir, files, &tx))
         .await
@@ -174,11 +186,21 @@ async fn run(host: &PluginHost, dir: &Path, files: &[String]) -> BTreeMap<String
         .expect("the run succeeds");
     drop(tx);
     let mut results = BTreeMap::new();
-    while let Some(result) = rx.recv().await {
-        let id = result.id.clone();
-        assert!(results.insert(id.clone(), result).is_none(), "{id} reported twice");
+    let mut done = Vec::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            HostEvent::Test(result) => {
+                assert!(!done.contains(&result.file), "{result:?} came after its file was done");
+                let id = result.id.clone();
+                assert!(results.insert(id.clone(), result).is_none(), "{id} reported twice");
+            }
+            HostEvent::FileDone(file) => {
+                assert!(!done.contains(&file), "{file} done twice");
+                done.push(file);
+            }
+        }
     }
-    results
+    (results, done)
 }
 
 fn outcomes(results: &BTreeMap<String, TestResult>) -> BTreeMap<&str, Outcome> {
@@ -193,8 +215,8 @@ fn message<'a>(results: &'a BTreeMap<String, TestResult>, id: &str) -> &'a str {
 async fn python_unittest_reports_every_outcome() {
     let host = PluginHost::new(policy(&["python3"])).unwrap();
     let summary = host.plugins();
-    assert_eq!(summary.len(), 1);
-    assert_eq!(summary[0].name, "python-unittest");
+    let names: Vec<&str> = summary.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["python-unittest", "tap"]);
     assert_eq!(summary[0].claims, ["tests/**/*.py"]);
     assert_eq!(summary[0].granted, ["python3"]);
 
@@ -277,8 +299,13 @@ import unittest
 class Hang(unittest.TestCase):
     def test_hangs(self):
         child = subprocess.Popen(["sleep", "300"])
+        # In a PID namespace, child.pid is not the runner's view of it:
+        # /proc (the machine's) has that.
+        me = os.readlink("/proc/self")
+        with open(f"/proc/{me}/task/{me}/children") as f:
+            pid = f.read().split()[0]
         with open(os.path.join(os.environ["HOME"], "child.pid"), "w") as f:
-            f.write(str(child.pid))
+            f.write(pid)
         time.sleep(300)
 "#,
         ),
@@ -317,7 +344,7 @@ async fn a_misbehaving_plugin_becomes_errors_and_the_host_keeps_serving() {
     let policy = Policy { call_timeout: Duration::from_millis(500), max_memory: 32 << 20, ..policy(&["python3"]) };
     let mut host = PluginHost::new(policy).unwrap();
     host.load_file(&misbehaving_wasm()).unwrap();
-    let summary = &host.plugins()[1];
+    let summary = &host.plugins()[2];
     assert_eq!(summary.name, "misbehaving");
     assert_eq!(summary.programs, ["python3", "sh"]);
     assert_eq!(summary.granted, ["python3"]);
@@ -330,11 +357,13 @@ async fn a_misbehaving_plugin_becomes_errors_and_the_host_keeps_serving() {
         assert!(result.message.contains(needle), "{id}: {:?} does not contain {needle:?}", result.message);
     };
 
-    // A loop: results before it stand, the files after it get the error.
-    let results = run(&host, dir.path(), &files(&["ok", "loop", "after"])).await;
+    // A loop costs only its own file: each file runs in a fresh instance,
+    // and every file is reported done, the failed one after its error.
+    let (results, done) = run_with_events(&host, dir.path(), &files(&["ok", "loop", "after"])).await;
     check(&results, "misbehave/ok", Outcome::Pass, "");
     check(&results, "misbehave/loop", Outcome::Error, "plugin misbehaving exceeded its time limit of 500ms");
-    check(&results, "misbehave/after", Outcome::Error, "exceeded its time limit");
+    check(&results, "misbehave/after", Outcome::Pass, "");
+    assert_eq!(done, files(&["ok", "loop", "after"]));
 
     // Blocked inside WASI, where no epoch check runs.
     let results = run(&host, dir.path(), &files(&["sleep"])).await;
@@ -391,4 +420,272 @@ async fn a_closed_report_channel_stops_the_run() {
     let (tx, rx) = mpsc::unbounded_channel();
     drop(rx);
     assert!(matches!(host.run(dir.path(), &files, &tx).await, Err(HostError::ReportClosed)));
+}
+
+/// TAP scripts covering every outcome, and the ways a script can break its
+/// plan, run through the built-in tap plugin with a real `sh`.
+const TAP_FIXTURE: &[(&str, &str)] = &[
+    (
+        "tests/basic.t",
+        r#"echo "TAP version 14"
+echo "1..6"
+echo "ok 1 - adds"
+echo "not ok 2 - subtracts"
+echo "  ---"
+echo "  got: 1"
+echo "  expected: 2"
+echo "  ..."
+echo "ok 3 - downloads # SKIP no network here"
+echo "not ok 4 - rounds # TODO not yet"
+echo "ok 5 - divides # TODO should not pass yet"
+echo "ok 6"
+"#,
+    ),
+    ("tests/short.t", "#!/bin/sh\necho 1..3\necho 'ok 1 - only one'\n"),
+    ("tests/crash.t", "#!/bin/sh\necho 'ok 1 - before the crash'\necho 'it broke' >&2\nexit 3\n"),
+    ("tests/bail.t", "echo 1..2\necho 'ok 1'\necho 'Bail out! no database'\n"),
+    ("tests/skipall.t", "echo '1..0 # SKIP needs a GPU'\n"),
+    ("tests/lib.sh", "say_ok() { echo \"ok $1 - $2\"; }\n"),
+    ("tests/test_sourcing.sh", "#!/bin/sh\n. tests/lib.sh\necho 1..1\nsay_ok 1 'from a helper'\n"),
+    ("tests/test_bash.sh", "#!/usr/bin/env bash\necho 1..1\necho ok 1\n"),
+    ("tests/ruby.t", "#!/usr/bin/env ruby\nputs '1..1'\n"),
+];
+
+#[tokio::test]
+async fn tap_reports_every_outcome() {
+    let host = PluginHost::new(policy(&["sh"])).unwrap();
+    let tap = host.plugins().into_iter().find(|p| p.name == "tap").expect("tap is built in");
+    assert_eq!(tap.claims, ["tests/**/*.t", "tests/**/test*.sh"]);
+    assert_eq!(tap.programs, ["sh", "bash", "perl", "python3"]);
+    assert_eq!(tap.granted, ["sh"]);
+
+    let (dir, files) = checkout(TAP_FIXTURE);
+    let (results, done) = run_with_events(&host, dir.path(), &files).await;
+    use Outcome::*;
+    let expected = BTreeMap::from([
+        ("tests/bail.t", Error),
+        ("tests/bail.t::1", Pass),
+        ("tests/basic.t::1 adds", Pass),
+        ("tests/basic.t::2 subtracts", Fail),
+        ("tests/basic.t::3 downloads", Skip),
+        ("tests/basic.t::4 rounds", Xfail),
+        ("tests/basic.t::5 divides", Xpass),
+        ("tests/basic.t::6", Pass),
+        ("tests/crash.t", Error),
+        ("tests/crash.t::1 before the crash", Pass),
+        ("tests/ruby.t", Error),
+        ("tests/short.t", Error),
+        ("tests/short.t::1 only one", Pass),
+        ("tests/skipall.t", Skip),
+        ("tests/test_bash.sh", Error),
+        ("tests/test_sourcing.sh::1 from a helper", Pass),
+    ]);
+    assert_eq!(outcomes(&results), expected, "{results:#?}");
+    // Every claimed file is done; the helper is not claimed.
+    let mut done = done;
+    done.sort();
+    let mut claimed: Vec<String> = files.iter().filter(|f| *f != "tests/lib.sh").cloned().collect();
+    claimed.sort();
+    assert_eq!(done, claimed);
+
+    assert_eq!(message(&results, "tests/basic.t::2 subtracts"), "got: 1\nexpected: 2");
+    assert_eq!(message(&results, "tests/basic.t::3 downloads"), "no network here");
+    assert_eq!(message(&results, "tests/basic.t::4 rounds"), "not yet");
+    assert_eq!(message(&results, "tests/skipall.t"), "needs a GPU");
+    assert!(message(&results, "tests/short.t").contains("planned 3 test(s) but 1 of them ran (missing: 2, 3)"));
+    let crash = message(&results, "tests/crash.t");
+    assert!(crash.contains("no plan") && crash.contains("exited with code 3") && crash.contains("it broke"), "{crash}");
+    assert!(message(&results, "tests/bail.t").contains("bailed out: no database"));
+    let denied = message(&results, "tests/test_bash.sh");
+    assert!(denied.contains("--allow-program bash"), "{denied}");
+    assert!(message(&results, "tests/ruby.t").contains("asks for `ruby`"));
+    assert_eq!(results["tests/basic.t::1 adds"].file, "tests/basic.t");
+}
+
+#[tokio::test]
+async fn the_first_loaded_plugin_gets_a_file_more_than_one_claims_and_the_overlap_is_logged() {
+    let mut host = PluginHost::new(policy(&["python3"])).unwrap();
+    host.load_file(&misbehaving_wasm()).unwrap();
+    assert_eq!(host.claimants("tests/test_ok.py"), ["python-unittest", "misbehaving"]);
+    assert_eq!(host.claimants("misbehave/ok"), ["misbehaving"]);
+    assert!(host.claimants("README.md").is_empty());
+
+    let (dir, files) = checkout(&[
+        ("tests/__init__.py", ""),
+        ("tests/test_ok.py", "import unittest\n\nclass T(unittest.TestCase):\n    def test_ok(self):\n        pass\n"),
+    ]);
+    let log = LogCapture::default();
+    let results = {
+        let _guard = tracing::subscriber::set_default(log.subscriber());
+        run(&host, dir.path(), &files).await
+    };
+    // misbehaving would have reported `tests/test_ok.py` as an unknown action.
+    assert_eq!(outcomes(&results), BTreeMap::from([("tests.test_ok.T.test_ok", Outcome::Pass)]));
+    let log = log.text();
+    let line =
+        log.lines().find(|l| l.contains("also_claimed_by")).unwrap_or_else(|| panic!("no overlap warning: {log}"));
+    for needle in ["tests/__init__.py", "python-unittest", "misbehaving", "files=2"] {
+        assert!(line.contains(needle), "{needle} missing from {line}");
+    }
+}
+
+/// Collects what `tracing` logs, for tests that check a log line.
+#[derive(Clone, Default)]
+struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + use<> {
+        let sink = self.clone();
+        tracing_subscriber::fmt().with_writer(move || sink.clone()).with_ansi(false).finish()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("the log lock")).into_owned()
+    }
+}
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("the log lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn compilations(host: &PluginHost) -> Vec<Compilation> {
+    host.plugins().iter().map(|p| p.compilation).collect()
+}
+
+fn cache_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("the cache directory")
+        .map(|e| e.expect("a cache entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    entries.sort();
+    entries
+}
+
+#[tokio::test]
+async fn compiled_plugins_are_cached_on_disk_and_a_damaged_entry_is_recompiled() {
+    use Compilation::{Cached, Compiled};
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("plugin-cache");
+
+    let host = PluginHost::with_cache(policy(&["sh"]), &cache).unwrap();
+    assert_eq!(compilations(&host), [Compiled, Compiled]);
+    let entries = cache_entries(&cache);
+    assert_eq!(entries.len(), 2, "one entry per built-in plugin");
+    drop(host);
+
+    // A restart compiles nothing, and the cached plugins work.
+    let host = PluginHost::with_cache(policy(&["sh"]), &cache).unwrap();
+    assert_eq!(compilations(&host), [Cached, Cached]);
+    let (checkout_dir, files) = checkout(&[("tests/a.t", "echo 1..1; echo ok 1 - cached\n")]);
+    let results = run(&host, checkout_dir.path(), &files).await;
+    assert_eq!(outcomes(&results), BTreeMap::from([("tests/a.t::1 cached", Outcome::Pass)]));
+    drop(host);
+
+    // A flipped byte in the compiled code: not trusted, recompiled, replaced.
+    let mut bytes = std::fs::read(&entries[0]).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&entries[0], &bytes).unwrap();
+    let host = PluginHost::with_cache(policy(&["sh"]), &cache).unwrap();
+    let mut seen = compilations(&host);
+    seen.sort_by_key(|c| *c == Cached);
+    assert_eq!(seen, [Compiled, Cached]);
+    let results = run(&host, checkout_dir.path(), &files).await;
+    assert_eq!(outcomes(&results), BTreeMap::from([("tests/a.t::1 cached", Outcome::Pass)]));
+    drop(host);
+    assert_eq!(compilations(&PluginHost::with_cache(policy(&["sh"]), &cache).unwrap()), [Cached, Cached]);
+
+    // A truncated entry (a crash mid-write would leave none, but a full disk
+    // might) and an entry with another entry's content are recompiled too.
+    let second = std::fs::read(&entries[1]).unwrap();
+    std::fs::write(&entries[0], &second).unwrap();
+    std::fs::write(&entries[1], &second[..second.len() / 3]).unwrap();
+    assert_eq!(compilations(&PluginHost::with_cache(policy(&["sh"]), &cache).unwrap()), [Compiled, Compiled]);
+    assert_eq!(compilations(&PluginHost::with_cache(policy(&["sh"]), &cache).unwrap()), [Cached, Cached]);
+    assert_eq!(cache_entries(&cache), entries, "entries are replaced in place, no temporary files left");
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
+}
+
+/// `wasm` with every `kiln:executor` interface name moved to `version`
+/// (same length as 0.1.0, so the binary stays valid).
+fn with_contract_version(wasm: &[u8], version: &str) -> Vec<u8> {
+    assert_eq!(version.len(), "0.1.0".len());
+    let mut bytes = wasm.to_vec();
+    let mut patched = 0;
+    for interface in ["executor", "host", "types"] {
+        let from = format!("kiln:executor/{interface}@0.1.0");
+        let to = format!("kiln:executor/{interface}@{version}");
+        let mut at = 0;
+        while let Some(offset) = bytes[at..].windows(from.len()).position(|w| w == from.as_bytes()) {
+            let start = at + offset;
+            bytes[start..start + to.len()].copy_from_slice(to.as_bytes());
+            at = start + to.len();
+            patched += 1;
+        }
+    }
+    assert!(patched > 0, "no contract names found");
+    bytes
+}
+
+#[tokio::test]
+async fn a_plugin_for_another_contract_version_is_refused_naming_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = std::fs::read(misbehaving_wasm()).unwrap();
+    let newer = dir.path().join("newer.wasm");
+    std::fs::write(&newer, with_contract_version(&original, "0.9.0")).unwrap();
+    let mut host = PluginHost::new(policy(&[])).unwrap();
+    let error = host.load_file(&newer).unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(&error, HostError::IncompatibleContract { found, supported, .. } if found == "0.9.0" && supported == "0.1.0")
+    );
+    assert!(message.contains("kiln:executor@0.9.0") && message.contains("kiln:executor@0.1.0"), "{message}");
+    assert!(matches!(PluginHost::check_file(&newer), Err(HostError::IncompatibleContract { .. })));
+
+    // A newer patch release of the same 0.1 contract is still refused (0.x:
+    // nothing newer than the host's own); the same version loads.
+    let patch = dir.path().join("patch.wasm");
+    std::fs::write(&patch, with_contract_version(&original, "0.1.9")).unwrap();
+    assert!(matches!(host.load_file(&patch), Err(HostError::IncompatibleContract { .. })));
+    let same = dir.path().join("same.wasm");
+    std::fs::write(&same, with_contract_version(&original, "0.1.0")).unwrap();
+    host.load_file(&same).unwrap();
+}
+
+#[test]
+fn check_describes_a_plugin_or_says_why_it_is_not_one() {
+    let tap = PluginHost::check_file(&Path::new(env!("KILN_PLUGINS_WASM_DIR")).join("tap.wasm")).unwrap();
+    assert_eq!((tap.name.as_str(), tap.contract.as_str()), ("tap", "0.1.0"));
+    assert_eq!(tap.claims, ["tests/**/*.t", "tests/**/test*.sh"]);
+    assert_eq!(tap.programs, ["sh", "bash", "perl", "python3"]);
+    assert!(tap.granted.is_empty());
+    assert!(tap.imports.iter().any(|i| i == "kiln:executor/host@0.1.0"), "{:?}", tap.imports);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let core_module = file("core.wasm", b"\0asm\x01\0\0\0");
+    let error = PluginHost::check_file(&core_module).unwrap_err();
+    assert!(matches!(error, HostError::Compile { .. }));
+    assert!(error.to_string().contains("core WebAssembly module, not a component"), "{error}");
+
+    let garbage = file("garbage.wasm", b"#!/bin/sh\n");
+    let error = PluginHost::check_file(&garbage).unwrap_err();
+    assert!(error.to_string().contains("not a WebAssembly component"), "{error}");
+
+    let empty_component = file("empty.wasm", b"\0asm\x0d\0\x01\0");
+    let error = PluginHost::check_file(&empty_component).unwrap_err();
+    assert!(matches!(error, HostError::NotAPlugin { .. }));
+    assert!(error.to_string().contains("does not export kiln:executor/executor"), "{error}");
 }

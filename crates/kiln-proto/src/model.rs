@@ -116,6 +116,14 @@ impl Outcome {
     }
 }
 
+impl FromStr for Outcome {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s).ok_or_else(|| format!("`{s}` is not an outcome"))
+    }
+}
+
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -151,12 +159,17 @@ pub enum CommitStatus {
     Failed,
     /// The tests could not be run at all (see the report's `error`).
     Error,
+    /// Testing was stopped by `kiln cancel`, a job timeout, or a newer commit
+    /// on the same branch; results reported until then are kept.
+    Cancelled,
+    /// Never tested: a newer commit on the same branch superseded it while queued.
+    Skipped,
 }
 
 impl CommitStatus {
     /// Whether the commit's testing has ended.
     pub fn is_final(self) -> bool {
-        matches!(self, CommitStatus::Passed | CommitStatus::Failed | CommitStatus::Error)
+        !matches!(self, CommitStatus::Queued | CommitStatus::Running)
     }
 
     /// The lowercase name used in reports.
@@ -167,7 +180,21 @@ impl CommitStatus {
             CommitStatus::Passed => "passed",
             CommitStatus::Failed => "failed",
             CommitStatus::Error => "error",
+            CommitStatus::Cancelled => "cancelled",
+            CommitStatus::Skipped => "skipped",
         }
+    }
+}
+
+impl FromStr for CommitStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use CommitStatus::*;
+        [Queued, Running, Passed, Failed, Error, Cancelled, Skipped]
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("`{s}` is not a commit status"))
     }
 }
 

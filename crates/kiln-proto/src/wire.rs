@@ -37,6 +37,17 @@ pub enum Request {
         branch: String,
         /// The commit at the branch's head.
         commit: CommitId,
+        /// What happens to older commits of the same branch.
+        supersede: Supersede,
+    },
+    /// Observer: the newest commit the dispatcher has of a branch, so an
+    /// observer in `every` mode can submit what appeared while it was down.
+    /// The dispatcher answers [`Reply::Tip`].
+    BranchTip {
+        /// The repository, as the observer names it.
+        repo: String,
+        /// The branch.
+        branch: String,
     },
     /// Runner: send me the source of `commit`. The dispatcher answers
     /// [`Reply::Source`], a [`PackHeader`] frame and that many bytes of git
@@ -53,6 +64,25 @@ pub enum Request {
         /// Which commit.
         commit: Option<CommitId>,
     },
+    /// Admin: stop testing `commit`. Queued work is dropped, running tests
+    /// are killed, and the commit ends as `cancelled`. The dispatcher answers
+    /// [`Reply::Cancelled`].
+    Cancel {
+        /// Which commit.
+        commit: CommitId,
+    },
+}
+
+/// What a new commit means for older commits of the same branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Supersede {
+    /// Nothing: every commit is tested (`kiln observer --mode every`).
+    Nothing,
+    /// Older commits still queued are skipped; running ones finish.
+    SkipQueued,
+    /// Older commits still queued are skipped and running ones cancelled
+    /// (`--mode latest`, the default).
+    CancelRunning,
 }
 
 /// The dispatcher's answer to a [`Request`].
@@ -71,6 +101,10 @@ pub enum Reply {
     Queued,
     /// A [`PackHeader`] and the pack it announces follow.
     Source,
+    /// The newest commit the dispatcher has of the branch asked about.
+    Tip(Option<CommitId>),
+    /// Whether the commit was still being tested and is now cancelled.
+    Cancelled(bool),
     /// A commit's report, or `None` if the dispatcher knows no such commit.
     Report(Option<Box<CommitReport>>),
     /// The request was refused; the stream ends after this.
@@ -87,7 +121,8 @@ pub struct PackHeader {
 
 /// The first frame on a stream the dispatcher opens to a runner: run the tests
 /// of a commit. The runner then sends [`JobEvent`]s on the same stream, ending
-/// with [`JobEvent::Finished`].
+/// with [`JobEvent::Finished`] or [`JobEvent::Abandoned`]; the dispatcher may
+/// send one [`Control`] frame after the assignment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignment {
     /// The job's id, unique within the dispatcher.
@@ -97,6 +132,9 @@ pub struct Assignment {
     pub attempt: u32,
     /// The commit to test.
     pub commit: CommitId,
+    /// Test files an earlier attempt finished: their results are stored, so
+    /// they are not run again.
+    pub skip_files: Vec<String>,
 }
 
 /// What a runner reports about an assignment.
@@ -104,9 +142,30 @@ pub struct Assignment {
 pub enum JobEvent {
     /// One test finished.
     Test(TestResult),
+    /// Every test of this file has been reported.
+    FileDone {
+        /// The repository-relative path.
+        file: String,
+    },
     /// The job is over. `error` says why it could not run, if it could not.
     Finished {
         /// Why the job could not run at all.
         error: Option<String>,
+    },
+    /// The runner gives the job back unfinished (it is shutting down); the
+    /// dispatcher hands what is left to another runner at once.
+    Abandoned {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The dispatcher's word to a runner about a running assignment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// Stop: kill the tests and answer [`JobEvent::Finished`].
+    Cancel {
+        /// Why, for the runner's log.
+        reason: String,
     },
 }

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use kiln_git::ObjectStore;
 use kiln_net::{Connection, RecvStream, SendStream};
-use kiln_plugin_host::PluginHost;
+use kiln_plugin_host::{HostEvent, PluginHost};
+use kiln_proto::CommitId;
 use kiln_proto::error_chain;
-use kiln_proto::wire::{Assignment, JobEvent, Reply, Request};
-use kiln_proto::{CommitId, TestResult};
+use kiln_proto::wire::{Assignment, Control, JobEvent, Reply, Request};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -45,6 +45,18 @@ enum JobError {
     Plugins(#[source] kiln_plugin_host::HostError),
 }
 
+/// How the job task ended.
+enum End {
+    /// The tests ran (or could not run: the inner error).
+    Ran(Result<Result<usize, JobError>, kiln_net::FramedError>),
+    /// The dispatcher said stop.
+    Cancelled(String),
+    /// The runner is shutting down.
+    Shutdown,
+    /// The connection to the dispatcher broke.
+    Lost(String),
+}
+
 /// Serves one assignment stream opened by the dispatcher.
 pub(crate) async fn serve_assignment(
     ctx: Arc<JobContext>,
@@ -60,34 +72,53 @@ pub(crate) async fn serve_assignment(
             return;
         }
     };
-    let Assignment { job, attempt, commit } = assignment;
-    info!(job, attempt, %commit, "job started");
+    let Assignment { job, attempt, commit, skip_files } = assignment;
+    info!(job, attempt, %commit, skip = skip_files.len(), "job started");
     let checkout = ctx.jobs_dir.join(format!("{job}-{attempt}"));
-    let result = tokio::select! {
-        () = shutdown.cancelled() => return,
-        r = run_job(&ctx, &conn, commit, &checkout, &mut send) => r,
-    };
-    let error = match result {
-        Ok(Ok(count)) => {
-            info!(job, tests = count, "job finished");
-            None
-        }
-        Ok(Err(e)) => {
-            warn!(job, "job failed: {}", error_chain(&e));
-            Some(error_chain(&e))
-        }
-        Err(e) => {
-            // The stream to the dispatcher broke: nobody to tell.
-            warn!(job, "lost the assignment stream: {}", error_chain(&e));
-            remove_checkout(&checkout).await;
-            return;
-        }
+    // Dropping the job's future kills its tests: the plugin host kills each
+    // command's process group when its future is dropped.
+    let end = tokio::select! {
+        () = shutdown.cancelled() => End::Shutdown,
+        control = recv.recv::<Control>() => match control {
+            Ok(Some(Control::Cancel { reason })) => End::Cancelled(reason),
+            // The dispatcher ended its half early: it will say nothing more.
+            Ok(None) => End::Ran(run_job(&ctx, &conn, commit, &skip_files, &checkout, &mut send).await),
+            Err(e) => End::Lost(error_chain(&e)),
+        },
+        r = run_job(&ctx, &conn, commit, &skip_files, &checkout, &mut send) => End::Ran(r),
     };
     remove_checkout(&checkout).await;
-    if send.send(&JobEvent::Finished { error }).await.is_ok() {
+    let last = match end {
+        End::Ran(Ok(Ok(count))) => {
+            info!(job, tests = count, "job finished");
+            JobEvent::Finished { error: None }
+        }
+        End::Ran(Ok(Err(e))) => {
+            warn!(job, "job failed: {}", error_chain(&e));
+            JobEvent::Finished { error: Some(error_chain(&e)) }
+        }
+        End::Ran(Err(e)) => {
+            // The stream to the dispatcher broke: nobody to tell.
+            warn!(job, "lost the assignment stream: {}", error_chain(&e));
+            return;
+        }
+        End::Lost(reason) => {
+            warn!(job, "lost the dispatcher, dropping the job: {reason}");
+            return;
+        }
+        End::Cancelled(reason) => {
+            info!(job, "job cancelled: {reason}");
+            JobEvent::Finished { error: Some(format!("cancelled: {reason}")) }
+        }
+        End::Shutdown => {
+            info!(job, "handing the job back: shutting down");
+            JobEvent::Abandoned { reason: "the runner is shutting down".to_owned() }
+        }
+    };
+    if send.send(&last).await.is_ok() {
         send.finish();
         // Wait until the dispatcher has everything before letting go.
-        send.stopped().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), send.stopped()).await;
     }
 }
 
@@ -105,6 +136,7 @@ async fn run_job(
     ctx: &JobContext,
     conn: &Connection,
     commit: CommitId,
+    skip_files: &[String],
     checkout: &Path,
     send: &mut SendStream,
 ) -> Result<Result<usize, JobError>, kiln_net::FramedError> {
@@ -112,11 +144,12 @@ async fn run_job(
         return Ok(Err(e));
     }
     let files = match list_test_files(checkout) {
-        Ok(files) => files,
+        // Files an earlier attempt finished are stored already.
+        Ok(files) => files.into_iter().filter(|f| !skip_files.contains(f)).collect::<Vec<_>>(),
         Err(e) => return Ok(Err(JobError::List(e))),
     };
     debug!(files = files.len(), "running tests");
-    let (tx, mut rx) = mpsc::unbounded_channel::<TestResult>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<HostEvent>();
     let host = Arc::clone(&ctx.host);
     let run = async move {
         let r = host.run(checkout, &files, &tx).await;
@@ -125,9 +158,14 @@ async fn run_job(
     };
     let forward = async {
         let mut count = 0;
-        while let Some(result) = rx.recv().await {
-            send.send(&JobEvent::Test(result)).await?;
-            count += 1;
+        while let Some(event) = rx.recv().await {
+            match event {
+                HostEvent::Test(result) => {
+                    send.send(&JobEvent::Test(result)).await?;
+                    count += 1;
+                }
+                HostEvent::FileDone(file) => send.send(&JobEvent::FileDone { file }).await?,
+            }
         }
         Ok::<usize, kiln_net::FramedError>(count)
     };

@@ -90,6 +90,11 @@ pub async fn run(
             Ok((conn, _control)) => {
                 backoff.reset();
                 serve(&conn, &ctx, &tasks, &shutdown).await;
+                if shutdown.is_cancelled() {
+                    // Let running jobs hand their work back before the connection goes.
+                    tasks.close();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tasks.wait()).await;
+                }
                 conn.close(kiln_net::CloseCode::Shutdown, "runner shutting down");
             }
             Err(RequestError::Refused(reason)) => return Err(RunnerError::Refused(reason)),

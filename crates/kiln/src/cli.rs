@@ -32,8 +32,15 @@ pub enum Command {
     Runner(RunnerArgs),
     /// Print the results of a commit (exit 0 passed, 1 failed, 2 otherwise).
     Results(ResultsArgs),
+    /// Stop testing a commit: queued work is dropped, running tests are killed.
+    Cancel(CancelArgs),
+    /// Make a running observer look for new commits now (for git hooks).
+    Notify(NotifyArgs),
     /// Run the whole system on a sample repository and show the results.
     Demo(DemoArgs),
+    /// Check an executor plugin file, or create a new plugin crate.
+    #[command(subcommand)]
+    Plugin(crate::plugin::PluginCommand),
 }
 
 /// `kiln certs …`
@@ -103,6 +110,9 @@ pub struct DispatcherArgs {
     /// The largest git pack accepted from an observer, in MiB.
     #[arg(long, default_value_t = 512)]
     pub max_pack_mib: u64,
+    /// How long one commit's tests may run before they are stopped.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub job_timeout: Duration,
 }
 
 /// `kiln observer`
@@ -119,6 +129,46 @@ pub struct ObserverArgs {
     /// How often to look for new commits.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     pub interval: Duration,
+    /// `latest`: test the newest commit of each branch (older queued ones are
+    /// skipped); `every`: test every new commit, in order.
+    #[arg(long, value_enum, default_value = "latest")]
+    pub mode: ModeArg,
+    /// In `latest` mode, let running tests of a superseded commit finish
+    /// instead of cancelling them.
+    #[arg(long)]
+    pub keep_running: bool,
+    /// The Unix socket `kiln notify` pokes (default: kiln-observer.sock in the repository's git directory).
+    #[arg(long)]
+    pub notify_socket: Option<PathBuf>,
+}
+
+/// Which commits the observer submits.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ModeArg {
+    /// The newest commit of each branch.
+    Latest,
+    /// Every new commit, in order.
+    Every,
+}
+
+/// `kiln cancel`
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The commit (full id).
+    pub commit: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `kiln notify`
+#[derive(Debug, Args)]
+pub struct NotifyArgs {
+    /// The watched repository.
+    #[arg(long, default_value = ".")]
+    pub repo: PathBuf,
+    /// The observer's socket, if not the default for `--repo`.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
 }
 
 /// `kiln runner`
@@ -132,7 +182,8 @@ pub struct RunnerArgs {
     /// How many jobs to run at once.
     #[arg(long, default_value_t = 1)]
     pub slots: u32,
-    /// A directory of extra executor plugins (*.wasm).
+    /// A directory of extra executor plugins (*.wasm), loaded after the built-ins in file-name order; a file
+    /// more than one plugin claims goes to the first loaded.
     #[arg(long)]
     pub plugins: Option<PathBuf>,
     /// A program plugins may run (repeatable); each is resolved to an absolute path at start-up.

@@ -12,7 +12,7 @@ use kiln_proto::{CommitId, CommitReport, CommitStatus, Outcome, Role};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::cli::{CertsCommand, ClientArgs, Command, Format, ResultsArgs, RoleArg, RunnerArgs};
+use crate::cli::{CancelArgs, CertsCommand, ClientArgs, Command, Format, ModeArg, ResultsArgs, RoleArg, RunnerArgs};
 
 /// Runs one subcommand.
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -30,6 +30,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let config = kiln_dispatcher::Config {
                 state_dir: a.state.clone(),
                 max_pack_bytes: a.max_pack_mib.saturating_mul(1 << 20),
+                job_timeout: a.job_timeout,
             };
             kiln_dispatcher::Dispatcher::run(listener, config, shutdown_on_signal())
                 .await
@@ -44,13 +45,30 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 branches: a.branches,
                 interval: a.interval,
                 net: net(&a.client),
+                mode: match a.mode {
+                    ModeArg::Latest => kiln_observer::Mode::Latest { cancel_running: !a.keep_running },
+                    ModeArg::Every => kiln_observer::Mode::Every,
+                },
+                notify_socket: Some(a.notify_socket.unwrap_or_else(|| kiln_observer::default_notify_socket(&a.repo))),
             };
             kiln_observer::run(bundle, config, shutdown_on_signal()).await.map_err(anyhow::Error::from)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Runner(a) => runner(a).await,
         Command::Results(a) => results(a).await,
+        Command::Cancel(a) => cancel(a).await,
+        Command::Notify(a) => {
+            let socket = a.socket.unwrap_or_else(|| kiln_observer::default_notify_socket(&a.repo));
+            kiln_observer::notify(&socket).with_context(|| {
+                format!(
+                    "no observer is listening on {} (is `kiln observer` running for this repository?)",
+                    socket.display()
+                )
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo(a) => crate::demo::run(a).await,
+        Command::Plugin(c) => crate::plugin::run(c),
     }
 }
 
@@ -108,7 +126,9 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
         call_timeout: Duration::from_secs(60),
         max_memory: 256 << 20,
     };
-    let mut host = kiln_plugin_host::PluginHost::new(policy).context("cannot start the plugin host")?;
+    // Compiled plugins are kept between runs: a restart compiles nothing.
+    let mut host = kiln_plugin_host::PluginHost::with_cache(policy, &a.work.join("plugin-cache"))
+        .context("cannot start the plugin host")?;
     if let Some(dir) = &a.plugins {
         let entries =
             std::fs::read_dir(dir).with_context(|| format!("cannot read the plugins directory {}", dir.display()))?;
@@ -179,12 +199,31 @@ async fn results(a: ResultsArgs) -> anyhow::Result<ExitCode> {
     Ok(exit_code(report.status))
 }
 
+async fn cancel(a: CancelArgs) -> anyhow::Result<ExitCode> {
+    let bundle = load_bundle(&a.client.identity)?;
+    let commit: CommitId = a.commit.parse()?;
+    let conn = kiln_net::connect(&bundle, &a.client.dispatcher, net(&a.client)).await?;
+    let reply = conn.request(&Request::Cancel { commit }).await;
+    conn.close(kiln_net::CloseCode::Shutdown, "done");
+    match reply {
+        Ok((_, _, Reply::Cancelled(true))) => println!("cancelled {commit}"),
+        Ok((_, _, Reply::Cancelled(false))) => println!("{commit} was not queued or running; nothing to cancel"),
+        Ok((_, _, other)) => bail!("unexpected reply from the dispatcher: {other:?}"),
+        Err(e) => return Err(anyhow::Error::from(e).context(format!("cannot cancel {commit}"))),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The exit code `kiln results` gives for a status.
 pub fn exit_code(status: CommitStatus) -> ExitCode {
     match status {
         CommitStatus::Passed => ExitCode::SUCCESS,
         CommitStatus::Failed => ExitCode::from(1),
-        CommitStatus::Queued | CommitStatus::Running | CommitStatus::Error => ExitCode::from(2),
+        CommitStatus::Queued
+        | CommitStatus::Running
+        | CommitStatus::Error
+        | CommitStatus::Cancelled
+        | CommitStatus::Skipped => ExitCode::from(2),
     }
 }
 

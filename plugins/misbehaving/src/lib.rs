@@ -2,34 +2,23 @@
 //! that a plugin which loops, balloons, panics or fails turns into `error`
 //! results and that the host keeps serving. It is not built into the runner.
 //!
-//! Each claimed file `misbehave/<action>` asks for one behaviour; the files
-//! are handled in order, so a file after a fatal one never gets a result.
+//! Each claimed file `misbehave/<action>` asks for one behaviour. The host
+//! runs each file in a call of its own, so a fatal one costs only itself.
 
-use bindings::exports::kiln::executor::executor::Guest;
-use bindings::kiln::executor::host::{self, Command, CommandError};
-use bindings::kiln::executor::types::{Outcome, PluginInfo, TestResult};
-
-/// The guest side of the `kiln:executor` contract, generated from the WIT.
-#[expect(unsafe_code, reason = "the canonical-ABI glue that wit-bindgen generates is unsafe by nature")]
-mod bindings {
-    use super::Misbehaving;
-
-    wit_bindgen::generate!({
-        path: "../wit",
-        world: "plugin",
-    });
-
-    export!(Misbehaving);
-}
+use kiln_plugin_sdk::{Command, CommandError, Executor, Info, Outcome, TestResult, export_executor};
 
 struct Misbehaving;
 
-impl Guest for Misbehaving {
-    fn info() -> PluginInfo {
-        PluginInfo {
+export_executor!(Misbehaving);
+
+impl Executor for Misbehaving {
+    fn info() -> Info {
+        Info {
             name: "misbehaving".to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            claims: vec!["misbehave/*".to_owned()],
+            // The second claim overlaps python-unittest's, which is loaded
+            // first and so keeps those files: the host's overlap rule.
+            claims: vec!["misbehave/*".to_owned(), "tests/**/*.py".to_owned()],
             programs: vec!["python3".to_owned(), "sh".to_owned()],
         }
     }
@@ -63,7 +52,7 @@ impl Guest for Misbehaving {
 }
 
 fn report(file: &str, outcome: Outcome, message: &str) {
-    host::report(&TestResult {
+    kiln_plugin_sdk::report(&TestResult {
         id: file.to_owned(),
         file: file.to_owned(),
         outcome,
@@ -80,7 +69,7 @@ fn command(program: &str, cwd: &str) -> (Outcome, String) {
         cwd: cwd.to_owned(),
         timeout_ms: 10_000,
     };
-    match host::run_command(&command) {
+    match kiln_plugin_sdk::run_command(&command) {
         Ok(out) => (Outcome::Pass, format!("exit code {:?}", out.exit_code)),
         Err(CommandError::Denied(why)) => (Outcome::Error, format!("denied: {why}")),
         Err(CommandError::Failed(why)) => (Outcome::Error, format!("failed: {why}")),

@@ -16,29 +16,9 @@
 mod output;
 mod select;
 
-use std::path::Path;
 use std::time::Instant;
 
-use bindings::exports::kiln::executor::executor::Guest;
-use bindings::kiln::executor::host::{self, Command, CommandError};
-use bindings::kiln::executor::types::{Outcome, PluginInfo, TestResult};
-
-/// The guest side of the `kiln:executor` contract, generated from the WIT.
-#[expect(unsafe_code, reason = "the canonical-ABI glue that wit-bindgen generates is unsafe by nature")]
-mod bindings {
-    use super::PythonUnittest;
-
-    wit_bindgen::generate!({
-        path: "../wit",
-        world: "plugin",
-    });
-
-    export!(PythonUnittest);
-}
-
-/// Where the host mounts the job's checkout, read-only. Inside the guest the
-/// working directory is `/`, so paths must be absolute to reach it.
-const CHECKOUT: &str = "/checkout";
+use kiln_plugin_sdk::{Command, CommandError, Executor, Info, Outcome, TestResult, checkout_path, export_executor};
 
 /// The per-module time limit the plugin asks for. The host caps it at its own
 /// limit, which is normally the one that applies.
@@ -49,9 +29,11 @@ const DRIVER: &str = include_str!("driver.py");
 
 struct PythonUnittest;
 
-impl Guest for PythonUnittest {
-    fn info() -> PluginInfo {
-        PluginInfo {
+export_executor!(PythonUnittest);
+
+impl Executor for PythonUnittest {
+    fn info() -> Info {
+        Info {
             name: "python-unittest".to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             claims: vec!["tests/**/*.py".to_owned()],
@@ -60,20 +42,20 @@ impl Guest for PythonUnittest {
     }
 
     fn run(files: Vec<String>) -> Result<(), String> {
-        let (modules, skipped) = select::test_modules(&files, |file| Path::new(CHECKOUT).join(file).is_file());
+        let (modules, skipped) = select::test_modules(&files, |file| checkout_path(file).is_file());
         // Package `__init__.py` files are expected here; name the others
-        // (one line per job), since a misnamed test file is a common mistake.
+        // (one line per call), since a misnamed test file is a common mistake.
         let notable: Vec<String> = skipped
             .iter()
             .filter(|s| !s.file.ends_with("/__init__.py"))
             .map(|s| format!("{} ({})", s.file, s.reason))
             .collect();
         if !notable.is_empty() {
-            host::log(&format!("not test modules for unittest discover: {}", notable.join(", ")));
+            kiln_plugin_sdk::log(&format!("not test modules for unittest discover: {}", notable.join(", ")));
         }
         for module in &modules {
             for report in run_module(module) {
-                host::report(&TestResult {
+                kiln_plugin_sdk::report(&TestResult {
                     id: report.id,
                     file: module.file.clone(),
                     outcome: outcome(report.outcome),
@@ -95,8 +77,8 @@ fn run_module(module: &select::TestModule) -> Vec<output::Report> {
         timeout_ms: MODULE_TIMEOUT_MS,
     };
     let started = Instant::now();
-    let result = host::run_command(&command);
-    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let result = kiln_plugin_sdk::run_command(&command);
+    let elapsed_ms = kiln_plugin_sdk::elapsed_ms(started);
     match result {
         Ok(out) => {
             let exit = output::Exit { code: out.exit_code, timed_out: out.timed_out, elapsed_ms };

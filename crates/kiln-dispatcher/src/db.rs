@@ -1,0 +1,314 @@
+//! The dispatcher's durable state: an SQLite database (WAL) in the state
+//! directory holding every commit, its job's attempt counter, its per-test
+//! results and its finished files.
+//!
+//! The in-memory [`State`](crate::state::State) decides; this module records
+//! each decision before the dispatcher acts on it, under the same lock, so a
+//! restarted dispatcher (even after `kill -9`) resumes where it stopped.
+//! WAL with `synchronous=NORMAL` survives a process crash with every
+//! committed transaction; a power loss may lose the last few.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use kiln_proto::{CommitId, TestResult};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::state::CommitEntry;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS commits (
+    commit_id      TEXT PRIMARY KEY,
+    repo           TEXT NOT NULL,
+    branch         TEXT NOT NULL,
+    seq            INTEGER NOT NULL UNIQUE,
+    status         TEXT NOT NULL,
+    error          TEXT,
+    runner         TEXT,
+    queued_at_ms   INTEGER NOT NULL,
+    finished_at_ms INTEGER,
+    job            INTEGER NOT NULL UNIQUE,
+    attempt        INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS results (
+    commit_id   TEXT NOT NULL REFERENCES commits (commit_id),
+    test_id     TEXT NOT NULL,
+    file        TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    message     TEXT NOT NULL,
+    PRIMARY KEY (commit_id, test_id)
+);
+CREATE TABLE IF NOT EXISTS done_files (
+    commit_id TEXT NOT NULL REFERENCES commits (commit_id),
+    file      TEXT NOT NULL,
+    PRIMARY KEY (commit_id, file)
+);
+";
+
+/// The schema version this code writes (SQLite's `user_version`).
+const VERSION: i64 = 1;
+
+/// Why the state database failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// SQLite failed.
+    #[error("the state database {path}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database holds something this version cannot read.
+    #[error("the state database {path} is unreadable: {reason}")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The open database.
+#[derive(Debug)]
+pub struct Db {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Db, DbError> {
+        let err = |source| DbError::Sqlite { path: path.to_owned(), source };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
+        // Another process holding the database would be a misconfiguration; wait briefly, then fail.
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(err)?;
+        if version > VERSION {
+            return Err(DbError::Corrupt {
+                path: path.to_owned(),
+                reason: format!("it was written by a newer Kiln (schema {version}, this one knows {VERSION})"),
+            });
+        }
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        conn.pragma_update(None, "user_version", VERSION).map_err(err)?;
+        Ok(Db { conn, path: path.to_owned() })
+    }
+
+    fn err(&self) -> impl FnOnce(rusqlite::Error) -> DbError + '_ {
+        |source| DbError::Sqlite { path: self.path.clone(), source }
+    }
+
+    fn corrupt(&self, reason: String) -> DbError {
+        DbError::Corrupt { path: self.path.clone(), reason }
+    }
+
+    /// Every commit, with its results and finished files, in submission order.
+    pub fn load(&self) -> Result<Vec<CommitEntry>, DbError> {
+        let mut entries: BTreeMap<CommitId, CommitEntry> = BTreeMap::new();
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT commit_id, repo, branch, seq, status, error, runner, queued_at_ms, finished_at_ms, job, attempt
+                 FROM commits",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, i64>(7)?,
+                    r.get::<_, Option<i64>>(8)?,
+                    r.get::<_, i64>(9)?,
+                    r.get::<_, i64>(10)?,
+                ))
+            })
+            .map_err(self.err())?;
+        for row in rows {
+            let (commit, repo, branch, seq, status, error, runner, queued, finished, job, attempt) =
+                row.map_err(self.err())?;
+            let commit: CommitId = commit.parse().map_err(|e| self.corrupt(format!("{e}")))?;
+            let status = status.parse().map_err(|e: String| self.corrupt(e))?;
+            entries.insert(
+                commit,
+                CommitEntry {
+                    commit,
+                    repo,
+                    branch,
+                    seq: seq as u64,
+                    status,
+                    error,
+                    runner,
+                    queued_at_ms: queued as u64,
+                    finished_at_ms: finished.map(|f| f as u64),
+                    job: job as u64,
+                    attempt: attempt as u32,
+                    lease: None,
+                    tests: BTreeMap::new(),
+                    done_files: BTreeSet::new(),
+                },
+            );
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT commit_id, test_id, file, outcome, duration_ms, message FROM results")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })
+            .map_err(self.err())?;
+        for row in rows {
+            let (commit, id, file, outcome, duration, message) = row.map_err(self.err())?;
+            let commit: CommitId = commit.parse().map_err(|e| self.corrupt(format!("{e}")))?;
+            let outcome = outcome.parse().map_err(|e: String| self.corrupt(e))?;
+            if let Some(entry) = entries.get_mut(&commit) {
+                let result = TestResult { id: id.clone(), file, outcome, duration_ms: duration as u64, message };
+                entry.tests.insert(id, result);
+            }
+        }
+        let mut stmt = self.conn.prepare("SELECT commit_id, file FROM done_files").map_err(self.err())?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(self.err())?;
+        for row in rows {
+            let (commit, file) = row.map_err(self.err())?;
+            let commit: CommitId = commit.parse().map_err(|e| self.corrupt(format!("{e}")))?;
+            if let Some(entry) = entries.get_mut(&commit) {
+                entry.done_files.insert(file);
+            }
+        }
+        let mut entries: Vec<CommitEntry> = entries.into_values().collect();
+        entries.sort_by_key(|e| e.seq);
+        Ok(entries)
+    }
+
+    /// Writes a commit's row (everything but its results and files).
+    pub fn save_commit(&self, e: &CommitEntry) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "INSERT INTO commits (commit_id, repo, branch, seq, status, error, runner, queued_at_ms,
+                                      finished_at_ms, job, attempt)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT (commit_id) DO UPDATE SET status = ?5, error = ?6, runner = ?7,
+                     finished_at_ms = ?9, attempt = ?11",
+                params![
+                    e.commit.as_str(),
+                    e.repo,
+                    e.branch,
+                    e.seq as i64,
+                    e.status.as_str(),
+                    e.error,
+                    e.runner,
+                    e.queued_at_ms as i64,
+                    e.finished_at_ms.map(|f| f as i64),
+                    e.job as i64,
+                    i64::from(e.attempt),
+                ],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Records a test result; a second result for the same id is ignored.
+    pub fn insert_test(&self, commit: &CommitId, t: &TestResult) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO results (commit_id, test_id, file, outcome, duration_ms, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![commit.as_str(), t.id, t.file, t.outcome.as_str(), t.duration_ms as i64, t.message],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Records a finished file.
+    pub fn insert_done_file(&self, commit: &CommitId, file: &str) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO done_files (commit_id, file) VALUES (?1, ?2)",
+                params![commit.as_str(), file],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Whether the database knows the commit (for tests and diagnostics).
+    pub fn has_commit(&self, commit: &CommitId) -> Result<bool, DbError> {
+        self.conn
+            .query_row("SELECT 1 FROM commits WHERE commit_id = ?1", [commit.as_str()], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(self.err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::State;
+    use kiln_proto::wire::Supersede;
+    use kiln_proto::{CommitStatus, Outcome};
+
+    #[test]
+    fn state_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        let commit: CommitId = "0123456789abcdef0123456789abcdef01234567".parse().unwrap();
+        let mut state = State::default();
+        state.submit("repo", "main", commit, Supersede::Nothing, 5).unwrap();
+        state.register("r", 1, 1);
+        let d = state.assign().remove(0).assignment;
+        let t = TestResult {
+            id: "tests.test_a.T.test_x".into(),
+            file: "tests/test_a.py".into(),
+            outcome: Outcome::Xfail,
+            duration_ms: 12,
+            message: "it's 'quoted'\nand multi-line".into(),
+        };
+        state.record_test(d.job, d.attempt, 1, t.clone()).unwrap();
+        state.file_done(d.job, d.attempt, 1, "tests/test_a.py".into()).unwrap();
+        {
+            let db = Db::open(&path).unwrap();
+            let entry = state.entry(&commit).unwrap();
+            db.save_commit(entry).unwrap();
+            db.insert_test(&commit, &t).unwrap();
+            db.insert_test(&commit, &TestResult { outcome: Outcome::Fail, ..t.clone() }).unwrap();
+            db.insert_done_file(&commit, "tests/test_a.py").unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        assert!(db.has_commit(&commit).unwrap());
+        let loaded = db.load().unwrap();
+        assert_eq!(loaded.len(), 1);
+        let e = &loaded[0];
+        assert_eq!(e.status, CommitStatus::Running);
+        assert_eq!((e.job, e.attempt, e.seq), (d.job, 1, 1));
+        assert_eq!(e.tests.values().cloned().collect::<Vec<_>>(), vec![t], "the first result wins");
+        assert_eq!(e.done_files.iter().cloned().collect::<Vec<_>>(), vec!["tests/test_a.py".to_owned()]);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        let err = Db::open(&path).unwrap_err();
+        assert!(err.to_string().contains("newer Kiln"), "{err}");
+    }
+}

@@ -1,0 +1,893 @@
+//! The process sandbox `run-command` starts programs in, and the start-up
+//! [`probe`] that says which of its mechanisms this machine supports.
+//!
+//! A command runs with a cleared environment, in its own session, in the
+//! job's directory (see `command`), and with every mechanism below that the
+//! kernel and the runner's privileges allow. Each one degrades on its own,
+//! and never silently: [`probe`] reports what is missing and why (for the
+//! runner's start-up log), and a command that ran without something gets a
+//! line saying so at the end of its stderr.
+//!
+//! | mechanism | how | without it |
+//! |---|---|---|
+//! | process-tree cleanup | a PID namespace whose init is the program: when it ends or is killed, the kernel kills the rest; and a cgroup per command, killed with `cgroup.kill` | only the process group is killed: a daemon that calls `setsid` survives |
+//! | process limit | `pids.max` of the command's cgroup (v2, or the v1 pids hierarchy); `RLIMIT_NPROC` when the command has a user namespace of its own | none (root ignores `RLIMIT_NPROC`, and outside a user namespace it counts all of a user's processes) |
+//! | memory limit | the memory limit of the command's cgroup | `RLIMIT_AS`, per process and of virtual memory |
+//! | file size limit | `RLIMIT_FSIZE` | always available |
+//! | network isolation | a network namespace with only a loopback interface (up, so tests can serve themselves on 127.0.0.1) | Landlock denying TCP bind and connect (ABI 4+), or nothing |
+//! | write confinement | Landlock: writes only beneath the job directory, the command's private `TMPDIR`, `/dev/shm` (POSIX semaphores and shared memory, which Python's multiprocessing needs) and `/dev/null`, `/dev/zero`, `/dev/full` | the command writes wherever the runner's user may |
+//! | privilege drop | `no_new_privs`; every capability dropped, bounding set included, so a runner running as root does not give tests root's powers (`setns` out of the namespaces, `mount`, moving cgroups) | always available |
+//!
+//! As root, namespaces come directly; without root, inside a user namespace
+//! mapping the runner's user to itself, where the kernel allows unprivileged
+//! ones. cgroups need a hierarchy where the runner may create children: as
+//! root, or in a delegated subtree. Reads are not confined: tests need the
+//! toolchain, wherever it is installed. There is no mount namespace, so
+//! `/proc` still lists the machine's processes (a PID namespace makes them
+//! unreachable for signals, and so does Landlock's signal scope, ABI 6+).
+//!
+//! Between `fork` and `exec` only async-signal-safe system calls are allowed:
+//! that code, and all of this crate's `unsafe`, is in `sys`.
+
+mod cgroup;
+mod sys;
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use self::cgroup::CommandCgroup;
+use self::sys::landlock as ll;
+
+/// The limits every command runs under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SandboxLimits {
+    /// Processes and threads a command may have at once, its own included.
+    pub max_processes: u64,
+    /// Bytes of memory for the whole command (with a cgroup), or of virtual
+    /// memory per process (the `RLIMIT_AS` fallback).
+    pub max_memory: u64,
+    /// The largest file a command may write, in bytes.
+    pub max_file_size: u64,
+}
+
+impl Default for SandboxLimits {
+    /// Generous for test suites, fatal for fork bombs and runaway writers.
+    fn default() -> SandboxLimits {
+        SandboxLimits { max_processes: 1024, max_memory: 4 << 30, max_file_size: 1 << 30 }
+    }
+}
+
+/// One protection of the sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Mechanism {
+    /// Killing everything a command started, daemons included.
+    ProcessCleanup,
+    /// A cap on a command's processes (fork bombs).
+    ProcessLimit,
+    /// A cap on a command's memory.
+    MemoryLimit,
+    /// A cap on the size of files a command writes.
+    FileSizeLimit,
+    /// No network but a private loopback.
+    NetworkIsolation,
+    /// Writes only inside the job's directory.
+    WriteConfinement,
+    /// No privileges: no capabilities, none to gain.
+    PrivilegeDrop,
+}
+
+impl fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mechanism::ProcessCleanup => "process-tree cleanup",
+            Mechanism::ProcessLimit => "process limit",
+            Mechanism::MemoryLimit => "memory limit",
+            Mechanism::FileSizeLimit => "file size limit",
+            Mechanism::NetworkIsolation => "network isolation",
+            Mechanism::WriteConfinement => "write confinement",
+            Mechanism::PrivilegeDrop => "privilege drop",
+        })
+    }
+}
+
+/// How much of a mechanism this machine provides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coverage {
+    /// As designed.
+    Full,
+    /// A weaker fallback (the detail says what is missing).
+    Partial,
+    /// Not at all.
+    Missing,
+}
+
+/// What the probe found for one mechanism.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MechanismReport {
+    /// Which mechanism.
+    pub mechanism: Mechanism,
+    /// How much of it commands get.
+    pub coverage: Coverage,
+    /// How it is enforced, or why it is not, for the log.
+    pub detail: String,
+}
+
+impl fmt::Display for MechanismReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let coverage = match self.coverage {
+            Coverage::Full => "yes",
+            Coverage::Partial => "partly",
+            Coverage::Missing => "NO",
+        };
+        write!(f, "{}: {coverage}: {}", self.mechanism, self.detail)
+    }
+}
+
+/// Which sandbox mechanisms commands get on this machine, and why any is
+/// missing. Log it at start-up: see [`probe`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxReport {
+    mechanisms: Vec<MechanismReport>,
+}
+
+impl SandboxReport {
+    /// Every mechanism, in a fixed order.
+    pub fn mechanisms(&self) -> &[MechanismReport] {
+        &self.mechanisms
+    }
+
+    /// What the probe found for `mechanism`.
+    pub fn get(&self, mechanism: Mechanism) -> Option<&MechanismReport> {
+        self.mechanisms.iter().find(|m| m.mechanism == mechanism)
+    }
+
+    /// The mechanisms commands get only partly or not at all.
+    pub fn degraded(&self) -> impl Iterator<Item = &MechanismReport> {
+        self.mechanisms.iter().filter(|m| m.coverage != Coverage::Full)
+    }
+
+    /// Whether every mechanism is fully available.
+    pub fn is_complete(&self) -> bool {
+        self.degraded().next().is_none()
+    }
+
+    /// The line added to every command's stderr while something is
+    /// degraded: short, because plugins quote the end of stderr in results.
+    fn command_note(&self) -> Option<String> {
+        let degraded: Vec<String> = self
+            .degraded()
+            .map(|m| match m.coverage {
+                Coverage::Partial => format!("{} (partly)", m.mechanism),
+                _ => m.mechanism.to_string(),
+            })
+            .collect();
+        (!degraded.is_empty())
+            .then(|| format!("ran without full {}; the runner's start-up log says why", degraded.join(", ")))
+    }
+}
+
+impl fmt::Display for SandboxReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, mechanism) in self.mechanisms.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{mechanism}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Probes the machine once (later calls return the same report) and says
+/// which sandbox mechanisms commands will get. The runner calls this at
+/// start-up to log it; commands use the same probe.
+pub fn probe() -> &'static SandboxReport {
+    &Sandbox::global().report
+}
+
+/// Prefix of the lines the sandbox adds to a command's stderr.
+pub(crate) const NOTE_PREFIX: &str = "[kiln sandbox]";
+
+/// Counter making cgroup and temporary directory names unique within the
+/// process; the process id makes them unique on the machine.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn unique_name(kind: &str) -> String {
+    format!("kiln-{kind}-{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Whether `name` is one of [`unique_name`]'s for `kind`, made by a process
+/// that no longer runs. (A process id may have been reused since: then the
+/// directory is left alone, which is the safe mistake.)
+fn is_stale(name: &str, kind: &str) -> bool {
+    let Some(rest) = name.strip_prefix("kiln-").and_then(|rest| rest.strip_prefix(kind)) else { return false };
+    let mut parts = rest.strip_prefix('-').unwrap_or("").split('-');
+    match (parts.next().map(str::parse::<u32>), parts.next().map(str::parse::<u64>), parts.next()) {
+        (Some(Ok(pid)), Some(Ok(_)), None) => !Path::new("/proc").join(pid.to_string()).exists(),
+        _ => false,
+    }
+}
+
+/// Removes what runners that were killed (SIGKILL gives no chance to clean
+/// up) left behind: their commands' cgroups, with anything still running in
+/// them, and temporary directories.
+fn sweep(hierarchies: &[cgroup::Hierarchy]) {
+    let cgroups = cgroup::sweep(hierarchies, |name| is_stale(name, "cmd") || is_stale(name, "probe"));
+    let mut dirs = 0;
+    if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_str().is_some_and(|name| is_stale(name, "tmp"))
+                && fs::remove_dir_all(entry.path()).is_ok()
+            {
+                dirs += 1;
+            }
+        }
+    }
+    if cgroups + dirs > 0 {
+        tracing::info!(cgroups, dirs, "removed what commands of runners no longer running left behind");
+    }
+}
+
+/// Which mechanisms a [`Sandbox`] may use (all, except in tests that show
+/// what happens without one).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Allowed {
+    pub pid_namespace: bool,
+    pub network_namespace: bool,
+    pub cgroups: bool,
+    pub landlock: bool,
+}
+
+/// What the probe decided to apply to every command.
+pub(crate) struct Sandbox {
+    limits: SandboxLimits,
+    report: SandboxReport,
+    note: Option<String>,
+    namespaces: sys::Namespaces,
+    cgroups: Vec<cgroup::Hierarchy>,
+    landlock: Option<LandlockPlan>,
+    drop_capabilities: bool,
+    rlimits: sys::Rlimits,
+}
+
+/// The access rights a command's Landlock ruleset handles (denies unless a
+/// rule allows them).
+#[derive(Clone, Copy, Debug)]
+struct LandlockPlan {
+    fs: u64,
+    net: u64,
+    scoped: u64,
+}
+
+impl Sandbox {
+    /// The sandbox `run-command` uses: everything available, default limits.
+    pub(crate) fn global() -> &'static Sandbox {
+        static GLOBAL: OnceLock<Sandbox> = OnceLock::new();
+        GLOBAL.get_or_init(|| {
+            let all = Allowed { pid_namespace: true, network_namespace: true, cgroups: true, landlock: true };
+            Sandbox::new(SandboxLimits::default(), all)
+        })
+    }
+
+    /// Probes the machine for the `allowed` mechanisms.
+    pub(crate) fn new(limits: SandboxLimits, allowed: Allowed) -> Sandbox {
+        let (namespaces, pid_problem, net_problem) =
+            choose_namespaces(allowed.pid_namespace, allowed.network_namespace);
+        let cgroups = if allowed.cgroups {
+            cgroup::discover(&unique_name("probe"))
+        } else {
+            cgroup::Discovery { hierarchies: Vec::new(), problems: vec!["cgroups disabled".to_owned()] }
+        };
+        sweep(&cgroups.hierarchies);
+        let landlock_abi = if allowed.landlock { landlock_abi() } else { Err("Landlock disabled".to_owned()) };
+        let landlock = landlock_abi.as_ref().ok().map(|&abi| LandlockPlan {
+            fs: handled_fs(abi),
+            // Without a network namespace, Landlock can still keep TCP off.
+            net: if !namespaces.net && abi >= 4 { ll::NET_BIND_TCP | ll::NET_CONNECT_TCP } else { 0 },
+            // No signals to, and no abstract sockets of, processes outside.
+            scoped: if abi >= 6 { ll::SCOPE_SIGNAL | ll::SCOPE_ABSTRACT_UNIX_SOCKET } else { 0 },
+        });
+        let drop_capabilities = namespaces.user.is_some() || holds_capabilities();
+        let rlimits = sys::Rlimits {
+            file_size: Some(limits.max_file_size),
+            // Counted per user namespace: per command only inside its own.
+            processes: namespaces.user.is_some().then_some(limits.max_processes),
+            address_space: cgroups.memory().is_none().then_some(limits.max_memory),
+        };
+
+        let problems = |list: &[String]| if list.is_empty() { "none found".to_owned() } else { list.join("; ") };
+        let mut mechanisms = Vec::new();
+        let mut report = |mechanism, coverage, detail: String| {
+            mechanisms.push(MechanismReport { mechanism, coverage, detail });
+        };
+        let tracked = (!cgroups.hierarchies.is_empty()).then(|| cgroups.describe());
+        let pid_why = pid_problem.as_deref().unwrap_or("");
+        match (namespaces.pid, &tracked) {
+            (true, Some(tracked)) => {
+                report(Mechanism::ProcessCleanup, Coverage::Full, format!("a PID namespace per command; {tracked}"))
+            }
+            (true, None) => report(
+                Mechanism::ProcessCleanup,
+                Coverage::Full,
+                format!("a PID namespace per command (no cgroup: {})", problems(&cgroups.problems)),
+            ),
+            (false, Some(tracked)) => {
+                report(Mechanism::ProcessCleanup, Coverage::Full, format!("{tracked} (no PID namespace: {pid_why})"))
+            }
+            (false, None) => report(
+                Mechanism::ProcessCleanup,
+                Coverage::Missing,
+                format!(
+                    "only the command's process group is killed, so a process that calls setsid can outlive its \
+                     command (no PID namespace: {pid_why}; no cgroup: {})",
+                    problems(&cgroups.problems)
+                ),
+            ),
+        }
+        match (cgroups.pids(), rlimits.processes) {
+            (Some(h), _) => report(
+                Mechanism::ProcessLimit,
+                Coverage::Full,
+                format!("pids.max = {} ({})", limits.max_processes, version(h)),
+            ),
+            (None, Some(n)) => report(
+                Mechanism::ProcessLimit,
+                Coverage::Full,
+                format!("RLIMIT_NPROC = {n}, counted in the command's own user namespace"),
+            ),
+            (None, None) => report(
+                Mechanism::ProcessLimit,
+                Coverage::Missing,
+                format!(
+                    "no pids cgroup ({}), and RLIMIT_NPROC is no per-command limit outside a user namespace of its \
+                     own (root ignores it)",
+                    problems(&cgroups.problems)
+                ),
+            ),
+        }
+        match cgroups.memory() {
+            Some(h) => report(
+                Mechanism::MemoryLimit,
+                Coverage::Full,
+                format!("{} for the whole command ({})", human_bytes(limits.max_memory), version(h)),
+            ),
+            None => report(
+                Mechanism::MemoryLimit,
+                Coverage::Partial,
+                format!(
+                    "RLIMIT_AS = {} of virtual memory per process, not for the whole command (no memory cgroup: {})",
+                    human_bytes(limits.max_memory),
+                    problems(&cgroups.problems)
+                ),
+            ),
+        }
+        report(
+            Mechanism::FileSizeLimit,
+            Coverage::Full,
+            format!("RLIMIT_FSIZE = {}", human_bytes(limits.max_file_size)),
+        );
+        let how = if namespaces.user.is_some() { " (in a user namespace)" } else { "" };
+        let net_why = net_problem.as_deref().unwrap_or("");
+        match landlock {
+            _ if namespaces.net => report(
+                Mechanism::NetworkIsolation,
+                Coverage::Full,
+                format!("a network namespace per command{how}, with only a loopback interface"),
+            ),
+            Some(plan) if plan.net != 0 => report(
+                Mechanism::NetworkIsolation,
+                Coverage::Partial,
+                format!(
+                    "Landlock denies TCP bind and connect, but UDP and other protocols are open (no network namespace: {net_why})"
+                ),
+            ),
+            _ => report(
+                Mechanism::NetworkIsolation,
+                Coverage::Missing,
+                format!("commands share the runner's network (no network namespace: {net_why})"),
+            ),
+        }
+        match &landlock_abi {
+            Ok(abi) => report(
+                Mechanism::WriteConfinement,
+                Coverage::Full,
+                format!(
+                    "Landlock ABI {abi}: writes only beneath the job directory, the command's TMPDIR, /dev/shm, \
+                     /dev/null, /dev/zero and /dev/full"
+                ),
+            ),
+            Err(why) => report(
+                Mechanism::WriteConfinement,
+                Coverage::Missing,
+                format!("commands may write wherever the runner's user may ({why})"),
+            ),
+        }
+        report(
+            Mechanism::PrivilegeDrop,
+            Coverage::Full,
+            if drop_capabilities {
+                "no_new_privs, and every capability dropped".to_owned()
+            } else {
+                "no_new_privs (the runner holds no capabilities)".to_owned()
+            },
+        );
+        let report = SandboxReport { mechanisms };
+        let note = report.command_note();
+        Sandbox { limits, report, note, namespaces, cgroups: cgroups.hierarchies, landlock, drop_capabilities, rlimits }
+    }
+
+    pub(crate) fn report(&self) -> &SandboxReport {
+        &self.report
+    }
+
+    /// Sets up the confinement of one command run in `checkout` (absolute,
+    /// canonical): its temporary directory, cgroups and Landlock ruleset,
+    /// and the plan its child process follows.
+    pub(crate) fn prepare(&self, checkout: &Path) -> io::Result<Confinement> {
+        let tmp = TempDir::create()?;
+        let (cgroup, cgroup_procs) = if self.cgroups.is_empty() {
+            (None, Vec::new())
+        } else {
+            let limits =
+                cgroup::Limits { max_processes: self.limits.max_processes, max_memory: self.limits.max_memory };
+            let (cgroup, procs) = CommandCgroup::create(&self.cgroups, &unique_name("cmd"), limits)?;
+            (Some(cgroup), procs)
+        };
+        let landlock = match self.landlock {
+            Some(plan) => Some(ruleset(plan, &[checkout, tmp.path()])?),
+            None => None,
+        };
+        let plan = sys::ChildPlan {
+            cgroup_procs,
+            namespaces: self.namespaces.clone(),
+            rlimits: self.rlimits.clone(),
+            drop_capabilities: self.drop_capabilities,
+            landlock,
+        };
+        Ok(Confinement {
+            plan: Some(plan),
+            tmp: Some(tmp),
+            cgroup,
+            pid_namespace: self.namespaces.pid,
+            pid: None,
+            limits: self.limits,
+            note: self.note.clone(),
+            finished: false,
+        })
+    }
+}
+
+/// The mechanisms' names for the report.
+fn version(hierarchy: &cgroup::Hierarchy) -> &'static str {
+    match hierarchy.version {
+        cgroup::Version::V1 => "cgroup v1",
+        cgroup::Version::V2 => "cgroup v2",
+    }
+}
+
+/// Finds how to get the wanted namespaces: directly (root), or inside a
+/// user namespace; one alone if both together fail. Returns the namespaces
+/// and, for PID and network, why not if missing.
+fn choose_namespaces(pid: bool, net: bool) -> (sys::Namespaces, Option<String>, Option<String>) {
+    let attempt = |pid, net| -> Result<sys::Namespaces, String> {
+        let direct = sys::Namespaces { pid, net, user: None };
+        let direct_error = match sys::try_namespaces(&direct) {
+            Ok(()) => return Ok(direct),
+            Err(e) => e,
+        };
+        let nested = sys::Namespaces { pid, net, user: Some(sys::IdMaps::identity()) };
+        match sys::try_namespaces(&nested) {
+            Ok(()) => Ok(nested),
+            Err(e) => Err(format!("unshare: {direct_error}; in a new user namespace: {e}")),
+        }
+    };
+    let disabled = |wanted: bool| (!wanted).then(|| "disabled".to_owned());
+    if !pid && !net {
+        return (sys::Namespaces::default(), disabled(pid), disabled(net));
+    }
+    match attempt(pid, net) {
+        Ok(namespaces) => (namespaces, disabled(pid), disabled(net)),
+        Err(both) if pid && net => match (attempt(true, false), attempt(false, true)) {
+            (Ok(namespaces), _) => (namespaces, None, Some(both)),
+            (Err(_), Ok(namespaces)) => (namespaces, Some(both), None),
+            (Err(pid_error), Err(net_error)) => (sys::Namespaces::default(), Some(pid_error), Some(net_error)),
+        },
+        Err(why) => {
+            let why_if = |wanted: bool| if wanted { Some(why.clone()) } else { disabled(wanted) };
+            (sys::Namespaces::default(), why_if(pid), why_if(net))
+        }
+    }
+}
+
+/// The kernel's Landlock ABI, or why there is none.
+fn landlock_abi() -> Result<u32, String> {
+    match sys::landlock_abi() {
+        Ok(abi) if abi >= 1 => Ok(abi),
+        Ok(abi) => Err(format!("the kernel reports Landlock ABI {abi}")),
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            Err("the kernel has no Landlock (Linux 5.13 or newer, built with it)".to_owned())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            Err("Landlock is not enabled (add landlock to the kernel's lsm= boot parameter)".to_owned())
+        }
+        Err(e) => Err(format!("Landlock: {e}")),
+    }
+}
+
+/// The filesystem rights a ruleset handles at `abi`: every kind of write.
+/// Reading and executing stay unrestricted.
+fn handled_fs(abi: u32) -> u64 {
+    let mut rights = ll::FS_WRITE_FILE
+        | ll::FS_REMOVE_DIR
+        | ll::FS_REMOVE_FILE
+        | ll::FS_MAKE_CHAR
+        | ll::FS_MAKE_DIR
+        | ll::FS_MAKE_REG
+        | ll::FS_MAKE_SOCK
+        | ll::FS_MAKE_FIFO
+        | ll::FS_MAKE_BLOCK
+        | ll::FS_MAKE_SYM;
+    if abi >= 2 {
+        rights |= ll::FS_REFER;
+    }
+    if abi >= 3 {
+        rights |= ll::FS_TRUNCATE;
+    }
+    rights
+}
+
+/// A ruleset allowing every handled write beneath `writable` (and
+/// `/dev/shm`), and writing (not creating) the harmless devices.
+fn ruleset(plan: LandlockPlan, writable: &[&Path]) -> io::Result<std::os::fd::OwnedFd> {
+    let ruleset = sys::landlock_ruleset(plan.fs, plan.net, plan.scoped)?;
+    let allow = |path: &Path, access: u64| -> io::Result<()> {
+        // O_PATH: a handle on the file itself, without opening a device.
+        let handle = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        sys::landlock_allow(&ruleset, handle.as_fd(), access)
+    };
+    for path in writable {
+        allow(path, plan.fs)?;
+    }
+    if Path::new("/dev/shm").is_dir() {
+        allow(Path::new("/dev/shm"), plan.fs)?;
+    }
+    // Shells open /dev/null with O_TRUNC: truncating is writing here.
+    let device = plan.fs & (ll::FS_WRITE_FILE | ll::FS_TRUNCATE);
+    for path in ["/dev/null", "/dev/zero", "/dev/full"] {
+        if Path::new(path).exists() {
+            allow(Path::new(path), device)?;
+        }
+    }
+    Ok(ruleset)
+}
+
+/// Whether this process holds capabilities (root, usually) that commands
+/// must not inherit.
+fn holds_capabilities() -> bool {
+    let Ok(status) = fs::read_to_string("/proc/self/status") else {
+        // Unknown: try to drop them; dropping what one lacks is harmless.
+        return true;
+    };
+    status
+        .lines()
+        .filter_map(|line| line.strip_prefix("CapEff:"))
+        .any(|set| u64::from_str_radix(set.trim(), 16) != Ok(0))
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    if bytes.is_multiple_of(GIB) {
+        format!("{} GiB", bytes / GIB)
+    } else if bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// One command's confinement, from before it starts until everything it
+/// started is gone. Dropped early (the job was cancelled), it kills what
+/// is left and cleans up, blocking briefly.
+pub(crate) struct Confinement {
+    /// For the child process; taken by [`Confinement::install`].
+    plan: Option<sys::ChildPlan>,
+    tmp: Option<TempDir>,
+    cgroup: Option<CommandCgroup>,
+    /// Whether the child is a PID namespace's supervisor (see `sys`).
+    pid_namespace: bool,
+    /// The child's process id, once started.
+    pid: Option<i32>,
+    limits: SandboxLimits,
+    note: Option<String>,
+    /// Set by [`Confinement::finish`]; until then, dropping kills.
+    finished: bool,
+}
+
+impl Confinement {
+    /// The command's private temporary directory (its `TMPDIR`).
+    pub(crate) fn tmp_dir(&self) -> Option<&Path> {
+        self.tmp.as_ref().map(TempDir::path)
+    }
+
+    /// Makes `command`'s child process confine itself.
+    pub(crate) fn install(&mut self, command: &mut tokio::process::Command) {
+        if let Some(plan) = self.plan.take() {
+            sys::install(command, plan);
+        }
+    }
+
+    /// Records the started child's process id.
+    pub(crate) fn started(&mut self, pid: Option<u32>) {
+        self.pid = pid.and_then(|pid| i32::try_from(pid).ok());
+    }
+
+    /// Kills everything the command started, now (its time is up).
+    pub(crate) fn stop(&self) {
+        if let Some(pid) = self.pid {
+            if self.pid_namespace {
+                // The supervisor kills the namespace's init, which takes the
+                // namespace with it, and exits once all of it is gone.
+                sys::kill(pid, libc::SIGTERM);
+            } else {
+                sys::kill(-pid, libc::SIGKILL);
+            }
+        }
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill();
+        }
+    }
+
+    /// After the child has exited: kills whatever it left behind, waits until
+    /// that is gone, removes the cgroups and temporary directory, and returns
+    /// the notes for the command's stderr.
+    pub(crate) async fn finish(mut self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if !self.pid_namespace
+            && let Some(pid) = self.pid
+        {
+            // Without a PID namespace, the rest of the process group may
+            // still hold the output pipes. (With one, nothing is left: the
+            // supervisor exits after the namespace is gone.) The group id
+            // could in theory be reused once the group is empty, but only
+            // by a process that made itself a group leader in the
+            // microseconds since; the cgroup, if any, closes that gap.
+            sys::kill(-pid, libc::SIGKILL);
+        }
+        if let Some(cgroup) = &self.cgroup {
+            if !cgroup.kill_and_wait().await {
+                notes.push("some of the command's processes could not be killed".to_owned());
+            }
+            let events = cgroup.events();
+            if events.process_limit {
+                notes.push(format!(
+                    "the command reached its limit of {} processes: some forks failed",
+                    self.limits.max_processes
+                ));
+            }
+            if events.memory_limit {
+                notes.push(format!(
+                    "the command reached its memory limit of {}: the kernel killed a process",
+                    human_bytes(self.limits.max_memory)
+                ));
+            }
+        }
+        // Removes the (now empty) cgroups.
+        self.cgroup = None;
+        if let Some(tmp) = self.tmp.take() {
+            // A test may leave many files: remove them off the async threads.
+            let _ = tokio::task::spawn_blocking(move || drop(tmp)).await;
+        }
+        // Only now: if this future is dropped before, `drop` kills and waits.
+        self.finished = true;
+        notes.extend(self.note.take());
+        notes
+    }
+}
+
+impl Drop for Confinement {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.stop();
+        if let Some(cgroup) = self.cgroup.take()
+            && !cgroup.kill_and_wait_blocking()
+        {
+            tracing::warn!("a cancelled command's processes could not all be killed");
+        }
+    }
+}
+
+/// A command's private temporary directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn create() -> io::Result<TempDir> {
+        let path = std::env::temp_dir().join(unique_name("tmp"));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        Ok(TempDir(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.0)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %self.0.display(), "could not remove a command's temporary directory: {e}");
+        }
+    }
+}
+
+/// Test support: runs commands through the same code as `run-command`,
+/// with chosen limits and without chosen mechanisms, so that tests can show
+/// both what a mechanism prevents and what happens without it.
+#[doc(hidden)]
+pub mod testing {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use super::{Allowed, SandboxLimits, SandboxReport};
+    use crate::command::{self, Limits, Refusal, Request};
+
+    /// What a test sandbox may use and its limits.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Options {
+        pub limits: SandboxLimits,
+        pub pid_namespace: bool,
+        pub network_namespace: bool,
+        pub cgroups: bool,
+        pub landlock: bool,
+    }
+
+    impl Default for Options {
+        fn default() -> Options {
+            Options {
+                limits: SandboxLimits::default(),
+                pid_namespace: true,
+                network_namespace: true,
+                cgroups: true,
+                landlock: true,
+            }
+        }
+    }
+
+    /// How a command ended (`run-command`'s result).
+    #[derive(Clone, Debug)]
+    pub struct Output {
+        pub exit_code: Option<i32>,
+        pub timed_out: bool,
+        pub stdout: Vec<u8>,
+        pub stderr: Vec<u8>,
+    }
+
+    /// A freshly probed sandbox.
+    pub struct Sandbox(super::Sandbox);
+
+    impl Sandbox {
+        pub fn new(options: Options) -> Sandbox {
+            let allowed = Allowed {
+                pid_namespace: options.pid_namespace,
+                network_namespace: options.network_namespace,
+                cgroups: options.cgroups,
+                landlock: options.landlock,
+            };
+            Sandbox(super::Sandbox::new(options.limits, allowed))
+        }
+
+        pub fn report(&self) -> &SandboxReport {
+            self.0.report()
+        }
+
+        /// Runs `program` with `args` in `checkout` as `run-command` would.
+        pub async fn run(
+            &self,
+            checkout: &Path,
+            program: &Path,
+            args: &[&str],
+            timeout: Duration,
+            max_output: usize,
+        ) -> Result<Output, String> {
+            let checkout = std::fs::canonicalize(checkout).map_err(|e| e.to_string())?;
+            let granted: BTreeMap<String, PathBuf> = BTreeMap::from([("program".to_owned(), program.to_owned())]);
+            let request = Request {
+                program: "program".to_owned(),
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
+                cwd: String::new(),
+                timeout,
+            };
+            let limits = Limits { granted: &granted, timeout, max_output };
+            match command::run_in(&self.0, &checkout, request, &limits).await {
+                Ok(out) => Ok(Output {
+                    exit_code: out.exit_code,
+                    timed_out: out.timed_out,
+                    stdout: out.stdout,
+                    stderr: out.stderr,
+                }),
+                Err(Refusal::Denied(why) | Refusal::Failed(why)) => Err(why),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(coverages: &[(Mechanism, Coverage)]) -> SandboxReport {
+        let mechanisms = coverages
+            .iter()
+            .map(|&(mechanism, coverage)| MechanismReport { mechanism, coverage, detail: "why".to_owned() })
+            .collect();
+        SandboxReport { mechanisms }
+    }
+
+    #[test]
+    fn the_command_note_names_what_is_degraded() {
+        let complete =
+            report(&[(Mechanism::ProcessCleanup, Coverage::Full), (Mechanism::FileSizeLimit, Coverage::Full)]);
+        assert!(complete.is_complete());
+        assert_eq!(complete.command_note(), None);
+        let degraded = report(&[
+            (Mechanism::ProcessCleanup, Coverage::Full),
+            (Mechanism::MemoryLimit, Coverage::Partial),
+            (Mechanism::NetworkIsolation, Coverage::Missing),
+        ]);
+        assert!(!degraded.is_complete());
+        assert_eq!(
+            degraded.command_note().as_deref(),
+            Some("ran without full memory limit (partly), network isolation; the runner's start-up log says why")
+        );
+        assert_eq!(
+            degraded.to_string(),
+            "process-tree cleanup: yes: why\nmemory limit: partly: why\nnetwork isolation: NO: why"
+        );
+    }
+
+    #[test]
+    fn landlock_handles_every_write_the_abi_knows() {
+        assert_eq!(handled_fs(1) & (ll::FS_REFER | ll::FS_TRUNCATE), 0);
+        assert_eq!(handled_fs(2) & ll::FS_TRUNCATE, 0);
+        assert_eq!(handled_fs(3), handled_fs(1) | ll::FS_REFER | ll::FS_TRUNCATE);
+        assert_eq!(handled_fs(7), handled_fs(3));
+    }
+
+    #[test]
+    fn only_names_of_gone_processes_are_stale() {
+        let mine = unique_name("cmd");
+        assert!(!is_stale(&mine, "cmd"), "this process runs");
+        // Process ids are below 2^22 on Linux.
+        assert!(is_stale("kiln-cmd-99999999-3", "cmd"));
+        assert!(!is_stale("kiln-cmd-99999999-3", "tmp"));
+        for name in ["kiln-cmd-99999999", "kiln-cmd-99999999-3-1", "kiln-cmd-x-3", "other-cmd-99999999-3", "kiln-cmd"] {
+            assert!(!is_stale(name, "cmd"), "{name}");
+        }
+    }
+
+    #[test]
+    fn bytes_read_well() {
+        assert_eq!(human_bytes(4 << 30), "4 GiB");
+        assert_eq!(human_bytes(128 << 20), "128 MiB");
+        assert_eq!(human_bytes(1000), "1000 bytes");
+    }
+}

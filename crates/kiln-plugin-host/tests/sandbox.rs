@@ -1,0 +1,483 @@
+//! The process sandbox of `run-command`, with real processes: `/bin/sh` and
+//! `python3` run through the same code the host uses
+//! (`kiln_plugin_host::sandbox::testing`).
+//!
+//! Each test shows that a mechanism stops what it is meant to stop, and
+//! where it is harmless, also that the same command does the harm in a
+//! sandbox without that mechanism, so a test cannot pass because its probe
+//! is broken. Where this machine lacks a mechanism, the test instead checks
+//! that the command was told so (the `[kiln sandbox]` line on stderr) — but
+//! as root, on a Linux like CI's, the sandbox must be complete: set
+//! `KILN_SANDBOX_DEGRADED_OK=1` to run the tests as root somewhere that is
+//! not (a container without privileges, say).
+
+use std::io::ErrorKind;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiln_plugin_host::Policy;
+use kiln_plugin_host::sandbox::testing::{Options, Output, Sandbox};
+use kiln_plugin_host::sandbox::{Coverage, Mechanism, SandboxLimits};
+
+/// Output kept per stream.
+const MAX_OUTPUT: usize = 1 << 20;
+
+fn python3() -> PathBuf {
+    Policy::resolve_programs(&["python3"]).expect("python3 is installed").remove("python3").expect("resolved")
+}
+
+/// A string no other process on the machine has in its command line.
+fn marker(test: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("kiln-sandbox-test-{test}-{}-{nanos}", std::process::id())
+}
+
+/// Live (not zombie) processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc is mounted").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(marker) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let live = stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']));
+        if live {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Kills the processes a control run left behind on purpose (with Python,
+/// which the tests need anyway, rather than `unsafe` or another package).
+fn kill_all(pids: &[u32]) {
+    if pids.is_empty() {
+        return;
+    }
+    let script = "import os, signal, sys\n\
+                  for pid in sys.argv[1:]:\n    \
+                      try:\n        \
+                          os.kill(int(pid), signal.SIGKILL)\n    \
+                      except ProcessLookupError:\n        \
+                          pass\n";
+    let status = std::process::Command::new(python3())
+        .args(["-c", script])
+        .args(pids.iter().map(u32::to_string))
+        .status()
+        .expect("python3 runs");
+    assert!(status.success(), "could not kill {pids:?}");
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|line| line.strip_prefix("Uid:").is_some_and(|ids| ids.split_whitespace().nth(1) == Some("0")))
+}
+
+/// Whether `mechanism` is fully available to `sandbox`. If it is not, root
+/// (unless told otherwise) fails the test; anyone else gets `false` and
+/// should check the command's note instead.
+fn available(sandbox: &Sandbox, mechanism: Mechanism) -> bool {
+    let report = sandbox.report().get(mechanism).expect("every mechanism is reported");
+    if report.coverage == Coverage::Full {
+        return true;
+    }
+    assert!(
+        !is_root() || std::env::var_os("KILN_SANDBOX_DEGRADED_OK").is_some(),
+        "running as root, the sandbox should be complete (set KILN_SANDBOX_DEGRADED_OK=1 if this machine \
+         cannot have it):\n{}",
+        sandbox.report()
+    );
+    false
+}
+
+/// Asserts that `output`'s stderr says the command ran without `mechanism`.
+fn assert_noted(output: &Output, mechanism: Mechanism) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let note = stderr.lines().find(|line| line.starts_with("[kiln sandbox] ran without full"));
+    assert!(note.is_some_and(|note| note.contains(&mechanism.to_string())), "no note about {mechanism}: {stderr}");
+}
+
+async fn run(sandbox: &Sandbox, dir: &Path, program: &Path, args: &[&str], timeout: Duration) -> Output {
+    tokio::time::timeout(Duration::from_secs(60), sandbox.run(dir, program, args, timeout, MAX_OUTPUT))
+        .await
+        .expect("the command ends")
+        .expect("the command runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Only the PID namespace cleans up after commands.
+fn pid_namespace_alone() -> Options {
+    Options { cgroups: false, ..Options::default() }
+}
+
+/// Only the cgroup cleans up after commands.
+fn cgroup_alone() -> Options {
+    Options { pid_namespace: false, ..Options::default() }
+}
+
+/// Runs a program that ignores SIGTERM and sleeps forever, with a child
+/// that left its process group (`setsid`), under a short timeout: it must
+/// be reported as timed out and leave nothing behind.
+async fn sleeper_is_stopped(options: Options) {
+    let sandbox = Sandbox::new(options);
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let marker = marker("sleep");
+    let script = "import signal, subprocess, sys, time\n\
+                  signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+                  subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(10**6)', sys.argv[1]],\n\
+                                   start_new_session=True)\n\
+                  print('sleeping', flush=True)\n\
+                  time.sleep(10**6)\n";
+    let started = Instant::now();
+    let out = run(&sandbox, dir.path(), &python3(), &["-c", script, &marker], Duration::from_millis(700)).await;
+    let elapsed = started.elapsed();
+    let left = processes_with(&marker);
+    kill_all(&left);
+    assert!(out.timed_out, "{out:?}");
+    assert_eq!(out.exit_code, None, "killed by a signal");
+    assert_eq!(text(&out.stdout), "sleeping\n");
+    assert!(elapsed >= Duration::from_millis(700) && elapsed < Duration::from_secs(5), "{elapsed:?}");
+    if available(&sandbox, Mechanism::ProcessCleanup) {
+        assert_eq!(left, Vec::<u32>::new(), "the sleepers are gone when run returns");
+    } else {
+        assert_noted(&out, Mechanism::ProcessCleanup);
+    }
+}
+
+#[tokio::test]
+async fn sleeping_forever_is_stopped_at_the_timeout() {
+    sleeper_is_stopped(Options::default()).await;
+}
+
+#[tokio::test]
+async fn sleeping_forever_is_stopped_by_the_pid_namespace_alone() {
+    sleeper_is_stopped(pid_namespace_alone()).await;
+}
+
+#[tokio::test]
+async fn sleeping_forever_is_stopped_by_a_cgroup_alone() {
+    sleeper_is_stopped(cgroup_alone()).await;
+}
+
+/// Starts a daemon the classic way (fork, setsid, fork, stdio to /dev/null)
+/// and exits as soon as it runs.
+const DAEMON: &str = "import os, sys, time\n\
+                      r, w = os.pipe()\n\
+                      if os.fork() == 0:\n    \
+                          os.setsid()\n    \
+                          if os.fork() == 0:\n        \
+                              null = os.open('/dev/null', os.O_RDWR)\n        \
+                              for fd in (0, 1, 2):\n            \
+                                  os.dup2(null, fd)\n        \
+                              os.write(w, b'up')\n        \
+                              while True:\n            \
+                                  time.sleep(1000)\n    \
+                          os._exit(0)\n\
+                      assert os.read(r, 2) == b'up'\n\
+                      print('daemon started')\n";
+
+/// Runs [`DAEMON`]; returns the output and the daemons left running
+/// (killed already).
+async fn run_daemon(options: Options) -> (Sandbox, Output, Vec<u32>) {
+    let sandbox = Sandbox::new(options);
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let marker = marker("daemon");
+    let out = run(&sandbox, dir.path(), &python3(), &["-c", DAEMON, &marker], Duration::from_secs(30)).await;
+    let left = processes_with(&marker);
+    kill_all(&left);
+    assert_eq!((out.exit_code, out.timed_out), (Some(0), false), "{out:?}");
+    assert_eq!(text(&out.stdout), "daemon started\n");
+    (sandbox, out, left)
+}
+
+async fn daemon_is_gone(options: Options) {
+    let (sandbox, out, left) = run_daemon(options).await;
+    if available(&sandbox, Mechanism::ProcessCleanup) {
+        assert_eq!(left, Vec::<u32>::new(), "the daemon is gone when run returns");
+    } else {
+        assert_noted(&out, Mechanism::ProcessCleanup);
+    }
+}
+
+#[tokio::test]
+async fn a_daemon_that_calls_setsid_leaves_no_process_behind() {
+    daemon_is_gone(Options::default()).await;
+    // Control: with neither a PID namespace nor a cgroup, the daemon
+    // survives its command (and this test sees it).
+    let (_, out, left) = run_daemon(Options { pid_namespace: false, cgroups: false, ..Options::default() }).await;
+    assert_eq!(left.len(), 1, "the control's daemon survived");
+    assert_noted(&out, Mechanism::ProcessCleanup);
+}
+
+#[tokio::test]
+async fn a_daemon_is_killed_by_the_pid_namespace_alone() {
+    daemon_is_gone(pid_namespace_alone()).await;
+}
+
+#[tokio::test]
+async fn a_daemon_is_killed_by_a_cgroup_alone() {
+    daemon_is_gone(cgroup_alone()).await;
+}
+
+#[tokio::test]
+async fn a_fork_bomb_is_contained_and_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = marker("bomb");
+    let limits = SandboxLimits { max_processes: 32, ..SandboxLimits::default() };
+    let sandbox = Sandbox::new(Options { limits, ..Options::default() });
+    // Forks as fast as it can, every child staying alive, until a fork
+    // fails (or 300 succeeded: a bomb without a limit is not stopped here).
+    let script = "import os, sys, time\n\
+                  children, failure = 0, None\n\
+                  for _ in range(300):\n    \
+                      try:\n        \
+                          pid = os.fork()\n    \
+                      except OSError as e:\n        \
+                          failure = e.errno\n        \
+                          break\n    \
+                      if pid == 0:\n        \
+                          time.sleep(1000)\n        \
+                          os._exit(0)\n    \
+                      children += 1\n\
+                  print(children, failure)\n";
+    let out = run(&sandbox, dir.path(), &python3(), &["-c", script, &marker], Duration::from_secs(30)).await;
+    assert_eq!((out.exit_code, out.timed_out), (Some(0), false), "{out:?}");
+    let stdout = text(&out.stdout);
+    let (children, failure) = stdout.trim().split_once(' ').expect("two numbers");
+    let children: u64 = children.parse().expect("a count");
+    assert_eq!(processes_with(&marker), Vec::<u32>::new(), "the bomb's processes are gone when run returns");
+    if available(&sandbox, Mechanism::ProcessLimit) {
+        assert!(children < 32, "{children} processes under a limit of 32");
+        assert_eq!(failure, "11", "fork failed with EAGAIN");
+        let stderr = text(&out.stderr);
+        if sandbox.report().get(Mechanism::ProcessLimit).is_some_and(|m| m.detail.starts_with("pids.max")) {
+            assert!(stderr.contains("[kiln sandbox] the command reached its limit of 32 processes"), "{stderr}");
+        }
+    } else {
+        assert_noted(&out, Mechanism::ProcessLimit);
+    }
+}
+
+/// The peak resident memory of this test process, in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("a VmHWM line");
+    kib * 1024
+}
+
+#[tokio::test]
+async fn a_flood_of_output_is_cut_and_costs_bounded_memory() {
+    const TOTAL: usize = 100_000_000;
+    let sandbox = Sandbox::new(Options::default());
+    let dir = tempfile::tempdir().unwrap();
+    let before = peak_rss();
+    const LINE: &str = "0123456789abcdefghijklmnopqrstuvwxyz\n";
+    let script = format!("yes {} | head -c {TOTAL}; echo done >&2", LINE.trim_end());
+    let out = run(&sandbox, dir.path(), Path::new("/bin/sh"), &["-c", &script], Duration::from_secs(50)).await;
+    let grown = peak_rss().saturating_sub(before);
+    assert!(grown < 32 << 20, "reading 100 MB raised the peak memory by {grown} bytes");
+    assert_eq!((out.exit_code, out.timed_out), (Some(0), false), "{}", text(&out.stderr));
+    let marker = format!("\n[... {} bytes cut ...]\n", TOTAL - MAX_OUTPUT);
+    assert_eq!(out.stdout.len(), MAX_OUTPUT + marker.len());
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with(&LINE.repeat(3)), "the head is kept");
+    assert!(stdout.contains(&marker), "the cut is marked");
+    let end = format!("{LINE}{}", &LINE[..TOTAL % LINE.len()]);
+    assert!(stdout.ends_with(&end), "the tail is kept");
+    assert!(text(&out.stderr).starts_with("done\n"));
+}
+
+/// Tries a TCP connection to the port in argv[1], and a server of its own on
+/// loopback; prints what happened.
+const NETWORK: &str = "import socket, sys\n\
+                       try:\n    \
+                           socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=5).close()\n    \
+                           print('outside: connected')\n\
+                       except OSError as e:\n    \
+                           print('outside: failed', e.errno)\n\
+                       try:\n    \
+                           server = socket.socket()\n    \
+                           server.bind(('127.0.0.1', 0))\n    \
+                           server.listen()\n    \
+                           socket.create_connection(server.getsockname(), timeout=5).close()\n    \
+                           print('loopback: connected')\n\
+                       except OSError as e:\n    \
+                           print('loopback: failed', e.errno)\n";
+
+#[tokio::test]
+async fn the_network_outside_is_unreachable() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let accepted = || match listener.accept() {
+        Ok(_) => true,
+        Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+        Err(e) => panic!("accept: {e}"),
+    };
+
+    let sandbox = Sandbox::new(Options::default());
+    let out = run(&sandbox, dir.path(), &python3(), &["-c", NETWORK, &port], Duration::from_secs(30)).await;
+    let stdout = text(&out.stdout);
+    if available(&sandbox, Mechanism::NetworkIsolation) {
+        assert!(stdout.starts_with("outside: failed"), "{stdout}");
+        assert!(!accepted(), "the listener outside got a connection");
+        // A test can still serve itself on its own loopback.
+        assert!(stdout.contains("loopback: connected"), "{stdout}");
+    } else {
+        assert_noted(&out, Mechanism::NetworkIsolation);
+    }
+
+    // Without a network namespace, Landlock (ABI 4+) still denies TCP, its
+    // own loopback included: the partial fallback.
+    let landlock_only = Sandbox::new(Options { network_namespace: false, ..Options::default() });
+    let coverage = landlock_only.report().get(Mechanism::NetworkIsolation).map(|m| m.coverage);
+    if coverage == Some(Coverage::Partial) {
+        let out = run(&landlock_only, dir.path(), &python3(), &["-c", NETWORK, &port], Duration::from_secs(30)).await;
+        let stdout = text(&out.stdout);
+        assert!(stdout.starts_with("outside: failed 13"), "EACCES from Landlock: {stdout}");
+        assert!(stdout.contains("loopback: failed 13"), "{stdout}");
+        assert!(!accepted(), "the listener outside got a connection");
+        assert_noted(&out, Mechanism::NetworkIsolation);
+    }
+
+    // Control: with neither, the connection gets through.
+    let open = Sandbox::new(Options { network_namespace: false, landlock: false, ..Options::default() });
+    let out = run(&open, dir.path(), &python3(), &["-c", NETWORK, &port], Duration::from_secs(30)).await;
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("outside: connected"), "{stdout}");
+    assert!(accepted(), "the control's connection arrived");
+    assert_noted(&out, Mechanism::NetworkIsolation);
+}
+
+/// Writes a file at each path in argv[1:] (relative ones in the working
+/// directory, the checkout) and prints what happened to each.
+const WRITE: &str = "import os, sys\n\
+                     for path in sys.argv[1:]:\n    \
+                         path = path.replace('$TMPDIR', os.environ['TMPDIR'])\n    \
+                         try:\n        \
+                             with open(path, 'w') as f:\n            \
+                                 f.write('x')\n        \
+                             print(path, 'written')\n    \
+                         except OSError as e:\n        \
+                             print(path, 'failed', e.errno)\n";
+
+#[tokio::test]
+async fn writes_outside_the_job_directory_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("escaped.txt");
+    let target = target.to_str().expect("a UTF-8 temporary path");
+    let paths = ["inside.txt", "$TMPDIR/scratch.txt", "/dev/null", target];
+    let args: Vec<&str> = ["-c", WRITE].into_iter().chain(paths).collect();
+
+    let sandbox = Sandbox::new(Options::default());
+    let out = run(&sandbox, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("inside.txt written"), "{stdout}");
+    assert!(dir.path().join("inside.txt").exists());
+    assert!(stdout.contains("/scratch.txt written"), "{stdout}");
+    assert!(stdout.contains("/dev/null written"), "{stdout}");
+    if available(&sandbox, Mechanism::WriteConfinement) {
+        assert!(stdout.contains(&format!("{target} failed 13")), "EACCES: {stdout}");
+        assert!(!Path::new(target).exists());
+    } else {
+        assert_noted(&out, Mechanism::WriteConfinement);
+    }
+
+    // Control: without Landlock, the same write lands outside.
+    let open = Sandbox::new(Options { landlock: false, ..Options::default() });
+    let out = run(&open, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
+    assert!(text(&out.stdout).contains(&format!("{target} written")), "{}", text(&out.stdout));
+    assert!(Path::new(target).exists());
+    assert_noted(&out, Mechanism::WriteConfinement);
+}
+
+#[tokio::test]
+async fn the_private_tmpdir_is_removed_afterwards() {
+    let sandbox = Sandbox::new(Options::default());
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import os; open(os.path.join(os.environ['TMPDIR'], 'f'), 'w').close(); print(os.environ['TMPDIR'])";
+    let out = run(&sandbox, dir.path(), &python3(), &["-c", script], Duration::from_secs(30)).await;
+    assert_eq!(out.exit_code, Some(0), "{}", text(&out.stderr));
+    let tmp = text(&out.stdout);
+    assert!(tmp.contains("kiln-tmp-"), "{tmp}");
+    assert!(!Path::new(tmp.trim()).exists(), "{tmp} was removed");
+}
+
+#[tokio::test]
+async fn big_files_and_big_allocations_fail() {
+    let limits = SandboxLimits { max_file_size: 1 << 20, max_memory: 128 << 20, ..SandboxLimits::default() };
+    let sandbox = Sandbox::new(Options { limits, ..Options::default() });
+    let dir = tempfile::tempdir().unwrap();
+
+    // Python ignores SIGXFSZ, so the write fails with EFBIG.
+    let script = "import errno\n\
+                  try:\n    \
+                      with open('big', 'wb') as f:\n        \
+                          f.write(b'x' * (2 << 20))\n    \
+                      print('written')\n\
+                  except OSError as e:\n    \
+                      print('failed', errno.errorcode[e.errno])\n";
+    let out = run(&sandbox, dir.path(), &python3(), &["-c", script], Duration::from_secs(30)).await;
+    assert_eq!(text(&out.stdout), "failed EFBIG\n", "{}", text(&out.stderr));
+    assert_eq!(std::fs::metadata(dir.path().join("big")).map(|m| m.len()).unwrap_or(0), 1 << 20);
+
+    // 512 MiB, touched, against a limit of 128 MiB: the kernel kills it
+    // (cgroup) or the allocation fails (RLIMIT_AS).
+    let script = "b = b'x' * (512 << 20)\nprint('allocated', len(b))\n";
+    let out = run(&sandbox, dir.path(), &python3(), &["-c", script], Duration::from_secs(30)).await;
+    assert!(!text(&out.stdout).contains("allocated"), "{out:?}");
+    let stderr = text(&out.stderr);
+    if available(&sandbox, Mechanism::MemoryLimit) {
+        assert_eq!(out.exit_code, None, "killed: {stderr}");
+        assert!(stderr.contains("[kiln sandbox] the command reached its memory limit of 128 MiB"), "{stderr}");
+    } else {
+        assert!(stderr.contains("MemoryError"), "{stderr}");
+        assert_noted(&out, Mechanism::MemoryLimit);
+    }
+}
+
+#[tokio::test]
+async fn the_probe_reports_every_mechanism() {
+    let report = kiln_plugin_host::sandbox::probe();
+    let mechanisms: Vec<Mechanism> = report.mechanisms().iter().map(|m| m.mechanism).collect();
+    assert_eq!(
+        mechanisms,
+        [
+            Mechanism::ProcessCleanup,
+            Mechanism::ProcessLimit,
+            Mechanism::MemoryLimit,
+            Mechanism::FileSizeLimit,
+            Mechanism::NetworkIsolation,
+            Mechanism::WriteConfinement,
+            Mechanism::PrivilegeDrop,
+        ]
+    );
+    for mechanism in report.mechanisms() {
+        assert!(!mechanism.detail.is_empty(), "{mechanism:?}");
+    }
+    assert_eq!(report.to_string().lines().count(), 7, "{report}");
+    if is_root() && std::env::var_os("KILN_SANDBOX_DEGRADED_OK").is_none() {
+        assert!(report.is_complete(), "running as root, the sandbox should be complete:\n{report}");
+    }
+
+    // A sandbox without some mechanisms says so.
+    let sandbox = Sandbox::new(Options { landlock: false, network_namespace: false, ..Options::default() });
+    let degraded: Vec<Mechanism> = sandbox.report().degraded().map(|m| m.mechanism).collect();
+    assert!(degraded.contains(&Mechanism::WriteConfinement), "{}", sandbox.report());
+    assert!(degraded.contains(&Mechanism::NetworkIsolation), "{}", sandbox.report());
+    assert!(sandbox.report().get(Mechanism::WriteConfinement).is_some_and(|m| m.detail.contains("disabled")));
+}

@@ -1,0 +1,303 @@
+//! `kiln plugin check` and `kiln plugin new`: the plugin author's tools.
+//!
+//! `check` loads a `.wasm` file exactly as a runner would (same engine,
+//! same contract check, its `info` called in the same sandbox) and prints
+//! what the plugin is, or the one reason it cannot be loaded. `new` writes a
+//! plugin crate from the templates in `plugin/template/`, built on the
+//! plugin SDK (`plugins/kiln-plugin-sdk`), that passes `check` as generated.
+//!
+//! Where the SDK comes from: a plugin crate depends on it by path (it is not
+//! published). `new` takes `--sdk DIR`, or finds `plugins/kiln-plugin-sdk` in
+//! a Kiln checkout above the new crate, or in the checkout this binary was
+//! built from. The crate is its own workspace, so it can live anywhere, and
+//! gets a copy of the lock file Kiln's own plugins are built with, so it
+//! builds with the same, known-good dependency versions.
+
+use std::fmt::Write as _;
+use std::path::{Component, Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+
+/// `kiln plugin …`
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Load a plugin (.wasm) the way a runner would and describe it, or say why it cannot be loaded.
+    Check {
+        /// The plugin file.
+        file: PathBuf,
+    },
+    /// Create a plugin crate, built on the Kiln plugin SDK, that passes `kiln plugin check` as generated.
+    New {
+        /// The plugin's name (and its crate's): lowercase letters, digits, `-` and `_`, starting with a letter.
+        name: String,
+        /// Where to create the crate (default: ./NAME). Must not exist, or be an empty directory.
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// The kiln-plugin-sdk crate (plugins/kiln-plugin-sdk in the Kiln repository); found by default.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+}
+
+/// The SDK in the checkout this binary was built from, if it is still there.
+const BUILT_FROM_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../plugins/kiln-plugin-sdk");
+/// Where the SDK sits in a Kiln checkout.
+const SDK_IN_CHECKOUT: &str = "plugins/kiln-plugin-sdk";
+
+const CARGO_TOML: &str = include_str!("plugin/template/Cargo.toml.tmpl");
+const LIB_RS: &str = include_str!("plugin/template/lib.rs.tmpl");
+const README: &str = include_str!("plugin/template/README.md.tmpl");
+const GITIGNORE: &str = include_str!("plugin/template/gitignore.tmpl");
+/// The lock file of Kiln's own plugins: a new crate starts from the versions
+/// they are built and tested with.
+const CARGO_LOCK: &str = include_str!("../../../plugins/Cargo.lock");
+
+/// Runs one `kiln plugin` subcommand.
+pub fn run(command: PluginCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        PluginCommand::Check { file } => {
+            // The error names the file and says what is wrong with it.
+            let summary = kiln_plugin_host::PluginHost::check_file(&file)?;
+            print!("{}", describe(&file, &summary));
+        }
+        PluginCommand::New { name, path, sdk } => {
+            let dir = path.unwrap_or_else(|| PathBuf::from(&name));
+            let sdk = new_plugin(&name, &dir, sdk.as_deref())?;
+            println!("created the plugin crate `{name}` in {} (SDK: {})", dir.display(), sdk.display());
+            println!("next, in {}:", dir.display());
+            println!("  cargo test                                      # its pure parts, natively");
+            println!("  cargo build --release --target wasm32-wasip2");
+            println!("  kiln plugin check target/wasm32-wasip2/release/{}.wasm", crate_file_name(&name));
+            println!("then copy the .wasm into a directory and start runners with `--plugins DIR --allow-program sh`");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `check` prints about a loadable plugin.
+fn describe(file: &Path, p: &kiln_plugin_host::PluginSummary) -> String {
+    let mut out = String::new();
+    let list = |items: &[String]| if items.is_empty() { "none".to_owned() } else { items.join(", ") };
+    let _ = writeln!(out, "{}: a Kiln executor plugin", file.display());
+    let _ = writeln!(out, "  name      {}", p.name);
+    let _ = writeln!(out, "  version   {}", p.version);
+    let _ = writeln!(
+        out,
+        "  contract  kiln:executor@{} (this kiln implements {})",
+        p.contract,
+        kiln_plugin_host::CONTRACT_VERSION
+    );
+    let _ = writeln!(out, "  claims    {}", list(&p.claims));
+    let _ = writeln!(out, "  programs  {} (a runner grants those it allows with --allow-program)", list(&p.programs));
+    let _ = writeln!(out, "  imports   {}", condense(&p.imports));
+    out
+}
+
+/// Imports grouped by package and version, in first-seen order:
+/// `wasi:io/poll@0.2.6, wasi:io/streams@0.2.6` becomes
+/// `wasi:io/{poll,streams}@0.2.6`.
+fn condense(imports: &[String]) -> String {
+    let mut groups: Vec<(String, String, Vec<String>)> = Vec::new();
+    for import in imports {
+        let (name, version) = import.split_once('@').unwrap_or((import, ""));
+        let (package, interface) = name.rsplit_once('/').unwrap_or(("", name));
+        match groups.iter_mut().find(|(p, v, _)| p == package && v == version) {
+            Some((_, _, interfaces)) => interfaces.push(interface.to_owned()),
+            None => groups.push((package.to_owned(), version.to_owned(), vec![interface.to_owned()])),
+        }
+    }
+    if groups.is_empty() {
+        return "none".to_owned();
+    }
+    let shown: Vec<String> = groups
+        .into_iter()
+        .map(|(package, version, interfaces)| {
+            let interfaces =
+                if interfaces.len() == 1 { interfaces.concat() } else { format!("{{{}}}", interfaces.join(",")) };
+            let package = if package.is_empty() { String::new() } else { format!("{package}/") };
+            let version = if version.is_empty() { String::new() } else { format!("@{version}") };
+            format!("{package}{interfaces}{version}")
+        })
+        .collect();
+    shown.join(", ")
+}
+
+/// Writes a new plugin crate named `name` into `dir`; returns the SDK path
+/// its manifest uses.
+fn new_plugin(name: &str, dir: &Path, sdk: Option<&Path>) -> anyhow::Result<PathBuf> {
+    check_name(name)?;
+    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        bail!("{} already exists and is not an empty directory; choose another --path", dir.display());
+    }
+    std::fs::create_dir_all(dir.join("src")).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = std::fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let sdk = match sdk {
+        Some(sdk) => {
+            let sdk =
+                std::fs::canonicalize(sdk).with_context(|| format!("cannot find the SDK at {}", sdk.display()))?;
+            if !sdk.join("Cargo.toml").is_file() {
+                bail!(
+                    "{} is not a crate directory (it has no Cargo.toml); point --sdk at kiln-plugin-sdk",
+                    sdk.display()
+                );
+            }
+            sdk
+        }
+        None => find_sdk(&dir)?,
+    };
+    let sdk_path = relative_path(&dir, &sdk);
+    let files = [
+        ("Cargo.toml", render(CARGO_TOML, name, &sdk_path)),
+        ("src/lib.rs", render(LIB_RS, name, &sdk_path)),
+        ("README.md", render(README, name, &sdk_path)),
+        (".gitignore", GITIGNORE.to_owned()),
+        ("Cargo.lock", CARGO_LOCK.to_owned()),
+    ];
+    for (file, content) in files {
+        let path = dir.join(file);
+        std::fs::write(&path, content).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(sdk_path)
+}
+
+/// A name that works as a crate name, a plugin name and a directory name.
+fn check_name(name: &str) -> anyhow::Result<()> {
+    let ok = name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !ok {
+        bail!(
+            "`{name}` cannot name a plugin: use 1 to 64 lowercase ASCII letters, digits, `-` or `_`, starting with a \
+             letter (e.g. `my-framework`)"
+        );
+    }
+    if name == "kiln-plugin-sdk" || name == "kiln_plugin_sdk" {
+        bail!("`{name}` is the SDK's own name; choose another");
+    }
+    Ok(())
+}
+
+/// The SDK in a Kiln checkout above `dir`, else in the one this binary was
+/// built from.
+fn find_sdk(dir: &Path) -> anyhow::Result<PathBuf> {
+    let above = dir.ancestors().skip(1).map(|a| a.join(SDK_IN_CHECKOUT)).find(|c| c.join("Cargo.toml").is_file());
+    if let Some(sdk) = above {
+        return std::fs::canonicalize(&sdk).with_context(|| format!("cannot resolve {}", sdk.display()));
+    }
+    match std::fs::canonicalize(BUILT_FROM_SDK) {
+        Ok(sdk) if sdk.join("Cargo.toml").is_file() => Ok(sdk),
+        _ => bail!(
+            "cannot find the Kiln plugin SDK: pass --sdk PATH, pointing at {SDK_IN_CHECKOUT} in a checkout of the \
+             Kiln repository"
+        ),
+    }
+}
+
+/// `to` relative to `from` when both are under a common directory other
+/// than `/` (so the pair can move together), else `to` itself.
+fn relative_path(from: &Path, to: &Path) -> PathBuf {
+    let from: Vec<Component> = from.components().collect();
+    let to_parts: Vec<Component> = to.components().collect();
+    let common = from.iter().zip(&to_parts).take_while(|(a, b)| a == b).count();
+    if common <= 1 {
+        return to.to_owned();
+    }
+    let mut relative = PathBuf::new();
+    for _ in common..from.len() {
+        relative.push("..");
+    }
+    for part in &to_parts[common..] {
+        relative.push(part);
+    }
+    relative
+}
+
+/// Fills a template's `{{name}}`, `{{crate_name}}` and `{{sdk}}`.
+fn render(template: &str, name: &str, sdk: &Path) -> String {
+    // A TOML basic string: escape what it cannot hold as is.
+    let sdk = sdk.to_string_lossy().replace('\\', "\\\\").replace('"', "\\\"");
+    template.replace("{{name}}", name).replace("{{crate_name}}", &crate_file_name(name)).replace("{{sdk}}", &sdk)
+}
+
+/// The stem of the `.wasm` cargo builds for crate `name`.
+fn crate_file_name(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["automake", "my-framework", "t2_x"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Upper", "1st", "has space", "../escape", "kiln-plugin-sdk", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn imports_are_grouped_by_package() {
+        let imports: Vec<String> = [
+            "kiln:executor/types@0.1.0",
+            "kiln:executor/host@0.1.0",
+            "wasi:io/poll@0.2.6",
+            "wasi:cli/exit@0.2.6",
+            "plain",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            condense(&imports),
+            "kiln:executor/{types,host}@0.1.0, wasi:io/poll@0.2.6, wasi:cli/exit@0.2.6, plain"
+        );
+        assert_eq!(condense(&[]), "none");
+    }
+
+    #[test]
+    fn relative_paths() {
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(
+            relative_path(&p("/work/main/plugins/x"), &p("/work/main/plugins/kiln-plugin-sdk")),
+            p("../kiln-plugin-sdk")
+        );
+        assert_eq!(relative_path(&p("/work/x/y"), &p("/work/main/sdk")), p("../../main/sdk"));
+        assert_eq!(relative_path(&p("/tmp/x"), &p("/work/sdk")), p("/work/sdk"));
+    }
+
+    #[test]
+    fn new_refuses_a_used_directory_and_writes_a_crate() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("taken"), "").unwrap();
+        assert!(new_plugin("x", dir.path(), None).is_err());
+        let sdk = Path::new(BUILT_FROM_SDK);
+        let used = new_plugin("my-tests", &dir.path().join("my-tests"), Some(sdk)).unwrap();
+        assert!(used.is_absolute(), "{}", used.display());
+        let manifest = std::fs::read_to_string(dir.path().join("my-tests/Cargo.toml")).unwrap();
+        assert!(
+            manifest.contains("name = \"my-tests\"") && manifest.contains(&format!("path = \"{}\"", used.display()))
+        );
+        let lib = std::fs::read_to_string(dir.path().join("my-tests/src/lib.rs")).unwrap();
+        assert!(lib.contains("\"tests/my-tests/*.test\"") && !lib.contains("{{"), "{lib}");
+        let readme = std::fs::read_to_string(dir.path().join("my-tests/README.md")).unwrap();
+        assert!(readme.contains("release/my_tests.wasm"));
+    }
+
+    /// The tutorial walks through the crate `kiln plugin new automake` makes
+    /// next to a Kiln checkout in `kiln/`: its code must be exactly what the
+    /// command generates.
+    #[test]
+    fn the_tutorial_shows_the_generated_plugin() {
+        let tutorial = include_str!("../../../plugins/TUTORIAL.md");
+        let sdk = Path::new("../kiln/plugins/kiln-plugin-sdk");
+        let lib = render(LIB_RS, "automake", sdk);
+        assert!(tutorial.contains(&lib), "plugins/TUTORIAL.md does not show the generated src/lib.rs");
+        let manifest = render(CARGO_TOML, "automake", sdk);
+        assert!(tutorial.contains(&manifest), "plugins/TUTORIAL.md does not show the generated Cargo.toml");
+    }
+}

@@ -1,0 +1,243 @@
+//! The Kiln plugin SDK: write an executor plugin for a test framework in a
+//! few dozen lines of ordinary Rust.
+//!
+//! Key decision: the guest bindings for the `kiln:executor` contract
+//! (`plugins/wit/executor.wit`) are generated once, here, and a plugin never
+//! names them. It implements [`Executor`] and exports itself with
+//! [`export_executor!`]; it talks to the runner through [`report`], [`log`]
+//! and [`run_command`]; and it reads the job's checkout, read-only, under
+//! [`CHECKOUT`] with `std::fs`.
+//!
+//! ```no_run
+//! use kiln_plugin_sdk::{Executor, Info, Outcome, TestResult, export_executor, report};
+//!
+//! struct Always;
+//!
+//! impl Executor for Always {
+//!     fn info() -> Info {
+//!         Info {
+//!             name: "always".to_owned(),
+//!             version: env!("CARGO_PKG_VERSION").to_owned(),
+//!             claims: vec!["tests/always/*".to_owned()],
+//!             programs: vec![],
+//!         }
+//!     }
+//!
+//!     fn run(files: Vec<String>) -> Result<(), String> {
+//!         for file in files {
+//!             report(&TestResult::new(file.clone(), file, Outcome::Pass));
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! export_executor!(Always);
+//! ```
+//!
+//! Build the plugin crate (`crate-type = ["cdylib"]`) with
+//! `cargo build --release --target wasm32-wasip2`, check the `.wasm` with
+//! `kiln plugin check`, and load it with `kiln runner --plugins DIR`. The
+//! pure parts of a plugin (parsing its framework's output) build and test
+//! natively with `cargo test`; the host functions exist only inside a runner,
+//! and calling them in a native test panics.
+//!
+//! The contract version this SDK targets is [`CONTRACT_VERSION`]; a runner
+//! refuses plugins built for a version it cannot run, naming both.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The bindings `wit-bindgen` generates for the `plugin` world. Plugins use
+/// the re-exports at the crate root; this module is public only because
+/// [`export_executor!`] expands to code that refers to it.
+///
+/// The generated canonical-ABI glue is `unsafe` by nature. rustc does not
+/// lint a proc macro's output (nor, in a plugin crate, the expansion of
+/// this crate's macros), so no `unsafe_code` exception is needed here or in
+/// plugins.
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "plugin",
+        // The export macro is used by the plugin crates, not this one.
+        pub_export_macro: true,
+        default_bindings_module: "kiln_plugin_sdk::bindings",
+    });
+}
+
+pub use bindings::kiln::executor::host::{Command, CommandError, CommandOutput};
+pub use bindings::kiln::executor::types::{Outcome, PluginInfo as Info, TestResult};
+
+/// The `kiln:executor` contract version this SDK builds plugins for.
+pub const CONTRACT_VERSION: &str = "0.1.0";
+
+/// Where the runner mounts the job's checkout, read-only. Inside a plugin the
+/// working directory is `/`, so use absolute paths ([`checkout_path`]).
+pub const CHECKOUT: &str = "/checkout";
+
+/// An executor plugin: what it is, and how it runs the files it claims.
+///
+/// Both functions are associated functions (no `self`): each call runs in a
+/// fresh WebAssembly instance, so there is no state to keep between them.
+pub trait Executor {
+    /// Describes the plugin: its name (unique among a runner's plugins), its
+    /// version, the glob patterns of the files it claims (e.g.
+    /// `tests/**/*.t`; `*` stays within a path segment, `**` spans any
+    /// number), and the programs it wants to start with [`run_command`], by
+    /// bare name. Called once, when the runner loads the plugin.
+    fn info() -> Info;
+
+    /// Runs the tests in `files` (repository-relative paths, each matched by
+    /// a claim) and [`report`]s each test as it finishes. The runner passes
+    /// one file per call today; accept any number.
+    ///
+    /// Return `Err` only when the files could not be run at all: the runner
+    /// then gives each file without a reported test an `error` result with
+    /// this message. A failing or broken test is a result, not an `Err`.
+    fn run(files: Vec<String>) -> Result<(), String>;
+}
+
+/// Exports a type implementing [`Executor`] as the plugin's implementation
+/// of the `kiln:executor` contract. Use it once, at the crate root.
+#[macro_export]
+macro_rules! export_executor {
+    ($executor:ty) => {
+        const _: () = {
+            struct KilnExecutorExport;
+
+            impl $crate::bindings::exports::kiln::executor::executor::Guest for KilnExecutorExport {
+                fn info() -> $crate::Info {
+                    <$executor as $crate::Executor>::info()
+                }
+
+                fn run(
+                    files: ::std::vec::Vec<::std::string::String>,
+                ) -> ::std::result::Result<(), ::std::string::String> {
+                    <$executor as $crate::Executor>::run(files)
+                }
+            }
+
+    $crate::bindings::export!(KilnExecutorExport with_types_in $crate::bindings);
+        };
+    };
+}
+
+/// Reports one finished test to the runner, which streams it to the
+/// dispatcher at once. A test id reported twice in one run keeps its first
+/// result.
+pub fn report(result: &TestResult) {
+    bindings::kiln::executor::host::report(result);
+}
+
+/// Writes a line to the runner's log, attributed to this plugin.
+pub fn log(message: &str) {
+    bindings::kiln::executor::host::log(message);
+}
+
+/// Runs a program in the job's checkout and waits for it. The program must
+/// be one the plugin lists in [`Info::programs`] *and* the runner's operator
+/// allows (`--allow-program`); otherwise this returns
+/// [`CommandError::Denied`]. It runs with a cleared environment, in its own
+/// process group, under the runner's time limit, with its output capped.
+pub fn run_command(command: &Command) -> Result<CommandOutput, CommandError> {
+    bindings::kiln::executor::host::run_command(command)
+}
+
+/// The path inside the plugin of a repository-relative `file`.
+pub fn checkout_path(file: &str) -> PathBuf {
+    Path::new(CHECKOUT).join(file)
+}
+
+/// Milliseconds since `started`, saturating, for [`TestResult::duration_ms`].
+pub fn elapsed_ms(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Command {
+    /// A command running `program` with `args` from the checkout's root,
+    /// under the runner's own time limit.
+    pub fn new<I, S>(program: &str, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Command {
+            program: program.to_owned(),
+            args: args.into_iter().map(Into::into).collect(),
+            cwd: String::new(),
+            timeout_ms: 0,
+        }
+    }
+
+    /// Runs the command in `dir` (relative to the checkout's root) instead.
+    pub fn cwd(mut self, dir: &str) -> Command {
+        self.cwd = dir.to_owned();
+        self
+    }
+
+    /// Asks for a shorter time limit than the runner's (which always caps it).
+    pub fn timeout_ms(mut self, ms: u64) -> Command {
+        self.timeout_ms = ms;
+        self
+    }
+}
+
+impl CommandOutput {
+    /// Standard output as text (invalid UTF-8 replaced).
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Standard error as text (invalid UTF-8 replaced).
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+impl CommandError {
+    /// A sentence saying why `program` did not run, and what to do about a
+    /// denial (the usual cause: the runner does not allow the program).
+    pub fn explain(&self, program: &str) -> String {
+        match self {
+            CommandError::Denied(why) => format!(
+                "the runner did not let this plugin run `{program}` ({why}); its operator can allow it with \
+                 `kiln runner --allow-program {program}`"
+            ),
+            CommandError::Failed(why) => format!("`{program}` could not be started: {why}"),
+        }
+    }
+}
+
+impl TestResult {
+    /// A result with no duration and no message; set those fields as needed.
+    pub fn new(id: impl Into<String>, file: impl Into<String>, outcome: Outcome) -> TestResult {
+        TestResult { id: id.into(), file: file.into(), outcome, duration_ms: 0, message: String::new() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_version_matches_the_wit() {
+        let wit = include_str!("../../wit/executor.wit");
+        assert!(wit.contains(&format!("package kiln:executor@{CONTRACT_VERSION};")));
+    }
+
+    #[test]
+    fn command_builder() {
+        let command = Command::new("sh", ["tests/a.sh"]).cwd("tests").timeout_ms(5);
+        assert_eq!(command.program, "sh");
+        assert_eq!(command.args, ["tests/a.sh"]);
+        assert_eq!((command.cwd.as_str(), command.timeout_ms), ("tests", 5));
+        assert_eq!(checkout_path("tests/a.sh"), Path::new("/checkout/tests/a.sh"));
+    }
+
+    #[test]
+    fn denial_names_the_fix() {
+        let message = CommandError::Denied("not granted".to_owned()).explain("sh");
+        assert!(message.contains("--allow-program sh"), "{message}");
+    }
+}

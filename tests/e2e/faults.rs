@@ -1,0 +1,222 @@
+//! Fault tolerance with real processes and real signals: nothing lost,
+//! nothing stuck, nothing counted twice when a process dies, hangs or is
+//! superseded.
+
+use std::time::{Duration, Instant};
+
+use kiln_proto::{CommitReport, CommitStatus, Outcome};
+
+use crate::harness::{Cluster, NetNs, Repo, Signal, borrow, slow_suite};
+
+/// Every test of a slow suite passed, each exactly once.
+fn assert_complete(report: &CommitReport, modules: usize, tests: usize) {
+    assert_eq!(report.status, CommitStatus::Passed, "{report:?}");
+    assert_eq!(report.tests.len(), modules * tests, "{report:?}");
+    for m in 0..modules {
+        for t in 0..tests {
+            let id = format!("tests.test_slow{m}.Slow{m}.test_{t}");
+            assert!(report.tests.iter().any(|r| r.id == id && r.outcome == Outcome::Pass), "missing {id}");
+        }
+    }
+}
+
+#[test]
+fn a_killed_runner_loses_only_its_unfinished_files() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(6, 2, 300)));
+    let commit = repo.commit("slow suite");
+    let first = cluster.runner("runner-1");
+    cluster.observer("observer", &repo.path, "200ms");
+    // Let runner-1 finish some files, then kill it mid-job.
+    cluster.wait_stored(&commit, "partly done by runner-1", |r| {
+        r.runner.as_deref() == Some("runner-1") && r.tests.len() >= 4
+    });
+    cluster.procs[first].signal(Signal::SIGKILL);
+    let killed = Instant::now();
+    cluster.runner("runner-2");
+    let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
+    eprintln!("killed runner to results: {:?}", killed.elapsed());
+    assert_complete(&report, 6, 2);
+    assert_eq!(report.runner.as_deref(), Some("runner-2"));
+    // runner-2 was told to skip the files runner-1 had finished.
+    let log = cluster.procs[0].log();
+    let second = log.lines().find(|l| l.contains("attempt=2") && l.contains("assigned")).unwrap_or_default();
+    assert!(!second.contains("skip=0"), "no files skipped on reassignment: {second}\n{log}");
+}
+
+#[test]
+fn a_runner_stopped_past_its_lease_is_replaced_and_its_late_work_rejected() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(4, 2, 300)));
+    let commit = repo.commit("slow suite");
+    let sleeper = cluster.runner("runner-1");
+    cluster.observer("observer", &repo.path, "200ms");
+    cluster.wait_stored(&commit, "running on runner-1", |r| r.runner.as_deref() == Some("runner-1"));
+    cluster.procs[sleeper].signal(Signal::SIGSTOP);
+    cluster.runner("runner-2");
+    let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
+    assert_complete(&report, 4, 2);
+    assert_eq!(report.runner.as_deref(), Some("runner-2"));
+    // Wake the sleeper: whatever it still has must not change the stored results.
+    cluster.procs[sleeper].signal(Signal::SIGCONT);
+    cluster.wait_log(sleeper, "lost the dispatcher");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(cluster.stored(&commit), Some(report));
+}
+
+#[test]
+fn a_killed_dispatcher_resumes_its_queue_and_running_work() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(4, 2, 250)));
+    let first = repo.commit("first");
+    cluster.runner("runner-1");
+    let observer = cluster.observer_with("observer", &repo.path, "200ms", &["--mode", "every"]);
+    cluster.wait_stored(&first, "running", |r| r.status == CommitStatus::Running && !r.tests.is_empty());
+    repo.write(&[("README", "second\n")]);
+    let second = repo.commit("second");
+    cluster.wait_log(observer, second.as_str());
+    cluster.wait_stored(&second, "queued", |r| r.status == CommitStatus::Queued);
+
+    let killed = Instant::now();
+    cluster.restart_dispatcher();
+    eprintln!("dispatcher restarted in {:?}", killed.elapsed());
+    for commit in [first, second] {
+        let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
+        assert_complete(&report, 4, 2);
+    }
+    eprintln!("dispatcher kill to all results: {:?}", killed.elapsed());
+    assert!(cluster.procs[0].log().contains("resumed from the state database"));
+}
+
+#[test]
+fn an_observer_in_every_mode_catches_up_after_a_restart() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(1, 1, 0)));
+    let base = repo.commit("base");
+    cluster.runner("runner-1");
+    let observer = cluster.observer_with("observer", &repo.path, "200ms", &["--mode", "every"]);
+    cluster.wait_stored(&base, "final", |r| r.status.is_final());
+    cluster.procs[observer].signal(Signal::SIGKILL);
+
+    let missed: Vec<_> = (0..3)
+        .map(|n| {
+            repo.write(&[("README", &format!("{n}\n"))]);
+            repo.commit(&format!("while the observer was down {n}"))
+        })
+        .collect();
+    cluster.observer_with("observer", &repo.path, "200ms", &["--mode", "every"]);
+    for commit in &missed {
+        let report = cluster.wait_stored(commit, "final", |r| r.status.is_final());
+        assert_eq!(report.status, CommitStatus::Passed);
+    }
+    // Each commit was queued exactly once, in order.
+    let log = cluster.procs[0].log();
+    let queued: Vec<&str> = log.lines().filter(|l| l.contains("commit queued")).collect();
+    assert_eq!(queued.len(), 4, "{log}");
+    for (line, commit) in queued[1..].iter().zip(&missed) {
+        assert!(line.contains(commit.as_str()), "out of order: {queued:?}");
+    }
+}
+
+#[test]
+fn in_latest_mode_a_newer_commit_cancels_the_running_one() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(6, 2, 300)));
+    let old = repo.commit("old");
+    cluster.runner("runner-1");
+    // A long interval: only `kiln notify` makes the observer look.
+    let observer = cluster.observer_with("observer", &repo.path, "1h", &[]);
+    cluster.wait_stored(&old, "running", |r| r.status == CommitStatus::Running);
+    repo.write(&[(
+        "tests/test_slow0.py",
+        "import unittest\nclass Slow0(unittest.TestCase):\n    def test_0(self): pass\n",
+    )]);
+    let new = repo.commit("new");
+    let out = crate::harness::kiln().args(["notify", "--repo"]).arg(&repo.path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = cluster.wait_stored(&old, "cancelled", |r| r.status.is_final());
+    assert_eq!(report.status, CommitStatus::Cancelled);
+    assert!(report.error.as_deref().unwrap_or_default().contains("superseded by"), "{report:?}");
+    let report = cluster.wait_stored(&new, "final", |r| r.status.is_final());
+    assert_eq!(report.status, CommitStatus::Passed);
+    // The observer polls hourly: only the poke can have found the new commit.
+    assert!(cluster.procs[observer].log().contains(new.as_str()));
+}
+
+#[test]
+fn with_keep_running_a_queued_commit_is_skipped_when_superseded() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(2, 2, 300)));
+    let a = repo.commit("a");
+    cluster.runner("runner-1");
+    cluster.observer_with("observer", &repo.path, "1h", &["--keep-running"]);
+    cluster.wait_stored(&a, "running", |r| r.status == CommitStatus::Running);
+    let notify = |repo: &Repo| {
+        let out = crate::harness::kiln().args(["notify", "--repo"]).arg(&repo.path).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    repo.write(&[("README", "b\n")]);
+    let b = repo.commit("b");
+    notify(&repo);
+    cluster.wait_stored(&b, "queued", |r| r.status == CommitStatus::Queued);
+    repo.write(&[("README", "c\n")]);
+    let c = repo.commit("c");
+    notify(&repo);
+    let report = cluster.wait_stored(&b, "skipped", |r| r.status.is_final());
+    assert_eq!(report.status, CommitStatus::Skipped);
+    assert!(report.tests.is_empty());
+    assert_eq!(cluster.wait_stored(&a, "final", |r| r.status.is_final()).status, CommitStatus::Passed);
+    assert_eq!(cluster.wait_stored(&c, "final", |r| r.status.is_final()).status, CommitStatus::Passed);
+}
+
+#[test]
+fn cancel_stops_a_running_commit_and_the_runner_takes_the_next() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(6, 2, 300)));
+    let slow = repo.commit("slow");
+    cluster.runner("runner-1");
+    let observer = cluster.observer_with("observer", &repo.path, "200ms", &["--mode", "every"]);
+    cluster.wait_stored(&slow, "running", |r| r.status == CommitStatus::Running);
+    repo.write(&[("README", "next\n")]);
+    let next = repo.commit("next");
+    cluster.wait_log(observer, next.as_str());
+    let out = cluster.admin(&["cancel", slow.as_str()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled"));
+    let report = cluster.wait_stored(&slow, "cancelled", |r| r.status.is_final());
+    assert_eq!(report.status, CommitStatus::Cancelled);
+    assert!(report.error.as_deref().unwrap_or_default().contains("cancelled by admin admin"), "{report:?}");
+    let report = cluster.wait_stored(&next, "final", |r| r.status.is_final());
+    assert_complete(&report, 6, 2);
+    // Cancelling a finished commit changes nothing.
+    let out = cluster.admin(&["cancel", slow.as_str()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to cancel"));
+}
+
+#[test]
+fn a_runner_cut_off_from_the_network_is_replaced_and_its_late_work_rejected() {
+    let ns = NetNs::create();
+    let mut cluster = Cluster::start_on(&["127.0.0.1", ns.host_ip], "0.0.0.0:0", &[]);
+    let port = cluster.addr.rsplit_once(':').map(|(_, p)| p.to_owned()).unwrap();
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(4, 2, 300)));
+    let commit = repo.commit("slow suite");
+    let remote = cluster.runner_in(&ns.name, "remote", &format!("{}:{port}", ns.host_ip));
+    cluster.observer("observer", &repo.path, "200ms");
+    cluster.wait_stored(&commit, "running on the remote runner", |r| r.runner.as_deref() == Some("remote"));
+
+    ns.link(false);
+    let cut = Instant::now();
+    cluster.runner("local");
+    let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
+    eprintln!("network cut to results: {:?}", cut.elapsed());
+    assert_complete(&report, 4, 2);
+    assert_eq!(report.runner.as_deref(), Some("local"));
+
+    ns.link(true);
+    cluster.wait_log(remote, "lost the dispatcher");
+    // The healed runner comes back as a fresh connection; its old work is gone.
+    let registered = || cluster.procs[remote].log().matches("registered").count();
+    assert!(crate::harness::eventually(Duration::from_secs(30), || registered() >= 2), "{}", cluster.logs());
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(cluster.stored(&commit), Some(report));
+}
