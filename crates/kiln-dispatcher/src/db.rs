@@ -273,7 +273,7 @@ mod tests {
         let commit: CommitId = "0123456789abcdef0123456789abcdef01234567".parse().unwrap();
         let mut state = State::default();
         state.submit("repo", "main", commit, Supersede::Nothing, 5).unwrap();
-        state.register("r", 1, 1);
+        state.register("r", 1, 1, &[]);
         let d = state.assign().remove(0).assignment;
         let t = TestResult {
             id: "tests.test_a.T.test_x".into(),

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_git::ObjectStore;
 use kiln_net::{CloseCode, Connection, FramedError, Listener, PeerIdentity, RecvStream, SendStream};
-use kiln_proto::wire::{Control, JobEvent, Reply, Request, Supersede};
+use kiln_proto::wire::{Assignment, Control, Held, JobEvent, Reply, Request, Supersede};
 use kiln_proto::{CommitId, CommitReport, CommitStatus, Role, error_chain};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +44,9 @@ pub struct Config {
     pub max_pack_bytes: u64,
     /// How long one commit's tests may run before they are stopped.
     pub job_timeout: Duration,
+    /// After a restart, how long runners have to reconnect and claim the
+    /// work they were doing before it is handed to others.
+    pub resume_grace: Duration,
 }
 
 /// Why the dispatcher could not start.
@@ -164,6 +167,25 @@ impl Dispatcher {
             }
         });
 
+        if unfinished > 0 {
+            // Runners that kept working through the restart have this long to claim their jobs.
+            let d = Arc::clone(&dispatcher);
+            let grace = d.config.resume_grace;
+            tasks.spawn(async move {
+                tokio::select! {
+                    () = d.shutdown.cancelled() => {}
+                    () = tokio::time::sleep(grace) => {
+                        let mut core = d.core();
+                        for commit in core.state.expire_orphans() {
+                            info!(%commit, "no runner claimed this running work after the restart; requeued");
+                            d.persist(&core, &commit);
+                        }
+                        drop(core);
+                        d.schedule();
+                    }
+                }
+            });
+        }
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -275,6 +297,7 @@ impl Dispatcher {
             .map_err(|_| StreamError::Protocol("no request within 30 s of opening a stream".into()))??;
         let (allowed, what) = match &request {
             Request::Register { .. } => (Role::Runner, "register as a runner"),
+            Request::Resume(_) => (Role::Runner, "resume jobs"),
             Request::FetchSource { .. } => (Role::Runner, "fetch source"),
             Request::Submit { .. } => (Role::Observer, "submit commits"),
             Request::BranchTip { .. } => (Role::Observer, "ask for branch tips"),
@@ -289,7 +312,8 @@ impl Dispatcher {
             return Err(StreamError::Unauthorized(reason));
         }
         match request {
-            Request::Register { slots } => self.register(conn, peer, send, recv, slots).await,
+            Request::Register { slots, held } => self.register(conn, peer, send, recv, slots, &held).await,
+            Request::Resume(held) => self.resume(conn, peer, send, recv, held).await,
             Request::Submit { repo, branch, commit, supersede } => {
                 self.submit(send, recv, repo, branch, commit, supersede).await
             }
@@ -350,11 +374,25 @@ impl Dispatcher {
         mut send: SendStream,
         mut recv: RecvStream,
         slots: u32,
+        held: &[Held],
     ) -> Result<(), StreamError> {
         let slots = slots.clamp(1, 256);
         let id = conn.stable_id();
         self.runners.lock().unwrap_or_else(|e| e.into_inner()).insert(id, conn.clone());
-        let replaced = self.core().state.register(&peer.name, id, slots);
+        let (replaced, adopted) = {
+            let mut core = self.core();
+            let (replaced, adopted) = core.state.register(&peer.name, id, slots, &held[..held.len().min(1024)]);
+            for job in &adopted {
+                if let Some(commit) = core.state.commit_of(*job) {
+                    info!(job, %commit, "the runner still holds this job; it may resume");
+                    self.persist(&core, &commit);
+                }
+            }
+            (replaced, adopted)
+        };
+        if held.len() > adopted.len() {
+            info!(held = held.len(), adopted = adopted.len(), "refusing assignments the runner no longer holds");
+        }
         if let Some(old) = replaced {
             let old_conn = self.runners.lock().unwrap_or_else(|e| e.into_inner()).remove(&old);
             if let Some(old_conn) = old_conn {
@@ -441,7 +479,7 @@ impl Dispatcher {
         send.send(&Reply::Source).await?;
         send.send_pack(&pack).await?;
         send.finish();
-        send.stopped().await;
+        let _ = send.stopped().await;
         Ok(())
     }
 
@@ -477,9 +515,54 @@ impl Dispatcher {
 
     /// Runs one assignment: sends it, records the events that come back.
     async fn drive(self: Arc<Self>, conn: Connection, d: Dispatch, cancel: CancellationToken) {
+        info!(commit = %d.assignment.commit, skip = d.assignment.skip_files.len(), "assigned");
+        let outcome = async {
+            let (mut send, recv) = conn.open().await.map_err(|e| StreamError::Failed(e.to_string()))?;
+            send.send(&d.assignment).await?;
+            self.events(send, recv, &d, &cancel).await
+        }
+        .await;
+        self.assignment_ended(&conn, &d, outcome);
+    }
+
+    /// A runner that kept working through a lost connection carries on
+    /// reporting, if its lease is still current.
+    async fn resume(
+        self: &Arc<Self>,
+        conn: &Connection,
+        peer: &PeerIdentity,
+        mut send: SendStream,
+        recv: RecvStream,
+        held: Held,
+    ) -> Result<(), StreamError> {
+        let id = conn.stable_id();
+        let commit = {
+            let core = self.core();
+            core.state.holds(held.job, held.attempt, id).then(|| core.state.commit_of(held.job)).flatten()
+        };
+        let Some(commit) = commit else {
+            let reason = format!("job {} attempt {} is no longer yours", held.job, held.attempt);
+            warn!("rejected a late runner's work: {reason}");
+            return reply(send, Reply::Refused(reason)).await;
+        };
+        let d = Dispatch {
+            runner: peer.name.clone(),
+            conn: id,
+            assignment: Assignment { job: held.job, attempt: held.attempt, commit, skip_files: Vec::new() },
+        };
+        let cancel = CancellationToken::new();
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(held.job, (held.attempt, cancel.clone()));
+        info!(job = held.job, attempt = held.attempt, %commit, "resumed");
+        send.send(&Reply::Resumed).await?;
+        let outcome = self.events(send, recv, &d, &cancel).await;
+        self.assignment_ended(conn, &d, outcome);
+        Ok(())
+    }
+
+    /// Cleans up after an assignment stream: requeues the job if it did not
+    /// end properly, and hands out work.
+    fn assignment_ended(self: &Arc<Self>, conn: &Connection, d: &Dispatch, outcome: Result<(), StreamError>) {
         let a = &d.assignment;
-        info!(commit = %a.commit, skip = a.skip_files.len(), "assigned");
-        let outcome = self.exchange(&conn, &d, &cancel).await;
         {
             let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
             if running.get(&a.job).is_some_and(|(attempt, _)| *attempt == a.attempt) {
@@ -500,10 +583,15 @@ impl Dispatcher {
         self.schedule();
     }
 
-    async fn exchange(&self, conn: &Connection, d: &Dispatch, cancel: &CancellationToken) -> Result<(), StreamError> {
+    /// Records the events of one assignment stream until the job ends.
+    async fn events(
+        &self,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        d: &Dispatch,
+        cancel: &CancellationToken,
+    ) -> Result<(), StreamError> {
         let a = &d.assignment;
-        let (mut send, mut recv) = conn.open().await.map_err(|e| StreamError::Failed(e.to_string()))?;
-        send.send(a).await?;
         let deadline = tokio::time::sleep(self.config.job_timeout);
         tokio::pin!(deadline);
         let mut cancelled = false;

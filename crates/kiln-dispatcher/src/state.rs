@@ -8,13 +8,14 @@
 //!   connection, never both;
 //! - an event is accepted only from the connection holding the job's current
 //!   attempt (the fencing token), so a late or replaced runner can never
-//!   overwrite newer work;
+//!   overwrite newer work; a lease restored after a restart belongs to no
+//!   connection until its runner claims it when it registers again;
 //! - a test id is recorded at most once per commit, and a finished file is
 //!   never handed out again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-use kiln_proto::wire::{Assignment, Supersede};
+use kiln_proto::wire::{Assignment, Held, Supersede};
 use kiln_proto::{CommitId, CommitReport, CommitStatus, Counts, TestResult};
 
 /// A connection's stable id: a runner that reconnects gets a new one.
@@ -25,8 +26,10 @@ pub type ConnId = usize;
 pub struct Lease {
     /// The runner's name.
     pub runner: String,
-    /// Its connection.
-    pub conn: ConnId,
+    /// Its connection; `None` for a lease restored after a dispatcher
+    /// restart, until its runner reconnects and claims it (or the grace
+    /// period ends and the job is queued again).
+    pub conn: Option<ConnId>,
 }
 
 /// Everything about one commit; also the persisted form (see `db`).
@@ -187,17 +190,21 @@ impl State {
         Some(stopped)
     }
 
-    /// Takes back an entry persisted by an earlier dispatcher process. Work
-    /// that was running is queued again (its runner lost its connection to
-    /// that process and dropped it); results and finished files are kept.
+    /// Takes back an entry persisted by an earlier dispatcher process, with
+    /// its results and finished files. Work that was running keeps its lease
+    /// for its runner to claim when it reconnects (see
+    /// [`State::register`] and [`State::expire_orphans`]).
     pub fn restore(&mut self, mut entry: CommitEntry) {
         if self.knows(&entry.commit) {
             return;
         }
-        if entry.status == CommitStatus::Running {
+        entry.lease = match (entry.status, &entry.runner) {
+            (CommitStatus::Running, Some(runner)) => Some(Lease { runner: runner.clone(), conn: None }),
+            _ => None,
+        };
+        if entry.status == CommitStatus::Running && entry.lease.is_none() {
             entry.status = CommitStatus::Queued;
         }
-        entry.lease = None;
         self.next_job = self.next_job.max(entry.job);
         self.next_seq = self.next_seq.max(entry.seq);
         self.insert(entry);
@@ -217,18 +224,59 @@ impl State {
         self.commits.insert(commit, entry);
     }
 
-    /// Adds a runner with `slots` free slots. If a runner of that name is
-    /// registered already (a reconnect), the old connection's jobs go back to
-    /// the queue and its id is returned so the caller can close it.
-    pub fn register(&mut self, name: &str, conn: ConnId, slots: u32) -> Option<ConnId> {
+    /// Adds a runner with `slots` free slots, which says it still holds the
+    /// assignments `held`. Each held assignment whose lease is still this
+    /// runner's (current attempt, not reassigned) moves to `conn`; the
+    /// runner's other leases go back to the queue. Returns the old
+    /// connection to close, if this is a reconnect, and the adopted jobs.
+    pub fn register(&mut self, name: &str, conn: ConnId, slots: u32, held: &[Held]) -> (Option<ConnId>, Vec<u64>) {
+        let mut adopted = Vec::new();
+        for h in held {
+            let Some(entry) = self.jobs.get(&h.job).and_then(|c| self.commits.get_mut(c)) else { continue };
+            let Some(lease) = entry.lease.as_mut() else { continue };
+            if entry.status == CommitStatus::Running && entry.attempt == h.attempt && lease.runner == name {
+                lease.conn = Some(conn);
+                adopted.push(h.job);
+            }
+        }
         let old = self.runners.get(name).map(|r| r.conn).filter(|&c| c != conn);
         if let Some(old) = old {
+            // Adopted jobs moved to the new connection; the rest are requeued.
+            if let Some(r) = self.runners.get_mut(name) {
+                r.jobs.retain(|j| !adopted.contains(j));
+            }
             self.unregister(name, old);
         }
         // Registering again on the same connection only changes the slots.
         let runner = self.runners.entry(name.to_owned()).or_insert(Runner { conn, slots: 1, jobs: BTreeSet::new() });
         runner.slots = slots.max(1);
-        old
+        runner.jobs.extend(adopted.iter().copied());
+        (old, adopted)
+    }
+
+    /// The commit a job tests.
+    pub fn commit_of(&self, job: u64) -> Option<CommitId> {
+        self.jobs.get(&job).copied()
+    }
+
+    /// Queues again every restored lease no runner has claimed. Returns the commits.
+    pub fn expire_orphans(&mut self) -> Vec<CommitId> {
+        let orphans: Vec<u64> = self
+            .commits
+            .values()
+            .filter(|e| e.lease.as_ref().is_some_and(|l| l.conn.is_none()))
+            .map(|e| e.job)
+            .collect();
+        orphans.into_iter().filter_map(|job| self.requeue(job)).collect()
+    }
+
+    /// Whether `conn` holds the current lease of `job` at `attempt`.
+    pub fn holds(&self, job: u64, attempt: u32, conn: ConnId) -> bool {
+        self.jobs.get(&job).and_then(|c| self.commits.get(c)).is_some_and(|e| {
+            e.status == CommitStatus::Running
+                && e.attempt == attempt
+                && e.lease.as_ref().is_some_and(|l| l.conn == Some(conn))
+        })
     }
 
     /// Removes the runner connection `conn` and puts its unfinished jobs back
@@ -276,7 +324,7 @@ impl State {
                 continue;
             }
             entry.attempt += 1;
-            entry.lease = Some(Lease { runner: name.clone(), conn: runner.conn });
+            entry.lease = Some(Lease { runner: name.clone(), conn: Some(runner.conn) });
             entry.status = CommitStatus::Running;
             entry.runner = Some(name.clone());
             runner.jobs.insert(job);
@@ -300,7 +348,7 @@ impl State {
         let entry = self.commits.get_mut(commit).ok_or(Stale::UnknownJob(job))?;
         let current = entry.status == CommitStatus::Running
             && entry.attempt == attempt
-            && entry.lease.as_ref().is_some_and(|l| l.conn == conn);
+            && entry.lease.as_ref().is_some_and(|l| l.conn == Some(conn));
         if current { Ok(entry) } else { Err(Stale::NotCurrent { job, attempt }) }
     }
 
@@ -364,7 +412,7 @@ impl State {
         entry.finished_at_ms = Some(now_ms);
         let lease = entry.lease.take();
         self.queue.retain(|&j| j != job);
-        let conn = lease.map(|l| {
+        let conn = lease.and_then(|l| {
             if let Some(r) = self.runners.get_mut(&l.runner) {
                 r.jobs.remove(&job);
             }
@@ -432,7 +480,7 @@ mod tests {
         let mut s = State::default();
         submit(&mut s, 1);
         assert!(s.submit("repo", "main", commit(1), Supersede::Nothing, 11).is_none());
-        s.register("r1", 1, 4);
+        s.register("r1", 1, 4, &[]);
         assert_eq!(s.assign().len(), 1);
         assert!(s.assign().is_empty());
     }
@@ -443,8 +491,8 @@ mod tests {
         for n in 1..=3 {
             submit(&mut s, n);
         }
-        s.register("a", 1, 1);
-        s.register("b", 2, 1);
+        s.register("a", 1, 1, &[]);
+        s.register("b", 2, 1, &[]);
         let d = s.assign();
         assert_eq!(d.len(), 2);
         assert_ne!(d[0].runner, d[1].runner);
@@ -461,7 +509,7 @@ mod tests {
     fn only_the_current_lease_holder_is_heard() {
         let mut s = State::default();
         submit(&mut s, 1);
-        s.register("a", 1, 1);
+        s.register("a", 1, 1, &[]);
         let first = s.assign().remove(0).assignment;
         assert_eq!(s.record_test(first.job, 1, 1, result("t1", Outcome::Pass)), Ok(true));
         assert_eq!(s.file_done(first.job, 1, 1, "tests/test_a.py".into()), Ok(true));
@@ -469,7 +517,7 @@ mod tests {
         // without the file it finished.
         assert_eq!(s.unregister("a", 1), vec![commit(1)]);
         assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Queued);
-        s.register("b", 2, 1);
+        s.register("b", 2, 1, &[]);
         let second = s.assign().remove(0);
         assert_eq!(second.assignment.attempt, 2);
         assert_eq!(second.assignment.skip_files, vec!["tests/test_a.py".to_owned()]);
@@ -495,9 +543,9 @@ mod tests {
     fn a_reconnecting_runner_replaces_its_old_connection() {
         let mut s = State::default();
         submit(&mut s, 1);
-        s.register("a", 1, 1);
+        s.register("a", 1, 1, &[]);
         let d = s.assign().remove(0);
-        assert_eq!(s.register("a", 7, 1), Some(1));
+        assert_eq!(s.register("a", 7, 1, &[]), (Some(1), vec![]));
         let again = s.assign().remove(0);
         assert_eq!((again.conn, again.assignment.attempt), (7, 2));
         assert_eq!(s.abandon(d.assignment.job, 1, 1), None);
@@ -510,7 +558,7 @@ mod tests {
         let mut s = State::default();
         submit(&mut s, 1);
         submit(&mut s, 2);
-        s.register("a", 1, 2);
+        s.register("a", 1, 2, &[]);
         let d = s.assign();
         s.finish(d[0].assignment.job, 1, 1, None, 3).unwrap();
         let r = s.report(&commit(1)).unwrap();
@@ -526,7 +574,7 @@ mod tests {
     fn a_newer_commit_supersedes_older_ones_of_its_branch() {
         let mut s = State::default();
         submit(&mut s, 1);
-        s.register("a", 1, 1);
+        s.register("a", 1, 1, &[]);
         let running = s.assign().remove(0).assignment;
         s.submit("repo", "main", commit(2), Supersede::Nothing, 2).unwrap();
         s.submit("repo", "other", commit(3), Supersede::Nothing, 3).unwrap();
@@ -556,7 +604,7 @@ mod tests {
         let mut s = State::default();
         submit(&mut s, 1);
         submit(&mut s, 2);
-        s.register("a", 1, 1);
+        s.register("a", 1, 1, &[]);
         let d = s.assign().remove(0);
         let stopped = s.stop(&commit(1), CommitStatus::Cancelled, "cancelled by admin".into(), 7).unwrap();
         assert_eq!(stopped.conn, Some(1));
@@ -568,30 +616,58 @@ mod tests {
     }
 
     #[test]
-    fn restored_running_work_is_queued_again_with_its_results() {
+    fn restored_running_work_waits_for_its_runner_or_is_requeued() {
         let mut s = State::default();
         submit(&mut s, 1);
         submit(&mut s, 2);
-        s.register("a", 1, 1);
-        let d = s.assign().remove(0).assignment;
-        s.record_test(d.job, 1, 1, result("t", Outcome::Pass)).unwrap();
-        s.file_done(d.job, 1, 1, "tests/test_a.py".into()).unwrap();
-        let entries: Vec<CommitEntry> = [commit(2), commit(1)].iter().map(|c| s.entry(c).unwrap().clone()).collect();
+        submit(&mut s, 3);
+        s.register("a", 1, 2, &[]);
+        let d = s.assign();
+        let (one, two) = (d[0].assignment.clone(), d[1].assignment.clone());
+        s.record_test(one.job, 1, 1, result("t", Outcome::Pass)).unwrap();
+        s.file_done(one.job, 1, 1, "tests/test_a.py".into()).unwrap();
+        let entries: Vec<CommitEntry> =
+            [commit(3), commit(2), commit(1)].iter().map(|c| s.entry(c).unwrap().clone()).collect();
+
+        // A new dispatcher process.
         let mut fresh = State::default();
         for e in entries {
             fresh.restore(e);
         }
-        assert_eq!(fresh.newest(), Some(commit(2)));
-        fresh.register("b", 9, 2);
+        assert_eq!(fresh.newest(), Some(commit(3)));
+        // Nobody may report on a restored lease until its runner claims it.
+        assert!(fresh.record_test(one.job, 1, 1, result("u", Outcome::Pass)).is_err());
+        // Runner "a" comes back still working on job one, but not on job two.
+        let held = [Held { job: one.job, attempt: 1 }, Held { job: 99, attempt: 1 }];
+        assert_eq!(fresh.register("a", 5, 2, &held), (None, vec![one.job]));
+        assert!(fresh.holds(one.job, 1, 5));
+        assert_eq!(fresh.record_test(one.job, 1, 5, result("u", Outcome::Pass)), Ok(true));
+        // Job two's lease is unclaimed; after the grace period it is queued again.
+        assert_eq!(fresh.expire_orphans(), vec![commit(2)]);
         let d = fresh.assign();
-        assert_eq!(d.len(), 2);
-        assert_eq!(d[0].assignment.commit, commit(1), "submission order survives");
-        assert_eq!(d[0].assignment.attempt, 2, "attempts keep counting");
-        assert_eq!(d[0].assignment.skip_files, vec!["tests/test_a.py".to_owned()]);
-        assert_eq!(fresh.report(&commit(1)).unwrap().counts.total, 1);
+        assert_eq!(d.len(), 1, "commit 3 waits: both slots would be full");
+        assert_eq!((d[0].assignment.commit, d[0].assignment.attempt), (commit(2), 2));
+        assert_eq!(fresh.report(&commit(1)).unwrap().counts.total, 2);
         // New jobs never reuse a restored id.
-        fresh.submit("repo", "main", commit(3), Supersede::Nothing, 3).unwrap();
-        assert!(fresh.entry(&commit(3)).unwrap().job > d[1].assignment.job);
+        fresh.submit("repo", "main", commit(4), Supersede::Nothing, 4).unwrap();
+        assert!(fresh.entry(&commit(4)).unwrap().job > two.job.max(one.job));
+    }
+
+    #[test]
+    fn a_late_runner_cannot_claim_a_reassigned_job() {
+        let mut s = State::default();
+        submit(&mut s, 1);
+        s.register("a", 1, 1, &[]);
+        let first = s.assign().remove(0).assignment;
+        s.unregister("a", 1);
+        s.register("b", 2, 1, &[]);
+        let second = s.assign().remove(0).assignment;
+        assert_eq!(second.attempt, 2);
+        // "a" comes back claiming attempt 1: refused, and b keeps the lease.
+        let (_, adopted) = s.register("a", 3, 1, &[Held { job: first.job, attempt: 1 }]);
+        assert!(adopted.is_empty());
+        assert!(s.holds(second.job, 2, 2));
+        assert!(!s.holds(first.job, 1, 3));
     }
 
     /// Checks the invariants listed in the module docs.
@@ -606,9 +682,11 @@ mod tests {
                 CommitStatus::Running => {
                     assert_eq!(queued, 0);
                     let lease = e.lease.as_ref().expect("a running job has a lease");
-                    let runner = s.runners.get(&lease.runner).expect("its runner is registered");
-                    assert_eq!(runner.conn, lease.conn);
-                    assert!(runner.jobs.contains(&e.job));
+                    if let Some(conn) = lease.conn {
+                        let runner = s.runners.get(&lease.runner).expect("its runner is registered");
+                        assert_eq!(runner.conn, conn);
+                        assert!(runner.jobs.contains(&e.job));
+                    }
                 }
                 status => {
                     assert_eq!(queued, 0);
@@ -622,7 +700,7 @@ mod tests {
         for (name, r) in &s.runners {
             for job in &r.jobs {
                 let e = &s.commits[&s.jobs[job]];
-                assert_eq!(e.lease.as_ref().map(|l| (&l.runner, l.conn)), Some((name, r.conn)));
+                assert_eq!(e.lease.as_ref().map(|l| (&l.runner, l.conn)), Some((name, Some(r.conn))));
             }
         }
     }
@@ -657,7 +735,8 @@ mod tests {
                         let _ = s.submit("repo", ["a", "b"][next(2) as usize], commit(n), supersede, step);
                     }
                     1 => {
-                        s.register(&runner, conn, next(3) as u32 + 1);
+                        let held = [Held { job, attempt }];
+                        s.register(&runner, conn, next(3) as u32 + 1, if next(2) == 0 { &held } else { &[] });
                     }
                     2 => {
                         s.unregister(&runner, conn);

@@ -32,6 +32,7 @@ impl Server {
             state_dir: dir.path().join("state"),
             max_pack_bytes: 1 << 20,
             job_timeout: Duration::from_secs(60),
+            resume_grace: Duration::from_secs(20),
         };
         let token = shutdown.clone();
         let task = tokio::spawn(async move { Dispatcher::run(listener, config, token).await.unwrap() });
@@ -70,7 +71,7 @@ async fn an_observer_cannot_take_jobs_and_others_carry_on() {
     let server = Server::start().await;
     let admin = server.client(Role::Admin, "admin").await;
     let observer = server.client(Role::Observer, "obs").await;
-    match observer.request(&Request::Register { slots: 1 }).await {
+    match observer.request(&Request::Register { slots: 1, held: vec![] }).await {
         Err(RequestError::Refused(reason)) => assert!(reason.contains("may not register as a runner"), "{reason}"),
         Err(RequestError::Connection(reason)) => assert!(reason.contains("unauthorized"), "{reason}"),
         other => panic!("observer registered: {other:?}"),

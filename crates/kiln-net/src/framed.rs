@@ -126,9 +126,11 @@ impl SendStream {
         let _ = self.0.finish();
     }
 
-    /// Waits until the peer has received everything sent (or the stream failed).
-    pub async fn stopped(&mut self) {
-        let _ = self.0.stopped().await;
+    /// Waits until the peer has acknowledged everything sent on a finished
+    /// stream (or stopped reading it). Returns `false` if the connection was
+    /// lost first, so the data may never have arrived.
+    pub async fn stopped(&mut self) -> bool {
+        self.0.stopped().await.is_ok()
     }
 }
 

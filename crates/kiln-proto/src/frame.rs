@@ -174,7 +174,7 @@ mod tests {
         }
         // An unknown enum tag, and a valid message followed by junk.
         assert!(matches!(decode_body::<Request>(&[200]), Err(FrameError::Malformed(_))));
-        let mut body = encode(&Request::Register { slots: 1 }).unwrap()[4..].to_vec();
+        let mut body = encode(&Request::Register { slots: 1, held: vec![] }).unwrap()[4..].to_vec();
         body.push(0);
         assert!(matches!(decode_body::<Request>(&body), Err(FrameError::Trailing(1))));
     }

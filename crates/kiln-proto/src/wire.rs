@@ -24,7 +24,18 @@ pub enum Request {
     Register {
         /// How many jobs the runner runs at once.
         slots: u32,
+        /// Assignments the runner is still working on from an earlier
+        /// connection (say, before a dispatcher restart). The dispatcher
+        /// keeps the ones whose lease is still this runner's; the runner then
+        /// sends [`Request::Resume`] for each.
+        held: Vec<Held>,
     },
+    /// Runner: carry on reporting an assignment begun on an earlier
+    /// connection. The dispatcher answers [`Reply::Resumed`] if the lease is
+    /// still this runner's (then the stream continues like an assignment
+    /// stream after its [`Assignment`] frame) or [`Reply::Refused`], and the
+    /// runner drops the job.
+    Resume(Held),
     /// Observer: a branch of a repository points at a new commit. The
     /// dispatcher answers [`Reply::Known`] if it has the commit already, or
     /// [`Reply::SendPack`]; then the observer sends a [`PackHeader`] frame and
@@ -73,6 +84,15 @@ pub enum Request {
     },
 }
 
+/// An assignment a runner holds: the job and the attempt (fencing token).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    /// The job.
+    pub job: u64,
+    /// The attempt the runner was given.
+    pub attempt: u32,
+}
+
 /// What a new commit means for older commits of the same branch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Supersede {
@@ -105,6 +125,8 @@ pub enum Reply {
     Tip(Option<CommitId>),
     /// Whether the commit was still being tested and is now cancelled.
     Cancelled(bool),
+    /// The lease is still the runner's: send the job's events on this stream.
+    Resumed,
     /// A commit's report, or `None` if the dispatcher knows no such commit.
     Report(Option<Box<CommitReport>>),
     /// The request was refused; the stream ends after this.

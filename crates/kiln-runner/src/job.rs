@@ -1,14 +1,22 @@
 //! One assignment, from source fetch to the last reported result.
+//!
+//! A job outlives the connection it arrived on: once its tests run, losing
+//! the dispatcher only pauses the reporting. Events wait in memory while the
+//! runner reconnects; the runner then asks to resume the job (see
+//! `lib.rs`), and either gets a new stream to flush the events into, or is
+//! told the lease has moved on, and the job is dropped (its tests killed).
 
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
 use kiln_git::ObjectStore;
 use kiln_net::{Connection, RecvStream, SendStream};
 use kiln_plugin_host::{HostEvent, PluginHost};
 use kiln_proto::CommitId;
 use kiln_proto::error_chain;
-use kiln_proto::wire::{Assignment, Control, JobEvent, Reply, Request};
+use kiln_proto::wire::{Assignment, Control, Held, JobEvent, Reply, Request};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -26,6 +34,41 @@ pub(crate) struct JobContext {
     pub max_pack_bytes: u64,
     /// The plugins.
     pub host: Arc<PluginHost>,
+    /// Jobs running now, by job id, with the way to hand each a new stream.
+    pub jobs: Mutex<HashMap<u64, Running>>,
+}
+
+/// A running job, as the reconnect logic sees it.
+pub(crate) struct Running {
+    attempt: u32,
+    link: mpsc::UnboundedSender<Relink>,
+}
+
+/// What the reconnect logic tells a job that lost its stream.
+pub(crate) enum Relink {
+    /// The dispatcher took the job back on this new stream.
+    Stream(SendStream, RecvStream),
+    /// The dispatcher refused: the lease moved on. Stop.
+    Drop(String),
+}
+
+impl JobContext {
+    /// The assignments this runner is working on.
+    pub(crate) fn held(&self) -> Vec<Held> {
+        self.jobs().iter().map(|(&job, r)| Held { job, attempt: r.attempt }).collect()
+    }
+
+    /// Hands a job its fate after a reconnect.
+    pub(crate) fn relink(&self, job: u64, relink: Relink) {
+        if let Some(r) = self.jobs().get(&job) {
+            // The job may have ended meanwhile; then there is no one to tell.
+            let _ = r.link.send(relink);
+        }
+    }
+
+    fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Running>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Why a job could not run its tests.
@@ -45,23 +88,11 @@ enum JobError {
     Plugins(#[source] kiln_plugin_host::HostError),
 }
 
-/// How the job task ended.
-enum End {
-    /// The tests ran (or could not run: the inner error).
-    Ran(Result<Result<usize, JobError>, kiln_net::FramedError>),
-    /// The dispatcher said stop.
-    Cancelled(String),
-    /// The runner is shutting down.
-    Shutdown,
-    /// The connection to the dispatcher broke.
-    Lost(String),
-}
-
 /// Serves one assignment stream opened by the dispatcher.
 pub(crate) async fn serve_assignment(
     ctx: Arc<JobContext>,
     conn: Connection,
-    mut send: SendStream,
+    send: SendStream,
     mut recv: RecvStream,
     shutdown: CancellationToken,
 ) {
@@ -75,51 +106,11 @@ pub(crate) async fn serve_assignment(
     let Assignment { job, attempt, commit, skip_files } = assignment;
     info!(job, attempt, %commit, skip = skip_files.len(), "job started");
     let checkout = ctx.jobs_dir.join(format!("{job}-{attempt}"));
-    // Dropping the job's future kills its tests: the plugin host kills each
-    // command's process group when its future is dropped.
-    let end = tokio::select! {
-        () = shutdown.cancelled() => End::Shutdown,
-        control = recv.recv::<Control>() => match control {
-            Ok(Some(Control::Cancel { reason })) => End::Cancelled(reason),
-            // The dispatcher ended its half early: it will say nothing more.
-            Ok(None) => End::Ran(run_job(&ctx, &conn, commit, &skip_files, &checkout, &mut send).await),
-            Err(e) => End::Lost(error_chain(&e)),
-        },
-        r = run_job(&ctx, &conn, commit, &skip_files, &checkout, &mut send) => End::Ran(r),
-    };
+    let (link_tx, link_rx) = mpsc::unbounded_channel();
+    ctx.jobs().insert(job, Running { attempt, link: link_tx });
+    report(&ctx, &conn, commit, &skip_files, &checkout, (send, recv), link_rx, &shutdown).await;
+    ctx.jobs().remove(&job);
     remove_checkout(&checkout).await;
-    let last = match end {
-        End::Ran(Ok(Ok(count))) => {
-            info!(job, tests = count, "job finished");
-            JobEvent::Finished { error: None }
-        }
-        End::Ran(Ok(Err(e))) => {
-            warn!(job, "job failed: {}", error_chain(&e));
-            JobEvent::Finished { error: Some(error_chain(&e)) }
-        }
-        End::Ran(Err(e)) => {
-            // The stream to the dispatcher broke: nobody to tell.
-            warn!(job, "lost the assignment stream: {}", error_chain(&e));
-            return;
-        }
-        End::Lost(reason) => {
-            warn!(job, "lost the dispatcher, dropping the job: {reason}");
-            return;
-        }
-        End::Cancelled(reason) => {
-            info!(job, "job cancelled: {reason}");
-            JobEvent::Finished { error: Some(format!("cancelled: {reason}")) }
-        }
-        End::Shutdown => {
-            info!(job, "handing the job back: shutting down");
-            JobEvent::Abandoned { reason: "the runner is shutting down".to_owned() }
-        }
-    };
-    if send.send(&last).await.is_ok() {
-        send.finish();
-        // Wait until the dispatcher has everything before letting go.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), send.stopped()).await;
-    }
 }
 
 async fn remove_checkout(dir: &Path) {
@@ -130,17 +121,144 @@ async fn remove_checkout(dir: &Path) {
     }
 }
 
-/// Runs the job. The outer error means the assignment stream broke; the inner
-/// one that the tests could not run (to be reported).
+/// Runs the job and gets its events to the dispatcher, across reconnects.
+#[expect(clippy::too_many_arguments, reason = "one call site; a struct would only rename these")]
+async fn report(
+    ctx: &JobContext,
+    conn: &Connection,
+    commit: CommitId,
+    skip_files: &[String],
+    checkout: &Path,
+    first: (SendStream, RecvStream),
+    mut relinks: mpsc::UnboundedReceiver<Relink>,
+    shutdown: &CancellationToken,
+) {
+    let (events_tx, mut events) = mpsc::unbounded_channel::<JobEvent>();
+    // Dropping this future kills the job's tests: the plugin host kills each
+    // command's process group when its future is dropped.
+    let mut run: Option<Pin<Box<_>>> = Some(Box::pin(run_job(ctx, conn, commit, skip_files, checkout, events_tx)));
+    let mut link = Some(first);
+    // Events not yet sent on the current stream, and every event sent so far:
+    // after a reconnect the whole history is sent again, because events the
+    // transport delivered may have died with a dispatcher before it stored
+    // them. The dispatcher keeps the first result per test, so repeats are harmless.
+    let mut pending: VecDeque<JobEvent> = VecDeque::new();
+    let mut history: Vec<JobEvent> = Vec::new();
+    let mut last: Option<JobEvent> = None;
+    loop {
+        // Deliver what is waiting, while there is a stream to deliver it on.
+        if let Some((send, _)) = link.as_mut() {
+            while let Some(event) = pending.pop_front() {
+                if let Err(e) = send.send(&event).await {
+                    warn!("lost the assignment stream: {}; the job carries on", error_chain(&e));
+                    pending.push_front(event);
+                    link = None;
+                    break;
+                }
+                history.push(event);
+            }
+        }
+        if run.is_none() && pending.is_empty() {
+            if let Some(event) = last.take() {
+                pending.push_back(event);
+                continue;
+            }
+            if let Some((send, _)) = link.as_mut() {
+                send.finish();
+                // Done only once the dispatcher has acknowledged every event.
+                if send.stopped().await {
+                    return;
+                }
+                warn!("lost the dispatcher before it acknowledged the job's end; waiting to resume");
+                link = None;
+            }
+        }
+        tokio::select! {
+            Some(event) = events.recv() => pending.push_back(event),
+            ended = async { run.as_mut().expect("guarded").await }, if run.is_some() => {
+                run = None;
+                // The run sends every event before it ends; keep them in order.
+                while let Ok(event) = events.try_recv() {
+                    pending.push_back(event);
+                }
+                last = Some(match ended {
+                    Ok(Ok(count)) => {
+                        info!(tests = count, "job finished");
+                        JobEvent::Finished { error: None }
+                    }
+                    Ok(Err(e)) => {
+                        warn!("job failed: {}", error_chain(&e));
+                        JobEvent::Finished { error: Some(error_chain(&e)) }
+                    }
+                    Err(reason) => {
+                        // The source could not be fetched because the dispatcher went away:
+                        // it requeues the job; nothing to report.
+                        warn!("dropping the job: {reason}");
+                        return;
+                    }
+                });
+            }
+            control = async { link.as_mut().expect("guarded").1.recv::<Control>().await }, if link.is_some() => {
+                match control {
+                    Ok(Some(Control::Cancel { reason })) => {
+                        info!("job cancelled: {reason}");
+                        run = None;
+                        pending.clear();
+                        last = Some(JobEvent::Finished { error: Some(format!("cancelled: {reason}")) });
+                    }
+                    // The dispatcher ended its half: it will say nothing more.
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!("lost the dispatcher: {}; the job carries on while the runner reconnects", error_chain(&e));
+                        link = None;
+                    }
+                }
+            }
+            relink = relinks.recv() => match relink {
+                Some(Relink::Stream(send, recv)) => {
+                    info!(sent = history.len(), pending = pending.len(), "resuming the job's reports");
+                    let unsent = std::mem::take(&mut pending);
+                    pending = history.drain(..).chain(unsent).collect();
+                    link = Some((send, recv));
+                }
+                Some(Relink::Drop(reason)) => {
+                    warn!("dropping the job: {reason}");
+                    return;
+                }
+                // The runner itself is going away.
+                None => return,
+            },
+            () = shutdown.cancelled() => {
+                info!("handing the job back: shutting down");
+                // Kill the tests before saying so.
+                drop(run.take());
+                pending.clear();
+                let Some((send, _)) = link.as_mut() else { return };
+                if send.send(&JobEvent::Abandoned { reason: "the runner is shutting down".to_owned() }).await.is_ok() {
+                    send.finish();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), send.stopped()).await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Fetches, checks out and runs the tests, sending each event to `events`.
+/// The outer error means the job should be dropped silently (the dispatcher
+/// went away before the tests started); the inner one is reported.
 async fn run_job(
     ctx: &JobContext,
     conn: &Connection,
     commit: CommitId,
     skip_files: &[String],
     checkout: &Path,
-    send: &mut SendStream,
-) -> Result<Result<usize, JobError>, kiln_net::FramedError> {
+    events: mpsc::UnboundedSender<JobEvent>,
+) -> Result<Result<usize, JobError>, String> {
     if let Err(e) = fetch(ctx, conn, commit, checkout).await {
+        if let Some(reason) = conn.close_reason() {
+            return Err(format!("lost the dispatcher while fetching the source: {reason}"));
+        }
         return Ok(Err(e));
     }
     let files = match list_test_files(checkout) {
@@ -159,18 +277,19 @@ async fn run_job(
     let forward = async {
         let mut count = 0;
         while let Some(event) = rx.recv().await {
-            match event {
+            let event = match event {
                 HostEvent::Test(result) => {
-                    send.send(&JobEvent::Test(result)).await?;
                     count += 1;
+                    JobEvent::Test(result)
                 }
-                HostEvent::FileDone(file) => send.send(&JobEvent::FileDone { file }).await?,
-            }
+                HostEvent::FileDone(file) => JobEvent::FileDone { file },
+            };
+            // The receiver lives as long as this future.
+            let _ = events.send(event);
         }
-        Ok::<usize, kiln_net::FramedError>(count)
+        count
     };
-    let (ran, forwarded) = tokio::join!(run, forward);
-    let count = forwarded?;
+    let (ran, count) = tokio::join!(run, forward);
     Ok(ran.map(|()| count).map_err(JobError::Plugins))
 }
 

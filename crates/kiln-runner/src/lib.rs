@@ -78,13 +78,14 @@ pub async fn run(
         jobs_dir: config.work_dir.join("jobs"),
         max_pack_bytes: config.max_pack_bytes,
         host,
+        jobs: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     let tasks = TaskTracker::new();
     let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         let conn = tokio::select! {
             () = shutdown.cancelled() => break,
-            conn = connect_and_register(&bundle, &config) => conn,
+            conn = connect_and_register(&bundle, &config, &ctx) => conn,
         };
         match conn {
             Ok((conn, _control)) => {
@@ -124,16 +125,26 @@ pub async fn run(
 async fn connect_and_register(
     bundle: &Bundle,
     config: &Config,
+    ctx: &job::JobContext,
 ) -> Result<(Connection, kiln_net::SendStream), RequestError> {
     let conn = kiln_net::connect(bundle, &config.dispatcher, config.net).await?;
-    let (send, _recv, reply) = conn.request(&Request::Register { slots: config.slots }).await?;
-    match reply {
-        Reply::Registered => {
-            info!(dispatcher = %config.dispatcher, slots = config.slots, "registered");
-            Ok((conn, send))
-        }
-        other => Err(RequestError::Connection(format!("unexpected reply to registration: {other:?}"))),
+    let held = ctx.held();
+    let (send, _recv, reply) = conn.request(&Request::Register { slots: config.slots, held: held.clone() }).await?;
+    if reply != Reply::Registered {
+        return Err(RequestError::Connection(format!("unexpected reply to registration: {reply:?}")));
     }
+    info!(dispatcher = %config.dispatcher, slots = config.slots, held = held.len(), "registered");
+    // Jobs that kept running while the dispatcher was out of reach: carry on
+    // reporting them if their leases are still ours, else drop them.
+    for h in held {
+        match conn.request(&Request::Resume(h)).await {
+            Ok((send, recv, Reply::Resumed)) => ctx.relink(h.job, job::Relink::Stream(send, recv)),
+            Ok((_, _, other)) => ctx.relink(h.job, job::Relink::Drop(format!("unexpected reply {other:?}"))),
+            Err(RequestError::Refused(reason)) => ctx.relink(h.job, job::Relink::Drop(reason)),
+            Err(e) => warn!(job = h.job, "cannot resume the job yet: {}", error_chain(&e)),
+        }
+    }
+    Ok((conn, send))
 }
 
 /// Takes assignments from one connection until it closes or shutdown.

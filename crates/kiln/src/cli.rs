@@ -38,7 +38,7 @@ pub enum Command {
     Notify(NotifyArgs),
     /// Run the whole system on a sample repository and show the results.
     Demo(DemoArgs),
-    /// Check an executor plugin file, or create a new plugin crate.
+    /// Check an executor plugin file, create a new plugin crate, or run the plugins on a local directory.
     #[command(subcommand)]
     Plugin(crate::plugin::PluginCommand),
 }
@@ -113,6 +113,10 @@ pub struct DispatcherArgs {
     /// How long one commit's tests may run before they are stopped.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
     pub job_timeout: Duration,
+    /// After a restart, how long runners have to reconnect and claim the work
+    /// they were doing before it is handed to other runners.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    pub resume_grace: Duration,
 }
 
 /// `kiln observer`

@@ -31,6 +31,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 state_dir: a.state.clone(),
                 max_pack_bytes: a.max_pack_mib.saturating_mul(1 << 20),
                 job_timeout: a.job_timeout,
+                resume_grace: a.resume_grace,
             };
             kiln_dispatcher::Dispatcher::run(listener, config, shutdown_on_signal())
                 .await
