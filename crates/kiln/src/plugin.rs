@@ -277,7 +277,9 @@ mod tests {
         assert!(new_plugin("x", dir.path(), None).is_err());
         let sdk = Path::new(BUILT_FROM_SDK);
         let used = new_plugin("my-tests", &dir.path().join("my-tests"), Some(sdk)).unwrap();
-        assert!(used.is_absolute(), "{}", used.display());
+        // Relative or absolute depending on where the checkout is; either way it must lead to the SDK.
+        let resolved = dir.path().join("my-tests").join(&used);
+        assert_eq!(resolved.canonicalize().unwrap(), sdk.canonicalize().unwrap(), "{}", used.display());
         let manifest = std::fs::read_to_string(dir.path().join("my-tests/Cargo.toml")).unwrap();
         assert!(
             manifest.contains("name = \"my-tests\"") && manifest.contains(&format!("path = \"{}\"", used.display()))
