@@ -70,3 +70,20 @@ fn a_client_bundle_cannot_serve_as_the_dispatcher() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("is for admin `admin`"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    // A pipe nobody reads: every write fails with EPIPE, as under `kiln … | head -0`.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = kiln()
+        .args(["certs", "init", "--dir"])
+        .arg(dir.path().join("certs"))
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS commits (
     queued_at_ms   INTEGER NOT NULL,
     finished_at_ms INTEGER,
     job            INTEGER NOT NULL UNIQUE,
-    attempt        INTEGER NOT NULL
+    attempt        INTEGER NOT NULL,
+    warnings       TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS results (
     commit_id   TEXT NOT NULL REFERENCES commits (commit_id),
@@ -114,7 +115,8 @@ impl Db {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT commit_id, repo, branch, seq, status, error, runner, queued_at_ms, finished_at_ms, job, attempt
+                "SELECT commit_id, repo, branch, seq, status, error, runner, queued_at_ms, finished_at_ms, job, attempt,
+                        warnings
                  FROM commits",
             )
             .map_err(self.err())?;
@@ -132,12 +134,15 @@ impl Db {
                     r.get::<_, Option<i64>>(8)?,
                     r.get::<_, i64>(9)?,
                     r.get::<_, i64>(10)?,
+                    r.get::<_, String>(11)?,
                 ))
             })
             .map_err(self.err())?;
         for row in rows {
-            let (commit, repo, branch, seq, status, error, runner, queued, finished, job, attempt) =
+            let (commit, repo, branch, seq, status, error, runner, queued, finished, job, attempt, warnings) =
                 row.map_err(self.err())?;
+            let warnings: Vec<String> =
+                serde_json::from_str(&warnings).map_err(|e| self.corrupt(format!("warnings of {commit}: {e}")))?;
             let commit: CommitId = commit.parse().map_err(|e| self.corrupt(format!("{e}")))?;
             let status = status.parse().map_err(|e: String| self.corrupt(e))?;
             entries.insert(
@@ -150,6 +155,7 @@ impl Db {
                     status,
                     error,
                     runner,
+                    warnings,
                     queued_at_ms: queued as u64,
                     finished_at_ms: finished.map(|f| f as u64),
                     job: job as u64,
@@ -204,10 +210,10 @@ impl Db {
         self.conn
             .execute(
                 "INSERT INTO commits (commit_id, repo, branch, seq, status, error, runner, queued_at_ms,
-                                      finished_at_ms, job, attempt)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                                      finished_at_ms, job, attempt, warnings)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT (commit_id) DO UPDATE SET status = ?5, error = ?6, runner = ?7,
-                     finished_at_ms = ?9, attempt = ?11",
+                     finished_at_ms = ?9, attempt = ?11, warnings = ?12",
                 params![
                     e.commit.as_str(),
                     e.repo,
@@ -220,6 +226,7 @@ impl Db {
                     e.finished_at_ms.map(|f| f as i64),
                     e.job as i64,
                     i64::from(e.attempt),
+                    serde_json::to_string(&e.warnings).unwrap_or_else(|_| "[]".to_owned()),
                 ],
             )
             .map_err(self.err())?;
@@ -273,7 +280,7 @@ mod tests {
         let commit: CommitId = "0123456789abcdef0123456789abcdef01234567".parse().unwrap();
         let mut state = State::default();
         state.submit("repo", "main", commit, Supersede::Nothing, 5).unwrap();
-        state.register("r", 1, 1, &[]);
+        state.register("r", 1, 1, &[], &["network isolation: NO".to_owned()]);
         let d = state.assign().remove(0).assignment;
         let t = TestResult {
             id: "tests.test_a.T.test_x".into(),
@@ -299,6 +306,7 @@ mod tests {
         let e = &loaded[0];
         assert_eq!(e.status, CommitStatus::Running);
         assert_eq!((e.job, e.attempt, e.seq), (d.job, 1, 1));
+        assert_eq!(e.warnings, vec!["sandbox on r: network isolation: NO".to_owned()]);
         assert_eq!(e.tests.values().cloned().collect::<Vec<_>>(), vec![t], "the first result wins");
         assert_eq!(e.done_files.iter().cloned().collect::<Vec<_>>(), vec!["tests/test_a.py".to_owned()]);
     }

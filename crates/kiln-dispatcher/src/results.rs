@@ -78,6 +78,7 @@ mod tests {
             counts: Counts::default(),
             error: None,
             runner: None,
+            warnings: vec![],
             queued_at_ms: 1,
             finished_at_ms: None,
             tests: vec![],

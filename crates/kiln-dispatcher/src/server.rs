@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_git::ObjectStore;
 use kiln_net::{CloseCode, Connection, FramedError, Listener, PeerIdentity, RecvStream, SendStream};
-use kiln_proto::wire::{Assignment, Control, Held, JobEvent, Reply, Request, Supersede};
+use kiln_proto::wire::{Assignment, Control, Held, JobEvent, Registration, Reply, Request, Supersede};
 use kiln_proto::{CommitId, CommitReport, CommitStatus, Role, error_chain};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -134,9 +134,7 @@ impl Dispatcher {
         let mut state = State::default();
         let entries = db.load()?;
         let (restored, unfinished) = (entries.len(), entries.iter().filter(|e| !e.status.is_final()).count());
-        for entry in entries {
-            state.restore(entry);
-        }
+        state.restore(entries);
         if restored > 0 {
             info!(commits = restored, unfinished, "resumed from the state database");
         }
@@ -296,7 +294,7 @@ impl Dispatcher {
             .await
             .map_err(|_| StreamError::Protocol("no request within 30 s of opening a stream".into()))??;
         let (allowed, what) = match &request {
-            Request::Register { .. } => (Role::Runner, "register as a runner"),
+            Request::Register(_) => (Role::Runner, "register as a runner"),
             Request::Resume(_) => (Role::Runner, "resume jobs"),
             Request::FetchSource { .. } => (Role::Runner, "fetch source"),
             Request::Submit { .. } => (Role::Observer, "submit commits"),
@@ -312,7 +310,7 @@ impl Dispatcher {
             return Err(StreamError::Unauthorized(reason));
         }
         match request {
-            Request::Register { slots, held } => self.register(conn, peer, send, recv, slots, &held).await,
+            Request::Register(registration) => self.register(conn, peer, send, recv, registration).await,
             Request::Resume(held) => self.resume(conn, peer, send, recv, held).await,
             Request::Submit { repo, branch, commit, supersede } => {
                 self.submit(send, recv, repo, branch, commit, supersede).await
@@ -373,15 +371,16 @@ impl Dispatcher {
         peer: &PeerIdentity,
         mut send: SendStream,
         mut recv: RecvStream,
-        slots: u32,
-        held: &[Held],
+        Registration { slots, held, sandbox_gaps }: Registration,
     ) -> Result<(), StreamError> {
         let slots = slots.clamp(1, 256);
         let id = conn.stable_id();
         self.runners.lock().unwrap_or_else(|e| e.into_inner()).insert(id, conn.clone());
         let (replaced, adopted) = {
             let mut core = self.core();
-            let (replaced, adopted) = core.state.register(&peer.name, id, slots, &held[..held.len().min(1024)]);
+            let held = &held[..held.len().min(1024)];
+            let gaps: Vec<String> = sandbox_gaps.iter().take(32).map(|g| g.chars().take(512).collect()).collect();
+            let (replaced, adopted) = core.state.register(&peer.name, id, slots, held, &gaps);
             for job in &adopted {
                 if let Some(commit) = core.state.commit_of(*job) {
                     info!(job, %commit, "the runner still holds this job; it may resume");

@@ -49,6 +49,8 @@ pub struct CommitEntry {
     pub error: Option<String>,
     /// The runner that ran (or runs) it.
     pub runner: Option<String>,
+    /// What the results should be read with (the runner's sandbox gaps).
+    pub warnings: Vec<String>,
     /// When it was queued (Unix ms).
     pub queued_at_ms: u64,
     /// When it reached a final status (Unix ms).
@@ -70,6 +72,8 @@ struct Runner {
     conn: ConnId,
     slots: u32,
     jobs: BTreeSet<u64>,
+    /// What its sandbox lacks, copied into each commit it runs.
+    sandbox_gaps: Vec<String>,
 }
 
 /// Why an event from a runner was not accepted.
@@ -178,6 +182,7 @@ impl State {
             status: CommitStatus::Queued,
             error: None,
             runner: None,
+            warnings: Vec::new(),
             queued_at_ms: now_ms,
             finished_at_ms: None,
             job: self.next_job,
@@ -194,7 +199,17 @@ impl State {
     /// its results and finished files. Work that was running keeps its lease
     /// for its runner to claim when it reconnects (see
     /// [`State::register`] and [`State::expire_orphans`]).
-    pub fn restore(&mut self, mut entry: CommitEntry) {
+    pub fn restore(&mut self, entries: impl IntoIterator<Item = CommitEntry>) {
+        for entry in entries {
+            self.restore_one(entry);
+        }
+        // Restored entries may arrive in any order; keep submission order.
+        let commits = &self.commits;
+        self.order.sort_by_key(|c| commits.get(c).map(|e| e.seq));
+        self.queue.make_contiguous().sort_by_key(|j| self.jobs.get(j).and_then(|c| commits.get(c)).map(|e| e.seq));
+    }
+
+    fn restore_one(&mut self, mut entry: CommitEntry) {
         if self.knows(&entry.commit) {
             return;
         }
@@ -208,10 +223,6 @@ impl State {
         self.next_job = self.next_job.max(entry.job);
         self.next_seq = self.next_seq.max(entry.seq);
         self.insert(entry);
-        // Restored entries may arrive in any order; keep submission order.
-        let commits = &self.commits;
-        self.order.sort_by_key(|c| commits.get(c).map(|e| e.seq));
-        self.queue.make_contiguous().sort_by_key(|j| self.jobs.get(j).and_then(|c| commits.get(c)).map(|e| e.seq));
     }
 
     fn insert(&mut self, entry: CommitEntry) {
@@ -229,7 +240,14 @@ impl State {
     /// runner's (current attempt, not reassigned) moves to `conn`; the
     /// runner's other leases go back to the queue. Returns the old
     /// connection to close, if this is a reconnect, and the adopted jobs.
-    pub fn register(&mut self, name: &str, conn: ConnId, slots: u32, held: &[Held]) -> (Option<ConnId>, Vec<u64>) {
+    pub fn register(
+        &mut self,
+        name: &str,
+        conn: ConnId,
+        slots: u32,
+        held: &[Held],
+        sandbox_gaps: &[String],
+    ) -> (Option<ConnId>, Vec<u64>) {
         let mut adopted = Vec::new();
         for h in held {
             let Some(entry) = self.jobs.get(&h.job).and_then(|c| self.commits.get_mut(c)) else { continue };
@@ -248,8 +266,14 @@ impl State {
             self.unregister(name, old);
         }
         // Registering again on the same connection only changes the slots.
-        let runner = self.runners.entry(name.to_owned()).or_insert(Runner { conn, slots: 1, jobs: BTreeSet::new() });
+        let runner = self.runners.entry(name.to_owned()).or_insert(Runner {
+            conn,
+            slots: 1,
+            jobs: BTreeSet::new(),
+            sandbox_gaps: Vec::new(),
+        });
         runner.slots = slots.max(1);
+        runner.sandbox_gaps = sandbox_gaps.to_vec();
         runner.jobs.extend(adopted.iter().copied());
         (old, adopted)
     }
@@ -327,6 +351,7 @@ impl State {
             entry.lease = Some(Lease { runner: name.clone(), conn: Some(runner.conn) });
             entry.status = CommitStatus::Running;
             entry.runner = Some(name.clone());
+            entry.warnings = runner.sandbox_gaps.iter().map(|g| format!("sandbox on {name}: {g}")).collect();
             runner.jobs.insert(job);
             out.push(Dispatch {
                 runner: name.clone(),
@@ -432,6 +457,7 @@ impl State {
             counts: Counts::of(e.tests.values()),
             error: e.error.clone(),
             runner: e.runner.clone(),
+            warnings: e.warnings.clone(),
             queued_at_ms: e.queued_at_ms,
             finished_at_ms: e.finished_at_ms,
             tests: e.tests.values().cloned().collect(),
@@ -480,7 +506,7 @@ mod tests {
         let mut s = State::default();
         submit(&mut s, 1);
         assert!(s.submit("repo", "main", commit(1), Supersede::Nothing, 11).is_none());
-        s.register("r1", 1, 4, &[]);
+        s.register("r1", 1, 4, &[], &[]);
         assert_eq!(s.assign().len(), 1);
         assert!(s.assign().is_empty());
     }
@@ -491,8 +517,8 @@ mod tests {
         for n in 1..=3 {
             submit(&mut s, n);
         }
-        s.register("a", 1, 1, &[]);
-        s.register("b", 2, 1, &[]);
+        s.register("a", 1, 1, &[], &[]);
+        s.register("b", 2, 1, &[], &[]);
         let d = s.assign();
         assert_eq!(d.len(), 2);
         assert_ne!(d[0].runner, d[1].runner);
@@ -509,7 +535,7 @@ mod tests {
     fn only_the_current_lease_holder_is_heard() {
         let mut s = State::default();
         submit(&mut s, 1);
-        s.register("a", 1, 1, &[]);
+        s.register("a", 1, 1, &[], &[]);
         let first = s.assign().remove(0).assignment;
         assert_eq!(s.record_test(first.job, 1, 1, result("t1", Outcome::Pass)), Ok(true));
         assert_eq!(s.file_done(first.job, 1, 1, "tests/test_a.py".into()), Ok(true));
@@ -517,7 +543,7 @@ mod tests {
         // without the file it finished.
         assert_eq!(s.unregister("a", 1), vec![commit(1)]);
         assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Queued);
-        s.register("b", 2, 1, &[]);
+        s.register("b", 2, 1, &[], &[]);
         let second = s.assign().remove(0);
         assert_eq!(second.assignment.attempt, 2);
         assert_eq!(second.assignment.skip_files, vec!["tests/test_a.py".to_owned()]);
@@ -543,9 +569,9 @@ mod tests {
     fn a_reconnecting_runner_replaces_its_old_connection() {
         let mut s = State::default();
         submit(&mut s, 1);
-        s.register("a", 1, 1, &[]);
+        s.register("a", 1, 1, &[], &[]);
         let d = s.assign().remove(0);
-        assert_eq!(s.register("a", 7, 1, &[]), (Some(1), vec![]));
+        assert_eq!(s.register("a", 7, 1, &[], &[]), (Some(1), vec![]));
         let again = s.assign().remove(0);
         assert_eq!((again.conn, again.assignment.attempt), (7, 2));
         assert_eq!(s.abandon(d.assignment.job, 1, 1), None);
@@ -558,7 +584,7 @@ mod tests {
         let mut s = State::default();
         submit(&mut s, 1);
         submit(&mut s, 2);
-        s.register("a", 1, 2, &[]);
+        s.register("a", 1, 2, &[], &[]);
         let d = s.assign();
         s.finish(d[0].assignment.job, 1, 1, None, 3).unwrap();
         let r = s.report(&commit(1)).unwrap();
@@ -574,7 +600,7 @@ mod tests {
     fn a_newer_commit_supersedes_older_ones_of_its_branch() {
         let mut s = State::default();
         submit(&mut s, 1);
-        s.register("a", 1, 1, &[]);
+        s.register("a", 1, 1, &[], &[]);
         let running = s.assign().remove(0).assignment;
         s.submit("repo", "main", commit(2), Supersede::Nothing, 2).unwrap();
         s.submit("repo", "other", commit(3), Supersede::Nothing, 3).unwrap();
@@ -604,7 +630,7 @@ mod tests {
         let mut s = State::default();
         submit(&mut s, 1);
         submit(&mut s, 2);
-        s.register("a", 1, 1, &[]);
+        s.register("a", 1, 1, &[], &[]);
         let d = s.assign().remove(0);
         let stopped = s.stop(&commit(1), CommitStatus::Cancelled, "cancelled by admin".into(), 7).unwrap();
         assert_eq!(stopped.conn, Some(1));
@@ -621,7 +647,7 @@ mod tests {
         submit(&mut s, 1);
         submit(&mut s, 2);
         submit(&mut s, 3);
-        s.register("a", 1, 2, &[]);
+        s.register("a", 1, 2, &[], &[]);
         let d = s.assign();
         let (one, two) = (d[0].assignment.clone(), d[1].assignment.clone());
         s.record_test(one.job, 1, 1, result("t", Outcome::Pass)).unwrap();
@@ -631,15 +657,13 @@ mod tests {
 
         // A new dispatcher process.
         let mut fresh = State::default();
-        for e in entries {
-            fresh.restore(e);
-        }
+        fresh.restore(entries);
         assert_eq!(fresh.newest(), Some(commit(3)));
         // Nobody may report on a restored lease until its runner claims it.
         assert!(fresh.record_test(one.job, 1, 1, result("u", Outcome::Pass)).is_err());
         // Runner "a" comes back still working on job one, but not on job two.
         let held = [Held { job: one.job, attempt: 1 }, Held { job: 99, attempt: 1 }];
-        assert_eq!(fresh.register("a", 5, 2, &held), (None, vec![one.job]));
+        assert_eq!(fresh.register("a", 5, 2, &held, &[]), (None, vec![one.job]));
         assert!(fresh.holds(one.job, 1, 5));
         assert_eq!(fresh.record_test(one.job, 1, 5, result("u", Outcome::Pass)), Ok(true));
         // Job two's lease is unclaimed; after the grace period it is queued again.
@@ -657,14 +681,14 @@ mod tests {
     fn a_late_runner_cannot_claim_a_reassigned_job() {
         let mut s = State::default();
         submit(&mut s, 1);
-        s.register("a", 1, 1, &[]);
+        s.register("a", 1, 1, &[], &[]);
         let first = s.assign().remove(0).assignment;
         s.unregister("a", 1);
-        s.register("b", 2, 1, &[]);
+        s.register("b", 2, 1, &[], &[]);
         let second = s.assign().remove(0).assignment;
         assert_eq!(second.attempt, 2);
         // "a" comes back claiming attempt 1: refused, and b keeps the lease.
-        let (_, adopted) = s.register("a", 3, 1, &[Held { job: first.job, attempt: 1 }]);
+        let (_, adopted) = s.register("a", 3, 1, &[Held { job: first.job, attempt: 1 }], &[]);
         assert!(adopted.is_empty());
         assert!(s.holds(second.job, 2, 2));
         assert!(!s.holds(first.job, 1, 3));
@@ -736,7 +760,7 @@ mod tests {
                     }
                     1 => {
                         let held = [Held { job, attempt }];
-                        s.register(&runner, conn, next(3) as u32 + 1, if next(2) == 0 { &held } else { &[] });
+                        s.register(&runner, conn, next(3) as u32 + 1, if next(2) == 0 { &held } else { &[] }, &[]);
                     }
                     2 => {
                         s.unregister(&runner, conn);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use kiln_dispatcher::{Config, Dispatcher};
 use kiln_net::{Bundle, CloseCode, Connection, Listener, NetConfig, RequestError, connect};
 use kiln_proto::Role;
-use kiln_proto::wire::{ALPN, Reply, Request};
+use kiln_proto::wire::{ALPN, Registration, Reply, Request};
 use tokio_util::sync::CancellationToken;
 
 struct Server {
@@ -71,7 +71,7 @@ async fn an_observer_cannot_take_jobs_and_others_carry_on() {
     let server = Server::start().await;
     let admin = server.client(Role::Admin, "admin").await;
     let observer = server.client(Role::Observer, "obs").await;
-    match observer.request(&Request::Register { slots: 1, held: vec![] }).await {
+    match observer.request(&Request::Register(Registration { slots: 1, held: vec![], sandbox_gaps: vec![] })).await {
         Err(RequestError::Refused(reason)) => assert!(reason.contains("may not register as a runner"), "{reason}"),
         Err(RequestError::Connection(reason)) => assert!(reason.contains("unauthorized"), "{reason}"),
         other => panic!("observer registered: {other:?}"),

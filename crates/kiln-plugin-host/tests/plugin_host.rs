@@ -107,7 +107,7 @@ class Crash(unittest.TestCase):
     def test_b_exits(self):
         os._exit(3)
 
-    def test_c_never_runs(self):
+    def test_c_runs_in_a_fresh_interpreter(self):
         pass
 "#,
     ),
@@ -239,6 +239,8 @@ async fn python_unittest_reports_every_outcome() {
         ("tests.test_broken", Error),
         ("tests.test_crash.Crash.test_a_fine", Pass),
         ("tests.test_crash.Crash.test_b_exits", Error),
+        // The crash hides nothing: the rest of the file runs again without it.
+        ("tests.test_crash.Crash.test_c_runs_in_a_fresh_interpreter", Pass),
         ("tests.test_fixture.Fine.test_ok", Pass),
         // load_tests picks test_two only.
         ("tests.test_load_tests.A.test_two", Pass),
@@ -254,7 +256,7 @@ async fn python_unittest_reports_every_outcome() {
     assert!(message(&results, "setUpClass (tests.test_fixture.Broken)").contains("no database"));
     let import_error = message(&results, "tests.test_broken");
     assert!(import_error.contains("No module named 'does_not_exist'"), "{import_error}");
-    // buffer=True: what a failing test printed is part of its message.
+    // What a failing test printed is part of its message.
     let noisy = message(&results, "tests.test_noisy.Noisy.test_prints_then_fails");
     assert!(noisy.contains("noisy failure") && noisy.contains("captured output"), "{noisy}");
     assert!(message(&results, "tests.test_bad_load_tests").contains("RuntimeError: bad load_tests"));
@@ -263,6 +265,284 @@ async fn python_unittest_reports_every_outcome() {
 
     assert_eq!(results["tests.pkg.test_deep.Deep.test_ok"].file, "tests/pkg/test_deep.py");
     assert_eq!(results["setUpClass (tests.test_fixture.Broken)"].file, "tests/test_fixture.py");
+}
+
+/// What discover does beyond single modules, each case a mismatch the
+/// comparison with plain unittest (plugins/python-unittest/fidelity) found
+/// in the plugin before it was fixed.
+const DISCOVER_FIXTURE: &[(&str, &str)] = &[
+    // Tests defined in the top package itself: discover loads them from
+    // tests/__init__.py.
+    (
+        "tests/__init__.py",
+        "import unittest\n\nclass InInit(unittest.TestCase):\n    def test_in_init(self):\n        pass\n",
+    ),
+    // A package whose load_tests takes over: discover runs what it returns
+    // (here one of its two modules' tests, and its own) and does not walk
+    // into the package by itself.
+    (
+        "tests/chosen/__init__.py",
+        r#"
+import os
+import unittest
+
+class Own(unittest.TestCase):
+    def test_own(self):
+        pass
+
+def load_tests(loader, standard_tests, pattern):
+    here = os.path.dirname(__file__)
+    found = loader.discover(start_dir=here, pattern="test_picked*.py")
+    standard_tests.addTests(found)
+    return standard_tests
+"#,
+    ),
+    (
+        "tests/chosen/test_picked.py",
+        "import unittest\n\nclass P(unittest.TestCase):\n    def test_p(self):\n        pass\n",
+    ),
+    (
+        "tests/chosen/test_left_out.py",
+        "import unittest\n\nclass L(unittest.TestCase):\n    def test_l(self):\n        pass\n",
+    ),
+    ("tests/chosen/deeper/__init__.py", ""),
+    (
+        "tests/chosen/deeper/test_deep.py",
+        "import unittest\n\nclass D(unittest.TestCase):\n    def test_d(self):\n        pass\n",
+    ),
+    // A package that cannot be imported is one error; discover does not
+    // look inside it (the module below would import fine on its own).
+    ("tests/broken/__init__.py", "import does_not_exist\n"),
+    (
+        "tests/broken/test_inside.py",
+        "import unittest\n\nclass I(unittest.TestCase):\n    def test_i(self):\n        pass\n",
+    ),
+    // A package skipped on import: one skip, nothing inside it runs.
+    ("tests/skipped/__init__.py", "import unittest\nraise unittest.SkipTest('no GPU here')\n"),
+    (
+        "tests/skipped/test_gpu.py",
+        "import unittest\n\nclass G(unittest.TestCase):\n    def test_g(self):\n        pass\n",
+    ),
+    // A module skipped on import.
+    ("tests/test_skipped_module.py", "import unittest\nraise unittest.SkipTest('not on this platform')\n"),
+    // Fixtures: a module fixture that fails, a class fixture that skips, a
+    // class teardown that raises.
+    (
+        "tests/test_fixtures.py",
+        r#"
+import unittest
+
+def setUpModule():
+    print("setting up the module")
+    raise RuntimeError("no module for you")
+
+class NeverRuns(unittest.TestCase):
+    def test_x(self):
+        pass
+"#,
+    ),
+    (
+        "tests/test_class_fixtures.py",
+        r#"
+import unittest
+
+class Skipped(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        raise unittest.SkipTest("class needs a database")
+
+    def test_x(self):
+        pass
+
+class TornDown(unittest.TestCase):
+    @classmethod
+    def tearDownClass(cls):
+        raise ValueError("teardown broke")
+
+    def test_y(self):
+        pass
+"#,
+    ),
+    // Subtests that fail, error and skip; the test itself then has no
+    // outcome of its own, as in unittest.
+    (
+        "tests/test_subtests.py",
+        r#"
+import unittest
+
+class Sub(unittest.TestCase):
+    def test_mixed(self):
+        for i in range(4):
+            with self.subTest(i=i):
+                if i == 1:
+                    self.fail("one fails")
+                if i == 2:
+                    raise KeyError("two errors")
+                if i == 3:
+                    self.skipTest("three skips")
+
+    def test_skips_only(self):
+        with self.subTest("only"):
+            self.skipTest("skipped inside")
+"#,
+    ),
+    // Tests see the real sys.stdout (a file with a descriptor), as under
+    // plain unittest; unittest's buffer=True would hand them a StringIO.
+    (
+        "tests/test_streams.py",
+        r#"
+import subprocess
+import sys
+import unittest
+
+class Streams(unittest.TestCase):
+    def test_child_inherits_stdout(self):
+        subprocess.run([sys.executable, "-c", "print('from a child')"], stdout=sys.stdout, check=True)
+
+    def test_fileno(self):
+        self.assertGreaterEqual(sys.stdout.fileno(), 0)
+        self.assertGreaterEqual(sys.stderr.fileno(), 0)
+"#,
+    ),
+    // A base class imported into a second module runs there too, under the
+    // same id: the first result counts.
+    (
+        "tests/test_base.py",
+        "import unittest\n\nclass Base(unittest.TestCase):\n    def test_shared(self):\n        pass\n",
+    ),
+    (
+        "tests/test_derived.py",
+        "import unittest\nfrom tests.test_base import Base\n\nclass Derived(Base):\n    def test_more(self):\n        pass\n",
+    ),
+    // Not an identifier: discover imports it as `tests.my`, which fails.
+    ("tests/my.dir/__init__.py", ""),
+    ("tests/my.dir/test_dotted.py", "import unittest\n"),
+    // Not a package: discover never looks inside.
+    (
+        "tests/data/test_not_reached.py",
+        "import unittest\n\nclass N(unittest.TestCase):\n    def test_n(self):\n        pass\n",
+    ),
+];
+
+/// The fidelity script's own run of plain unittest discovery on `dir`:
+/// id -> (outcome, skip reason).
+fn plain_unittest(dir: &Path) -> BTreeMap<String, (String, String)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins/python-unittest/fidelity/compare.py");
+    let output = std::process::Command::new("python3")
+        .arg(&script)
+        .arg("--unittest-only")
+        .arg(dir)
+        .arg("--tsv")
+        .output()
+        .expect("run compare.py");
+    assert!(output.status.success(), "compare.py failed: {}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout).expect("compare.py prints UTF-8");
+    stdout
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split('\t').collect();
+            let [outcome, id, reason] = fields[..] else { panic!("compare.py printed {line:?}") };
+            (id.to_owned(), (outcome.to_owned(), reason.to_owned()))
+        })
+        .collect()
+}
+
+/// compare.py's escaping in --tsv lines.
+fn escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('\t', "\\t").replace('\n', "\\n")
+}
+
+/// Kiln's results in the fidelity script's terms.
+fn as_compared(results: &BTreeMap<String, TestResult>) -> BTreeMap<String, (String, String)> {
+    results
+        .iter()
+        .map(|(id, r)| {
+            let reason = if r.outcome == Outcome::Skip { escape(&r.message) } else { String::new() };
+            (escape(id), (r.outcome.as_str().to_owned(), reason))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn python_unittest_reports_what_plain_unittest_discover_reports() {
+    let host = PluginHost::new(policy(&["python3"])).unwrap();
+    let (dir, files) = checkout(DISCOVER_FIXTURE);
+    let results = run(&host, dir.path(), &files).await;
+
+    use Outcome::*;
+    let expected = BTreeMap::from([
+        ("setUpClass (tests.test_class_fixtures.Skipped)", Skip),
+        ("setUpModule (tests.test_fixtures)", Error),
+        ("tearDownClass (tests.test_class_fixtures.TornDown)", Error),
+        ("tests.InInit.test_in_init", Pass),
+        ("tests.broken", Error),
+        ("tests.chosen.Own.test_own", Pass),
+        ("tests.chosen.test_picked.P.test_p", Pass),
+        ("tests.my", Error),
+        ("tests.skipped", Skip),
+        ("tests.test_base.Base.test_shared", Pass),
+        ("tests.test_class_fixtures.TornDown.test_y", Pass),
+        ("tests.test_derived.Derived.test_more", Pass),
+        ("tests.test_derived.Derived.test_shared", Pass),
+        ("tests.test_skipped_module", Skip),
+        ("tests.test_streams.Streams.test_child_inherits_stdout", Pass),
+        ("tests.test_streams.Streams.test_fileno", Pass),
+        ("tests.test_subtests.Sub.test_mixed (i=1)", Fail),
+        ("tests.test_subtests.Sub.test_mixed (i=2)", Error),
+        ("tests.test_subtests.Sub.test_mixed (i=3)", Skip),
+        ("tests.test_subtests.Sub.test_skips_only [only]", Skip),
+    ]);
+    assert_eq!(outcomes(&results), expected, "{results:#?}");
+    assert_eq!(as_compared(&results), plain_unittest(dir.path()), "Kiln and plain unittest differ");
+
+    assert_eq!(message(&results, "tests.skipped"), "no GPU here");
+    assert_eq!(message(&results, "setUpClass (tests.test_class_fixtures.Skipped)"), "class needs a database");
+    // A fixture's output is captured with its error, as a test's is.
+    let fixture = message(&results, "setUpModule (tests.test_fixtures)");
+    assert!(fixture.contains("no module for you") && fixture.contains("setting up the module"), "{fixture}");
+    assert!(message(&results, "tests.broken").contains("No module named 'does_not_exist'"));
+    // Results from a package's own run belong to its __init__.py.
+    assert_eq!(results["tests.chosen.test_picked.P.test_p"].file, "tests/chosen/__init__.py");
+    assert_eq!(results["tests.InInit.test_in_init"].file, "tests/__init__.py");
+}
+
+#[tokio::test]
+async fn output_is_captured_per_test_at_the_descriptor_level() {
+    let host = PluginHost::new(policy(&["python3"])).unwrap();
+    let (dir, files) = checkout(&[
+        ("tests/__init__.py", ""),
+        (
+            "tests/test_output.py",
+            r#"
+import os
+import subprocess
+import sys
+import unittest
+
+class Output(unittest.TestCase):
+    def test_a_quiet_pass(self):
+        print("the passing test's output")
+
+    def test_b_child_and_fd(self):
+        print("python-level print")
+        os.write(2, b"raw write to fd 2\n")
+        subprocess.run([sys.executable, "-c", "import os; os.write(1, b'a child on fd 1\\n')"], check=True)
+        self.fail("see the output")
+
+    def test_c_own_output_only(self):
+        self.fail("nothing printed here")
+"#,
+        ),
+    ]);
+    let results = run(&host, dir.path(), &files).await;
+    let failed = message(&results, "tests.test_output.Output.test_b_child_and_fd");
+    for needle in ["see the output", "python-level print", "raw write to fd 2", "a child on fd 1"] {
+        assert!(failed.contains(needle), "{needle:?} is missing from {failed}");
+    }
+    assert!(!failed.contains("the passing test's output"), "{failed}");
+    let own = message(&results, "tests.test_output.Output.test_c_own_output_only");
+    assert!(!own.contains("python-level print") && !own.contains("Output ("), "{own}");
+    assert_eq!(message(&results, "tests.test_output.Output.test_a_quiet_pass"), "");
 }
 
 #[tokio::test]

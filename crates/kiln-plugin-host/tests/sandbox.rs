@@ -167,6 +167,55 @@ async fn sleeping_forever_is_stopped_by_a_cgroup_alone() {
     sleeper_is_stopped(cgroup_alone()).await;
 }
 
+#[test]
+fn a_command_does_not_outlive_its_runner() {
+    // Only the supervisor's parent-death signal can stop the command here:
+    // no cgroup, and the runner dies without running a destructor.
+    let sandbox = Sandbox::new(Options { cgroups: false, ..Options::default() });
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let started = dir.path().join("started");
+    let marker = marker("orphan");
+    let script = "import os, time\n\
+                  with open('started', 'w') as f:\n    \
+                      f.write(os.environ['TMPDIR'])\n\
+                  time.sleep(10**6)\n";
+    let python = python3();
+    let args = ["-c", script, &marker];
+    // The "runner" is a thread: a process's parent, for this purpose, is the
+    // thread that started it.
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            let mut command = Box::pin(sandbox.run(dir.path(), &python, &args, Duration::from_secs(600), MAX_OUTPUT));
+            runtime.block_on(async {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !started.exists() {
+                    assert!(Instant::now() < deadline, "the command did not start");
+                    tokio::select! {
+                        out = &mut command => panic!("the command ended: {out:?}"),
+                        () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                    }
+                }
+            });
+            // Dies: nothing of the command is dropped or cleaned up.
+            std::mem::forget(command);
+        });
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut left = processes_with(&marker);
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        left = processes_with(&marker);
+    }
+    kill_all(&left);
+    // What the dead runner could not clean up (a later runner would).
+    let tmp = std::fs::read_to_string(&started).expect("the command wrote its TMPDIR");
+    let _ = std::fs::remove_dir_all(tmp.trim());
+    // With or without a PID namespace: without one, the program itself gets
+    // the parent-death signal.
+    assert_eq!(left, Vec::<u32>::new(), "the command outlived its runner");
+}
+
 /// Starts a daemon the classic way (fork, setsid, fork, stdio to /dev/null)
 /// and exits as soon as it runs.
 const DAEMON: &str = "import os, sys, time\n\

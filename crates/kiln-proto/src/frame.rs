@@ -86,7 +86,7 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), FrameError>
 mod tests {
     use super::*;
     use crate::model::{CommitId, Outcome, TestResult};
-    use crate::wire::{JobEvent, Request};
+    use crate::wire::{JobEvent, Registration, Request};
 
     fn commit() -> CommitId {
         "0123456789abcdef0123456789abcdef01234567".parse().unwrap()
@@ -122,6 +122,7 @@ mod tests {
             counts: Counts { total: 1, fail: 1, ..Counts::default() },
             error: None,
             runner: Some("runner-1".into()),
+            warnings: vec!["network isolation: NO".into()],
             queued_at_ms: 5,
             finished_at_ms: None,
             tests: vec![TestResult {
@@ -174,7 +175,9 @@ mod tests {
         }
         // An unknown enum tag, and a valid message followed by junk.
         assert!(matches!(decode_body::<Request>(&[200]), Err(FrameError::Malformed(_))));
-        let mut body = encode(&Request::Register { slots: 1, held: vec![] }).unwrap()[4..].to_vec();
+        let mut body = encode(&Request::Register(Registration { slots: 1, held: vec![], sandbox_gaps: vec![] }))
+            .unwrap()[4..]
+            .to_vec();
         body.push(0);
         assert!(matches!(decode_body::<Request>(&body), Err(FrameError::Trailing(1))));
     }

@@ -263,6 +263,9 @@ pub struct CommitReport {
     pub error: Option<String>,
     /// The runner that ran (or is running) the tests.
     pub runner: Option<String>,
+    /// What the results should be read with, e.g. sandbox mechanisms the
+    /// runner's machine lacked.
+    pub warnings: Vec<String>,
     /// Unix time (ms) when the dispatcher queued the commit.
     pub queued_at_ms: u64,
     /// Unix time (ms) when the last test result or status change was stored.

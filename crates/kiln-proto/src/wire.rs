@@ -21,15 +21,7 @@ pub enum Request {
     /// Runner: register for work. The stream then stays open as the runner's
     /// control stream; the dispatcher answers [`Reply::Registered`] and the
     /// runner's assignments arrive on streams the dispatcher opens.
-    Register {
-        /// How many jobs the runner runs at once.
-        slots: u32,
-        /// Assignments the runner is still working on from an earlier
-        /// connection (say, before a dispatcher restart). The dispatcher
-        /// keeps the ones whose lease is still this runner's; the runner then
-        /// sends [`Request::Resume`] for each.
-        held: Vec<Held>,
-    },
+    Register(Registration),
     /// Runner: carry on reporting an assignment begun on an earlier
     /// connection. The dispatcher answers [`Reply::Resumed`] if the lease is
     /// still this runner's (then the stream continues like an assignment
@@ -82,6 +74,22 @@ pub enum Request {
         /// Which commit.
         commit: CommitId,
     },
+}
+
+/// What a runner says when it registers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// How many jobs the runner runs at once.
+    pub slots: u32,
+    /// Assignments the runner is still working on from an earlier
+    /// connection (say, before a dispatcher restart). The dispatcher
+    /// keeps the ones whose lease is still this runner's; the runner then
+    /// sends [`Request::Resume`] for each.
+    pub held: Vec<Held>,
+    /// What the runner's process sandbox lacks on its machine, in words
+    /// (empty when complete). Stored with every commit the runner tests,
+    /// so results never hide a weaker sandbox.
+    pub sandbox_gaps: Vec<String>,
 }
 
 /// An assignment a runner holds: the job and the attempt (fencing token).

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use kiln_net::{Backoff, Bundle, Connection, NetConfig, RequestError};
 use kiln_plugin_host::PluginHost;
 use kiln_proto::error_chain;
-use kiln_proto::wire::{Reply, Request};
+use kiln_proto::wire::{Registration, Reply, Request};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
@@ -34,6 +34,9 @@ pub struct Config {
     pub max_pack_bytes: u64,
     /// Transport settings.
     pub net: NetConfig,
+    /// What the process sandbox lacks on this machine, reported to the
+    /// dispatcher so every result it runs says so.
+    pub sandbox_gaps: Vec<String>,
 }
 
 /// Why the runner stopped.
@@ -129,7 +132,13 @@ async fn connect_and_register(
 ) -> Result<(Connection, kiln_net::SendStream), RequestError> {
     let conn = kiln_net::connect(bundle, &config.dispatcher, config.net).await?;
     let held = ctx.held();
-    let (send, _recv, reply) = conn.request(&Request::Register { slots: config.slots, held: held.clone() }).await?;
+    let (send, _recv, reply) = conn
+        .request(&Request::Register(Registration {
+            slots: config.slots,
+            held: held.clone(),
+            sandbox_gaps: config.sandbox_gaps.clone(),
+        }))
+        .await?;
     if reply != Reply::Registered {
         return Err(RequestError::Connection(format!("unexpected reply to registration: {reply:?}")));
     }

@@ -50,11 +50,12 @@ fn restart(commits: u32, tests: u32) -> Duration {
     // Fill the database the way the dispatcher would.
     let db = Db::open(&cluster.state().join("kiln.db")).unwrap();
     let mut state = State::default();
-    state.register("runner", 1, 1, &[]);
+    state.register("runner", 1, 1, &[], &[]);
     for n in 0..commits {
         let commit: CommitId = format!("{n:040x}").parse().unwrap();
         state.submit("repo", "main", commit, Supersede::Nothing, u64::from(n)).unwrap();
         let job = state.assign().remove(0).assignment;
+        db.save_commit(state.entry(&commit).unwrap()).unwrap();
         for t in 0..tests {
             let result = TestResult {
                 id: format!("tests.test_m.T.test_{t}"),

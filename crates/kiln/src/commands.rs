@@ -25,7 +25,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot listen on {}", a.listen))?;
             let addr = listener.local_addr().context("cannot read the bound address")?;
             // One line on stdout, for scripts and tests that listen on port 0.
-            println!("listening {addr}");
+            outln!("listening {addr}");
             info!(%addr, state = %a.state.display(), "dispatcher listening");
             let config = kiln_dispatcher::Config {
                 state_dir: a.state.clone(),
@@ -69,7 +69,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(a) => crate::demo::run(a).await,
-        Command::Plugin(c) => crate::plugin::run(c),
+        Command::Plugin(c) => crate::plugin::run(c).await,
     }
 }
 
@@ -77,12 +77,8 @@ fn certs(command: CertsCommand) -> anyhow::Result<ExitCode> {
     match command {
         CertsCommand::Init { dir, sans } => {
             kiln_net::certs::init(&dir, &sans).context("cannot create the certificate authority")?;
-            println!("created the certificate authority in {}", dir.join("ca").display());
-            println!(
-                "created the dispatcher's bundle in {} (for {})",
-                dir.join("dispatcher").display(),
-                sans.join(", ")
-            );
+            outln!("created the certificate authority in {}", dir.join("ca").display());
+            outln!("created the dispatcher's bundle in {} (for {})", dir.join("dispatcher").display(), sans.join(", "));
         }
         CertsCommand::Issue { role, name, dir } => {
             let role = match role {
@@ -92,7 +88,7 @@ fn certs(command: CertsCommand) -> anyhow::Result<ExitCode> {
             };
             let bundle = kiln_net::certs::issue(&dir, role, &name)
                 .with_context(|| format!("cannot issue a {role} certificate for `{name}`"))?;
-            println!("issued a {role} bundle in {} (copy this directory to the {role}'s machine)", bundle.display());
+            outln!("issued a {role} bundle in {} (copy this directory to the {role}'s machine)", bundle.display());
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -145,7 +141,17 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
     for p in host.plugins() {
         info!(plugin = %p.name, version = %p.version, claims = ?p.claims, granted = ?p.granted, "plugin loaded");
     }
+    // Say at start-up what the process sandbox can and cannot do here.
+    let sandbox = kiln_plugin_host::sandbox::probe();
+    for m in sandbox.mechanisms() {
+        if m.coverage == kiln_plugin_host::sandbox::Coverage::Full {
+            info!(mechanism = %m.mechanism, "sandbox: {}", m.detail);
+        } else {
+            tracing::warn!(mechanism = %m.mechanism, coverage = ?m.coverage, "sandbox weaker than designed: {}", m.detail);
+        }
+    }
     let config = kiln_runner::Config {
+        sandbox_gaps: sandbox.degraded().map(ToString::to_string).collect(),
         dispatcher: a.client.dispatcher.clone(),
         work_dir: a.work.clone(),
         slots: a.slots,
@@ -194,8 +200,8 @@ async fn results(a: ResultsArgs) -> anyhow::Result<ExitCode> {
         }
     };
     match a.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Format::Text => print!("{}", render(&report)),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Text => out!("{}", render(&report)),
     }
     Ok(exit_code(report.status))
 }
@@ -207,8 +213,8 @@ async fn cancel(a: CancelArgs) -> anyhow::Result<ExitCode> {
     let reply = conn.request(&Request::Cancel { commit }).await;
     conn.close(kiln_net::CloseCode::Shutdown, "done");
     match reply {
-        Ok((_, _, Reply::Cancelled(true))) => println!("cancelled {commit}"),
-        Ok((_, _, Reply::Cancelled(false))) => println!("{commit} was not queued or running; nothing to cancel"),
+        Ok((_, _, Reply::Cancelled(true))) => outln!("cancelled {commit}"),
+        Ok((_, _, Reply::Cancelled(false))) => outln!("{commit} was not queued or running; nothing to cancel"),
         Ok((_, _, other)) => bail!("unexpected reply from the dispatcher: {other:?}"),
         Err(e) => return Err(anyhow::Error::from(e).context(format!("cannot cancel {commit}"))),
     }
@@ -239,6 +245,9 @@ pub fn render(r: &CommitReport) -> String {
     }
     if let Some(error) = &r.error {
         let _ = writeln!(out, "  error: {error}");
+    }
+    for warning in &r.warnings {
+        let _ = writeln!(out, "  warning: {warning}");
     }
     let _ = writeln!(
         out,

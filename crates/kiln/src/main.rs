@@ -6,6 +6,21 @@
 //! commit's tests failed, 2 any other problem (bad flags, missing files,
 //! unreachable dispatcher, a commit that errored or is not finished).
 
+/// `println!` for command output: a closed stdout (as in `kiln results | head`)
+/// ends the process quietly instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for command output; see [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*))
+    };
+}
+
 mod cli;
 mod commands;
 mod demo;
@@ -31,6 +46,19 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Writes command output; exits at once, successfully, if the reader has gone
+/// away, and with exit code 2 if stdout fails otherwise.
+fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(2);
     }
 }
 

@@ -1,10 +1,14 @@
-//! `kiln plugin check` and `kiln plugin new`: the plugin author's tools.
+//! `kiln plugin check`, `kiln plugin new` and `kiln plugin run`: the plugin
+//! author's tools.
 //!
 //! `check` loads a `.wasm` file exactly as a runner would (same engine,
 //! same contract check, its `info` called in the same sandbox) and prints
 //! what the plugin is, or the one reason it cannot be loaded. `new` writes a
 //! plugin crate from the templates in `plugin/template/`, built on the
 //! plugin SDK (`plugins/kiln-plugin-sdk`), that passes `check` as generated.
+//! `run` runs the plugins on a local directory with no dispatcher, the way a
+//! runner runs them on a checkout: the same plugin host and limits, the files
+//! under `tests/` listed the same way, each result printed as it comes.
 //!
 //! Where the SDK comes from: a plugin crate depends on it by path (it is not
 //! published). `new` takes `--sdk DIR`, or finds `plugins/kiln-plugin-sdk` in
@@ -19,6 +23,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
+use kiln_plugin_host::{HostEvent, PluginHost, Policy};
+use kiln_proto::{Counts, TestResult};
+
+use crate::cli::Format;
 
 /// `kiln plugin …`
 #[derive(Debug, Subcommand)]
@@ -39,6 +47,29 @@ pub enum PluginCommand {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
+    /// Run the tests under DIR/tests with the plugins, as a runner would, with no dispatcher, and print each
+    /// result (exit 0 all passed, 1 a test failed, 2 otherwise).
+    Run(RunArgs),
+}
+
+/// `kiln plugin run`
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The repository (working tree) whose tests to run. It is used in place, as a runner uses its checkout.
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+    /// Output format: `text` prints each result as it comes; `json` prints one document at the end.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+    /// A program plugins may run (repeatable); each is resolved to an absolute path at start-up.
+    #[arg(long = "allow-program", value_name = "NAME", default_values = ["python3"])]
+    pub allow_programs: Vec<String>,
+    /// A directory of extra executor plugins (*.wasm), loaded after the built-ins in file-name order.
+    #[arg(long)]
+    pub plugins: Option<PathBuf>,
+    /// The wall-clock limit for one command a plugin runs.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    pub command_timeout: std::time::Duration,
 }
 
 /// The SDK in the checkout this binary was built from, if it is still there.
@@ -55,8 +86,9 @@ const GITIGNORE: &str = include_str!("plugin/template/gitignore.tmpl");
 const CARGO_LOCK: &str = include_str!("../../../plugins/Cargo.lock");
 
 /// Runs one `kiln plugin` subcommand.
-pub fn run(command: PluginCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(command: PluginCommand) -> anyhow::Result<ExitCode> {
     match command {
+        PluginCommand::Run(args) => return run_tests(args).await,
         PluginCommand::Check { file } => {
             // The error names the file and says what is wrong with it.
             let summary = kiln_plugin_host::PluginHost::check_file(&file)?;
@@ -74,6 +106,145 @@ pub fn run(command: PluginCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln plugin run`: the runner's plugin host on a local directory.
+async fn run_tests(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let text = matches!(a.format, Format::Text);
+    let tests = run_plugins(&a, |result| {
+        if text {
+            print!("{}", render_result(result));
+        }
+    })
+    .await?;
+    let counts = Counts::of(&tests);
+    match a.format {
+        Format::Text => println!("{}", summary(&counts)),
+        Format::Json => {
+            let document = serde_json::json!({ "dir": a.dir, "counts": counts, "tests": tests });
+            println!("{}", serde_json::to_string_pretty(&document)?);
+        }
+    }
+    Ok(if tests.iter().any(|t| t.outcome.is_failure()) {
+        ExitCode::from(1)
+    } else if tests.is_empty() {
+        // As for a runner's commit with no test: nothing ran, which is not a pass.
+        eprintln!("no test found under {}", a.dir.join("tests").display());
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Runs the plugins on `a.dir` as a runner runs them on a checkout, calling
+/// `each` with every result as it comes; returns them all, in that order.
+async fn run_plugins(a: &RunArgs, mut each: impl FnMut(&TestResult)) -> anyhow::Result<Vec<TestResult>> {
+    if !a.dir.is_dir() {
+        bail!("{} is not a directory; point --dir at a repository's working tree", a.dir.display());
+    }
+    let names: Vec<&str> = a.allow_programs.iter().map(String::as_str).collect();
+    let programs = Policy::resolve_programs(&names).context("cannot resolve the allowed programs")?;
+    // The runner's limits (`kiln runner`), so a plugin behaves here as it will there.
+    let policy = Policy {
+        programs,
+        command_timeout: a.command_timeout,
+        max_output: 4 << 20,
+        call_timeout: std::time::Duration::from_secs(60),
+        max_memory: 256 << 20,
+    };
+    let mut host = PluginHost::new(policy).context("cannot start the plugin host")?;
+    if let Some(dir) = &a.plugins {
+        for path in wasm_files(dir)? {
+            host.load_file(&path).with_context(|| format!("cannot load the plugin {}", path.display()))?;
+        }
+    }
+    let files = list_test_files(&a.dir)
+        .with_context(|| format!("cannot list the files under {}", a.dir.join("tests").display()))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let run = async move {
+        let ran = host.run(&a.dir, &files, &tx).await;
+        drop(tx);
+        ran
+    };
+    let collect = async {
+        let mut tests = Vec::new();
+        while let Some(event) = rx.recv().await {
+            if let HostEvent::Test(result) = event {
+                each(&result);
+                tests.push(result);
+            }
+        }
+        tests
+    };
+    let (ran, tests) = tokio::join!(run, collect);
+    ran.with_context(|| format!("cannot run the tests in {}", a.dir.display()))?;
+    Ok(tests)
+}
+
+/// The `.wasm` files in `dir`, sorted by name: the order a runner loads them.
+fn wasm_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read the plugins directory {}", dir.display()))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+/// The regular files under `root/tests`, as sorted repository-relative `/`
+/// paths: what a runner gives the plugin host (kiln-runner's job.rs lists
+/// them the same way). Symbolic links are not followed.
+fn list_test_files(root: &Path) -> std::io::Result<Vec<String>> {
+    let mut files = Vec::new();
+    let mut stack = vec![root.join("tests")];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            let path = entry.path();
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file()
+                && let Ok(rel) = path.strip_prefix(root)
+                && let Some(rel) = rel.to_str()
+            {
+                files.push(rel.replace(std::path::MAIN_SEPARATOR, "/"));
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// One result for a terminal: outcome, id and duration, then the end of a
+/// failure's message or a skip's reason (as `kiln results` shows them).
+fn render_result(t: &TestResult) -> String {
+    let mut out = format!("{:<5} {} ({} ms)\n", t.outcome.as_str().to_uppercase(), t.id, t.duration_ms);
+    let lines: Vec<&str> = t.message.trim_end().lines().collect();
+    let shown = match t.outcome {
+        kiln_proto::Outcome::Fail | kiln_proto::Outcome::Error => &lines[lines.len().saturating_sub(6)..],
+        kiln_proto::Outcome::Skip => &lines[..lines.len().min(1)],
+        _ => &[][..],
+    };
+    for line in shown {
+        let _ = writeln!(out, "      {line}");
+    }
+    out
+}
+
+/// The closing line: how many tests ended each way.
+fn summary(c: &Counts) -> String {
+    format!(
+        "{} tests: {} passed, {} failed, {} errors, {} skipped, {} expected failures, {} unexpected successes",
+        c.total, c.pass, c.fail, c.error, c.skip, c.xfail, c.xpass
+    )
 }
 
 /// What `check` prints about a loadable plugin.
@@ -229,6 +400,59 @@ fn crate_file_name(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write(root: &Path, files: &[(&str, &str)]) {
+        for (path, content) in files {
+            let path = root.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, content).unwrap();
+        }
+    }
+
+    #[test]
+    fn lists_the_files_under_tests_as_a_runner_does() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &[("tests/test_b.py", ""), ("tests/sub/test_a.py", ""), ("src/x.py", "")]);
+        std::os::unix::fs::symlink("/etc", dir.path().join("tests/escape")).unwrap();
+        assert_eq!(list_test_files(dir.path()).unwrap(), ["tests/sub/test_a.py", "tests/test_b.py"]);
+        assert!(list_test_files(&dir.path().join("src")).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn run_reports_every_test_of_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            &[
+                ("tests/__init__.py", ""),
+                (
+                    "tests/test_x.py",
+                    "import unittest\n\nclass T(unittest.TestCase):\n    def test_ok(self):\n        pass\n\n    \
+                     def test_no(self):\n        self.fail('no')\n",
+                ),
+            ],
+        );
+        let args = RunArgs {
+            dir: dir.path().to_owned(),
+            format: Format::Json,
+            allow_programs: vec!["python3".to_owned()],
+            plugins: None,
+            command_timeout: std::time::Duration::from_secs(60),
+        };
+        let mut seen = 0;
+        let tests = run_plugins(&args, |_| seen += 1).await.unwrap();
+        let outcomes: Vec<(&str, &str)> = tests.iter().map(|t| (t.id.as_str(), t.outcome.as_str())).collect();
+        assert_eq!(outcomes, [("tests.test_x.T.test_no", "fail"), ("tests.test_x.T.test_ok", "pass")]);
+        assert_eq!(seen, 2);
+        assert!(render_result(&tests[0]).starts_with("FAIL  tests.test_x.T.test_no ("), "{}", render_result(&tests[0]));
+        assert_eq!(
+            summary(&Counts::of(&tests)),
+            "2 tests: 1 passed, 1 failed, 0 errors, 0 skipped, 0 expected failures, 0 unexpected successes"
+        );
+
+        let missing = RunArgs { dir: dir.path().join("nope"), ..args };
+        assert!(run_plugins(&missing, |_| ()).await.unwrap_err().to_string().contains("is not a directory"));
+    }
 
     #[test]
     fn names() {

@@ -1,17 +1,21 @@
 //! The python-unittest executor plugin: runs Python `unittest` test modules
 //! and reports one result per test.
 //!
-//! Key decision: one `python3` process per test module, each running a small
-//! driver (driver.py) that prints one JSON line per test. A module that
+//! Key decision: one `python3` process per file (a test module, or a
+//! package's `__init__.py` for what discover loads from the package itself),
+//! each running a small driver (driver.py) that loads the file with
+//! discover's own code and prints one JSON line per test. A test that
 //! crashes the interpreter (os._exit, a segfault in C code, a hang until the
-//! host's timeout) then costs only its own results, which become an `error`
-//! naming the test that was running, while every other module still reports.
+//! host's timeout) becomes an `error` naming it, and the file's remaining
+//! tests run in a fresh interpreter that leaves out the ones already run,
+//! so one crash hides no other test.
 //!
-//! The plugin decides which files are test modules with the rules of
+//! The plugin decides which files to run with the rules of
 //! `python3 -m unittest discover -s tests -t .` ([`select`]), reading the
 //! checkout through the read-only WASI preopen at `/checkout`, and turns
 //! everything the driver prints (or fails to print) into results
-//! ([`output`]).
+//! ([`output`]). plugins/python-unittest/FIDELITY.md compares its results
+//! with plain unittest's on real projects.
 
 mod output;
 mod select;
@@ -26,6 +30,10 @@ const MODULE_TIMEOUT_MS: u64 = 60 * 60 * 1000;
 
 /// The driver program, passed to the interpreter with `-c`.
 const DRIVER: &str = include_str!("driver.py");
+
+/// How many times a file's remaining tests are restarted after crashes
+/// before the plugin gives up on the rest of it.
+const MAX_RESTARTS: usize = 100;
 
 struct PythonUnittest;
 
@@ -42,9 +50,13 @@ impl Executor for PythonUnittest {
     }
 
     fn run(files: Vec<String>) -> Result<(), String> {
-        let (modules, skipped) = select::test_modules(&files, |file| checkout_path(file).is_file());
-        // Package `__init__.py` files are expected here; name the others
-        // (one line per call), since a misnamed test file is a common mistake.
+        let (modules, skipped) = select::test_modules(&files, |file| match std::fs::metadata(checkout_path(file)) {
+            Ok(meta) if meta.is_file() => select::Entry::File(meta.len()),
+            _ => select::Entry::Other,
+        });
+        // Empty package `__init__.py` files are expected here; name the
+        // others (one line per call), since a misnamed test file is a common
+        // mistake.
         let notable: Vec<String> = skipped
             .iter()
             .filter(|s| !s.file.ends_with("/__init__.py"))
@@ -54,28 +66,59 @@ impl Executor for PythonUnittest {
             kiln_plugin_sdk::log(&format!("not test modules for unittest discover: {}", notable.join(", ")));
         }
         for module in &modules {
-            for report in run_module(module) {
-                kiln_plugin_sdk::report(&TestResult {
-                    id: report.id,
-                    file: module.file.clone(),
-                    outcome: outcome(report.outcome),
-                    duration_ms: report.duration_ms,
-                    message: report.message,
-                });
-            }
+            run_file(module);
         }
         Ok(())
     }
 }
 
-/// Runs one module's tests in its own interpreter and reads their results.
-fn run_module(module: &select::TestModule) -> Vec<output::Report> {
-    let command = Command {
-        program: "python3".to_owned(),
-        args: vec!["-c".to_owned(), DRIVER.to_owned(), module.name.clone()],
-        cwd: String::new(),
-        timeout_ms: MODULE_TIMEOUT_MS,
-    };
+/// Runs one file's tests and reports them; after a crash, runs the tests
+/// that had not started yet in a fresh interpreter.
+fn run_file(module: &select::TestModule) {
+    let mut skip: Vec<String> = Vec::new();
+    for restart in 0..=MAX_RESTARTS {
+        let mut run = run_module(module, &skip);
+        let again = match &run.crashed_in {
+            Some(test) if !skip.contains(test) && restart < MAX_RESTARTS => true,
+            Some(test) => {
+                // Either the limit, or a test that was to be left out ran
+                // again (a load_tests that renames its tests, say): going on
+                // might never end.
+                let why = if skip.contains(test) {
+                    format!("{test} ran again although it was left out")
+                } else {
+                    format!("the file was restarted {MAX_RESTARTS} times already")
+                };
+                if let Some(last) = run.reports.last_mut() {
+                    last.message.push_str(&format!("\n\nThe file's remaining tests were not run: {why}."));
+                }
+                false
+            }
+            None => false,
+        };
+        for report in run.reports {
+            kiln_plugin_sdk::report(&TestResult {
+                id: report.id,
+                file: module.file.clone(),
+                outcome: outcome(report.outcome),
+                duration_ms: report.duration_ms,
+                message: report.message,
+            });
+        }
+        if !again {
+            return;
+        }
+        // Every test that started is done with (the last one crashed).
+        skip.extend(run.started.into_iter().filter(|id| !skip.contains(id)).collect::<Vec<_>>());
+    }
+}
+
+/// Runs one file's tests, except those in `skip`, in its own interpreter
+/// and reads their results.
+fn run_module(module: &select::TestModule, skip: &[String]) -> output::Interpretation {
+    let mut args = vec!["-c".to_owned(), DRIVER.to_owned(), module.file.clone()];
+    args.extend(skip.iter().cloned());
+    let command = Command { program: "python3".to_owned(), args, cwd: String::new(), timeout_ms: MODULE_TIMEOUT_MS };
     let started = Instant::now();
     let result = kiln_plugin_sdk::run_command(&command);
     let elapsed_ms = kiln_plugin_sdk::elapsed_ms(started);
@@ -89,7 +132,9 @@ fn run_module(module: &select::TestModule) -> Vec<output::Report> {
                 CommandError::Denied(why) => format!("the runner did not let this plugin run python3: {why}"),
                 CommandError::Failed(why) => format!("python3 could not be started: {why}"),
             };
-            vec![output::Report { id: module.name.clone(), outcome: output::Outcome::Error, duration_ms: 0, message }]
+            let report =
+                output::Report { id: module.name.clone(), outcome: output::Outcome::Error, duration_ms: 0, message };
+            output::Interpretation { reports: vec![report], ..Default::default() }
         }
     }
 }

@@ -4,7 +4,9 @@
 //! module never fails: a line that is not JSON, a process killed by a signal
 //! or the host's timeout, or one that died before the driver finished all
 //! become an `error` result carrying the reason and the tail of stderr, so a
-//! broken module shows up in the report instead of vanishing.
+//! broken module shows up in the report instead of vanishing. It also says
+//! which test was running when the process died and which had started, so
+//! the plugin can run the remaining ones in a fresh interpreter.
 
 use serde::Deserialize;
 
@@ -73,11 +75,24 @@ const STDERR_TAIL: usize = 4000;
 /// How much of a malformed stdout line goes into an error message.
 const BAD_LINE_PREFIX: usize = 300;
 
+/// What one driver process said.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Interpretation {
+    /// Its results, with an `error` at the end if it did not finish normally.
+    pub reports: Vec<Report>,
+    /// Every test it started, in order.
+    pub started: Vec<String>,
+    /// The test that was running when it ended without finishing, if any:
+    /// the tests after it have not run.
+    pub crashed_in: Option<String>,
+}
+
 /// Reads a driver's `stdout`, and from `exit` and `stderr` adds one `error`
 /// result if the process did not finish normally. The error is given to the
 /// test that was running when the process ended, if any, else to `module`.
-pub fn interpret(module: &str, stdout: &[u8], stderr: &[u8], exit: &Exit) -> Vec<Report> {
+pub fn interpret(module: &str, stdout: &[u8], stderr: &[u8], exit: &Exit) -> Interpretation {
     let mut reports = Vec::new();
+    let mut started = Vec::new();
     let mut running: Option<String> = None;
     let mut done = false;
     let mut bad_line: Option<String> = None;
@@ -88,7 +103,10 @@ pub fn interpret(module: &str, stdout: &[u8], stderr: &[u8], exit: &Exit) -> Vec
         }
         match serde_json::from_slice::<Line>(line) {
             Ok(Line::Result(report)) => reports.push(report),
-            Ok(Line::Start { start }) => running = Some(start),
+            Ok(Line::Start { start }) => {
+                started.push(start.clone());
+                running = Some(start);
+            }
             Ok(Line::Stop { .. }) => running = None,
             Ok(Line::Done { .. }) => done = true,
             Err(_) => {
@@ -112,14 +130,12 @@ pub fn interpret(module: &str, stdout: &[u8], stderr: &[u8], exit: &Exit) -> Vec
         bad_line.as_ref().map(|_| "the test driver's output was not JSON".to_owned())
     };
     let Some(problem) = problem else {
-        return reports;
+        return Interpretation { reports, started, crashed_in: None };
     };
 
     let mut message = problem;
     match &running {
-        Some(test) => {
-            message.push_str(&format!(" while running {test}; the module's remaining tests did not run"));
-        }
+        Some(test) => message.push_str(&format!(" while running {test}")),
         None if !reports.is_empty() && !done => {
             message.push_str(&format!(" after {} results; any remaining tests did not run", reports.len()));
         }
@@ -137,12 +153,12 @@ pub fn interpret(module: &str, stdout: &[u8], stderr: &[u8], exit: &Exit) -> Vec
         message.push_str(&format!("\n\nThe end of its stderr:\n{}", suffix(stderr, STDERR_TAIL)));
     }
     reports.push(Report {
-        id: running.unwrap_or_else(|| module.to_owned()),
+        id: running.clone().unwrap_or_else(|| module.to_owned()),
         outcome: Outcome::Error,
         duration_ms: exit.elapsed_ms,
         message,
     });
-    reports
+    Interpretation { reports, started, crashed_in: running }
 }
 
 fn seconds(ms: u64) -> String {
@@ -187,7 +203,9 @@ mod tests {
 {"id": "m.T.b (i=1)", "outcome": "fail", "duration_ms": 1, "message": "boom"}
 {"done": true}
 "#;
-        let reports = interpret("m", out, b"noise", &OK);
+        let run = interpret("m", out, b"noise", &OK);
+        assert_eq!((run.started, run.crashed_in), (vec!["m.T.a".to_owned()], None));
+        let reports = run.reports;
         assert_eq!(reports.len(), 2);
         assert_eq!((reports[0].id.as_str(), reports[0].outcome), ("m.T.a", Outcome::Pass));
         assert_eq!((reports[1].id.as_str(), reports[1].outcome), ("m.T.b (i=1)", Outcome::Fail));
@@ -197,16 +215,18 @@ mod tests {
     fn a_crash_blames_the_running_test() {
         let out = b"{\"start\": \"m.T.a\"}\n";
         let exit = Exit { code: Some(3), ..OK };
-        let reports = interpret("m", out, b"Traceback: boom\n", &exit);
+        let run = interpret("m", out, b"Traceback: boom\n", &exit);
+        assert_eq!(run.crashed_in.as_deref(), Some("m.T.a"));
+        let reports = run.reports;
         assert_eq!(reports.len(), 1);
         assert_eq!((reports[0].id.as_str(), reports[0].outcome), ("m.T.a", Outcome::Error));
-        assert!(reports[0].message.contains("exited with code 3 while running m.T.a"), "{}", reports[0].message);
+        assert!(reports[0].message.contains("exited with code 3 while running m.T.a."), "{}", reports[0].message);
         assert!(reports[0].message.contains("Traceback: boom"));
     }
 
     #[test]
     fn exit_zero_without_done_is_an_error() {
-        let reports = interpret("m", b"", b"", &OK);
+        let reports = interpret("m", b"", b"", &OK).reports;
         assert_eq!((reports[0].id.as_str(), reports[0].outcome), ("m", Outcome::Error));
         assert!(reports[0].message.contains("os._exit"));
     }
@@ -214,12 +234,12 @@ mod tests {
     #[test]
     fn garbage_and_timeouts_become_errors() {
         let out = b"hello world\n{\"done\": true}\n";
-        let reports = interpret("m", out, b"", &OK);
+        let reports = interpret("m", out, b"", &OK).reports;
         assert_eq!(reports.len(), 1);
         assert!(reports[0].message.contains("hello world"), "{}", reports[0].message);
 
         let exit = Exit { code: None, timed_out: true, elapsed_ms: 5000 };
-        let reports = interpret("m", b"{\"start\": \"m.T.slow\"}\n", "é".repeat(5000).as_bytes(), &exit);
+        let reports = interpret("m", b"{\"start\": \"m.T.slow\"}\n", "é".repeat(5000).as_bytes(), &exit).reports;
         assert_eq!(reports[0].id, "m.T.slow");
         assert!(reports[0].message.contains("after 5.0 s because it ran out of time"), "{}", reports[0].message);
     }

@@ -1,23 +1,33 @@
-//! Which claimed files are test modules, by the rules of
+//! Which claimed files the driver runs, by the rules of
 //! `python3 -m unittest discover -s tests -t .` (Python 3.11).
 //!
 //! discover imports a file as a test module only if its name matches
 //! `test*.py` and is a valid module name, and if it can reach the file through
 //! packages: `tests/` and every directory below it on the way must hold an
-//! `__init__.py` (3.11 no longer walks into namespace packages). Everything
-//! else is left alone, so running it here would report tests that unittest
-//! itself never runs.
+//! `__init__.py` (3.11 no longer walks into namespace packages). It also
+//! imports every package it walks into and loads tests from the package
+//! itself: the tests defined in its `__init__.py`, or everything its
+//! `load_tests` returns. So a package's `__init__.py` is a unit of its own,
+//! unless it is empty (nothing to load, nothing that can fail to import).
+//! Everything else is left alone, so running it here would report tests that
+//! unittest itself never runs.
+//!
+//! What needs importing is left to the driver: whether a package on the way
+//! fails to import or takes over its contents with `load_tests`, and what a
+//! directory name that is not an identifier imports as.
 
-/// A file that discover would import as a test module.
+/// A file the driver runs: a test module, or a package's `__init__.py`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TestModule {
     /// The repository-relative path, as the host gave it.
     pub file: String,
-    /// The dotted module name, e.g. `tests.sub.test_x`.
+    /// The dotted module name, e.g. `tests.sub.test_x`, or the package's,
+    /// e.g. `tests.sub` for `tests/sub/__init__.py`: the id of an error about
+    /// the whole file.
     pub name: String,
 }
 
-/// Why a claimed file is not a test module (for the runner's log).
+/// Why a claimed file is not run (for the runner's log).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Skipped {
     /// The repository-relative path.
@@ -26,26 +36,35 @@ pub struct Skipped {
     pub reason: &'static str,
 }
 
-/// Splits `files` into the test modules discover would import, sorted by
-/// module name (discover's own order within a directory), and the others.
+/// What the checkout holds at a repository-relative path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// A regular file of this many bytes.
+    File(u64),
+    /// Anything else, or nothing.
+    Other,
+}
+
+/// Splits `files` into the ones the driver runs, sorted by path, and the
+/// others.
 ///
-/// `is_file` answers whether a repository-relative path is a regular file in
-/// the checkout; it is a parameter so the rules can be tested without one.
-pub fn test_modules(files: &[String], is_file: impl Fn(&str) -> bool) -> (Vec<TestModule>, Vec<Skipped>) {
+/// `entry` says what a repository-relative path is in the checkout; it is a
+/// parameter so the rules can be tested without one.
+pub fn test_modules(files: &[String], entry: impl Fn(&str) -> Entry) -> (Vec<TestModule>, Vec<Skipped>) {
     let mut modules = Vec::new();
     let mut skipped = Vec::new();
     for file in files {
-        match module_name(file, &is_file) {
+        match module_name(file, &entry) {
             Ok(name) => modules.push(TestModule { file: file.clone(), name }),
             Err(reason) => skipped.push(Skipped { file: file.clone(), reason }),
         }
     }
-    modules.sort_by(|a, b| a.name.cmp(&b.name));
-    modules.dedup_by(|a, b| a.name == b.name);
+    modules.sort_by(|a, b| a.file.cmp(&b.file));
+    modules.dedup_by(|a, b| a.file == b.file);
     (modules, skipped)
 }
 
-fn module_name(file: &str, is_file: &impl Fn(&str) -> bool) -> Result<String, &'static str> {
+fn module_name(file: &str, entry: &impl Fn(&str) -> Entry) -> Result<String, &'static str> {
     let segments: Vec<&str> = file.split('/').collect();
     let Some((base, dirs)) = segments.split_last() else {
         return Err("empty path");
@@ -53,35 +72,46 @@ fn module_name(file: &str, is_file: &impl Fn(&str) -> bool) -> Result<String, &'
     if dirs.first() != Some(&"tests") {
         return Err("not under tests/");
     }
-    // fnmatch is case-sensitive on POSIX, so `test*.py` is a plain prefix and suffix test.
-    let Some(stem) = base.strip_suffix(".py").filter(|stem| stem.starts_with("test")) else {
-        return Err("file name does not match test*.py");
-    };
-    if !is_identifier(stem) {
-        return Err("file name is not a valid module name");
-    }
-    // discover walks into any directory holding an `__init__.py` and imports
-    // it by its dotted path; a name that cannot be one path component of a
-    // dotted name would import something else, so those are left out too.
-    if dirs.iter().any(|d| d.is_empty() || d.contains('.') || *d == "..") {
-        return Err("a directory on its path cannot be part of a module name");
-    }
-    let mut package = String::new();
-    for dir in dirs {
-        if !package.is_empty() {
-            package.push('/');
+    let package = *base == "__init__.py";
+    // The module's own name; none for a package's __init__.py.
+    let stem = if package {
+        None
+    } else {
+        // fnmatch is case-sensitive on POSIX, so `test*.py` is a plain prefix and suffix test.
+        let Some(stem) = base.strip_suffix(".py").filter(|stem| stem.starts_with("test")) else {
+            return Err("file name does not match test*.py");
+        };
+        if !is_identifier(stem) {
+            return Err("file name is not a valid module name");
         }
-        package.push_str(dir);
-        if !is_file(&format!("{package}/__init__.py")) {
+        Some(stem)
+    };
+    let mut path = String::new();
+    for dir in dirs {
+        if !path.is_empty() {
+            path.push('/');
+        }
+        path.push_str(dir);
+        if !matches!(entry(&format!("{path}/__init__.py")), Entry::File(_)) {
             return Err("a directory on its path has no __init__.py");
         }
     }
-    if !is_file(file) {
-        return Err("not a regular file in the checkout");
+    // An empty __init__.py loads nothing and cannot fail to import, unless
+    // its directory's name is no identifier: discover imports `tests/my.dir`
+    // as `tests.my`, which fails, and that error is part of what it reports.
+    let plain_name = dirs.last().is_some_and(|dir| is_identifier(dir));
+    match entry(file) {
+        Entry::File(0) if package && plain_name => {
+            return Err("an empty package __init__.py: no tests, no load_tests");
+        }
+        Entry::File(_) => {}
+        Entry::Other => return Err("not a regular file in the checkout"),
     }
     let mut name = dirs.join(".");
-    name.push('.');
-    name.push_str(stem);
+    if let Some(stem) = stem {
+        name.push('.');
+        name.push_str(stem);
+    }
     Ok(name)
 }
 
@@ -97,15 +127,27 @@ fn is_identifier(stem: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn names(files: &[&str], existing: &[&str]) -> Vec<String> {
+    /// The files the driver runs, given the claimed `files` (each one byte
+    /// long unless listed in `empty`) and other files that exist.
+    fn runs(files: &[&str], existing: &[&str], empty: &[&str]) -> Vec<String> {
         let files: Vec<String> = files.iter().map(|f| f.to_string()).collect();
-        let (modules, _) = test_modules(&files, |p| existing.contains(&p) || files.iter().any(|f| f == p));
-        modules.into_iter().map(|m| m.name).collect()
+        let entry = |p: &str| {
+            if empty.contains(&p) {
+                Entry::File(0)
+            } else if existing.contains(&p) || files.iter().any(|f| f == p) {
+                Entry::File(1)
+            } else {
+                Entry::Other
+            }
+        };
+        let (modules, _) = test_modules(&files, entry);
+        modules.into_iter().map(|m| format!("{} {}", m.file, m.name)).collect()
     }
 
     #[test]
     fn follows_discover_rules() {
-        let inits = ["tests/__init__.py", "tests/pkg/__init__.py", "tests/pkg/deep/__init__.py"];
+        let inits =
+            ["tests/__init__.py", "tests/pkg/__init__.py", "tests/pkg/deep/__init__.py", "tests/my.dir/__init__.py"];
         let files = [
             "tests/test_a.py",
             "tests/pkg/test_b.py",
@@ -114,16 +156,40 @@ mod tests {
             "tests/helper.py",
             "tests/test-dash.py",
             "tests/test_a.pyc",
-            "tests/__init__.py",
             "tests/testé.py",
             "tests/my.dir/test_e.py",
             "other/test_f.py",
         ];
-        assert_eq!(names(&files, &inits), ["tests.pkg.deep.test_c", "tests.pkg.test_b", "tests.test_a", "tests.testé"]);
+        assert_eq!(
+            runs(&files, &inits, &[]),
+            [
+                "tests/my.dir/test_e.py tests.my.dir.test_e",
+                "tests/pkg/deep/test_c.py tests.pkg.deep.test_c",
+                "tests/pkg/test_b.py tests.pkg.test_b",
+                "tests/test_a.py tests.test_a",
+                "tests/testé.py tests.testé",
+            ]
+        );
+    }
+
+    #[test]
+    fn package_init_files_are_units_unless_empty() {
+        let files = ["tests/__init__.py", "tests/pkg/__init__.py", "tests/nopkg/sub/__init__.py"];
+        assert_eq!(runs(&files, &[], &["tests/pkg/__init__.py"]), ["tests/__init__.py tests"]);
+        // discover imports `tests/my.dir` as `tests.my`: that can fail.
+        assert_eq!(
+            runs(
+                &["tests/__init__.py", "tests/my.dir/__init__.py"],
+                &[],
+                &["tests/__init__.py", "tests/my.dir/__init__.py"]
+            ),
+            ["tests/my.dir/__init__.py tests.my.dir"]
+        );
+        assert_eq!(runs(&files, &[], &[]), ["tests/__init__.py tests", "tests/pkg/__init__.py tests.pkg"]);
     }
 
     #[test]
     fn needs_the_top_package() {
-        assert_eq!(names(&["tests/test_a.py"], &[]), Vec::<String>::new());
+        assert_eq!(runs(&["tests/test_a.py"], &[], &[]), Vec::<String>::new());
     }
 }

@@ -18,6 +18,14 @@
 //! | write confinement | Landlock: writes only beneath the job directory, the command's private `TMPDIR`, `/dev/shm` (POSIX semaphores and shared memory, which Python's multiprocessing needs) and `/dev/null`, `/dev/zero`, `/dev/full` | the command writes wherever the runner's user may |
 //! | privilege drop | `no_new_privs`; every capability dropped, bounding set included, so a runner running as root does not give tests root's powers (`setns` out of the namespaces, `mount`, moving cgroups) | always available |
 //!
+//! Commands also die with the runner, even one killed with SIGKILL: a
+//! command's supervisor asks for a parent-death signal, which the kernel
+//! sends when the thread that started it ends (for a tokio worker thread:
+//! when the runtime shuts down or the process dies), and then takes its PID
+//! namespace down; without a namespace, the program itself is killed. Such a
+//! runner leaves its commands' cgroups and temporary directories behind: the
+//! next runner's probe removes those whose runner is gone.
+//!
 //! As root, namespaces come directly; without root, inside a user namespace
 //! mapping the runner's user to itself, where the kernel allows unprivileged
 //! ones. cgroups need a hierarchy where the runner may create children: as
@@ -450,6 +458,7 @@ impl Sandbox {
             rlimits: self.rlimits.clone(),
             drop_capabilities: self.drop_capabilities,
             landlock,
+            runner: std::process::id(),
         };
         Ok(Confinement {
             plan: Some(plan),

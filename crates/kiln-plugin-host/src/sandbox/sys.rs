@@ -126,7 +126,7 @@ pub(crate) struct Rlimits {
 
 /// Everything a command's child process does between `fork` and `exec`,
 /// prepared by the parent so that the child only makes system calls.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ChildPlan {
     /// `cgroup.procs` files (opened for writing, close-on-exec) of the
     /// command's cgroups: the child moves itself into each before it forks.
@@ -139,6 +139,9 @@ pub(crate) struct ChildPlan {
     pub drop_capabilities: bool,
     /// A Landlock ruleset to restrict the program with.
     pub landlock: Option<OwnedFd>,
+    /// The runner's process id: if the runner dies (even by SIGKILL), the
+    /// child is signalled, so that no command outlives it unsupervised.
+    pub runner: u32,
 }
 
 #[expect(unsafe_code, reason = "geteuid and getegid have no wrapper in std")]
@@ -317,6 +320,20 @@ fn child_setup(plan: &ChildPlan) -> io::Result<()> {
         }
     }
     enter_namespaces(&plan.namespaces)?;
+    // When the runner's thread that started this process ends (the runner
+    // died), a supervisor gets SIGTERM and takes its namespace down; a
+    // program without one is killed. (Set after the namespaces: credential
+    // changes can clear it.)
+    let on_runner_death = if plan.namespaces.pid { libc::SIGTERM } else { libc::SIGKILL };
+    // SAFETY: prctl(2) and getppid(2) with integer arguments.
+    unsafe {
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, on_runner_death as libc::c_ulong, NIL, NIL, NIL))?;
+        // The runner may have died before that: then this process has been
+        // re-parented already.
+        if u32::try_from(libc::getppid()).ok() != Some(plan.runner) {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+    }
     if plan.namespaces.pid {
         become_supervisor()?;
     }

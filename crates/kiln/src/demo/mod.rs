@@ -48,7 +48,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let repo = dir.join("repo");
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    println!("kiln demo in {}", dir.display());
+    outln!("kiln demo in {}", dir.display());
 
     kiln_net::certs::init(&certs, &["localhost".into(), "127.0.0.1".into()]).context("cannot make certificates")?;
     kiln_net::certs::issue(&certs, Role::Observer, "observer")?;
@@ -56,17 +56,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     for i in 1..=args.runners {
         kiln_net::certs::issue(&certs, Role::Runner, &format!("runner-{i}"))?;
     }
-    println!("  certificates    {}", certs.display());
+    outln!("  certificates    {}", certs.display());
 
     write_sample(&repo)?;
     git(&repo, &["init", "--quiet", "--initial-branch=main"])?;
-    println!("  repository      {}", repo.display());
+    outln!("  repository      {}", repo.display());
 
     let exe = std::env::current_exe().context("cannot find the kiln binary")?;
     let mut children = Children::default();
     let (dispatcher, addr) = start_dispatcher(&exe, &certs, &dir.join("state"), &logs).await?;
     children.0.push(dispatcher);
-    println!("  dispatcher      {addr} (state in {})", dir.join("state").display());
+    outln!("  dispatcher      {addr} (state in {})", dir.join("state").display());
     for i in 1..=args.runners {
         let name = format!("runner-{i}");
         let work = dir.join(&name);
@@ -79,7 +79,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 .arg("--work")
                 .arg(&work)
         })?);
-        println!("  {name:<15} {}", work.display());
+        outln!("  {name:<15} {}", work.display());
     }
     children.0.push(spawn(&exe, &logs.join("observer.log"), |c| {
         c.args(["observer", "--interval", "1s", "--identity"])
@@ -89,8 +89,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             .arg("--repo")
             .arg(&repo)
     })?);
-    println!("  observer        polling {} every 1s", repo.display());
-    println!("  logs            {}", logs.display());
+    outln!("  observer        polling {} every 1s", repo.display());
+    outln!("  logs            {}", logs.display());
 
     let admin = Bundle::load(&certs.join("admin"))?;
     let client =
@@ -98,19 +98,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let outcome = async {
         let first = commit(&repo, "Add calc and its tests")?;
-        println!("\ncommitted {first}; waiting for the runners…\n");
+        outln!("\ncommitted {first}; waiting for the runners…\n");
         let report = wait_for(&admin, &client, first).await?;
-        print!("{}", render(&report));
+        out!("{}", render(&report));
 
         // Fix what is broken and watch the commit go green.
         std::fs::write(repo.join("calc.py"), include_str!("fixed/calc.py"))?;
         std::fs::write(repo.join("tests/test_calc.py"), include_str!("fixed/tests/test_calc.py"))?;
         std::fs::remove_file(repo.join("tests/test_plugins.py"))?;
         let second = commit(&repo, "Fix shout, the lookup and the broken import")?;
-        println!("\ncommitted {second}; waiting for the runners…\n");
+        outln!("\ncommitted {second}; waiting for the runners…\n");
         let report = wait_for(&admin, &client, second).await?;
-        print!("{}", render(&report));
-        println!("\nresults are stored as files in {}", dir.join("state/results").display());
+        out!("{}", render(&report));
+        outln!("\nresults are stored as files in {}", dir.join("state/results").display());
         anyhow::Ok(report)
     }
     .await;
@@ -118,7 +118,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     children.stop().await;
     let report = outcome?;
     if args.dir.is_none() {
-        println!("(the demo directory is removed on exit; pass --dir to keep it)");
+        outln!("(the demo directory is removed on exit; pass --dir to keep it)");
     }
     Ok(crate::commands::exit_code(report.status))
 }
