@@ -82,8 +82,16 @@ impl ObjectStore {
             Err(_) => false,
         };
         let repo = if create {
+            // Build the repository beside its final place and rename it in, so a
+            // process killed half-way leaves no half-made repository that the
+            // next start would refuse.
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let staging = path.with_file_name(format!(".{name}.init-{}-{n}", std::process::id()));
+            let _ = fs::remove_dir_all(&staging);
             Repository::init_opts(
-                path,
+                &staging,
                 RepositoryInitOptions::new()
                     .bare(true)
                     .mkpath(true)
@@ -91,7 +99,19 @@ impl ObjectStore {
                     // descriptions, which a cache has no use for.
                     .external_template(false),
             )
-            .map_err(|e| GitError::new(path, GitErrorKind::Init, e))?
+            .map_err(|e| GitError::new(path, GitErrorKind::Init, e))?;
+            // An empty directory at `path` is replaced; rename cannot replace a non-empty one.
+            if path.is_dir() {
+                let _ = fs::remove_dir(path);
+            }
+            if let Err(e) = fs::rename(&staging, path) {
+                let _ = fs::remove_dir_all(&staging);
+                // Another thread or process may have created it first; that one will do.
+                if Repository::open_bare(path).is_err() {
+                    return Err(GitError::new(path, GitErrorKind::Init, e));
+                }
+            }
+            Repository::open_bare(path).map_err(|e| GitError::new(path, GitErrorKind::Open, e))?
         } else {
             Repository::open_bare(path).map_err(|e| GitError::new(path, GitErrorKind::Open, e))?
         };

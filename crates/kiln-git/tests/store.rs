@@ -569,3 +569,21 @@ fn commits_between_lists_a_gap_oldest_first() {
     assert_eq!(store.commits_between(None, &ids[4], 100).unwrap(), vec![ids[4]]);
     assert_eq!(store.commits_between(Some(&unknown_id()), &ids[4], 100).unwrap(), vec![ids[4]]);
 }
+
+#[test]
+fn concurrent_first_opens_of_a_bare_store_all_succeed() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("cache.git");
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || ObjectStore::open_or_init_bare(&path).map(drop))
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
+    // Nothing but the repository is left beside it.
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("cache.git")]);
+}

@@ -25,6 +25,7 @@ mod cache;
 mod claims;
 mod command;
 mod error;
+mod files;
 mod host;
 mod policy;
 pub mod sandbox;
@@ -32,5 +33,6 @@ mod state;
 
 pub use cache::Compilation;
 pub use error::HostError;
+pub use files::test_files;
 pub use host::{CONTRACT_VERSION, HostEvent, PluginHost, PluginSummary};
 pub use policy::Policy;

@@ -261,7 +261,7 @@ async fn run_job(
         }
         return Ok(Err(e));
     }
-    let files = match list_test_files(checkout) {
+    let files = match kiln_plugin_host::test_files(checkout) {
         // Files an earlier attempt finished are stored already.
         Ok(files) => files.into_iter().filter(|f| !skip_files.contains(f)).collect::<Vec<_>>(),
         Err(e) => return Ok(Err(JobError::List(e))),
@@ -328,58 +328,11 @@ async fn fetch(ctx: &JobContext, conn: &Connection, commit: CommitId, checkout: 
     .map_err(git)
 }
 
-/// Lists the regular files under `tests/`, as sorted repository-relative `/` paths.
-fn list_test_files(checkout: &Path) -> std::io::Result<Vec<String>> {
-    let mut files = Vec::new();
-    let mut stack = vec![checkout.join("tests")];
-    while let Some(dir) = stack.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let entry = entry?;
-            // Symlinks are not followed: a checkout must not lead the runner outside it.
-            let kind = entry.file_type()?;
-            let path = entry.path();
-            if kind.is_dir() {
-                stack.push(path);
-            } else if kind.is_file()
-                && let Ok(rel) = path.strip_prefix(checkout)
-                && let Some(rel) = rel.to_str()
-            {
-                files.push(rel.replace(std::path::MAIN_SEPARATOR, "/"));
-            }
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, kiln_git::GitError> + Send + 'static,
 ) -> Result<T, kiln_git::GitError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lists_files_under_tests_only_sorted() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        std::fs::create_dir_all(root.join("tests/sub")).unwrap();
-        std::fs::write(root.join("tests/test_b.py"), "").unwrap();
-        std::fs::write(root.join("tests/sub/test_a.py"), "").unwrap();
-        std::fs::write(root.join("setup.py"), "").unwrap();
-        std::os::unix::fs::symlink("/etc", root.join("tests/escape")).unwrap();
-        assert_eq!(list_test_files(root).unwrap(), vec!["tests/sub/test_a.py", "tests/test_b.py"]);
-        assert!(list_test_files(&root.join("missing")).unwrap().is_empty());
     }
 }

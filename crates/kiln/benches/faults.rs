@@ -24,10 +24,10 @@ use kiln_proto::{CommitId, CommitStatus, Outcome, TestResult};
 const ROUNDS: usize = 5;
 
 fn main() {
-    let detection: Vec<Duration> = (0..ROUNDS).map(|_| detection()).collect();
-    println!("runner killed → job requeued (idle timeout 3 s): {}", summary(&detection));
     let restart: Vec<Duration> = (0..ROUNDS).map(|_| restart(2_000, 50)).collect();
     println!("dispatcher start → first answer (2,000 commits × 50 tests in the database): {}", summary(&restart));
+    let detection: Vec<Duration> = (0..ROUNDS).map(|_| detection()).collect();
+    println!("runner killed → job requeued (idle timeout 3 s): {}", summary(&detection));
 }
 
 fn detection() -> Duration {
@@ -48,6 +48,8 @@ fn restart(commits: u32, tests: u32) -> Duration {
     cluster.procs[0].signal(Signal::SIGKILL);
     let _ = cluster.procs[0].child.wait();
     // Fill the database the way the dispatcher would.
+    // The dispatcher may have died before making its state directory.
+    std::fs::create_dir_all(cluster.state()).unwrap();
     let db = Db::open(&cluster.state().join("kiln.db")).unwrap();
     let mut state = State::default();
     state.register("runner", 1, 1, &[], &[]);
@@ -79,7 +81,12 @@ fn restart(commits: u32, tests: u32) -> Duration {
         if out.status.success() {
             break start.elapsed();
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            cluster.logs()
+        );
     }
 }
 

@@ -158,7 +158,7 @@ async fn run_plugins(a: &RunArgs, mut each: impl FnMut(&TestResult)) -> anyhow::
             host.load_file(&path).with_context(|| format!("cannot load the plugin {}", path.display()))?;
         }
     }
-    let files = list_test_files(&a.dir)
+    let files = kiln_plugin_host::test_files(&a.dir)
         .with_context(|| format!("cannot list the files under {}", a.dir.join("tests").display()))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let run = async move {
@@ -191,36 +191,6 @@ fn wasm_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .collect();
     paths.sort();
     Ok(paths)
-}
-
-/// The regular files under `root/tests`, as sorted repository-relative `/`
-/// paths: what a runner gives the plugin host (kiln-runner's job.rs lists
-/// them the same way). Symbolic links are not followed.
-fn list_test_files(root: &Path) -> std::io::Result<Vec<String>> {
-    let mut files = Vec::new();
-    let mut stack = vec![root.join("tests")];
-    while let Some(dir) = stack.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let entry = entry?;
-            let kind = entry.file_type()?;
-            let path = entry.path();
-            if kind.is_dir() {
-                stack.push(path);
-            } else if kind.is_file()
-                && let Ok(rel) = path.strip_prefix(root)
-                && let Some(rel) = rel.to_str()
-            {
-                files.push(rel.replace(std::path::MAIN_SEPARATOR, "/"));
-            }
-        }
-    }
-    files.sort();
-    Ok(files)
 }
 
 /// One result for a terminal: outcome, id and duration, then the end of a
@@ -407,15 +377,6 @@ mod tests {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, content).unwrap();
         }
-    }
-
-    #[test]
-    fn lists_the_files_under_tests_as_a_runner_does() {
-        let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), &[("tests/test_b.py", ""), ("tests/sub/test_a.py", ""), ("src/x.py", "")]);
-        std::os::unix::fs::symlink("/etc", dir.path().join("tests/escape")).unwrap();
-        assert_eq!(list_test_files(dir.path()).unwrap(), ["tests/sub/test_a.py", "tests/test_b.py"]);
-        assert!(list_test_files(&dir.path().join("src")).unwrap().is_empty());
     }
 
     #[tokio::test]
