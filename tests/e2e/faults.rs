@@ -51,7 +51,10 @@ fn a_runner_stopped_past_its_lease_is_replaced_and_its_late_work_rejected() {
     let commit = repo.commit("slow suite");
     let sleeper = cluster.runner("runner-1");
     cluster.observer("observer", &repo.path, "200ms");
-    cluster.wait_stored(&commit, "running on runner-1", |r| r.runner.as_deref() == Some("runner-1"));
+    // Past the source fetch, with results stored: the runner holds real work.
+    cluster.wait_stored(&commit, "partly done by runner-1", |r| {
+        r.runner.as_deref() == Some("runner-1") && !r.tests.is_empty()
+    });
     cluster.procs[sleeper].signal(Signal::SIGSTOP);
     cluster.runner("runner-2");
     let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
@@ -68,7 +71,8 @@ fn a_runner_stopped_past_its_lease_is_replaced_and_its_late_work_rejected() {
 #[test]
 fn a_killed_dispatcher_resumes_its_queue_and_running_work() {
     let mut cluster = Cluster::start();
-    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(4, 2, 250)));
+    // Slow enough (about 5 s) that the first commit is still running at the kill.
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(4, 2, 600)));
     let first = repo.commit("first");
     cluster.runner("runner-1");
     let observer = cluster.observer_with("observer", &repo.path, "200ms", &["--mode", "every"]);
@@ -90,7 +94,8 @@ fn a_killed_dispatcher_resumes_its_queue_and_running_work() {
     assert!(log.contains("resumed from the state database"), "{log}");
     // The runner kept working through the restart and its attempt was accepted:
     // the first commit was never handed out again.
-    assert!(log.contains("resumed") && log.contains(first.as_str()), "{}", cluster.logs());
+    let resumed = log.lines().any(|l| l.contains(": resumed job=") && l.contains(first.as_str()));
+    assert!(resumed, "{}", cluster.logs());
     assert!(!log.lines().any(|l| l.contains("assigned") && l.contains("attempt=2")), "{}", cluster.logs());
 }
 
@@ -208,7 +213,10 @@ fn a_runner_cut_off_from_the_network_is_replaced_and_its_late_work_rejected() {
     let commit = repo.commit("slow suite");
     let remote = cluster.runner_in(&ns.name, "remote", &format!("{}:{port}", ns.host_ip));
     cluster.observer("observer", &repo.path, "200ms");
-    cluster.wait_stored(&commit, "running on the remote runner", |r| r.runner.as_deref() == Some("remote"));
+    // Past the source fetch, with results stored: the runner holds real work.
+    cluster.wait_stored(&commit, "partly done by the remote runner", |r| {
+        r.runner.as_deref() == Some("remote") && !r.tests.is_empty()
+    });
 
     ns.link(false);
     let cut = Instant::now();

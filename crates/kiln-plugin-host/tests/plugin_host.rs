@@ -656,6 +656,13 @@ async fn a_misbehaving_plugin_becomes_errors_and_the_host_keeps_serving() {
     check(&results, "misbehave/panic", Outcome::Error, "plugin misbehaving crashed");
     check(&results, "misbehave/panic", Outcome::Error, "deliberate panic in the misbehaving plugin");
 
+    // A flood of output stays bounded: whether the plugin gets to report its
+    // 4 MiB message or runs out of time printing 64 MiB, what is kept is small.
+    let results = run(&host, dir.path(), &files(&["flood"])).await;
+    let flood = &results["misbehave/flood"];
+    assert!(matches!(flood.outcome, Outcome::Fail | Outcome::Error), "{:?}", flood.outcome);
+    assert!(flood.message.len() <= 65 * 1024, "kept {} bytes", flood.message.len());
+
     let results = run(&host, dir.path(), &files(&["refuse"])).await;
     check(&results, "misbehave/refuse", Outcome::Error, "could not run these tests: deliberately refusing");
 

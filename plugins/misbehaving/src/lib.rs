@@ -42,6 +42,15 @@ impl Executor for Misbehaving {
                     report(&file, Outcome::Pass, "first");
                     (Outcome::Fail, "second".to_owned())
                 }
+                "flood" => {
+                    // 64 MiB on stdout and a 4 MiB failure message: the host
+                    // must keep only bounded amounts of either.
+                    let line = "x".repeat(1 << 20);
+                    for _ in 0..64 {
+                        println!("{line}");
+                    }
+                    (Outcome::Fail, "y".repeat(4 << 20))
+                }
                 "ok" | "after" => (Outcome::Pass, String::new()),
                 other => (Outcome::Error, format!("unknown action `{other}`")),
             };
