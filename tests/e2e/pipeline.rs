@@ -67,6 +67,8 @@ fn a_commit_flows_to_stored_per_test_results_and_a_fix_is_picked_up_by_polling()
     let stored = cluster.dir.path().join(format!("state/results/{first}.json"));
     let on_disk: CommitReport = serde_json::from_slice(&std::fs::read(&stored).expect("results file")).expect("json");
     assert_eq!(on_disk, report);
+    let junit = std::fs::read_to_string(stored.with_extension("xml")).expect("JUnit file");
+    assert!(junit.contains(r#"tests="8" failures="2" errors="2" skipped="2""#), "{junit}");
 
     // `kiln results` in text form exits 1 for a failed commit.
     let text = kiln()
