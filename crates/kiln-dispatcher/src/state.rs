@@ -4,8 +4,9 @@
 //! server persists what changed after each call.
 //!
 //! Each commit has one job. Invariants:
-//! - a commit that is not final is queued, or leased to exactly one runner
-//!   connection, never both;
+//! - a commit that is not final is queued, or leased to exactly one runner,
+//!   never both; a lease belongs to that runner's connection, except one
+//!   restored after a restart, which waits for its runner to claim it;
 //! - an event is accepted only from the connection holding the job's current
 //!   attempt (the fencing token), so a late or replaced runner can never
 //!   overwrite newer work; a lease restored after a restart belongs to no

@@ -149,6 +149,32 @@ pub fn checkout_path(file: &str) -> PathBuf {
     Path::new(CHECKOUT).join(file)
 }
 
+/// At most `max` bytes from the start of `text`, cut on a character
+/// boundary and marked with `...`: for quoting program output in messages.
+pub fn head(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// At most `max` bytes from the end of `text`, cut on a character boundary
+/// and marked with `...`: the end of stderr is where a failure is explained.
+pub fn tail(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("...{}", &text[start..])
+}
+
 /// Milliseconds since `started`, saturating, for [`TestResult::duration_ms`].
 pub fn elapsed_ms(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)

@@ -8,6 +8,7 @@
 //! which test was running when the process died and which had started, so
 //! the plugin can run the remaining ones in a fresh interpreter.
 
+use kiln_plugin_sdk::{head, tail};
 use serde::Deserialize;
 
 /// How a test ended, as the driver spells it.
@@ -112,7 +113,7 @@ pub fn interpret(module: &str, stdout: &[u8], stderr: &[u8], exit: &Exit) -> Int
             Err(_) => {
                 bad_lines += 1;
                 if bad_line.is_none() {
-                    bad_line = Some(prefix(&String::from_utf8_lossy(line), BAD_LINE_PREFIX));
+                    bad_line = Some(head(&String::from_utf8_lossy(line), BAD_LINE_PREFIX));
                 }
             }
         }
@@ -150,7 +151,7 @@ pub fn interpret(module: &str, stdout: &[u8], stderr: &[u8], exit: &Exit) -> Int
     if stderr.is_empty() {
         message.push_str("\n\nIt wrote nothing to stderr.");
     } else {
-        message.push_str(&format!("\n\nThe end of its stderr:\n{}", suffix(stderr, STDERR_TAIL)));
+        message.push_str(&format!("\n\nThe end of its stderr:\n{}", tail(stderr, STDERR_TAIL)));
     }
     reports.push(Report {
         id: running.clone().unwrap_or_else(|| module.to_owned()),
@@ -163,30 +164,6 @@ pub fn interpret(module: &str, stdout: &[u8], stderr: &[u8], exit: &Exit) -> Int
 
 fn seconds(ms: u64) -> String {
     format!("{}.{:01} s", ms / 1000, (ms % 1000) / 100)
-}
-
-/// At most `max` bytes from the start of `text`, on a character boundary.
-fn prefix(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &text[..end])
-}
-
-/// At most `max` bytes from the end of `text`, on a character boundary.
-fn suffix(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut start = text.len() - max;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("...{}", &text[start..])
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ impl Executor for Tap {
                 kiln_plugin_sdk::report(&TestResult {
                     id: report.id,
                     file: file.clone(),
-                    outcome: outcome(report.outcome),
+                    outcome: report.outcome,
                     duration_ms: report.duration_ms,
                     message: report.message,
                 });
@@ -73,9 +73,8 @@ impl Executor for Tap {
 
 /// Runs one script and reads its TAP.
 fn run_script(file: &str) -> Vec<parse::Report> {
-    let error = |message: String| {
-        vec![parse::Report { id: file.to_owned(), outcome: parse::Outcome::Error, duration_ms: 0, message }]
-    };
+    let error =
+        |message: String| vec![parse::Report { id: file.to_owned(), outcome: Outcome::Error, duration_ms: 0, message }];
     let interpreter = match read_head(file)
         .map_err(|e| format!("Could not read it: {e}."))
         .and_then(|head| shebang::interpreter(&head).map_err(|why| format!("It cannot be run: {why}.")))
@@ -110,15 +109,4 @@ fn read_head(file: &str) -> std::io::Result<Vec<u8>> {
     let mut head = Vec::new();
     std::fs::File::open(checkout_path(file))?.take(HEAD_BYTES).read_to_end(&mut head)?;
     Ok(head)
-}
-
-fn outcome(outcome: parse::Outcome) -> Outcome {
-    match outcome {
-        parse::Outcome::Pass => Outcome::Pass,
-        parse::Outcome::Fail => Outcome::Fail,
-        parse::Outcome::Error => Outcome::Error,
-        parse::Outcome::Skip => Outcome::Skip,
-        parse::Outcome::Xfail => Outcome::Xfail,
-        parse::Outcome::Xpass => Outcome::Xpass,
-    }
 }

@@ -30,22 +30,8 @@
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
-/// How a test ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// `ok`.
-    Pass,
-    /// `not ok`.
-    Fail,
-    /// The script broke its TAP contract (see the module docs).
-    Error,
-    /// `# SKIP`, or a plan of `1..0`.
-    Skip,
-    /// `not ok # TODO`: an expected failure.
-    Xfail,
-    /// `ok # TODO`: a test expected to fail passed.
-    Xpass,
-}
+pub use kiln_plugin_sdk::Outcome;
+use kiln_plugin_sdk::tail;
 
 /// One result, before the plugin adds the file and reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,7 +252,7 @@ pub fn interpret(file: &str, stdout: &[u8], stderr: &[u8], exit: &Exit) -> Vec<R
     if stderr.is_empty() {
         message.push_str("\n\nIt wrote nothing to stderr.");
     } else {
-        let _ = write!(message, "\n\nThe end of its stderr:\n{}", suffix(stderr, STDERR_TAIL));
+        let _ = write!(message, "\n\nThe end of its stderr:\n{}", tail(stderr, STDERR_TAIL));
     }
     reports.push(Report { id: file.to_owned(), outcome: Outcome::Error, duration_ms: exit.elapsed_ms, message });
     reports
@@ -405,18 +391,6 @@ fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> 
 
 fn seconds(ms: u64) -> String {
     format!("{}.{:01} s", ms / 1000, (ms % 1000) / 100)
-}
-
-/// At most `max` bytes from the end of `text`, on a character boundary.
-fn suffix(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut start = text.len() - max;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("...{}", &text[start..])
 }
 
 #[cfg(test)]
