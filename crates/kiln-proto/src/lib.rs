@@ -5,10 +5,12 @@
 //! Keeping these free of sockets and files means the protocol can be tested
 //! as plain data in, data out, and every process links the same definitions.
 
+pub mod escape;
 pub mod frame;
 pub mod model;
 pub mod wire;
 
+pub use escape::{Escaped, escaped};
 pub use frame::{FrameError, MAX_FRAME_LEN};
 pub use model::{CommitId, CommitReport, CommitStatus, Counts, Outcome, Role, TestResult};
 

@@ -1,0 +1,64 @@
+//! Text from outside the process (file names, repository names, test ids,
+//! anything a peer sent) made safe to put in a log line: [`Escaped`] shows
+//! control characters as escapes, so a value can never end a log line early
+//! and forge the next one, or move the terminal's cursor.
+
+use std::fmt;
+
+/// Displays a string with every control character (newline, carriage
+/// return, escape, …) and every bidirectional-override character written
+/// as a Rust-style escape (`\n`, `\u{1b}`, `\u{202e}`); everything else is
+/// shown as is. Use it for every outside value in a log line:
+/// `info!(file = %Escaped(&name), "…")`.
+#[derive(Clone, Copy, Debug)]
+pub struct Escaped<'a>(pub &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        // Write runs of harmless characters in one go; escape the others.
+        while let Some((at, c)) = rest.char_indices().find(|&(_, c)| needs_escape(c)) {
+            f.write_str(&rest[..at])?;
+            write!(f, "{}", c.escape_default())?;
+            rest = &rest[at + c.len_utf8()..];
+        }
+        f.write_str(rest)
+    }
+}
+
+/// Characters that change how a log line reads beyond their own glyph.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        // Bidirectional embeddings, overrides and isolates reorder what follows them.
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        // Line and paragraph separators end a line in some viewers.
+        || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// Shorthand for `Escaped(s).to_string()`, for values kept in error messages.
+pub fn escaped(s: &str) -> String {
+    Escaped(s).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_become_escapes_and_nothing_else_changes() {
+        assert_eq!(escaped("tests/test_a.py"), "tests/test_a.py");
+        assert_eq!(escaped("häßlich ✓ 名前"), "häßlich ✓ 名前");
+        assert_eq!(escaped("a.py\n2026-12-01T00:00:00Z  INFO forged"), "a.py\\n2026-12-01T00:00:00Z  INFO forged");
+        assert_eq!(escaped("\r\t\x1b[31m\0"), "\\r\\t\\u{1b}[31m\\u{0}");
+        assert_eq!(escaped("x\u{202e}y\u{2028}"), "x\\u{202e}y\\u{2028}");
+        assert_eq!(escaped(""), "");
+    }
+
+    #[test]
+    fn no_escaped_value_contains_a_line_break() {
+        for c in (0..=0x3000u32).filter_map(char::from_u32) {
+            let shown = escaped(&format!("a{c}b"));
+            assert!(!shown.contains(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}']), "{c:?} -> {shown:?}");
+        }
+    }
+}
