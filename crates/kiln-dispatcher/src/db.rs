@@ -1,6 +1,6 @@
 //! The dispatcher's durable state: an SQLite database (WAL) in the state
 //! directory holding every commit, its job's attempt counter, its per-test
-//! results and its finished files.
+//! results and its finished files, and which observer owns each repository.
 //!
 //! The in-memory [`State`](crate::state::State) decides; this module records
 //! each decision before the dispatcher acts on it, under the same lock, so a
@@ -45,6 +45,12 @@ CREATE TABLE IF NOT EXISTS done_files (
     file      TEXT NOT NULL,
     PRIMARY KEY (commit_id, file)
 );
+-- Which observer identity each repository belongs to: the first to submit it.
+CREATE TABLE IF NOT EXISTS repo_owners (
+    repo        TEXT PRIMARY KEY,
+    observer    TEXT NOT NULL,
+    bound_at_ms INTEGER NOT NULL
+);
 ";
 
 /// The schema version this code writes (SQLite's `user_version`).
@@ -62,6 +68,9 @@ pub enum DbError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The database file's mode could not be made `0600`.
+    #[error("make the state database private")]
+    Private(#[from] crate::private::PrivateError),
     /// The database holds something this version cannot read.
     #[error("the state database {path} is unreadable: {reason}")]
     Corrupt {
@@ -81,8 +90,19 @@ pub struct Db {
 
 impl Db {
     /// Opens (creating if needed) the database at `path`.
+    ///
+    /// The database is `0600`: SQLite gives its `-wal` and `-shm` files the
+    /// mode of the database file, so they are private too.
     pub fn open(path: &Path) -> Result<Db, DbError> {
         let err = |source| DbError::Sqlite { path: path.to_owned(), source };
+        if !path.exists() {
+            crate::private::create_file(path).map_err(|e| crate::private::PrivateError::io("create", path, e))?;
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            crate::private::tighten(Path::new(&file), crate::private::FILE_MODE)?;
+        }
         let conn = Connection::open(path).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
@@ -256,6 +276,24 @@ impl Db {
         Ok(())
     }
 
+    /// Every repository's owner, as bound by its first submission.
+    pub fn load_owners(&self) -> Result<Vec<(String, String)>, DbError> {
+        let mut stmt = self.conn.prepare("SELECT repo, observer FROM repo_owners").map_err(self.err())?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    /// Records that `repo` belongs to `observer`; a repository already bound keeps its owner.
+    pub fn bind_owner(&self, repo: &str, observer: &str, now_ms: u64) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO repo_owners (repo, observer, bound_at_ms) VALUES (?1, ?2, ?3)",
+                params![repo, observer, now_ms as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
     /// Whether the database knows the commit (for tests and diagnostics).
     pub fn has_commit(&self, commit: &CommitId) -> Result<bool, DbError> {
         self.conn
@@ -279,7 +317,7 @@ mod tests {
         let path = dir.path().join("kiln.db");
         let commit: CommitId = "0123456789abcdef0123456789abcdef01234567".parse().unwrap();
         let mut state = State::default();
-        state.submit("repo", "main", commit, Supersede::Nothing, 5).unwrap();
+        state.submit("repo", "main", commit, Supersede::Nothing, |_| true, 5).unwrap();
         state.register("r", 1, 1, &[], &["network isolation: NO".to_owned()]);
         let d = state.assign().remove(0).assignment;
         let t = TestResult {
@@ -309,6 +347,27 @@ mod tests {
         assert_eq!(e.warnings, vec!["sandbox on r: network isolation: NO".to_owned()]);
         assert_eq!(e.tests.values().cloned().collect::<Vec<_>>(), vec![t], "the first result wins");
         assert_eq!(e.done_files.iter().cloned().collect::<Vec<_>>(), vec!["tests/test_a.py".to_owned()]);
+    }
+
+    #[test]
+    fn repository_owners_survive_a_reopen_and_the_first_binding_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        {
+            let db = Db::open(&path).unwrap();
+            db.bind_owner("/srv/git/a", "watcher", 1).unwrap();
+            db.bind_owner("/srv/git/a", "intruder", 2).unwrap();
+            db.bind_owner("/srv/git/b\nINFO forged", "other", 3).unwrap();
+        }
+        let mut owners = Db::open(&path).unwrap().load_owners().unwrap();
+        owners.sort();
+        assert_eq!(
+            owners,
+            vec![
+                ("/srv/git/a".to_owned(), "watcher".to_owned()),
+                ("/srv/git/b\nINFO forged".to_owned(), "other".to_owned())
+            ]
+        );
     }
 
     #[test]

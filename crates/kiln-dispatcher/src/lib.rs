@@ -8,9 +8,11 @@
 //!
 //! Layout: [`state`] is the scheduling state machine (no I/O); [`db`] makes
 //! it durable (SQLite); [`results`] is the results directory; [`server`] owns
-//! sockets, tasks and the mirror.
+//! sockets, tasks and the mirror; [`private`] keeps the state directory's
+//! files readable by the dispatcher's user only.
 
 pub mod db;
+pub mod private;
 pub mod results;
 pub mod server;
 pub mod state;

@@ -9,6 +9,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use kiln_proto::{CommitReport, Outcome};
@@ -36,8 +37,31 @@ pub struct ResultsDir {
 
 impl ResultsDir {
     /// Opens (creating if needed) the results directory.
+    /// The directory is `0700` and every file in it `0600`; an older
+    /// Kiln's looser modes are tightened here.
     pub fn open(dir: &Path) -> Result<ResultsDir, ResultsError> {
         fs::create_dir_all(dir).map_err(err("create directory", dir))?;
+        let private = |e: crate::private::PrivateError| ResultsError {
+            action: "make private",
+            path: dir.to_owned(),
+            source: std::io::Error::other(kiln_proto::error_chain(&e)),
+        };
+        crate::private::tighten(dir, crate::private::DIR_MODE).map_err(private)?;
+        let mut loose = 0;
+        for entry in fs::read_dir(dir).map_err(err("list", dir))? {
+            let path = entry.map_err(err("list", dir))?.path();
+            let mode = fs::symlink_metadata(&path).map(|m| m.is_file().then(|| m.permissions().mode() & 0o7777));
+            if let Ok(Some(mode)) = mode
+                && mode != crate::private::FILE_MODE
+            {
+                fs::set_permissions(&path, fs::Permissions::from_mode(crate::private::FILE_MODE))
+                    .map_err(err("set the mode of", &path))?;
+                loose += 1;
+            }
+        }
+        if loose > 0 {
+            tracing::info!(dir = %dir.display(), files = loose, "tightened the permissions of result files to 0600");
+        }
         Ok(ResultsDir { dir: dir.to_owned() })
     }
 
@@ -61,7 +85,9 @@ impl ResultsDir {
     fn replace(&self, path: &Path, bytes: &[u8]) -> Result<(), ResultsError> {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = self.dir.join(format!(".{name}.tmp"));
-        let mut file = fs::File::create(&tmp).map_err(err("create", &tmp))?;
+        // A leftover from a crash keeps its old mode when opened: start afresh.
+        let _ = fs::remove_file(&tmp);
+        let mut file = crate::private::create_file(&tmp).map_err(err("create", &tmp))?;
         file.write_all(bytes).map_err(err("write", &tmp))?;
         file.sync_all().map_err(err("sync", &tmp))?;
         fs::rename(&tmp, path).map_err(err("rename into place", path))

@@ -10,15 +10,15 @@
 //! Every decision is made by [`State`] and written to the [`Db`] under one
 //! lock before anyone is told about it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_git::ObjectStore;
 use kiln_net::{CloseCode, Connection, FramedError, Listener, PeerIdentity, RecvStream, SendStream};
-use kiln_proto::wire::{Assignment, Control, Held, JobEvent, Registration, Reply, Request, Supersede};
-use kiln_proto::{CommitId, CommitReport, CommitStatus, Role, error_chain};
+use kiln_proto::wire::{Assignment, Control, Held, JobEvent, NameInUse, Registration, Reply, Request, Supersede};
+use kiln_proto::{CommitId, CommitReport, CommitStatus, Escaped, Role, error_chain};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,7 +26,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::db::{Db, DbError};
 use crate::results::ResultsDir;
-use crate::state::{ConnId, Dispatch, State, Stopped};
+use crate::state::{ConnId, Dispatch, SourceRefusal, State, Stopped};
 
 /// How long a peer may take to send the first frame of a stream it opened.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,6 +47,9 @@ pub struct Config {
     /// After a restart, how long runners have to reconnect and claim the
     /// work they were doing before it is handed to others.
     pub resume_grace: Duration,
+    /// Repository → observer name, set by the operator (`--repo-owner`):
+    /// these win over the binding the first submission makes.
+    pub repo_owners: Vec<(String, String)>,
 }
 
 /// Why the dispatcher could not start.
@@ -61,6 +64,9 @@ pub enum StartError {
     /// The state database is unusable.
     #[error("open the state database")]
     Db(#[from] DbError),
+    /// The state directory cannot be made private.
+    #[error("make the state directory private")]
+    Private(#[from] crate::private::PrivateError),
 }
 
 /// Why a stream's exchange ended badly.
@@ -101,17 +107,25 @@ impl Core {
         if let Some(entry) = self.state.entry(commit)
             && let Err(e) = self.db.save_commit(entry)
         {
-            error!("cannot record {commit} in the state database: {}", error_chain(&e));
+            error!("cannot record {commit} in the state database: {}", Escaped(&error_chain(&e)));
         }
     }
+}
+
+/// A registered runner's connection.
+struct RunnerConn {
+    conn: Connection,
+    /// When it registered (Unix ms), to tell a second runner with the same name.
+    since_ms: u64,
 }
 
 /// The running dispatcher.
 pub struct Dispatcher {
     /// Queue, leases, results, and their durable record.
     core: Mutex<Core>,
-    /// Open runner connections by id, to open assignment streams on.
-    runners: Mutex<HashMap<ConnId, Connection>>,
+    /// Registered runner connections by id, to open assignment streams on.
+    /// Locked after `core` when both are held.
+    runners: Mutex<HashMap<ConnId, RunnerConn>>,
     /// Running assignments by job id: cancelling the token tells the runner to stop.
     running: Mutex<HashMap<u64, (u32, CancellationToken)>>,
     /// The bare git mirror's path; opened per operation on a blocking thread.
@@ -127,11 +141,15 @@ impl Dispatcher {
     /// Opens the state directory and serves `listener` until `shutdown` is
     /// cancelled; then closes every connection and waits for its tasks.
     pub async fn run(listener: Listener, config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+        // Results, database and mirror are nobody else's business.
+        crate::private::dir(&config.state_dir)?;
         let results = ResultsDir::open(&config.state_dir.join("results"))?;
         let mirror = config.state_dir.join("mirror.git");
         ObjectStore::open_or_init_bare(&mirror)?;
         let db = Db::open(&config.state_dir.join("kiln.db"))?;
         let mut state = State::default();
+        state.restore_owners(db.load_owners()?);
+        state.pin_owners(config.repo_owners.iter().cloned());
         let entries = db.load()?;
         let (restored, unfinished) = (entries.len(), entries.iter().filter(|e| !e.status.is_final()).count());
         state.restore(entries);
@@ -159,7 +177,7 @@ impl Dispatcher {
                 let path = results.path_of(&report);
                 match tokio::task::spawn_blocking(move || results.write(&report)).await {
                     Ok(Ok(())) => debug!(path = %path.display(), "results written"),
-                    Ok(Err(e)) => warn!("failed to write results: {}", error_chain(&e)),
+                    Ok(Err(e)) => warn!("failed to write results: {}", Escaped(&error_chain(&e))),
                     Err(e) => warn!("results writer failed: {e}"),
                 }
             }
@@ -223,12 +241,12 @@ impl Dispatcher {
         let conn = match Listener::handshake(incoming).await {
             Ok(conn) => conn,
             Err(reason) => {
-                warn!(%remote, "handshake failed: {reason}");
+                warn!(%remote, "handshake failed: {}", Escaped(&reason));
                 return;
             }
         };
         let Some(peer) = conn.identity().cloned() else { return };
-        let span = info_span!("peer", peer = %peer, %remote);
+        let span = info_span!("peer", peer = %Escaped(&peer.to_string()), %remote);
         async move {
             info!("connected");
             let id = conn.stable_id();
@@ -248,7 +266,7 @@ impl Dispatcher {
                 }
             }
             let reason = conn.close_reason().unwrap_or_else(|| "shutdown".to_owned());
-            info!("disconnected: {reason}");
+            info!("disconnected: {}", Escaped(&reason));
             if peer.role == Role::Runner {
                 self.runner_gone(&peer.name, id);
             }
@@ -272,14 +290,14 @@ impl Dispatcher {
         match self.handle_request(&conn, &peer, send, recv).await {
             Ok(()) => {}
             Err(StreamError::Protocol(reason)) => {
-                warn!("protocol violation, closing connection: {reason}");
+                warn!("protocol violation, closing connection: {}", Escaped(&reason));
                 conn.close(CloseCode::Protocol, &reason);
             }
             Err(StreamError::Unauthorized(reason)) => {
-                warn!("unauthorized request, closing connection: {reason}");
+                warn!("unauthorized request, closing connection: {}", Escaped(&reason));
                 conn.close(CloseCode::Unauthorized, &reason);
             }
-            Err(StreamError::Failed(reason)) => debug!("stream ended: {reason}"),
+            Err(StreamError::Failed(reason)) => debug!("stream ended: {}", Escaped(&reason)),
         }
     }
 
@@ -287,7 +305,7 @@ impl Dispatcher {
         self: &Arc<Self>,
         conn: &Connection,
         peer: &PeerIdentity,
-        mut send: SendStream,
+        send: SendStream,
         mut recv: RecvStream,
     ) -> Result<(), StreamError> {
         let request: Request = tokio::time::timeout(REQUEST_TIMEOUT, recv.expect())
@@ -303,23 +321,27 @@ impl Dispatcher {
             Request::Cancel { .. } => (Role::Admin, "cancel commits"),
         };
         if peer.role != allowed {
-            let reason = format!("{peer} may not {what}: that needs the {allowed} role");
-            // Say why before closing; the peer may or may not read it.
-            let _ = send.send(&Reply::Refused(reason.clone())).await;
-            send.finish();
-            return Err(StreamError::Unauthorized(reason));
+            return refuse(send, format!("{peer} may not {what}: that needs the {allowed} role")).await;
         }
         match request {
             Request::Register(registration) => self.register(conn, peer, send, recv, registration).await,
             Request::Resume(held) => self.resume(conn, peer, send, recv, held).await,
             Request::Submit { repo, branch, commit, supersede } => {
-                self.submit(send, recv, repo, branch, commit, supersede).await
+                self.submit(peer, send, recv, Submission { repo, branch, commit, supersede }).await
             }
             Request::BranchTip { repo, branch } => {
-                let tip = self.core().state.branch_tip(&repo, &branch);
-                reply(send, Reply::Tip(tip)).await
+                let tip = {
+                    let core = self.core();
+                    core.state.may_read_repo(&repo, &peer.name).map(|()| core.state.branch_tip(&repo, &branch))
+                };
+                match tip {
+                    Ok(tip) => reply(send, Reply::Tip(tip)).await,
+                    Err(refused) => refuse(send, refused.to_string()).await,
+                }
             }
-            Request::FetchSource { commit, haves } => self.fetch_source(send, commit, haves).await,
+            Request::FetchSource { lease, commit, haves } => {
+                self.fetch_source(conn, peer, send, lease, commit, haves).await
+            }
             Request::GetResults { commit } => {
                 let report = {
                     let core = self.core();
@@ -375,19 +397,45 @@ impl Dispatcher {
     ) -> Result<(), StreamError> {
         let slots = slots.clamp(1, 256);
         let id = conn.stable_id();
-        self.runners.lock().unwrap_or_else(|e| e.into_inner()).insert(id, conn.clone());
-        let (replaced, adopted) = {
+        let registered = {
             let mut core = self.core();
-            let held = &held[..held.len().min(1024)];
-            let gaps: Vec<String> = sandbox_gaps.iter().take(32).map(|g| g.chars().take(512).collect()).collect();
-            let (replaced, adopted) = core.state.register(&peer.name, id, slots, held, &gaps);
-            for job in &adopted {
-                if let Some(commit) = core.state.commit_of(*job) {
-                    info!(job, %commit, "the runner still holds this job; it may resume");
-                    self.persist(&core, &commit);
+            let mut runners = self.runners.lock().unwrap_or_else(|e| e.into_inner());
+            // Two live connections with one name are two runners sharing a
+            // certificate: the registered one keeps the name. A dead one is
+            // replaced (its runner reconnecting); a silent one is declared
+            // dead within the idle timeout, and the newcomer gets in then.
+            let holder = core
+                .state
+                .runner_conn(&peer.name)
+                .filter(|&c| c != id)
+                .and_then(|c| runners.get(&c))
+                .filter(|h| h.conn.close_reason().is_none());
+            match holder {
+                Some(h) => Err(NameInUse {
+                    name: peer.name.clone(),
+                    since_unix_ms: h.since_ms,
+                    address: h.conn.remote_address().to_string(),
+                }),
+                None => {
+                    runners.insert(id, RunnerConn { conn: conn.clone(), since_ms: now_ms() });
+                    drop(runners);
+                    let held = &held[..held.len().min(1024)];
+                    let gaps: Vec<String> =
+                        sandbox_gaps.iter().take(32).map(|g| g.chars().take(512).collect()).collect();
+                    let (replaced, adopted) = core.state.register(&peer.name, id, slots, held, &gaps);
+                    for job in &adopted {
+                        if let Some(commit) = core.state.commit_of(*job) {
+                            info!(job, %commit, "the runner still holds this job; it may resume");
+                            self.persist(&core, &commit);
+                        }
+                    }
+                    Ok((replaced, adopted))
                 }
             }
-            (replaced, adopted)
+        };
+        let (replaced, adopted) = match registered {
+            Ok(r) => r,
+            Err(clash) => return refuse_name(conn, send, clash).await,
         };
         if held.len() > adopted.len() {
             info!(held = held.len(), adopted = adopted.len(), "refusing assignments the runner no longer holds");
@@ -395,7 +443,7 @@ impl Dispatcher {
         if let Some(old) = replaced {
             let old_conn = self.runners.lock().unwrap_or_else(|e| e.into_inner()).remove(&old);
             if let Some(old_conn) = old_conn {
-                old_conn.close(CloseCode::Replaced, "a newer connection registered with this name");
+                old_conn.conn.close(CloseCode::Replaced, "a newer connection registered with this name");
             }
         }
         info!(slots, "runner registered");
@@ -413,15 +461,29 @@ impl Dispatcher {
 
     async fn submit(
         self: &Arc<Self>,
+        peer: &PeerIdentity,
         mut send: SendStream,
         mut recv: RecvStream,
-        repo: String,
-        branch: String,
-        commit: CommitId,
-        supersede: Supersede,
+        Submission { repo, branch, commit, supersede }: Submission,
     ) -> Result<(), StreamError> {
         if repo.len() > 4096 || branch.len() > 1024 {
             return Err(StreamError::Protocol("repository or branch name too long".into()));
+        }
+        // The repository is the first submitter's (or the operator's choice):
+        // nobody else may add to it, or supersede its commits.
+        let claimed = {
+            let mut core = self.core();
+            let claimed = core.state.claim_repo(&repo, &peer.name);
+            if claimed == Ok(true) {
+                info!(repo = %Escaped(&repo), "repository bound to this observer");
+                if let Err(e) = core.db.bind_owner(&repo, &peer.name, now_ms()) {
+                    error!("cannot record a repository's owner: {}", Escaped(&error_chain(&e)));
+                }
+            }
+            claimed
+        };
+        if let Err(refused) = claimed {
+            return refuse(send, refused.to_string()).await;
         }
         if self.core().state.knows(&commit) {
             return reply(send, Reply::Known).await;
@@ -440,15 +502,41 @@ impl Dispatcher {
                 .map_err(|e| StreamError::Protocol(format!("the pack for {commit} is unusable: {e}")))?;
             debug!(%commit, bytes, "pack stored in the mirror");
         }
+        // A newer commit stops older ones only if it descends from them: a
+        // rewritten or unrelated history never cancels work.
+        let candidates = self.core().state.supersede_candidates(&repo, &branch, supersede);
+        let descends: HashSet<CommitId> = if candidates.is_empty() {
+            HashSet::new()
+        } else {
+            let mirror = self.mirror.clone();
+            let older = candidates.clone();
+            blocking(move || {
+                let store = ObjectStore::open(&mirror)?;
+                Ok(older
+                    .into_iter()
+                    .filter(|old| match store.is_ancestor(old, &commit) {
+                        Ok(yes) => yes,
+                        Err(e) => {
+                            warn!(%old, "cannot tell whether {commit} descends from it: {}", Escaped(&error_chain(&e)));
+                            false
+                        }
+                    })
+                    .collect())
+            })
+            .await?
+        };
         let stopped = {
             let mut core = self.core();
-            let result = core.state.submit(&repo, &branch, commit, supersede, now_ms());
+            let result = core.state.submit(&repo, &branch, commit, supersede, |c| descends.contains(c), now_ms());
             if let Some(stopped) = &result {
-                info!(%commit, %repo, %branch, "commit queued");
+                info!(%commit, repo = %Escaped(&repo), branch = %Escaped(&branch), "commit queued");
                 self.persist(&core, &commit);
                 for s in stopped {
                     info!(commit = %s.commit, by = %commit, "superseded");
                     self.persist(&core, &s.commit);
+                }
+                for old in candidates.iter().filter(|c| !descends.contains(c)) {
+                    info!(commit = %old, by = %commit, "not superseded: the new commit does not descend from it");
                 }
             }
             result.unwrap_or_default()
@@ -460,16 +548,30 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Sends a commit's source to the runner holding a lease on it, and to
+    /// nobody else.
     async fn fetch_source(
         self: &Arc<Self>,
+        conn: &Connection,
+        peer: &PeerIdentity,
         mut send: SendStream,
+        lease: Held,
         commit: CommitId,
         haves: Vec<CommitId>,
     ) -> Result<(), StreamError> {
-        if !self.core().state.knows(&commit) {
-            let reason = format!("commit {commit} was never submitted");
-            reply(send, Reply::Refused(reason.clone())).await?;
-            return Err(StreamError::Failed(reason));
+        let access = self.core().state.source_access(lease, &commit, conn.stable_id(), &peer.name);
+        match access {
+            Ok(()) => {}
+            // The lease ended while the runner was about to fetch: a race, not an attack.
+            Err(ended @ SourceRefusal::Ended { .. }) => {
+                let reason = ended.to_string();
+                info!(job = lease.job, attempt = lease.attempt, %commit, "refused the source of a job that has ended");
+                reply(send, Reply::Refused(reason.clone())).await?;
+                return Err(StreamError::Failed(reason));
+            }
+            Err(refused) => {
+                return refuse(send, format!("{peer} may not fetch the source of {commit}: {refused}")).await;
+            }
         }
         let haves: Vec<CommitId> = haves.into_iter().take(256).collect();
         let mirror = self.mirror.clone();
@@ -493,7 +595,7 @@ impl Dispatcher {
             dispatches
         };
         for d in dispatches {
-            let conn = self.runners.lock().unwrap_or_else(|e| e.into_inner()).get(&d.conn).cloned();
+            let conn = self.runners.lock().unwrap_or_else(|e| e.into_inner()).get(&d.conn).map(|r| r.conn.clone());
             let Some(conn) = conn else {
                 let mut core = self.core();
                 if let Some(commit) = core.state.abandon(d.assignment.job, d.assignment.attempt, d.conn) {
@@ -507,7 +609,8 @@ impl Dispatcher {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(d.assignment.job, (d.assignment.attempt, token.clone()));
             let me = Arc::clone(self);
-            let span = info_span!("job", job = d.assignment.job, attempt = d.assignment.attempt, runner = %d.runner);
+            let a = &d.assignment;
+            let span = info_span!("job", job = a.job, attempt = a.attempt, runner = %Escaped(&d.runner));
             self.tasks.spawn(async move { me.drive(conn, d, token).await }.instrument(span));
         }
     }
@@ -541,7 +644,7 @@ impl Dispatcher {
         };
         let Some(commit) = commit else {
             let reason = format!("job {} attempt {} is no longer yours", held.job, held.attempt);
-            warn!("rejected a late runner's work: {reason}");
+            warn!("rejected a late runner's work: {}", Escaped(&reason));
             return reply(send, Reply::Refused(reason)).await;
         };
         let d = Dispatch {
@@ -570,12 +673,12 @@ impl Dispatcher {
         }
         if let Err(e) = outcome {
             if let StreamError::Protocol(reason) = &e {
-                warn!("protocol violation, closing connection: {reason}");
+                warn!("protocol violation, closing connection: {}", Escaped(reason));
                 conn.close(CloseCode::Protocol, reason);
             }
             let mut core = self.core();
             if let Some(commit) = core.state.abandon(a.job, a.attempt, d.conn) {
-                info!("job requeued: {e}");
+                info!("job requeued: {}", Escaped(&e.to_string()));
                 self.persist(&core, &commit);
             }
         }
@@ -609,7 +712,7 @@ impl Dispatcher {
                         return Ok(());
                     }
                     let reason = format!("the tests ran longer than the job timeout of {:?}", self.config.job_timeout);
-                    warn!(commit = %a.commit, "{reason}");
+                    warn!(commit = %a.commit, "{}", Escaped(&reason));
                     self.stop_for_timeout(&a.commit, reason);
                     continue;
                 }
@@ -628,7 +731,7 @@ impl Dispatcher {
                     let stored = result.clone();
                     core.state.record_test(a.job, a.attempt, d.conn, result).map(|new| {
                         if new && let Err(e) = core.db.insert_test(&commit, &stored) {
-                            error!("cannot record a result: {}", error_chain(&e));
+                            error!(test = %Escaped(&stored.id), "cannot record a result: {}", Escaped(&error_chain(&e)));
                         }
                     })
                 }
@@ -636,8 +739,9 @@ impl Dispatcher {
                     let commit = a.commit;
                     core.state.file_done(a.job, a.attempt, d.conn, file.clone()).map(|new| {
                         if new {
+                            debug!(file = %Escaped(&file), "file done");
                             if let Err(e) = core.db.insert_done_file(&commit, &file) {
-                                error!("cannot record a finished file: {}", error_chain(&e));
+                                error!(file = %Escaped(&file), "cannot record a finished file: {}", Escaped(&error_chain(&e)));
                             }
                             // Progress shows in the results file file by file.
                             self.persist(&core, &commit);
@@ -674,7 +778,7 @@ impl Dispatcher {
                 Ok(()) => {}
                 Err(_) if stopped => {}
                 Err(stale) => {
-                    warn!("rejected an event: {stale}");
+                    warn!("rejected an event: {}", Escaped(&stale.to_string()));
                     return Err(StreamError::Protocol(format!("an event for work this runner does not hold: {stale}")));
                 }
             }
@@ -689,6 +793,41 @@ impl Dispatcher {
             self.tell_stopped(&[stopped]);
         }
     }
+}
+
+/// What an observer submits, as one value.
+struct Submission {
+    repo: String,
+    branch: String,
+    commit: CommitId,
+    supersede: Supersede,
+}
+
+/// Refuses a request the peer may not make: says why, then the connection
+/// is closed as unauthorized.
+async fn refuse(mut send: SendStream, reason: String) -> Result<(), StreamError> {
+    // Say why before closing; the peer may or may not read it.
+    let _ = send.send(&Reply::Refused(reason.clone())).await;
+    send.finish();
+    Err(StreamError::Unauthorized(reason))
+}
+
+/// Tells a second runner with a registered runner's name who holds it, then
+/// closes its connection.
+async fn refuse_name(conn: &Connection, mut send: SendStream, clash: NameInUse) -> Result<(), StreamError> {
+    let age = Duration::from_millis(now_ms().saturating_sub(clash.since_unix_ms));
+    warn!(
+        holder = %Escaped(&clash.address),
+        held_for = ?Duration::from_secs(age.as_secs()),
+        "refused a second connection registering as this runner: the name is in use by another connection"
+    );
+    let reason = format!("the runner name {} is in use by a connection from {}", clash.name, clash.address);
+    let _ = send.send(&Reply::NameInUse(clash)).await;
+    send.finish();
+    // Let the reply arrive before the connection goes.
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    conn.close(CloseCode::Unauthorized, &reason);
+    Ok(())
 }
 
 /// Sends one reply and ends the stream.

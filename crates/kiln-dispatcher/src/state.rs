@@ -12,12 +12,17 @@
 //!   overwrite newer work; a lease restored after a restart belongs to no
 //!   connection until its runner claims it when it registers again;
 //! - a test id is recorded at most once per commit, and a finished file is
-//!   never handed out again.
+//!   never handed out again;
+//! - a commit's source goes only to the connection holding its current lease;
+//! - a repository belongs to one observer identity (the first to submit it,
+//!   unless the operator named its owner); no other identity submits to it,
+//!   reads its branch tips or supersedes its commits;
+//! - a new commit supersedes an older one only if it descends from it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use kiln_proto::wire::{Assignment, Held, Supersede};
-use kiln_proto::{CommitId, CommitReport, CommitStatus, Counts, TestResult};
+use kiln_proto::{CommitId, CommitReport, CommitStatus, Counts, TestResult, escaped};
 
 /// A connection's stable id: a runner that reconnects gets a new one.
 pub type ConnId = usize;
@@ -127,6 +132,49 @@ pub struct State {
     runners: BTreeMap<String, Runner>,
     next_job: u64,
     next_seq: u64,
+    /// Repository → the observer identity it belongs to: bound by the first
+    /// submission (and persisted), or set by the operator (`pinned`, wins).
+    owners: HashMap<String, String>,
+    /// Owners the operator set with `--repo-owner`; never rebound.
+    pinned: HashMap<String, String>,
+}
+
+/// Why an observer may not touch a repository.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("repository {} belongs to observer {}, not {}", escaped(.repo), escaped(.owner), escaped(.asked_by))]
+pub struct NotOwner {
+    /// The repository, as the observer named it.
+    pub repo: String,
+    /// Its owner.
+    pub owner: String,
+    /// Who asked.
+    pub asked_by: String,
+}
+
+/// Why a runner may not have a commit's source.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SourceRefusal {
+    /// The lease was this runner's for this commit and has ended (cancelled,
+    /// superseded, timed out, finished): a race, not an attack.
+    #[error("job {job} attempt {attempt} on {commit} has ended")]
+    Ended {
+        /// The job.
+        job: u64,
+        /// The attempt.
+        attempt: u32,
+        /// The commit asked for.
+        commit: CommitId,
+    },
+    /// The connection holds no such lease on that commit.
+    #[error("this connection holds no lease job {job} attempt {attempt} on {commit}")]
+    NotLeased {
+        /// The job claimed.
+        job: u64,
+        /// The attempt claimed.
+        attempt: u32,
+        /// The commit asked for.
+        commit: CommitId,
+    },
 }
 
 impl State {
@@ -140,28 +188,45 @@ impl State {
         self.commits.get(commit)
     }
 
+    /// The older commits of `repo`'s `branch` that a new commit submitted
+    /// with `supersede` would stop, if it descends from them. The server
+    /// checks ancestry in the git mirror (no I/O here) and passes the answer
+    /// to [`State::submit`].
+    pub fn supersede_candidates(&self, repo: &str, branch: &str, supersede: Supersede) -> Vec<CommitId> {
+        if supersede == Supersede::Nothing {
+            return Vec::new();
+        }
+        self.commits
+            .values()
+            .filter(|e| e.repo == repo && e.branch == branch && !e.status.is_final())
+            .filter(|e| e.status == CommitStatus::Queued || supersede == Supersede::CancelRunning)
+            .map(|e| e.commit)
+            .collect()
+    }
+
     /// Queues a newly seen commit. Returns `None` (and changes nothing) if it
     /// was submitted before: submission is idempotent. Otherwise returns the
-    /// older commits of the same branch that `supersede` stopped.
+    /// older commits of the same branch that `supersede` stopped: only those
+    /// for which `descends_from` says the new commit descends from them, so
+    /// a rewritten or unrelated history never stops work.
     pub fn submit(
         &mut self,
         repo: &str,
         branch: &str,
         commit: CommitId,
         supersede: Supersede,
+        descends_from: impl Fn(&CommitId) -> bool,
         now_ms: u64,
     ) -> Option<Vec<Stopped>> {
         if self.knows(&commit) {
             return None;
         }
         let mut stopped = Vec::new();
-        if supersede != Supersede::Nothing {
+        {
             let older: Vec<CommitId> = self
-                .commits
-                .values()
-                .filter(|e| e.repo == repo && e.branch == branch && !e.status.is_final())
-                .filter(|e| e.status == CommitStatus::Queued || supersede == Supersede::CancelRunning)
-                .map(|e| e.commit)
+                .supersede_candidates(repo, branch, supersede)
+                .into_iter()
+                .filter(|old| descends_from(old))
                 .collect();
             for old in older {
                 let status = if self.commits[&old].status == CommitStatus::Queued {
@@ -479,6 +544,69 @@ impl State {
             .copied()
     }
 
+    /// Whether `conn`, the connection of runner `name`, may have the source
+    /// of `commit` for the assignment `lease`: only if it holds that lease
+    /// now and the lease is on `commit`.
+    pub fn source_access(&self, lease: Held, commit: &CommitId, conn: ConnId, name: &str) -> Result<(), SourceRefusal> {
+        let (job, attempt, commit) = (lease.job, lease.attempt, *commit);
+        let entry = self.jobs.get(&job).filter(|c| **c == commit).and_then(|c| self.commits.get(c));
+        let Some(entry) = entry else { return Err(SourceRefusal::NotLeased { job, attempt, commit }) };
+        if self.holds(job, attempt, conn) {
+            return Ok(());
+        }
+        // `runner` outlives a stopped lease (it is cleared only on requeue).
+        if entry.status.is_final() && entry.attempt == attempt && entry.runner.as_deref() == Some(name) {
+            return Err(SourceRefusal::Ended { job, attempt, commit });
+        }
+        Err(SourceRefusal::NotLeased { job, attempt, commit })
+    }
+
+    /// The connection runner `name` is registered on, if any.
+    pub fn runner_conn(&self, name: &str) -> Option<ConnId> {
+        self.runners.get(name).map(|r| r.conn)
+    }
+
+    /// Sets the owners the operator named; they win over any binding.
+    pub fn pin_owners(&mut self, pinned: impl IntoIterator<Item = (String, String)>) {
+        self.pinned = pinned.into_iter().collect();
+    }
+
+    /// Takes back owner bindings persisted by an earlier dispatcher process.
+    pub fn restore_owners(&mut self, owners: impl IntoIterator<Item = (String, String)>) {
+        self.owners.extend(owners);
+    }
+
+    /// The observer `repo` belongs to, if any.
+    pub fn owner(&self, repo: &str) -> Option<&str> {
+        self.pinned.get(repo).or_else(|| self.owners.get(repo)).map(String::as_str)
+    }
+
+    /// Whether `observer` may submit to `repo`; a repository nobody owns
+    /// yet becomes `observer`'s. Returns `Ok(true)` when this call bound it
+    /// (the server persists the binding).
+    pub fn claim_repo(&mut self, repo: &str, observer: &str) -> Result<bool, NotOwner> {
+        match self.owner(repo) {
+            Some(owner) if owner == observer => Ok(false),
+            Some(owner) => {
+                Err(NotOwner { repo: repo.to_owned(), owner: owner.to_owned(), asked_by: observer.to_owned() })
+            }
+            None => {
+                self.owners.insert(repo.to_owned(), observer.to_owned());
+                Ok(true)
+            }
+        }
+    }
+
+    /// Whether `observer` may read `repo`'s branch tips: unless someone else owns it.
+    pub fn may_read_repo(&self, repo: &str, observer: &str) -> Result<(), NotOwner> {
+        match self.owner(repo) {
+            Some(owner) if owner != observer => {
+                Err(NotOwner { repo: repo.to_owned(), owner: owner.to_owned(), asked_by: observer.to_owned() })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The names of the registered runners and how many jobs each holds.
     pub fn runners(&self) -> Vec<(String, usize)> {
         self.runners.iter().map(|(n, r)| (n.clone(), r.jobs.len())).collect()
@@ -499,14 +627,14 @@ mod tests {
     }
 
     fn submit(s: &mut State, n: u8) {
-        s.submit("repo", "main", commit(n), Supersede::Nothing, u64::from(n)).unwrap();
+        s.submit("repo", "main", commit(n), Supersede::Nothing, |_| true, u64::from(n)).unwrap();
     }
 
     #[test]
     fn submission_is_idempotent() {
         let mut s = State::default();
         submit(&mut s, 1);
-        assert!(s.submit("repo", "main", commit(1), Supersede::Nothing, 11).is_none());
+        assert!(s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, 11).is_none());
         s.register("r1", 1, 4, &[], &[]);
         assert_eq!(s.assign().len(), 1);
         assert!(s.assign().is_empty());
@@ -603,10 +731,10 @@ mod tests {
         submit(&mut s, 1);
         s.register("a", 1, 1, &[], &[]);
         let running = s.assign().remove(0).assignment;
-        s.submit("repo", "main", commit(2), Supersede::Nothing, 2).unwrap();
-        s.submit("repo", "other", commit(3), Supersede::Nothing, 3).unwrap();
+        s.submit("repo", "main", commit(2), Supersede::Nothing, |_| true, 2).unwrap();
+        s.submit("repo", "other", commit(3), Supersede::Nothing, |_| true, 3).unwrap();
         // Latest mode: 1 (running) is cancelled, 2 (queued) skipped, 3 (another branch) untouched.
-        let stopped = s.submit("repo", "main", commit(4), Supersede::CancelRunning, 4).unwrap();
+        let stopped = s.submit("repo", "main", commit(4), Supersede::CancelRunning, |_| true, 4).unwrap();
         assert_eq!(stopped.len(), 2);
         assert!(stopped.contains(&Stopped { commit: commit(1), job: running.job, conn: Some(1) }));
         assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Cancelled);
@@ -619,11 +747,86 @@ mod tests {
         assert_eq!(next, vec![commit(3)]);
         // SkipQueued leaves running work alone.
         let running = s.entry(&commit(3)).unwrap().job;
-        s.submit("repo", "other", commit(5), Supersede::SkipQueued, 5).unwrap();
+        s.submit("repo", "other", commit(5), Supersede::SkipQueued, |_| true, 5).unwrap();
         assert_eq!(s.report(&commit(3)).unwrap().status, CommitStatus::Running);
         assert_eq!(s.entry(&commit(3)).unwrap().job, running);
         assert_eq!(s.branch_tip("repo", "main"), Some(commit(4)));
         assert_eq!(s.branch_tip("repo", "nope"), None);
+    }
+
+    #[test]
+    fn only_descendants_supersede() {
+        let mut s = State::default();
+        submit(&mut s, 1);
+        s.register("a", 1, 1, &[], &[]);
+        s.assign();
+        submit(&mut s, 2);
+        // Commit 3 rewrote history: it descends from neither 1 nor 2.
+        let stopped = s.submit("repo", "main", commit(3), Supersede::CancelRunning, |_| false, 3).unwrap();
+        assert!(stopped.is_empty());
+        assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Running);
+        assert_eq!(s.report(&commit(2)).unwrap().status, CommitStatus::Queued);
+        // Queued ones are candidates even for SkipQueued; the running one only for CancelRunning.
+        let mut skippable = s.supersede_candidates("repo", "main", Supersede::SkipQueued);
+        skippable.sort();
+        assert_eq!(skippable, vec![commit(2), commit(3)]);
+        assert_eq!(s.supersede_candidates("repo", "main", Supersede::CancelRunning).len(), 3);
+        // Commit 4 descends from 1 only: 1 is cancelled, 2 and 3 stay.
+        let stopped = s.submit("repo", "main", commit(4), Supersede::CancelRunning, |c| *c == commit(1), 4).unwrap();
+        assert_eq!(stopped.iter().map(|s| s.commit).collect::<Vec<_>>(), vec![commit(1)]);
+        assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Cancelled);
+        assert_eq!(s.report(&commit(2)).unwrap().status, CommitStatus::Queued);
+        assert!(s.supersede_candidates("repo", "main", Supersede::Nothing).is_empty());
+    }
+
+    #[test]
+    fn a_repository_belongs_to_its_first_submitter_unless_pinned() {
+        let mut s = State::default();
+        assert_eq!(s.claim_repo("/srv/a", "watcher"), Ok(true));
+        assert_eq!(s.claim_repo("/srv/a", "watcher"), Ok(false));
+        let refused = s.claim_repo("/srv/a", "intruder").unwrap_err();
+        assert_eq!(refused.to_string(), "repository /srv/a belongs to observer watcher, not intruder");
+        assert!(s.may_read_repo("/srv/a", "intruder").is_err());
+        assert!(s.may_read_repo("/srv/a", "watcher").is_ok());
+        // Nobody owns it yet: reading binds nothing.
+        assert!(s.may_read_repo("/srv/b", "intruder").is_ok());
+        assert_eq!(s.owner("/srv/b"), None);
+        // The operator's word wins over the first submitter.
+        s.pin_owners([("/srv/a".to_owned(), "intruder".to_owned())]);
+        assert_eq!(s.claim_repo("/srv/a", "intruder"), Ok(false));
+        assert!(s.claim_repo("/srv/a", "watcher").is_err());
+        // Restored bindings hold like new ones; names are escaped in the reason.
+        s.restore_owners([("/srv/c\nx".to_owned(), "w\n2".to_owned())]);
+        let refused = s.claim_repo("/srv/c\nx", "other").unwrap_err();
+        assert_eq!(refused.to_string(), "repository /srv/c\\nx belongs to observer w\\n2, not other");
+    }
+
+    #[test]
+    fn only_the_lease_holder_gets_the_source() {
+        let mut s = State::default();
+        submit(&mut s, 1);
+        submit(&mut s, 2);
+        s.register("a", 1, 1, &[], &[]);
+        s.register("b", 2, 1, &[], &[]);
+        let d = s.assign();
+        let (to_a, to_b) = if d[0].conn == 1 { (&d[0], &d[1]) } else { (&d[1], &d[0]) };
+        let lease = |d: &Dispatch| Held { job: d.assignment.job, attempt: d.assignment.attempt };
+        let (ca, cb) = (to_a.assignment.commit, to_b.assignment.commit);
+        assert_eq!(s.source_access(lease(to_a), &ca, 1, "a"), Ok(()));
+        // b's lease, b's commit, from a: refused; a's lease with b's commit: refused.
+        assert!(matches!(s.source_access(lease(to_b), &cb, 1, "a"), Err(SourceRefusal::NotLeased { .. })));
+        assert!(matches!(s.source_access(lease(to_a), &cb, 1, "a"), Err(SourceRefusal::NotLeased { .. })));
+        // A connection that never registered, or a made-up lease.
+        assert!(matches!(s.source_access(lease(to_a), &ca, 9, "a"), Err(SourceRefusal::NotLeased { .. })));
+        let made_up = Held { job: 77, attempt: 1 };
+        assert!(matches!(s.source_access(made_up, &ca, 1, "a"), Err(SourceRefusal::NotLeased { .. })));
+        // A stale attempt of a live job.
+        let stale = Held { attempt: 0, ..lease(to_a) };
+        assert!(matches!(s.source_access(stale, &ca, 1, "a"), Err(SourceRefusal::NotLeased { .. })));
+        // a's lease ends (cancelled): refused, but as a race, not an attack.
+        s.stop(&ca, CommitStatus::Cancelled, "x".into(), 5).unwrap();
+        assert!(matches!(s.source_access(lease(to_a), &ca, 1, "a"), Err(SourceRefusal::Ended { .. })));
+        assert!(matches!(s.source_access(lease(to_a), &ca, 2, "b"), Err(SourceRefusal::NotLeased { .. })));
     }
 
     #[test]
@@ -674,7 +877,7 @@ mod tests {
         assert_eq!((d[0].assignment.commit, d[0].assignment.attempt), (commit(2), 2));
         assert_eq!(fresh.report(&commit(1)).unwrap().counts.total, 2);
         // New jobs never reuse a restored id.
-        fresh.submit("repo", "main", commit(4), Supersede::Nothing, 4).unwrap();
+        fresh.submit("repo", "main", commit(4), Supersede::Nothing, |_| true, 4).unwrap();
         assert!(fresh.entry(&commit(4)).unwrap().job > two.job.max(one.job));
     }
 
@@ -757,7 +960,7 @@ mod tests {
                     0 => {
                         let supersede =
                             [Supersede::Nothing, Supersede::SkipQueued, Supersede::CancelRunning][next(3) as usize];
-                        let _ = s.submit("repo", ["a", "b"][next(2) as usize], commit(n), supersede, step);
+                        let _ = s.submit("repo", ["a", "b"][next(2) as usize], commit(n), supersede, |_| true, step);
                     }
                     1 => {
                         let held = [Held { job, attempt }];

@@ -33,6 +33,7 @@ impl Server {
             max_pack_bytes: 1 << 20,
             job_timeout: Duration::from_secs(60),
             resume_grace: Duration::from_secs(20),
+            repo_owners: Vec::new(),
         };
         let token = shutdown.clone();
         let task = tokio::spawn(async move { Dispatcher::run(listener, config, token).await.unwrap() });

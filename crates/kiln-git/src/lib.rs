@@ -310,6 +310,20 @@ impl ObjectStore {
     }
 
     /// The commit `id`, or [`GitErrorKind::MissingCommit`].
+    /// Whether `descendant` descends from `ancestor` (is `ancestor` itself, or
+    /// has it among its parents' history). Both must be in this store.
+    ///
+    /// The dispatcher asks this before a newer commit supersedes an older one,
+    /// so a rewritten or unrelated history never cancels work.
+    pub fn is_ancestor(&self, ancestor: &CommitId, descendant: &CommitId) -> Result<bool, GitError> {
+        let old = self.find_commit(ancestor)?.id();
+        let new = self.find_commit(descendant)?.id();
+        if old == new {
+            return Ok(true);
+        }
+        self.repo.graph_descendant_of(new, old).map_err(|e| self.error(GitErrorKind::Walk { to: *descendant }, e))
+    }
+
     fn find_commit(&self, id: &CommitId) -> Result<git2::Commit<'_>, GitError> {
         find_commit(&self.repo, &self.path, id)
     }

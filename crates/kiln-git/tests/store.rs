@@ -587,3 +587,24 @@ fn concurrent_first_opens_of_a_bare_store_all_succeed() {
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("cache.git")]);
 }
+
+#[test]
+fn ancestry_follows_history_not_branch_names() {
+    let dir = TempDir::new().unwrap();
+    let (repo, store) = work_repo(&dir);
+    let tree = |n: i64| write_tree(&repo, &[("n", Node::File(format!("{n}\n").as_bytes()))]);
+    let base = commit(&repo, Some("main"), tree(0), &[], 1_000);
+    let child = commit(&repo, Some("main"), tree(1), &[oid(&base)], 1_001);
+    let grandchild = commit(&repo, Some("main"), tree(2), &[oid(&child)], 1_002);
+    // A rewritten history: same branch, same parent as `child`, not descending from it.
+    let rewritten = commit(&repo, None, tree(3), &[oid(&base)], 1_003);
+    let unrelated = commit(&repo, None, tree(4), &[], 1_004);
+    assert!(store.is_ancestor(&base, &grandchild).unwrap());
+    assert!(store.is_ancestor(&child, &grandchild).unwrap());
+    assert!(store.is_ancestor(&child, &child).unwrap());
+    assert!(!store.is_ancestor(&grandchild, &child).unwrap());
+    assert!(!store.is_ancestor(&child, &rewritten).unwrap());
+    assert!(!store.is_ancestor(&child, &unrelated).unwrap());
+    let err = store.is_ancestor(&unknown_id(), &child).unwrap_err();
+    assert_eq!(err.kind(), &GitErrorKind::MissingCommit { commit: unknown_id() });
+}

@@ -86,7 +86,7 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), FrameError>
 mod tests {
     use super::*;
     use crate::model::{CommitId, Outcome, TestResult};
-    use crate::wire::{JobEvent, Registration, Request};
+    use crate::wire::{Held, JobEvent, Registration, Request};
 
     fn commit() -> CommitId {
         "0123456789abcdef0123456789abcdef01234567".parse().unwrap()
@@ -94,7 +94,7 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let req = Request::FetchSource { commit: commit(), haves: vec![commit()] };
+        let req = Request::FetchSource { lease: Held { job: 3, attempt: 2 }, commit: commit(), haves: vec![commit()] };
         let bytes = encode(&req).unwrap();
         let (back, used) = decode::<Request>(&bytes).unwrap();
         assert_eq!(back, req);

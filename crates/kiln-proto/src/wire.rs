@@ -13,7 +13,8 @@ use crate::model::{CommitId, CommitReport, TestResult};
 
 /// The ALPN protocol name: the version of this wire protocol. A peer speaking
 /// another version fails the TLS handshake instead of misreading frames.
-pub const ALPN: &[u8] = b"kiln/1";
+/// Version 2: `FetchSource` carries the lease, and `Reply::NameInUse`.
+pub const ALPN: &[u8] = b"kiln/2";
 
 /// The first frame on a stream a client opens.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,10 +53,16 @@ pub enum Request {
         /// The branch.
         branch: String,
     },
-    /// Runner: send me the source of `commit`. The dispatcher answers
-    /// [`Reply::Source`], a [`PackHeader`] frame and that many bytes of git
-    /// pack holding the objects reachable from `commit` and not from `haves`.
+    /// Runner: send me the source of `commit`, which I am to test under
+    /// `lease`. The dispatcher answers [`Reply::Source`], a [`PackHeader`]
+    /// frame and that many bytes of git pack holding the objects reachable
+    /// from `commit` and not from `haves`, but only if this connection holds
+    /// `lease` and it is a lease on `commit`; otherwise [`Reply::Refused`],
+    /// and the connection is closed as unauthorized (unless the lease was
+    /// this runner's and has just ended, say by a cancellation).
     FetchSource {
+        /// The assignment (job and attempt, the fencing token) the source is for.
+        lease: Held,
         /// The commit wanted.
         commit: CommitId,
         /// Commits the runner has already, so the pack can leave them out.
@@ -139,6 +146,22 @@ pub enum Reply {
     Report(Option<Box<CommitReport>>),
     /// The request was refused; the stream ends after this.
     Refused(String),
+    /// Registration refused: another live connection is registered under
+    /// this runner's name (two runners share one certificate). The
+    /// dispatcher closes this connection; the runner backs off and tries
+    /// again, and gets the name once the other connection is gone.
+    NameInUse(NameInUse),
+}
+
+/// Who holds a runner name that a second connection asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameInUse {
+    /// The runner name (the certificate's common name).
+    pub name: String,
+    /// When the holding connection registered (Unix ms).
+    pub since_unix_ms: u64,
+    /// The holding connection's remote address.
+    pub address: String,
 }
 
 /// Announces `len` bytes of git pack that follow on the stream, outside any

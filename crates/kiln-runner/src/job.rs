@@ -14,9 +14,8 @@ use std::sync::{Arc, Mutex};
 use kiln_git::ObjectStore;
 use kiln_net::{Connection, RecvStream, SendStream};
 use kiln_plugin_host::{HostEvent, PluginHost};
-use kiln_proto::CommitId;
-use kiln_proto::error_chain;
 use kiln_proto::wire::{Assignment, Control, Held, JobEvent, Reply, Request};
+use kiln_proto::{CommitId, Escaped, error_chain};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -99,7 +98,7 @@ pub(crate) async fn serve_assignment(
     let assignment: Assignment = match recv.expect().await {
         Ok(a) => a,
         Err(e) => {
-            warn!("bad assignment from the dispatcher: {}", error_chain(&e));
+            warn!("bad assignment from the dispatcher: {}", Escaped(&error_chain(&e)));
             return;
         }
     };
@@ -108,7 +107,8 @@ pub(crate) async fn serve_assignment(
     let checkout = ctx.jobs_dir.join(format!("{job}-{attempt}"));
     let (link_tx, link_rx) = mpsc::unbounded_channel();
     ctx.jobs().insert(job, Running { attempt, link: link_tx });
-    report(&ctx, &conn, commit, &skip_files, &checkout, (send, recv), link_rx, &shutdown).await;
+    let lease = Held { job, attempt };
+    report(&ctx, &conn, lease, commit, &skip_files, &checkout, (send, recv), link_rx, &shutdown).await;
     ctx.jobs().remove(&job);
     remove_checkout(&checkout).await;
 }
@@ -117,7 +117,7 @@ async fn remove_checkout(dir: &Path) {
     if let Err(e) = tokio::fs::remove_dir_all(dir).await
         && e.kind() != std::io::ErrorKind::NotFound
     {
-        warn!(dir = %dir.display(), "cannot remove the job's checkout: {e}");
+        warn!(dir = %Escaped(&dir.display().to_string()), "cannot remove the job's checkout: {e}");
     }
 }
 
@@ -126,6 +126,7 @@ async fn remove_checkout(dir: &Path) {
 async fn report(
     ctx: &JobContext,
     conn: &Connection,
+    lease: Held,
     commit: CommitId,
     skip_files: &[String],
     checkout: &Path,
@@ -136,7 +137,8 @@ async fn report(
     let (events_tx, mut events) = mpsc::unbounded_channel::<JobEvent>();
     // Dropping this future kills the job's tests: the plugin host kills each
     // command's process group when its future is dropped.
-    let mut run: Option<Pin<Box<_>>> = Some(Box::pin(run_job(ctx, conn, commit, skip_files, checkout, events_tx)));
+    let mut run: Option<Pin<Box<_>>> =
+        Some(Box::pin(run_job(ctx, conn, lease, commit, skip_files, checkout, events_tx)));
     let mut link = Some(first);
     // Events not yet sent on the current stream, and every event sent so far:
     // after a reconnect the whole history is sent again, because events the
@@ -150,7 +152,7 @@ async fn report(
         if let Some((send, _)) = link.as_mut() {
             while let Some(event) = pending.pop_front() {
                 if let Err(e) = send.send(&event).await {
-                    warn!("lost the assignment stream: {}; the job carries on", error_chain(&e));
+                    warn!("lost the assignment stream: {}; the job carries on", Escaped(&error_chain(&e)));
                     pending.push_front(event);
                     link = None;
                     break;
@@ -187,13 +189,13 @@ async fn report(
                         JobEvent::Finished { error: None }
                     }
                     Ok(Err(e)) => {
-                        warn!("job failed: {}", error_chain(&e));
+                        warn!("job failed: {}", Escaped(&error_chain(&e)));
                         JobEvent::Finished { error: Some(error_chain(&e)) }
                     }
                     Err(reason) => {
                         // The source could not be fetched because the dispatcher went away:
                         // it requeues the job; nothing to report.
-                        warn!("dropping the job: {reason}");
+                        warn!("dropping the job: {}", Escaped(&reason));
                         return;
                     }
                 });
@@ -201,7 +203,7 @@ async fn report(
             control = async { link.as_mut().expect("guarded").1.recv::<Control>().await }, if link.is_some() => {
                 match control {
                     Ok(Some(Control::Cancel { reason })) => {
-                        info!("job cancelled: {reason}");
+                        info!("job cancelled: {}", Escaped(&reason));
                         run = None;
                         pending.clear();
                         last = Some(JobEvent::Finished { error: Some(format!("cancelled: {reason}")) });
@@ -209,7 +211,10 @@ async fn report(
                     // The dispatcher ended its half: it will say nothing more.
                     Ok(None) => {}
                     Err(e) => {
-                        warn!("lost the dispatcher: {}; the job carries on while the runner reconnects", error_chain(&e));
+                        warn!(
+                            "lost the dispatcher: {}; the job carries on while the runner reconnects",
+                            Escaped(&error_chain(&e))
+                        );
                         link = None;
                     }
                 }
@@ -222,7 +227,7 @@ async fn report(
                     link = Some((send, recv));
                 }
                 Some(Relink::Drop(reason)) => {
-                    warn!("dropping the job: {reason}");
+                    warn!("dropping the job: {}", Escaped(&reason));
                     return;
                 }
                 // The runner itself is going away.
@@ -250,12 +255,13 @@ async fn report(
 async fn run_job(
     ctx: &JobContext,
     conn: &Connection,
+    lease: Held,
     commit: CommitId,
     skip_files: &[String],
     checkout: &Path,
     events: mpsc::UnboundedSender<JobEvent>,
 ) -> Result<Result<usize, JobError>, String> {
-    if let Err(e) = fetch(ctx, conn, commit, checkout).await {
+    if let Err(e) = fetch(ctx, conn, lease, commit, checkout).await {
         if let Some(reason) = conn.close_reason() {
             return Err(format!("lost the dispatcher while fetching the source: {reason}"));
         }
@@ -294,7 +300,13 @@ async fn run_job(
 }
 
 /// Gets `commit` into the local cache (fetching only what is missing) and checks it out.
-async fn fetch(ctx: &JobContext, conn: &Connection, commit: CommitId, checkout: &Path) -> Result<(), JobError> {
+async fn fetch(
+    ctx: &JobContext,
+    conn: &Connection,
+    lease: Held,
+    commit: CommitId,
+    checkout: &Path,
+) -> Result<(), JobError> {
     let git = |source| JobError::Git { commit, source };
     let cache = ctx.cache.clone();
     let (present, haves) = blocking(move || {
@@ -305,8 +317,10 @@ async fn fetch(ctx: &JobContext, conn: &Connection, commit: CommitId, checkout: 
     .map_err(git)?;
     if !present {
         let fetch_err = |reason: String| JobError::Fetch { commit, reason };
-        let (_send, mut recv, reply) =
-            conn.request(&Request::FetchSource { commit, haves }).await.map_err(|e| fetch_err(error_chain(&e)))?;
+        let (_send, mut recv, reply) = conn
+            .request(&Request::FetchSource { lease, commit, haves })
+            .await
+            .map_err(|e| fetch_err(error_chain(&e)))?;
         if reply != Reply::Source {
             return Err(fetch_err(format!("unexpected reply {reply:?}")));
         }

@@ -12,11 +12,12 @@ mod job;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kiln_net::{Backoff, Bundle, Connection, NetConfig, RequestError};
 use kiln_plugin_host::PluginHost;
-use kiln_proto::error_chain;
-use kiln_proto::wire::{Registration, Reply, Request};
+use kiln_proto::wire::{NameInUse, Registration, Reply, Request};
+use kiln_proto::{Escaped, error_chain};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
@@ -76,6 +77,8 @@ pub async fn run(
     for dir in [config.work_dir.join("jobs"), config.work_dir.clone()] {
         std::fs::create_dir_all(&dir).map_err(|source| RunnerError::WorkDir { path: dir.clone(), source })?;
     }
+    // Checkouts and the object cache are nobody else's business.
+    make_private(&config.work_dir).map_err(|source| RunnerError::WorkDir { path: config.work_dir.clone(), source })?;
     let ctx = Arc::new(job::JobContext {
         cache: config.work_dir.join("cache.git"),
         jobs_dir: config.work_dir.join("jobs"),
@@ -97,19 +100,37 @@ pub async fn run(
                 if shutdown.is_cancelled() {
                     // Let running jobs hand their work back before the connection goes.
                     tasks.close();
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tasks.wait()).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await;
                 }
                 conn.close(kiln_net::CloseCode::Shutdown, "runner shutting down");
             }
-            Err(RequestError::Refused(reason)) => return Err(RunnerError::Refused(reason)),
+            Err(RegisterError::Request(RequestError::Refused(reason))) => return Err(RunnerError::Refused(reason)),
             // Retrying with a certificate the dispatcher refuses cannot help.
-            Err(RequestError::Rejected(reason)) => return Err(RunnerError::Rejected(reason)),
-            Err(e) => {
+            Err(RegisterError::Request(RequestError::Rejected(reason))) => return Err(RunnerError::Rejected(reason)),
+            Err(RegisterError::NameInUse(clash)) => {
+                // Another runner with this certificate is connected. Back off
+                // (growing, with jitter) rather than fight it for the name; it
+                // becomes ours once that connection is gone.
+                let delay = backoff.next_delay();
+                let held_for = Duration::from_secs(now_ms().saturating_sub(clash.since_unix_ms) / 1000);
+                warn!(
+                    name = %Escaped(&clash.name),
+                    holder = %Escaped(&clash.address),
+                    "the dispatcher refused this runner: the name is registered by another connection from {} \
+                     (for {held_for:?}); is another runner using this certificate? retrying in {delay:.1?}",
+                    Escaped(&clash.address),
+                );
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(RegisterError::Request(e)) => {
                 let delay = backoff.next_delay();
                 warn!(
                     "cannot register with the dispatcher at {}: {}; retrying in {delay:.1?}",
-                    config.dispatcher,
-                    error_chain(&e)
+                    Escaped(&config.dispatcher),
+                    Escaped(&error_chain(&e))
                 );
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -123,13 +144,49 @@ pub async fn run(
     Ok(())
 }
 
+/// Why registering failed.
+#[derive(Debug)]
+enum RegisterError {
+    /// The connection or the request failed.
+    Request(RequestError),
+    /// Another connection holds this runner's name.
+    NameInUse(NameInUse),
+}
+
+impl From<RequestError> for RegisterError {
+    fn from(e: RequestError) -> Self {
+        RegisterError::Request(e)
+    }
+}
+
+impl From<kiln_net::EndpointError> for RegisterError {
+    fn from(e: kiln_net::EndpointError) -> Self {
+        RegisterError::Request(e.into())
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Sets the work directory's mode to `0700`, saying so if it was looser.
+fn make_private(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let old = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if old != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        info!(dir = %Escaped(&dir.display().to_string()), old = format!("{old:04o}"), "work directory made private (0700)");
+    }
+    Ok(())
+}
+
 /// Connects and registers; returns the connection and the control stream's
 /// send half, which must live as long as the connection.
 async fn connect_and_register(
     bundle: &Bundle,
     config: &Config,
     ctx: &job::JobContext,
-) -> Result<(Connection, kiln_net::SendStream), RequestError> {
+) -> Result<(Connection, kiln_net::SendStream), RegisterError> {
     let conn = kiln_net::connect(bundle, &config.dispatcher, config.net).await?;
     let held = ctx.held();
     let (send, _recv, reply) = conn
@@ -139,10 +196,18 @@ async fn connect_and_register(
             sandbox_gaps: config.sandbox_gaps.clone(),
         }))
         .await?;
-    if reply != Reply::Registered {
-        return Err(RequestError::Connection(format!("unexpected reply to registration: {reply:?}")));
+    match reply {
+        Reply::Registered => {}
+        Reply::NameInUse(clash) => {
+            conn.close(kiln_net::CloseCode::Shutdown, "the runner name is in use");
+            return Err(RegisterError::NameInUse(clash));
+        }
+        other => {
+            let unexpected = format!("unexpected reply to registration: {other:?}");
+            return Err(RegisterError::Request(RequestError::Connection(unexpected)));
+        }
     }
-    info!(dispatcher = %config.dispatcher, slots = config.slots, held = held.len(), "registered");
+    info!(dispatcher = %Escaped(&config.dispatcher), slots = config.slots, held = held.len(), "registered");
     // Jobs that kept running while the dispatcher was out of reach: carry on
     // reporting them if their leases are still ours, else drop them.
     for h in held {
@@ -150,7 +215,7 @@ async fn connect_and_register(
             Ok((send, recv, Reply::Resumed)) => ctx.relink(h.job, job::Relink::Stream(send, recv)),
             Ok((_, _, other)) => ctx.relink(h.job, job::Relink::Drop(format!("unexpected reply {other:?}"))),
             Err(RequestError::Refused(reason)) => ctx.relink(h.job, job::Relink::Drop(reason)),
-            Err(e) => warn!(job = h.job, "cannot resume the job yet: {}", error_chain(&e)),
+            Err(e) => warn!(job = h.job, "cannot resume the job yet: {}", Escaped(&error_chain(&e))),
         }
     }
     Ok((conn, send))
@@ -171,7 +236,7 @@ async fn serve(conn: &Connection, ctx: &Arc<job::JobContext>, tasks: &TaskTracke
                 });
             }
             Err(e) => {
-                warn!("lost the dispatcher: {}", kiln_net::describe_connection_error(&e));
+                warn!("lost the dispatcher: {}", Escaped(&kiln_net::describe_connection_error(&e)));
                 return;
             }
         }

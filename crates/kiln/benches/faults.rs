@@ -55,7 +55,7 @@ fn restart(commits: u32, tests: u32) -> Duration {
     state.register("runner", 1, 1, &[], &[]);
     for n in 0..commits {
         let commit: CommitId = format!("{n:040x}").parse().unwrap();
-        state.submit("repo", "main", commit, Supersede::Nothing, u64::from(n)).unwrap();
+        state.submit("repo", "main", commit, Supersede::Nothing, |_| true, u64::from(n)).unwrap();
         let job = state.assign().remove(0).assignment;
         db.save_commit(state.entry(&commit).unwrap()).unwrap();
         for t in 0..tests {

@@ -117,6 +117,21 @@ pub struct DispatcherArgs {
     /// they were doing before it is handed to other runners.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
     pub resume_grace: Duration,
+    /// REPO=OBSERVER: only observer OBSERVER (its certificate's name) may submit
+    /// REPO (as that observer names it, e.g. its --repo path). Repeatable; wins
+    /// over the default, which binds a repository to the first observer that submits it.
+    #[arg(long = "repo-owner", value_name = "REPO=OBSERVER", value_parser = parse_repo_owner)]
+    pub repo_owners: Vec<(String, String)>,
+}
+
+/// Parses `--repo-owner REPO=OBSERVER` (split at the last `=`, so a path may hold one).
+fn parse_repo_owner(s: &str) -> Result<(String, String), String> {
+    match s.rsplit_once('=') {
+        Some((repo, observer)) if !repo.is_empty() && !observer.is_empty() => {
+            Ok((repo.to_owned(), observer.to_owned()))
+        }
+        _ => Err(format!("expected REPO=OBSERVER, e.g. /srv/git/project=watcher, not `{s}`")),
+    }
 }
 
 /// `kiln observer`

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use kiln_net::{Bundle, NetConfig, RequestError};
 use kiln_proto::wire::{Reply, Request};
-use kiln_proto::{CommitId, CommitReport, CommitStatus, Outcome, Role};
+use kiln_proto::{CommitId, CommitReport, CommitStatus, Escaped, Outcome, Role};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -27,11 +27,15 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             // One line on stdout, for scripts and tests that listen on port 0.
             outln!("listening {addr}");
             info!(%addr, state = %a.state.display(), "dispatcher listening");
+            for (repo, observer) in &a.repo_owners {
+                info!(repo = %Escaped(repo), observer = %Escaped(observer), "repository owner set by --repo-owner");
+            }
             let config = kiln_dispatcher::Config {
                 state_dir: a.state.clone(),
                 max_pack_bytes: a.max_pack_mib.saturating_mul(1 << 20),
                 job_timeout: a.job_timeout,
                 resume_grace: a.resume_grace,
+                repo_owners: a.repo_owners.clone(),
             };
             kiln_dispatcher::Dispatcher::run(listener, config, shutdown_on_signal())
                 .await
