@@ -1,15 +1,20 @@
 //! The dispatcher in-process on 127.0.0.1 with freshly generated
-//! certificates: who may connect, who may ask what, and what hostile bytes do.
+//! certificates: who may connect, who may ask what, and what hostile bytes do;
+//! whose source a runner may fetch, whose repository an observer may touch,
+//! and which commits supersede which.
 
 #![allow(clippy::unwrap_used, reason = "a test fails loudly on any unexpected error")]
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_dispatcher::{Config, Dispatcher};
-use kiln_net::{Bundle, CloseCode, Connection, Listener, NetConfig, RequestError, connect};
-use kiln_proto::Role;
-use kiln_proto::wire::{ALPN, Registration, Reply, Request};
+use kiln_git::ObjectStore;
+use kiln_net::{Bundle, CloseCode, Connection, Listener, NetConfig, RecvStream, RequestError, SendStream, connect};
+use kiln_proto::wire::{ALPN, Assignment, Control, Held, Registration, Reply, Request, Supersede};
+use kiln_proto::{CommitId, CommitStatus, Role};
 use tokio_util::sync::CancellationToken;
 
 struct Server {
@@ -24,6 +29,12 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         kiln_net::certs::init(&certs, &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        Server::start_in(dir).await
+    }
+
+    /// Starts a dispatcher on the certificates and state already in `dir`.
+    async fn start_in(dir: tempfile::TempDir) -> Server {
+        let certs = dir.path().join("certs");
         let bundle = Bundle::load(&certs.join("dispatcher")).unwrap();
         let listener = Listener::bind(&bundle, "127.0.0.1:0".parse().unwrap(), NetConfig::default()).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -41,8 +52,11 @@ impl Server {
     }
 
     fn bundle(&self, role: Role, name: &str) -> Bundle {
-        let path = kiln_net::certs::issue(&self.dir.path().join("certs"), role, name).unwrap();
-        Bundle::load(&path).unwrap()
+        let certs = self.dir.path().join("certs");
+        if !certs.join(name).exists() {
+            kiln_net::certs::issue(&certs, role, name).unwrap();
+        }
+        Bundle::load(&certs.join(name)).unwrap()
     }
 
     async fn client(&self, role: Role, name: &str) -> Connection {
@@ -50,8 +64,14 @@ impl Server {
     }
 
     async fn stop(self) {
+        self.stop_keeping_state().await;
+    }
+
+    /// Stops the dispatcher and hands back its directory, for a restart.
+    async fn stop_keeping_state(self) -> tempfile::TempDir {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.task).await.unwrap().unwrap();
+        self.dir
     }
 }
 
@@ -182,5 +202,229 @@ async fn clients_without_a_kiln_certificate_are_refused_at_the_handshake() {
 
     // And a proper admin is answered.
     assert_eq!(attempt(&server, raw_client(&admin, Some(&admin))).await, "request answered");
+    server.stop().await;
+}
+
+/// A git repository made with the `git` CLI, in `dir/name`.
+struct GitRepo {
+    path: PathBuf,
+}
+
+impl GitRepo {
+    fn new(dir: &Path, name: &str) -> GitRepo {
+        let repo = GitRepo { path: dir.join(name) };
+        std::fs::create_dir_all(&repo.path).unwrap();
+        repo.git(&["init", "--quiet", "--initial-branch=main"]);
+        repo
+    }
+
+    fn git(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=Kiln Test", "-c", "user.email=test@kiln.invalid", "-c", "commit.gpgsign=false"])
+            .args(args)
+            .current_dir(&self.path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Writes `file` and commits it (amending the last commit if `amend`).
+    fn commit(&self, file: &str, amend: bool) -> CommitId {
+        std::fs::write(self.path.join(file), file).unwrap();
+        self.git(&["add", "--all"]);
+        let mut args = vec!["commit", "--quiet", "-m", file];
+        if amend {
+            args.push("--amend");
+        }
+        self.git(&args);
+        self.git(&["rev-parse", "HEAD"]).parse().unwrap()
+    }
+}
+
+/// Submits `commit` of `repo` on `main` under the name `name`, sending a pack if asked.
+async fn submit(
+    observer: &Connection,
+    repo: &GitRepo,
+    name: &str,
+    commit: CommitId,
+    supersede: Supersede,
+) -> Result<Reply, RequestError> {
+    let request = Request::Submit { repo: name.into(), branch: "main".into(), commit, supersede };
+    let (mut send, mut recv, reply) = observer.request(&request).await?;
+    let Reply::SendPack { haves } = reply else { return Ok(reply) };
+    let pack = ObjectStore::open(&repo.path).unwrap().pack(&commit, &haves).unwrap();
+    send.send_pack(&pack).await.unwrap();
+    send.finish();
+    Ok(recv.expect::<Reply>().await.unwrap())
+}
+
+/// A registered runner with the assignment it was given; the streams stay
+/// open as long as this lives.
+struct Registered {
+    conn: Connection,
+    assignment: Assignment,
+    _control: SendStream,
+    job: (SendStream, RecvStream),
+}
+
+impl Registered {
+    async fn new(server: &Server, name: &str) -> Registered {
+        let conn = server.client(Role::Runner, name).await;
+        let registration = Registration { slots: 1, held: vec![], sandbox_gaps: vec![] };
+        let (control, _, reply) = conn.request(&Request::Register(registration)).await.unwrap();
+        assert_eq!(reply, Reply::Registered);
+        let (send, mut recv) = tokio::time::timeout(Duration::from_secs(5), conn.accept()).await.unwrap().unwrap();
+        let assignment: Assignment = recv.expect().await.unwrap();
+        Registered { conn, assignment, _control: control, job: (send, recv) }
+    }
+
+    fn lease(&self) -> Held {
+        Held { job: self.assignment.job, attempt: self.assignment.attempt }
+    }
+}
+
+/// Asks for a commit's source; returns the pack's size, or the refusal.
+async fn fetch(conn: &Connection, lease: Held, commit: CommitId) -> Result<usize, String> {
+    match conn.request(&Request::FetchSource { lease, commit, haves: vec![] }).await {
+        Ok((_, mut recv, Reply::Source)) => Ok(recv.recv_pack(1 << 20).await.unwrap().len()),
+        Ok((_, _, other)) => panic!("unexpected reply {other:?}"),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn status(admin: &Connection, commit: CommitId) -> CommitStatus {
+    match admin.request(&Request::GetResults { commit: Some(commit) }).await.unwrap().2 {
+        Reply::Report(Some(report)) => report.status,
+        other => panic!("no report for {commit}: {other:?}"),
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[tokio::test]
+async fn only_the_lease_holder_gets_a_commits_source() {
+    let server = Server::start().await;
+    let repo = GitRepo::new(server.dir.path(), "repo");
+    let (first, second) = (repo.commit("a", false), repo.commit("b", false));
+    let observer = server.client(Role::Observer, "obs").await;
+    for commit in [first, second] {
+        assert_eq!(submit(&observer, &repo, "repo", commit, Supersede::Nothing).await.unwrap(), Reply::Queued);
+    }
+    let holder = Registered::new(&server, "r1").await;
+    assert_eq!(holder.assignment.commit, first);
+    let other = Registered::new(&server, "r2").await;
+    assert_eq!(other.assignment.commit, second);
+
+    // A runner that never registered, presenting the holder's lease.
+    let stranger = server.client(Role::Runner, "r9").await;
+    let refused = fetch(&stranger, holder.lease(), first).await.unwrap_err();
+    assert!(refused.contains("may not fetch the source") || refused.contains("unauthorized"), "{refused}");
+    let reason = closed_with(&stranger, CloseCode::Unauthorized).await;
+    assert!(reason.contains("holds no lease"), "{reason}");
+
+    // A registered runner asking for a commit it was not assigned, under its own lease.
+    fetch(&other.conn, other.lease(), first).await.unwrap_err();
+    closed_with(&other.conn, CloseCode::Unauthorized).await;
+
+    // The holder gets its pack, before and after the others were turned away.
+    assert!(fetch(&holder.conn, holder.lease(), first).await.unwrap() > 0);
+    assert_eq!(status(&server.client(Role::Admin, "admin").await, first).await, CommitStatus::Running);
+
+    // The state directory and what is in it are private.
+    let state = server.dir.path().join("state");
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("results")), 0o700);
+    for file in ["kiln.db", "kiln.db-wal", "kiln.db-shm"] {
+        assert_eq!(mode(&state.join(file)), 0o600, "{file}");
+    }
+    let results = state.join(format!("results/{first}.json"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !results.exists() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(mode(&results), 0o600);
+    assert_eq!(mode(&state.join(format!("results/{first}.xml"))), 0o600);
+    drop(holder);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_repository_belongs_to_the_observer_that_first_submitted_it() {
+    let server = Server::start().await;
+    let admin = server.client(Role::Admin, "admin").await;
+    let repo = GitRepo::new(server.dir.path(), "repo");
+    let first = repo.commit("a", false);
+    let owner = server.client(Role::Observer, "watcher").await;
+    assert_eq!(submit(&owner, &repo, "/srv/project", first, Supersede::CancelRunning).await.unwrap(), Reply::Queued);
+    let runner = Registered::new(&server, "r1").await;
+    assert_eq!(runner.assignment.commit, first);
+
+    // Another observer watching another repository under the same name: its
+    // newer commit would cancel the running one. Refused, naming both.
+    let unrelated = GitRepo::new(server.dir.path(), "elsewhere");
+    let theirs = unrelated.commit("x", false);
+    let intruder = server.client(Role::Observer, "intruder").await;
+    let refused = submit(&intruder, &unrelated, "/srv/project", theirs, Supersede::CancelRunning).await;
+    let reason = closed_with(&intruder, CloseCode::Unauthorized).await;
+    assert!(
+        reason.contains("repository /srv/project belongs to observer watcher, not intruder"),
+        "{reason} ({refused:?})"
+    );
+    assert_eq!(status(&admin, first).await, CommitStatus::Running);
+
+    // Nor may it read the repository's branch tips.
+    let intruder = server.client(Role::Observer, "intruder").await;
+    let tip = intruder.request(&Request::BranchTip { repo: "/srv/project".into(), branch: "main".into() }).await;
+    assert!(tip.is_err(), "{tip:?}");
+    closed_with(&intruder, CloseCode::Unauthorized).await;
+
+    // The owner carries on, and the binding survives a restart.
+    let (_, _, tip) =
+        owner.request(&Request::BranchTip { repo: "/srv/project".into(), branch: "main".into() }).await.unwrap();
+    assert_eq!(tip, Reply::Tip(Some(first)));
+    drop(runner);
+    let dir = server.stop_keeping_state().await;
+    let server = Server::start_in(dir).await;
+    let intruder = server.client(Role::Observer, "intruder").await;
+    let refused = submit(&intruder, &unrelated, "/srv/project", theirs, Supersede::Nothing).await;
+    assert!(refused.is_err(), "{refused:?}");
+    closed_with(&intruder, CloseCode::Unauthorized).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn only_a_descendant_supersedes_a_running_commit() {
+    let server = Server::start().await;
+    let admin = server.client(Role::Admin, "admin").await;
+    let repo = GitRepo::new(server.dir.path(), "repo");
+    repo.commit("base", false);
+    let running = repo.commit("a", false);
+    let observer = server.client(Role::Observer, "obs").await;
+    assert_eq!(submit(&observer, &repo, "repo", running, Supersede::CancelRunning).await.unwrap(), Reply::Queued);
+    let mut runner = Registered::new(&server, "r1").await;
+    assert_eq!(runner.assignment.commit, running);
+
+    // History rewritten on the same branch by the same observer: the running
+    // commit is not an ancestor of the new head, so it keeps running.
+    let rewritten = repo.commit("a2", true);
+    assert_eq!(submit(&observer, &repo, "repo", rewritten, Supersede::CancelRunning).await.unwrap(), Reply::Queued);
+    assert_eq!(status(&admin, running).await, CommitStatus::Running);
+    assert_eq!(status(&admin, rewritten).await, CommitStatus::Queued);
+
+    // A commit that descends from the running one cancels it.
+    repo.git(&["reset", "--quiet", "--hard", running.as_str()]);
+    let descendant = repo.commit("b", false);
+    assert_eq!(submit(&observer, &repo, "repo", descendant, Supersede::CancelRunning).await.unwrap(), Reply::Queued);
+    assert_eq!(status(&admin, running).await, CommitStatus::Cancelled);
+    let control = tokio::time::timeout(Duration::from_secs(5), runner.job.1.recv::<Control>()).await.unwrap();
+    assert!(matches!(control, Ok(Some(Control::Cancel { .. }))), "{control:?}");
+    // The rewritten head is no ancestor of the descendant either: not
+    // skipped (it may have taken the freed slot by now).
+    let left = status(&admin, rewritten).await;
+    assert!(matches!(left, CommitStatus::Queued | CommitStatus::Running), "{left:?}");
+    drop(runner);
     server.stop().await;
 }
