@@ -52,6 +52,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub addr: String,
     pub procs: Vec<Proc>,
+    /// `RUST_LOG` for the processes this cluster starts.
+    pub rust_log: String,
 }
 
 impl Cluster {
@@ -68,6 +70,11 @@ impl Cluster {
     /// Like [`Cluster::start`], with the dispatcher's certificate valid for
     /// `sans` and listening on `listen`; `addr` stays a loopback address.
     pub fn start_on(sans: &[&str], listen: &str, flags: &[&str]) -> Cluster {
+        Cluster::start_logging(sans, listen, flags, "info")
+    }
+
+    /// Like [`Cluster::start_on`], with every process logging at `rust_log`.
+    pub fn start_logging(sans: &[&str], listen: &str, flags: &[&str], rust_log: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
         let mut init = kiln();
@@ -77,7 +84,7 @@ impl Cluster {
         }
         let out = init.output().expect("certs init");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let mut cluster = Cluster { dir, addr: String::new(), procs: Vec::new() };
+        let mut cluster = Cluster { dir, addr: String::new(), procs: Vec::new(), rust_log: rust_log.to_owned() };
         cluster.issue("admin", "admin");
         let proc = cluster.spawn_dispatcher(listen, flags);
         cluster.procs.insert(0, proc);
@@ -92,6 +99,7 @@ impl Cluster {
         let n = self.procs.len();
         let log = self.dir.path().join(format!("dispatcher-{n}.log"));
         let mut child = kiln()
+            .env("RUST_LOG", &self.rust_log)
             .arg("dispatcher")
             .arg("--identity")
             .arg(self.certs().join("dispatcher"))
@@ -160,6 +168,7 @@ impl Cluster {
         let n = self.procs.len();
         let log = self.dir.path().join(format!("{name}-{n}.log"));
         let child = kiln()
+            .env("RUST_LOG", &self.rust_log)
             .arg(subcommand)
             .arg("--identity")
             .arg(self.certs().join(name))

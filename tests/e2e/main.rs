@@ -12,6 +12,7 @@ mod harness;
 mod auth;
 mod cli;
 mod faults;
+mod peers;
 mod pipeline;
 mod plugin;
 mod tap;

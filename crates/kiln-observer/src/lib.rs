@@ -20,7 +20,7 @@ use std::time::Duration;
 use kiln_git::ObjectStore;
 use kiln_net::{Backoff, Bundle, Connection, NetConfig, RequestError};
 use kiln_proto::wire::{Reply, Request, Supersede};
-use kiln_proto::{CommitId, error_chain};
+use kiln_proto::{CommitId, Escaped, error_chain};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -122,7 +122,13 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
     // Fail at once, with a clear message, if the repository is not there.
     let repo = config.repo.clone();
     blocking(move || ObjectStore::open(&repo).map(drop)).await.map_err(ObserverError::Repo)?;
-    info!(repo = %config.repo.display(), branches = ?config.branches, interval = ?config.interval, mode = ?config.mode, "watching");
+    info!(
+        repo = %Escaped(&repo_name(&config)),
+        branches = ?config.branches,
+        interval = ?config.interval,
+        mode = ?config.mode,
+        "watching"
+    );
     let poke = Arc::new(Notify::new());
     let _socket = match &config.notify_socket {
         Some(path) => Some(listen_for_pokes(path, Arc::clone(&poke), shutdown.clone())?),
@@ -140,7 +146,7 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
             let head = match blocking(move || ObjectStore::open(&repo)?.branch_head(&name)).await {
                 Ok(head) => head,
                 Err(e) => {
-                    warn!(%branch, "cannot read the branch: {}", error_chain(&e));
+                    warn!(branch = %Escaped(branch), "cannot read the branch: {}", Escaped(&error_chain(&e)));
                     continue;
                 }
             };
@@ -159,7 +165,7 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
                         return Err(ObserverError::Rejected(error_chain(&e)));
                     }
                     Err(e) => {
-                        warn!("cannot reach the dispatcher: {}", error_chain(&e));
+                        warn!("cannot reach the dispatcher: {}", Escaped(&error_chain(&e)));
                         failed = true;
                         break;
                     }
@@ -174,7 +180,12 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
                     return Err(ObserverError::Rejected(reason));
                 }
                 Err(e) => {
-                    warn!(%branch, commit = %head, "submission failed: {}", error_chain(&e));
+                    warn!(
+                        branch = %Escaped(branch),
+                        commit = %head,
+                        "submission failed: {}",
+                        Escaped(&error_chain(&e))
+                    );
                     conn = None;
                     failed = true;
                     break;
@@ -227,9 +238,9 @@ async fn submit_branch(
     };
     for commit in commits {
         if submit(conn, config, branch, commit).await? {
-            info!(%branch, %commit, "submitted");
+            info!(branch = %Escaped(branch), %commit, "submitted");
         } else {
-            info!(%branch, %commit, "already known to the dispatcher");
+            info!(branch = %Escaped(branch), %commit, "already known to the dispatcher");
         }
     }
     Ok(())
@@ -253,7 +264,7 @@ fn listen_for_pokes(
     // A socket file left by an observer that died; nobody answers on it.
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
-    info!(socket = %path.display(), "listening for kiln notify");
+    info!(socket = %Escaped(&path.display().to_string()), "listening for kiln notify");
     tokio::spawn(async move {
         loop {
             tokio::select! {

@@ -26,7 +26,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let addr = listener.local_addr().context("cannot read the bound address")?;
             // One line on stdout, for scripts and tests that listen on port 0.
             outln!("listening {addr}");
-            info!(%addr, state = %a.state.display(), "dispatcher listening");
+            info!(%addr, state = %Escaped(&a.state.display().to_string()), "dispatcher listening");
             for (repo, observer) in &a.repo_owners {
                 info!(repo = %Escaped(repo), observer = %Escaped(observer), "repository owner set by --repo-owner");
             }
@@ -116,7 +116,7 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
     let names: Vec<&str> = a.allow_programs.iter().map(String::as_str).collect();
     let programs = kiln_plugin_host::Policy::resolve_programs(&names).context("cannot resolve the allowed programs")?;
     for (name, path) in &programs {
-        info!(program = %name, path = %path.display(), "allowed program");
+        info!(program = %Escaped(name), path = %Escaped(&path.display().to_string()), "allowed program");
     }
     let policy = kiln_plugin_host::Policy {
         programs,
@@ -143,7 +143,13 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
         }
     }
     for p in host.plugins() {
-        info!(plugin = %p.name, version = %p.version, claims = ?p.claims, granted = ?p.granted, "plugin loaded");
+        info!(
+            plugin = %Escaped(&p.name),
+            version = %Escaped(&p.version.to_string()),
+            claims = ?p.claims,
+            granted = ?p.granted,
+            "plugin loaded"
+        );
     }
     // Say at start-up what the process sandbox can and cannot do here.
     let sandbox = kiln_plugin_host::sandbox::probe();

@@ -24,6 +24,7 @@ macro_rules! out {
 mod cli;
 mod commands;
 mod demo;
+mod logline;
 mod plugin;
 
 use std::process::ExitCode;
@@ -43,7 +44,8 @@ fn main() -> ExitCode {
     match runtime.block_on(commands::run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The chain may hold a peer's words (a refusal reason): one line, escaped.
+            eprintln!("error: {}", kiln_proto::Escaped(&format!("{e:#}")));
             ExitCode::from(2)
         }
     }
@@ -70,7 +72,8 @@ fn init_logging(quiet: bool) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // One event, one line, whatever a message says (see `logline`).
+        .with_writer(move || logline::OneLine { ansi })
         .with_target(false)
         .with_ansi(ansi)
         .init();
