@@ -83,3 +83,40 @@ fn file_names_and_repository_paths_cannot_forge_log_lines() {
         }
     }
 }
+
+#[test]
+fn another_observer_of_the_same_repository_path_is_refused_and_cancels_nothing() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), &crate::harness::borrow(&crate::harness::slow_suite(4, 2, 300)));
+    let old = repo.commit("old");
+    cluster.runner("runner-1");
+    // The owner polls hourly: only the intruder could submit what comes next.
+    cluster.observer_with("watcher", &repo.path, "1h", &[]);
+    cluster.wait_stored(&old, "running", |r| r.status == CommitStatus::Running);
+    repo.write(&[("README", "newer\n")]);
+    let newer = repo.commit("newer, descending from old");
+    let socket = cluster.dir.path().join("intruder.sock");
+    let intruder =
+        cluster.observer_with("intruder", &repo.path, "200ms", &["--notify-socket", socket.to_str().unwrap()]);
+    let status = {
+        let p = &mut cluster.procs[intruder];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = p.child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let log = cluster.procs[intruder].log();
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{}", cluster.logs());
+    let repo_name = repo.path.display().to_string();
+    assert!(log.contains(&format!("repository {repo_name} belongs to observer watcher, not intruder")), "{log}");
+    // The running commit was not cancelled, and the intruder's commit was never queued.
+    let report = cluster.wait_stored(&old, "final", |r| r.status.is_final());
+    assert_eq!(report.status, CommitStatus::Passed, "{}", cluster.logs());
+    assert!(cluster.stored(&newer).is_none(), "{}", cluster.logs());
+}

@@ -5,9 +5,10 @@
 //! log.
 
 use std::fs;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use kiln_proto::Escaped;
 use tracing::info;
 
 /// The mode of every directory the dispatcher makes.
@@ -40,7 +41,10 @@ fn err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Priv
 /// Creates `path` (and its parents) if missing, and sets its mode to
 /// [`DIR_MODE`], logging when an existing directory was looser.
 pub fn dir(path: &Path) -> Result<(), PrivateError> {
-    fs::create_dir_all(path).map_err(err("create directory", path))?;
+    if !path.exists() {
+        // Made private from the start, so only an older, looser one is logged.
+        fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(path).map_err(err("create directory", path))?;
+    }
     tighten(path, DIR_MODE)
 }
 
@@ -55,7 +59,7 @@ pub fn tighten(path: &Path, mode: u32) -> Result<(), PrivateError> {
     let old = meta.permissions().mode() & 0o7777;
     if old != mode {
         fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err("set the mode of", path))?;
-        info!(path = %path.display(), old = format!("{old:04o}"), new = format!("{mode:04o}"), "tightened permissions");
+        info!(path = %Escaped(&path.display().to_string()), old = format!("{old:04o}"), new = format!("{mode:04o}"), "tightened permissions");
     }
     Ok(())
 }

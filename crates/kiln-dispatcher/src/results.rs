@@ -40,13 +40,11 @@ impl ResultsDir {
     /// The directory is `0700` and every file in it `0600`; an older
     /// Kiln's looser modes are tightened here.
     pub fn open(dir: &Path) -> Result<ResultsDir, ResultsError> {
-        fs::create_dir_all(dir).map_err(err("create directory", dir))?;
-        let private = |e: crate::private::PrivateError| ResultsError {
+        crate::private::dir(dir).map_err(|e| ResultsError {
             action: "make private",
             path: dir.to_owned(),
             source: std::io::Error::other(kiln_proto::error_chain(&e)),
-        };
-        crate::private::tighten(dir, crate::private::DIR_MODE).map_err(private)?;
+        })?;
         let mut loose = 0;
         for entry in fs::read_dir(dir).map_err(err("list", dir))? {
             let path = entry.map_err(err("list", dir))?.path();
@@ -60,7 +58,7 @@ impl ResultsDir {
             }
         }
         if loose > 0 {
-            tracing::info!(dir = %dir.display(), files = loose, "tightened the permissions of result files to 0600");
+            tracing::info!(dir = %kiln_proto::Escaped(&dir.display().to_string()), files = loose, "tightened the permissions of result files to 0600");
         }
         Ok(ResultsDir { dir: dir.to_owned() })
     }

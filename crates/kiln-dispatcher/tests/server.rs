@@ -428,3 +428,24 @@ async fn only_a_descendant_supersedes_a_running_commit() {
     drop(runner);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_older_looser_state_directory_is_tightened_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    kiln_net::certs::init(&dir.path().join("certs"), &["127.0.0.1".into()]).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("results")).unwrap();
+    let old = state.join("results/0123456789abcdef0123456789abcdef01234567.json");
+    std::fs::write(&old, "{}").unwrap();
+    for (path, mode) in [(&state, 0o755), (&state.join("results"), 0o755), (&old, 0o644)] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let server = Server::start_in(dir).await;
+    // Answered: the start-up is over.
+    still_serves(&server.client(Role::Admin, "admin").await).await;
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("results")), 0o700);
+    assert_eq!(mode(&old), 0o600);
+    assert_eq!(mode(&state.join("kiln.db")), 0o600);
+    server.stop().await;
+}

@@ -74,8 +74,11 @@ pub async fn run(
     if bundle.identity().is_none_or(|id| id.role != kiln_proto::Role::Runner) {
         return Err(RunnerError::NotRunner(bundle.dir.clone()));
     }
-    for dir in [config.work_dir.join("jobs"), config.work_dir.clone()] {
-        std::fs::create_dir_all(&dir).map_err(|source| RunnerError::WorkDir { path: dir.clone(), source })?;
+    for dir in [config.work_dir.clone(), config.work_dir.join("jobs")] {
+        // Made private from the start, so only an older, looser one is logged.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&dir)
+            .map_err(|source| RunnerError::WorkDir { path: dir.clone(), source })?;
     }
     // Checkouts and the object cache are nobody else's business.
     make_private(&config.work_dir).map_err(|source| RunnerError::WorkDir { path: config.work_dir.clone(), source })?;
