@@ -120,3 +120,26 @@ fn another_observer_of_the_same_repository_path_is_refused_and_cancels_nothing()
     assert_eq!(report.status, CommitStatus::Passed, "{}", cluster.logs());
     assert!(cluster.stored(&newer).is_none(), "{}", cluster.logs());
 }
+
+#[test]
+fn a_rewritten_history_does_not_cancel_the_running_commit() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), &crate::harness::borrow(&crate::harness::slow_suite(4, 2, 300)));
+    let old = repo.commit("old");
+    cluster.runner("runner-1");
+    let observer = cluster.observer_with("observer", &repo.path, "1h", &[]);
+    cluster.wait_stored(&old, "running", |r| r.status == CommitStatus::Running);
+    // Amend the running commit: the branch moves to a commit that does not descend from it.
+    repo.write(&[("README", "rewritten\n")]);
+    repo.git(&["add", "--all"]);
+    repo.git(&["commit", "--quiet", "--amend", "-m", "rewritten"]);
+    let rewritten: kiln_proto::CommitId = repo.git(&["rev-parse", "HEAD"]).parse().unwrap();
+    let out = crate::harness::kiln().args(["notify", "--repo"]).arg(&repo.path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    cluster.wait_log(observer, rewritten.as_str());
+    cluster.wait_log(0, "not superseded: the new commit does not descend from it");
+    let report = cluster.wait_stored(&old, "final", |r| r.status.is_final());
+    assert_eq!(report.status, CommitStatus::Passed, "{}", cluster.logs());
+    let report = cluster.wait_stored(&rewritten, "final", |r| r.status.is_final());
+    assert_eq!(report.status, CommitStatus::Passed, "{}", cluster.logs());
+}
