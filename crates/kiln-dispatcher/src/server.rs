@@ -403,11 +403,14 @@ impl Dispatcher {
             // Two live connections with one name are two runners sharing a
             // certificate: the registered one keeps the name. A dead one is
             // replaced (its runner reconnecting); a silent one is declared
-            // dead within the idle timeout, and the newcomer gets in then.
+            // dead within the idle timeout, and the newcomer gets in then,
+            // unless it names a lease the old connection holds: only the
+            // runner that was given it knows it, so it is that runner back.
             let holder = core
                 .state
                 .runner_conn(&peer.name)
                 .filter(|&c| c != id)
+                .filter(|&c| !held.iter().any(|h| core.state.holds(h.job, h.attempt, c)))
                 .and_then(|c| runners.get(&c))
                 .filter(|h| h.conn.close_reason().is_none());
             match holder {

@@ -449,3 +449,30 @@ async fn an_older_looser_state_directory_is_tightened_at_start() {
     assert_eq!(mode(&state.join("kiln.db")), 0o600);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_second_connection_with_a_runners_name_is_refused_unless_it_holds_the_runners_lease() {
+    let server = Server::start().await;
+    let repo = GitRepo::new(server.dir.path(), "repo");
+    let commit = repo.commit("a", false);
+    let observer = server.client(Role::Observer, "obs").await;
+    assert_eq!(submit(&observer, &repo, "repo", commit, Supersede::Nothing).await.unwrap(), Reply::Queued);
+    let first = Registered::new(&server, "twin").await;
+    let register = |held: Vec<Held>| Request::Register(Registration { slots: 1, held, sandbox_gaps: vec![] });
+
+    // Another runner with the same certificate: told who holds the name, and closed.
+    let other = server.client(Role::Runner, "twin").await;
+    let (_, _, reply) = other.request(&register(vec![])).await.unwrap();
+    let Reply::NameInUse(clash) = reply else { panic!("{reply:?}") };
+    assert_eq!(clash.name, "twin");
+    assert!(clash.address.starts_with("127.0.0.1:") && clash.since_unix_ms > 0, "{clash:?}");
+    closed_with(&other, CloseCode::Unauthorized).await;
+    assert!(fetch(&first.conn, first.lease(), commit).await.is_ok(), "the holder is undisturbed");
+
+    // The same runner back on a new connection, naming its lease: it takes over.
+    let again = server.client(Role::Runner, "twin").await;
+    let (_control, _, reply) = again.request(&register(vec![first.lease()])).await.unwrap();
+    assert_eq!(reply, Reply::Registered);
+    closed_with(&first.conn, CloseCode::Replaced).await;
+    server.stop().await;
+}
