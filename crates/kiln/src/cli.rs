@@ -247,3 +247,21 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 2)]
     pub runners: u32,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_owner_splits_at_the_last_equals_sign() {
+        assert_eq!(parse_repo_owner("/srv/git/project=watcher"), Ok(("/srv/git/project".into(), "watcher".into())));
+        assert_eq!(parse_repo_owner("/srv/a=b/c=watcher"), Ok(("/srv/a=b/c".into(), "watcher".into())));
+        for bad in ["/srv/git/project", "=watcher", "/srv/git/project="] {
+            assert!(parse_repo_owner(bad).unwrap_err().contains("expected REPO=OBSERVER"), "{bad}");
+        }
+        let cli =
+            Cli::try_parse_from(["kiln", "dispatcher", "--repo-owner", "/a=w1", "--repo-owner", "/b=w2"]).unwrap();
+        let Command::Dispatcher(args) = cli.command else { panic!("not the dispatcher") };
+        assert_eq!(args.repo_owners, vec![("/a".into(), "w1".into()), ("/b".into(), "w2".into())]);
+    }
+}
