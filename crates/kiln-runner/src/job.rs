@@ -32,6 +32,8 @@ pub(crate) struct JobContext {
     pub jobs_dir: PathBuf,
     /// The largest source pack accepted.
     pub max_pack_bytes: u64,
+    /// Caps on the uncompressed source, applied at unpack and checkout.
+    pub git_limits: kiln_git::Limits,
     /// The plugins.
     pub host: Arc<PluginHost>,
     /// Jobs running now, by job id, with the way to hand each a new stream.
@@ -313,16 +315,18 @@ async fn fetch(ctx: &JobContext, conn: &Connection, commit: CommitId, checkout: 
         let pack = recv.recv_pack(ctx.max_pack_bytes).await.map_err(|e| fetch_err(error_chain(&e)))?;
         debug!(bytes = pack.len(), "source received");
         let cache = ctx.cache.clone();
-        blocking(move || ObjectStore::open(&cache)?.unpack(&pack, &commit)).await.map_err(git)?;
+        let limits = ctx.git_limits;
+        blocking(move || ObjectStore::open(&cache)?.with_limits(limits).unpack(&pack, &commit)).await.map_err(git)?;
     }
     let cache = ctx.cache.clone();
     let dest = checkout.to_owned();
+    let limits = ctx.git_limits;
     blocking(move || {
         if dest.exists() {
             // A leftover from a crashed earlier run of this very attempt.
             let _ = std::fs::remove_dir_all(&dest);
         }
-        ObjectStore::open(&cache)?.checkout(&commit, &dest)
+        ObjectStore::open(&cache)?.with_limits(limits).checkout(&commit, &dest)
     })
     .await
     .map_err(git)
