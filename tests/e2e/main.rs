@@ -12,6 +12,8 @@ mod harness;
 mod auth;
 mod cli;
 mod faults;
+mod limits;
+mod links;
 mod pipeline;
 mod plugin;
 mod tap;

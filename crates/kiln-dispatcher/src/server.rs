@@ -663,6 +663,18 @@ impl Dispatcher {
                         }
                     })
                 }
+                JobEvent::Warning(warning) => {
+                    let commit = a.commit;
+                    let count = core.state.entry(&commit).map_or(0, |e| e.warnings.len());
+                    if warning.len() > 16 * 1024 || count >= 32 {
+                        return Err(StreamError::Protocol("oversized or too many warnings".into()));
+                    }
+                    core.state.warn(a.job, a.attempt, d.conn, warning).map(|new| {
+                        if new {
+                            self.persist(&core, &commit);
+                        }
+                    })
+                }
                 JobEvent::Finished { error } => {
                     let result = core.state.finish(a.job, a.attempt, d.conn, error, now_ms());
                     if let Ok(commit) = &result {

@@ -86,6 +86,8 @@ enum JobError {
     },
     #[error("list the files under tests/")]
     List(#[source] std::io::Error),
+    #[error("no tests found: {0}")]
+    OnlyLinks(String),
     #[error("run the plugins")]
     Plugins(#[source] kiln_plugin_host::HostError),
 }
@@ -263,11 +265,19 @@ async fn run_job(
         }
         return Ok(Err(e));
     }
-    let files = match kiln_plugin_host::test_files(checkout) {
-        // Files an earlier attempt finished are stored already.
-        Ok(files) => files.into_iter().filter(|f| !skip_files.contains(f)).collect::<Vec<_>>(),
+    let found = match kiln_plugin_host::test_files(checkout) {
+        Ok(found) => found,
         Err(e) => return Ok(Err(JobError::List(e))),
     };
+    if let Some(warning) = found.warning() {
+        if found.files.is_empty() {
+            return Ok(Err(JobError::OnlyLinks(warning)));
+        }
+        // The receiver lives as long as this future.
+        let _ = events.send(JobEvent::Warning(warning));
+    }
+    // Files an earlier attempt finished are stored already.
+    let files: Vec<String> = found.files.into_iter().filter(|f| !skip_files.contains(f)).collect();
     debug!(files = files.len(), "running tests");
     let (tx, mut rx) = mpsc::unbounded_channel::<HostEvent>();
     let host = Arc::clone(&ctx.host);
