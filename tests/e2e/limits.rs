@@ -99,3 +99,24 @@ fn a_gigabyte_of_zeros_is_refused_by_observer_and_dispatcher_in_small_memory() {
     assert!(observer_rss < SMALL_RSS, "observer peak RSS {} MiB", observer_rss >> 20);
     assert!(dispatcher_rss < SMALL_RSS, "dispatcher peak RSS {} MiB", dispatcher_rss >> 20);
 }
+
+#[test]
+fn a_dispatcher_refusal_reaches_the_observer_naming_the_cap_and_nothing_is_queued() {
+    // The dispatcher's cap is below the observer's: the observer sends the
+    // pack, the dispatcher refuses it, and the observer reports that.
+    let mut cluster = Cluster::start_with(&["--max-blob-size", "1MiB"]);
+    let repo = Repo::new(cluster.dir.path(), &[("tests/test_ok.py", "def test_ok():\n    pass\n")]);
+    std::fs::File::create(repo.path.join("data.bin")).unwrap().set_len(2 << 20).unwrap();
+    let commit = repo.commit("two megabytes of zeros");
+    let observer = cluster.observer_with("watcher", &repo.path, "200ms", &[]);
+    cluster.wait_log(observer, "not submitted");
+    let log = cluster.procs[observer].log();
+    assert!(
+        log.contains(&format!("not submitted: the dispatcher refused commit {commit}: the pack's object"))
+            && log.contains("is 2 MiB, over the cap of 1 MiB on one object (raise it with --max-blob-size)"),
+        "{log}"
+    );
+    assert!(cluster.stored(&commit).is_none(), "the refused commit was queued");
+    // The observer carries on: it is still running and connected.
+    assert!(cluster.procs[observer].child.try_wait().unwrap().is_none(), "{log}");
+}

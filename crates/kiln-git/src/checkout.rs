@@ -15,6 +15,10 @@
 //!    two entries with the same name (or names that collide on a case-insensitive
 //!    file system).
 //!
+//! Before writing anything, the checkout measures the tree against the
+//! [`Limits`] from object headers (see `measure.rs`), so a tree over the caps is
+//! refused with nothing written and nothing inflated.
+//!
 //! Both walks use an explicit stack, so a deeply nested tree cannot overflow the
 //! thread's stack.
 
