@@ -33,7 +33,7 @@ fn tests_symlinks_leading_out_are_reported_once_and_never_followed() {
     assert_eq!(report.status, CommitStatus::Passed, "{report:?}");
     assert_eq!(
         link_warnings(&report),
-        vec!["symlinks that lead outside the checkout were not followed: tests/escape -> /etc"],
+        vec!["symlinks that could lead outside the checkout were not followed: tests/escape -> /etc"],
         "{report:?}"
     );
 
@@ -47,7 +47,7 @@ fn tests_symlinks_leading_out_are_reported_once_and_never_followed() {
     assert_eq!(report.status, CommitStatus::Error, "{report:?}");
     assert_eq!(
         report.error.as_deref(),
-        Some("no tests found: symlinks that lead outside the checkout were not followed: tests -> /usr"),
+        Some("no tests found: symlinks that could lead outside the checkout were not followed: tests -> /usr"),
         "{report:?}"
     );
 
@@ -56,7 +56,8 @@ fn tests_symlinks_leading_out_are_reported_once_and_never_followed() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("no tests found: symlinks that lead outside the checkout were not followed: tests -> /usr"),
+        stderr
+            .contains("no tests found: symlinks that could lead outside the checkout were not followed: tests -> /usr"),
         "{stderr}"
     );
     // With real tests beside a link to /etc, it runs them and warns once.
@@ -67,7 +68,7 @@ fn tests_symlinks_leading_out_are_reported_once_and_never_followed() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(
-        stderr.matches("symlinks that lead outside the checkout were not followed: tests/escape -> /etc").count(),
+        stderr.matches("symlinks that could lead outside the checkout were not followed: tests/escape -> /etc").count(),
         1,
         "{stderr}"
     );

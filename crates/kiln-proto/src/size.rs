@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 /// A number of bytes, parsed from and shown in binary units.
 ///
-/// Parsing accepts a whole number with an optional unit: none or `B` (bytes),
+/// Parsing accepts a whole number with an optional unit: none, `B` or `bytes`,
 /// `K`/`KiB`, `M`/`MiB`, `G`/`GiB`, `T`/`TiB` (powers of 1024; `KB`, `MB`,
 /// `GB`, `TB` are read as the same binary units, as `ls -h` shows them), case
 /// and a space before the unit not mattering. Display uses the largest unit
