@@ -12,6 +12,8 @@ mod harness;
 mod auth;
 mod cli;
 mod faults;
+mod limits;
+mod links;
 mod peers;
 mod pipeline;
 mod plugin;

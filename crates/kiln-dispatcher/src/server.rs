@@ -42,6 +42,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The largest git pack accepted from an observer.
     pub max_pack_bytes: u64,
+    /// Caps on the uncompressed objects of a pack, applied before it is indexed.
+    pub git_limits: kiln_git::Limits,
     /// How long one commit's tests may run before they are stopped.
     pub job_timeout: Duration,
     /// After a restart, how long runners have to reconnect and claim the
@@ -500,9 +502,25 @@ impl Dispatcher {
             let pack = recv.recv_pack(self.config.max_pack_bytes).await?;
             let mirror = self.mirror.clone();
             let bytes = pack.len();
-            blocking(move || ObjectStore::open(&mirror)?.unpack(&pack, &commit))
-                .await
-                .map_err(|e| StreamError::Protocol(format!("the pack for {commit} is unusable: {e}")))?;
+            let limits = self.config.git_limits;
+            let unpacked = tokio::task::spawn_blocking(move || {
+                ObjectStore::open(&mirror)?.with_limits(limits).unpack(&pack, &commit)
+            })
+            .await
+            .map_err(|e| StreamError::Failed(format!("git task failed: {e}")))?;
+            match unpacked {
+                Ok(()) => {}
+                // Over a cap: a refusal the observer can report (naming the
+                // object and the cap, not the mirror's path), and the commit is
+                // not queued. Any other unusable pack is a protocol violation.
+                Err(ref e) if let kiln_git::GitErrorKind::TooLarge { detail, .. } = e.kind() => {
+                    let reason = format!("the dispatcher refused commit {commit}: {detail}");
+                    warn!(%commit, "pack refused: {detail}");
+                    reply(send, Reply::Refused(reason.clone())).await?;
+                    return Err(StreamError::Failed(reason));
+                }
+                Err(e) => return Err(StreamError::Protocol(format!("the pack for {commit} is unusable: {e}"))),
+            }
             debug!(%commit, bytes, "pack stored in the mirror");
         }
         // A newer commit stops older ones only if it descends from them: a
@@ -578,7 +596,8 @@ impl Dispatcher {
         }
         let haves: Vec<CommitId> = haves.into_iter().take(256).collect();
         let mirror = self.mirror.clone();
-        let pack = blocking(move || ObjectStore::open(&mirror)?.pack(&commit, &haves)).await?;
+        let limits = self.config.git_limits;
+        let pack = blocking(move || ObjectStore::open(&mirror)?.with_limits(limits).pack(&commit, &haves)).await?;
         debug!(%commit, bytes = pack.len(), "sending source");
         send.send(&Reply::Source).await?;
         send.send_pack(&pack).await?;
@@ -747,6 +766,18 @@ impl Dispatcher {
                                 error!(file = %Escaped(&file), "cannot record a finished file: {}", Escaped(&error_chain(&e)));
                             }
                             // Progress shows in the results file file by file.
+                            self.persist(&core, &commit);
+                        }
+                    })
+                }
+                JobEvent::Warning(warning) => {
+                    let commit = a.commit;
+                    let count = core.state.entry(&commit).map_or(0, |e| e.warnings.len());
+                    if warning.len() > 16 * 1024 || count >= 32 {
+                        return Err(StreamError::Protocol("oversized or too many warnings".into()));
+                    }
+                    core.state.warn(a.job, a.attempt, d.conn, warning).map(|new| {
+                        if new {
                             self.persist(&core, &commit);
                         }
                     })

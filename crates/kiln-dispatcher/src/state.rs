@@ -459,6 +459,17 @@ impl State {
         Ok(self.current(job, attempt, conn)?.done_files.insert(file))
     }
 
+    /// Records a warning from the lease holder, once (a resumed job sends its
+    /// events again). Returns whether it was new.
+    pub fn warn(&mut self, job: u64, attempt: u32, conn: ConnId, warning: String) -> Result<bool, Stale> {
+        let entry = self.current(job, attempt, conn)?;
+        if entry.warnings.contains(&warning) {
+            return Ok(false);
+        }
+        entry.warnings.push(warning);
+        Ok(true)
+    }
+
     /// Ends a job as its lease holder reports, and frees the runner's slot.
     /// Returns the commit, whose status is now final.
     pub fn finish(

@@ -42,6 +42,7 @@ impl Server {
         let config = Config {
             state_dir: dir.path().join("state"),
             max_pack_bytes: 1 << 20,
+            git_limits: kiln_git::Limits::default(),
             job_timeout: Duration::from_secs(60),
             resume_grace: Duration::from_secs(20),
             repo_owners: Vec::new(),

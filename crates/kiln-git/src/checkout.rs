@@ -15,10 +15,13 @@
 //!    two entries with the same name (or names that collide on a case-insensitive
 //!    file system).
 //!
+//! Before writing anything, the checkout measures the tree against the
+//! [`Limits`] from object headers (see `measure.rs`), so a tree over the caps is
+//! refused with nothing written and nothing inflated.
+//!
 //! Both walks use an explicit stack, so a deeply nested tree cannot overflow the
 //! thread's stack.
 
-use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Write};
@@ -26,57 +29,65 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, symlink};
 use std::path::Path;
 
-use git2::{Oid, Repository};
+use git2::Repository;
 use kiln_proto::CommitId;
 
-use crate::error::{GitError, GitErrorKind};
+use crate::error::{Action, GitError, GitErrorKind};
+use crate::limits::Limits;
+use crate::measure::{self, MeasureError};
 
 /// Tree entry modes, as normalised by libgit2's `git_tree_entry_filemode`.
-const MODE_TREE: i32 = 0o040_000;
+pub(crate) const MODE_TREE: i32 = 0o040_000;
 /// A regular file with the executable bit.
 const MODE_EXECUTABLE: i32 = 0o100_755;
 /// A symbolic link; the blob holds the link's target.
 const MODE_LINK: i32 = 0o120_000;
 /// A submodule: the entry names a commit of another repository.
-const MODE_GITLINK: i32 = 0o160_000;
+pub(crate) const MODE_GITLINK: i32 = 0o160_000;
 
-/// Checks that `expect` is present as a commit and that every tree and blob its
-/// tree reaches is present too (submodule commits excepted).
-pub(crate) fn check_complete(repo: &Repository, repo_path: &Path, expect: &CommitId) -> Result<(), GitError> {
+/// Checks that `expect` is present as a commit, that every tree and blob its
+/// tree reaches is present too (submodule commits excepted), and that the tree
+/// is within `limits`.
+pub(crate) fn check_complete(
+    repo: &Repository,
+    repo_path: &Path,
+    expect: &CommitId,
+    limits: &Limits,
+) -> Result<(), GitError> {
     let incomplete = |object: String, path: String| GitErrorKind::Incomplete { expect: *expect, object, path };
     let commit = crate::find_commit(repo, repo_path, expect)
         .map_err(|e| GitError::new(repo_path, incomplete(expect.to_string(), String::new()), e))?;
     let odb = repo.odb().map_err(|e| GitError::new(repo_path, GitErrorKind::BadPack { expect: *expect }, e))?;
-
-    // The same subtree often appears in many places (vendored copies, unchanged
-    // directories); checking it once is enough.
-    let mut seen: HashSet<Oid> = HashSet::new();
-    let mut stack = vec![(commit.tree_id(), String::new())];
-    while let Some((id, at)) = stack.pop() {
-        if !seen.insert(id) {
-            continue;
-        }
-        let tree =
-            repo.find_tree(id).map_err(|e| GitError::new(repo_path, incomplete(id.to_string(), at.clone()), e))?;
-        for entry in tree.iter() {
-            let child = child_path(&at, entry.name_bytes());
-            match entry.filemode() {
-                MODE_TREE => stack.push((entry.id(), child)),
-                // Submodule commits live in another repository.
-                MODE_GITLINK => {}
-                _ => {
-                    if !odb.exists(entry.id()) {
-                        return Err(GitError::bare(repo_path, incomplete(entry.id().to_string(), child)));
-                    }
-                }
-            }
-        }
-    }
+    measure::tree_size(repo, &odb, commit.tree_id(), limits)
+        .map_err(|e| measure_error(repo_path, Action::Unpack, expect, e))?;
     Ok(())
 }
 
+/// Turns a failed measurement into the error of `action` on `commit`.
+pub(crate) fn measure_error(repo_path: &Path, action: Action, commit: &CommitId, e: MeasureError) -> GitError {
+    match e {
+        MeasureError::TooLarge(detail) => {
+            GitError::bare(repo_path, GitErrorKind::TooLarge { action, commit: *commit, detail })
+        }
+        MeasureError::Unreadable { object, path, source } => {
+            let kind = match action {
+                Action::Unpack => GitErrorKind::Incomplete { expect: *commit, object: object.to_string(), path },
+                Action::Checkout => GitErrorKind::Checkout { commit: *commit, path: path.into() },
+                Action::Pack => GitErrorKind::Pack { want: *commit },
+            };
+            GitError::new(repo_path, kind, source)
+        }
+    }
+}
+
 /// Writes `commit`'s tree into `dest`; see [`crate::ObjectStore::checkout`].
-pub(crate) fn checkout(repo: &Repository, repo_path: &Path, commit: &CommitId, dest: &Path) -> Result<(), GitError> {
+pub(crate) fn checkout(
+    repo: &Repository,
+    repo_path: &Path,
+    commit: &CommitId,
+    dest: &Path,
+    limits: &Limits,
+) -> Result<(), GitError> {
     let write_error = |path: &Path, e: io::Error| {
         GitError::new(repo_path, GitErrorKind::Checkout { commit: *commit, path: path.to_owned() }, e)
     };
@@ -85,6 +96,11 @@ pub(crate) fn checkout(repo: &Repository, repo_path: &Path, commit: &CommitId, d
     };
 
     let root = crate::find_commit(repo, repo_path, commit)?.tree_id();
+    // Measure before writing anything: every blob's size from its header, and
+    // the total the checkout will write. The objects cannot change afterwards
+    // (their ids are their content), so the walk below writes what was measured.
+    let odb = repo.odb().map_err(|e| object_error(dest, e))?;
+    measure::tree_size(repo, &odb, root, limits).map_err(|e| measure_error(repo_path, Action::Checkout, commit, e))?;
     prepare_destination(dest).map_err(|e| match e {
         Prepare::NotEmpty => GitError::bare(repo_path, GitErrorKind::DestinationNotEmpty { dest: dest.to_owned() }),
         Prepare::Io(e) => write_error(dest, e),
@@ -125,7 +141,7 @@ pub(crate) fn checkout(repo: &Repository, repo_path: &Path, commit: &CommitId, d
 
 /// The path of entry `name` in the tree at `parent`, for messages only (lossy, and
 /// not safe to use on the file system: `name` may not have been checked yet).
-fn child_path(parent: &str, name: &[u8]) -> String {
+pub(crate) fn child_path(parent: &str, name: &[u8]) -> String {
     let name = String::from_utf8_lossy(name);
     if parent.is_empty() { name.into_owned() } else { format!("{parent}/{name}") }
 }

@@ -103,6 +103,16 @@ pub enum GitErrorKind {
         /// The offending path, lossily decoded, relative to the tree's root.
         path: String,
     },
+    /// An object, a commit's tree or a pack is larger than a cap of
+    /// [`Limits`](crate::Limits); nothing was checked out, indexed or sent.
+    TooLarge {
+        /// What was being done.
+        action: Action,
+        /// The commit it was done for.
+        commit: CommitId,
+        /// Which cap, the size found and where.
+        detail: crate::TooLarge,
+    },
     /// Reading an object or writing a file during checkout failed.
     Checkout {
         /// The commit being checked out.
@@ -110,6 +120,17 @@ pub enum GitErrorKind {
         /// The file or directory being written, or the destination.
         path: PathBuf,
     },
+}
+
+/// The operation a [`GitErrorKind::TooLarge`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// [`ObjectStore::unpack`](crate::ObjectStore::unpack).
+    Unpack,
+    /// [`ObjectStore::checkout`](crate::ObjectStore::checkout).
+    Checkout,
+    /// [`ObjectStore::pack`](crate::ObjectStore::pack).
+    Pack,
 }
 
 impl GitError {
@@ -187,6 +208,11 @@ impl fmt::Display for Message<'_> {
                 f,
                 "check out commit {commit} from {repo}: its tree has an entry `{path}` that is unsafe to write"
             ),
+            GitErrorKind::TooLarge { action, commit, detail } => match action {
+                Action::Unpack => write!(f, "unpack commit {commit} into {repo}: {detail}"),
+                Action::Checkout => write!(f, "check out commit {commit} from {repo}: {detail}"),
+                Action::Pack => write!(f, "build a pack for commit {commit} from {repo}: {detail}"),
+            },
             GitErrorKind::Checkout { commit, path } => {
                 write!(f, "check out commit {commit} from {repo}: could not write {}", path.display())
             }

@@ -21,6 +21,12 @@
 //!   bare, we want the exact blob bytes (no `.gitattributes` filters, no index),
 //!   and we want one obvious place that guarantees nothing is written outside the
 //!   destination (see [`ObjectStore::checkout`]).
+//! - **Expansion is bounded.** Every store applies [`Limits`] (caps on one
+//!   object's uncompressed size, on one commit's checked-out files and on one
+//!   pack's uncompressed objects): `unpack` scans the pack stream before libgit2
+//!   sees it, and `unpack`, `checkout` and `pack` measure the commit's tree with
+//!   header reads before inflating anything (see `limits.rs`). A 1 GiB blob of
+//!   zeros, 1 MiB on the wire, is refused without being inflated.
 //! - git2's error type never crosses the API: everything fails with [`GitError`],
 //!   which keeps the git2 error as its `source`.
 //!
@@ -31,6 +37,9 @@
 
 mod checkout;
 mod error;
+mod limits;
+mod measure;
+mod scan;
 
 use std::fs;
 use std::io::{self, Write};
@@ -39,7 +48,8 @@ use std::path::{Path, PathBuf};
 use git2::{Oid, Repository, RepositoryInitOptions};
 use kiln_proto::CommitId;
 
-pub use error::{GitError, GitErrorKind};
+pub use error::{Action, GitError, GitErrorKind};
+pub use limits::{Cap, Limits, Place, TooLarge};
 
 /// The namespace of the refs that record commits a store holds in full.
 const RECORDED_PREFIX: &str = "refs/kiln/commits/";
@@ -51,6 +61,8 @@ pub struct ObjectStore {
     repo: Repository,
     /// The path the store was opened with, for error messages.
     path: PathBuf,
+    /// The caps on what `unpack`, `checkout` and `pack` handle.
+    limits: Limits,
 }
 
 impl std::fmt::Debug for ObjectStore {
@@ -66,7 +78,7 @@ impl ObjectStore {
     /// parent directories are not searched.
     pub fn open(path: &Path) -> Result<ObjectStore, GitError> {
         let repo = Repository::open(path).map_err(|e| GitError::new(path, GitErrorKind::Open, e))?;
-        Ok(ObjectStore { repo, path: path.to_owned() })
+        Ok(ObjectStore { repo, path: path.to_owned(), limits: Limits::default() })
     }
 
     /// Opens the bare repository at `path`, creating it (and parent dirs) if missing.
@@ -115,7 +127,13 @@ impl ObjectStore {
         } else {
             Repository::open_bare(path).map_err(|e| GitError::new(path, GitErrorKind::Open, e))?
         };
-        Ok(ObjectStore { repo, path: path.to_owned() })
+        Ok(ObjectStore { repo, path: path.to_owned(), limits: Limits::default() })
+    }
+
+    /// This store with `limits` instead of [`Limits::default`].
+    pub fn with_limits(mut self, limits: Limits) -> ObjectStore {
+        self.limits = limits;
+        self
     }
 
     /// The path this store was opened with.
@@ -232,23 +250,33 @@ impl ObjectStore {
     /// The pack is self-contained (no deltas against objects outside it). If `want`
     /// is reachable from a have, the pack holds no objects, and still unpacks.
     pub fn pack(&self, want: &CommitId, haves: &[CommitId]) -> Result<Vec<u8>, GitError> {
-        let want_oid = self.find_commit(want)?.id();
+        let want_commit = self.find_commit(want)?;
+        let want_oid = want_commit.id();
         let pack_error = |e: git2::Error| self.error(GitErrorKind::Pack { want: *want }, e);
-
-        let mut walk = self.repo.revwalk().map_err(pack_error)?;
-        walk.push(want_oid).map_err(pack_error)?;
-        for have in haves {
-            // Hiding an object the walk cannot load fails the whole walk, so only
-            // commits that are really here are hidden.
-            if let Ok(commit) = self.find_commit(have) {
-                walk.hide(commit.id()).map_err(pack_error)?;
+        // Hiding an object the walk cannot load fails the whole walk, so only
+        // commits that are really here are hidden.
+        let hidden: Vec<Oid> = haves.iter().filter_map(|have| self.find_commit(have).ok()).map(|c| c.id()).collect();
+        let walk = || -> Result<git2::Revwalk<'_>, git2::Error> {
+            let mut walk = self.repo.revwalk()?;
+            walk.push(want_oid)?;
+            for &oid in &hidden {
+                walk.hide(oid)?;
             }
-        }
+            Ok(walk)
+        };
+
+        // Measure before building: the pack builder holds each object whole, so
+        // an object over the caps must be refused before it is read.
+        let measure_error = |e| checkout::measure_error(&self.path, Action::Pack, want, e);
+        let odb = self.repo.odb().map_err(pack_error)?;
+        measure::tree_size(&self.repo, &odb, want_commit.tree_id(), &self.limits).map_err(measure_error)?;
+        let commits: Vec<Oid> = walk().map_err(pack_error)?.collect::<Result<_, _>>().map_err(pack_error)?;
+        measure::pack_size(&self.repo, &odb, &commits, &hidden, &self.limits).map_err(measure_error)?;
 
         // The walk yields the commits to send; `insert_walk` adds their trees and
         // blobs, skipping everything reachable from the trees of the hidden commits.
         let mut builder = self.repo.packbuilder().map_err(pack_error)?;
-        builder.insert_walk(&mut walk).map_err(pack_error)?;
+        builder.insert_walk(&mut walk().map_err(pack_error)?).map_err(pack_error)?;
         let mut buf = git2::Buf::new();
         builder.write_buf(&mut buf).map_err(pack_error)?;
         tracing::debug!(
@@ -269,8 +297,18 @@ impl ObjectStore {
     /// Objects of a pack that indexed cleanly stay in the store even when the
     /// check fails: they are valid objects (their ids are recomputed from their
     /// content), just not enough of them. Only a complete commit is remembered.
+    ///
+    /// Before indexing, the pack is scanned against this store's [`Limits`]
+    /// (every object's uncompressed size, and their total), in fixed memory; a
+    /// pack over them fails with [`GitErrorKind::TooLarge`] and is never indexed.
     pub fn unpack(&self, pack: &[u8], expect: &CommitId) -> Result<(), GitError> {
         let bad_pack = || GitErrorKind::BadPack { expect: *expect };
+        scan::scan(pack, &self.limits).map_err(|e| match e {
+            scan::ScanError::TooLarge(detail) => {
+                self.error_bare(GitErrorKind::TooLarge { action: Action::Unpack, commit: *expect, detail })
+            }
+            scan::ScanError::Malformed(reason) => self.error(bad_pack(), reason),
+        })?;
         let odb = self.repo.odb().map_err(|e| self.error(bad_pack(), e))?;
         {
             // Dropping the writer without `commit` (on any error below) deletes its
@@ -287,7 +325,7 @@ impl ObjectStore {
         // Make the new pack visible to lookups through this repository at once.
         odb.refresh().map_err(|e| self.error(bad_pack(), e))?;
 
-        checkout::check_complete(&self.repo, &self.path, expect)?;
+        checkout::check_complete(&self.repo, &self.path, expect, &self.limits)?;
         tracing::debug!(
             repo = %self.path.display(),
             %expect,
@@ -305,8 +343,12 @@ impl ObjectStore {
     /// conversion). An entry whose name is unsafe (empty, `.`, `..`, `.git` in any
     /// case, or containing `/` or NUL) fails the checkout, as it does in git. On
     /// error `dest` may hold a partial checkout; the caller owns and removes it.
+    ///
+    /// The tree is measured against this store's [`Limits`] first, from object
+    /// headers; a tree over them fails with [`GitErrorKind::TooLarge`] before
+    /// anything is written.
     pub fn checkout(&self, commit: &CommitId, dest: &Path) -> Result<(), GitError> {
-        checkout::checkout(&self.repo, &self.path, commit, dest)
+        checkout::checkout(&self.repo, &self.path, commit, dest, &self.limits)
     }
 
     /// The commit `id`, or [`GitErrorKind::MissingCommit`].
@@ -326,6 +368,11 @@ impl ObjectStore {
 
     fn find_commit(&self, id: &CommitId) -> Result<git2::Commit<'_>, GitError> {
         find_commit(&self.repo, &self.path, id)
+    }
+
+    /// An error about this store, with no lower-level cause.
+    fn error_bare(&self, kind: GitErrorKind) -> GitError {
+        GitError::bare(&self.path, kind)
     }
 
     /// An error about this store.

@@ -608,3 +608,332 @@ fn ancestry_follows_history_not_branch_names() {
     let err = store.is_ancestor(&unknown_id(), &child).unwrap_err();
     assert_eq!(err.kind(), &GitErrorKind::MissingCommit { commit: unknown_id() });
 }
+
+// ---- Bounded expansion: packs and trees that try to exhaust memory ----
+
+/// A git object id, as hex, of `kind` with `len` bytes of `content`, hashed as it streams.
+fn object_id<'a>(kind: &str, len: u64, content: impl IntoIterator<Item = &'a [u8]>) -> String {
+    use sha1::Digest;
+    let mut hash = sha1::Sha1::new();
+    hash.update(format!("{kind} {len}\0").as_bytes());
+    for chunk in content {
+        hash.update(chunk);
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The zlib stream of `len` zero bytes, compressed as it streams (1 GiB → about 1 MiB).
+fn deflate_zeros(len: u64) -> Vec<u8> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut z = flate2::Compress::new(flate2::Compression::best(), true);
+    let mut out = Vec::with_capacity(2 << 20);
+    let mut left = len;
+    loop {
+        let chunk = &zeros[..left.min(zeros.len() as u64) as usize];
+        let flush =
+            if left <= chunk.len() as u64 { flate2::FlushCompress::Finish } else { flate2::FlushCompress::None };
+        if out.capacity() - out.len() < 64 << 10 {
+            out.reserve(1 << 20);
+        }
+        let before = z.total_in();
+        let status = z.compress_vec(chunk, &mut out, flush).unwrap();
+        left -= z.total_in() - before;
+        if status == flate2::Status::StreamEnd {
+            return out;
+        }
+    }
+}
+
+/// The zlib stream of `bytes`.
+fn deflate(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// A pack object's header: type and (declared) size.
+fn object_header(kind: u8, mut size: u64) -> Vec<u8> {
+    let mut first = (kind << 4) | (size & 0x0f) as u8;
+    size >>= 4;
+    let mut out = Vec::new();
+    while size > 0 {
+        out.push(first | 0x80);
+        first = (size & 0x7f) as u8;
+        size >>= 7;
+    }
+    out.push(first);
+    out
+}
+
+/// A delta's base-128 size number.
+fn delta_varint(mut n: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// Bytes of a pack holding `objects` (already-encoded header + data), with its checksum.
+fn pack_of(objects: &[Vec<u8>]) -> Vec<u8> {
+    use sha1::Digest;
+    let mut pack = b"PACK\0\0\0\x02".to_vec();
+    pack.extend_from_slice(&(objects.len() as u32).to_be_bytes());
+    for object in objects {
+        pack.extend_from_slice(object);
+    }
+    let sum = sha1::Sha1::digest(&pack);
+    pack.extend_from_slice(&sum);
+    pack
+}
+
+/// A commit object over `tree` (hex id): (id, encoded pack object).
+fn commit_object(tree: &str) -> (CommitId, Vec<u8>) {
+    let body =
+        format!("tree {tree}\nauthor A <a@kiln.invalid> 0 +0000\ncommitter A <a@kiln.invalid> 0 +0000\n\nbomb\n");
+    let id = object_id("commit", body.len() as u64, [body.as_bytes()]);
+    let mut object = object_header(1, body.len() as u64);
+    object.extend(deflate(body.as_bytes()));
+    (id.parse().unwrap(), object)
+}
+
+/// A tree object with one entry `name` → the blob `blob` (hex id): (id, encoded pack object).
+fn tree_object(name: &str, blob: &str) -> (String, Vec<u8>) {
+    let mut body = format!("100644 {name}\0").into_bytes();
+    body.extend(Oid::from_str(blob).unwrap().as_bytes());
+    let id = object_id("tree", body.len() as u64, [&body[..]]);
+    let mut object = object_header(2, body.len() as u64);
+    object.extend(deflate(&body));
+    (id, object)
+}
+
+/// A complete commit whose tree holds `big.bin`: `len` zero bytes, about 1 KiB per MiB on the wire.
+fn zero_bomb(len: u64) -> (CommitId, Vec<u8>) {
+    let zeros = vec![0u8; 1 << 20];
+    let chunk = zeros.len() as u64;
+    let chunks = (0..len.div_ceil(chunk)).map(|n| &zeros[..(len - n * chunk).min(chunk) as usize]);
+    let blob = object_id("blob", len, chunks);
+    let mut blob_object = object_header(3, len);
+    blob_object.extend(deflate_zeros(len));
+    let (tree, tree_obj) = tree_object("big.bin", &blob);
+    let (commit, commit_obj) = commit_object(&tree);
+    (commit, pack_of(&[commit_obj, tree_obj, blob_object]))
+}
+
+/// A pack of a 64 KiB blob of zeros and a 16 KiB delta against it whose result is `len` bytes.
+fn delta_bomb(len: u64) -> Vec<u8> {
+    let base_len = 1u64 << 16;
+    let base = object_id("blob", base_len, [&vec![0u8; base_len as usize][..]]);
+    let mut base_object = object_header(3, base_len);
+    base_object.extend(deflate_zeros(base_len));
+    let mut delta = delta_varint(base_len);
+    delta.extend(delta_varint(len));
+    // 0x80 alone: copy 0x10000 bytes from offset 0 of the base.
+    delta.extend(std::iter::repeat_n(0x80u8, (len / base_len) as usize));
+    let mut delta_object = object_header(7, delta.len() as u64);
+    delta_object.extend(Oid::from_str(&base).unwrap().as_bytes());
+    delta_object.extend(deflate(&delta));
+    pack_of(&[base_object, delta_object])
+}
+
+/// The peak resident set of this process so far, in bytes (VmHWM).
+fn peak_rss() -> u64 {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// Environment variables that turn [`child_unpacks_and_checks_out`] into the child of a memory test.
+const CHILD_PACK: &str = "KILN_TEST_CHILD_PACK";
+const CHILD_COMMIT: &str = "KILN_TEST_CHILD_COMMIT";
+
+/// Unpacks the pack in a fresh child process (this test binary, running only
+/// [`child_unpacks_and_checks_out`]), checks the commit out if that worked, and
+/// returns (what happened, the child's peak RSS in bytes).
+fn unpack_in_child(pack: &[u8], commit: &CommitId) -> (String, u64) {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("bomb.pack");
+    fs::write(&path, pack).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["child_unpacks_and_checks_out", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_PACK, &path)
+        .env(CHILD_COMMIT, commit.as_str())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        stdout
+            .lines()
+            // libtest prints the test's name on the line the output starts on.
+            .find_map(|l| l.split_once(name).map(|(_, v)| v))
+            .unwrap_or_else(|| panic!("child printed no {name}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
+            .to_owned()
+    };
+    let (outcome, peak) = (field("outcome: "), field("peak: ").parse().unwrap());
+    eprintln!("child: {outcome}; peak RSS {} MiB", peak >> 20);
+    (outcome, peak)
+}
+
+/// The child half of the memory tests; does nothing unless started by [`unpack_in_child`].
+#[test]
+fn child_unpacks_and_checks_out() {
+    let (Ok(pack), Ok(commit)) = (std::env::var(CHILD_PACK), std::env::var(CHILD_COMMIT)) else { return };
+    let pack = fs::read(pack).unwrap();
+    let commit: CommitId = commit.parse().unwrap();
+    let dir = TempDir::new().unwrap();
+    let store = ObjectStore::open_or_init_bare(&dir.path().join("cache")).unwrap();
+    let outcome = match store.unpack(&pack, &commit) {
+        Err(e) => format!("unpack failed: {e}"),
+        Ok(()) => match store.checkout(&commit, &dir.path().join("job")) {
+            Err(e) => format!("checkout failed: {e}"),
+            Ok(()) => "checked out".to_owned(),
+        },
+    };
+    drop(pack);
+    println!("outcome: {}", outcome.replace('\n', " "));
+    println!("peak: {}", peak_rss());
+}
+
+/// What a child process may use at most while refusing a bomb.
+const SMALL_RSS: u64 = 100 << 20;
+
+#[test]
+fn a_gigabyte_zero_blob_is_refused_in_small_memory() {
+    let (commit, pack) = zero_bomb(1 << 30);
+    assert!(pack.len() < 2 << 20, "the bomb is {} bytes on the wire", pack.len());
+    let (outcome, peak) = unpack_in_child(&pack, &commit);
+    assert!(outcome.starts_with("unpack failed"), "{outcome}");
+    assert!(
+        outcome.contains("is 1 GiB, over the cap of 100 MiB on one object (raise it with --max-blob-size)"),
+        "{outcome}"
+    );
+    assert!(outcome.contains("a blob"), "{outcome}");
+    assert!(peak < SMALL_RSS, "peak RSS {} MiB while refusing a {}-byte pack", peak >> 20, pack.len());
+}
+
+#[test]
+fn a_delta_with_a_gigabyte_result_is_refused_in_small_memory() {
+    let pack = delta_bomb(1 << 30);
+    assert!(pack.len() < 100 << 10, "the bomb is {} bytes on the wire", pack.len());
+    let (outcome, peak) = unpack_in_child(&pack, &unknown_id());
+    assert!(
+        outcome.contains("(a delta, at byte") && outcome.contains("expands to 1 GiB, over the cap of 100 MiB"),
+        "{outcome}"
+    );
+    assert!(peak < SMALL_RSS, "peak RSS {} MiB while refusing a {}-byte pack", peak >> 20, pack.len());
+}
+
+#[test]
+fn an_object_that_inflates_past_its_declared_size_is_refused() {
+    // A blob declared as 4 bytes whose stream holds 1 MiB of zeros.
+    let mut object = object_header(3, 4);
+    object.extend(deflate_zeros(1 << 20));
+    let pack = pack_of(&[object]);
+    let dir = TempDir::new().unwrap();
+    let store = ObjectStore::open_or_init_bare(&dir.path().join("cache")).unwrap();
+    let err = store.unpack(&pack, &unknown_id()).unwrap_err();
+    assert!(matches!(err.kind(), GitErrorKind::BadPack { .. }), "{err}");
+    let source = std::error::Error::source(&err).unwrap().to_string();
+    assert!(source.contains("more than its declared 4 bytes"), "{source}");
+}
+
+#[test]
+fn pack_expansion_cap_counts_every_object() {
+    let dir = TempDir::new().unwrap();
+    let (repo, sender) = work_repo(&dir);
+    let a = noise(3000, 1);
+    let b = noise(3000, 2);
+    let tree = write_tree(&repo, &[("a", Node::File(&a)), ("b", Node::File(&b))]);
+    let id = commit(&repo, Some("main"), tree, &[], 1_000);
+    let pack = sender.pack(&id, &[]).unwrap();
+    let limits = |max_pack_expansion| kiln_git::Limits { max_pack_expansion, ..kiln_git::Limits::default() };
+    let small = ObjectStore::open_or_init_bare(&dir.path().join("small")).unwrap().with_limits(limits(5000));
+    let err = small.unpack(&pack, &id).unwrap_err();
+    let GitErrorKind::TooLarge { action: kiln_git::Action::Unpack, detail, .. } = err.kind() else { panic!("{err}") };
+    assert_eq!(detail.cap, kiln_git::Cap::PackExpansion);
+    assert!(
+        err.to_string().contains(
+            "over the cap of 5000 bytes on one pack's uncompressed objects (raise it with --max-pack-expansion)"
+        ),
+        "{err}"
+    );
+    assert!(!small.has_commit(&id));
+    // The sender refuses to build it too, naming where the total went over.
+    let err =
+        ObjectStore::open(&dir.path().join("work")).unwrap().with_limits(limits(5000)).pack(&id, &[]).unwrap_err();
+    assert!(matches!(err.kind(), GitErrorKind::TooLarge { action: kiln_git::Action::Pack, .. }), "{err}");
+    assert!(err.to_string().contains("--max-pack-expansion"), "{err}");
+    // Within the cap, the same pack goes in.
+    let roomy = ObjectStore::open_or_init_bare(&dir.path().join("roomy")).unwrap().with_limits(limits(7000));
+    roomy.unpack(&pack, &id).unwrap();
+}
+
+#[test]
+fn tree_cap_counts_repeated_subtrees_and_stops_checkout_before_writing() {
+    let dir = TempDir::new().unwrap();
+    let (repo, sender) = work_repo(&dir);
+    // One 1 KiB file, in a directory that the root names 200 times: 1 KiB on
+    // the wire, 200 KiB checked out.
+    let file = noise(1024, 3);
+    let sub = write_tree(&repo, &[("f", Node::File(&file))]);
+    let mut builder = repo.treebuilder(None).unwrap();
+    for n in 0..200 {
+        builder.insert(format!("d{n:03}"), sub, 0o040_000).unwrap();
+    }
+    let root = builder.write().unwrap();
+    let id = commit(&repo, Some("main"), root, &[], 1_000);
+    let pack = sender.pack(&id, &[]).unwrap();
+
+    let cache = dir.path().join("cache");
+    ObjectStore::open_or_init_bare(&cache).unwrap().unpack(&pack, &id).unwrap();
+    let limits = kiln_git::Limits { max_tree: 100 << 10, ..kiln_git::Limits::default() };
+    let small = ObjectStore::open(&cache).unwrap().with_limits(limits);
+    let dest = dir.path().join("job");
+    let err = small.checkout(&id, &dest).unwrap_err();
+    let GitErrorKind::TooLarge { action: kiln_git::Action::Checkout, detail, .. } = err.kind() else { panic!("{err}") };
+    assert_eq!(detail.cap, kiln_git::Cap::Tree);
+    assert_eq!(detail.at, kiln_git::Place::Path("d100".into()), "{err}");
+    assert!(
+        err.to_string().contains(
+            "the files add up to 101 KiB by `d100`, over the cap of 100 KiB on one commit's checked-out files (raise it with --max-tree-size)"
+        ),
+        "{err}"
+    );
+    assert!(!dest.exists(), "checkout wrote files before refusing");
+    // An unpack into a store with the same cap refuses the commit too, and the sender will not pack it.
+    let other = ObjectStore::open_or_init_bare(&dir.path().join("other")).unwrap().with_limits(limits);
+    let err = other.unpack(&pack, &id).unwrap_err();
+    assert!(matches!(err.kind(), GitErrorKind::TooLarge { action: kiln_git::Action::Unpack, .. }), "{err}");
+    let err = ObjectStore::open(&dir.path().join("work")).unwrap().with_limits(limits).pack(&id, &[]).unwrap_err();
+    assert!(err.to_string().contains("--max-tree-size"), "{err}");
+    // With the default caps it checks out whole.
+    ObjectStore::open(&cache).unwrap().checkout(&id, &dest).unwrap();
+    assert_eq!(fs::read(dest.join("d199/f")).unwrap(), file);
+}
+
+#[test]
+fn the_sender_refuses_a_blob_over_the_cap_naming_its_path() {
+    let dir = TempDir::new().unwrap();
+    let (repo, sender) = work_repo(&dir);
+    let big = noise(5000, 4);
+    let tree = write_tree(&repo, &[("src", Node::Dir(vec![("big.bin", Node::File(&big))]))]);
+    let id = commit(&repo, Some("main"), tree, &[], 1_000);
+    drop(sender);
+    let limits = kiln_git::Limits { max_blob: 4096, ..kiln_git::Limits::default() };
+    let sender = ObjectStore::open(&dir.path().join("work")).unwrap().with_limits(limits);
+    let err = sender.pack(&id, &[]).unwrap_err();
+    let blob = repo.find_tree(tree).unwrap().get_path(Path::new("src/big.bin")).unwrap().id();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "build a pack for commit {id} from {}: `src/big.bin` is 5000 bytes (object {blob}), over the cap of 4 KiB on one object (raise it with --max-blob-size)",
+            dir.path().join("work").display()
+        )
+    );
+}

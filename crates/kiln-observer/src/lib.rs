@@ -42,6 +42,9 @@ pub struct Config {
     pub mode: Mode,
     /// Where to listen for `kiln notify` (see [`default_notify_socket`]).
     pub notify_socket: Option<PathBuf>,
+    /// Caps on the uncompressed objects a submission may carry, checked
+    /// before a pack is built (the dispatcher checks its own again).
+    pub git_limits: kiln_git::Limits,
 }
 
 /// Which commits an observer submits.
@@ -112,6 +115,10 @@ enum SubmitError {
     Git(#[from] kiln_git::GitError),
     #[error("unexpected reply from the dispatcher: {0:?}")]
     Unexpected(Reply),
+    /// The commit is over the git caps, found here or by the dispatcher: it is
+    /// not queued, and resending it would not help.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// Watches the repository until `shutdown` is cancelled.
@@ -176,6 +183,12 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
                     submitted.insert(branch.clone(), head);
                 }
                 Err(SubmitError::Request(RequestError::Refused(reason))) => return Err(ObserverError::Refused(reason)),
+                Err(SubmitError::TooLarge(reason)) => {
+                    // Not queued, and never will be as it is: say so once and
+                    // move on to the branch's next head.
+                    tracing::error!(%branch, commit = %head, "not submitted: {reason}");
+                    submitted.insert(branch.clone(), head);
+                }
                 Err(SubmitError::Request(RequestError::Rejected(reason))) => {
                     return Err(ObserverError::Rejected(reason));
                 }
@@ -307,12 +320,20 @@ async fn submit(conn: &Connection, config: &Config, branch: &str, head: CommitId
         Reply::Queued => Ok(true),
         Reply::SendPack { haves } => {
             let repo = config.repo.clone();
-            let pack = blocking(move || ObjectStore::open(&repo)?.pack(&head, &haves)).await?;
+            let limits = config.git_limits;
+            let pack = match blocking(move || ObjectStore::open(&repo)?.with_limits(limits).pack(&head, &haves)).await {
+                Ok(pack) => pack,
+                Err(ref e) if let kiln_git::GitErrorKind::TooLarge { detail, .. } = e.kind() => {
+                    return Err(SubmitError::TooLarge(format!("commit {head} is over this observer's caps: {detail}")));
+                }
+                Err(e) => return Err(e.into()),
+            };
             send.send_pack(&pack).await.map_err(|e| conn.request_error(e))?;
             send.finish();
             match recv.expect::<Reply>().await.map_err(|e| conn.request_error(e))? {
                 Reply::Queued => Ok(true),
-                Reply::Refused(reason) => Err(RequestError::Refused(reason).into()),
+                // The only refusal after a pack: over the dispatcher's caps.
+                Reply::Refused(reason) => Err(SubmitError::TooLarge(reason)),
                 other => Err(SubmitError::Unexpected(other)),
             }
         }

@@ -33,6 +33,6 @@ mod state;
 
 pub use cache::Compilation;
 pub use error::HostError;
-pub use files::test_files;
+pub use files::{TestFiles, test_files};
 pub use host::{CONTRACT_VERSION, HostEvent, PluginHost, PluginSummary};
 pub use policy::Policy;

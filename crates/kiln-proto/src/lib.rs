@@ -8,11 +8,13 @@
 pub mod escape;
 pub mod frame;
 pub mod model;
+pub mod size;
 pub mod wire;
 
 pub use escape::{Escaped, escaped};
 pub use frame::{FrameError, MAX_FRAME_LEN};
 pub use model::{CommitId, CommitReport, CommitStatus, Counts, Outcome, Role, TestResult};
+pub use size::ByteSize;
 
 /// Formats an error with its chain of causes, as `a: b: c`, for log lines
 /// and messages that must name the root cause.

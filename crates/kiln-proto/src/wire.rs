@@ -205,6 +205,9 @@ pub enum JobEvent {
         /// Why the job could not run at all.
         error: Option<String>,
     },
+    /// Something the commit's report should say once, such as symlinks under
+    /// `tests/` that were not followed. Kept in the report's `warnings`.
+    Warning(String),
     /// The runner gives the job back unfinished (it is shutting down); the
     /// dispatcher hands what is left to another runner at once.
     Abandoned {

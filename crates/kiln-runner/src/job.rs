@@ -31,6 +31,8 @@ pub(crate) struct JobContext {
     pub jobs_dir: PathBuf,
     /// The largest source pack accepted.
     pub max_pack_bytes: u64,
+    /// Caps on the uncompressed source, applied at unpack and checkout.
+    pub git_limits: kiln_git::Limits,
     /// The plugins.
     pub host: Arc<PluginHost>,
     /// Jobs running now, by job id, with the way to hand each a new stream.
@@ -83,6 +85,8 @@ enum JobError {
     },
     #[error("list the files under tests/")]
     List(#[source] std::io::Error),
+    #[error("no tests found: {0}")]
+    OnlyLinks(String),
     #[error("run the plugins")]
     Plugins(#[source] kiln_plugin_host::HostError),
 }
@@ -267,11 +271,19 @@ async fn run_job(
         }
         return Ok(Err(e));
     }
-    let files = match kiln_plugin_host::test_files(checkout) {
-        // Files an earlier attempt finished are stored already.
-        Ok(files) => files.into_iter().filter(|f| !skip_files.contains(f)).collect::<Vec<_>>(),
+    let found = match kiln_plugin_host::test_files(checkout) {
+        Ok(found) => found,
         Err(e) => return Ok(Err(JobError::List(e))),
     };
+    if let Some(warning) = found.warning() {
+        if found.files.is_empty() {
+            return Ok(Err(JobError::OnlyLinks(warning)));
+        }
+        // The receiver lives as long as this future.
+        let _ = events.send(JobEvent::Warning(warning));
+    }
+    // Files an earlier attempt finished are stored already.
+    let files: Vec<String> = found.files.into_iter().filter(|f| !skip_files.contains(f)).collect();
     debug!(files = files.len(), "running tests");
     let (tx, mut rx) = mpsc::unbounded_channel::<HostEvent>();
     let host = Arc::clone(&ctx.host);
@@ -327,16 +339,18 @@ async fn fetch(
         let pack = recv.recv_pack(ctx.max_pack_bytes).await.map_err(|e| fetch_err(error_chain(&e)))?;
         debug!(bytes = pack.len(), "source received");
         let cache = ctx.cache.clone();
-        blocking(move || ObjectStore::open(&cache)?.unpack(&pack, &commit)).await.map_err(git)?;
+        let limits = ctx.git_limits;
+        blocking(move || ObjectStore::open(&cache)?.with_limits(limits).unpack(&pack, &commit)).await.map_err(git)?;
     }
     let cache = ctx.cache.clone();
     let dest = checkout.to_owned();
+    let limits = ctx.git_limits;
     blocking(move || {
         if dest.exists() {
             // A leftover from a crashed earlier run of this very attempt.
             let _ = std::fs::remove_dir_all(&dest);
         }
-        ObjectStore::open(&cache)?.checkout(&commit, &dest)
+        ObjectStore::open(&cache)?.with_limits(limits).checkout(&commit, &dest)
     })
     .await
     .map_err(git)

@@ -33,6 +33,8 @@ pub struct Config {
     pub slots: u32,
     /// The largest source pack accepted.
     pub max_pack_bytes: u64,
+    /// Caps on the uncompressed source: per file, per checkout, per pack.
+    pub git_limits: kiln_git::Limits,
     /// Transport settings.
     pub net: NetConfig,
     /// What the process sandbox lacks on this machine, reported to the
@@ -86,6 +88,7 @@ pub async fn run(
         cache: config.work_dir.join("cache.git"),
         jobs_dir: config.work_dir.join("jobs"),
         max_pack_bytes: config.max_pack_bytes,
+        git_limits: config.git_limits,
         host,
         jobs: std::sync::Mutex::new(std::collections::HashMap::new()),
     });

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use kiln_proto::ByteSize;
 
 /// Kiln: a distributed continuous-integration system.
 #[derive(Debug, Parser)]
@@ -92,6 +93,31 @@ pub struct ClientArgs {
     pub idle_timeout: Duration,
 }
 
+/// The caps on uncompressed git objects, shared by the dispatcher, observer and runner.
+#[derive(Debug, Args)]
+pub struct GitLimitsArgs {
+    /// The largest uncompressed file (git object) accepted or sent, e.g. 100MiB.
+    #[arg(long, env = "KILN_MAX_BLOB_SIZE", default_value_t = ByteSize(kiln_git::Limits::default().max_blob))]
+    pub max_blob_size: ByteSize,
+    /// The largest total of the files one commit checks out to, e.g. 1GiB.
+    #[arg(long, env = "KILN_MAX_TREE_SIZE", default_value_t = ByteSize(kiln_git::Limits::default().max_tree))]
+    pub max_tree_size: ByteSize,
+    /// The largest total of the uncompressed objects of one git pack, e.g. 4GiB.
+    #[arg(long, env = "KILN_MAX_PACK_EXPANSION", default_value_t = ByteSize(kiln_git::Limits::default().max_pack_expansion))]
+    pub max_pack_expansion: ByteSize,
+}
+
+impl GitLimitsArgs {
+    /// The settings these flags say.
+    pub fn limits(&self) -> kiln_git::Limits {
+        kiln_git::Limits {
+            max_blob: self.max_blob_size.bytes(),
+            max_tree: self.max_tree_size.bytes(),
+            max_pack_expansion: self.max_pack_expansion.bytes(),
+        }
+    }
+}
+
 /// `kiln dispatcher`
 #[derive(Debug, Args)]
 pub struct DispatcherArgs {
@@ -110,6 +136,8 @@ pub struct DispatcherArgs {
     /// The largest git pack accepted from an observer, in MiB.
     #[arg(long, default_value_t = 512)]
     pub max_pack_mib: u64,
+    #[command(flatten)]
+    pub git_limits: GitLimitsArgs,
     /// How long one commit's tests may run before they are stopped.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
     pub job_timeout: Duration,
@@ -159,6 +187,8 @@ pub struct ObserverArgs {
     /// The Unix socket `kiln notify` pokes (default: kiln-observer.sock in the repository's git directory).
     #[arg(long)]
     pub notify_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub git_limits: GitLimitsArgs,
 }
 
 /// Which commits the observer submits.
@@ -211,6 +241,8 @@ pub struct RunnerArgs {
     /// The wall-clock limit for one command a plugin runs.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
     pub command_timeout: Duration,
+    #[command(flatten)]
+    pub git_limits: GitLimitsArgs,
 }
 
 /// `kiln results`

@@ -33,6 +33,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let config = kiln_dispatcher::Config {
                 state_dir: a.state.clone(),
                 max_pack_bytes: a.max_pack_mib.saturating_mul(1 << 20),
+                git_limits: a.git_limits.limits(),
                 job_timeout: a.job_timeout,
                 resume_grace: a.resume_grace,
                 repo_owners: a.repo_owners.clone(),
@@ -54,6 +55,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     ModeArg::Latest => kiln_observer::Mode::Latest { cancel_running: !a.keep_running },
                     ModeArg::Every => kiln_observer::Mode::Every,
                 },
+                git_limits: a.git_limits.limits(),
                 notify_socket: Some(a.notify_socket.unwrap_or_else(|| kiln_observer::default_notify_socket(&a.repo))),
             };
             kiln_observer::run(bundle, config, shutdown_on_signal()).await.map_err(anyhow::Error::from)?;
@@ -166,6 +168,7 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
         work_dir: a.work.clone(),
         slots: a.slots,
         max_pack_bytes: 1 << 30,
+        git_limits: a.git_limits.limits(),
         net: net(&a.client),
     };
     kiln_runner::run(bundle, config, Arc::new(host), shutdown_on_signal()).await?;

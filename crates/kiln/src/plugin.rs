@@ -158,8 +158,15 @@ async fn run_plugins(a: &RunArgs, mut each: impl FnMut(&TestResult)) -> anyhow::
             host.load_file(&path).with_context(|| format!("cannot load the plugin {}", path.display()))?;
         }
     }
-    let files = kiln_plugin_host::test_files(&a.dir)
+    let found = kiln_plugin_host::test_files(&a.dir)
         .with_context(|| format!("cannot list the files under {}", a.dir.join("tests").display()))?;
+    if let Some(warning) = found.warning() {
+        if found.files.is_empty() {
+            bail!("no tests found: {warning}");
+        }
+        eprintln!("warning: {warning}");
+    }
+    let files = found.files;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let run = async move {
         let ran = host.run(&a.dir, &files, &tx).await;
