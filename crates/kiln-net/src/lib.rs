@@ -10,11 +10,16 @@
 pub mod backoff;
 pub mod certs;
 pub mod endpoint;
+pub mod failure_log;
 pub mod framed;
+pub mod validity;
+mod verify;
 
 pub use backoff::Backoff;
 pub use certs::{Bundle, CertError, PeerIdentity};
-pub use endpoint::{Connection, EndpointError, Listener, NetConfig, RequestError, connect, describe_connection_error};
+pub use endpoint::{
+    Connection, EndpointError, HandshakeError, HandshakeFailed, Incoming, Listener, NetConfig, Refusal, RequestError,
+    connect, describe_connection_error,
+};
 pub use framed::{CloseCode, FramedError, RecvStream, SendStream};
-/// An incoming connection attempt, before its handshake.
-pub use quinn::Incoming;
+pub use validity::{OutOfDate, Whose, Window};
