@@ -767,3 +767,51 @@ pub async fn connect(bundle: &Bundle, addr: &str, cfg: NetConfig) -> Result<Conn
         .map_err(|e| client.error(&e, &slot, host))?;
     Ok(Connection { conn, identity: None, client: Some(client) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(window: Window) -> ClientSide {
+        ClientSide {
+            addr: "ci:7700".into(),
+            own: Whose::Own { role: "runner".into(), name: "b1".into(), path: "certs/b1/cert.pem".into() },
+            window: Some(window),
+        }
+    }
+
+    #[test]
+    fn certificate_expired_from_the_dispatcher_is_checked_against_this_clock() {
+        let now = unix_now();
+        // Expired here too: say so, with the fix.
+        let refusal = client(Window { not_before: now - 200, not_after: now - 100 }).refused_by_dispatcher(45);
+        assert!(matches!(refusal, Refusal::OutOfDate(_)), "{refusal:?}");
+        assert!(refusal.to_string().starts_with("this runner's certificate (b1, certs/b1/cert.pem) expired at "));
+        // Valid here: one of the clocks is wrong, and no new certificate would help.
+        let w = Window { not_before: now - 100, not_after: now + 100 };
+        let refusal = client(w).refused_by_dispatcher(45);
+        let Refusal::ClockSkew { now: seen, .. } = refusal else { panic!("{refusal:?}") };
+        assert_eq!(
+            refusal.to_string(),
+            format!(
+                "the dispatcher refused this runner's certificate (b1, certs/b1/cert.pem) as expired or not yet valid, \
+                 but it is valid from {} to {} and this machine's clock says {}: the dispatcher's clock or this \
+                 machine's is wrong",
+                Utc(w.not_before),
+                Utc(w.not_after),
+                Utc(seen)
+            )
+        );
+    }
+
+    #[test]
+    fn other_alerts_get_their_own_hint() {
+        let now = unix_now();
+        let refusal = client(Window { not_before: now - 100, not_after: now + 100 }).refused_by_dispatcher(48);
+        assert_eq!(
+            refusal.to_string(),
+            "the TLS handshake was refused (alert UnknownCA): the dispatcher does not trust this certificate's CA; \
+             was it issued from the `kiln certs init` that made the dispatcher's certificate?"
+        );
+    }
+}
