@@ -198,6 +198,12 @@ pub enum Refusal {
         /// What to check.
         hint: &'static str,
     },
+    /// The TLS handshake failed in a way neither verifier explained.
+    #[error("{reason}")]
+    Tls {
+        /// What went wrong, in words.
+        reason: String,
+    },
     /// This client refused the dispatcher's certificate.
     #[error("the TLS handshake was refused: {hint}")]
     OfDispatcher {
@@ -513,6 +519,14 @@ impl ClientSide {
             && let Some(alert) = tls_alert(close.error_code)
         {
             return EndpointError::Rejected { addr, source: Box::new(self.refused_by_dispatcher(alert)) };
+        }
+        if is_rejection(e) {
+            // A TLS failure the verifier did not see (it refused nothing, or
+            // the failure came before it): still no use retrying.
+            return EndpointError::Rejected {
+                addr,
+                source: Box::new(Refusal::Tls { reason: describe_connection_error(e) }),
+            };
         }
         EndpointError::Handshake { addr, reason: describe_connection_error(e) }
     }
