@@ -184,6 +184,8 @@ pub async fn fetch_report(
         Ok((_, _, Reply::Report(report))) => Ok(report.map(|r| *r)),
         Ok((_, _, other)) => bail!("unexpected reply from the dispatcher: {other:?}"),
         Err(RequestError::Refused(reason)) => bail!("the dispatcher refused: {reason}"),
+        // A refused certificate reads the same whether it showed at the handshake or here.
+        Err(RequestError::Rejected(reason)) => bail!("{reason}"),
         Err(e) => Err(anyhow::Error::from(e).context(format!("cannot get results from {}", client.dispatcher))),
     }
 }
