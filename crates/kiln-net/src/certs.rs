@@ -110,12 +110,13 @@ pub enum CertError {
     #[error("`{0}` is not a valid host name or IP address")]
     BadSan(String),
     /// The certificate's subject does not say what Kiln needs.
-    #[error("the certificate in {path} is not a Kiln certificate: {reason}")]
+    #[error("the certificate in {path} is not a Kiln certificate")]
     NotKiln {
         /// The file.
         path: PathBuf,
         /// What is missing.
-        reason: String,
+        #[source]
+        source: SubjectError,
     },
 }
 
@@ -171,7 +172,7 @@ impl Bundle {
         let key_pem = fs::read(&key_path).map_err(io_err("read", &key_path))?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|_| CertError::Pem { path: key_path.clone(), what: "private key" })?;
-        let (unit, name) = subject_of(&cert).map_err(|reason| CertError::NotKiln { path: cert_path, reason })?;
+        let (unit, name) = subject_of(&cert).map_err(|source| CertError::NotKiln { path: cert_path, source })?;
         Ok(Bundle { dir: dir.to_owned(), ca, cert, key, unit, name })
     }
 
@@ -211,24 +212,36 @@ fn read_cert(path: &Path) -> Result<CertificateDer<'static>, CertError> {
     CertificateDer::from_pem_slice(&pem).map_err(|_| CertError::Pem { path: path.to_owned(), what: "certificate" })
 }
 
+/// Why a certificate's subject does not say which Kiln peer it is.
+#[derive(Debug, thiserror::Error)]
+pub enum SubjectError {
+    /// The bytes are not an X.509 certificate.
+    #[error("unparseable certificate")]
+    Unparseable(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// The subject has no organizational unit, where Kiln writes the role.
+    #[error("no organizational unit (role) in its subject")]
+    NoRole,
+    /// The subject has no common name, where Kiln writes the name.
+    #[error("no common name in its subject")]
+    NoName,
+    /// The role is not one a client may have.
+    #[error("its role is not a client role")]
+    NotClient(#[source] kiln_proto::model::BadRole),
+}
+
 /// Reads the Kiln role (organizational unit) and name (common name) of a certificate.
-pub fn subject_of(cert: &CertificateDer<'_>) -> Result<(String, String), String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unparseable certificate: {e}"))?;
+pub fn subject_of(cert: &CertificateDer<'_>) -> Result<(String, String), SubjectError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(SubjectError::Unparseable)?;
     let subject = parsed.subject();
-    let unit = subject
-        .iter_organizational_unit()
-        .find_map(|a| a.as_str().ok())
-        .ok_or("no organizational unit (role) in its subject")?
-        .to_owned();
-    let name =
-        subject.iter_common_name().find_map(|a| a.as_str().ok()).ok_or("no common name in its subject")?.to_owned();
+    let unit = subject.iter_organizational_unit().find_map(|a| a.as_str().ok()).ok_or(SubjectError::NoRole)?.to_owned();
+    let name = subject.iter_common_name().find_map(|a| a.as_str().ok()).ok_or(SubjectError::NoName)?.to_owned();
     Ok((unit, name))
 }
 
 /// Reads the client identity from a certificate a peer presented.
-pub fn identity_of(cert: &CertificateDer<'_>) -> Result<PeerIdentity, String> {
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<PeerIdentity, SubjectError> {
     let (unit, name) = subject_of(cert)?;
-    let role = unit.parse::<Role>().map_err(|e| e.to_string())?;
+    let role = unit.parse::<Role>().map_err(SubjectError::NotClient)?;
     Ok(PeerIdentity { role, name })
 }
 

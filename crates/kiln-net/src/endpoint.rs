@@ -19,7 +19,7 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls_pki_types::CertificateDer;
 
-use crate::certs::{Bundle, PeerIdentity, identity_of};
+use crate::certs::{Bundle, PeerIdentity, SubjectError, identity_of};
 use crate::failure_log::{FAILURE_LOG_INTERVAL, FailureLog, MAX_TRACKED_ADDRESSES};
 use crate::framed::{CloseCode, FramedError, RecvStream, SendStream};
 use crate::validity::{OutOfDate, Utc, Whose, Window, unix_now};
@@ -230,12 +230,12 @@ pub enum HandshakeError {
         #[source]
         source: rustls::Error,
     },
-    /// The client's certificate verified but names no Kiln role.
-    #[error("the client's certificate is not a Kiln client certificate: {reason}")]
-    NotKiln {
-        /// What is missing.
-        reason: String,
-    },
+    /// The handshake completed without a client certificate (rustls should not allow it).
+    #[error("the peer presented no certificate")]
+    NoCertificate,
+    /// The client's certificate verified but does not say which Kiln client it is.
+    #[error("the peer's certificate names no Kiln role")]
+    NotKiln(#[source] SubjectError),
     /// The handshake did not complete (no certificate, another protocol, a timeout…).
     #[error("the handshake did not complete")]
     Connection(#[source] quinn::ConnectionError),
@@ -424,9 +424,9 @@ impl Listener {
         let conn = incoming.accept_with(Arc::new(config)).map_err(refused)?.await.map_err(refused)?;
         match peer_identity(&conn) {
             Ok(identity) => Ok(Connection { conn, identity: Some(identity), client: None }),
-            Err(reason) => {
-                conn.close(CloseCode::Unauthorized.into(), reason.as_bytes());
-                Err(HandshakeError::NotKiln { reason })
+            Err(e) => {
+                conn.close(CloseCode::Unauthorized.into(), kiln_proto::error_chain(&e).as_bytes());
+                Err(e)
             }
         }
     }
@@ -461,13 +461,13 @@ fn client_refusal(refused: Refused) -> HandshakeError {
     HandshakeError::ClientRefused { subject, source: refused.error }
 }
 
-fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, String> {
+fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, HandshakeError> {
     let certs = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or("the peer presented no certificate")?;
-    let first = certs.first().ok_or("the peer presented no certificate")?;
-    identity_of(first).map_err(|e| format!("the peer's certificate names no Kiln role: {e}"))
+        .ok_or(HandshakeError::NoCertificate)?;
+    let first = certs.first().ok_or(HandshakeError::NoCertificate)?;
+    identity_of(first).map_err(HandshakeError::NotKiln)
 }
 
 /// What a client knows about its own side, to word a refusal.
