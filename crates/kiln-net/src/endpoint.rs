@@ -327,6 +327,11 @@ fn server_crypto(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::clone(cert) as _);
     crypto.alpn_protocols = vec![ALPN.to_vec()];
+    // Each connection has its own configuration, so a session cache would
+    // only cost memory per handshake (a flood's included), and a resumption
+    // ticket could never be redeemed. Kiln clients never resume anyway.
+    crypto.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    crypto.send_tls13_tickets = 0;
     Ok(Arc::new(QuicServerConfig::try_from(crypto)?))
 }
 
