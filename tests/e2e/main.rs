@@ -10,6 +10,7 @@
 mod harness;
 
 mod auth;
+mod certs;
 mod cli;
 mod faults;
 mod limits;

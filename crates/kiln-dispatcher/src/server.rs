@@ -242,8 +242,12 @@ impl Dispatcher {
         let remote = incoming.remote_address();
         let conn = match Listener::handshake(incoming).await {
             Ok(conn) => conn,
-            Err(reason) => {
-                warn!(%remote, "handshake failed: {}", Escaped(&reason));
+            Err(failed) => {
+                // kiln-net rate-limits these: at most one line per address per
+                // minute, counting the others, so a flood cannot drown the log.
+                if let Some(line) = failed.log_line() {
+                    warn!(%remote, "handshake failed: {line}");
+                }
                 return;
             }
         };

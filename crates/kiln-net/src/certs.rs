@@ -18,6 +18,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use kiln_proto::Role;
 use rcgen::{
@@ -27,8 +28,43 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::validity::{OutOfDate, Whose, Window};
+
 /// The organizational unit that marks the dispatcher's certificate.
 const DISPATCHER_UNIT: &str = "dispatcher";
+
+/// How long a new dispatcher or client certificate is valid unless told otherwise.
+pub const DEFAULT_VALID_DAYS: u32 = 825;
+
+/// How long a new CA is valid.
+const CA_VALID_DAYS: u32 = 3650;
+
+/// When a new certificate is valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    /// The first moment it is valid.
+    pub not_before: SystemTime,
+    /// The last moment it is valid.
+    pub not_after: SystemTime,
+}
+
+impl Validity {
+    /// From an hour ago (slack for clocks that disagree a little) until
+    /// `days` days from now.
+    pub fn days(days: u32) -> Validity {
+        let now = SystemTime::now();
+        Validity {
+            not_before: now - Duration::from_secs(3600),
+            not_after: now + Duration::from_secs(u64::from(days) * 86_400),
+        }
+    }
+}
+
+impl Default for Validity {
+    fn default() -> Self {
+        Validity::days(DEFAULT_VALID_DAYS)
+    }
+}
 
 /// Why certificates could not be made or loaded.
 #[derive(Debug, thiserror::Error)]
@@ -74,12 +110,13 @@ pub enum CertError {
     #[error("`{0}` is not a valid host name or IP address")]
     BadSan(String),
     /// The certificate's subject does not say what Kiln needs.
-    #[error("the certificate in {path} is not a Kiln certificate: {reason}")]
+    #[error("the certificate in {path} is not a Kiln certificate")]
     NotKiln {
         /// The file.
         path: PathBuf,
         /// What is missing.
-        reason: String,
+        #[source]
+        source: SubjectError,
     },
 }
 
@@ -135,7 +172,7 @@ impl Bundle {
         let key_pem = fs::read(&key_path).map_err(io_err("read", &key_path))?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|_| CertError::Pem { path: key_path.clone(), what: "private key" })?;
-        let (unit, name) = subject_of(&cert).map_err(|reason| CertError::NotKiln { path: cert_path, reason })?;
+        let (unit, name) = subject_of(&cert).map_err(|source| CertError::NotKiln { path: cert_path, source })?;
         Ok(Bundle { dir: dir.to_owned(), ca, cert, key, unit, name })
     }
 
@@ -148,6 +185,26 @@ impl Bundle {
     pub fn is_dispatcher(&self) -> bool {
         self.unit == DISPATCHER_UNIT
     }
+
+    /// Checks that the certificate and the CA are within their validity
+    /// windows at `now` (UNIX seconds); the error names the file, the window
+    /// and the clock. (webpki never checks a trust root's dates, so an
+    /// expired CA would otherwise go unnoticed until its certificates fail.)
+    pub fn check_dates(&self, now: i64) -> Result<(), OutOfDate> {
+        let cert_path = self.dir.join("cert.pem");
+        let whose = if self.is_dispatcher() {
+            Whose::DispatcherFile { path: cert_path }
+        } else {
+            Whose::Own { role: self.unit.clone(), name: self.name.clone(), path: cert_path }
+        };
+        if let Some(window) = Window::of(&self.cert) {
+            OutOfDate::check(whose, window, now)?;
+        }
+        if let Some(window) = Window::of(&self.ca) {
+            OutOfDate::check(Whose::CaFile { path: self.dir.join("ca.pem") }, window, now)?;
+        }
+        Ok(())
+    }
 }
 
 fn read_cert(path: &Path) -> Result<CertificateDer<'static>, CertError> {
@@ -155,24 +212,36 @@ fn read_cert(path: &Path) -> Result<CertificateDer<'static>, CertError> {
     CertificateDer::from_pem_slice(&pem).map_err(|_| CertError::Pem { path: path.to_owned(), what: "certificate" })
 }
 
+/// Why a certificate's subject does not say which Kiln peer it is.
+#[derive(Debug, thiserror::Error)]
+pub enum SubjectError {
+    /// The bytes are not an X.509 certificate.
+    #[error("unparseable certificate")]
+    Unparseable(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// The subject has no organizational unit, where Kiln writes the role.
+    #[error("no organizational unit (role) in its subject")]
+    NoRole,
+    /// The subject has no common name, where Kiln writes the name.
+    #[error("no common name in its subject")]
+    NoName,
+    /// The role is not one a client may have.
+    #[error("its role is not a client role")]
+    NotClient(#[source] kiln_proto::model::BadRole),
+}
+
 /// Reads the Kiln role (organizational unit) and name (common name) of a certificate.
-pub fn subject_of(cert: &CertificateDer<'_>) -> Result<(String, String), String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unparseable certificate: {e}"))?;
+pub fn subject_of(cert: &CertificateDer<'_>) -> Result<(String, String), SubjectError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(SubjectError::Unparseable)?;
     let subject = parsed.subject();
-    let unit = subject
-        .iter_organizational_unit()
-        .find_map(|a| a.as_str().ok())
-        .ok_or("no organizational unit (role) in its subject")?
-        .to_owned();
-    let name =
-        subject.iter_common_name().find_map(|a| a.as_str().ok()).ok_or("no common name in its subject")?.to_owned();
+    let unit = subject.iter_organizational_unit().find_map(|a| a.as_str().ok()).ok_or(SubjectError::NoRole)?.to_owned();
+    let name = subject.iter_common_name().find_map(|a| a.as_str().ok()).ok_or(SubjectError::NoName)?.to_owned();
     Ok((unit, name))
 }
 
 /// Reads the client identity from a certificate a peer presented.
-pub fn identity_of(cert: &CertificateDer<'_>) -> Result<PeerIdentity, String> {
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<PeerIdentity, SubjectError> {
     let (unit, name) = subject_of(cert)?;
-    let role = unit.parse::<Role>().map_err(|e| e.to_string())?;
+    let role = unit.parse::<Role>().map_err(SubjectError::NotClient)?;
     Ok(PeerIdentity { role, name })
 }
 
@@ -196,11 +265,9 @@ fn is_host_name(s: &str) -> bool {
         })
 }
 
-fn validity(params: &mut CertificateParams, days: i64) {
-    let now = time::OffsetDateTime::now_utc();
-    // An hour of slack for clocks that disagree a little.
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(days);
+fn validity(params: &mut CertificateParams, validity: Validity) {
+    params.not_before = time::OffsetDateTime::from(validity.not_before);
+    params.not_after = time::OffsetDateTime::from(validity.not_after);
 }
 
 fn distinguished(unit: &str, name: &str) -> DistinguishedName {
@@ -233,20 +300,16 @@ fn create_dir(dir: &Path) -> Result<(), CertError> {
 /// Creates a certificate authority in `dir/ca/` and the dispatcher's bundle in
 /// `dir/dispatcher/`, valid for the given host names and IP addresses.
 pub fn init(dir: &Path, sans: &[String]) -> Result<(), CertError> {
+    init_with(dir, sans, Validity::default())
+}
+
+/// Like [`init`], with the dispatcher's certificate valid for `dispatcher` (the CA is valid ten years).
+pub fn init_with(dir: &Path, sans: &[String], dispatcher: Validity) -> Result<(), CertError> {
     let ca_dir = dir.join("ca");
     if ca_dir.join("key.pem").exists() || ca_dir.join("ca.pem").exists() {
         return Err(CertError::CaExists(ca_dir));
     }
-    let san_types = sans
-        .iter()
-        .map(|s| match s.parse::<IpAddr>() {
-            Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) if is_host_name(s) => {
-                s.clone().try_into().map(SanType::DnsName).map_err(|_| CertError::BadSan(s.clone()))
-            }
-            Err(_) => Err(CertError::BadSan(s.chars().take(80).collect())),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let params = dispatcher_params(sans, dispatcher)?;
     let dispatcher_dir = dir.join(DISPATCHER_UNIT);
     if dispatcher_dir.join("key.pem").exists() {
         return Err(CertError::BundleExists(dispatcher_dir));
@@ -258,7 +321,7 @@ pub fn init(dir: &Path, sans: &[String]) -> Result<(), CertError> {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca_params.key_usages =
         vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    validity(&mut ca_params, 3650);
+    validity(&mut ca_params, Validity::days(CA_VALID_DAYS));
     let ca_cert = ca_params.self_signed(&ca_key).map_err(generate("CA certificate"))?;
 
     create_dir(&ca_dir)?;
@@ -266,18 +329,44 @@ pub fn init(dir: &Path, sans: &[String]) -> Result<(), CertError> {
     write_new(&ca_dir.join("ca.pem"), ca_cert.pem().as_bytes(), 0o644)?;
 
     let issuer = Issuer::new(ca_params, ca_key);
+    write_bundle(&dispatcher_dir, &ca_cert.pem(), &params, &issuer, "dispatcher certificate")
+}
+
+/// Issues a new dispatcher bundle in `dir/dispatcher/` from the CA in
+/// `dir/ca/` (when the old certificate expires, or the dispatcher moves),
+/// valid for the given host names and IP addresses.
+pub fn issue_dispatcher(dir: &Path, sans: &[String], validity: Validity) -> Result<PathBuf, CertError> {
+    let params = dispatcher_params(sans, validity)?;
+    let (ca_pem, issuer) = load_ca(dir)?;
+    let bundle_dir = dir.join(DISPATCHER_UNIT);
+    if bundle_dir.join("key.pem").exists() {
+        return Err(CertError::BundleExists(bundle_dir));
+    }
+    write_bundle(&bundle_dir, &ca_pem, &params, &issuer, "dispatcher certificate")?;
+    Ok(bundle_dir)
+}
+
+fn dispatcher_params(sans: &[String], v: Validity) -> Result<CertificateParams, CertError> {
+    let san_types = sans
+        .iter()
+        .map(|s| match s.parse::<IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) if is_host_name(s) => {
+                s.clone().try_into().map(SanType::DnsName).map_err(|_| CertError::BadSan(s.clone()))
+            }
+            Err(_) => Err(CertError::BadSan(s.chars().take(80).collect())),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = distinguished(DISPATCHER_UNIT, "dispatcher");
     params.subject_alt_names = san_types;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    validity(&mut params, 825);
-    write_bundle(&dispatcher_dir, &ca_cert.pem(), &params, &issuer, "dispatcher certificate")
+    validity(&mut params, v);
+    Ok(params)
 }
 
-/// Issues a client bundle for `role` named `name` in `dir/NAME/`, signed by the CA in `dir/ca/`.
-pub fn issue(dir: &Path, role: Role, name: &str) -> Result<PathBuf, CertError> {
-    check_name(name)?;
+fn load_ca(dir: &Path) -> Result<(String, Issuer<'static, KeyPair>), CertError> {
     let ca_dir = dir.join("ca");
     let ca_pem_path = ca_dir.join("ca.pem");
     let ca_pem = fs::read_to_string(&ca_pem_path).map_err(io_err("read", &ca_pem_path))?;
@@ -285,7 +374,18 @@ pub fn issue(dir: &Path, role: Role, name: &str) -> Result<PathBuf, CertError> {
     let key_pem = fs::read_to_string(&key_path).map_err(io_err("read", &key_path))?;
     let ca_key = KeyPair::from_pem(&key_pem).map_err(generate("CA key from ca/key.pem"))?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(generate("CA from ca/ca.pem"))?;
+    Ok((ca_pem, issuer))
+}
 
+/// Issues a client bundle for `role` named `name` in `dir/NAME/`, signed by the CA in `dir/ca/`.
+pub fn issue(dir: &Path, role: Role, name: &str) -> Result<PathBuf, CertError> {
+    issue_with(dir, role, name, Validity::default())
+}
+
+/// Like [`issue`], valid for `validity` (e.g. short-lived certificates, renewed often).
+pub fn issue_with(dir: &Path, role: Role, name: &str, v: Validity) -> Result<PathBuf, CertError> {
+    check_name(name)?;
+    let (ca_pem, issuer) = load_ca(dir)?;
     let bundle_dir = dir.join(name);
     if bundle_dir.join("key.pem").exists() {
         return Err(CertError::BundleExists(bundle_dir));
@@ -294,7 +394,7 @@ pub fn issue(dir: &Path, role: Role, name: &str) -> Result<PathBuf, CertError> {
     params.distinguished_name = distinguished(role.as_str(), name);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    validity(&mut params, 825);
+    validity(&mut params, v);
     write_bundle(&bundle_dir, &ca_pem, &params, &issuer, &format!("{role} certificate"))?;
     Ok(bundle_dir)
 }

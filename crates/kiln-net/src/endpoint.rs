@@ -6,17 +6,24 @@
 //! rustls would otherwise disagree on a process-wide default and panic).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kiln_proto::Escaped;
 use kiln_proto::wire::{ALPN, Reply, Request};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls_pki_types::CertificateDer;
 
-use crate::certs::{Bundle, PeerIdentity, identity_of};
+use crate::certs::{Bundle, PeerIdentity, SubjectError, identity_of};
+use crate::failure_log::{FAILURE_LOG_INTERVAL, FailureLog, MAX_TRACKED_ADDRESSES};
 use crate::framed::{CloseCode, FramedError, RecvStream, SendStream};
+use crate::validity::{OutOfDate, Utc, Whose, Window, unix_now};
+use crate::verify::{ClientVerifier, Refused, ServerVerifier, Slot};
 
 /// Why a request to the dispatcher failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,13 +40,6 @@ pub enum RequestError {
     /// The dispatcher refused this peer's certificate at the handshake.
     #[error("{0}")]
     Rejected(String),
-}
-
-impl RequestError {
-    fn from_connection(e: &quinn::ConnectionError) -> RequestError {
-        let text = describe_connection_error(e);
-        if is_rejection(e) { RequestError::Rejected(text) } else { RequestError::Connection(text) }
-    }
 }
 
 impl From<EndpointError> for RequestError {
@@ -59,11 +59,18 @@ pub struct NetConfig {
     /// How long without hearing from the peer before the connection is
     /// declared dead: this bounds how long a vanished runner holds its work.
     pub idle_timeout: Duration,
+    /// The dispatcher logs failed handshakes from one address at most once
+    /// per this interval, with a count of the others (see [`crate::failure_log`]).
+    pub handshake_log_interval: Duration,
 }
 
 impl Default for NetConfig {
     fn default() -> Self {
-        NetConfig { keep_alive: Duration::from_secs(1), idle_timeout: Duration::from_secs(5) }
+        NetConfig {
+            keep_alive: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(5),
+            handshake_log_interval: FAILURE_LOG_INTERVAL,
+        }
     }
 }
 
@@ -78,6 +85,15 @@ pub enum EndpointError {
         /// The cause.
         #[source]
         source: rustls::Error,
+    },
+    /// rustls and quinn disagree on the TLS configuration (a bug, not the user's).
+    #[error("the TLS configuration for the bundle in {dir} does not suit QUIC")]
+    Quic {
+        /// The bundle's directory.
+        dir: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: quinn::crypto::rustls::NoInitialCipherSuite,
     },
     /// A client bundle was used where the dispatcher's is needed, or the other way round.
     #[error("the certificate bundle in {dir} is for {unit} `{name}`; {need}")]
@@ -121,15 +137,24 @@ pub enum EndpointError {
         #[source]
         source: quinn::ConnectError,
     },
-    /// The dispatcher refused this peer's certificate.
-    #[error("connect to the dispatcher at {addr}: {reason}")]
+    /// A certificate is unusable or was refused: retrying cannot help.
+    #[error("connect to the dispatcher at {addr}")]
     Rejected {
         /// The address.
         addr: String,
-        /// What went wrong, in words.
-        reason: String,
+        /// Whose certificate and why (boxed: it is large and rare).
+        #[source]
+        source: Box<Refusal>,
     },
-    /// The handshake failed, or the dispatcher did not answer.
+    /// The dispatcher did not answer the handshake in time.
+    #[error("connect to the dispatcher at {addr}: no answer within {after:?}; is the dispatcher running there?")]
+    Timeout {
+        /// The address.
+        addr: String,
+        /// How long was waited.
+        after: Duration,
+    },
+    /// The handshake failed for a reason other than a certificate.
     #[error("connect to the dispatcher at {addr}: {reason}")]
     Handshake {
         /// The address.
@@ -137,6 +162,117 @@ pub enum EndpointError {
         /// What went wrong, in words.
         reason: String,
     },
+}
+
+/// Why the dispatcher and a client did not accept each other's
+/// certificates, as the client can tell.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// A certificate is outside its validity window by this machine's clock:
+    /// the client's own (checked before connecting, and again when the
+    /// dispatcher refuses it), or the dispatcher's.
+    #[error(transparent)]
+    OutOfDate(#[from] OutOfDate),
+    /// The dispatcher refused this client's certificate as expired or not
+    /// yet valid, though by this machine's clock it is valid.
+    #[error(
+        "the dispatcher refused {whose} as expired or not yet valid, but it is valid from {} to {} and this \
+         machine's clock says {}: the dispatcher's clock or this machine's is wrong",
+        Utc(window.not_before),
+        Utc(window.not_after),
+        Utc(*now)
+    )]
+    ClockSkew {
+        /// The client's own certificate.
+        whose: Whose,
+        /// Its window.
+        window: Window,
+        /// This machine's clock.
+        now: i64,
+    },
+    /// The dispatcher refused this client's certificate for another reason.
+    #[error("the TLS handshake was refused (alert {alert}): {hint}")]
+    ByDispatcher {
+        /// The TLS alert the dispatcher sent, e.g. `UnknownCA`.
+        alert: String,
+        /// What to check.
+        hint: &'static str,
+    },
+    /// The TLS handshake failed in a way neither verifier explained.
+    #[error("{reason}")]
+    Tls {
+        /// What went wrong, in words.
+        reason: String,
+    },
+    /// This client refused the dispatcher's certificate.
+    #[error("the TLS handshake was refused: {hint}")]
+    OfDispatcher {
+        /// What is wrong with it and what to do.
+        hint: String,
+        /// webpki's verdict.
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+/// Why the dispatcher could not complete a client's handshake.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The client's certificate is outside its validity window by the dispatcher's clock.
+    #[error(transparent)]
+    ClientOutOfDate(OutOfDate),
+    /// The client's certificate was refused for another reason.
+    #[error("the client's certificate ({}) was refused", Escaped(subject))]
+    ClientRefused {
+        /// Its subject (from the peer).
+        subject: String,
+        /// webpki's verdict.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The handshake completed without a client certificate (rustls should not allow it).
+    #[error("the peer presented no certificate")]
+    NoCertificate,
+    /// The client's certificate verified but does not say which Kiln client it is.
+    #[error("the peer's certificate names no Kiln role")]
+    NotKiln(#[source] SubjectError),
+    /// The handshake did not complete (no certificate, another protocol, a timeout…).
+    #[error("the handshake did not complete")]
+    Connection(#[source] quinn::ConnectionError),
+    /// The per-connection TLS configuration could not be made (a bug, not the peer's).
+    #[error("cannot configure TLS for the connection")]
+    Setup(#[source] BoxError),
+}
+
+/// A failed handshake, and whether it deserves a log line.
+#[derive(Debug)]
+pub struct HandshakeFailed {
+    /// The peer's address.
+    pub remote: SocketAddr,
+    /// What went wrong.
+    pub error: HandshakeError,
+    /// `Some(n)`: log it, `n` earlier failures from this address having gone
+    /// unlogged; `None`: it was counted, stay quiet.
+    pub report: Option<u64>,
+}
+
+impl HandshakeFailed {
+    /// The text of this failure's log line (escaped, so a peer's values
+    /// cannot forge lines), or `None` if the rate limit says stay quiet.
+    pub fn log_line(&self) -> Option<String> {
+        let n = self.report?;
+        let text = Escaped(&kiln_proto::error_chain(&self.error)).to_string();
+        Some(match n {
+            0 => text,
+            n => format!("{text} ({n} more failed handshakes from {} since the last line)", self.remote.ip()),
+        })
+    }
+}
+
+impl std::fmt::Display for HandshakeFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", Escaped(&kiln_proto::error_chain(&self.error)))
+    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -157,14 +293,74 @@ fn transport(cfg: NetConfig) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// What every handshake of one listener shares.
+struct ServerTls {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// webpki's client verifier, wrapped per connection to record refusals.
+    verifier: Arc<dyn ClientCertVerifier>,
+    /// The dispatcher's certificate and key, parsed once.
+    cert: Arc<SingleCertAndKey>,
+    /// quinn's settings; each connection gets a copy with its own TLS config.
+    base: quinn::ServerConfig,
+    /// Which failed handshakes get a log line.
+    failures: Mutex<FailureLog>,
+}
+
+impl ServerTls {
+    /// A TLS configuration whose client verifier reports into `slot`.
+    fn config(&self, slot: Slot) -> Result<Arc<QuicServerConfig>, BoxError> {
+        server_crypto(&self.provider, &self.verifier, &self.cert, slot)
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn server_crypto(
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+    verifier: &Arc<dyn ClientCertVerifier>,
+    cert: &Arc<SingleCertAndKey>,
+    slot: Slot,
+) -> Result<Arc<QuicServerConfig>, BoxError> {
+    let verifier = Arc::new(ClientVerifier { inner: Arc::clone(verifier), slot });
+    let mut crypto = rustls::ServerConfig::builder_with_provider(Arc::clone(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::clone(cert) as _);
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    // Each connection has its own configuration, so a session cache would
+    // only cost memory per handshake (a flood's included), and a resumption
+    // ticket could never be redeemed. Kiln clients never resume anyway.
+    crypto.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    crypto.send_tls13_tickets = 0;
+    Ok(Arc::new(QuicServerConfig::try_from(crypto)?))
+}
+
 /// The dispatcher's listening endpoint.
 pub struct Listener {
     endpoint: quinn::Endpoint,
+    tls: Arc<ServerTls>,
+}
+
+/// An incoming connection attempt, before its handshake.
+pub struct Incoming {
+    inner: quinn::Incoming,
+    tls: Arc<ServerTls>,
+}
+
+impl Incoming {
+    /// The address the attempt came from.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.inner.remote_address()
+    }
 }
 
 impl Listener {
     /// Binds `addr` with the dispatcher's bundle, requiring every client to
     /// present a certificate signed by the bundle's CA.
+    ///
+    /// It does not check the bundle's dates: the binary does that at start-up
+    /// ([`Bundle::check_dates`]), and tests need a dispatcher whose
+    /// certificate has expired.
     pub fn bind(bundle: &Bundle, addr: SocketAddr, cfg: NetConfig) -> Result<Listener, EndpointError> {
         if !bundle.is_dispatcher() {
             return Err(EndpointError::WrongBundle {
@@ -174,22 +370,25 @@ impl Listener {
                 need: "the dispatcher needs the bundle `kiln certs init` made (certs/dispatcher)",
             });
         }
-        let tls = |source| EndpointError::Tls { dir: bundle.dir.clone(), source };
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots(bundle)?, provider())
+        let tls_err = |source| EndpointError::Tls { dir: bundle.dir.clone(), source };
+        let provider = provider();
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots(bundle)?, Arc::clone(&provider))
             .build()
-            .map_err(|e| tls(rustls::Error::General(e.to_string())))?;
-        let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls)?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(vec![bundle.cert.clone()], bundle.key.clone_key())
-            .map_err(tls)?;
-        crypto.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = QuicServerConfig::try_from(crypto).map_err(|e| tls(rustls::Error::General(e.to_string())))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        server.transport_config(transport(cfg));
-        let endpoint = quinn::Endpoint::server(server, addr).map_err(|source| EndpointError::Bind { addr, source })?;
-        Ok(Listener { endpoint })
+            .map_err(|e| tls_err(rustls::Error::General(e.to_string())))?;
+        let key =
+            CertifiedKey::from_der(vec![bundle.cert.clone()], bundle.key.clone_key(), &provider).map_err(tls_err)?;
+        let cert = Arc::new(SingleCertAndKey::from(key));
+        // A first configuration checks everything once, here, and is the
+        // endpoint's default; each connection gets a copy with its own verifier.
+        let first = server_crypto(&provider, &verifier, &cert, Slot::default())
+            .map_err(|e| tls_err(rustls::Error::General(e.to_string())))?;
+        let mut base = quinn::ServerConfig::with_crypto(first);
+        base.transport_config(transport(cfg));
+        let endpoint =
+            quinn::Endpoint::server(base.clone(), addr).map_err(|source| EndpointError::Bind { addr, source })?;
+        let failures = Mutex::new(FailureLog::new(cfg.handshake_log_interval, MAX_TRACKED_ADDRESSES));
+        let tls = ServerTls { provider, verifier, cert, base, failures };
+        Ok(Listener { endpoint, tls: Arc::new(tls) })
     }
 
     /// The address actually bound (useful with port 0).
@@ -198,20 +397,41 @@ impl Listener {
     }
 
     /// Waits for the next incoming connection attempt; `None` once closed.
-    pub async fn accept(&self) -> Option<quinn::Incoming> {
-        self.endpoint.accept().await
+    pub async fn accept(&self) -> Option<Incoming> {
+        let inner = self.endpoint.accept().await?;
+        Some(Incoming { inner, tls: Arc::clone(&self.tls) })
     }
 
     /// Completes the handshake of an incoming connection and reads the
     /// client's identity from its certificate.
-    pub async fn handshake(incoming: quinn::Incoming) -> Result<Connection, String> {
-        let conn = incoming.await.map_err(|e| describe_connection_error(&e))?;
-        let identity = peer_identity(&conn);
-        match identity {
-            Ok(identity) => Ok(Connection { conn, identity: Some(identity) }),
-            Err(reason) => {
-                conn.close(CloseCode::Unauthorized.into(), reason.as_bytes());
-                Err(reason)
+    ///
+    /// A failure says whose certificate failed and why, and carries the rate
+    /// limiter's verdict on logging it ([`HandshakeFailed::log_line`]).
+    pub async fn handshake(incoming: Incoming) -> Result<Connection, HandshakeFailed> {
+        let Incoming { inner, tls } = incoming;
+        let remote = inner.remote_address();
+        let result = Self::complete(inner, &tls).await;
+        result.map_err(|error| {
+            let report =
+                tls.failures.lock().unwrap_or_else(|e| e.into_inner()).record(remote.ip(), std::time::Instant::now());
+            HandshakeFailed { remote, error, report }
+        })
+    }
+
+    async fn complete(incoming: quinn::Incoming, tls: &ServerTls) -> Result<Connection, HandshakeError> {
+        let slot = Slot::default();
+        let mut config = tls.base.clone();
+        config.crypto = tls.config(slot.clone()).map_err(HandshakeError::Setup)?;
+        let refused = |e| match slot.take() {
+            Some(refused) => client_refusal(refused),
+            None => HandshakeError::Connection(e),
+        };
+        let conn = incoming.accept_with(Arc::new(config)).map_err(refused)?.await.map_err(refused)?;
+        match peer_identity(&conn) {
+            Ok(identity) => Ok(Connection { conn, identity: Some(identity), client: None }),
+            Err(e) => {
+                conn.close(CloseCode::Unauthorized.into(), kiln_proto::error_chain(&e).as_bytes());
+                Err(e)
             }
         }
     }
@@ -223,13 +443,128 @@ impl Listener {
     }
 }
 
-fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, String> {
+/// Whether webpki refused a certificate for its dates.
+fn is_lapse(e: &rustls::Error) -> bool {
+    use rustls::CertificateError as C;
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. }
+        )
+    )
+}
+
+/// The dispatcher's words for a client certificate its verifier refused.
+fn client_refusal(refused: Refused) -> HandshakeError {
+    let subject = refused.subject.unwrap_or_else(|| "unparseable".to_owned());
+    if is_lapse(&refused.error)
+        && let Some(window) = refused.window
+        && let Err(e) = OutOfDate::check(Whose::Client { subject: subject.clone() }, window, refused.now)
+    {
+        return HandshakeError::ClientOutOfDate(e);
+    }
+    HandshakeError::ClientRefused { subject, source: refused.error }
+}
+
+fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, HandshakeError> {
     let certs = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or("the peer presented no certificate")?;
-    let first = certs.first().ok_or("the peer presented no certificate")?;
-    identity_of(first).map_err(|e| format!("the peer's certificate names no Kiln role: {e}"))
+        .ok_or(HandshakeError::NoCertificate)?;
+    let first = certs.first().ok_or(HandshakeError::NoCertificate)?;
+    identity_of(first).map_err(HandshakeError::NotKiln)
+}
+
+/// What a client knows about its own side, to word a refusal.
+#[derive(Debug)]
+struct ClientSide {
+    /// The dispatcher's address as given.
+    addr: String,
+    /// This client's certificate, for messages.
+    own: Whose,
+    /// Its validity window, if it parses.
+    window: Option<Window>,
+}
+
+impl ClientSide {
+    /// The refusal that a TLS alert from the dispatcher means.
+    fn refused_by_dispatcher(&self, alert: u8) -> Refusal {
+        use rustls::AlertDescription as A;
+        let alert = A::from(alert);
+        if alert == A::CertificateExpired
+            && let Some(window) = self.window
+        {
+            let now = unix_now();
+            return match OutOfDate::check(self.own.clone(), window, now) {
+                Err(e) => Refusal::OutOfDate(e),
+                Ok(()) => Refusal::ClockSkew { whose: self.own.clone(), window, now },
+            };
+        }
+        let hint = match alert {
+            A::UnknownCA => {
+                "the dispatcher does not trust this certificate's CA; was it issued from the `kiln certs init` that \
+                 made the dispatcher's certificate?"
+            }
+            A::CertificateRevoked => "the dispatcher has revoked this certificate; issue a new one",
+            A::UnsupportedCertificate => {
+                "this is not a client certificate; issue one with `kiln certs issue ROLE NAME`"
+            }
+            _ => "check that this certificate was issued by the dispatcher's CA and is a client certificate",
+        };
+        Refusal::ByDispatcher { alert: format!("{alert:?}"), hint }
+    }
+
+    /// The error for a connection that failed, in the handshake or at the first read.
+    fn error(&self, e: &quinn::ConnectionError, slot: &Slot, host: &str) -> EndpointError {
+        let addr = self.addr.clone();
+        if let Some(refused) = slot.take() {
+            return EndpointError::Rejected { addr, source: Box::new(dispatcher_refusal(refused, host)) };
+        }
+        if let quinn::ConnectionError::ConnectionClosed(close) = e
+            && let Some(alert) = tls_alert(close.error_code)
+        {
+            return EndpointError::Rejected { addr, source: Box::new(self.refused_by_dispatcher(alert)) };
+        }
+        if is_rejection(e) {
+            // A TLS failure the verifier did not see (it refused nothing, or
+            // the failure came before it): still no use retrying.
+            return EndpointError::Rejected {
+                addr,
+                source: Box::new(Refusal::Tls { reason: describe_connection_error(e) }),
+            };
+        }
+        EndpointError::Handshake { addr, reason: describe_connection_error(e) }
+    }
+}
+
+/// The client's words for a dispatcher certificate its verifier refused.
+fn dispatcher_refusal(refused: Refused, host: &str) -> Refusal {
+    use rustls::CertificateError as C;
+    if is_lapse(&refused.error)
+        && let Some(window) = refused.window
+        && let Err(e) = OutOfDate::check(Whose::Dispatcher, window, refused.now)
+    {
+        return Refusal::OutOfDate(e);
+    }
+    let hint = match &refused.error {
+        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => format!(
+            "the dispatcher's certificate is not valid for `{}`; connect by a name or address it was made for \
+             (`--san` of `kiln certs init`)",
+            Escaped(host)
+        ),
+        rustls::Error::InvalidCertificate(C::InvalidPurpose | C::InvalidPurposeContext { .. }) => {
+            "the peer's certificate is not a dispatcher's (it must come from `kiln certs init`)".to_owned()
+        }
+        _ => "the dispatcher's certificate is not signed by the CA in this bundle's ca.pem; were both made by the \
+              same `kiln certs init`?"
+            .to_owned(),
+    };
+    Refusal::OfDispatcher { hint, source: refused.error }
+}
+
+/// The TLS alert a QUIC CRYPTO_ERROR code (0x100..=0x1ff) carries.
+fn tls_alert(code: quinn::TransportErrorCode) -> Option<u8> {
+    u64::from(code).checked_sub(0x100).and_then(|a| u8::try_from(a).ok())
 }
 
 /// An established connection to a peer.
@@ -238,6 +573,26 @@ pub struct Connection {
     conn: quinn::Connection,
     /// The client's identity (on the dispatcher's side; `None` on a client's side).
     identity: Option<PeerIdentity>,
+    /// On a client's side: what it needs to word a late refusal.
+    client: Option<Arc<ClientSide>>,
+}
+
+impl RequestError {
+    /// A request's connection failed: the dispatcher may have refused the
+    /// certificate only now (see the crate's notes), so say so if it did.
+    fn from_connection(e: &quinn::ConnectionError, client: Option<&ClientSide>) -> RequestError {
+        if let (Some(client), quinn::ConnectionError::ConnectionClosed(close)) = (client, e)
+            && let Some(alert) = tls_alert(close.error_code)
+        {
+            let e = EndpointError::Rejected {
+                addr: client.addr.clone(),
+                source: Box::new(client.refused_by_dispatcher(alert)),
+            };
+            return RequestError::Rejected(kiln_proto::error_chain(&e));
+        }
+        let text = describe_connection_error(e);
+        if is_rejection(e) { RequestError::Rejected(text) } else { RequestError::Connection(text) }
+    }
 }
 
 impl Connection {
@@ -262,7 +617,8 @@ impl Connection {
     /// A client the dispatcher refused at the handshake often learns it only
     /// here, so connection failures are worded for that case.
     pub async fn request(&self, request: &Request) -> Result<(SendStream, RecvStream, Reply), RequestError> {
-        let (mut send, mut recv) = self.open().await.map_err(|e| RequestError::from_connection(&e))?;
+        let (mut send, mut recv) =
+            self.open().await.map_err(|e| RequestError::from_connection(&e, self.client.as_deref()))?;
         send.send(request).await.map_err(|e| self.request_error(e))?;
         let reply: Reply = recv.expect().await.map_err(|e| self.request_error(e))?;
         if let Reply::Refused(reason) = reply {
@@ -273,11 +629,12 @@ impl Connection {
 
     /// Words a stream failure by the connection's fate, when it has one.
     pub fn request_error(&self, e: FramedError) -> RequestError {
+        let client = self.client.as_deref();
         match self.conn.close_reason() {
-            Some(reason) => RequestError::from_connection(&reason),
+            Some(reason) => RequestError::from_connection(&reason, client),
             None => match e {
                 FramedError::Read(quinn::ReadError::ConnectionLost(c))
-                | FramedError::Write(quinn::WriteError::ConnectionLost(c)) => RequestError::from_connection(&c),
+                | FramedError::Write(quinn::WriteError::ConnectionLost(c)) => RequestError::from_connection(&c, client),
                 other => RequestError::Framed(other),
             },
         }
@@ -317,7 +674,7 @@ pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
         E::ConnectionClosed(close) if is_crypto(close) => {
             format!(
                 "the TLS handshake was refused ({}): check that this certificate was issued by the dispatcher's CA, \
-                 has not expired, and is a client certificate",
+                 is within its validity dates, and is a client certificate",
                 close.error_code
             )
         }
@@ -363,9 +720,11 @@ fn is_crypto_code(code: quinn::TransportErrorCode) -> bool {
 
 /// Connects to the dispatcher at `addr` (`HOST:PORT`) with a client bundle.
 ///
-/// The handshake's outcome is only certain once the dispatcher has answered
-/// something, so callers should treat the first reply's failure as a possible
-/// certificate rejection; [`describe_connection_error`] words it so.
+/// A bundle whose certificate is outside its validity window is refused
+/// before dialling, with a message saying so. The handshake's outcome is only
+/// certain once the dispatcher has answered something, so a refusal of this
+/// client's certificate often surfaces on the first request instead;
+/// [`Connection::request`] words it the same way.
 pub async fn connect(bundle: &Bundle, addr: &str, cfg: NetConfig) -> Result<Connection, EndpointError> {
     if bundle.is_dispatcher() {
         return Err(EndpointError::WrongBundle {
@@ -374,6 +733,15 @@ pub async fn connect(bundle: &Bundle, addr: &str, cfg: NetConfig) -> Result<Conn
             name: bundle.name.clone(),
             need: "clients need a bundle made by `kiln certs issue`",
         });
+    }
+    let client = Arc::new(ClientSide {
+        addr: addr.to_owned(),
+        own: Whose::Own { role: bundle.unit.clone(), name: bundle.name.clone(), path: bundle.dir.join("cert.pem") },
+        window: Window::of(&bundle.cert),
+    });
+    if let Some(window) = client.window {
+        OutOfDate::check(client.own.clone(), window, unix_now())
+            .map_err(|e| EndpointError::Rejected { addr: addr.to_owned(), source: Box::new(Refusal::OutOfDate(e)) })?;
     }
     let (host, _) = addr.rsplit_once(':').ok_or_else(|| EndpointError::BadAddress(addr.to_owned()))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -384,38 +752,85 @@ pub async fn connect(bundle: &Bundle, addr: &str, cfg: NetConfig) -> Result<Conn
         .ok_or_else(|| EndpointError::BadAddress(addr.to_owned()))?;
 
     let tls = |source| EndpointError::Tls { dir: bundle.dir.clone(), source };
-    let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
+    let provider = provider();
+    let webpki = WebPkiServerVerifier::builder_with_provider(roots(bundle)?, Arc::clone(&provider))
+        .build()
+        .map_err(|e| tls(rustls::Error::General(e.to_string())))?;
+    let slot = Slot::default();
+    let verifier = Arc::new(ServerVerifier { inner: webpki, slot: slot.clone() });
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
-        .with_root_certificates(roots(bundle)?)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(vec![bundle.cert.clone()], bundle.key.clone_key())
         .map_err(tls)?;
     crypto.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(crypto).map_err(|e| tls(rustls::Error::General(e.to_string())))?;
-    let mut client = quinn::ClientConfig::new(Arc::new(quic));
-    client.transport_config(transport(cfg));
+    let quic =
+        QuicClientConfig::try_from(crypto).map_err(|source| EndpointError::Quic { dir: bundle.dir.clone(), source })?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
+    client_config.transport_config(transport(cfg));
 
     let local: SocketAddr = if remote.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
         .parse()
         .map_err(|_| EndpointError::BadAddress(addr.to_owned()))?;
     let mut endpoint = quinn::Endpoint::client(local).map_err(|source| EndpointError::Bind { addr: local, source })?;
-    endpoint.set_default_client_config(client);
+    endpoint.set_default_client_config(client_config);
     let connecting =
         endpoint.connect(remote, host).map_err(|source| EndpointError::Connect { addr: addr.to_owned(), source })?;
     // A handshake on a live network takes milliseconds; bound it by the idle timeout.
-    let conn = tokio::time::timeout(cfg.idle_timeout.max(Duration::from_secs(1)), connecting)
+    let after = cfg.idle_timeout.max(Duration::from_secs(1));
+    let conn = tokio::time::timeout(after, connecting)
         .await
-        .map_err(|_| EndpointError::Handshake {
-            addr: addr.to_owned(),
-            reason: format!("no answer within {:?}; is the dispatcher running there?", cfg.idle_timeout),
-        })?
-        .map_err(|e| {
-            let reason = describe_connection_error(&e);
-            if is_rejection(&e) {
-                EndpointError::Rejected { addr: addr.to_owned(), reason }
-            } else {
-                EndpointError::Handshake { addr: addr.to_owned(), reason }
-            }
-        })?;
-    Ok(Connection { conn, identity: None })
+        .map_err(|_| EndpointError::Timeout { addr: addr.to_owned(), after })?
+        .map_err(|e| client.error(&e, &slot, host))?;
+    Ok(Connection { conn, identity: None, client: Some(client) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(window: Window) -> ClientSide {
+        ClientSide {
+            addr: "ci:7700".into(),
+            own: Whose::Own { role: "runner".into(), name: "b1".into(), path: "certs/b1/cert.pem".into() },
+            window: Some(window),
+        }
+    }
+
+    #[test]
+    fn certificate_expired_from_the_dispatcher_is_checked_against_this_clock() {
+        let now = unix_now();
+        // Expired here too: say so, with the fix.
+        let refusal = client(Window { not_before: now - 200, not_after: now - 100 }).refused_by_dispatcher(45);
+        assert!(matches!(refusal, Refusal::OutOfDate(_)), "{refusal:?}");
+        assert!(refusal.to_string().starts_with("this runner's certificate (b1, certs/b1/cert.pem) expired at "));
+        // Valid here: one of the clocks is wrong, and no new certificate would help.
+        let w = Window { not_before: now - 100, not_after: now + 100 };
+        let refusal = client(w).refused_by_dispatcher(45);
+        let Refusal::ClockSkew { now: seen, .. } = refusal else { panic!("{refusal:?}") };
+        assert_eq!(
+            refusal.to_string(),
+            format!(
+                "the dispatcher refused this runner's certificate (b1, certs/b1/cert.pem) as expired or not yet valid, \
+                 but it is valid from {} to {} and this machine's clock says {}: the dispatcher's clock or this \
+                 machine's is wrong",
+                Utc(w.not_before),
+                Utc(w.not_after),
+                Utc(seen)
+            )
+        );
+    }
+
+    #[test]
+    fn other_alerts_get_their_own_hint() {
+        let now = unix_now();
+        let refusal = client(Window { not_before: now - 100, not_after: now + 100 }).refused_by_dispatcher(48);
+        assert_eq!(
+            refusal.to_string(),
+            "the TLS handshake was refused (alert UnknownCA): the dispatcher does not trust this certificate's CA; \
+             was it issued from the `kiln certs init` that made the dispatcher's certificate?"
+        );
+    }
 }

@@ -1,6 +1,14 @@
-//! Kiln's network layer: the certificates that identify peers ([`certs`]),
-//! QUIC endpoints with mutual TLS ([`endpoint`]) and framed message I/O on
-//! QUIC streams ([`framed`]).
+//! Kiln's network layer: the certificates that identify peers ([`certs`])
+//! and when they are valid ([`validity`]), QUIC endpoints with mutual TLS
+//! ([`endpoint`]), framed message I/O on QUIC streams ([`framed`]), and the
+//! limit on how often failed handshakes are logged ([`failure_log`]).
+//!
+//! A refused certificate is reported as *whose* it is and *why*: each
+//! handshake gets its own verifier wrapping webpki's (module `verify`), which
+//! keeps the refused certificate's subject and validity window for the
+//! endpoint to word the error; webpki still decides, and the peer still gets
+//! the precise TLS alert (`certificate_expired`), which a Kiln client reads
+//! against its own certificate's dates.
 //!
 //! Only this crate names quinn and rustls. Every peer is identified by a
 //! certificate signed by the Kiln certificate authority; only that CA is
@@ -10,11 +18,16 @@
 pub mod backoff;
 pub mod certs;
 pub mod endpoint;
+pub mod failure_log;
 pub mod framed;
+pub mod validity;
+mod verify;
 
 pub use backoff::Backoff;
 pub use certs::{Bundle, CertError, PeerIdentity};
-pub use endpoint::{Connection, EndpointError, Listener, NetConfig, RequestError, connect, describe_connection_error};
+pub use endpoint::{
+    Connection, EndpointError, HandshakeError, HandshakeFailed, Incoming, Listener, NetConfig, Refusal, RequestError,
+    connect, describe_connection_error,
+};
 pub use framed::{CloseCode, FramedError, RecvStream, SendStream};
-/// An incoming connection attempt, before its handshake.
-pub use quinn::Incoming;
+pub use validity::{OutOfDate, Whose, Window};

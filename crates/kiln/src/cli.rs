@@ -55,6 +55,9 @@ pub enum CertsCommand {
         /// A host name or IP address the dispatcher is reached by (repeatable).
         #[arg(long = "san", value_name = "NAME_OR_IP", default_values = ["localhost", "127.0.0.1"])]
         sans: Vec<String>,
+        /// How many days the dispatcher's certificate is valid (the CA: ten years).
+        #[arg(long, value_name = "DAYS", default_value_t = kiln_net::certs::DEFAULT_VALID_DAYS, value_parser = valid_days)]
+        valid_days: u32,
     },
     /// Issue a bundle (DIR/NAME: ca.pem, cert.pem, key.pem) for a runner, observer or admin.
     Issue {
@@ -65,7 +68,32 @@ pub enum CertsCommand {
         /// Where certificates are written.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
+        /// How many days the certificate is valid; short-lived certificates
+        /// limit what a stolen key is worth.
+        #[arg(long, value_name = "DAYS", default_value_t = kiln_net::certs::DEFAULT_VALID_DAYS, value_parser = valid_days)]
+        valid_days: u32,
     },
+    /// Issue a new dispatcher bundle (DIR/dispatcher) from the existing CA,
+    /// e.g. when the old certificate expires; move the old bundle away first.
+    Dispatcher {
+        /// Where certificates are (DIR/ca) and are written.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// A host name or IP address the dispatcher is reached by (repeatable).
+        #[arg(long = "san", value_name = "NAME_OR_IP", default_values = ["localhost", "127.0.0.1"])]
+        sans: Vec<String>,
+        /// How many days the certificate is valid.
+        #[arg(long, value_name = "DAYS", default_value_t = kiln_net::certs::DEFAULT_VALID_DAYS, value_parser = valid_days)]
+        valid_days: u32,
+    },
+}
+
+/// A validity in days: 1 to 3650 (the CA's own lifetime).
+fn valid_days(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(d @ 1..=3650) => Ok(d),
+        _ => Err(format!("`{s}` is not a number of days from 1 to 3650")),
+    }
 }
 
 /// The role of a client certificate.

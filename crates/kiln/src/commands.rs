@@ -20,6 +20,8 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Certs(c) => certs(c),
         Command::Dispatcher(a) => {
             let bundle = load_bundle(&a.identity)?;
+            // Clients would refuse an out-of-date certificate one by one; say it once, here.
+            bundle.check_dates(kiln_net::validity::unix_now()).context("the dispatcher cannot start")?;
             let net = NetConfig { idle_timeout: a.idle_timeout, ..NetConfig::default() };
             let listener = kiln_net::Listener::bind(&bundle, a.listen, net)
                 .with_context(|| format!("cannot listen on {}", a.listen))?;
@@ -80,21 +82,28 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn certs(command: CertsCommand) -> anyhow::Result<ExitCode> {
+    use kiln_net::certs::Validity;
     match command {
-        CertsCommand::Init { dir, sans } => {
-            kiln_net::certs::init(&dir, &sans).context("cannot create the certificate authority")?;
+        CertsCommand::Init { dir, sans, valid_days } => {
+            kiln_net::certs::init_with(&dir, &sans, Validity::days(valid_days))
+                .context("cannot create the certificate authority")?;
             outln!("created the certificate authority in {}", dir.join("ca").display());
             outln!("created the dispatcher's bundle in {} (for {})", dir.join("dispatcher").display(), sans.join(", "));
         }
-        CertsCommand::Issue { role, name, dir } => {
+        CertsCommand::Issue { role, name, dir, valid_days } => {
             let role = match role {
                 RoleArg::Runner => Role::Runner,
                 RoleArg::Observer => Role::Observer,
                 RoleArg::Admin => Role::Admin,
             };
-            let bundle = kiln_net::certs::issue(&dir, role, &name)
+            let bundle = kiln_net::certs::issue_with(&dir, role, &name, Validity::days(valid_days))
                 .with_context(|| format!("cannot issue a {role} certificate for `{name}`"))?;
             outln!("issued a {role} bundle in {} (copy this directory to the {role}'s machine)", bundle.display());
+        }
+        CertsCommand::Dispatcher { dir, sans, valid_days } => {
+            let bundle = kiln_net::certs::issue_dispatcher(&dir, &sans, Validity::days(valid_days))
+                .context("cannot issue a dispatcher certificate")?;
+            outln!("issued the dispatcher's bundle in {} (for {})", bundle.display(), sans.join(", "));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -188,6 +197,8 @@ pub async fn fetch_report(
         Ok((_, _, Reply::Report(report))) => Ok(report.map(|r| *r)),
         Ok((_, _, other)) => bail!("unexpected reply from the dispatcher: {other:?}"),
         Err(RequestError::Refused(reason)) => bail!("the dispatcher refused: {reason}"),
+        // A refused certificate reads the same whether it showed at the handshake or here.
+        Err(RequestError::Rejected(reason)) => bail!("{reason}"),
         Err(e) => Err(anyhow::Error::from(e).context(format!("cannot get results from {}", client.dispatcher))),
     }
 }
