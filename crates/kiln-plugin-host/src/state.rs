@@ -21,7 +21,7 @@ use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
 
 use crate::HostEvent;
 use crate::bindings::kiln::executor::{host, types};
-use crate::command::{self, Capped, Refusal};
+use kiln_sandbox::{self as command, Capped, Refusal};
 
 /// Longest test id forwarded; ids are keys, not documents.
 const MAX_ID_BYTES: usize = 1024;

@@ -142,9 +142,9 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
         info!(plugin = %p.name, version = %p.version, claims = ?p.claims, granted = ?p.granted, "plugin loaded");
     }
     // Say at start-up what the process sandbox can and cannot do here.
-    let sandbox = kiln_plugin_host::sandbox::probe();
+    let sandbox = kiln_sandbox::probe();
     for m in sandbox.mechanisms() {
-        if m.coverage == kiln_plugin_host::sandbox::Coverage::Full {
+        if m.coverage == kiln_sandbox::Coverage::Full {
             info!(mechanism = %m.mechanism, "sandbox: {}", m.detail);
         } else {
             tracing::warn!(mechanism = %m.mechanism, coverage = ?m.coverage, "sandbox weaker than designed: {}", m.detail);

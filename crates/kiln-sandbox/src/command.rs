@@ -42,25 +42,33 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// A command as the plugin asked for it, before any check.
 #[derive(Clone, Debug)]
-pub(crate) struct Request {
+pub struct Request {
+    /// The program's bare name, as granted.
     pub program: String,
+    /// Its arguments.
     pub args: Vec<String>,
+    /// Working directory relative to the checkout (empty: the checkout).
     pub cwd: String,
+    /// The caller's own time limit; zero means the runner's.
     pub timeout: Duration,
 }
 
 /// How a command ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Output {
+pub struct Output {
+    /// The exit code, or `None` when a signal ended the program.
     pub exit_code: Option<i32>,
+    /// Whether the timeout ended it.
     pub timed_out: bool,
+    /// Its standard output, capped.
     pub stdout: Vec<u8>,
+    /// Its standard error, capped, with the sandbox's notes at the end.
     pub stderr: Vec<u8>,
 }
 
 /// Why a command was not run.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Refusal {
+pub enum Refusal {
     /// Not allowed: program not granted, or a working directory outside the
     /// checkout.
     Denied(String),
@@ -69,7 +77,7 @@ pub(crate) enum Refusal {
 }
 
 /// The limits and grants that apply to one plugin's commands.
-pub(crate) struct Limits<'a> {
+pub struct Limits<'a> {
     /// Programs this plugin may run: bare name to absolute path.
     pub granted: &'a BTreeMap<String, PathBuf>,
     /// The runner's cap on a command's wall-clock time.
@@ -80,7 +88,7 @@ pub(crate) struct Limits<'a> {
 
 /// Runs `request` in `checkout` (an absolute, canonical path) under
 /// `limits`, in the runner's sandbox.
-pub(crate) async fn run(checkout: &Path, request: Request, limits: &Limits<'_>) -> Result<Output, Refusal> {
+pub async fn run(checkout: &Path, request: Request, limits: &Limits<'_>) -> Result<Output, Refusal> {
     run_in(Sandbox::global(), checkout, request, limits).await
 }
 
@@ -214,7 +222,7 @@ async fn drain(pipe: Option<impl AsyncRead + Unpin>, into: &mut Capped) {
 
 /// A byte buffer that keeps at most a fixed number of bytes: the first half
 /// and the last half of what was pushed, and how much was cut in between.
-pub(crate) struct Capped {
+pub struct Capped {
     head: Vec<u8>,
     tail: VecDeque<u8>,
     head_cap: usize,
@@ -223,12 +231,14 @@ pub(crate) struct Capped {
 }
 
 impl Capped {
-    pub(crate) fn new(max: usize) -> Capped {
+    /// A buffer keeping at most `max` bytes.
+    pub fn new(max: usize) -> Capped {
         let head_cap = max / 2;
         Capped { head: Vec::new(), tail: VecDeque::new(), head_cap, tail_cap: max - head_cap, cut: 0 }
     }
 
-    pub(crate) fn push(&mut self, mut data: &[u8]) {
+    /// Appends `data`, cutting from the middle beyond the cap.
+    pub fn push(&mut self, mut data: &[u8]) {
         let to_head = data.len().min(self.head_cap - self.head.len());
         self.head.extend_from_slice(&data[..to_head]);
         data = &data[to_head..];
@@ -245,7 +255,7 @@ impl Capped {
     }
 
     /// The kept bytes, with a marker where bytes were cut.
-    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+    pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes = self.head.clone();
         if self.cut > 0 {
             bytes.extend_from_slice(format!("\n[... {} bytes cut ...]\n", self.cut).as_bytes());

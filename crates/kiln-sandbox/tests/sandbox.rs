@@ -1,6 +1,6 @@
 //! The process sandbox of `run-command`, with real processes: `/bin/sh` and
 //! `python3` run through the same code the host uses
-//! (`kiln_plugin_host::sandbox::testing`).
+//! (`kiln_sandbox::testing`).
 //!
 //! Each test shows that a mechanism stops what it is meant to stop, and
 //! where it is harmless, also that the same command does the harm in a
@@ -16,15 +16,25 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kiln_plugin_host::Policy;
-use kiln_plugin_host::sandbox::testing::{Options, Output, Sandbox};
-use kiln_plugin_host::sandbox::{Coverage, Mechanism, SandboxLimits};
+use kiln_sandbox::testing::{Options, Output, Sandbox};
+use kiln_sandbox::{Coverage, Mechanism, SandboxLimits};
 
 /// Output kept per stream.
 const MAX_OUTPUT: usize = 1 << 20;
 
+/// The real interpreter behind the `python3` on `PATH` (often a pyenv shim,
+/// which needs an environment the sandbox clears), as the runner's policy
+/// resolves it.
 fn python3() -> PathBuf {
-    Policy::resolve_programs(&["python3"]).expect("python3 is installed").remove("python3").expect("resolved")
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3 is installed");
+        PathBuf::from(String::from_utf8(out.stdout).expect("a UTF-8 path").trim())
+    })
+    .clone()
 }
 
 /// A string no other process on the machine has in its command line.
@@ -501,7 +511,7 @@ async fn big_files_and_big_allocations_fail() {
 
 #[tokio::test]
 async fn the_probe_reports_every_mechanism() {
-    let report = kiln_plugin_host::sandbox::probe();
+    let report = kiln_sandbox::probe();
     let mechanisms: Vec<Mechanism> = report.mechanisms().iter().map(|m| m.mechanism).collect();
     assert_eq!(
         mechanisms,
