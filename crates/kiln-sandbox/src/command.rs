@@ -84,6 +84,10 @@ pub struct Limits<'a> {
     pub timeout: Duration,
     /// Bytes kept per stream.
     pub max_output: usize,
+    /// Directories commands must never see, even where one lies beneath a
+    /// directory their root binds (the runner's work and identity
+    /// directories).
+    pub hidden: &'a [PathBuf],
 }
 
 /// Runs `request` in `checkout` (an absolute, canonical path) under
@@ -120,7 +124,7 @@ pub(crate) async fn run_in(
     let timeout = if request.timeout.is_zero() { limits.timeout } else { request.timeout.min(limits.timeout) };
 
     let mut confinement = sandbox
-        .prepare(checkout)
+        .prepare(checkout, &cwd, program, limits.hidden)
         .map_err(|e| Refusal::Failed(format!("could not set up the sandbox for {}: {e}", program.display())))?;
     let mut command = Command::new(program);
     command
@@ -128,16 +132,14 @@ pub(crate) async fn run_in(
         .current_dir(&cwd)
         .env_clear()
         .envs(ENVIRONMENT.iter().copied())
-        .env("HOME", checkout)
+        .env("HOME", confinement.home())
+        .env("TMPDIR", confinement.tmp_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // If this future is dropped (the job was cancelled), tokio kills and
         // reaps the child; dropping `confinement` takes care of the rest.
         .kill_on_drop(true);
-    if let Some(tmp) = confinement.tmp_dir() {
-        command.env("TMPDIR", tmp);
-    }
     confinement.install(&mut command);
     let mut child = command
         .spawn()
@@ -296,7 +298,7 @@ mod tests {
         std::os::unix::fs::symlink("/", checkout.join("out")).unwrap();
         std::fs::create_dir(checkout.join("sub")).unwrap();
         let granted = BTreeMap::from([("sh".to_owned(), PathBuf::from("/bin/sh"))]);
-        let limits = Limits { granted: &granted, timeout: Duration::from_secs(10), max_output: 1024 };
+        let limits = Limits { granted: &granted, timeout: Duration::from_secs(10), max_output: 1024, hidden: &[] };
         let request = |cwd: &str| Request {
             program: "sh".to_owned(),
             args: vec!["-c".to_owned(), "pwd".to_owned()],
@@ -306,7 +308,12 @@ mod tests {
         let refused = run(&checkout, request("out"), &limits).await;
         assert!(matches!(&refused, Err(Refusal::Denied(why)) if why.contains("leads outside")), "{refused:?}");
         let out = run(&checkout, request("sub"), &limits).await.unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), checkout.join("sub").to_string_lossy());
+        // In a root of its own, the checkout is at a fixed path.
+        let expected = match crate::probe().get(crate::Mechanism::MountIsolation).map(|m| m.coverage) {
+            Some(crate::Coverage::Missing) => checkout.join("sub"),
+            _ => PathBuf::from("/checkout/sub"),
+        };
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected.to_string_lossy());
     }
 
     #[test]

@@ -81,6 +81,32 @@ fn kill_all(pids: &[u32]) {
     assert!(status.success(), "could not kill {pids:?}");
 }
 
+/// Where the file a command wrote at `name` in its checkout is on the
+/// host, while the command runs: in the checkout itself, or, in a root of
+/// its own, in the upper layer of the command's overlay (in one of this
+/// process's temporary directories; nextest runs each test in a process of
+/// its own).
+fn written_by_command(checkout: &Path, name: &str) -> Option<PathBuf> {
+    let direct = checkout.join(name);
+    if direct.exists() {
+        return Some(direct);
+    }
+    own_temporary_directories().into_iter().map(|dir| dir.join("upper").join(name)).find(|path| path.exists())
+}
+
+/// The sandbox's temporary directories of commands this process started.
+fn own_temporary_directories() -> Vec<PathBuf> {
+    let prefix = format!("kiln-tmp-{}-", std::process::id());
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return Vec::new() };
+    entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&prefix)).map(|e| e.path()).collect()
+}
+
+fn remove_own_temporary_directories() {
+    for dir in own_temporary_directories() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -183,7 +209,6 @@ fn a_command_does_not_outlive_its_runner() {
     // no cgroup, and the runner dies without running a destructor.
     let sandbox = Sandbox::new(Options { cgroups: false, ..Options::default() });
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let started = dir.path().join("started");
     let marker = marker("orphan");
     let script = "import os, time\n\
                   with open('started', 'w') as f:\n    \
@@ -199,7 +224,7 @@ fn a_command_does_not_outlive_its_runner() {
             let mut command = Box::pin(sandbox.run(dir.path(), &python, &args, Duration::from_secs(600), MAX_OUTPUT));
             runtime.block_on(async {
                 let deadline = Instant::now() + Duration::from_secs(30);
-                while !started.exists() {
+                while written_by_command(dir.path(), "started").is_none() {
                     assert!(Instant::now() < deadline, "the command did not start");
                     tokio::select! {
                         out = &mut command => panic!("the command ended: {out:?}"),
@@ -219,8 +244,7 @@ fn a_command_does_not_outlive_its_runner() {
     }
     kill_all(&left);
     // What the dead runner could not clean up (a later runner would).
-    let tmp = std::fs::read_to_string(&started).expect("the command wrote its TMPDIR");
-    let _ = std::fs::remove_dir_all(tmp.trim());
+    remove_own_temporary_directories();
     // With or without a PID namespace: without one, the program itself gets
     // the parent-death signal.
     assert_eq!(left, Vec::<u32>::new(), "the command outlived its runner");
@@ -442,7 +466,11 @@ async fn writes_outside_the_job_directory_fail() {
     let paths = ["inside.txt", "$TMPDIR/scratch.txt", "/dev/null", target];
     let args: Vec<&str> = ["-c", WRITE].into_iter().chain(paths).collect();
 
-    let sandbox = Sandbox::new(Options::default());
+    // Landlock alone: in a root of its own, the path outside would not even
+    // exist (see the attack tests), and the sandbox user could not write the
+    // checkout of a runner that is root.
+    let landlock_alone = Options { mount_namespace: false, unprivileged_user: false, ..Options::default() };
+    let sandbox = Sandbox::new(landlock_alone);
     let out = run(&sandbox, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
     let stdout = text(&out.stdout);
     assert!(stdout.contains("inside.txt written"), "{stdout}");
@@ -457,7 +485,7 @@ async fn writes_outside_the_job_directory_fail() {
     }
 
     // Control: without Landlock, the same write lands outside.
-    let open = Sandbox::new(Options { landlock: false, ..Options::default() });
+    let open = Sandbox::new(Options { landlock: false, ..landlock_alone });
     let out = run(&open, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
     assert!(text(&out.stdout).contains(&format!("{target} written")), "{}", text(&out.stdout));
     assert!(Path::new(target).exists());
@@ -472,8 +500,14 @@ async fn the_private_tmpdir_is_removed_afterwards() {
     let out = run(&sandbox, dir.path(), &python3(), &["-c", script], Duration::from_secs(30)).await;
     assert_eq!(out.exit_code, Some(0), "{}", text(&out.stderr));
     let tmp = text(&out.stdout);
-    assert!(tmp.contains("kiln-tmp-"), "{tmp}");
-    assert!(!Path::new(tmp.trim()).exists(), "{tmp} was removed");
+    if available(&sandbox, Mechanism::MountIsolation) {
+        // Its own /tmp, in a root of its own.
+        assert_eq!(tmp.trim(), "/tmp");
+    } else {
+        assert!(tmp.contains("kiln-tmp-"), "{tmp}");
+        assert!(!Path::new(tmp.trim()).exists(), "{tmp} was removed");
+    }
+    assert_eq!(own_temporary_directories(), Vec::<PathBuf>::new(), "every temporary directory was removed");
 }
 
 #[tokio::test]
@@ -483,16 +517,15 @@ async fn big_files_and_big_allocations_fail() {
     let dir = tempfile::tempdir().unwrap();
 
     // Python ignores SIGXFSZ, so the write fails with EFBIG.
-    let script = "import errno\n\
+    let script = "import errno, os\n\
                   try:\n    \
                       with open('big', 'wb') as f:\n        \
                           f.write(b'x' * (2 << 20))\n    \
                       print('written')\n\
                   except OSError as e:\n    \
-                      print('failed', errno.errorcode[e.errno])\n";
+                      print('failed', errno.errorcode[e.errno], os.path.getsize('big'))\n";
     let out = run(&sandbox, dir.path(), &python3(), &["-c", script], Duration::from_secs(30)).await;
-    assert_eq!(text(&out.stdout), "failed EFBIG\n", "{}", text(&out.stderr));
-    assert_eq!(std::fs::metadata(dir.path().join("big")).map(|m| m.len()).unwrap_or(0), 1 << 20);
+    assert_eq!(text(&out.stdout), "failed EFBIG 1048576\n", "{}", text(&out.stderr));
 
     // 512 MiB, touched, against a limit of 128 MiB: the kernel kills it
     // (cgroup) or the allocation fails (RLIMIT_AS).
@@ -523,12 +556,15 @@ async fn the_probe_reports_every_mechanism() {
             Mechanism::NetworkIsolation,
             Mechanism::WriteConfinement,
             Mechanism::PrivilegeDrop,
+            Mechanism::MountIsolation,
+            Mechanism::UnprivilegedUser,
+            Mechanism::SyscallFilter,
         ]
     );
     for mechanism in report.mechanisms() {
         assert!(!mechanism.detail.is_empty(), "{mechanism:?}");
     }
-    assert_eq!(report.to_string().lines().count(), 7, "{report}");
+    assert_eq!(report.to_string().lines().count(), 10, "{report}");
     if is_root() && std::env::var_os("KILN_SANDBOX_DEGRADED_OK").is_none() {
         assert!(report.is_complete(), "running as root, the sandbox should be complete:\n{report}");
     }

@@ -122,6 +122,8 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
         // Time spent in WebAssembly itself; waiting on commands does not count.
         call_timeout: Duration::from_secs(60),
         max_memory: 256 << 20,
+        // Tests must never see the runner's key, its cache or other jobs.
+        hidden: vec![a.work.clone(), a.client.identity.clone()],
     };
     // Compiled plugins are kept between runs: a restart compiles nothing.
     let mut host = kiln_plugin_host::PluginHost::with_cache(policy, &a.work.join("plugin-cache"))

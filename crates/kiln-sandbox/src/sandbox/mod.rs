@@ -38,6 +38,8 @@
 //! that code, and all of this crate's `unsafe`, is in `sys`.
 
 mod cgroup;
+mod root;
+mod seccomp;
 mod sys;
 
 use std::fmt;
@@ -89,6 +91,13 @@ pub enum Mechanism {
     WriteConfinement,
     /// No privileges: no capabilities, none to gain.
     PrivilegeDrop,
+    /// A root filesystem of its own: nothing of the host but the toolchain,
+    /// and only its own processes in `/proc`.
+    MountIsolation,
+    /// An unprivileged user, not the runner's.
+    UnprivilegedUser,
+    /// A seccomp filter denying the system calls attacks use.
+    SyscallFilter,
 }
 
 impl fmt::Display for Mechanism {
@@ -101,6 +110,9 @@ impl fmt::Display for Mechanism {
             Mechanism::NetworkIsolation => "network isolation",
             Mechanism::WriteConfinement => "write confinement",
             Mechanism::PrivilegeDrop => "privilege drop",
+            Mechanism::MountIsolation => "mount isolation",
+            Mechanism::UnprivilegedUser => "unprivileged user",
+            Mechanism::SyscallFilter => "syscall filter",
         })
     }
 }
@@ -251,7 +263,15 @@ pub(crate) struct Allowed {
     pub network_namespace: bool,
     pub cgroups: bool,
     pub landlock: bool,
+    pub mount_namespace: bool,
+    pub unprivileged_user: bool,
+    pub syscall_filter: bool,
 }
+
+/// The user and group commands run as when the runner is root: not root,
+/// and not an id the host's `/etc/passwd` and `/etc/group` name (the probe
+/// says so if they do), so that no file on the machine belongs to it.
+pub const SANDBOX_ID: u32 = 64_999;
 
 /// What the probe decided to apply to every command.
 pub(crate) struct Sandbox {
@@ -263,6 +283,12 @@ pub(crate) struct Sandbox {
     landlock: Option<LandlockPlan>,
     drop_capabilities: bool,
     rlimits: sys::Rlimits,
+    /// Whether each command gets a root of its own ([`root`]).
+    mount: bool,
+    /// The user and group commands switch to.
+    user: Option<(u32, u32)>,
+    /// The seccomp program.
+    filter: Option<Vec<libc::sock_filter>>,
 }
 
 /// The access rights a command's Landlock ruleset handles (denies unless a
@@ -279,7 +305,15 @@ impl Sandbox {
     pub(crate) fn global() -> &'static Sandbox {
         static GLOBAL: OnceLock<Sandbox> = OnceLock::new();
         GLOBAL.get_or_init(|| {
-            let all = Allowed { pid_namespace: true, network_namespace: true, cgroups: true, landlock: true };
+            let all = Allowed {
+                pid_namespace: true,
+                network_namespace: true,
+                cgroups: true,
+                landlock: true,
+                mount_namespace: true,
+                unprivileged_user: true,
+                syscall_filter: true,
+            };
             Sandbox::new(SandboxLimits::default(), all)
         })
     }
@@ -303,6 +337,7 @@ impl Sandbox {
             scoped: if abi >= 6 { ll::SCOPE_SIGNAL | ll::SCOPE_ABSTRACT_UNIX_SOCKET } else { 0 },
         });
         let drop_capabilities = namespaces.user.is_some() || holds_capabilities();
+        let confinement = probe_confinement(&namespaces, allowed);
         let rlimits = sys::Rlimits {
             file_size: Some(limits.max_file_size),
             // Counted per user namespace: per command only inside its own.
@@ -426,20 +461,115 @@ impl Sandbox {
                 "no_new_privs (the runner holds no capabilities)".to_owned()
             },
         );
+        match &confinement.mount {
+            Ok(()) if namespaces.pid => report(
+                Mechanism::MountIsolation,
+                Coverage::Full,
+                format!(
+                    "a mount namespace per command whose read-only root holds only /usr, /bin, /sbin, /lib*, the \
+                     granted programs' prefixes, a minimal /etc (no shadow), /dev/null, zero, full, random and \
+                     urandom, the checkout at {} (under an overlay of its own: writes never reach it), a private \
+                     /tmp and /dev/shm, and /proc of its own PID namespace",
+                    root::CHECKOUT
+                ),
+            ),
+            Ok(()) => report(
+                Mechanism::MountIsolation,
+                Coverage::Partial,
+                format!("a root of its own per command, but no /proc in it (no PID namespace: {pid_why})"),
+            ),
+            Err(why) => report(
+                Mechanism::MountIsolation,
+                Coverage::Missing,
+                format!("commands see the runner's whole filesystem: its key, its work directory, other jobs ({why})"),
+            ),
+        }
+        match (&confinement.user, namespaces.user.is_some()) {
+            (Ok(Some((uid, gid))), _) => {
+                let named = named_on_host(*uid, *gid);
+                let detail = format!("uid {uid}, gid {gid}, no supplementary groups");
+                match named {
+                    None => report(Mechanism::UnprivilegedUser, Coverage::Full, detail),
+                    Some(name) => report(
+                        Mechanism::UnprivilegedUser,
+                        Coverage::Partial,
+                        format!("{detail}, but the host names that id ({name}): files it owns are the tests' too"),
+                    ),
+                }
+            }
+            (Ok(None), true) => report(
+                Mechanism::UnprivilegedUser,
+                Coverage::Partial,
+                "the runner's own user (not root), mapped in a user namespace: only mount isolation keeps the \
+                 runner's files from commands"
+                    .to_owned(),
+            ),
+            (Ok(None), false) if !holds_capabilities() => report(
+                Mechanism::UnprivilegedUser,
+                Coverage::Partial,
+                "the runner's own user (not root): only mount isolation keeps the runner's files from commands"
+                    .to_owned(),
+            ),
+            (Ok(None), false) => report(
+                Mechanism::UnprivilegedUser,
+                Coverage::Missing,
+                "commands run as the runner's user, root (disabled)".to_owned(),
+            ),
+            (Err(why), _) => report(
+                Mechanism::UnprivilegedUser,
+                Coverage::Missing,
+                format!("commands run as the runner's user, root ({why})"),
+            ),
+        }
+        match &confinement.filter {
+            Ok(_) => report(
+                Mechanism::SyscallFilter,
+                Coverage::Full,
+                format!(
+                    "seccomp: EPERM for {}, clone with namespace flags; ENOSYS for clone3; other ABIs killed",
+                    seccomp::denied().iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+                ),
+            ),
+            Err(why) => report(
+                Mechanism::SyscallFilter,
+                Coverage::Missing,
+                format!("every system call is open to commands, ptrace and mount included ({why})"),
+            ),
+        }
         let report = SandboxReport { mechanisms };
         let note = report.command_note();
-        Sandbox { limits, report, note, namespaces, cgroups: cgroups.hierarchies, landlock, drop_capabilities, rlimits }
+        Sandbox {
+            limits,
+            report,
+            note,
+            namespaces,
+            cgroups: cgroups.hierarchies,
+            landlock,
+            drop_capabilities,
+            rlimits,
+            mount: confinement.mount.is_ok(),
+            user: confinement.user.ok().flatten(),
+            filter: confinement.filter.ok(),
+        }
     }
 
     pub(crate) fn report(&self) -> &SandboxReport {
         &self.report
     }
 
-    /// Sets up the confinement of one command run in `checkout` (absolute,
-    /// canonical): its temporary directory, cgroups and Landlock ruleset,
-    /// and the plan its child process follows.
-    pub(crate) fn prepare(&self, checkout: &Path) -> io::Result<Confinement> {
-        let tmp = TempDir::create()?;
+    /// Sets up the confinement of one command running `program` in `cwd`
+    /// (beneath `checkout`; both absolute, canonical): its temporary
+    /// directory, cgroups, Landlock ruleset and root, and the plan its child
+    /// process follows. `hidden` directories stay invisible even where they
+    /// lie beneath a directory the command's root binds.
+    pub(crate) fn prepare(
+        &self,
+        checkout: &Path,
+        cwd: &Path,
+        program: &Path,
+        hidden: &[PathBuf],
+    ) -> io::Result<Confinement> {
+        let tmp = TempDir::create(self.user)?;
         let (cgroup, cgroup_procs) = if self.cgroups.is_empty() {
             (None, Vec::new())
         } else {
@@ -449,8 +579,34 @@ impl Sandbox {
             (Some(cgroup), procs)
         };
         let landlock = match self.landlock {
-            Some(plan) => Some(ruleset(plan, &[checkout, tmp.path()])?),
+            Some(plan) => Some(ruleset(plan, &[checkout, &tmp.tmp(), &tmp.shm()])?),
             None => None,
+        };
+        let root = if self.mount {
+            let (upper, work) = (tmp.path().join("upper"), tmp.path().join("work"));
+            copy_directories(checkout, &upper, self.user)?;
+            fs::create_dir(&work)?;
+            let layout = root::Layout {
+                root: &tmp.path().join("root"),
+                checkout,
+                cwd,
+                tmp: &tmp.tmp(),
+                shm: &tmp.shm(),
+                overlay: Some((&upper, &work)),
+                user_namespace: self.namespaces.user.is_some(),
+                program,
+                proc: self.namespaces.pid,
+                user: self.user.unwrap_or_else(sys::effective_ids),
+                hidden,
+            };
+            Some(root::plan(&layout)?)
+        } else {
+            None
+        };
+        let (home, tmp_inside) = if root.is_some() {
+            (PathBuf::from(root::CHECKOUT), PathBuf::from(root::TMP))
+        } else {
+            (checkout.to_owned(), tmp.tmp())
         };
         let plan = sys::ChildPlan {
             cgroup_procs,
@@ -458,10 +614,16 @@ impl Sandbox {
             rlimits: self.rlimits.clone(),
             drop_capabilities: self.drop_capabilities,
             landlock,
+            landlock_writes: self.landlock.map_or(0, |plan| plan.fs),
+            root,
+            user: self.user,
+            filter: self.filter.clone(),
             runner: std::process::id(),
         };
         Ok(Confinement {
             plan: Some(plan),
+            home,
+            tmp_inside,
             tmp: Some(tmp),
             cgroup,
             pid_namespace: self.namespaces.pid,
@@ -612,6 +774,10 @@ fn human_bytes(bytes: u64) -> String {
 pub(crate) struct Confinement {
     /// For the child process; taken by [`Confinement::install`].
     plan: Option<sys::ChildPlan>,
+    /// The checkout and the private temporary directory as the command
+    /// sees them (in its own root, or on the host).
+    home: PathBuf,
+    tmp_inside: PathBuf,
     tmp: Option<TempDir>,
     cgroup: Option<CommandCgroup>,
     /// Whether the child is a PID namespace's supervisor (see `sys`).
@@ -625,9 +791,15 @@ pub(crate) struct Confinement {
 }
 
 impl Confinement {
-    /// The command's private temporary directory (its `TMPDIR`).
-    pub(crate) fn tmp_dir(&self) -> Option<&Path> {
-        self.tmp.as_ref().map(TempDir::path)
+    /// The command's private temporary directory (its `TMPDIR`), as the
+    /// command sees it.
+    pub(crate) fn tmp_dir(&self) -> &Path {
+        &self.tmp_inside
+    }
+
+    /// The checkout (its `HOME`), as the command sees it.
+    pub(crate) fn home(&self) -> &Path {
+        &self.home
     }
 
     /// Makes `command`'s child process confine itself.
@@ -719,22 +891,159 @@ impl Drop for Confinement {
     }
 }
 
-/// A command's private temporary directory, removed when dropped.
+/// A command's private directory, removed when dropped: its `TMPDIR`
+/// (`tmp`), its `/dev/shm` (`shm`), and with a root of its own, that root's
+/// mount point (`root`) and the checkout overlay's `upper` and `work`.
 struct TempDir(PathBuf);
 
 impl TempDir {
-    fn create() -> io::Result<TempDir> {
+    /// Creates it, with `tmp` and `shm` belonging to `user` if any.
+    fn create(user: Option<(u32, u32)>) -> io::Result<TempDir> {
         let path = std::env::temp_dir().join(unique_name("tmp"));
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        Ok(TempDir(path))
+        let at = |path: &Path, e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        fs::DirBuilder::new().mode(0o700).create(&path).map_err(|e| at(&path, e))?;
+        let dir = TempDir(path);
+        for sub in ["tmp", "shm", "root"] {
+            let sub = dir.0.join(sub);
+            fs::DirBuilder::new().mode(0o700).create(&sub).map_err(|e| at(&sub, e))?;
+        }
+        if let Some((uid, gid)) = user {
+            // The top too: without a root of its own, the command reaches
+            // its TMPDIR through it.
+            for path in [dir.0.clone(), dir.tmp(), dir.shm()] {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(|e| at(&path, e))?;
+            }
+        }
+        Ok(dir)
     }
 
     fn path(&self) -> &Path {
         &self.0
     }
+
+    fn tmp(&self) -> PathBuf {
+        self.0.join("tmp")
+    }
+
+    fn shm(&self) -> PathBuf {
+        self.0.join("shm")
+    }
+}
+
+/// Recreates the directories of `checkout` beneath `upper` (an overlay's
+/// upper layer), with their modes, owned by `user`: an overlay shows a
+/// directory with the owner of its upper copy, so the sandbox user may
+/// create and remove files in every directory of the checkout, while the
+/// files themselves stay the checkout's.
+fn copy_directories(checkout: &Path, upper: &Path, user: Option<(u32, u32)>) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut pending = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let source = checkout.join(&relative);
+        let target = upper.join(&relative);
+        let mode = fs::symlink_metadata(&source)?.permissions().mode() & 0o7777;
+        fs::DirBuilder::new().mode(0o700).create(&target)?;
+        fs::set_permissions(&target, fs::Permissions::from_mode(mode | 0o700))?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(&target, Some(uid), Some(gid))?;
+        }
+        for entry in fs::read_dir(&source)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                pending.push(relative.join(entry.file_name()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Which of the host's users or groups is called `uid` or `gid`, if any.
+fn named_on_host(uid: u32, gid: u32) -> Option<String> {
+    let find = |file: &str, id: u32| -> Option<String> {
+        let text = fs::read_to_string(file).ok()?;
+        text.lines().find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            (fields.nth(1)? == id.to_string()).then(|| format!("{name} in {file}"))
+        })
+    };
+    find("/etc/passwd", uid).or_else(|| find("/etc/group", gid))
+}
+
+/// What the probe found for the mechanisms that need a trial run.
+struct Trials {
+    mount: Result<(), String>,
+    /// The user to switch to (`None`: not root, or disabled).
+    user: Result<Option<(u32, u32)>, String>,
+    filter: Result<Vec<libc::sock_filter>, String>,
+}
+
+/// Tries, in forked children, a root of its own, a change of user and the
+/// seccomp filter, each alone, in `namespaces` as commands get them.
+fn probe_confinement(namespaces: &sys::Namespaces, allowed: Allowed) -> Trials {
+    let plan = |root, user, filter| sys::ChildPlan {
+        cgroup_procs: Vec::new(),
+        namespaces: namespaces.clone(),
+        rlimits: sys::Rlimits::default(),
+        drop_capabilities: false,
+        landlock: None,
+        landlock_writes: 0,
+        root,
+        user,
+        filter,
+        runner: std::process::id(),
+    };
+    let mount = if allowed.mount_namespace {
+        trial_root(namespaces).and_then(|(dir, root)| {
+            let tried = sys::try_plan(&plan(Some(root), None, None)).map_err(|e| format!("a root of its own: {e}"));
+            drop(dir);
+            tried
+        })
+    } else {
+        Err("disabled".to_owned())
+    };
+    let user = if !allowed.unprivileged_user {
+        Err("disabled".to_owned())
+    } else if namespaces.user.is_some() || !holds_capabilities() {
+        Ok(None)
+    } else {
+        let ids = (SANDBOX_ID, SANDBOX_ID);
+        sys::try_plan(&plan(None, Some(ids), None)).map(|()| Some(ids)).map_err(|e| format!("setresuid: {e}"))
+    };
+    let filter = match (allowed.syscall_filter, seccomp::program()) {
+        (false, _) => Err("disabled".to_owned()),
+        (true, None) => Err("no filter for this architecture".to_owned()),
+        (true, Some(program)) => sys::try_plan(&plan(None, None, Some(program.clone())))
+            .map(|()| program)
+            .map_err(|e| format!("seccomp: {e}")),
+    };
+    Trials { mount, user, filter }
+}
+
+/// A root like a command's, for the probe, in a temporary directory to
+/// remove after the trial.
+fn trial_root(namespaces: &sys::Namespaces) -> Result<(TempDir, sys::RootPlan), String> {
+    let dir = TempDir::create(None).map_err(|e| e.to_string())?;
+    let checkout = dir.path().join("checkout");
+    let (upper, work) = (dir.path().join("upper"), dir.path().join("work"));
+    for path in [&checkout, &upper, &work] {
+        fs::create_dir(path).map_err(|e| e.to_string())?;
+    }
+    let layout = root::Layout {
+        root: &dir.path().join("root"),
+        checkout: &checkout,
+        cwd: &checkout,
+        tmp: &dir.tmp(),
+        shm: &dir.shm(),
+        overlay: Some((&upper, &work)),
+        user_namespace: namespaces.user.is_some(),
+        program: Path::new("/bin/sh"),
+        proc: namespaces.pid,
+        user: sys::effective_ids(),
+        hidden: &[],
+    };
+    let plan = root::plan(&layout).map_err(|e| e.to_string())?;
+    Ok((dir, plan))
 }
 
 impl Drop for TempDir {
@@ -767,6 +1076,9 @@ pub mod testing {
         pub network_namespace: bool,
         pub cgroups: bool,
         pub landlock: bool,
+        pub mount_namespace: bool,
+        pub unprivileged_user: bool,
+        pub syscall_filter: bool,
     }
 
     impl Default for Options {
@@ -777,6 +1089,9 @@ pub mod testing {
                 network_namespace: true,
                 cgroups: true,
                 landlock: true,
+                mount_namespace: true,
+                unprivileged_user: true,
+                syscall_filter: true,
             }
         }
     }
@@ -800,6 +1115,9 @@ pub mod testing {
                 network_namespace: options.network_namespace,
                 cgroups: options.cgroups,
                 landlock: options.landlock,
+                mount_namespace: options.mount_namespace,
+                unprivileged_user: options.unprivileged_user,
+                syscall_filter: options.syscall_filter,
             };
             Sandbox(super::Sandbox::new(options.limits, allowed))
         }
@@ -817,6 +1135,20 @@ pub mod testing {
             timeout: Duration,
             max_output: usize,
         ) -> Result<Output, String> {
+            self.run_hiding(checkout, program, args, timeout, max_output, &[]).await
+        }
+
+        /// [`Sandbox::run`], with `hidden` directories the command must not
+        /// see.
+        pub async fn run_hiding(
+            &self,
+            checkout: &Path,
+            program: &Path,
+            args: &[&str],
+            timeout: Duration,
+            max_output: usize,
+            hidden: &[PathBuf],
+        ) -> Result<Output, String> {
             let checkout = std::fs::canonicalize(checkout).map_err(|e| e.to_string())?;
             let granted: BTreeMap<String, PathBuf> = BTreeMap::from([("program".to_owned(), program.to_owned())]);
             let request = Request {
@@ -825,7 +1157,7 @@ pub mod testing {
                 cwd: String::new(),
                 timeout,
             };
-            let limits = Limits { granted: &granted, timeout, max_output };
+            let limits = Limits { granted: &granted, timeout, max_output, hidden };
             match command::run_in(&self.0, &checkout, request, &limits).await {
                 Ok(out) => Ok(Output {
                     exit_code: out.exit_code,
