@@ -21,4 +21,4 @@ mod command;
 pub mod sandbox;
 
 pub use command::{Capped, Limits, Output, Refusal, Request, run};
-pub use sandbox::{Coverage, Mechanism, MechanismReport, SandboxLimits, SandboxReport, probe, testing};
+pub use sandbox::{Coverage, Mechanism, MechanismReport, SANDBOX_ID, SandboxLimits, SandboxReport, probe, testing};

@@ -576,3 +576,190 @@ async fn the_probe_reports_every_mechanism() {
     assert!(degraded.contains(&Mechanism::NetworkIsolation), "{}", sandbox.report());
     assert!(sandbox.report().get(Mechanism::WriteConfinement).is_some_and(|m| m.detail.contains("disabled")));
 }
+
+/// Tries to read each path given, and prints `read PATH` or `failed PATH
+/// ERRNO` for each.
+const READ: &str = "import sys\n\
+                    for path in sys.argv[1:]:\n    \
+                        try:\n        \
+                            with open(path, 'rb') as f:\n            \
+                                f.read()\n        \
+                            print('read', path)\n    \
+                        except OSError as e:\n        \
+                            print('failed', path, e.errno)\n";
+
+/// The sandbox with only these of the filesystem defences.
+fn filesystem(mount_namespace: bool, unprivileged_user: bool) -> Options {
+    Options { mount_namespace, unprivileged_user, ..Options::default() }
+}
+
+#[tokio::test]
+async fn files_outside_the_checkout_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    // Readable to the sandbox user without a root of its own, so that the
+    // run with the unprivileged user alone shows what that does alone.
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.txt");
+    std::fs::write(&secret, "the runner's secret").unwrap();
+    let secret = secret.to_str().expect("a UTF-8 temporary path");
+    let args = ["-c", READ, secret, "/etc/shadow"];
+
+    let sandbox = Sandbox::new(Options::default());
+    let out = run(&sandbox, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
+    let stdout = text(&out.stdout);
+    if available(&sandbox, Mechanism::MountIsolation) {
+        // Neither exists in the command's root.
+        assert_eq!(stdout, format!("failed {secret} 2\nfailed /etc/shadow 2\n"), "{}", text(&out.stderr));
+    } else {
+        assert_noted(&out, Mechanism::MountIsolation);
+    }
+    // The root alone does it, even for a command running as root (the
+    // unprivileged user needs a root of its own: see the sandbox's docs).
+    if available(&sandbox, Mechanism::MountIsolation) {
+        let mount_alone = Sandbox::new(filesystem(true, false));
+        let out = run(&mount_alone, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
+        assert_eq!(text(&out.stdout), format!("failed {secret} 2\nfailed /etc/shadow 2\n"), "{}", text(&out.stderr));
+    }
+    // Control: without both, a command running as root reads them.
+    if is_root() {
+        let open = Sandbox::new(filesystem(false, false));
+        let out = run(&open, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
+        assert_eq!(text(&out.stdout), format!("read {secret}\nread /etc/shadow\n"), "{}", text(&out.stderr));
+    }
+}
+
+#[tokio::test]
+async fn proc_lists_only_the_commands_own_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n";
+    let sandbox = Sandbox::new(Options::default());
+    let out = run(&sandbox, dir.path(), &python3(), &["-c", script], Duration::from_secs(30)).await;
+    if available(&sandbox, Mechanism::MountIsolation) {
+        // The program is its PID namespace's init, and alone.
+        assert_eq!(text(&out.stdout), "[1]\n", "{}", text(&out.stderr));
+    } else {
+        assert_noted(&out, Mechanism::MountIsolation);
+    }
+    // Control: the machine's /proc lists the runner too.
+    let host_proc = Sandbox::new(filesystem(false, false));
+    let out = run(&host_proc, dir.path(), &python3(), &["-c", script], Duration::from_secs(30)).await;
+    let listed = text(&out.stdout);
+    let runner = std::process::id().to_string();
+    assert!(listed.trim_matches(['[', ']', '\n']).split(", ").any(|pid| pid == runner), "{listed}");
+}
+
+#[tokio::test]
+async fn a_hidden_directory_beneath_a_bound_one_is_empty() {
+    // A program installed in a prefix of its own, which the sandbox binds,
+    // with a secret directory beside it (say, a runner's identity).
+    let install = tempfile::tempdir().unwrap();
+    let prefix = install.path().join("prefix");
+    std::fs::create_dir_all(prefix.join("bin")).unwrap();
+    std::fs::create_dir(prefix.join("secret")).unwrap();
+    std::os::unix::fs::symlink("/bin/sh", prefix.join("bin/sh")).unwrap();
+    std::fs::write(prefix.join("secret/key.pem"), "PRIVATE KEY").unwrap();
+    let secret = prefix.join("secret");
+    let script = format!("ls -A {0}; cat {0}/key.pem", secret.display());
+    let program = prefix.join("bin/sh");
+    let dir = tempfile::tempdir().unwrap();
+
+    let sandbox = Sandbox::new(Options::default());
+    let out = sandbox
+        .run_hiding(
+            dir.path(),
+            &program,
+            &["-c", &script],
+            Duration::from_secs(30),
+            MAX_OUTPUT,
+            std::slice::from_ref(&secret),
+        )
+        .await
+        .expect("the command ran");
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains("PRIVATE KEY"), "{stdout}");
+    if available(&sandbox, Mechanism::MountIsolation) {
+        assert_eq!(stdout, "", "an empty directory: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("key.pem"), "{}", text(&out.stderr));
+
+        // Control: not hidden, the prefix's bind shows it.
+        let out = run(&sandbox, dir.path(), &program, &["-c", &script], Duration::from_secs(30)).await;
+        assert_eq!(text(&out.stdout), "key.pem\nPRIVATE KEY", "{}", text(&out.stderr));
+    } else {
+        assert_noted(&out, Mechanism::MountIsolation);
+    }
+}
+
+#[tokio::test]
+async fn the_command_runs_as_the_unprivileged_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "id -u; id -g; id -G; grep CapEff /proc/self/status";
+    let sandbox = Sandbox::new(Options::default());
+    let out = run(&sandbox, dir.path(), Path::new("/bin/sh"), &["-c", script], Duration::from_secs(30)).await;
+    let stdout = text(&out.stdout);
+    if is_root() && available(&sandbox, Mechanism::UnprivilegedUser) {
+        let id = kiln_sandbox::SANDBOX_ID;
+        assert_eq!(stdout, format!("{id}\n{id}\n{id}\nCapEff:\t0000000000000000\n"), "{}", text(&out.stderr));
+        // Control: without it, root (without capabilities).
+        let root = Sandbox::new(Options { unprivileged_user: false, ..Options::default() });
+        let out = run(&root, dir.path(), Path::new("/bin/sh"), &["-c", script], Duration::from_secs(30)).await;
+        assert!(text(&out.stdout).starts_with("0\n0\n"), "{}", text(&out.stdout));
+    } else if !is_root() {
+        assert!(!stdout.starts_with("0\n"), "{stdout}");
+    } else {
+        assert_noted(&out, Mechanism::UnprivilegedUser);
+    }
+}
+
+/// Makes the system calls named by the arguments (`name=number`) with
+/// arguments that succeed for an unprivileged process where the call is
+/// allowed, and prints `NAME ok` or `NAME ERRNO`.
+const SYSCALLS: &str = "import ctypes, os, sys\n\
+                        libc = ctypes.CDLL(None, use_errno=True)\n\
+                        args = {\n    \
+                            'ptrace': (0, 0, 0, 0),\n    \
+                            'unshare': (0x10000000,),\n    \
+                            'keyctl': (0, -3, 0),\n    \
+                            'mount': (b'none', b'/tmp', b'tmpfs', 0, None),\n    \
+                            'bpf': (0, None, 0),\n\
+                        }\n\
+                        for arg in sys.argv[1:]:\n    \
+                            name, nr = arg.split('=')\n    \
+                            result = libc.syscall(int(nr), *args[name])\n    \
+                            print(name, 'ok' if result >= 0 else ctypes.get_errno())\n";
+
+#[tokio::test]
+async fn dangerous_system_calls_fail_with_eperm() {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = [
+        ("ptrace", libc::SYS_ptrace),
+        ("unshare", libc::SYS_unshare),
+        ("keyctl", libc::SYS_keyctl),
+        ("mount", libc::SYS_mount),
+        ("bpf", libc::SYS_bpf),
+    ];
+    let calls: Vec<String> = calls.iter().map(|(name, nr)| format!("{name}={nr}")).collect();
+    let args: Vec<&str> = ["-c", SYSCALLS].into_iter().chain(calls.iter().map(String::as_str)).collect();
+    let sandbox = Sandbox::new(Options::default());
+    let out = run(&sandbox, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
+    if available(&sandbox, Mechanism::SyscallFilter) {
+        let eperm = libc::EPERM;
+        assert_eq!(
+            text(&out.stdout),
+            format!("ptrace {eperm}\nunshare {eperm}\nkeyctl {eperm}\nmount {eperm}\nbpf {eperm}\n"),
+            "{}",
+            text(&out.stderr)
+        );
+    } else {
+        assert_noted(&out, Mechanism::SyscallFilter);
+    }
+    // Control: without the filter, an unprivileged process may trace
+    // itself, make a user namespace and use its keyrings (mount and bpf
+    // still fail for want of capabilities).
+    let open = Sandbox::new(Options { syscall_filter: false, ..Options::default() });
+    let out = run(&open, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
+    let stdout = text(&out.stdout);
+    for call in ["ptrace ok", "unshare ok", "keyctl ok"] {
+        assert!(stdout.lines().any(|line| line == call), "{call}: {stdout}{}", text(&out.stderr));
+    }
+}

@@ -1006,6 +1006,11 @@ fn probe_confinement(namespaces: &sys::Namespaces, allowed: Allowed) -> Trials {
         Err("disabled".to_owned())
     } else if namespaces.user.is_some() || !holds_capabilities() {
         Ok(None)
+    } else if mount.is_err() {
+        // In the host's filesystem, another user could neither write the
+        // checkout (no overlay) nor reach a toolchain installed under
+        // root's home: tests would fail rather than be confined.
+        Err("it needs mount isolation".to_owned())
     } else {
         let ids = (SANDBOX_ID, SANDBOX_ID);
         sys::try_plan(&plan(None, Some(ids), None)).map(|()| Some(ids)).map_err(|e| format!("setresuid: {e}"))

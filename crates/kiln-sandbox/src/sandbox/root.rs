@@ -71,6 +71,9 @@ pub(crate) struct Layout<'a> {
 pub(crate) fn plan(layout: &Layout<'_>) -> io::Result<RootPlan> {
     let mut root =
         Builder { root: layout.root.to_owned(), steps: Vec::new(), made: BTreeSet::new(), binds: Vec::new() };
+    // The command's own /tmp first: a program installed beneath /tmp (a
+    // virtualenv, say) is then bound on top of it, not hidden by it.
+    root.bind(layout.tmp, Path::new(TMP), false)?;
     for dir in SYSTEM {
         let path = Path::new(dir);
         match fs::symlink_metadata(path) {
@@ -121,7 +124,6 @@ pub(crate) fn plan(layout: &Layout<'_>) -> io::Result<RootPlan> {
         root.symlink(Path::new(target), &Path::new("/dev").join(link))?;
     }
     root.bind(layout.shm, Path::new("/dev/shm"), false)?;
-    root.bind(layout.tmp, Path::new(TMP), false)?;
     let overlay = layout.overlay.and_then(|(upper, work)| {
         let mut options =
             format!("lowerdir={},upperdir={},workdir={}", option(layout.checkout)?, option(upper)?, option(work)?);
