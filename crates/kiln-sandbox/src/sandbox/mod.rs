@@ -2,7 +2,7 @@
 //! [`probe`] that says which of its mechanisms this machine supports.
 //!
 //! A command runs with a cleared environment, in its own session, in the
-//! job's directory (see `command`), and with every mechanism below that the
+//! job's checkout (see `command`), and with every mechanism below that the
 //! kernel and the runner's privileges allow. Each one degrades on its own,
 //! and never silently: [`probe`] reports what is missing and why (for the
 //! runner's start-up log), and a command that ran without something gets a
@@ -15,24 +15,36 @@
 //! | memory limit | the memory limit of the command's cgroup | `RLIMIT_AS`, per process and of virtual memory |
 //! | file size limit | `RLIMIT_FSIZE` | always available |
 //! | network isolation | a network namespace with only a loopback interface (up, so tests can serve themselves on 127.0.0.1) | Landlock denying TCP bind and connect (ABI 4+), or nothing |
-//! | write confinement | Landlock: writes only beneath the job directory, the command's private `TMPDIR`, `/dev/shm` (POSIX semaphores and shared memory, which Python's multiprocessing needs) and `/dev/null`, `/dev/zero`, `/dev/full` | the command writes wherever the runner's user may |
+//! | write confinement | Landlock: writes only beneath the checkout, the command's private `TMPDIR`, its `/dev/shm` (POSIX semaphores and shared memory, which Python's multiprocessing needs) and `/dev/null`, `/dev/zero`, `/dev/full` | the command writes wherever its user may |
 //! | privilege drop | `no_new_privs`; every capability dropped, bounding set included, so a runner running as root does not give tests root's powers (`setns` out of the namespaces, `mount`, moving cgroups) | always available |
+//! | mount isolation | a mount namespace per command whose root is a fresh tmpfs holding only the toolchain, the granted programs' prefixes, a minimal `/etc` and `/dev`, the checkout at `/checkout` under an overlay of the command's own, a private `/tmp` and `/dev/shm`, and a `/proc` of its own PID namespace (see `root` for the list and why); directories the caller hides are masked where they fall beneath a bound one | the command sees the host's filesystem: the runner's key, work directory, object cache, other jobs' checkouts, and `/proc` lists every process |
+//! | unprivileged user | a runner running as root switches each command to uid and gid [`SANDBOX_ID`] (named `kiln-test` in the command's `/etc/passwd`, unknown to the host's), with no supplementary groups; it owns its `TMPDIR` and the checkout overlay's directories. Only with mount isolation: in the host's filesystem, another user could neither reach a toolchain under root's home nor write beside its tests | the command runs as the runner's user: root, or, for a runner that is not root, the runner's own user (partial: only mount isolation then keeps the runner's files from tests) |
+//! | syscall filter | seccomp (see `seccomp`): `EPERM` for `ptrace`, `process_vm_*`, the mount API, `chroot`, `unshare`, `setns`, `clone` with namespace flags, keyrings, `bpf`, `perf_event_open`, modules, `kexec`, `userfaultfd`, `open_by_handle_at`, `reboot`, swap, `acct`, `quotactl`, `iopl`/`ioperm`; `ENOSYS` for `clone3`; a call through another ABI kills the process. Installed last, after `no_new_privs` | every system call the user's privileges allow |
 //!
 //! Commands also die with the runner, even one killed with SIGKILL: a
 //! command's supervisor asks for a parent-death signal, which the kernel
 //! sends when the thread that started it ends (for a tokio worker thread:
 //! when the runtime shuts down or the process dies), and then takes its PID
-//! namespace down; without a namespace, the program itself is killed. Such a
-//! runner leaves its commands' cgroups and temporary directories behind: the
-//! next runner's probe removes those whose runner is gone.
+//! namespace down; without a namespace, the program itself is killed. (A
+//! change of user clears that signal: it is asked for again afterwards.)
+//! Such a runner leaves its commands' cgroups and temporary directories
+//! behind: the next runner's probe removes those whose runner is gone.
 //!
 //! As root, namespaces come directly; without root, inside a user namespace
 //! mapping the runner's user to itself, where the kernel allows unprivileged
 //! ones. cgroups need a hierarchy where the runner may create children: as
-//! root, or in a delegated subtree. Reads are not confined: tests need the
-//! toolchain, wherever it is installed. There is no mount namespace, so
-//! `/proc` still lists the machine's processes (a PID namespace makes them
-//! unreachable for signals, and so does Landlock's signal scope, ABI 6+).
+//! root, or in a delegated subtree. Reads are confined by the mount
+//! namespace, not by Landlock: what a command may read is what its root
+//! holds.
+//!
+//! Writes to the checkout land in the overlay's upper layer, in the
+//! command's temporary directory, and are gone when the command ends: no
+//! command sees another's writes, and the checkout the plugin reads stays
+//! as the commit has it. The sandbox user owns the upper layer's copies of
+//! the checkout's directories, so it may create, rename and remove files
+//! anywhere in the checkout (suites that write beside their files work), but
+//! rewriting a file that came with the commit fails with `EACCES` (its
+//! owner is the runner).
 //!
 //! Between `fork` and `exec` only async-signal-safe system calls are allowed:
 //! that code, and all of this crate's `unsafe`, is in `sys`.
