@@ -21,4 +21,7 @@ mod command;
 pub mod sandbox;
 
 pub use command::{Capped, Limits, Output, Refusal, Request, run};
-pub use sandbox::{Coverage, Mechanism, MechanismReport, SANDBOX_ID, SandboxLimits, SandboxReport, probe, testing};
+pub use sandbox::{
+    Coverage, Mechanism, MechanismReport, SANDBOX_ID, SandboxIdError, SandboxLimits, SandboxReport, probe, testing,
+    use_sandbox_id,
+};

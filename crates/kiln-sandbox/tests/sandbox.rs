@@ -763,3 +763,19 @@ async fn dangerous_system_calls_fail_with_eperm() {
         assert!(stdout.lines().any(|line| line == call), "{call}: {stdout}{}", text(&out.stderr));
     }
 }
+
+#[tokio::test]
+async fn the_sandbox_id_can_be_chosen_before_the_sandbox_is_set_up() {
+    assert!(matches!(kiln_sandbox::use_sandbox_id(0), Err(kiln_sandbox::SandboxIdError::Root { id: 0 })));
+    kiln_sandbox::use_sandbox_id(64_123).expect("nothing is set up yet in this process");
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::new(Options::default());
+    let out = run(&sandbox, dir.path(), Path::new("/bin/sh"), &["-c", "id -u; id -g"], Duration::from_secs(30)).await;
+    if is_root() && available(&sandbox, Mechanism::UnprivilegedUser) {
+        assert_eq!(text(&out.stdout), "64123\n64123\n", "{}", text(&out.stderr));
+    }
+    let _ = kiln_sandbox::probe();
+    kiln_sandbox::use_sandbox_id(64_123).expect("the same id again is harmless");
+    let late = kiln_sandbox::use_sandbox_id(64_124);
+    assert!(matches!(late, Err(kiln_sandbox::SandboxIdError::TooLate { id: 64_124, current: 64_123 })), "{late:?}");
+}

@@ -196,6 +196,9 @@ pub struct RunnerArgs {
     /// The wall-clock limit for one command a plugin runs.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
     pub command_timeout: Duration,
+    /// The uid and gid commands run as when the runner runs as root: one no account on this machine uses.
+    #[arg(long, env = "KILN_SANDBOX_ID", default_value_t = kiln_sandbox::SANDBOX_ID)]
+    pub sandbox_id: u32,
 }
 
 /// `kiln results`

@@ -108,6 +108,8 @@ fn net(client: &ClientArgs) -> NetConfig {
 }
 
 async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
+    // Before anything can start a command or probe the sandbox.
+    kiln_sandbox::use_sandbox_id(a.sandbox_id).context("invalid --sandbox-id")?;
     let bundle = load_bundle(&a.client.identity)?;
     let names: Vec<&str> = a.allow_programs.iter().map(String::as_str).collect();
     let programs = kiln_plugin_host::Policy::resolve_programs(&names).context("cannot resolve the allowed programs")?;

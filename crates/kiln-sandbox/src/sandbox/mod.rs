@@ -18,7 +18,7 @@
 //! | write confinement | Landlock: writes only beneath the checkout, the command's private `TMPDIR`, its `/dev/shm` (POSIX semaphores and shared memory, which Python's multiprocessing needs) and `/dev/null`, `/dev/zero`, `/dev/full` | the command writes wherever its user may |
 //! | privilege drop | `no_new_privs`; every capability dropped, bounding set included, so a runner running as root does not give tests root's powers (`setns` out of the namespaces, `mount`, moving cgroups) | always available |
 //! | mount isolation | a mount namespace per command whose root is a fresh tmpfs holding only the toolchain, the granted programs' prefixes, a minimal `/etc` and `/dev`, the checkout at `/checkout` under an overlay of the command's own, a private `/tmp` and `/dev/shm`, and a `/proc` of its own PID namespace (see `root` for the list and why); directories the caller hides are masked where they fall beneath a bound one | the command sees the host's filesystem: the runner's key, work directory, object cache, other jobs' checkouts, and `/proc` lists every process |
-//! | unprivileged user | a runner running as root switches each command to uid and gid [`SANDBOX_ID`] (named `kiln-test` in the command's `/etc/passwd`, unknown to the host's), with no supplementary groups; it owns its `TMPDIR` and the checkout overlay's directories. Only with mount isolation: in the host's filesystem, another user could neither reach a toolchain under root's home nor write beside its tests | the command runs as the runner's user: root, or, for a runner that is not root, the runner's own user (partial: only mount isolation then keeps the runner's files from tests) |
+//! | unprivileged user | a runner running as root switches each command to uid and gid [`SANDBOX_ID`] or the one chosen with [`use_sandbox_id`] (`kiln runner --sandbox-id`) (named `kiln-test` in the command's `/etc/passwd`, unknown to the host's), with no supplementary groups; it owns its `TMPDIR` and the checkout overlay's directories. Only with mount isolation: in the host's filesystem, another user could neither reach a toolchain under root's home nor write beside its tests | the command runs as the runner's user: root, or, for a runner that is not root, the runner's own user (partial: only mount isolation then keeps the runner's files from tests) |
 //! | syscall filter | seccomp (see `seccomp`): `EPERM` for `ptrace`, `process_vm_*`, the mount API, `chroot`, `unshare`, `setns`, `clone` with namespace flags, keyrings, `bpf`, `perf_event_open`, modules, `kexec`, `userfaultfd`, `open_by_handle_at`, `reboot`, swap, `acct`, `quotactl`, `iopl`/`ioperm`; `ENOSYS` for `clone3`; a call through another ABI kills the process. Installed last, after `no_new_privs` | every system call the user's privileges allow |
 //!
 //! Commands also die with the runner, even one killed with SIGKILL: a
@@ -285,6 +285,47 @@ pub(crate) struct Allowed {
 /// says so if they do), so that no file on the machine belongs to it.
 pub const SANDBOX_ID: u32 = 64_999;
 
+/// The id chosen with [`use_sandbox_id`], if any.
+static CHOSEN_ID: OnceLock<u32> = OnceLock::new();
+/// The sandbox `run-command` uses, once probed.
+static GLOBAL: OnceLock<Sandbox> = OnceLock::new();
+
+/// Why [`use_sandbox_id`] refused an id.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxIdError {
+    /// Root is what commands must not be.
+    #[error("use uid and gid {id} for commands: 0 is root; choose an id no account on this machine uses")]
+    Root {
+        /// The refused id.
+        id: u32,
+    },
+    /// Commands have started (or the machine was probed) with another id.
+    #[error("use uid and gid {id} for commands: the sandbox is already set up (with {current})")]
+    TooLate {
+        /// The refused id.
+        id: u32,
+        /// The id in use.
+        current: u32,
+    },
+}
+
+/// Chooses the uid and gid commands run as when the runner is root,
+/// instead of [`SANDBOX_ID`]; call it before [`probe`] or any command.
+pub fn use_sandbox_id(id: u32) -> Result<(), SandboxIdError> {
+    if id == 0 {
+        return Err(SandboxIdError::Root { id });
+    }
+    if GLOBAL.get().is_some() || CHOSEN_ID.set(id).is_err() {
+        let current = sandbox_id();
+        return if current == id { Ok(()) } else { Err(SandboxIdError::TooLate { id, current }) };
+    }
+    Ok(())
+}
+
+fn sandbox_id() -> u32 {
+    CHOSEN_ID.get().copied().unwrap_or(SANDBOX_ID)
+}
+
 /// What the probe decided to apply to every command.
 pub(crate) struct Sandbox {
     limits: SandboxLimits,
@@ -315,7 +356,6 @@ struct LandlockPlan {
 impl Sandbox {
     /// The sandbox `run-command` uses: everything available, default limits.
     pub(crate) fn global() -> &'static Sandbox {
-        static GLOBAL: OnceLock<Sandbox> = OnceLock::new();
         GLOBAL.get_or_init(|| {
             let all = Allowed {
                 pid_namespace: true,
@@ -1024,7 +1064,7 @@ fn probe_confinement(namespaces: &sys::Namespaces, allowed: Allowed) -> Trials {
         // root's home: tests would fail rather than be confined.
         Err("it needs mount isolation".to_owned())
     } else {
-        let ids = (SANDBOX_ID, SANDBOX_ID);
+        let ids = (sandbox_id(), sandbox_id());
         sys::try_plan(&plan(None, Some(ids), None)).map(|()| Some(ids)).map_err(|e| format!("setresuid: {e}"))
     };
     let filter = match (allowed.syscall_filter, seccomp::program()) {
