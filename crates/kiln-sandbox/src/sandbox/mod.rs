@@ -44,7 +44,9 @@
 //! the checkout's directories, so it may create, rename and remove files
 //! anywhere in the checkout (suites that write beside their files work), but
 //! rewriting a file that came with the commit fails with `EACCES` (its
-//! owner is the runner).
+//! owner is the runner). Where the temporary directory cannot hold an
+//! overlay's upper layer, the checkout is bound read-only, and mount
+//! isolation is reported as partial.
 //!
 //! Between `fork` and `exec` only async-signal-safe system calls are allowed:
 //! that code, and all of this crate's `unsafe`, is in `sys`.
@@ -338,6 +340,8 @@ pub(crate) struct Sandbox {
     rlimits: sys::Rlimits,
     /// Whether each command gets a root of its own ([`root`]).
     mount: bool,
+    /// Whether the checkout in it is under an overlay (else read-only).
+    overlay: bool,
     /// The user and group commands switch to.
     user: Option<(u32, u32)>,
     /// The seccomp program.
@@ -514,7 +518,16 @@ impl Sandbox {
             },
         );
         match &confinement.mount {
-            Ok(()) if namespaces.pid => report(
+            Ok(Err(why)) => report(
+                Mechanism::MountIsolation,
+                Coverage::Partial,
+                format!(
+                    "a root of its own per command{}, but the checkout in it is read-only, so tests that write \
+                     beside their files fail ({why})",
+                    if namespaces.pid { "" } else { ", without /proc" }
+                ),
+            ),
+            Ok(Ok(())) if namespaces.pid => report(
                 Mechanism::MountIsolation,
                 Coverage::Full,
                 format!(
@@ -525,7 +538,7 @@ impl Sandbox {
                     root::CHECKOUT
                 ),
             ),
-            Ok(()) => report(
+            Ok(Ok(())) => report(
                 Mechanism::MountIsolation,
                 Coverage::Partial,
                 format!("a root of its own per command, but no /proc in it (no PID namespace: {pid_why})"),
@@ -600,6 +613,7 @@ impl Sandbox {
             drop_capabilities,
             rlimits,
             mount: confinement.mount.is_ok(),
+            overlay: matches!(confinement.mount, Ok(Ok(()))),
             user: confinement.user.ok().flatten(),
             filter: confinement.filter.ok(),
         }
@@ -636,15 +650,17 @@ impl Sandbox {
         };
         let root = if self.mount {
             let (upper, work) = (tmp.path().join("upper"), tmp.path().join("work"));
-            copy_directories(checkout, &upper, self.user)?;
-            fs::create_dir(&work)?;
+            if self.overlay {
+                copy_directories(checkout, &upper, self.user)?;
+                fs::create_dir(&work)?;
+            }
             let layout = root::Layout {
                 root: &tmp.path().join("root"),
                 checkout,
                 cwd,
                 tmp: &tmp.tmp(),
                 shm: &tmp.shm(),
-                overlay: Some((&upper, &work)),
+                overlay: self.overlay.then_some((&upper, &work)),
                 user_namespace: self.namespaces.user.is_some(),
                 program,
                 proc: self.namespaces.pid,
@@ -1024,7 +1040,9 @@ fn named_on_host(uid: u32, gid: u32) -> Option<String> {
 
 /// What the probe found for the mechanisms that need a trial run.
 struct Trials {
-    mount: Result<(), String>,
+    /// A root of its own; inside, whether the checkout can have an overlay
+    /// (without one, it is bound read-only).
+    mount: Result<Result<(), String>, String>,
     /// The user to switch to (`None`: not root, or disabled).
     user: Result<Option<(u32, u32)>, String>,
     filter: Result<Vec<libc::sock_filter>, String>,
@@ -1045,12 +1063,20 @@ fn probe_confinement(namespaces: &sys::Namespaces, allowed: Allowed) -> Trials {
         filter,
         runner: std::process::id(),
     };
-    let mount = if allowed.mount_namespace {
-        trial_root(namespaces).and_then(|(dir, root)| {
+    let try_root = |overlay| {
+        trial_root(namespaces, overlay).and_then(|(dir, root)| {
             let tried = sys::try_plan(&plan(Some(root), None, None)).map_err(|e| format!("a root of its own: {e}"));
             drop(dir);
             tried
         })
+    };
+    let mount = if allowed.mount_namespace {
+        match try_root(true) {
+            Ok(()) => Ok(Ok(())),
+            // An overlay needs a filesystem that can hold its upper layer
+            // (not an overlay itself, as a container's /tmp may be).
+            Err(overlay) => try_root(false).map(|()| Err(format!("an overlay on the checkout: {overlay}"))),
+        }
     } else {
         Err("disabled".to_owned())
     };
@@ -1079,7 +1105,7 @@ fn probe_confinement(namespaces: &sys::Namespaces, allowed: Allowed) -> Trials {
 
 /// A root like a command's, for the probe, in a temporary directory to
 /// remove after the trial.
-fn trial_root(namespaces: &sys::Namespaces) -> Result<(TempDir, sys::RootPlan), String> {
+fn trial_root(namespaces: &sys::Namespaces, overlay: bool) -> Result<(TempDir, sys::RootPlan), String> {
     let dir = TempDir::create(None).map_err(|e| e.to_string())?;
     let checkout = dir.path().join("checkout");
     let (upper, work) = (dir.path().join("upper"), dir.path().join("work"));
@@ -1092,7 +1118,7 @@ fn trial_root(namespaces: &sys::Namespaces) -> Result<(TempDir, sys::RootPlan), 
         cwd: &checkout,
         tmp: &dir.tmp(),
         shm: &dir.shm(),
-        overlay: Some((&upper, &work)),
+        overlay: overlay.then_some((&upper, &work)),
         user_namespace: namespaces.user.is_some(),
         program: Path::new("/bin/sh"),
         proc: namespaces.pid,
