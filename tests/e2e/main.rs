@@ -9,6 +9,7 @@
 
 mod harness;
 
+mod attack;
 mod auth;
 mod certs;
 mod cli;

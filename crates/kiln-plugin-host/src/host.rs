@@ -166,6 +166,7 @@ impl PluginHost {
             max_output: 1 << 20,
             call_timeout: Duration::from_secs(10),
             max_memory: 256 << 20,
+            hidden: Vec::new(),
         };
         let mut host = PluginHost::build(policy, None, Purpose::Check)?;
         host.load_file(path)?;
@@ -402,6 +403,7 @@ impl PluginHost {
             granted: granted.clone(),
             command_timeout: self.policy.command_timeout,
             max_output: self.policy.max_output,
+            hidden: self.policy.hidden.clone().into(),
             job,
             clock: CallClock::start(),
             output,

@@ -14,21 +14,19 @@
 //! [`PluginHost`] and [`HostError`].
 //!
 //! Layout: `host` loads and runs plugins; `state` is what a plugin's store
-//! holds and the host functions it calls; `command` starts programs in the
-//! process `sandbox` (see its docs for what it enforces); `policy`
-//! resolves the allowed programs; `claims` matches files to plugins;
+//! holds and the host functions it calls, `run-command` among them, which
+//! starts programs through `kiln-sandbox` (see its docs for what it
+//! enforces); `policy` resolves the allowed programs; `claims` matches files to plugins;
 //! `cache` keeps compiled plugins on disk; `bindings` is generated from the
 //! WIT.
 
 mod bindings;
 mod cache;
 mod claims;
-mod command;
 mod error;
 mod files;
 mod host;
 mod policy;
-pub mod sandbox;
 mod state;
 
 pub use cache::Compilation;

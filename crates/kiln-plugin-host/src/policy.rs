@@ -35,6 +35,11 @@ pub struct Policy {
     pub call_timeout: Duration,
     /// Linear-memory limit for one plugin instance, in bytes.
     pub max_memory: usize,
+    /// Directories no command may see, even where one lies beneath a
+    /// directory the sandbox binds into a command's root (a work directory
+    /// under `/usr/local`, an identity beside a pyenv installation): the
+    /// runner's work directory and its identity.
+    pub hidden: Vec<PathBuf>,
 }
 
 impl Policy {

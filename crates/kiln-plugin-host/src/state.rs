@@ -21,7 +21,7 @@ use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
 
 use crate::HostEvent;
 use crate::bindings::kiln::executor::{host, types};
-use crate::command::{self, Capped, Refusal};
+use kiln_sandbox::{self as command, Capped, Refusal};
 
 /// Longest test id forwarded; ids are keys, not documents.
 const MAX_ID_BYTES: usize = 1024;
@@ -61,6 +61,8 @@ pub(crate) struct Call {
     pub command_timeout: Duration,
     /// Bytes kept per command output stream.
     pub max_output: usize,
+    /// Directories commands must not see (the policy's).
+    pub hidden: Arc<[PathBuf]>,
     /// The job being run; `None` while the plugin is loaded (`info`), when
     /// it may neither run commands nor report.
     pub job: Option<Job>,
@@ -164,6 +166,7 @@ impl host::Host for HostState {
             granted: &self.call.granted,
             timeout: self.call.command_timeout,
             max_output: self.call.max_output,
+            hidden: &self.call.hidden,
         };
         let result = command::run(&job.checkout, request, &limits).await;
         Ok(match result {

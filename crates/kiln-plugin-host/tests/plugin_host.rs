@@ -150,6 +150,7 @@ fn policy(programs: &[&str]) -> Policy {
         max_output: 1 << 20,
         call_timeout: Duration::from_secs(60),
         max_memory: 64 << 20,
+        hidden: Vec::new(),
     }
 }
 
@@ -566,31 +567,40 @@ async fn a_program_the_runner_does_not_allow_is_denied() {
 #[tokio::test]
 async fn a_command_timeout_kills_the_process_group() {
     let host = PluginHost::new(Policy { command_timeout: Duration::from_secs(1), ..policy(&["python3"]) }).unwrap();
-    let (dir, files) = checkout(&[
-        ("tests/__init__.py", ""),
-        (
-            "tests/test_hang.py",
-            r#"
-import os
+    // The grandchild carries a marker in its command line, so that this
+    // process can find it in the machine's /proc: the test sees only its
+    // own PID namespace's /proc, and its writes do not reach the checkout.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let marker = format!("kiln-timeout-{}-{nanos}", std::process::id());
+    let test = format!(
+        r#"
 import subprocess
+import sys
 import time
 import unittest
 
 class Hang(unittest.TestCase):
     def test_hangs(self):
-        child = subprocess.Popen(["sleep", "300"])
-        # In a PID namespace, child.pid is not the runner's view of it:
-        # /proc (the machine's) has that.
-        me = os.readlink("/proc/self")
-        with open(f"/proc/{me}/task/{me}/children") as f:
-            pid = f.read().split()[0]
-        with open(os.path.join(os.environ["HOME"], "child.pid"), "w") as f:
-            f.write(pid)
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "{marker}"])
         time.sleep(300)
-"#,
-        ),
-    ]);
+"#
+    );
+    let (dir, files) = checkout(&[("tests/__init__.py", ""), ("tests/test_hang.py", &test)]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stop, marker) = (stop.clone(), marker.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(pid) = process_with(&marker) {
+                    return Some(pid);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            None
+        })
+    };
     let results = run(&host, dir.path(), &files).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(outcomes(&results), BTreeMap::from([("tests.test_hang.Hang.test_hangs", Outcome::Error)]));
     let timed_out = message(&results, "tests.test_hang.Hang.test_hangs");
     assert!(timed_out.contains("ran out of time"), "{timed_out}");
@@ -598,12 +608,21 @@ class Hang(unittest.TestCase):
     // The grandchild was in the command's process group: it must be dead
     // (gone, or a zombie nobody has reaped yet). SIGKILL was sent before
     // `run` returned, so this only waits for the kernel to deliver it.
-    let pid: u32 = std::fs::read_to_string(dir.path().join("child.pid")).unwrap().trim().parse().unwrap();
+    let pid = watcher.join().unwrap().expect("the grandchild was seen running");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while is_alive(pid) {
         assert!(std::time::Instant::now() < deadline, "process {pid} survived the timeout");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A live process whose command line contains `marker`.
+fn process_with(marker: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        (String::from_utf8_lossy(&cmdline).contains(marker) && is_alive(pid)).then_some(pid)
+    })
 }
 
 /// Whether `pid` is a live (not zombie) process.

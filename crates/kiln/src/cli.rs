@@ -271,6 +271,9 @@ pub struct RunnerArgs {
     pub command_timeout: Duration,
     #[command(flatten)]
     pub git_limits: GitLimitsArgs,
+    /// The uid and gid commands run as when the runner runs as root: one no account on this machine uses.
+    #[arg(long, env = "KILN_SANDBOX_ID", default_value_t = kiln_sandbox::SANDBOX_ID)]
+    pub sandbox_id: u32,
 }
 
 /// `kiln results`

@@ -123,6 +123,8 @@ fn net(client: &ClientArgs) -> NetConfig {
 }
 
 async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
+    // Before anything can start a command or probe the sandbox.
+    kiln_sandbox::use_sandbox_id(a.sandbox_id).context("invalid --sandbox-id")?;
     let bundle = load_bundle(&a.client.identity)?;
     let names: Vec<&str> = a.allow_programs.iter().map(String::as_str).collect();
     let programs = kiln_plugin_host::Policy::resolve_programs(&names).context("cannot resolve the allowed programs")?;
@@ -137,6 +139,8 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
         // Time spent in WebAssembly itself; waiting on commands does not count.
         call_timeout: Duration::from_secs(60),
         max_memory: 256 << 20,
+        // Tests must never see the runner's key, its cache or other jobs.
+        hidden: vec![a.work.clone(), a.client.identity.clone()],
     };
     // Compiled plugins are kept between runs: a restart compiles nothing.
     let mut host = kiln_plugin_host::PluginHost::with_cache(policy, &a.work.join("plugin-cache"))
@@ -163,9 +167,9 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
         );
     }
     // Say at start-up what the process sandbox can and cannot do here.
-    let sandbox = kiln_plugin_host::sandbox::probe();
+    let sandbox = kiln_sandbox::probe();
     for m in sandbox.mechanisms() {
-        if m.coverage == kiln_plugin_host::sandbox::Coverage::Full {
+        if m.coverage == kiln_sandbox::Coverage::Full {
             info!(mechanism = %m.mechanism, "sandbox: {}", m.detail);
         } else {
             tracing::warn!(mechanism = %m.mechanism, coverage = ?m.coverage, "sandbox weaker than designed: {}", m.detail);

@@ -151,6 +151,8 @@ async fn run_plugins(a: &RunArgs, mut each: impl FnMut(&TestResult)) -> anyhow::
         max_output: 4 << 20,
         call_timeout: std::time::Duration::from_secs(60),
         max_memory: 256 << 20,
+        // No runner here: nothing of the runner's to hide.
+        hidden: Vec::new(),
     };
     let mut host = PluginHost::new(policy).context("cannot start the plugin host")?;
     if let Some(dir) = &a.plugins {

@@ -117,7 +117,7 @@ PRESETS = {
 }
 
 # The environment Kiln's command sandbox gives a test command
-# (crates/kiln-plugin-host/src/command.rs), besides HOME and TMPDIR.
+# (crates/kiln-sandbox/src/command.rs), besides HOME and TMPDIR.
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 SANDBOX_ENV = {"LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"}
 

@@ -2,7 +2,7 @@
 //! [`probe`] that says which of its mechanisms this machine supports.
 //!
 //! A command runs with a cleared environment, in its own session, in the
-//! job's directory (see `command`), and with every mechanism below that the
+//! job's checkout (see `command`), and with every mechanism below that the
 //! kernel and the runner's privileges allow. Each one degrades on its own,
 //! and never silently: [`probe`] reports what is missing and why (for the
 //! runner's start-up log), and a command that ran without something gets a
@@ -15,29 +15,45 @@
 //! | memory limit | the memory limit of the command's cgroup | `RLIMIT_AS`, per process and of virtual memory |
 //! | file size limit | `RLIMIT_FSIZE` | always available |
 //! | network isolation | a network namespace with only a loopback interface (up, so tests can serve themselves on 127.0.0.1) | Landlock denying TCP bind and connect (ABI 4+), or nothing |
-//! | write confinement | Landlock: writes only beneath the job directory, the command's private `TMPDIR`, `/dev/shm` (POSIX semaphores and shared memory, which Python's multiprocessing needs) and `/dev/null`, `/dev/zero`, `/dev/full` | the command writes wherever the runner's user may |
+//! | write confinement | Landlock: writes only beneath the checkout, the command's private `TMPDIR`, its `/dev/shm` (POSIX semaphores and shared memory, which Python's multiprocessing needs) and `/dev/null`, `/dev/zero`, `/dev/full` | the command writes wherever its user may |
 //! | privilege drop | `no_new_privs`; every capability dropped, bounding set included, so a runner running as root does not give tests root's powers (`setns` out of the namespaces, `mount`, moving cgroups) | always available |
+//! | mount isolation | a mount namespace per command whose root is a fresh tmpfs holding only the toolchain, the granted programs' prefixes, a minimal `/etc` and `/dev`, the checkout at `/checkout` under an overlay of the command's own, a private `/tmp` and `/dev/shm`, and a `/proc` of its own PID namespace (see `root` for the list and why); directories the caller hides are masked where they fall beneath a bound one | the command sees the host's filesystem: the runner's key, work directory, object cache, other jobs' checkouts, and `/proc` lists every process |
+//! | unprivileged user | a runner running as root switches each command to uid and gid [`SANDBOX_ID`] or the one chosen with [`use_sandbox_id`] (`kiln runner --sandbox-id`) (named `kiln-test` in the command's `/etc/passwd`, unknown to the host's), with no supplementary groups; it owns its `TMPDIR` and the checkout overlay's directories. Only with mount isolation: in the host's filesystem, another user could neither reach a toolchain under root's home nor write beside its tests | the command runs as the runner's user: root, or, for a runner that is not root, the runner's own user (partial: only mount isolation then keeps the runner's files from tests) |
+//! | syscall filter | seccomp (see `seccomp`): `EPERM` for `ptrace`, `process_vm_*`, the mount API, `chroot`, `unshare`, `setns`, `clone` with namespace flags, keyrings, `bpf`, `perf_event_open`, modules, `kexec`, `userfaultfd`, `open_by_handle_at`, `reboot`, swap, `acct`, `quotactl`, `iopl`/`ioperm`; `ENOSYS` for `clone3`; a call through another ABI kills the process. Installed last, after `no_new_privs` | every system call the user's privileges allow |
 //!
 //! Commands also die with the runner, even one killed with SIGKILL: a
 //! command's supervisor asks for a parent-death signal, which the kernel
 //! sends when the thread that started it ends (for a tokio worker thread:
 //! when the runtime shuts down or the process dies), and then takes its PID
-//! namespace down; without a namespace, the program itself is killed. Such a
-//! runner leaves its commands' cgroups and temporary directories behind: the
-//! next runner's probe removes those whose runner is gone.
+//! namespace down; without a namespace, the program itself is killed. (A
+//! change of user clears that signal: it is asked for again afterwards.)
+//! Such a runner leaves its commands' cgroups and temporary directories
+//! behind: the next runner's probe removes those whose runner is gone.
 //!
 //! As root, namespaces come directly; without root, inside a user namespace
 //! mapping the runner's user to itself, where the kernel allows unprivileged
 //! ones. cgroups need a hierarchy where the runner may create children: as
-//! root, or in a delegated subtree. Reads are not confined: tests need the
-//! toolchain, wherever it is installed. There is no mount namespace, so
-//! `/proc` still lists the machine's processes (a PID namespace makes them
-//! unreachable for signals, and so does Landlock's signal scope, ABI 6+).
+//! root, or in a delegated subtree. Reads are confined by the mount
+//! namespace, not by Landlock: what a command may read is what its root
+//! holds.
+//!
+//! Writes to the checkout land in the overlay's upper layer, in the
+//! command's temporary directory, and are gone when the command ends: no
+//! command sees another's writes, and the checkout the plugin reads stays
+//! as the commit has it. The sandbox user owns the upper layer's copies of
+//! the checkout's directories, so it may create, rename and remove files
+//! anywhere in the checkout (suites that write beside their files work), but
+//! rewriting a file that came with the commit fails with `EACCES` (its
+//! owner is the runner). Where the temporary directory cannot hold an
+//! overlay's upper layer, the checkout is bound read-only, and mount
+//! isolation is reported as partial.
 //!
 //! Between `fork` and `exec` only async-signal-safe system calls are allowed:
 //! that code, and all of this crate's `unsafe`, is in `sys`.
 
 mod cgroup;
+mod root;
+mod seccomp;
 mod sys;
 
 use std::fmt;
@@ -89,6 +105,13 @@ pub enum Mechanism {
     WriteConfinement,
     /// No privileges: no capabilities, none to gain.
     PrivilegeDrop,
+    /// A root filesystem of its own: nothing of the host but the toolchain,
+    /// and only its own processes in `/proc`.
+    MountIsolation,
+    /// An unprivileged user, not the runner's.
+    UnprivilegedUser,
+    /// A seccomp filter denying the system calls attacks use.
+    SyscallFilter,
 }
 
 impl fmt::Display for Mechanism {
@@ -101,6 +124,9 @@ impl fmt::Display for Mechanism {
             Mechanism::NetworkIsolation => "network isolation",
             Mechanism::WriteConfinement => "write confinement",
             Mechanism::PrivilegeDrop => "privilege drop",
+            Mechanism::MountIsolation => "mount isolation",
+            Mechanism::UnprivilegedUser => "unprivileged user",
+            Mechanism::SyscallFilter => "syscall filter",
         })
     }
 }
@@ -251,6 +277,55 @@ pub(crate) struct Allowed {
     pub network_namespace: bool,
     pub cgroups: bool,
     pub landlock: bool,
+    pub mount_namespace: bool,
+    pub unprivileged_user: bool,
+    pub syscall_filter: bool,
+}
+
+/// The user and group commands run as when the runner is root: not root,
+/// and not an id the host's `/etc/passwd` and `/etc/group` name (the probe
+/// says so if they do), so that no file on the machine belongs to it.
+pub const SANDBOX_ID: u32 = 64_999;
+
+/// The id chosen with [`use_sandbox_id`], if any.
+static CHOSEN_ID: OnceLock<u32> = OnceLock::new();
+/// The sandbox `run-command` uses, once probed.
+static GLOBAL: OnceLock<Sandbox> = OnceLock::new();
+
+/// Why [`use_sandbox_id`] refused an id.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxIdError {
+    /// Root is what commands must not be.
+    #[error("use uid and gid {id} for commands: 0 is root; choose an id no account on this machine uses")]
+    Root {
+        /// The refused id.
+        id: u32,
+    },
+    /// Commands have started (or the machine was probed) with another id.
+    #[error("use uid and gid {id} for commands: the sandbox is already set up (with {current})")]
+    TooLate {
+        /// The refused id.
+        id: u32,
+        /// The id in use.
+        current: u32,
+    },
+}
+
+/// Chooses the uid and gid commands run as when the runner is root,
+/// instead of [`SANDBOX_ID`]; call it before [`probe`] or any command.
+pub fn use_sandbox_id(id: u32) -> Result<(), SandboxIdError> {
+    if id == 0 {
+        return Err(SandboxIdError::Root { id });
+    }
+    if GLOBAL.get().is_some() || CHOSEN_ID.set(id).is_err() {
+        let current = sandbox_id();
+        return if current == id { Ok(()) } else { Err(SandboxIdError::TooLate { id, current }) };
+    }
+    Ok(())
+}
+
+fn sandbox_id() -> u32 {
+    CHOSEN_ID.get().copied().unwrap_or(SANDBOX_ID)
 }
 
 /// What the probe decided to apply to every command.
@@ -263,6 +338,14 @@ pub(crate) struct Sandbox {
     landlock: Option<LandlockPlan>,
     drop_capabilities: bool,
     rlimits: sys::Rlimits,
+    /// Whether each command gets a root of its own ([`root`]).
+    mount: bool,
+    /// Whether the checkout in it is under an overlay (else read-only).
+    overlay: bool,
+    /// The user and group commands switch to.
+    user: Option<(u32, u32)>,
+    /// The seccomp program.
+    filter: Option<Vec<libc::sock_filter>>,
 }
 
 /// The access rights a command's Landlock ruleset handles (denies unless a
@@ -277,9 +360,16 @@ struct LandlockPlan {
 impl Sandbox {
     /// The sandbox `run-command` uses: everything available, default limits.
     pub(crate) fn global() -> &'static Sandbox {
-        static GLOBAL: OnceLock<Sandbox> = OnceLock::new();
         GLOBAL.get_or_init(|| {
-            let all = Allowed { pid_namespace: true, network_namespace: true, cgroups: true, landlock: true };
+            let all = Allowed {
+                pid_namespace: true,
+                network_namespace: true,
+                cgroups: true,
+                landlock: true,
+                mount_namespace: true,
+                unprivileged_user: true,
+                syscall_filter: true,
+            };
             Sandbox::new(SandboxLimits::default(), all)
         })
     }
@@ -303,6 +393,7 @@ impl Sandbox {
             scoped: if abi >= 6 { ll::SCOPE_SIGNAL | ll::SCOPE_ABSTRACT_UNIX_SOCKET } else { 0 },
         });
         let drop_capabilities = namespaces.user.is_some() || holds_capabilities();
+        let confinement = probe_confinement(&namespaces, allowed);
         let rlimits = sys::Rlimits {
             file_size: Some(limits.max_file_size),
             // Counted per user namespace: per command only inside its own.
@@ -426,20 +517,125 @@ impl Sandbox {
                 "no_new_privs (the runner holds no capabilities)".to_owned()
             },
         );
+        match &confinement.mount {
+            Ok(Err(why)) => report(
+                Mechanism::MountIsolation,
+                Coverage::Partial,
+                format!(
+                    "a root of its own per command{}, but the checkout in it is read-only, so tests that write \
+                     beside their files fail ({why})",
+                    if namespaces.pid { "" } else { ", without /proc" }
+                ),
+            ),
+            Ok(Ok(())) if namespaces.pid => report(
+                Mechanism::MountIsolation,
+                Coverage::Full,
+                format!(
+                    "a mount namespace per command whose read-only root holds only /usr, /bin, /sbin, /lib*, the \
+                     granted programs' prefixes, a minimal /etc (no shadow), /dev/null, zero, full, random and \
+                     urandom, the checkout at {} (under an overlay of its own: writes never reach it), a private \
+                     /tmp and /dev/shm, and /proc of its own PID namespace",
+                    root::CHECKOUT
+                ),
+            ),
+            Ok(Ok(())) => report(
+                Mechanism::MountIsolation,
+                Coverage::Partial,
+                format!("a root of its own per command, but no /proc in it (no PID namespace: {pid_why})"),
+            ),
+            Err(why) => report(
+                Mechanism::MountIsolation,
+                Coverage::Missing,
+                format!("commands see the runner's whole filesystem: its key, its work directory, other jobs ({why})"),
+            ),
+        }
+        match (&confinement.user, namespaces.user.is_some()) {
+            (Ok(Some((uid, gid))), _) => {
+                let named = named_on_host(*uid, *gid);
+                let detail = format!("uid {uid}, gid {gid}, no supplementary groups");
+                match named {
+                    None => report(Mechanism::UnprivilegedUser, Coverage::Full, detail),
+                    Some(name) => report(
+                        Mechanism::UnprivilegedUser,
+                        Coverage::Partial,
+                        format!("{detail}, but the host names that id ({name}): files it owns are the tests' too"),
+                    ),
+                }
+            }
+            (Ok(None), true) => report(
+                Mechanism::UnprivilegedUser,
+                Coverage::Partial,
+                "the runner's own user (not root), mapped in a user namespace: only mount isolation keeps the \
+                 runner's files from commands"
+                    .to_owned(),
+            ),
+            (Ok(None), false) if !holds_capabilities() => report(
+                Mechanism::UnprivilegedUser,
+                Coverage::Partial,
+                "the runner's own user (not root): only mount isolation keeps the runner's files from commands"
+                    .to_owned(),
+            ),
+            (Ok(None), false) => report(
+                Mechanism::UnprivilegedUser,
+                Coverage::Missing,
+                "commands run as the runner's user, root (disabled)".to_owned(),
+            ),
+            (Err(why), _) => report(
+                Mechanism::UnprivilegedUser,
+                Coverage::Missing,
+                format!("commands run as the runner's user, root ({why})"),
+            ),
+        }
+        match &confinement.filter {
+            Ok(_) => report(
+                Mechanism::SyscallFilter,
+                Coverage::Full,
+                format!(
+                    "seccomp: EPERM for {}, clone with namespace flags; ENOSYS for clone3; other ABIs killed",
+                    seccomp::denied().iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+                ),
+            ),
+            Err(why) => report(
+                Mechanism::SyscallFilter,
+                Coverage::Missing,
+                format!("every system call is open to commands, ptrace and mount included ({why})"),
+            ),
+        }
         let report = SandboxReport { mechanisms };
         let note = report.command_note();
-        Sandbox { limits, report, note, namespaces, cgroups: cgroups.hierarchies, landlock, drop_capabilities, rlimits }
+        Sandbox {
+            limits,
+            report,
+            note,
+            namespaces,
+            cgroups: cgroups.hierarchies,
+            landlock,
+            drop_capabilities,
+            rlimits,
+            mount: confinement.mount.is_ok(),
+            overlay: matches!(confinement.mount, Ok(Ok(()))),
+            user: confinement.user.ok().flatten(),
+            filter: confinement.filter.ok(),
+        }
     }
 
     pub(crate) fn report(&self) -> &SandboxReport {
         &self.report
     }
 
-    /// Sets up the confinement of one command run in `checkout` (absolute,
-    /// canonical): its temporary directory, cgroups and Landlock ruleset,
-    /// and the plan its child process follows.
-    pub(crate) fn prepare(&self, checkout: &Path) -> io::Result<Confinement> {
-        let tmp = TempDir::create()?;
+    /// Sets up the confinement of one command running `program` in `cwd`
+    /// (beneath `checkout`; both absolute, canonical): its temporary
+    /// directory, cgroups, Landlock ruleset and root, and the plan its child
+    /// process follows. `hidden` directories stay invisible even where they
+    /// lie beneath a directory the command's root binds.
+    pub(crate) fn prepare(
+        &self,
+        checkout: &Path,
+        cwd: &Path,
+        program: &Path,
+        hidden: &[PathBuf],
+    ) -> io::Result<Confinement> {
+        let tmp = TempDir::create(self.user)?;
         let (cgroup, cgroup_procs) = if self.cgroups.is_empty() {
             (None, Vec::new())
         } else {
@@ -449,8 +645,36 @@ impl Sandbox {
             (Some(cgroup), procs)
         };
         let landlock = match self.landlock {
-            Some(plan) => Some(ruleset(plan, &[checkout, tmp.path()])?),
+            Some(plan) => Some(ruleset(plan, &[checkout, &tmp.tmp(), &tmp.shm()])?),
             None => None,
+        };
+        let root = if self.mount {
+            let (upper, work) = (tmp.path().join("upper"), tmp.path().join("work"));
+            if self.overlay {
+                copy_directories(checkout, &upper, self.user)?;
+                fs::create_dir(&work)?;
+            }
+            let layout = root::Layout {
+                root: &tmp.path().join("root"),
+                checkout,
+                cwd,
+                tmp: &tmp.tmp(),
+                shm: &tmp.shm(),
+                overlay: self.overlay.then_some((&upper, &work)),
+                user_namespace: self.namespaces.user.is_some(),
+                program,
+                proc: self.namespaces.pid,
+                user: self.user.unwrap_or_else(sys::effective_ids),
+                hidden,
+            };
+            Some(root::plan(&layout)?)
+        } else {
+            None
+        };
+        let (home, tmp_inside) = if root.is_some() {
+            (PathBuf::from(root::CHECKOUT), PathBuf::from(root::TMP))
+        } else {
+            (checkout.to_owned(), tmp.tmp())
         };
         let plan = sys::ChildPlan {
             cgroup_procs,
@@ -458,10 +682,16 @@ impl Sandbox {
             rlimits: self.rlimits.clone(),
             drop_capabilities: self.drop_capabilities,
             landlock,
+            landlock_writes: self.landlock.map_or(0, |plan| plan.fs),
+            root,
+            user: self.user,
+            filter: self.filter.clone(),
             runner: std::process::id(),
         };
         Ok(Confinement {
             plan: Some(plan),
+            home,
+            tmp_inside,
             tmp: Some(tmp),
             cgroup,
             pid_namespace: self.namespaces.pid,
@@ -612,6 +842,10 @@ fn human_bytes(bytes: u64) -> String {
 pub(crate) struct Confinement {
     /// For the child process; taken by [`Confinement::install`].
     plan: Option<sys::ChildPlan>,
+    /// The checkout and the private temporary directory as the command
+    /// sees them (in its own root, or on the host).
+    home: PathBuf,
+    tmp_inside: PathBuf,
     tmp: Option<TempDir>,
     cgroup: Option<CommandCgroup>,
     /// Whether the child is a PID namespace's supervisor (see `sys`).
@@ -625,9 +859,15 @@ pub(crate) struct Confinement {
 }
 
 impl Confinement {
-    /// The command's private temporary directory (its `TMPDIR`).
-    pub(crate) fn tmp_dir(&self) -> Option<&Path> {
-        self.tmp.as_ref().map(TempDir::path)
+    /// The command's private temporary directory (its `TMPDIR`), as the
+    /// command sees it.
+    pub(crate) fn tmp_dir(&self) -> &Path {
+        &self.tmp_inside
+    }
+
+    /// The checkout (its `HOME`), as the command sees it.
+    pub(crate) fn home(&self) -> &Path {
+        &self.home
     }
 
     /// Makes `command`'s child process confine itself.
@@ -719,22 +959,174 @@ impl Drop for Confinement {
     }
 }
 
-/// A command's private temporary directory, removed when dropped.
+/// A command's private directory, removed when dropped: its `TMPDIR`
+/// (`tmp`), its `/dev/shm` (`shm`), and with a root of its own, that root's
+/// mount point (`root`) and the checkout overlay's `upper` and `work`.
 struct TempDir(PathBuf);
 
 impl TempDir {
-    fn create() -> io::Result<TempDir> {
+    /// Creates it, with `tmp` and `shm` belonging to `user` if any.
+    fn create(user: Option<(u32, u32)>) -> io::Result<TempDir> {
         let path = std::env::temp_dir().join(unique_name("tmp"));
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        Ok(TempDir(path))
+        let at = |path: &Path, e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        fs::DirBuilder::new().mode(0o700).create(&path).map_err(|e| at(&path, e))?;
+        let dir = TempDir(path);
+        for sub in ["tmp", "shm", "root"] {
+            let sub = dir.0.join(sub);
+            fs::DirBuilder::new().mode(0o700).create(&sub).map_err(|e| at(&sub, e))?;
+        }
+        if let Some((uid, gid)) = user {
+            // The top too: without a root of its own, the command reaches
+            // its TMPDIR through it.
+            for path in [dir.0.clone(), dir.tmp(), dir.shm()] {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(|e| at(&path, e))?;
+            }
+        }
+        Ok(dir)
     }
 
     fn path(&self) -> &Path {
         &self.0
     }
+
+    fn tmp(&self) -> PathBuf {
+        self.0.join("tmp")
+    }
+
+    fn shm(&self) -> PathBuf {
+        self.0.join("shm")
+    }
+}
+
+/// Recreates the directories of `checkout` beneath `upper` (an overlay's
+/// upper layer), with their modes, owned by `user`: an overlay shows a
+/// directory with the owner of its upper copy, so the sandbox user may
+/// create and remove files in every directory of the checkout, while the
+/// files themselves stay the checkout's.
+fn copy_directories(checkout: &Path, upper: &Path, user: Option<(u32, u32)>) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut pending = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let source = checkout.join(&relative);
+        let target = upper.join(&relative);
+        let mode = fs::symlink_metadata(&source)?.permissions().mode() & 0o7777;
+        fs::DirBuilder::new().mode(0o700).create(&target)?;
+        fs::set_permissions(&target, fs::Permissions::from_mode(mode | 0o700))?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(&target, Some(uid), Some(gid))?;
+        }
+        for entry in fs::read_dir(&source)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                pending.push(relative.join(entry.file_name()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Which of the host's users or groups is called `uid` or `gid`, if any.
+fn named_on_host(uid: u32, gid: u32) -> Option<String> {
+    let find = |file: &str, id: u32| -> Option<String> {
+        let text = fs::read_to_string(file).ok()?;
+        text.lines().find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            (fields.nth(1)? == id.to_string()).then(|| format!("{name} in {file}"))
+        })
+    };
+    find("/etc/passwd", uid).or_else(|| find("/etc/group", gid))
+}
+
+/// What the probe found for the mechanisms that need a trial run.
+struct Trials {
+    /// A root of its own; inside, whether the checkout can have an overlay
+    /// (without one, it is bound read-only).
+    mount: Result<Result<(), String>, String>,
+    /// The user to switch to (`None`: not root, or disabled).
+    user: Result<Option<(u32, u32)>, String>,
+    filter: Result<Vec<libc::sock_filter>, String>,
+}
+
+/// Tries, in forked children, a root of its own, a change of user and the
+/// seccomp filter, each alone, in `namespaces` as commands get them.
+fn probe_confinement(namespaces: &sys::Namespaces, allowed: Allowed) -> Trials {
+    let plan = |root, user, filter| sys::ChildPlan {
+        cgroup_procs: Vec::new(),
+        namespaces: namespaces.clone(),
+        rlimits: sys::Rlimits::default(),
+        drop_capabilities: false,
+        landlock: None,
+        landlock_writes: 0,
+        root,
+        user,
+        filter,
+        runner: std::process::id(),
+    };
+    let try_root = |overlay| {
+        trial_root(namespaces, overlay).and_then(|(dir, root)| {
+            let tried = sys::try_plan(&plan(Some(root), None, None)).map_err(|e| format!("a root of its own: {e}"));
+            drop(dir);
+            tried
+        })
+    };
+    let mount = if allowed.mount_namespace {
+        match try_root(true) {
+            Ok(()) => Ok(Ok(())),
+            // An overlay needs a filesystem that can hold its upper layer
+            // (not an overlay itself, as a container's /tmp may be).
+            Err(overlay) => try_root(false).map(|()| Err(format!("an overlay on the checkout: {overlay}"))),
+        }
+    } else {
+        Err("disabled".to_owned())
+    };
+    let user = if !allowed.unprivileged_user {
+        Err("disabled".to_owned())
+    } else if namespaces.user.is_some() || !holds_capabilities() {
+        Ok(None)
+    } else if mount.is_err() {
+        // In the host's filesystem, another user could neither write the
+        // checkout (no overlay) nor reach a toolchain installed under
+        // root's home: tests would fail rather than be confined.
+        Err("it needs mount isolation".to_owned())
+    } else {
+        let ids = (sandbox_id(), sandbox_id());
+        sys::try_plan(&plan(None, Some(ids), None)).map(|()| Some(ids)).map_err(|e| format!("setresuid: {e}"))
+    };
+    let filter = match (allowed.syscall_filter, seccomp::program()) {
+        (false, _) => Err("disabled".to_owned()),
+        (true, None) => Err("no filter for this architecture".to_owned()),
+        (true, Some(program)) => sys::try_plan(&plan(None, None, Some(program.clone())))
+            .map(|()| program)
+            .map_err(|e| format!("seccomp: {e}")),
+    };
+    Trials { mount, user, filter }
+}
+
+/// A root like a command's, for the probe, in a temporary directory to
+/// remove after the trial.
+fn trial_root(namespaces: &sys::Namespaces, overlay: bool) -> Result<(TempDir, sys::RootPlan), String> {
+    let dir = TempDir::create(None).map_err(|e| e.to_string())?;
+    let checkout = dir.path().join("checkout");
+    let (upper, work) = (dir.path().join("upper"), dir.path().join("work"));
+    for path in [&checkout, &upper, &work] {
+        fs::create_dir(path).map_err(|e| e.to_string())?;
+    }
+    let layout = root::Layout {
+        root: &dir.path().join("root"),
+        checkout: &checkout,
+        cwd: &checkout,
+        tmp: &dir.tmp(),
+        shm: &dir.shm(),
+        overlay: overlay.then_some((&upper, &work)),
+        user_namespace: namespaces.user.is_some(),
+        program: Path::new("/bin/sh"),
+        proc: namespaces.pid,
+        user: sys::effective_ids(),
+        hidden: &[],
+    };
+    let plan = root::plan(&layout).map_err(|e| e.to_string())?;
+    Ok((dir, plan))
 }
 
 impl Drop for TempDir {
@@ -767,6 +1159,9 @@ pub mod testing {
         pub network_namespace: bool,
         pub cgroups: bool,
         pub landlock: bool,
+        pub mount_namespace: bool,
+        pub unprivileged_user: bool,
+        pub syscall_filter: bool,
     }
 
     impl Default for Options {
@@ -777,6 +1172,9 @@ pub mod testing {
                 network_namespace: true,
                 cgroups: true,
                 landlock: true,
+                mount_namespace: true,
+                unprivileged_user: true,
+                syscall_filter: true,
             }
         }
     }
@@ -800,6 +1198,9 @@ pub mod testing {
                 network_namespace: options.network_namespace,
                 cgroups: options.cgroups,
                 landlock: options.landlock,
+                mount_namespace: options.mount_namespace,
+                unprivileged_user: options.unprivileged_user,
+                syscall_filter: options.syscall_filter,
             };
             Sandbox(super::Sandbox::new(options.limits, allowed))
         }
@@ -817,6 +1218,20 @@ pub mod testing {
             timeout: Duration,
             max_output: usize,
         ) -> Result<Output, String> {
+            self.run_hiding(checkout, program, args, timeout, max_output, &[]).await
+        }
+
+        /// [`Sandbox::run`], with `hidden` directories the command must not
+        /// see.
+        pub async fn run_hiding(
+            &self,
+            checkout: &Path,
+            program: &Path,
+            args: &[&str],
+            timeout: Duration,
+            max_output: usize,
+            hidden: &[PathBuf],
+        ) -> Result<Output, String> {
             let checkout = std::fs::canonicalize(checkout).map_err(|e| e.to_string())?;
             let granted: BTreeMap<String, PathBuf> = BTreeMap::from([("program".to_owned(), program.to_owned())]);
             let request = Request {
@@ -825,7 +1240,7 @@ pub mod testing {
                 cwd: String::new(),
                 timeout,
             };
-            let limits = Limits { granted: &granted, timeout, max_output };
+            let limits = Limits { granted: &granted, timeout, max_output, hidden };
             match command::run_in(&self.0, &checkout, request, &limits).await {
                 Ok(out) => Ok(Output {
                     exit_code: out.exit_code,

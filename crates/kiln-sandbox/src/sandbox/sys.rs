@@ -14,7 +14,7 @@
 //! Linux only: namespaces, Landlock, `close_range` and `prctl` are Linux
 //! interfaces.
 
-use std::ffi::{CStr, c_int, c_void};
+use std::ffi::{CStr, CString, c_int, c_void};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
@@ -124,6 +124,48 @@ pub(crate) struct Rlimits {
     pub address_space: Option<u64>,
 }
 
+/// One step of building a command's root filesystem, in the child's new
+/// mount namespace. Targets are absolute paths beneath [`RootPlan::root`].
+#[derive(Debug)]
+pub(crate) enum MountStep {
+    /// `mkdir` (mode 0755); the parent lists each missing ancestor first.
+    Dir(CString),
+    /// An empty file, for a file to be bound over.
+    File(CString),
+    /// A symbolic link at `path` to `target`.
+    Symlink { target: CString, path: CString },
+    /// A small file with these contents, mode 0644 (`/etc/passwd`).
+    Write { path: CString, data: Vec<u8> },
+    /// A bind mount of `source` (recursive). When `read_only` is set, it is
+    /// remounted read-only with these flags as well: the flags the source's
+    /// mount already has, which the kernel locks inside a user namespace.
+    Bind { source: CString, target: CString, read_only: Option<libc::c_ulong> },
+    /// An overlay at `target`; `options` name its lower, upper and work
+    /// directories (writes land in the upper one, never in the lower).
+    Overlay { target: CString, options: CString },
+    /// An empty, read-only, mode 000 tmpfs: what hides a secret directory
+    /// beneath a bound one.
+    Mask(CString),
+    /// A `proc` for the command's own PID namespace.
+    Proc(CString),
+}
+
+/// The root filesystem a command sees: a fresh tmpfs mounted on `root` (a
+/// directory of its own, on the host), filled by `steps`, then made the
+/// root with `pivot_root`, the host's root detached, and remounted
+/// read-only.
+#[derive(Debug)]
+pub(crate) struct RootPlan {
+    pub root: CString,
+    pub steps: Vec<MountStep>,
+    /// The working directory, as the command sees it.
+    pub cwd: CString,
+    /// Directories (as the command sees them) the Landlock ruleset allows
+    /// every write beneath: an overlay's merged directories exist only in
+    /// the command's mount namespace, so only the child can name them.
+    pub writable: Vec<CString>,
+}
+
 /// Everything a command's child process does between `fork` and `exec`,
 /// prepared by the parent so that the child only makes system calls.
 #[derive(Debug)]
@@ -139,13 +181,22 @@ pub(crate) struct ChildPlan {
     pub drop_capabilities: bool,
     /// A Landlock ruleset to restrict the program with.
     pub landlock: Option<OwnedFd>,
+    /// The write rights `landlock` handles, for [`RootPlan::writable`].
+    pub landlock_writes: u64,
+    /// A mount namespace with only this in it.
+    pub root: Option<RootPlan>,
+    /// The unprivileged user and group to run as, with no supplementary
+    /// groups (only a runner running as root has one to switch to).
+    pub user: Option<(u32, u32)>,
+    /// A seccomp filter, installed last.
+    pub filter: Option<Vec<libc::sock_filter>>,
     /// The runner's process id: if the runner dies (even by SIGKILL), the
     /// child is signalled, so that no command outlives it unsupervised.
     pub runner: u32,
 }
 
 #[expect(unsafe_code, reason = "geteuid and getegid have no wrapper in std")]
-fn effective_ids() -> (u32, u32) {
+pub(crate) fn effective_ids() -> (u32, u32) {
     // SAFETY: geteuid(2) and getegid(2) take no arguments and cannot fail.
     unsafe { (libc::geteuid(), libc::getegid()) }
 }
@@ -243,6 +294,12 @@ pub(crate) fn try_namespaces(namespaces: &Namespaces) -> io::Result<()> {
         // running the parent's atexit handlers or destructors.
         unsafe { libc::_exit(code.clamp(0, 255)) }
     }
+    wait_for_probe(pid)
+}
+
+/// Waits for the probe child `pid`: its exit code is an errno.
+#[expect(unsafe_code, reason = "waitpid(2) has no wrapper in std")]
+fn wait_for_probe(pid: libc::pid_t) -> io::Result<()> {
     let mut status = 0;
     loop {
         // SAFETY: `status` is a live c_int the kernel writes; `pid` is our
@@ -261,6 +318,36 @@ pub(crate) fn try_namespaces(namespaces: &Namespaces) -> io::Result<()> {
         (true, code) => Err(io::Error::from_raw_os_error(code)),
         _ => Err(io::Error::other("the probe process was killed")),
     }
+}
+
+/// Tries, in a forked child that then exits, everything a command's child
+/// would do with `plan` (namespaces, root, user, filter), and with a filter,
+/// that it denies `keyctl`. Says why not if it cannot.
+#[expect(unsafe_code, reason = "fork(2) has no wrapper in std")]
+pub(crate) fn try_plan(plan: &ChildPlan) -> io::Result<()> {
+    // SAFETY: as in `try_namespaces`: the child makes only async-signal-safe
+    // system calls (`child_setup` is the code commands run) and leaves with
+    // _exit(2).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        let code = match child_setup(plan) {
+            Ok(()) if plan.filter.is_some() => {
+                // SAFETY: keyctl(2) with integer arguments; denied, it does
+                // nothing.
+                let result = unsafe { libc::syscall(libc::SYS_keyctl, 0, 0, 0, 0, 0) };
+                let errno = io::Error::last_os_error().raw_os_error();
+                if result < 0 && errno == Some(libc::EPERM) { 0 } else { libc::ENOTSUP }
+            }
+            Ok(()) => 0,
+            Err(e) => e.raw_os_error().unwrap_or(libc::EINVAL),
+        };
+        // SAFETY: _exit(2) is async-signal-safe and ends the child at once.
+        unsafe { libc::_exit(code.clamp(0, 255)) }
+    }
+    wait_for_probe(pid)
 }
 
 /// In a probe child: forks a process (the new PID namespace's init) that
@@ -325,17 +412,17 @@ fn child_setup(plan: &ChildPlan) -> io::Result<()> {
     // program without one is killed. (Set after the namespaces: credential
     // changes can clear it.)
     let on_runner_death = if plan.namespaces.pid { libc::SIGTERM } else { libc::SIGKILL };
-    // SAFETY: prctl(2) and getppid(2) with integer arguments.
-    unsafe {
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, on_runner_death as libc::c_ulong, NIL, NIL, NIL))?;
-        // The runner may have died before that: then this process has been
-        // re-parented already.
-        if u32::try_from(libc::getppid()).ok() != Some(plan.runner) {
-            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    die_with_parent(on_runner_death, Parent::Runner(plan.runner))?;
+    // The init's end of the pipe that says whether its supervisor lives.
+    let supervisor = if plan.namespaces.pid { Some(become_supervisor()?) } else { None };
+    // In the init, so that its /proc is the new PID namespace's.
+    if let Some(root) = &plan.root {
+        enter_root(root)?;
+        if let Some(ruleset) = &plan.landlock {
+            for path in &root.writable {
+                allow_in_child(ruleset, path, plan.landlock_writes)?;
+            }
         }
-    }
-    if plan.namespaces.pid {
-        become_supervisor()?;
     }
     let limit = |resource, value: u64| -> io::Result<()> {
         let limit = libc::rlimit { rlim_cur: value, rlim_max: value };
@@ -355,10 +442,32 @@ fn child_setup(plan: &ChildPlan) -> io::Result<()> {
         limit(libc::RLIMIT_AS, bytes)?;
     }
     if plan.drop_capabilities {
-        drop_capabilities()?;
+        // The bounding set first: dropping it needs CAP_SETPCAP, which the
+        // change of user below takes away.
+        drop_bounding_set()?;
+    }
+    if let Some((uid, gid)) = plan.user {
+        become_user(uid, gid)?;
+    }
+    if plan.drop_capabilities {
+        clear_capabilities()?;
+    }
+    // Changing credentials cleared the parent-death signal: set it again,
+    // and make sure the parent did not die in between.
+    match supervisor {
+        Some(alive) => {
+            if plan.user.is_some() {
+                die_with_parent(libc::SIGKILL, Parent::Supervisor(alive))?;
+            }
+            // SAFETY: the init's own descriptor, closed once.
+            unsafe { libc::close(alive) };
+        }
+        None if plan.user.is_some() => die_with_parent(on_runner_death, Parent::Runner(plan.runner))?,
+        None => {}
     }
     // Nothing the program executes can gain privileges (setuid binaries,
-    // file capabilities); Landlock requires it of an unprivileged caller.
+    // file capabilities); Landlock and seccomp require it of an
+    // unprivileged caller.
     // SAFETY: prctl(2) with integer arguments only.
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, ONE, NIL, NIL, NIL) })?;
     if let Some(ruleset) = &plan.landlock {
@@ -366,6 +475,219 @@ fn child_setup(plan: &ChildPlan) -> io::Result<()> {
         let result = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset.as_raw_fd(), 0u32) };
         if result < 0 {
             return Err(io::Error::last_os_error());
+        }
+    }
+    // Last: from here on, the calls above would be denied too.
+    if let Some(filter) = &plan.filter {
+        install_filter(filter)?;
+    }
+    Ok(())
+}
+
+/// Who a child must not outlive.
+enum Parent {
+    /// The runner, by process id.
+    Runner(u32),
+    /// A PID namespace's supervisor, by the read end of a pipe only it
+    /// holds the write end of.
+    Supervisor(RawFd),
+}
+
+/// Asks for `signal` when the parent dies, then checks that it has not
+/// died already (in which case the signal will never come).
+#[expect(unsafe_code, reason = "system calls between fork and exec")]
+fn die_with_parent(signal: c_int, parent: Parent) -> io::Result<()> {
+    // SAFETY: prctl(2), getppid(2) and read(2) on integer arguments and a
+    // live one-byte buffer; _exit(2) ends the process.
+    unsafe {
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, NIL, NIL, NIL))?;
+        match parent {
+            // The runner may have died before that: then this process has
+            // been re-parented already.
+            Parent::Runner(pid) => {
+                if u32::try_from(libc::getppid()).ok() != Some(pid) {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+            }
+            // End of file (not EAGAIN): the write end is closed, the
+            // supervisor is gone.
+            Parent::Supervisor(alive) => {
+                let mut byte = 0u8;
+                if libc::read(alive, (&raw mut byte).cast(), 1) == 0 {
+                    libc::_exit(127);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Allows `access` beneath `path` in `ruleset`, from the child.
+#[expect(unsafe_code, reason = "system calls between fork and exec")]
+fn allow_in_child(ruleset: &OwnedFd, path: &CStr, access: u64) -> io::Result<()> {
+    // SAFETY: open(2) of a NUL-terminated string; O_PATH opens no device.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    check(fd)?;
+    let attr = landlock::PathBeneathAttr { allowed_access: access, parent_fd: fd };
+    // SAFETY: live descriptors and a live struct of the kernel's layout.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_add_rule,
+            ruleset.as_raw_fd(),
+            landlock::RULE_PATH_BENEATH,
+            &raw const attr,
+            0u32,
+        )
+    };
+    let result = if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
+    // SAFETY: opened above, closed once.
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// The `ST_*` flags of the filesystem `path` is on (`statvfs`).
+#[expect(unsafe_code, reason = "statvfs(3) has no wrapper in std")]
+pub(crate) fn statvfs_flags(path: &CStr) -> io::Result<libc::c_ulong> {
+    // SAFETY: statvfs is plain old data, valid when zeroed.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a live struct the call writes.
+    check(unsafe { libc::statvfs(path.as_ptr(), &raw mut stat) })?;
+    Ok(stat.f_flag)
+}
+
+/// Switches to `uid` and `gid` for good, with no supplementary groups.
+#[expect(unsafe_code, reason = "system calls between fork and exec")]
+fn become_user(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: setgroups(2) with an empty list, and setres[ug]id(2) with
+    // integers. The group first: after the user changes, it cannot.
+    unsafe {
+        check(libc::setgroups(0, std::ptr::null()))?;
+        check(libc::setresgid(gid, gid, gid))?;
+        check(libc::setresuid(uid, uid, uid))?;
+    }
+    Ok(())
+}
+
+/// Installs the seccomp `filter` (`no_new_privs` must be set).
+#[expect(unsafe_code, reason = "system calls between fork and exec")]
+fn install_filter(filter: &[libc::sock_filter]) -> io::Result<()> {
+    let len = libc::c_ushort::try_from(filter.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    let program = libc::sock_fprog { len, filter: filter.as_ptr().cast_mut() };
+    // SAFETY: `program` points at `filter`, live for the call; the kernel
+    // copies the instructions and never writes through the pointer.
+    check(unsafe {
+        libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER as libc::c_ulong, &raw const program, NIL, NIL)
+    })
+}
+
+/// Gives this process a mount namespace whose root is `plan`'s: see
+/// [`RootPlan`]. Afterwards nothing of the host's filesystem is reachable
+/// but what the steps bound.
+#[expect(unsafe_code, reason = "system calls between fork and exec")]
+fn enter_root(plan: &RootPlan) -> io::Result<()> {
+    let null = std::ptr::null::<libc::c_char>();
+    // SAFETY: unshare(2) and mount(2) with NUL-terminated strings that
+    // outlive the calls, or null where the kernel accepts null.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        // Nothing mounted from here on may propagate back to the host.
+        check(libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
+        check(libc::mount(
+            c"tmpfs".as_ptr(),
+            plan.root.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            c"mode=0755,size=1m".as_ptr().cast(),
+        ))?;
+    }
+    for step in &plan.steps {
+        mount_step(step)?;
+    }
+    // SAFETY: as above; chdir(2), pivot_root(2) and umount2(2) on live
+    // strings. pivot_root(".", ".") stacks the old root on top of the new
+    // one, and detaching "." then leaves only the new one.
+    unsafe {
+        check(libc::chdir(plan.root.as_ptr()))?;
+        check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as c_int)?;
+        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+        check(libc::chdir(c"/".as_ptr()))?;
+        check(libc::mount(
+            null,
+            c"/".as_ptr(),
+            null,
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+            std::ptr::null(),
+        ))?;
+        // std changed to the host's path of the working directory, which
+        // is gone now (and must be: it would be a way out).
+        check(libc::chdir(plan.cwd.as_ptr()))?;
+    }
+    Ok(())
+}
+
+/// One step of [`enter_root`].
+#[expect(unsafe_code, reason = "system calls between fork and exec")]
+fn mount_step(step: &MountStep) -> io::Result<()> {
+    let null = std::ptr::null::<libc::c_char>();
+    // SAFETY: system calls on NUL-terminated strings and buffers owned by
+    // `step`, live for each call.
+    unsafe {
+        match step {
+            MountStep::Dir(path) => {
+                if libc::mkdir(path.as_ptr(), 0o755) < 0 {
+                    let error = io::Error::last_os_error();
+                    if error.raw_os_error() != Some(libc::EEXIST) {
+                        return Err(error);
+                    }
+                }
+            }
+            MountStep::File(path) | MountStep::Write { path, .. } => {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC, 0o644);
+                check(fd)?;
+                let result = match step {
+                    MountStep::Write { data, .. } if libc::write(fd, data.as_ptr().cast(), data.len()) < 0 => {
+                        Err(io::Error::last_os_error())
+                    }
+                    _ => Ok(()),
+                };
+                libc::close(fd);
+                result?;
+            }
+            MountStep::Symlink { target, path } => check(libc::symlink(target.as_ptr(), path.as_ptr()))?,
+            MountStep::Bind { source, target, read_only } => {
+                check(libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    null,
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ))?;
+                if let Some(flags) = read_only {
+                    let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | flags;
+                    check(libc::mount(null, target.as_ptr(), null, flags, std::ptr::null()))?;
+                }
+            }
+            MountStep::Overlay { target, options } => check(libc::mount(
+                c"overlay".as_ptr(),
+                target.as_ptr(),
+                c"overlay".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                options.as_ptr().cast(),
+            ))?,
+            MountStep::Mask(target) => check(libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                c"mode=000,size=4k,nr_inodes=1".as_ptr().cast(),
+            ))?,
+            MountStep::Proc(target) => check(libc::mount(
+                c"proc".as_ptr(),
+                target.as_ptr(),
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ))?,
         }
     }
     Ok(())
@@ -437,9 +759,11 @@ fn loopback_up() -> io::Result<()> {
 
 /// In a child that has just unshared a PID namespace: forks the namespace's
 /// init, which returns (and goes on to `exec` the program), while this
-/// process becomes its supervisor and never returns.
+/// process becomes its supervisor and never returns. The init gets the
+/// read end of a pipe whose end of file says the supervisor is gone (it
+/// needs to check again after a change of user).
 #[expect(unsafe_code, reason = "system calls between fork and exec")]
-fn become_supervisor() -> io::Result<()> {
+fn become_supervisor() -> io::Result<RawFd> {
     // Block the signals the supervisor waits for before forking, so that
     // none can arrive before it waits.
     // SAFETY: sigset_t is plain old data, initialised by sigemptyset.
@@ -466,23 +790,19 @@ fn become_supervisor() -> io::Result<()> {
     // SAFETY: the rest are system calls on live, initialised data.
     unsafe {
         libc::close(alive[1]);
-        // If the supervisor dies (the runner killed it, say), so does the
-        // init, and with it the whole namespace.
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, NIL, NIL, NIL))?;
-        // The supervisor may have died before the line above: then the
-        // write end is closed and the read sees end of file, not EAGAIN.
-        let mut byte = 0u8;
-        if libc::read(alive[0], (&raw mut byte).cast(), 1) == 0 {
-            libc::_exit(127);
-        }
-        libc::close(alive[0]);
+    }
+    // If the supervisor dies (the runner killed it, say), so does the init,
+    // and with it the whole namespace.
+    die_with_parent(libc::SIGKILL, Parent::Supervisor(alive[0]))?;
+    // SAFETY: system calls on live, initialised data.
+    unsafe {
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&raw mut none);
         check(libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut()))?;
         // Its own session, like a command without a PID namespace.
         check(libc::setsid())?;
     }
-    Ok(())
+    Ok(alive[0])
 }
 
 /// The supervisor: waits for the init (the program) to end, kills it on
@@ -575,10 +895,32 @@ fn exit_like(status: c_int) -> ! {
     }
 }
 
-/// Drops every capability, for good: the bounding set (so that `exec` cannot
-/// give them back, even to root), the ambient set, and the current sets.
+/// Drops the bounding set (so that `exec` cannot give capabilities back,
+/// even to root) and the ambient set.
 #[expect(unsafe_code, reason = "system calls between fork and exec")]
-fn drop_capabilities() -> io::Result<()> {
+fn drop_bounding_set() -> io::Result<()> {
+    // SAFETY: prctl(2) with integer arguments.
+    unsafe {
+        // Capabilities the kernel does not know give EINVAL: stop there.
+        for capability in 0..64 as libc::c_ulong {
+            if libc::prctl(libc::PR_CAPBSET_DROP, capability, NIL, NIL, NIL) < 0 {
+                let error = io::Error::last_os_error();
+                if error.raw_os_error() == Some(libc::EINVAL) {
+                    break;
+                }
+                return Err(error);
+            }
+        }
+        // Older kernels lack ambient capabilities (EINVAL): nothing to clear.
+        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, NIL, NIL, NIL);
+    }
+    Ok(())
+}
+
+/// Clears the effective, permitted and inheritable sets, for good (after
+/// [`drop_bounding_set`], nothing can bring them back).
+#[expect(unsafe_code, reason = "system calls between fork and exec")]
+fn clear_capabilities() -> io::Result<()> {
     /// `struct __user_cap_header_struct`.
     #[repr(C)]
     struct Header {
@@ -593,21 +935,9 @@ fn drop_capabilities() -> io::Result<()> {
         inheritable: u32,
     }
     const VERSION_3: u32 = 0x2008_0522;
-    // SAFETY: prctl(2) and capset(2) with integer arguments or live structs
-    // of the layout the kernel expects (version 3 takes two data structs).
+    // SAFETY: capset(2) with live structs of the layout the kernel expects
+    // (version 3 takes two data structs).
     unsafe {
-        // Capabilities the kernel does not know give EINVAL: stop there.
-        for capability in 0..64 as libc::c_ulong {
-            if libc::prctl(libc::PR_CAPBSET_DROP, capability, NIL, NIL, NIL) < 0 {
-                let error = io::Error::last_os_error();
-                if error.raw_os_error() == Some(libc::EINVAL) {
-                    break;
-                }
-                return Err(error);
-            }
-        }
-        // Older kernels lack ambient capabilities (EINVAL): nothing to clear.
-        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, NIL, NIL, NIL);
         let header = Header { version: VERSION_3, pid: 0 };
         let data =
             [Data { effective: 0, permitted: 0, inheritable: 0 }, Data { effective: 0, permitted: 0, inheritable: 0 }];

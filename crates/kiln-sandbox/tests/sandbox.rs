@@ -1,6 +1,6 @@
 //! The process sandbox of `run-command`, with real processes: `/bin/sh` and
 //! `python3` run through the same code the host uses
-//! (`kiln_plugin_host::sandbox::testing`).
+//! (`kiln_sandbox::testing`).
 //!
 //! Each test shows that a mechanism stops what it is meant to stop, and
 //! where it is harmless, also that the same command does the harm in a
@@ -16,15 +16,25 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kiln_plugin_host::Policy;
-use kiln_plugin_host::sandbox::testing::{Options, Output, Sandbox};
-use kiln_plugin_host::sandbox::{Coverage, Mechanism, SandboxLimits};
+use kiln_sandbox::testing::{Options, Output, Sandbox};
+use kiln_sandbox::{Coverage, Mechanism, SandboxLimits};
 
 /// Output kept per stream.
 const MAX_OUTPUT: usize = 1 << 20;
 
+/// The real interpreter behind the `python3` on `PATH` (often a pyenv shim,
+/// which needs an environment the sandbox clears), as the runner's policy
+/// resolves it.
 fn python3() -> PathBuf {
-    Policy::resolve_programs(&["python3"]).expect("python3 is installed").remove("python3").expect("resolved")
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3 is installed");
+        PathBuf::from(String::from_utf8(out.stdout).expect("a UTF-8 path").trim())
+    })
+    .clone()
 }
 
 /// A string no other process on the machine has in its command line.
@@ -69,6 +79,35 @@ fn kill_all(pids: &[u32]) {
         .status()
         .expect("python3 runs");
     assert!(status.success(), "could not kill {pids:?}");
+}
+
+/// Where the file a command wrote at `name` in its checkout or its TMPDIR
+/// is on the host, while the command runs: in the checkout itself, or in
+/// one of this process's temporary directories (nextest runs each test in
+/// a process of its own): the command's TMPDIR, or in a root of its own,
+/// the upper layer of the command's overlay.
+fn written_by_command(checkout: &Path, name: &str) -> Option<PathBuf> {
+    let direct = checkout.join(name);
+    if direct.exists() {
+        return Some(direct);
+    }
+    own_temporary_directories()
+        .into_iter()
+        .flat_map(|dir| [dir.join("upper").join(name), dir.join("tmp").join(name)])
+        .find(|path| path.exists())
+}
+
+/// The sandbox's temporary directories of commands this process started.
+fn own_temporary_directories() -> Vec<PathBuf> {
+    let prefix = format!("kiln-tmp-{}-", std::process::id());
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return Vec::new() };
+    entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&prefix)).map(|e| e.path()).collect()
+}
+
+fn remove_own_temporary_directories() {
+    for dir in own_temporary_directories() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 fn is_root() -> bool {
@@ -173,10 +212,10 @@ fn a_command_does_not_outlive_its_runner() {
     // no cgroup, and the runner dies without running a destructor.
     let sandbox = Sandbox::new(Options { cgroups: false, ..Options::default() });
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let started = dir.path().join("started");
     let marker = marker("orphan");
+    // In TMPDIR: the checkout may be read-only (a root without an overlay).
     let script = "import os, time\n\
-                  with open('started', 'w') as f:\n    \
+                  with open(os.path.join(os.environ['TMPDIR'], 'started'), 'w') as f:\n    \
                       f.write(os.environ['TMPDIR'])\n\
                   time.sleep(10**6)\n";
     let python = python3();
@@ -189,7 +228,7 @@ fn a_command_does_not_outlive_its_runner() {
             let mut command = Box::pin(sandbox.run(dir.path(), &python, &args, Duration::from_secs(600), MAX_OUTPUT));
             runtime.block_on(async {
                 let deadline = Instant::now() + Duration::from_secs(30);
-                while !started.exists() {
+                while written_by_command(dir.path(), "started").is_none() {
                     assert!(Instant::now() < deadline, "the command did not start");
                     tokio::select! {
                         out = &mut command => panic!("the command ended: {out:?}"),
@@ -209,8 +248,7 @@ fn a_command_does_not_outlive_its_runner() {
     }
     kill_all(&left);
     // What the dead runner could not clean up (a later runner would).
-    let tmp = std::fs::read_to_string(&started).expect("the command wrote its TMPDIR");
-    let _ = std::fs::remove_dir_all(tmp.trim());
+    remove_own_temporary_directories();
     // With or without a PID namespace: without one, the program itself gets
     // the parent-death signal.
     assert_eq!(left, Vec::<u32>::new(), "the command outlived its runner");
@@ -432,7 +470,11 @@ async fn writes_outside_the_job_directory_fail() {
     let paths = ["inside.txt", "$TMPDIR/scratch.txt", "/dev/null", target];
     let args: Vec<&str> = ["-c", WRITE].into_iter().chain(paths).collect();
 
-    let sandbox = Sandbox::new(Options::default());
+    // Landlock alone: in a root of its own, the path outside would not even
+    // exist (see the attack tests), and the sandbox user could not write the
+    // checkout of a runner that is root.
+    let landlock_alone = Options { mount_namespace: false, unprivileged_user: false, ..Options::default() };
+    let sandbox = Sandbox::new(landlock_alone);
     let out = run(&sandbox, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
     let stdout = text(&out.stdout);
     assert!(stdout.contains("inside.txt written"), "{stdout}");
@@ -447,7 +489,7 @@ async fn writes_outside_the_job_directory_fail() {
     }
 
     // Control: without Landlock, the same write lands outside.
-    let open = Sandbox::new(Options { landlock: false, ..Options::default() });
+    let open = Sandbox::new(Options { landlock: false, ..landlock_alone });
     let out = run(&open, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
     assert!(text(&out.stdout).contains(&format!("{target} written")), "{}", text(&out.stdout));
     assert!(Path::new(target).exists());
@@ -462,8 +504,15 @@ async fn the_private_tmpdir_is_removed_afterwards() {
     let out = run(&sandbox, dir.path(), &python3(), &["-c", script], Duration::from_secs(30)).await;
     assert_eq!(out.exit_code, Some(0), "{}", text(&out.stderr));
     let tmp = text(&out.stdout);
-    assert!(tmp.contains("kiln-tmp-"), "{tmp}");
-    assert!(!Path::new(tmp.trim()).exists(), "{tmp} was removed");
+    let own_root = sandbox.report().get(Mechanism::MountIsolation).is_some_and(|m| m.coverage != Coverage::Missing);
+    if own_root {
+        // Its own /tmp, in a root of its own.
+        assert_eq!(tmp.trim(), "/tmp");
+    } else {
+        assert!(tmp.contains("kiln-tmp-"), "{tmp}");
+        assert!(!Path::new(tmp.trim()).exists(), "{tmp} was removed");
+    }
+    assert_eq!(own_temporary_directories(), Vec::<PathBuf>::new(), "every temporary directory was removed");
 }
 
 #[tokio::test]
@@ -473,16 +522,15 @@ async fn big_files_and_big_allocations_fail() {
     let dir = tempfile::tempdir().unwrap();
 
     // Python ignores SIGXFSZ, so the write fails with EFBIG.
-    let script = "import errno\n\
+    let script = "import errno, os\n\
                   try:\n    \
-                      with open('big', 'wb') as f:\n        \
+                      with open(os.path.join(os.environ['TMPDIR'], 'big'), 'wb') as f:\n        \
                           f.write(b'x' * (2 << 20))\n    \
                       print('written')\n\
                   except OSError as e:\n    \
-                      print('failed', errno.errorcode[e.errno])\n";
+                      print('failed', errno.errorcode[e.errno], os.path.getsize(os.path.join(os.environ['TMPDIR'], 'big')))\n";
     let out = run(&sandbox, dir.path(), &python3(), &["-c", script], Duration::from_secs(30)).await;
-    assert_eq!(text(&out.stdout), "failed EFBIG\n", "{}", text(&out.stderr));
-    assert_eq!(std::fs::metadata(dir.path().join("big")).map(|m| m.len()).unwrap_or(0), 1 << 20);
+    assert_eq!(text(&out.stdout), "failed EFBIG 1048576\n", "{}", text(&out.stderr));
 
     // 512 MiB, touched, against a limit of 128 MiB: the kernel kills it
     // (cgroup) or the allocation fails (RLIMIT_AS).
@@ -501,7 +549,7 @@ async fn big_files_and_big_allocations_fail() {
 
 #[tokio::test]
 async fn the_probe_reports_every_mechanism() {
-    let report = kiln_plugin_host::sandbox::probe();
+    let report = kiln_sandbox::probe();
     let mechanisms: Vec<Mechanism> = report.mechanisms().iter().map(|m| m.mechanism).collect();
     assert_eq!(
         mechanisms,
@@ -513,12 +561,15 @@ async fn the_probe_reports_every_mechanism() {
             Mechanism::NetworkIsolation,
             Mechanism::WriteConfinement,
             Mechanism::PrivilegeDrop,
+            Mechanism::MountIsolation,
+            Mechanism::UnprivilegedUser,
+            Mechanism::SyscallFilter,
         ]
     );
     for mechanism in report.mechanisms() {
         assert!(!mechanism.detail.is_empty(), "{mechanism:?}");
     }
-    assert_eq!(report.to_string().lines().count(), 7, "{report}");
+    assert_eq!(report.to_string().lines().count(), 10, "{report}");
     if is_root() && std::env::var_os("KILN_SANDBOX_DEGRADED_OK").is_none() {
         assert!(report.is_complete(), "running as root, the sandbox should be complete:\n{report}");
     }
@@ -529,4 +580,207 @@ async fn the_probe_reports_every_mechanism() {
     assert!(degraded.contains(&Mechanism::WriteConfinement), "{}", sandbox.report());
     assert!(degraded.contains(&Mechanism::NetworkIsolation), "{}", sandbox.report());
     assert!(sandbox.report().get(Mechanism::WriteConfinement).is_some_and(|m| m.detail.contains("disabled")));
+}
+
+/// Tries to read each path given, and prints `read PATH` or `failed PATH
+/// ERRNO` for each.
+const READ: &str = "import sys\n\
+                    for path in sys.argv[1:]:\n    \
+                        try:\n        \
+                            with open(path, 'rb') as f:\n            \
+                                f.read()\n        \
+                            print('read', path)\n    \
+                        except OSError as e:\n        \
+                            print('failed', path, e.errno)\n";
+
+/// The sandbox with only these of the filesystem defences.
+fn filesystem(mount_namespace: bool, unprivileged_user: bool) -> Options {
+    Options { mount_namespace, unprivileged_user, ..Options::default() }
+}
+
+#[tokio::test]
+async fn files_outside_the_checkout_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    // Readable to the sandbox user without a root of its own, so that the
+    // run with the unprivileged user alone shows what that does alone.
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.txt");
+    std::fs::write(&secret, "the runner's secret").unwrap();
+    let secret = secret.to_str().expect("a UTF-8 temporary path");
+    let args = ["-c", READ, secret, "/etc/shadow"];
+
+    let sandbox = Sandbox::new(Options::default());
+    let out = run(&sandbox, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
+    let stdout = text(&out.stdout);
+    if available(&sandbox, Mechanism::MountIsolation) {
+        // Neither exists in the command's root.
+        assert_eq!(stdout, format!("failed {secret} 2\nfailed /etc/shadow 2\n"), "{}", text(&out.stderr));
+    } else {
+        assert_noted(&out, Mechanism::MountIsolation);
+    }
+    // The root alone does it, even for a command running as root (the
+    // unprivileged user needs a root of its own: see the sandbox's docs).
+    if available(&sandbox, Mechanism::MountIsolation) {
+        let mount_alone = Sandbox::new(filesystem(true, false));
+        let out = run(&mount_alone, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
+        assert_eq!(text(&out.stdout), format!("failed {secret} 2\nfailed /etc/shadow 2\n"), "{}", text(&out.stderr));
+    }
+    // Control: without both, a command running as root reads them.
+    if is_root() {
+        let open = Sandbox::new(filesystem(false, false));
+        let out = run(&open, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
+        assert_eq!(text(&out.stdout), format!("read {secret}\nread /etc/shadow\n"), "{}", text(&out.stderr));
+    }
+}
+
+#[tokio::test]
+async fn proc_lists_only_the_commands_own_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n";
+    let sandbox = Sandbox::new(Options::default());
+    let out = run(&sandbox, dir.path(), &python3(), &["-c", script], Duration::from_secs(30)).await;
+    if available(&sandbox, Mechanism::MountIsolation) {
+        // The program is its PID namespace's init, and alone.
+        assert_eq!(text(&out.stdout), "[1]\n", "{}", text(&out.stderr));
+    } else {
+        assert_noted(&out, Mechanism::MountIsolation);
+    }
+    // Control: the machine's /proc lists the runner too.
+    let host_proc = Sandbox::new(filesystem(false, false));
+    let out = run(&host_proc, dir.path(), &python3(), &["-c", script], Duration::from_secs(30)).await;
+    let listed = text(&out.stdout);
+    let runner = std::process::id().to_string();
+    assert!(listed.trim_matches(['[', ']', '\n']).split(", ").any(|pid| pid == runner), "{listed}");
+}
+
+#[tokio::test]
+async fn a_hidden_directory_beneath_a_bound_one_is_empty() {
+    // A program installed in a prefix of its own, which the sandbox binds,
+    // with a secret directory beside it (say, a runner's identity).
+    let install = tempfile::tempdir().unwrap();
+    let prefix = install.path().join("prefix");
+    std::fs::create_dir_all(prefix.join("bin")).unwrap();
+    std::fs::create_dir(prefix.join("secret")).unwrap();
+    std::os::unix::fs::symlink("/bin/sh", prefix.join("bin/sh")).unwrap();
+    std::fs::write(prefix.join("secret/key.pem"), "PRIVATE KEY").unwrap();
+    let secret = prefix.join("secret");
+    let script = format!("ls -A {0}; cat {0}/key.pem", secret.display());
+    let program = prefix.join("bin/sh");
+    let dir = tempfile::tempdir().unwrap();
+
+    let sandbox = Sandbox::new(Options::default());
+    let out = sandbox
+        .run_hiding(
+            dir.path(),
+            &program,
+            &["-c", &script],
+            Duration::from_secs(30),
+            MAX_OUTPUT,
+            std::slice::from_ref(&secret),
+        )
+        .await
+        .expect("the command ran");
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains("PRIVATE KEY"), "{stdout}");
+    if available(&sandbox, Mechanism::MountIsolation) {
+        assert_eq!(stdout, "", "an empty directory: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("key.pem"), "{}", text(&out.stderr));
+
+        // Control: not hidden, the prefix's bind shows it.
+        let out = run(&sandbox, dir.path(), &program, &["-c", &script], Duration::from_secs(30)).await;
+        assert_eq!(text(&out.stdout), "key.pem\nPRIVATE KEY", "{}", text(&out.stderr));
+    } else {
+        assert_noted(&out, Mechanism::MountIsolation);
+    }
+}
+
+#[tokio::test]
+async fn the_command_runs_as_the_unprivileged_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "id -u; id -g; id -G; grep CapEff /proc/self/status";
+    let sandbox = Sandbox::new(Options::default());
+    let out = run(&sandbox, dir.path(), Path::new("/bin/sh"), &["-c", script], Duration::from_secs(30)).await;
+    let stdout = text(&out.stdout);
+    if is_root() && available(&sandbox, Mechanism::UnprivilegedUser) {
+        let id = kiln_sandbox::SANDBOX_ID;
+        assert_eq!(stdout, format!("{id}\n{id}\n{id}\nCapEff:\t0000000000000000\n"), "{}", text(&out.stderr));
+        // Control: without it, root (without capabilities).
+        let root = Sandbox::new(Options { unprivileged_user: false, ..Options::default() });
+        let out = run(&root, dir.path(), Path::new("/bin/sh"), &["-c", script], Duration::from_secs(30)).await;
+        assert!(text(&out.stdout).starts_with("0\n0\n"), "{}", text(&out.stdout));
+    } else if !is_root() {
+        assert!(!stdout.starts_with("0\n"), "{stdout}");
+    } else {
+        assert_noted(&out, Mechanism::UnprivilegedUser);
+    }
+}
+
+/// Makes the system calls named by the arguments (`name=number`) with
+/// arguments that succeed for an unprivileged process where the call is
+/// allowed, and prints `NAME ok` or `NAME ERRNO`.
+const SYSCALLS: &str = "import ctypes, os, sys\n\
+                        libc = ctypes.CDLL(None, use_errno=True)\n\
+                        args = {\n    \
+                            'ptrace': (0, 0, 0, 0),\n    \
+                            'unshare': (0x10000000,),\n    \
+                            'keyctl': (0, -3, 0),\n    \
+                            'mount': (b'none', b'/tmp', b'tmpfs', 0, None),\n    \
+                            'bpf': (0, None, 0),\n\
+                        }\n\
+                        for arg in sys.argv[1:]:\n    \
+                            name, nr = arg.split('=')\n    \
+                            result = libc.syscall(int(nr), *args[name])\n    \
+                            print(name, 'ok' if result >= 0 else ctypes.get_errno())\n";
+
+#[tokio::test]
+async fn dangerous_system_calls_fail_with_eperm() {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = [
+        ("ptrace", libc::SYS_ptrace),
+        ("unshare", libc::SYS_unshare),
+        ("keyctl", libc::SYS_keyctl),
+        ("mount", libc::SYS_mount),
+        ("bpf", libc::SYS_bpf),
+    ];
+    let calls: Vec<String> = calls.iter().map(|(name, nr)| format!("{name}={nr}")).collect();
+    let args: Vec<&str> = ["-c", SYSCALLS].into_iter().chain(calls.iter().map(String::as_str)).collect();
+    let sandbox = Sandbox::new(Options::default());
+    let out = run(&sandbox, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
+    if available(&sandbox, Mechanism::SyscallFilter) {
+        let eperm = libc::EPERM;
+        assert_eq!(
+            text(&out.stdout),
+            format!("ptrace {eperm}\nunshare {eperm}\nkeyctl {eperm}\nmount {eperm}\nbpf {eperm}\n"),
+            "{}",
+            text(&out.stderr)
+        );
+    } else {
+        assert_noted(&out, Mechanism::SyscallFilter);
+    }
+    // Control: without the filter, an unprivileged process may trace
+    // itself, make a user namespace and use its keyrings (mount and bpf
+    // still fail for want of capabilities).
+    let open = Sandbox::new(Options { syscall_filter: false, ..Options::default() });
+    let out = run(&open, dir.path(), &python3(), &args, Duration::from_secs(30)).await;
+    let stdout = text(&out.stdout);
+    for call in ["ptrace ok", "unshare ok", "keyctl ok"] {
+        assert!(stdout.lines().any(|line| line == call), "{call}: {stdout}{}", text(&out.stderr));
+    }
+}
+
+#[tokio::test]
+async fn the_sandbox_id_can_be_chosen_before_the_sandbox_is_set_up() {
+    assert!(matches!(kiln_sandbox::use_sandbox_id(0), Err(kiln_sandbox::SandboxIdError::Root { id: 0 })));
+    kiln_sandbox::use_sandbox_id(64_123).expect("nothing is set up yet in this process");
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::new(Options::default());
+    let out = run(&sandbox, dir.path(), Path::new("/bin/sh"), &["-c", "id -u; id -g"], Duration::from_secs(30)).await;
+    if is_root() && available(&sandbox, Mechanism::UnprivilegedUser) {
+        assert_eq!(text(&out.stdout), "64123\n64123\n", "{}", text(&out.stderr));
+    }
+    let _ = kiln_sandbox::probe();
+    kiln_sandbox::use_sandbox_id(64_123).expect("the same id again is harmless");
+    let late = kiln_sandbox::use_sandbox_id(64_124);
+    assert!(matches!(late, Err(kiln_sandbox::SandboxIdError::TooLate { id: 64_124, current: 64_123 })), "{late:?}");
 }

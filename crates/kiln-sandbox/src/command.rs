@@ -42,25 +42,33 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// A command as the plugin asked for it, before any check.
 #[derive(Clone, Debug)]
-pub(crate) struct Request {
+pub struct Request {
+    /// The program's bare name, as granted.
     pub program: String,
+    /// Its arguments.
     pub args: Vec<String>,
+    /// Working directory relative to the checkout (empty: the checkout).
     pub cwd: String,
+    /// The caller's own time limit; zero means the runner's.
     pub timeout: Duration,
 }
 
 /// How a command ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Output {
+pub struct Output {
+    /// The exit code, or `None` when a signal ended the program.
     pub exit_code: Option<i32>,
+    /// Whether the timeout ended it.
     pub timed_out: bool,
+    /// Its standard output, capped.
     pub stdout: Vec<u8>,
+    /// Its standard error, capped, with the sandbox's notes at the end.
     pub stderr: Vec<u8>,
 }
 
 /// Why a command was not run.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Refusal {
+pub enum Refusal {
     /// Not allowed: program not granted, or a working directory outside the
     /// checkout.
     Denied(String),
@@ -69,18 +77,22 @@ pub(crate) enum Refusal {
 }
 
 /// The limits and grants that apply to one plugin's commands.
-pub(crate) struct Limits<'a> {
+pub struct Limits<'a> {
     /// Programs this plugin may run: bare name to absolute path.
     pub granted: &'a BTreeMap<String, PathBuf>,
     /// The runner's cap on a command's wall-clock time.
     pub timeout: Duration,
     /// Bytes kept per stream.
     pub max_output: usize,
+    /// Directories commands must never see, even where one lies beneath a
+    /// directory their root binds (the runner's work and identity
+    /// directories).
+    pub hidden: &'a [PathBuf],
 }
 
 /// Runs `request` in `checkout` (an absolute, canonical path) under
 /// `limits`, in the runner's sandbox.
-pub(crate) async fn run(checkout: &Path, request: Request, limits: &Limits<'_>) -> Result<Output, Refusal> {
+pub async fn run(checkout: &Path, request: Request, limits: &Limits<'_>) -> Result<Output, Refusal> {
     run_in(Sandbox::global(), checkout, request, limits).await
 }
 
@@ -112,7 +124,7 @@ pub(crate) async fn run_in(
     let timeout = if request.timeout.is_zero() { limits.timeout } else { request.timeout.min(limits.timeout) };
 
     let mut confinement = sandbox
-        .prepare(checkout)
+        .prepare(checkout, &cwd, program, limits.hidden)
         .map_err(|e| Refusal::Failed(format!("could not set up the sandbox for {}: {e}", program.display())))?;
     let mut command = Command::new(program);
     command
@@ -120,16 +132,14 @@ pub(crate) async fn run_in(
         .current_dir(&cwd)
         .env_clear()
         .envs(ENVIRONMENT.iter().copied())
-        .env("HOME", checkout)
+        .env("HOME", confinement.home())
+        .env("TMPDIR", confinement.tmp_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // If this future is dropped (the job was cancelled), tokio kills and
         // reaps the child; dropping `confinement` takes care of the rest.
         .kill_on_drop(true);
-    if let Some(tmp) = confinement.tmp_dir() {
-        command.env("TMPDIR", tmp);
-    }
     confinement.install(&mut command);
     let mut child = command
         .spawn()
@@ -214,7 +224,7 @@ async fn drain(pipe: Option<impl AsyncRead + Unpin>, into: &mut Capped) {
 
 /// A byte buffer that keeps at most a fixed number of bytes: the first half
 /// and the last half of what was pushed, and how much was cut in between.
-pub(crate) struct Capped {
+pub struct Capped {
     head: Vec<u8>,
     tail: VecDeque<u8>,
     head_cap: usize,
@@ -223,12 +233,14 @@ pub(crate) struct Capped {
 }
 
 impl Capped {
-    pub(crate) fn new(max: usize) -> Capped {
+    /// A buffer keeping at most `max` bytes.
+    pub fn new(max: usize) -> Capped {
         let head_cap = max / 2;
         Capped { head: Vec::new(), tail: VecDeque::new(), head_cap, tail_cap: max - head_cap, cut: 0 }
     }
 
-    pub(crate) fn push(&mut self, mut data: &[u8]) {
+    /// Appends `data`, cutting from the middle beyond the cap.
+    pub fn push(&mut self, mut data: &[u8]) {
         let to_head = data.len().min(self.head_cap - self.head.len());
         self.head.extend_from_slice(&data[..to_head]);
         data = &data[to_head..];
@@ -245,7 +257,7 @@ impl Capped {
     }
 
     /// The kept bytes, with a marker where bytes were cut.
-    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+    pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes = self.head.clone();
         if self.cut > 0 {
             bytes.extend_from_slice(format!("\n[... {} bytes cut ...]\n", self.cut).as_bytes());
@@ -286,7 +298,7 @@ mod tests {
         std::os::unix::fs::symlink("/", checkout.join("out")).unwrap();
         std::fs::create_dir(checkout.join("sub")).unwrap();
         let granted = BTreeMap::from([("sh".to_owned(), PathBuf::from("/bin/sh"))]);
-        let limits = Limits { granted: &granted, timeout: Duration::from_secs(10), max_output: 1024 };
+        let limits = Limits { granted: &granted, timeout: Duration::from_secs(10), max_output: 1024, hidden: &[] };
         let request = |cwd: &str| Request {
             program: "sh".to_owned(),
             args: vec!["-c".to_owned(), "pwd".to_owned()],
@@ -296,7 +308,12 @@ mod tests {
         let refused = run(&checkout, request("out"), &limits).await;
         assert!(matches!(&refused, Err(Refusal::Denied(why)) if why.contains("leads outside")), "{refused:?}");
         let out = run(&checkout, request("sub"), &limits).await.unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), checkout.join("sub").to_string_lossy());
+        // In a root of its own, the checkout is at a fixed path.
+        let expected = match crate::probe().get(crate::Mechanism::MountIsolation).map(|m| m.coverage) {
+            Some(crate::Coverage::Missing) => checkout.join("sub"),
+            _ => PathBuf::from("/checkout/sub"),
+        };
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected.to_string_lossy());
     }
 
     #[test]
