@@ -9,11 +9,9 @@
 //! exactly the leak the issue describes. The sandbox's own tests show each
 //! defence alone; this one shows the runner wires them in.
 
-use std::time::Duration;
-
 use kiln_proto::Outcome;
 
-use crate::harness::{Cluster, Repo, eventually, outcomes};
+use crate::harness::{Cluster, Repo, outcomes};
 
 /// The attack, as a unittest module. `{targets}` is a JSON object of the
 /// paths this harness knows (keys, database, work directories).
@@ -183,9 +181,9 @@ fn tests_that_attack_the_runner_find_nothing_and_the_key_never_reaches_the_resul
 
     // No line of either runner's key is in the stored results, or in what
     // `kiln results` prints.
-    let stored = cluster.state().join(format!("results/{main}.json"));
-    assert!(eventually(Duration::from_secs(10), || stored.exists()), "{}", stored.display());
-    let stored = std::fs::read_to_string(&stored).unwrap();
+    // The file is written after the state is stored: read its final version.
+    cluster.wait_stored(&main, "final", |r| r.status.is_final());
+    let stored = std::fs::read_to_string(cluster.state().join(format!("results/{main}.json"))).unwrap();
     let out = cluster.admin(&["results", main.as_str(), "--format", "json"]);
     let printed = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(printed.contains("test_attack"), "{printed}");

@@ -64,9 +64,10 @@ fn a_commit_flows_to_stored_per_test_results_and_a_fix_is_picked_up_by_polling()
     }
 
     // The dispatcher keeps the same document as a file.
-    let stored = cluster.dir.path().join(format!("state/results/{first}.json"));
-    let on_disk: CommitReport = serde_json::from_slice(&std::fs::read(&stored).expect("results file")).expect("json");
+    // The file is written after the state is stored: wait for its final version.
+    let on_disk = cluster.wait_stored(&first, "final", |r| r.status.is_final());
     assert_eq!(on_disk, report);
+    let stored = cluster.state().join(format!("results/{first}.json"));
     let junit = std::fs::read_to_string(stored.with_extension("xml")).expect("JUnit file");
     assert!(junit.contains(r#"tests="8" failures="2" errors="2" skipped="2""#), "{junit}");
 

@@ -104,8 +104,8 @@ fn tap_scripts_flow_to_stored_per_test_results_and_a_restarted_runner_compiles_n
             assert_eq!(t.file, file, "{t:?}");
         }
     }
-    let stored = cluster.dir.path().join(format!("state/results/{first}.json"));
-    let on_disk: CommitReport = serde_json::from_slice(&std::fs::read(&stored).expect("results file")).expect("json");
+    // The file is written after the state is stored: wait for its final version.
+    let on_disk = cluster.wait_stored(&first, "final", |r| r.status.is_final());
     assert_eq!(on_disk, report);
 
     // The runner compiled both built-ins once and kept them in its work

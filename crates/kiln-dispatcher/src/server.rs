@@ -844,9 +844,11 @@ struct Submission {
 /// Refuses a request the peer may not make: says why, then the connection
 /// is closed as unauthorized.
 async fn refuse(mut send: SendStream, reason: String) -> Result<(), StreamError> {
-    // Say why before closing; the peer may or may not read it.
+    // Say why before closing, and let the reply arrive first (a peer that
+    // reads nothing costs at most the timeout); the close carries the reason too.
     let _ = send.send(&Reply::Refused(reason.clone())).await;
     send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     Err(StreamError::Unauthorized(reason))
 }
 
@@ -864,7 +866,8 @@ async fn refuse_name(conn: &Connection, mut send: SendStream, clash: NameInUse) 
     send.finish();
     // Let the reply arrive before the connection goes.
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-    conn.close(CloseCode::Unauthorized, &reason);
+    // Its own code: the runner retries later rather than giving up.
+    conn.close(CloseCode::NameInUse, &reason);
     Ok(())
 }
 

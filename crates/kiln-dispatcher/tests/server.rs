@@ -467,7 +467,7 @@ async fn a_second_connection_with_a_runners_name_is_refused_unless_it_holds_the_
     let Reply::NameInUse(clash) = reply else { panic!("{reply:?}") };
     assert_eq!(clash.name, "twin");
     assert!(clash.address.starts_with("127.0.0.1:") && clash.since_unix_ms > 0, "{clash:?}");
-    closed_with(&other, CloseCode::Unauthorized).await;
+    closed_with(&other, CloseCode::NameInUse).await;
     assert!(fetch(&first.conn, first.lease(), commit).await.is_ok(), "the holder is undisturbed");
 
     // The same runner back on a new connection, naming its lease: it takes over.

@@ -590,6 +590,14 @@ impl RequestError {
             };
             return RequestError::Rejected(kiln_proto::error_chain(&e));
         }
+        // A connection closed as unauthorized refused the request that was
+        // under way, whether or not the refusal's reply was read first: the
+        // close carries the same reason.
+        if let quinn::ConnectionError::ApplicationClosed(app) = e
+            && CloseCode::from_code(app.error_code.into_inner()) == Some(CloseCode::Unauthorized)
+        {
+            return RequestError::Refused(String::from_utf8_lossy(&app.reason).into_owned());
+        }
         let text = describe_connection_error(e);
         if is_rejection(e) { RequestError::Rejected(text) } else { RequestError::Connection(text) }
     }

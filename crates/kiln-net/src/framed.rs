@@ -21,6 +21,8 @@ pub enum CloseCode {
     Unauthorized,
     /// Another connection with the same identity replaced this one.
     Replaced,
+    /// Another live connection holds this identity; this one may retry later.
+    NameInUse,
 }
 
 impl CloseCode {
@@ -31,12 +33,13 @@ impl CloseCode {
             CloseCode::Protocol => 1,
             CloseCode::Unauthorized => 2,
             CloseCode::Replaced => 3,
+            CloseCode::NameInUse => 4,
         }
     }
 
     /// The code for a number, if it is one of ours.
     pub fn from_code(code: u64) -> Option<CloseCode> {
-        [CloseCode::Shutdown, CloseCode::Protocol, CloseCode::Unauthorized, CloseCode::Replaced]
+        [CloseCode::Shutdown, CloseCode::Protocol, CloseCode::Unauthorized, CloseCode::Replaced, CloseCode::NameInUse]
             .into_iter()
             .find(|c| u64::from(c.code()) == code)
     }
@@ -55,6 +58,7 @@ impl std::fmt::Display for CloseCode {
             CloseCode::Protocol => "protocol violation",
             CloseCode::Unauthorized => "unauthorized",
             CloseCode::Replaced => "replaced by a newer connection",
+            CloseCode::NameInUse => "name in use by another connection",
         })
     }
 }
