@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
-use kiln_proto::{Outcome, TestResult};
+use kiln_proto::{Escaped, Outcome, TestResult};
 use tokio::sync::mpsc;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
@@ -282,12 +282,16 @@ impl PluginHost {
             let (winner, loser) = (&self.plugins[winner].name, &self.plugins[loser].name);
             tracing::warn!(
                 file,
-                plugin = %winner,
-                also_claimed_by = %loser,
+                plugin = %Escaped(winner),
+                also_claimed_by = %Escaped(loser),
                 files = count,
-                "{file} (and {} more) is claimed by plugins {winner} and {loser}; {winner} runs it, because the \
-                 first plugin loaded wins (built-ins, then --plugins files by name)",
-                count - 1
+                "{} (and {} more) is claimed by plugins {} and {}; {} runs it, because the first plugin loaded wins \
+                 (built-ins, then --plugins files by name)",
+                Escaped(file),
+                count - 1,
+                Escaped(winner),
+                Escaped(loser),
+                Escaped(winner)
             );
         }
         assigned
@@ -335,7 +339,7 @@ impl PluginHost {
             return Err(HostError::ReportClosed);
         }
         if let Some(message) = failure {
-            tracing::warn!(plugin = %plugin.name, file, "{message}");
+            tracing::warn!(plugin = %Escaped(&plugin.name), file, "{}", Escaped(&message));
             if !job.files_with_results.contains(&file) && job.seen.insert(file.clone()) {
                 let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 let result =
