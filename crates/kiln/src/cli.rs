@@ -198,8 +198,8 @@ pub struct ObserverArgs {
     /// The repository to watch.
     #[arg(long)]
     pub repo: PathBuf,
-    /// A branch to watch (repeatable).
-    #[arg(long = "branch", default_values = ["main"])]
+    /// A branch to watch (repeatable; default: the branch HEAD names, as `git init` or a clone left it).
+    #[arg(long = "branch")]
     pub branches: Vec<String>,
     /// How often to look for new commits.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
