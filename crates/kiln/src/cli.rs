@@ -231,7 +231,7 @@ pub enum ModeArg {
 /// `kiln cancel`
 #[derive(Debug, Args)]
 pub struct CancelArgs {
-    /// The commit (full id).
+    /// The commit: its id, or a unique prefix of at least 7 digits.
     pub commit: String,
     #[command(flatten)]
     pub client: ClientArgs,
@@ -279,7 +279,7 @@ pub struct RunnerArgs {
 /// `kiln results`
 #[derive(Debug, Args)]
 pub struct ResultsArgs {
-    /// The commit (full id); the newest submitted commit if omitted.
+    /// The commit (its id, or a unique prefix of at least 7 digits); the newest submitted commit if omitted.
     pub commit: Option<String>,
     #[command(flatten)]
     pub client: ClientArgs,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use kiln_net::{Bundle, NetConfig, RequestError};
 use kiln_proto::wire::{Reply, Request};
-use kiln_proto::{CommitId, CommitReport, CommitStatus, Escaped, Outcome, Role};
+use kiln_proto::{CommitId, CommitPrefix, CommitReport, CommitStatus, Escaped, Outcome, Role};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -188,28 +188,72 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Sends one admin request and returns the dispatcher's reply; `what` names
+/// the request for an error ("get results from …").
+async fn admin_request(
+    bundle: &Bundle,
+    client: &ClientArgs,
+    request: &Request,
+    what: impl FnOnce() -> String,
+) -> anyhow::Result<Reply> {
+    let conn = kiln_net::connect(bundle, &client.dispatcher, net(client)).await?;
+    let reply = conn.request(request).await;
+    conn.close(kiln_net::CloseCode::Shutdown, "done");
+    match reply {
+        Ok((_, _, reply)) => Ok(reply),
+        Err(RequestError::Refused(reason)) => bail!("the dispatcher refused: {reason}"),
+        // A refused certificate reads the same whether it showed at the handshake or here.
+        Err(RequestError::Rejected(reason)) => bail!("{reason}"),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("cannot {}", what()))),
+    }
+}
+
 /// Fetches a commit's report as an admin.
 pub async fn fetch_report(
     bundle: &Bundle,
     client: &ClientArgs,
     commit: Option<CommitId>,
 ) -> anyhow::Result<Option<CommitReport>> {
-    let conn = kiln_net::connect(bundle, &client.dispatcher, net(client)).await?;
-    let reply = conn.request(&Request::GetResults { commit }).await;
-    conn.close(kiln_net::CloseCode::Shutdown, "done");
-    match reply {
-        Ok((_, _, Reply::Report(report))) => Ok(report.map(|r| *r)),
-        Ok((_, _, other)) => bail!("unexpected reply from the dispatcher: {other:?}"),
-        Err(RequestError::Refused(reason)) => bail!("the dispatcher refused: {reason}"),
-        // A refused certificate reads the same whether it showed at the handshake or here.
-        Err(RequestError::Rejected(reason)) => bail!("{reason}"),
-        Err(e) => Err(anyhow::Error::from(e).context(format!("cannot get results from {}", client.dispatcher))),
+    let what = || format!("get results from {}", client.dispatcher);
+    match admin_request(bundle, client, &Request::GetResults { commit }, what).await? {
+        Reply::Report(report) => Ok(report.map(|r| *r)),
+        other => bail!("unexpected reply from the dispatcher: {other:?}"),
+    }
+}
+
+/// The commit a person named: all 40 digits as typed, or else the one commit
+/// the dispatcher knows whose id starts with the digits typed (at least 7, as git).
+async fn resolve_commit(bundle: &Bundle, client: &ClientArgs, typed: &str) -> anyhow::Result<CommitId> {
+    let prefix: CommitPrefix = typed.parse()?;
+    if let Some(full) = prefix.full() {
+        return Ok(full);
+    }
+    let what = || format!("look up commit {prefix} at {}", client.dispatcher);
+    match admin_request(bundle, client, &Request::Resolve { prefix: prefix.clone() }, what).await? {
+        Reply::Resolved(found) => pick_commit(&prefix, &found),
+        other => bail!("unexpected reply from the dispatcher: {other:?}"),
+    }
+}
+
+/// The one commit of `found` (the dispatcher's matches for `prefix`), or why there is none.
+fn pick_commit(prefix: &CommitPrefix, found: &[CommitId]) -> anyhow::Result<CommitId> {
+    match found {
+        [] => bail!("the dispatcher knows no commit starting with {prefix}"),
+        [one] => Ok(*one),
+        many => {
+            let list: Vec<&str> = many.iter().map(CommitId::as_str).collect();
+            let more = if many.len() >= kiln_proto::wire::MAX_RESOLVED { ", …" } else { "" };
+            bail!("{prefix} is ambiguous: it starts {}{more}; type more digits", list.join(", "))
+        }
     }
 }
 
 async fn results(a: ResultsArgs) -> anyhow::Result<ExitCode> {
     let bundle = load_bundle(&a.client.identity)?;
-    let commit = a.commit.as_deref().map(str::parse::<CommitId>).transpose()?;
+    let commit = match &a.commit {
+        Some(typed) => Some(resolve_commit(&bundle, &a.client, typed).await?),
+        None => None,
+    };
     let deadline = a.wait.map(|w| tokio::time::Instant::now() + w);
     let report = loop {
         let report = fetch_report(&bundle, &a.client, commit).await?;
@@ -236,15 +280,11 @@ async fn results(a: ResultsArgs) -> anyhow::Result<ExitCode> {
 
 async fn cancel(a: CancelArgs) -> anyhow::Result<ExitCode> {
     let bundle = load_bundle(&a.client.identity)?;
-    let commit: CommitId = a.commit.parse()?;
-    let conn = kiln_net::connect(&bundle, &a.client.dispatcher, net(&a.client)).await?;
-    let reply = conn.request(&Request::Cancel { commit }).await;
-    conn.close(kiln_net::CloseCode::Shutdown, "done");
-    match reply {
-        Ok((_, _, Reply::Cancelled(true))) => outln!("cancelled {commit}"),
-        Ok((_, _, Reply::Cancelled(false))) => outln!("{commit} was not queued or running; nothing to cancel"),
-        Ok((_, _, other)) => bail!("unexpected reply from the dispatcher: {other:?}"),
-        Err(e) => return Err(anyhow::Error::from(e).context(format!("cannot cancel {commit}"))),
+    let commit = resolve_commit(&bundle, &a.client, &a.commit).await?;
+    match admin_request(&bundle, &a.client, &Request::Cancel { commit }, || format!("cancel {commit}")).await? {
+        Reply::Cancelled(true) => outln!("cancelled {commit}"),
+        Reply::Cancelled(false) => outln!("{commit} was not queued or running; nothing to cancel"),
+        other => bail!("unexpected reply from the dispatcher: {other:?}"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -315,4 +355,26 @@ pub fn shutdown_on_signal() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(c: char) -> CommitId {
+        c.to_string().repeat(40).parse().unwrap()
+    }
+
+    #[test]
+    fn a_prefix_picks_its_one_commit_or_says_why_not() {
+        let prefix: CommitPrefix = "aaaaaaa".parse().unwrap();
+        assert_eq!(pick_commit(&prefix, &[id('a')]).unwrap(), id('a'));
+        let none = pick_commit(&prefix, &[]).unwrap_err().to_string();
+        assert_eq!(none, "the dispatcher knows no commit starting with aaaaaaa");
+        let two = pick_commit(&prefix, &[id('a'), id('b')]).unwrap_err().to_string();
+        assert!(two.contains("aaaaaaa is ambiguous") && two.contains(id('a').as_str()), "{two}");
+        assert!(two.contains(id('b').as_str()) && !two.contains('…'), "{two}");
+        let many = vec![id('c'); kiln_proto::wire::MAX_RESOLVED];
+        assert!(pick_commit(&prefix, &many).unwrap_err().to_string().contains(", …;"));
+    }
 }
