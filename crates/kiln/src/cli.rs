@@ -315,6 +315,37 @@ pub struct DemoArgs {
 mod tests {
     use super::*;
 
+    /// The command lines of the README's "Using Kiln" block, without their comments.
+    fn readme_commands() -> Vec<String> {
+        let readme = include_str!("../../../README.md");
+        let section = readme.split_once("\n## Using Kiln\n").expect("README has a Using Kiln section").1;
+        let section = section.split_once("\n## ").map_or(section, |(section, _next)| section);
+        // Every ```sh block of the section: the odd pieces between fences.
+        section
+            .split("```")
+            .skip(1)
+            .step_by(2)
+            .filter_map(|block| block.strip_prefix("sh\n"))
+            .flat_map(str::lines)
+            .map(|line| line.split_once(" #").map_or(line, |(command, _comment)| command).trim())
+            .filter(|line| line.starts_with("kiln "))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn every_command_in_the_readme_parses() {
+        let commands = readme_commands();
+        assert!(commands.len() >= 10, "{commands:?}");
+        for command in commands {
+            // Plain words only; a quoted example would need a real shell splitter here.
+            assert!(!command.contains(['"', '\'', '\\']), "quotes in a README example: {command}");
+            if let Err(e) = Cli::try_parse_from(command.split_whitespace()) {
+                panic!("README.md's `{command}` does not parse:\n{e}");
+            }
+        }
+    }
+
     #[test]
     fn repo_owner_splits_at_the_last_equals_sign() {
         assert_eq!(parse_repo_owner("/srv/git/project=watcher"), Ok(("/srv/git/project".into(), "watcher".into())));
