@@ -289,6 +289,9 @@ pub struct ResultsArgs {
     /// Wait up to this long for the commit's testing to end.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub wait: Option<Duration>,
+    /// Print each test's message whole, not only its first and last lines.
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 /// How `kiln results` prints.
@@ -309,6 +312,9 @@ pub struct DemoArgs {
     /// How many runners to start.
     #[arg(long, default_value_t = 2)]
     pub runners: u32,
+    /// Print each test's message whole, not only its first and last lines.
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 #[cfg(test)]

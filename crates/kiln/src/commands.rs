@@ -273,7 +273,7 @@ async fn results(a: ResultsArgs) -> anyhow::Result<ExitCode> {
     };
     match a.format {
         Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
-        Format::Text => out!("{}", render(&report)),
+        Format::Text => out!("{}", render(&report, a.verbose)),
     }
     Ok(exit_code(report.status))
 }
@@ -302,8 +302,9 @@ pub fn exit_code(status: CommitStatus) -> ExitCode {
     }
 }
 
-/// Renders a report for a terminal.
-pub fn render(r: &CommitReport) -> String {
+/// Renders a report for a terminal: each message's head and tail, or with
+/// `verbose` each message whole.
+pub fn render(r: &CommitReport, verbose: bool) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let c = &r.counts;
@@ -324,18 +325,43 @@ pub fn render(r: &CommitReport) -> String {
     );
     for t in &r.tests {
         let _ = writeln!(out, "  {:<5} {} ({} ms)", t.outcome.as_str().to_uppercase(), t.id, t.duration_ms);
-        // A traceback's end says what went wrong; a skip reason is one line.
-        let lines: Vec<&str> = t.message.trim_end().lines().collect();
-        let shown = match t.outcome {
-            Outcome::Fail | Outcome::Error => &lines[lines.len().saturating_sub(6)..],
-            Outcome::Skip => &lines[..lines.len().min(1)],
-            _ => &[][..],
-        };
-        for line in shown {
+        for line in message_lines(t.outcome, &t.message, verbose) {
             let _ = writeln!(out, "        {line}");
         }
     }
     out
+}
+
+/// How many lines of a long message's start [`message_lines`] shows: where
+/// `Traceback (most recent call last):` and an import error's first line are.
+const HEAD_LINES: usize = 4;
+/// How many lines of its end: where a traceback says what went wrong.
+const TAIL_LINES: usize = 8;
+
+/// The lines of a test's message to print: a skip's reason (its first line),
+/// or for any other outcome but a pass the head and the tail of the message
+/// with a marker between; all of it when `verbose`.
+pub(crate) fn message_lines(outcome: Outcome, message: &str, verbose: bool) -> Vec<String> {
+    let lines: Vec<&str> = message.trim_end().lines().collect();
+    let shown = |lines: &[&str]| lines.iter().map(|l| (*l).to_owned()).collect();
+    if verbose {
+        return shown(&lines);
+    }
+    match outcome {
+        Outcome::Pass => Vec::new(),
+        Outcome::Skip => shown(&lines[..lines.len().min(1)]),
+        Outcome::Fail | Outcome::Error | Outcome::Xfail | Outcome::Xpass => {
+            // Leaving out a line or two would save nothing.
+            if lines.len() <= HEAD_LINES + TAIL_LINES + 2 {
+                return shown(&lines);
+            }
+            let hidden = lines.len() - HEAD_LINES - TAIL_LINES;
+            let mut out: Vec<String> = shown(&lines[..HEAD_LINES]);
+            out.push(format!("… ({hidden} more lines; --verbose shows them)"));
+            out.extend(shown(&lines[lines.len() - TAIL_LINES..]));
+            out
+        }
+    }
 }
 
 /// A token cancelled on SIGINT or SIGTERM.
@@ -360,6 +386,30 @@ pub fn shutdown_on_signal() -> CancellationToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_message_keeps_its_head_and_its_tail() {
+        let mut traceback = vec![
+            "ERROR: tests.test_plugins (unittest.loader._FailedTest.tests.test_plugins)".to_owned(),
+            "ImportError: Failed to import test module: tests.test_plugins".to_owned(),
+            "Traceback (most recent call last):".to_owned(),
+        ];
+        traceback.extend((0..20).map(|n| format!("  File \"frame{n}.py\", line {n}, in f{n}")));
+        traceback.push("ModuleNotFoundError: No module named 'yaml_that_is_not_installed'".to_owned());
+        let message = traceback.join("\n");
+        let lines = message_lines(Outcome::Error, &message, false);
+        assert_eq!(lines.len(), HEAD_LINES + 1 + TAIL_LINES);
+        assert_eq!(lines[..3], traceback[..3]);
+        assert_eq!(lines[HEAD_LINES], "… (12 more lines; --verbose shows them)");
+        assert_eq!(lines.last(), traceback.last());
+        assert_eq!(message_lines(Outcome::Error, &message, true), traceback);
+        // Short messages whole, for every outcome that is not a pass or a skip.
+        for outcome in [Outcome::Fail, Outcome::Error, Outcome::Xfail, Outcome::Xpass] {
+            assert_eq!(message_lines(outcome, "one\ntwo\n", false), ["one", "two"], "{outcome:?}");
+        }
+        assert_eq!(message_lines(Outcome::Skip, "needs a network\nmore", false), ["needs a network"]);
+        assert!(message_lines(Outcome::Pass, "printed", false).is_empty());
+    }
 
     fn id(c: char) -> CommitId {
         c.to_string().repeat(40).parse().unwrap()
