@@ -364,7 +364,7 @@ pub enum Role {
     Runner,
     /// Submits commits.
     Observer,
-    /// Reads results and administers the dispatcher.
+    /// Reads results and cancels commits.
     Admin,
 }
 

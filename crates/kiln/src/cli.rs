@@ -103,7 +103,7 @@ pub enum RoleArg {
     Runner,
     /// Submits commits.
     Observer,
-    /// Reads results.
+    /// Reads results and cancels commits.
     Admin,
 }
 
@@ -299,7 +299,7 @@ pub struct ResultsArgs {
 pub enum Format {
     /// For people.
     Text,
-    /// The stored JSON document.
+    /// One JSON document, for programs (`kiln results`: the one the dispatcher stores).
     Json,
 }
 

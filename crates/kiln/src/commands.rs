@@ -97,8 +97,12 @@ fn certs(command: CertsCommand) -> anyhow::Result<ExitCode> {
                 RoleArg::Admin => Role::Admin,
             };
             let bundle = kiln_net::certs::issue_with(&dir, role, &name, Validity::days(valid_days))
-                .with_context(|| format!("cannot issue a {role} certificate for `{name}`"))?;
-            outln!("issued a {role} bundle in {} (copy this directory to the {role}'s machine)", bundle.display());
+                .with_context(|| format!("cannot issue {} {role} certificate for `{name}`", article(role)))?;
+            outln!(
+                "issued {} {role} bundle in {} (copy this directory to the {role}'s machine)",
+                article(role),
+                bundle.display()
+            );
         }
         CertsCommand::Dispatcher { dir, sans, valid_days } => {
             let bundle = kiln_net::certs::issue_dispatcher(&dir, &sans, Validity::days(valid_days))
@@ -107,6 +111,11 @@ fn certs(command: CertsCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `a runner`, `an observer`, `an admin`.
+fn article(role: Role) -> &'static str {
+    if role.to_string().starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" }
 }
 
 fn load_bundle(dir: &std::path::Path) -> anyhow::Result<Bundle> {
@@ -318,11 +327,7 @@ pub fn render(r: &CommitReport, verbose: bool) -> String {
     for warning in &r.warnings {
         let _ = writeln!(out, "  warning: {warning}");
     }
-    let _ = writeln!(
-        out,
-        "  {} tests: {} passed, {} failed, {} errors, {} skipped, {} expected failures, {} unexpected successes",
-        c.total, c.pass, c.fail, c.error, c.skip, c.xfail, c.xpass
-    );
+    let _ = writeln!(out, "  {}", summary(c));
     for t in &r.tests {
         let _ = writeln!(out, "  {:<5} {} ({} ms)", t.outcome.as_str().to_uppercase(), t.id, t.duration_ms);
         for line in message_lines(t.outcome, &t.message, verbose) {
@@ -330,6 +335,25 @@ pub fn render(r: &CommitReport, verbose: bool) -> String {
         }
     }
     out
+}
+
+/// How many tests ended each way, in words.
+pub(crate) fn summary(c: &kiln_proto::Counts) -> String {
+    format!(
+        "{}: {} passed, {} failed, {}, {} skipped, {}, {}",
+        plural(c.total, "test", "tests"),
+        c.pass,
+        c.fail,
+        plural(c.error, "error", "errors"),
+        c.skip,
+        plural(c.xfail, "expected failure", "expected failures"),
+        plural(c.xpass, "unexpected success", "unexpected successes"),
+    )
+}
+
+/// `1 error`, `2 errors`.
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// How many lines of a long message's start [`message_lines`] shows: where
@@ -409,6 +433,37 @@ mod tests {
         }
         assert_eq!(message_lines(Outcome::Skip, "needs a network\nmore", false), ["needs a network"]);
         assert!(message_lines(Outcome::Pass, "printed", false).is_empty());
+    }
+
+    #[test]
+    fn roles_get_their_article() {
+        assert_eq!([Role::Runner, Role::Observer, Role::Admin].map(article), ["a", "an", "an"]);
+    }
+
+    #[test]
+    fn counts_are_pluralised() {
+        let mut report: CommitReport = serde_json::from_value(serde_json::json!({
+            "commit": "a".repeat(40), "repo": "r", "branch": "main", "status": "failed",
+            "counts": {"total": 1, "pass": 0, "fail": 0, "error": 1, "skip": 0, "xfail": 1, "xpass": 1},
+            "error": null, "runner": null, "warnings": [], "queued_at_ms": 0, "finished_at_ms": null, "tests": []
+        }))
+        .unwrap();
+        let text = render(&report, false);
+        assert!(
+            text.contains("1 test: 0 passed, 0 failed, 1 error, 0 skipped, 1 expected failure, 1 unexpected success"),
+            "{text}"
+        );
+        report.counts.error = 2;
+        report.counts.xfail = 2;
+        report.counts.xpass = 2;
+        report.counts.total = 2;
+        let text = render(&report, false);
+        assert!(
+            text.contains(
+                "2 tests: 0 passed, 0 failed, 2 errors, 0 skipped, 2 expected failures, 2 unexpected successes"
+            ),
+            "{text}"
+        );
     }
 
     fn id(c: char) -> CommitId {

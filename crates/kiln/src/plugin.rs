@@ -214,10 +214,7 @@ fn render_result(t: &TestResult) -> String {
 
 /// The closing line: how many tests ended each way.
 fn summary(c: &Counts) -> String {
-    format!(
-        "{} tests: {} passed, {} failed, {} errors, {} skipped, {} expected failures, {} unexpected successes",
-        c.total, c.pass, c.fail, c.error, c.skip, c.xfail, c.xpass
-    )
+    crate::commands::summary(c)
 }
 
 /// What `check` prints about a loadable plugin.
