@@ -107,6 +107,12 @@ fn a_commit_is_named_by_a_unique_prefix_as_in_git() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("cancelled {commit}"));
 
+    // Cancelling it again says how it ended.
+    let out = cluster.admin(&["cancel", short]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with(&format!("{commit} had already ended: cancelled (cancelled by")), "{stdout}");
+
     // Not a commit this dispatcher knows (a prefix of the commit with its last digit changed).
     let other = if short.ends_with('0') { format!("{}1", &short[..6]) } else { format!("{}0", &short[..6]) };
     let out = cluster.admin(&["results", &other]);
@@ -120,4 +126,25 @@ fn a_commit_is_named_by_a_unique_prefix_as_in_git() {
     let out = cluster.admin(&["results", &short[..6]]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("at least 7 hexadecimal digits"), "{}", stderr(&out));
+}
+
+#[test]
+fn notify_outside_a_git_repository_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = kiln().args(["notify", "--repo"]).arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{} is not a git repository", dir.path().display())), "{err}");
+}
+
+#[test]
+fn a_wait_takes_plain_seconds_and_a_bad_one_shows_an_example() {
+    let out = kiln_output(&["results", "--wait", "5 parsecs", "--identity", "certs/me"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("`5 parsecs` is not a duration") && err.contains("for example 5s"), "{err}");
+    // Plain seconds parse: the command gets as far as the (missing) certificates.
+    let out = kiln_output(&["results", "--wait", "5", "--identity", "/nonexistent/me"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("cannot load the certificate bundle"), "{}", stderr(&out));
 }

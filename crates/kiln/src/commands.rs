@@ -67,6 +67,13 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Results(a) => results(a).await,
         Command::Cancel(a) => cancel(a).await,
         Command::Notify(a) => {
+            if a.socket.is_none() && kiln_git::ObjectStore::open(&a.repo).is_err() {
+                bail!(
+                    "{} is not a git repository: pass the repository `kiln observer --repo` watches as --repo, or \
+                     its socket as --socket",
+                    a.repo.display()
+                );
+            }
             let socket = a.socket.unwrap_or_else(|| kiln_observer::default_notify_socket(&a.repo));
             kiln_observer::notify(&socket).with_context(|| {
                 format!(
@@ -292,10 +299,23 @@ async fn cancel(a: CancelArgs) -> anyhow::Result<ExitCode> {
     let commit = resolve_commit(&bundle, &a.client, &a.commit).await?;
     match admin_request(&bundle, &a.client, &Request::Cancel { commit }, || format!("cancel {commit}")).await? {
         Reply::Cancelled(true) => outln!("cancelled {commit}"),
-        Reply::Cancelled(false) => outln!("{commit} was not queued or running; nothing to cancel"),
+        Reply::Cancelled(false) => match fetch_report(&bundle, &a.client, Some(commit)).await? {
+            Some(report) if report.status.is_final() => {
+                outln!("{commit} had already ended: {}; nothing to cancel", ended(&report));
+            }
+            _ => outln!("{commit} was not queued or running; nothing to cancel"),
+        },
         other => bail!("unexpected reply from the dispatcher: {other:?}"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How a finished commit ended, in words: `passed`, or `cancelled (cancelled by admin)`.
+fn ended(report: &CommitReport) -> String {
+    match &report.error {
+        Some(error) => format!("{} ({error})", report.status.as_str()),
+        None => report.status.as_str().to_owned(),
+    }
 }
 
 /// The exit code `kiln results` gives for a status.

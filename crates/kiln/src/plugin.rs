@@ -68,7 +68,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub plugins: Option<PathBuf>,
     /// The wall-clock limit for one command a plugin runs.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    #[arg(long, value_parser = crate::cli::duration, default_value = "10m")]
     pub command_timeout: std::time::Duration,
 }
 
