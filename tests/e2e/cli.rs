@@ -1,7 +1,7 @@
 //! Bad input on the command line gets one clear sentence and exit code 2,
 //! never a panic.
 
-use crate::harness::{Cluster, kiln, kiln_output};
+use crate::harness::{Cluster, Repo, kiln, kiln_output};
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -86,4 +86,65 @@ fn a_closed_stdout_ends_the_command_quietly() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_commit_is_named_by_a_unique_prefix_as_in_git() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), &[("tests/test_a.py", "")]);
+    let commit = repo.commit("one");
+    // No runner: the commit stays queued.
+    let observer = cluster.observer_with("observer", &repo.path, "200ms", &[]);
+    cluster.wait_log(observer, &format!("commit={commit}"));
+    let short = &commit.as_str()[..7];
+
+    let out = cluster.admin(&["results", short]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&format!("commit {commit} on main: QUEUED")), "{stdout}");
+
+    let out = cluster.admin(&["cancel", &commit.as_str()[..12].to_uppercase()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("cancelled {commit}"));
+
+    // Cancelling it again says how it ended.
+    let out = cluster.admin(&["cancel", short]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with(&format!("{commit} had already ended: cancelled (cancelled by")), "{stdout}");
+
+    // Not a commit this dispatcher knows (a prefix of the commit with its last digit changed).
+    let other = if short.ends_with('0') { format!("{}1", &short[..6]) } else { format!("{}0", &short[..6]) };
+    let out = cluster.admin(&["results", &other]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains(&format!("the dispatcher knows no commit starting with {other}")),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = cluster.admin(&["results", &short[..6]]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("at least 7 hexadecimal digits"), "{}", stderr(&out));
+}
+
+#[test]
+fn notify_outside_a_git_repository_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = kiln().args(["notify", "--repo"]).arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{} is not a git repository", dir.path().display())), "{err}");
+}
+
+#[test]
+fn a_wait_takes_plain_seconds_and_a_bad_one_shows_an_example() {
+    let out = kiln_output(&["results", "--wait", "5 parsecs", "--identity", "certs/me"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("`5 parsecs` is not a duration") && err.contains("for example 5s"), "{err}");
+    // Plain seconds parse: the command gets as far as the (missing) certificates.
+    let out = kiln_output(&["results", "--wait", "5", "--identity", "/nonexistent/me"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("cannot load the certificate bundle"), "{}", stderr(&out));
 }

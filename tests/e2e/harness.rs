@@ -326,9 +326,14 @@ pub struct Repo {
 impl Repo {
     /// `git init` in `dir/repo`, with the files given.
     pub fn new(dir: &Path, files: &[(&str, &str)]) -> Repo {
+        Repo::on_branch(dir, "main", files)
+    }
+
+    /// Like [`Repo::new`], with `branch` as the branch `git init` makes.
+    pub fn on_branch(dir: &Path, branch: &str, files: &[(&str, &str)]) -> Repo {
         let repo = Repo { path: dir.join("repo") };
         std::fs::create_dir_all(&repo.path).expect("mkdir repo");
-        repo.git(&["init", "--quiet", "--initial-branch=main"]);
+        repo.git(&["init", "--quiet", &format!("--initial-branch={branch}")]);
         repo.write(files);
         repo
     }

@@ -89,3 +89,43 @@ fn a_commit_flows_to_stored_per_test_results_and_a_fix_is_picked_up_by_polling()
     assert_eq!(outcomes(&report).into_iter().collect::<Vec<_>>(), expected(Outcome::Pass), "{}", cluster.logs());
     assert!(cluster.dir.path().join(format!("state/results/{second}.json")).exists());
 }
+
+const ONE_TEST: &[(&str, &str)] = &[
+    ("tests/__init__.py", ""),
+    (
+        "tests/test_one.py",
+        "import unittest\n\n\nclass One(unittest.TestCase):\n    def test_one(self):\n        pass\n",
+    ),
+];
+
+#[test]
+fn without_branch_the_observer_watches_the_branch_head_names() {
+    let mut cluster = Cluster::start();
+    // What a plain `git init` makes on many machines.
+    let repo = Repo::on_branch(cluster.dir.path(), "master", ONE_TEST);
+    let commit = repo.commit("one test");
+    cluster.runner("runner-1");
+    cluster.observer("observer", &repo.path, "200ms");
+    let report = cluster.wait_for(&commit);
+    assert_eq!(report.status, CommitStatus::Passed, "{}", cluster.logs());
+    assert_eq!(report.branch, "master");
+}
+
+#[test]
+fn a_missing_branch_is_said_once_naming_the_branches_there_are() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::on_branch(cluster.dir.path(), "master", ONE_TEST);
+    let first = repo.commit("one test");
+    let observer = cluster.observer_with("observer", &repo.path, "100ms", &["--branch", "main", "--branch", "master"]);
+    cluster.wait_log(observer, &format!("commit={first}"));
+    // A later poll: the missing branch is looked at again, and not said again.
+    repo.write(&[("tests/test_two.py", "")]);
+    let second = repo.commit("two");
+    cluster.wait_log(observer, &format!("commit={second}"));
+    let log = cluster.procs[observer].log();
+    assert_eq!(log.matches("there is no branch `main`").count(), 1, "{log}");
+    assert!(log.contains("its branches: `master`"), "{log}");
+    // Once the branch appears, it is watched.
+    repo.git(&["branch", "main"]);
+    cluster.wait_log(observer, "the branch exists now");
+}

@@ -132,3 +132,35 @@ fn tap_scripts_flow_to_stored_per_test_results_and_a_restarted_runner_compiles_n
     let report = cluster.wait_for(&second);
     assert_eq!(outcomes(&report).into_iter().collect::<Vec<_>>(), expected(Outcome::Pass), "{}", cluster.logs());
 }
+
+#[test]
+fn programs_a_runner_does_not_allow_are_one_info_line_and_a_warning_only_when_needed() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(
+        cluster.dir.path(),
+        &[
+            ("tests/needs_sh.t", "#!/bin/sh\necho 1..1\necho ok 1\n"),
+            ("tests/__init__.py", ""),
+            (
+                "tests/test_py.py",
+                "import unittest\n\nclass T(unittest.TestCase):\n    def test_ok(self):\n        pass\n",
+            ),
+        ],
+    );
+    let commit = repo.commit("a script and a module");
+    // A default runner: only python3 is allowed.
+    let runner = cluster.runner("runner-1");
+    cluster.observer("observer", &repo.path, "200ms");
+    cluster.wait_for(&commit);
+    let log = cluster.procs[runner].log();
+    let start_up: Vec<&str> = log.lines().filter(|l| l.contains("which this runner does not allow")).collect();
+    assert_eq!(start_up.len(), 1, "{log}");
+    assert!(start_up[0].contains("INFO") && start_up[0].contains("sh, bash, perl"), "{log}");
+    let needed: Vec<&str> = log.lines().filter(|l| l.contains("needs program")).collect();
+    assert_eq!(needed.len(), 1, "{log}");
+    assert!(needed[0].contains("WARN") && needed[0].contains("tests/needs_sh.t needs program `sh`"), "{log}");
+    assert!(
+        !log.lines().any(|l| l.contains("WARN") && l.contains("plugin=tap") && !l.contains("needs program")),
+        "{log}"
+    );
+}

@@ -325,6 +325,7 @@ impl Dispatcher {
             Request::BranchTip { .. } => (Role::Observer, "ask for branch tips"),
             Request::GetResults { .. } => (Role::Admin, "read results"),
             Request::Cancel { .. } => (Role::Admin, "cancel commits"),
+            Request::Resolve { .. } => (Role::Admin, "look up commits"),
         };
         if peer.role != allowed {
             return refuse(send, format!("{peer} may not {what}: that needs the {allowed} role")).await;
@@ -361,6 +362,10 @@ impl Dispatcher {
                     info!(%commit, "cancelled");
                 }
                 reply(send, Reply::Cancelled(stopped)).await
+            }
+            Request::Resolve { prefix } => {
+                let found = self.core().state.commits_with_prefix(&prefix, kiln_proto::wire::MAX_RESOLVED);
+                reply(send, Reply::Resolved(found)).await
             }
         }
     }

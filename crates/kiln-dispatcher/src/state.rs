@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use kiln_proto::wire::{Assignment, Held, Supersede};
-use kiln_proto::{CommitId, CommitReport, CommitStatus, Counts, TestResult, escaped};
+use kiln_proto::{CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, TestResult, escaped};
 
 /// A connection's stable id: a runner that reconnects gets a new one.
 pub type ConnId = usize;
@@ -541,6 +541,14 @@ impl State {
         })
     }
 
+    /// Up to `limit` known commits whose id starts with `prefix`, sorted.
+    pub fn commits_with_prefix(&self, prefix: &CommitPrefix, limit: usize) -> Vec<CommitId> {
+        let mut found: Vec<CommitId> = self.commits.keys().filter(|c| prefix.matches(c)).copied().collect();
+        found.sort_unstable();
+        found.truncate(limit);
+        found
+    }
+
     /// The commit submitted last.
     pub fn newest(&self) -> Option<CommitId> {
         self.order.last().copied()
@@ -639,6 +647,22 @@ mod tests {
 
     fn submit(s: &mut State, n: u8) {
         s.submit("repo", "main", commit(n), Supersede::Nothing, |_| true, u64::from(n)).unwrap();
+    }
+
+    #[test]
+    fn a_prefix_finds_the_commits_that_start_with_it() {
+        let mut s = State::default();
+        for n in 1..=3 {
+            submit(&mut s, n);
+        }
+        let other: CommitId = "bba85f8".repeat(6)[..40].parse().unwrap();
+        s.submit("repo", "main", other, Supersede::Nothing, |_| true, 9).unwrap();
+        let prefix = |p: &str| p.parse::<CommitPrefix>().unwrap();
+        assert_eq!(s.commits_with_prefix(&prefix("BBA85F8"), 10), [other]);
+        assert_eq!(s.commits_with_prefix(&prefix("0000000"), 10), [commit(1), commit(2), commit(3)]);
+        assert_eq!(s.commits_with_prefix(&prefix("0000000"), 2), [commit(1), commit(2)]);
+        assert_eq!(s.commits_with_prefix(&prefix(commit(2).as_str()), 10), [commit(2)]);
+        assert!(s.commits_with_prefix(&prefix("1234567"), 10).is_empty());
     }
 
     #[test]

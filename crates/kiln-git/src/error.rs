@@ -49,6 +49,10 @@ pub enum GitErrorKind {
         /// The branch asked for, without `refs/heads/`.
         branch: String,
     },
+    /// `HEAD` could not be read, or does not name a branch (it is detached).
+    HeadBranch,
+    /// The branches under `refs/heads/` could not be listed.
+    ListBranches,
     /// `refs/heads/<branch>` exists but could not be resolved to a commit.
     ReadBranch {
         /// The branch asked for, without `refs/heads/`.
@@ -175,6 +179,10 @@ impl fmt::Display for Message<'_> {
             GitErrorKind::NoSuchBranch { branch } => {
                 write!(f, "find branch `{branch}` in {repo}: there is no refs/heads/{branch}")
             }
+            GitErrorKind::HeadBranch => {
+                write!(f, "find the branch HEAD names in {repo} (a detached HEAD names none: pass --branch)")
+            }
+            GitErrorKind::ListBranches => write!(f, "list the branches of {repo}"),
             GitErrorKind::ReadBranch { branch } => {
                 write!(f, "resolve branch `{branch}` to a commit in {repo}")
             }

@@ -159,6 +159,33 @@ impl ObjectStore {
         to_commit_id(commit.id()).map_err(|e| self.error(read_error(), e))
     }
 
+    /// The branch `HEAD` names, without `refs/heads/`: what `git init` or a
+    /// clone checked out (`master` or `main`, say), even before its first commit.
+    ///
+    /// A detached `HEAD` names no branch and fails with [`GitErrorKind::HeadBranch`].
+    pub fn head_branch(&self) -> Result<String, GitError> {
+        let head = self.repo.find_reference("HEAD").map_err(|e| self.error(GitErrorKind::HeadBranch, e))?;
+        match head.symbolic_target().ok().flatten().and_then(|t| t.strip_prefix("refs/heads/")) {
+            Some(branch) => Ok(branch.to_owned()),
+            None => Err(GitError::bare(&self.path, GitErrorKind::HeadBranch)),
+        }
+    }
+
+    /// The names of the branches under `refs/heads/`, sorted (names that are
+    /// not UTF-8 are left out).
+    pub fn branch_names(&self) -> Result<Vec<String>, GitError> {
+        let list_error = |e: git2::Error| self.error(GitErrorKind::ListBranches, e);
+        let mut names = Vec::new();
+        for reference in self.repo.references_glob("refs/heads/*").map_err(list_error)? {
+            let reference = reference.map_err(list_error)?;
+            if let Some(name) = reference.name().ok().and_then(|n| n.strip_prefix("refs/heads/")) {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
     /// Whether the commit object is present.
     pub fn has_commit(&self, id: &CommitId) -> bool {
         self.find_commit(id).is_ok()

@@ -937,3 +937,22 @@ fn the_sender_refuses_a_blob_over_the_cap_naming_its_path() {
         )
     );
 }
+
+#[test]
+fn head_branch_is_what_head_names_even_before_a_commit_and_branches_are_listed() {
+    let dir = TempDir::new().unwrap();
+    let (repo, store) = work_repo(&dir);
+    repo.set_head("refs/heads/master").unwrap();
+    assert_eq!(store.head_branch().unwrap(), "master");
+    assert!(store.branch_names().unwrap().is_empty());
+
+    let tree = write_tree(&repo, &[("a", Node::File(b"a\n"))]);
+    let first = commit(&repo, Some("master"), tree, &[], 1_000);
+    commit(&repo, Some("feature/x"), tree, &[oid(&first)], 1_001);
+    assert_eq!(store.branch_names().unwrap(), ["feature/x", "master"]);
+
+    repo.set_head_detached(oid(&first)).unwrap();
+    let err = store.head_branch().unwrap_err();
+    assert_eq!(err.kind(), &GitErrorKind::HeadBranch);
+    assert!(err.to_string().contains("--branch"), "{err}");
+}

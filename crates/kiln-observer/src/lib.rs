@@ -12,7 +12,7 @@
 //! `kiln notify` (e.g. from a git hook) pokes the observer through a Unix
 //! socket so it looks at once instead of at the next poll.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +32,8 @@ pub struct Config {
     pub dispatcher: String,
     /// The repository to watch (a local path).
     pub repo: PathBuf,
-    /// The branches to watch.
+    /// The branches to watch; none means the branch the repository's `HEAD`
+    /// names (what `git init` made: `master` or `main`).
     pub branches: Vec<String>,
     /// How often to look.
     pub interval: Duration,
@@ -86,6 +87,9 @@ pub enum ObserverError {
     /// The repository cannot be opened.
     #[error("open the repository to watch")]
     Repo(#[source] kiln_git::GitError),
+    /// No branch was named and `HEAD` names none.
+    #[error("choose the branch to watch (no --branch was given)")]
+    HeadBranch(#[source] kiln_git::GitError),
     /// The bundle is not an observer's.
     #[error("the certificate in {0} is not an observer certificate (issue one with `kiln certs issue observer NAME`)")]
     NotObserver(PathBuf),
@@ -129,9 +133,15 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
     // Fail at once, with a clear message, if the repository is not there.
     let repo = config.repo.clone();
     blocking(move || ObjectStore::open(&repo).map(drop)).await.map_err(ObserverError::Repo)?;
+    let branches = if config.branches.is_empty() {
+        let repo = config.repo.clone();
+        vec![blocking(move || ObjectStore::open(&repo)?.head_branch()).await.map_err(ObserverError::HeadBranch)?]
+    } else {
+        config.branches.clone()
+    };
     info!(
         repo = %Escaped(&repo_name(&config)),
-        branches = ?config.branches,
+        branches = ?branches,
         interval = ?config.interval,
         mode = ?config.mode,
         "watching"
@@ -145,13 +155,32 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
     let mut submitted: HashMap<String, CommitId> = HashMap::new();
     let mut conn: Option<Connection> = None;
     let mut backoff = Backoff::default();
+    // Branches found missing and said so: said once, not at every poll.
+    let mut missing: HashSet<String> = HashSet::new();
     loop {
         let mut failed = false;
-        for branch in &config.branches {
+        for branch in &branches {
             let repo = config.repo.clone();
             let name = branch.clone();
             let head = match blocking(move || ObjectStore::open(&repo)?.branch_head(&name)).await {
-                Ok(head) => head,
+                Ok(head) => {
+                    if missing.remove(branch) {
+                        info!(branch = %Escaped(branch), "the branch exists now");
+                    }
+                    head
+                }
+                Err(e) if matches!(e.kind(), kiln_git::GitErrorKind::NoSuchBranch { .. }) => {
+                    if missing.insert(branch.clone()) {
+                        let repo = config.repo.clone();
+                        let existing = blocking(move || ObjectStore::open(&repo)?.branch_names()).await;
+                        warn!(
+                            branch = %Escaped(branch),
+                            "{}; waiting for it to appear",
+                            Escaped(&no_such_branch(branch, &repo_name(&config), existing.as_deref().ok()))
+                        );
+                    }
+                    continue;
+                }
                 Err(e) => {
                     warn!(branch = %Escaped(branch), "cannot read the branch: {}", Escaped(&error_chain(&e)));
                     continue;
@@ -257,6 +286,20 @@ async fn submit_branch(
         }
     }
     Ok(())
+}
+
+/// Says that `branch` is not in `repo`, and which branches are.
+fn no_such_branch(branch: &str, repo: &str, existing: Option<&[String]>) -> String {
+    let mut text = format!("there is no branch `{branch}` in {repo}");
+    match existing {
+        Some([]) => text.push_str(" (it has no branches yet: make its first commit)"),
+        Some(names) => {
+            let names: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+            text.push_str(&format!(" (its branches: {}; choose one with --branch)", names.join(", ")));
+        }
+        None => {}
+    }
+    text
 }
 
 fn repo_name(config: &Config) -> String {

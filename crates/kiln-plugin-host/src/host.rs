@@ -309,6 +309,7 @@ impl PluginHost {
     ) -> Result<HashSet<String>, HostError> {
         let started = Instant::now();
         let job = Job {
+            file: file.clone(),
             checkout: checkout.to_owned(),
             report: report.clone(),
             seen,
@@ -552,18 +553,26 @@ impl PluginHost {
         }
         let claims = info.claims.iter().map(|c| Claim::parse(c)).collect::<Result<Vec<_>, _>>().map_err(bad)?;
         let mut granted = BTreeMap::new();
+        let mut not_granted = Vec::new();
         for program in &info.programs {
             match self.policy.programs.get(program) {
                 Some(path) => {
                     granted.insert(program.clone(), path.clone());
                 }
-                None if self.purpose == Purpose::Runner => tracing::warn!(
-                    plugin = %info.name,
-                    program,
-                    "the plugin asks for a program the runner does not allow; its commands will be denied"
-                ),
-                None => {}
+                None => not_granted.push(Escaped(program).to_string()),
             }
+        }
+        // A plugin lists every program it might use (the TAP plugin: any
+        // interpreter a shebang may name); most repositories need few of them.
+        // So one line now, and a warning only when a file needs one (see `state.rs`).
+        if self.purpose == Purpose::Runner && !not_granted.is_empty() {
+            tracing::info!(
+                plugin = %info.name,
+                "plugin {} may also run {}, which this runner does not allow; a test file that needs one will \
+                 say so",
+                info.name,
+                not_granted.join(", ")
+            );
         }
         Ok(Plugin {
             name: Arc::from(info.name.as_str()),

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use kiln_proto::{Outcome, TestResult};
+use kiln_proto::{Escaped, Outcome, TestResult};
 use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
@@ -125,6 +125,8 @@ impl Drop for ClockPause {
 
 /// What a `run` call (one file) needs to know about the job, and what it reported.
 pub(crate) struct Job {
+    /// The file this call runs, for log lines.
+    pub file: String,
     /// The checkout (absolute), where commands run.
     pub checkout: PathBuf,
     /// Where results go.
@@ -168,6 +170,7 @@ impl host::Host for HostState {
             max_output: self.call.max_output,
             hidden: &self.call.hidden,
         };
+        let program = request.program.clone();
         let result = command::run(&job.checkout, request, &limits).await;
         Ok(match result {
             Ok(out) => {
@@ -178,6 +181,20 @@ impl host::Host for HostState {
                     stdout: out.stdout,
                     stderr: out.stderr,
                 })
+            }
+            Err(Refusal::Denied(why)) if !self.call.granted.contains_key(&program) => {
+                // The one place a program the runner does not allow is a warning:
+                // a file that needs it (at start-up, it is only an info line).
+                tracing::warn!(
+                    plugin = %self.call.plugin,
+                    file = %Escaped(&job.file),
+                    program = %Escaped(&program),
+                    "{} needs program `{}`, which is not allowed here (allow it with --allow-program {})",
+                    Escaped(&job.file),
+                    Escaped(&program),
+                    Escaped(&program)
+                );
+                Err(host::CommandError::Denied(why))
             }
             Err(Refusal::Denied(why)) => {
                 tracing::warn!(plugin = %self.call.plugin, "command denied: {why}");

@@ -74,6 +74,75 @@ impl fmt::Debug for CommitId {
     }
 }
 
+/// The start of a commit id, as people type it (`bba85f8`): 7 to 40
+/// hexadecimal digits, lowercased. The dispatcher resolves it to the one
+/// commit it knows that starts so, as git does.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CommitPrefix(String);
+
+/// Why a string is not a commit id or a prefix of one.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a commit id (expected at least {min} hexadecimal digits, up to all 40)", min = CommitPrefix::MIN_LEN)]
+pub struct BadCommitPrefix(String);
+
+impl CommitPrefix {
+    /// The fewest digits accepted, as git's default abbreviation.
+    pub const MIN_LEN: usize = 7;
+
+    /// The digits, lowercase.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `commit` starts with this prefix.
+    pub fn matches(&self, commit: &CommitId) -> bool {
+        commit.as_str().starts_with(&self.0)
+    }
+
+    /// The whole id, if all 40 digits were given.
+    pub fn full(&self) -> Option<CommitId> {
+        self.0.parse().ok()
+    }
+}
+
+impl FromStr for CommitPrefix {
+    type Err = BadCommitPrefix;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if !(Self::MIN_LEN..=40).contains(&s.len()) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BadCommitPrefix(s.chars().take(64).collect()));
+        }
+        Ok(CommitPrefix(s.to_ascii_lowercase()))
+    }
+}
+
+impl TryFrom<String> for CommitPrefix {
+    type Error = BadCommitPrefix;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<CommitPrefix> for String {
+    fn from(prefix: CommitPrefix) -> String {
+        prefix.0
+    }
+}
+
+impl fmt::Display for CommitPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for CommitPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CommitPrefix({})", self.0)
+    }
+}
+
 /// How one test ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -295,7 +364,7 @@ pub enum Role {
     Runner,
     /// Submits commits.
     Observer,
-    /// Reads results and administers the dispatcher.
+    /// Reads results and cancels commits.
     Admin,
 }
 
@@ -337,6 +406,22 @@ impl FromStr for Role {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commit_prefixes_take_7_to_40_hex_digits() {
+        let prefix: CommitPrefix = "BBA85F8".parse().unwrap();
+        assert_eq!(prefix.as_str(), "bba85f8");
+        assert!(prefix.matches(&"bba85f8".repeat(6)[..40].parse().unwrap()));
+        assert!(!prefix.matches(&"a".repeat(40).parse().unwrap()));
+        assert_eq!(prefix.full(), None);
+        let whole: CommitPrefix = "a".repeat(40).parse().unwrap();
+        assert_eq!(whole.full(), Some("a".repeat(40).parse().unwrap()));
+        for bad in ["bba85f", "bba85fz", "", &"a".repeat(41)] {
+            let err = bad.parse::<CommitPrefix>().unwrap_err().to_string();
+            assert!(err.contains("at least 7 hexadecimal digits"), "{bad}: {err}");
+        }
+        assert!(serde_json::from_str::<CommitPrefix>("\"../etc\"").is_err());
+    }
 
     #[test]
     fn commit_ids_are_validated_and_lowercased() {

@@ -81,7 +81,17 @@ pub enum Request {
         /// Which commit.
         commit: CommitId,
     },
+    /// Admin: the commits the dispatcher knows whose id starts with
+    /// `prefix` (at most [`MAX_RESOLVED`] of them), so a person can type
+    /// `bba85f8`. The dispatcher answers [`Reply::Resolved`].
+    Resolve {
+        /// The digits typed.
+        prefix: crate::CommitPrefix,
+    },
 }
+
+/// The most commits a [`Reply::Resolved`] lists: enough to show a prefix is ambiguous.
+pub const MAX_RESOLVED: usize = 10;
 
 /// What a runner says when it registers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +161,10 @@ pub enum Reply {
     /// dispatcher closes this connection; the runner backs off and tries
     /// again, and gets the name once the other connection is gone.
     NameInUse(NameInUse),
+    // New variants go last: postcard numbers them in order.
+    /// The commits matching a [`Request::Resolve`] prefix, sorted: none,
+    /// one, or (ambiguous) up to [`MAX_RESOLVED`].
+    Resolved(Vec<CommitId>),
 }
 
 /// Who holds a runner name that a second connection asked for.

@@ -96,6 +96,14 @@ fn valid_days(s: &str) -> Result<u32, String> {
     }
 }
 
+/// A duration: `5s`, `2m`, `1h 30m`, or a plain number of seconds.
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
+    if let Ok(seconds) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); for example 5s, 2m or 1h"))
+}
+
 /// The role of a client certificate.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum RoleArg {
@@ -103,7 +111,7 @@ pub enum RoleArg {
     Runner,
     /// Submits commits.
     Observer,
-    /// Reads results.
+    /// Reads results and cancels commits.
     Admin,
 }
 
@@ -117,7 +125,7 @@ pub struct ClientArgs {
     #[arg(long, env = "KILN_DISPATCHER", default_value = "127.0.0.1:7700")]
     pub dispatcher: String,
     /// How long without hearing from the dispatcher before the connection is dead.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = duration, default_value = "5s")]
     pub idle_timeout: Duration,
 }
 
@@ -159,7 +167,7 @@ pub struct DispatcherArgs {
     #[arg(long, env = "KILN_STATE", default_value = "kiln-state")]
     pub state: PathBuf,
     /// How long a silent peer is given before it is declared dead and its work requeued.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = duration, default_value = "5s")]
     pub idle_timeout: Duration,
     /// The largest git pack accepted from an observer, in MiB.
     #[arg(long, default_value_t = 512)]
@@ -167,11 +175,11 @@ pub struct DispatcherArgs {
     #[command(flatten)]
     pub git_limits: GitLimitsArgs,
     /// How long one commit's tests may run before they are stopped.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    #[arg(long, value_parser = duration, default_value = "1h")]
     pub job_timeout: Duration,
     /// After a restart, how long runners have to reconnect and claim the work
     /// they were doing before it is handed to other runners.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    #[arg(long, value_parser = duration, default_value = "20s")]
     pub resume_grace: Duration,
     /// REPO=OBSERVER: only observer OBSERVER (its certificate's name) may submit
     /// REPO (as that observer names it, e.g. its --repo path). Repeatable; wins
@@ -198,11 +206,11 @@ pub struct ObserverArgs {
     /// The repository to watch.
     #[arg(long)]
     pub repo: PathBuf,
-    /// A branch to watch (repeatable).
-    #[arg(long = "branch", default_values = ["main"])]
+    /// A branch to watch (repeatable; default: the branch HEAD names, as `git init` or a clone left it).
+    #[arg(long = "branch")]
     pub branches: Vec<String>,
     /// How often to look for new commits.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = duration, default_value = "5s")]
     pub interval: Duration,
     /// `latest`: test the newest commit of each branch (older queued ones are
     /// skipped); `every`: test every new commit, in order.
@@ -231,7 +239,7 @@ pub enum ModeArg {
 /// `kiln cancel`
 #[derive(Debug, Args)]
 pub struct CancelArgs {
-    /// The commit (full id).
+    /// The commit: its id, or a unique prefix of at least 7 digits.
     pub commit: String,
     #[command(flatten)]
     pub client: ClientArgs,
@@ -267,7 +275,7 @@ pub struct RunnerArgs {
     #[arg(long = "allow-program", value_name = "NAME", default_values = ["python3"])]
     pub allow_programs: Vec<String>,
     /// The wall-clock limit for one command a plugin runs.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    #[arg(long, value_parser = duration, default_value = "10m")]
     pub command_timeout: Duration,
     #[command(flatten)]
     pub git_limits: GitLimitsArgs,
@@ -279,7 +287,7 @@ pub struct RunnerArgs {
 /// `kiln results`
 #[derive(Debug, Args)]
 pub struct ResultsArgs {
-    /// The commit (full id); the newest submitted commit if omitted.
+    /// The commit (its id, or a unique prefix of at least 7 digits); the newest submitted commit if omitted.
     pub commit: Option<String>,
     #[command(flatten)]
     pub client: ClientArgs,
@@ -287,8 +295,11 @@ pub struct ResultsArgs {
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
     /// Wait up to this long for the commit's testing to end.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     pub wait: Option<Duration>,
+    /// Print each test's message whole, not only its first and last lines.
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 /// How `kiln results` prints.
@@ -296,7 +307,7 @@ pub struct ResultsArgs {
 pub enum Format {
     /// For people.
     Text,
-    /// The stored JSON document.
+    /// One JSON document, for programs (`kiln results`: the one the dispatcher stores).
     Json,
 }
 
@@ -309,11 +320,57 @@ pub struct DemoArgs {
     /// How many runners to start.
     #[arg(long, default_value_t = 2)]
     pub runners: u32,
+    /// Print each test's message whole, not only its first and last lines.
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The command lines of the README's "Using Kiln" block, without their comments.
+    fn readme_commands() -> Vec<String> {
+        let readme = include_str!("../../../README.md");
+        let section = readme.split_once("\n## Using Kiln\n").expect("README has a Using Kiln section").1;
+        let section = section.split_once("\n## ").map_or(section, |(section, _next)| section);
+        // Every ```sh block of the section: the odd pieces between fences.
+        section
+            .split("```")
+            .skip(1)
+            .step_by(2)
+            .filter_map(|block| block.strip_prefix("sh\n"))
+            .flat_map(str::lines)
+            .map(|line| line.split_once(" #").map_or(line, |(command, _comment)| command).trim())
+            .filter(|line| line.starts_with("kiln "))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn every_command_in_the_readme_parses() {
+        let commands = readme_commands();
+        assert!(commands.len() >= 10, "{commands:?}");
+        for command in commands {
+            // Plain words only; a quoted example would need a real shell splitter here.
+            assert!(!command.contains(['"', '\'', '\\']), "quotes in a README example: {command}");
+            if let Err(e) = Cli::try_parse_from(command.split_whitespace()) {
+                panic!("README.md's `{command}` does not parse:\n{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn durations_take_units_or_plain_seconds() {
+        assert_eq!(duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        let err = duration("5 parsecs").unwrap_err();
+        assert!(err.contains("`5 parsecs` is not a duration") && err.contains("for example 5s"), "{err}");
+        let cli = Cli::try_parse_from(["kiln", "results", "--wait", "5", "--identity", "certs/me"]).unwrap();
+        let Command::Results(args) = cli.command else { panic!("not results") };
+        assert_eq!(args.wait, Some(Duration::from_secs(5)));
+    }
 
     #[test]
     fn repo_owner_splits_at_the_last_equals_sign() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use kiln_net::{Bundle, NetConfig, RequestError};
 use kiln_proto::wire::{Reply, Request};
-use kiln_proto::{CommitId, CommitReport, CommitStatus, Escaped, Outcome, Role};
+use kiln_proto::{CommitId, CommitPrefix, CommitReport, CommitStatus, Escaped, Outcome, Role};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -67,6 +67,13 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Results(a) => results(a).await,
         Command::Cancel(a) => cancel(a).await,
         Command::Notify(a) => {
+            if a.socket.is_none() && kiln_git::ObjectStore::open(&a.repo).is_err() {
+                bail!(
+                    "{} is not a git repository: pass the repository `kiln observer --repo` watches as --repo, or \
+                     its socket as --socket",
+                    a.repo.display()
+                );
+            }
             let socket = a.socket.unwrap_or_else(|| kiln_observer::default_notify_socket(&a.repo));
             kiln_observer::notify(&socket).with_context(|| {
                 format!(
@@ -97,8 +104,12 @@ fn certs(command: CertsCommand) -> anyhow::Result<ExitCode> {
                 RoleArg::Admin => Role::Admin,
             };
             let bundle = kiln_net::certs::issue_with(&dir, role, &name, Validity::days(valid_days))
-                .with_context(|| format!("cannot issue a {role} certificate for `{name}`"))?;
-            outln!("issued a {role} bundle in {} (copy this directory to the {role}'s machine)", bundle.display());
+                .with_context(|| format!("cannot issue {} {role} certificate for `{name}`", article(role)))?;
+            outln!(
+                "issued {} {role} bundle in {} (copy this directory to the {role}'s machine)",
+                article(role),
+                bundle.display()
+            );
         }
         CertsCommand::Dispatcher { dir, sans, valid_days } => {
             let bundle = kiln_net::certs::issue_dispatcher(&dir, &sans, Validity::days(valid_days))
@@ -107,6 +118,11 @@ fn certs(command: CertsCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `a runner`, `an observer`, `an admin`.
+fn article(role: Role) -> &'static str {
+    if role.to_string().starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" }
 }
 
 fn load_bundle(dir: &std::path::Path) -> anyhow::Result<Bundle> {
@@ -188,28 +204,72 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Sends one admin request and returns the dispatcher's reply; `what` names
+/// the request for an error ("get results from …").
+async fn admin_request(
+    bundle: &Bundle,
+    client: &ClientArgs,
+    request: &Request,
+    what: impl FnOnce() -> String,
+) -> anyhow::Result<Reply> {
+    let conn = kiln_net::connect(bundle, &client.dispatcher, net(client)).await?;
+    let reply = conn.request(request).await;
+    conn.close(kiln_net::CloseCode::Shutdown, "done");
+    match reply {
+        Ok((_, _, reply)) => Ok(reply),
+        Err(RequestError::Refused(reason)) => bail!("the dispatcher refused: {reason}"),
+        // A refused certificate reads the same whether it showed at the handshake or here.
+        Err(RequestError::Rejected(reason)) => bail!("{reason}"),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("cannot {}", what()))),
+    }
+}
+
 /// Fetches a commit's report as an admin.
 pub async fn fetch_report(
     bundle: &Bundle,
     client: &ClientArgs,
     commit: Option<CommitId>,
 ) -> anyhow::Result<Option<CommitReport>> {
-    let conn = kiln_net::connect(bundle, &client.dispatcher, net(client)).await?;
-    let reply = conn.request(&Request::GetResults { commit }).await;
-    conn.close(kiln_net::CloseCode::Shutdown, "done");
-    match reply {
-        Ok((_, _, Reply::Report(report))) => Ok(report.map(|r| *r)),
-        Ok((_, _, other)) => bail!("unexpected reply from the dispatcher: {other:?}"),
-        Err(RequestError::Refused(reason)) => bail!("the dispatcher refused: {reason}"),
-        // A refused certificate reads the same whether it showed at the handshake or here.
-        Err(RequestError::Rejected(reason)) => bail!("{reason}"),
-        Err(e) => Err(anyhow::Error::from(e).context(format!("cannot get results from {}", client.dispatcher))),
+    let what = || format!("get results from {}", client.dispatcher);
+    match admin_request(bundle, client, &Request::GetResults { commit }, what).await? {
+        Reply::Report(report) => Ok(report.map(|r| *r)),
+        other => bail!("unexpected reply from the dispatcher: {other:?}"),
+    }
+}
+
+/// The commit a person named: all 40 digits as typed, or else the one commit
+/// the dispatcher knows whose id starts with the digits typed (at least 7, as git).
+async fn resolve_commit(bundle: &Bundle, client: &ClientArgs, typed: &str) -> anyhow::Result<CommitId> {
+    let prefix: CommitPrefix = typed.parse()?;
+    if let Some(full) = prefix.full() {
+        return Ok(full);
+    }
+    let what = || format!("look up commit {prefix} at {}", client.dispatcher);
+    match admin_request(bundle, client, &Request::Resolve { prefix: prefix.clone() }, what).await? {
+        Reply::Resolved(found) => pick_commit(&prefix, &found),
+        other => bail!("unexpected reply from the dispatcher: {other:?}"),
+    }
+}
+
+/// The one commit of `found` (the dispatcher's matches for `prefix`), or why there is none.
+fn pick_commit(prefix: &CommitPrefix, found: &[CommitId]) -> anyhow::Result<CommitId> {
+    match found {
+        [] => bail!("the dispatcher knows no commit starting with {prefix}"),
+        [one] => Ok(*one),
+        many => {
+            let list: Vec<&str> = many.iter().map(CommitId::as_str).collect();
+            let more = if many.len() >= kiln_proto::wire::MAX_RESOLVED { ", …" } else { "" };
+            bail!("{prefix} is ambiguous: it starts {}{more}; type more digits", list.join(", "))
+        }
     }
 }
 
 async fn results(a: ResultsArgs) -> anyhow::Result<ExitCode> {
     let bundle = load_bundle(&a.client.identity)?;
-    let commit = a.commit.as_deref().map(str::parse::<CommitId>).transpose()?;
+    let commit = match &a.commit {
+        Some(typed) => Some(resolve_commit(&bundle, &a.client, typed).await?),
+        None => None,
+    };
     let deadline = a.wait.map(|w| tokio::time::Instant::now() + w);
     let report = loop {
         let report = fetch_report(&bundle, &a.client, commit).await?;
@@ -229,24 +289,33 @@ async fn results(a: ResultsArgs) -> anyhow::Result<ExitCode> {
     };
     match a.format {
         Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
-        Format::Text => out!("{}", render(&report)),
+        Format::Text => out!("{}", render(&report, a.verbose)),
     }
     Ok(exit_code(report.status))
 }
 
 async fn cancel(a: CancelArgs) -> anyhow::Result<ExitCode> {
     let bundle = load_bundle(&a.client.identity)?;
-    let commit: CommitId = a.commit.parse()?;
-    let conn = kiln_net::connect(&bundle, &a.client.dispatcher, net(&a.client)).await?;
-    let reply = conn.request(&Request::Cancel { commit }).await;
-    conn.close(kiln_net::CloseCode::Shutdown, "done");
-    match reply {
-        Ok((_, _, Reply::Cancelled(true))) => outln!("cancelled {commit}"),
-        Ok((_, _, Reply::Cancelled(false))) => outln!("{commit} was not queued or running; nothing to cancel"),
-        Ok((_, _, other)) => bail!("unexpected reply from the dispatcher: {other:?}"),
-        Err(e) => return Err(anyhow::Error::from(e).context(format!("cannot cancel {commit}"))),
+    let commit = resolve_commit(&bundle, &a.client, &a.commit).await?;
+    match admin_request(&bundle, &a.client, &Request::Cancel { commit }, || format!("cancel {commit}")).await? {
+        Reply::Cancelled(true) => outln!("cancelled {commit}"),
+        Reply::Cancelled(false) => match fetch_report(&bundle, &a.client, Some(commit)).await? {
+            Some(report) if report.status.is_final() => {
+                outln!("{commit} had already ended: {}; nothing to cancel", ended(&report));
+            }
+            _ => outln!("{commit} was not queued or running; nothing to cancel"),
+        },
+        other => bail!("unexpected reply from the dispatcher: {other:?}"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How a finished commit ended, in words: `passed`, or `cancelled (cancelled by admin)`.
+fn ended(report: &CommitReport) -> String {
+    match &report.error {
+        Some(error) => format!("{} ({error})", report.status.as_str()),
+        None => report.status.as_str().to_owned(),
+    }
 }
 
 /// The exit code `kiln results` gives for a status.
@@ -262,8 +331,9 @@ pub fn exit_code(status: CommitStatus) -> ExitCode {
     }
 }
 
-/// Renders a report for a terminal.
-pub fn render(r: &CommitReport) -> String {
+/// Renders a report for a terminal: each message's head and tail, or with
+/// `verbose` each message whole.
+pub fn render(r: &CommitReport, verbose: bool) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let c = &r.counts;
@@ -277,25 +347,65 @@ pub fn render(r: &CommitReport) -> String {
     for warning in &r.warnings {
         let _ = writeln!(out, "  warning: {warning}");
     }
-    let _ = writeln!(
-        out,
-        "  {} tests: {} passed, {} failed, {} errors, {} skipped, {} expected failures, {} unexpected successes",
-        c.total, c.pass, c.fail, c.error, c.skip, c.xfail, c.xpass
-    );
+    let _ = writeln!(out, "  {}", summary(c));
     for t in &r.tests {
         let _ = writeln!(out, "  {:<5} {} ({} ms)", t.outcome.as_str().to_uppercase(), t.id, t.duration_ms);
-        // A traceback's end says what went wrong; a skip reason is one line.
-        let lines: Vec<&str> = t.message.trim_end().lines().collect();
-        let shown = match t.outcome {
-            Outcome::Fail | Outcome::Error => &lines[lines.len().saturating_sub(6)..],
-            Outcome::Skip => &lines[..lines.len().min(1)],
-            _ => &[][..],
-        };
-        for line in shown {
+        for line in message_lines(t.outcome, &t.message, verbose) {
             let _ = writeln!(out, "        {line}");
         }
     }
     out
+}
+
+/// How many tests ended each way, in words.
+pub(crate) fn summary(c: &kiln_proto::Counts) -> String {
+    format!(
+        "{}: {} passed, {} failed, {}, {} skipped, {}, {}",
+        plural(c.total, "test", "tests"),
+        c.pass,
+        c.fail,
+        plural(c.error, "error", "errors"),
+        c.skip,
+        plural(c.xfail, "expected failure", "expected failures"),
+        plural(c.xpass, "unexpected success", "unexpected successes"),
+    )
+}
+
+/// `1 error`, `2 errors`.
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// How many lines of a long message's start [`message_lines`] shows: where
+/// `Traceback (most recent call last):` and an import error's first line are.
+const HEAD_LINES: usize = 4;
+/// How many lines of its end: where a traceback says what went wrong.
+const TAIL_LINES: usize = 8;
+
+/// The lines of a test's message to print: a skip's reason (its first line),
+/// or for any other outcome but a pass the head and the tail of the message
+/// with a marker between; all of it when `verbose`.
+pub(crate) fn message_lines(outcome: Outcome, message: &str, verbose: bool) -> Vec<String> {
+    let lines: Vec<&str> = message.trim_end().lines().collect();
+    let shown = |lines: &[&str]| lines.iter().map(|l| (*l).to_owned()).collect();
+    if verbose {
+        return shown(&lines);
+    }
+    match outcome {
+        Outcome::Pass => Vec::new(),
+        Outcome::Skip => shown(&lines[..lines.len().min(1)]),
+        Outcome::Fail | Outcome::Error | Outcome::Xfail | Outcome::Xpass => {
+            // Leaving out a line or two would save nothing.
+            if lines.len() <= HEAD_LINES + TAIL_LINES + 2 {
+                return shown(&lines);
+            }
+            let hidden = lines.len() - HEAD_LINES - TAIL_LINES;
+            let mut out: Vec<String> = shown(&lines[..HEAD_LINES]);
+            out.push(format!("… ({hidden} more lines; --verbose shows them)"));
+            out.extend(shown(&lines[lines.len() - TAIL_LINES..]));
+            out
+        }
+    }
 }
 
 /// A token cancelled on SIGINT or SIGTERM.
@@ -315,4 +425,81 @@ pub fn shutdown_on_signal() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_message_keeps_its_head_and_its_tail() {
+        let mut traceback = vec![
+            "ERROR: tests.test_plugins (unittest.loader._FailedTest.tests.test_plugins)".to_owned(),
+            "ImportError: Failed to import test module: tests.test_plugins".to_owned(),
+            "Traceback (most recent call last):".to_owned(),
+        ];
+        traceback.extend((0..20).map(|n| format!("  File \"frame{n}.py\", line {n}, in f{n}")));
+        traceback.push("ModuleNotFoundError: No module named 'yaml_that_is_not_installed'".to_owned());
+        let message = traceback.join("\n");
+        let lines = message_lines(Outcome::Error, &message, false);
+        assert_eq!(lines.len(), HEAD_LINES + 1 + TAIL_LINES);
+        assert_eq!(lines[..3], traceback[..3]);
+        assert_eq!(lines[HEAD_LINES], "… (12 more lines; --verbose shows them)");
+        assert_eq!(lines.last(), traceback.last());
+        assert_eq!(message_lines(Outcome::Error, &message, true), traceback);
+        // Short messages whole, for every outcome that is not a pass or a skip.
+        for outcome in [Outcome::Fail, Outcome::Error, Outcome::Xfail, Outcome::Xpass] {
+            assert_eq!(message_lines(outcome, "one\ntwo\n", false), ["one", "two"], "{outcome:?}");
+        }
+        assert_eq!(message_lines(Outcome::Skip, "needs a network\nmore", false), ["needs a network"]);
+        assert!(message_lines(Outcome::Pass, "printed", false).is_empty());
+    }
+
+    #[test]
+    fn roles_get_their_article() {
+        assert_eq!([Role::Runner, Role::Observer, Role::Admin].map(article), ["a", "an", "an"]);
+    }
+
+    #[test]
+    fn counts_are_pluralised() {
+        let mut report: CommitReport = serde_json::from_value(serde_json::json!({
+            "commit": "a".repeat(40), "repo": "r", "branch": "main", "status": "failed",
+            "counts": {"total": 1, "pass": 0, "fail": 0, "error": 1, "skip": 0, "xfail": 1, "xpass": 1},
+            "error": null, "runner": null, "warnings": [], "queued_at_ms": 0, "finished_at_ms": null, "tests": []
+        }))
+        .unwrap();
+        let text = render(&report, false);
+        assert!(
+            text.contains("1 test: 0 passed, 0 failed, 1 error, 0 skipped, 1 expected failure, 1 unexpected success"),
+            "{text}"
+        );
+        report.counts.error = 2;
+        report.counts.xfail = 2;
+        report.counts.xpass = 2;
+        report.counts.total = 2;
+        let text = render(&report, false);
+        assert!(
+            text.contains(
+                "2 tests: 0 passed, 0 failed, 2 errors, 0 skipped, 2 expected failures, 2 unexpected successes"
+            ),
+            "{text}"
+        );
+    }
+
+    fn id(c: char) -> CommitId {
+        c.to_string().repeat(40).parse().unwrap()
+    }
+
+    #[test]
+    fn a_prefix_picks_its_one_commit_or_says_why_not() {
+        let prefix: CommitPrefix = "aaaaaaa".parse().unwrap();
+        assert_eq!(pick_commit(&prefix, &[id('a')]).unwrap(), id('a'));
+        let none = pick_commit(&prefix, &[]).unwrap_err().to_string();
+        assert_eq!(none, "the dispatcher knows no commit starting with aaaaaaa");
+        let two = pick_commit(&prefix, &[id('a'), id('b')]).unwrap_err().to_string();
+        assert!(two.contains("aaaaaaa is ambiguous") && two.contains(id('a').as_str()), "{two}");
+        assert!(two.contains(id('b').as_str()) && !two.contains('…'), "{two}");
+        let many = vec![id('c'); kiln_proto::wire::MAX_RESOLVED];
+        assert!(pick_commit(&prefix, &many).unwrap_err().to_string().contains(", …;"));
+    }
 }

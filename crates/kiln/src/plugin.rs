@@ -68,7 +68,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub plugins: Option<PathBuf>,
     /// The wall-clock limit for one command a plugin runs.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    #[arg(long, value_parser = crate::cli::duration, default_value = "10m")]
     pub command_timeout: std::time::Duration,
 }
 
@@ -202,17 +202,11 @@ fn wasm_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// One result for a terminal: outcome, id and duration, then the end of a
-/// failure's message or a skip's reason (as `kiln results` shows them).
+/// One result for a terminal: outcome, id and duration, then the head and
+/// tail of a message, or a skip's reason (as `kiln results` shows them).
 fn render_result(t: &TestResult) -> String {
     let mut out = format!("{:<5} {} ({} ms)\n", t.outcome.as_str().to_uppercase(), t.id, t.duration_ms);
-    let lines: Vec<&str> = t.message.trim_end().lines().collect();
-    let shown = match t.outcome {
-        kiln_proto::Outcome::Fail | kiln_proto::Outcome::Error => &lines[lines.len().saturating_sub(6)..],
-        kiln_proto::Outcome::Skip => &lines[..lines.len().min(1)],
-        _ => &[][..],
-    };
-    for line in shown {
+    for line in crate::commands::message_lines(t.outcome, &t.message, false) {
         let _ = writeln!(out, "      {line}");
     }
     out
@@ -220,10 +214,7 @@ fn render_result(t: &TestResult) -> String {
 
 /// The closing line: how many tests ended each way.
 fn summary(c: &Counts) -> String {
-    format!(
-        "{} tests: {} passed, {} failed, {} errors, {} skipped, {} expected failures, {} unexpected successes",
-        c.total, c.pass, c.fail, c.error, c.skip, c.xfail, c.xpass
-    )
+    crate::commands::summary(c)
 }
 
 /// What `check` prints about a loadable plugin.

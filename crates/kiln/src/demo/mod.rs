@@ -100,7 +100,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let first = commit(&repo, "Add calc and its tests")?;
         outln!("\ncommitted {first}; waiting for the runners…\n");
         let report = wait_for(&admin, &client, first).await?;
-        out!("{}", render(&report));
+        out!("{}", render(&report, args.verbose));
 
         // Fix what is broken and watch the commit go green.
         std::fs::write(repo.join("calc.py"), include_str!("fixed/calc.py"))?;
@@ -109,7 +109,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let second = commit(&repo, "Fix shout, the lookup and the broken import")?;
         outln!("\ncommitted {second}; waiting for the runners…\n");
         let report = wait_for(&admin, &client, second).await?;
-        out!("{}", render(&report));
+        out!("{}", render(&report, args.verbose));
         outln!("\nresults are stored as files in {}", dir.join("state/results").display());
         anyhow::Ok(report)
     }
