@@ -1,5 +1,12 @@
 //! The command line: every subcommand and flag, with environment-variable
 //! fallbacks for the ones a deployment sets once.
+//!
+//! Help has one style, which the tests below check over the whole command
+//! tree: every flag's doc comment starts with a one-line summary (what `-h`
+//! shows; clap drops its trailing period), details go in later paragraphs
+//! (shown by `--help` only), defaults are clap's `default_value`s so that
+//! help prints them, value names say what a value is (`ADDR`, `DIR`,
+//! `DURATION`, `SIZE`, `N`), and every command ends with examples that parse.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,9 +17,20 @@ use kiln_proto::ByteSize;
 
 /// Kiln: a distributed continuous-integration system.
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about, propagate_version = true)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln: a distributed continuous-integration system",
+    propagate_version = true,
+    after_help = "\
+Examples:
+  kiln demo                          # the whole system on a sample repository
+  kiln certs init --dir certs        # a CA and the dispatcher's certificates, to start a deployment
+
+Run `kiln help COMMAND` (or `kiln COMMAND --help`) for a command's flags and examples."
+)]
 pub struct Cli {
-    /// Log only warnings and errors (RUST_LOG overrides).
+    /// Log only warnings and errors (RUST_LOG overrides)
     #[arg(long, short, global = true)]
     pub quiet: bool,
     #[command(subcommand)]
@@ -22,67 +40,128 @@ pub struct Cli {
 /// What to do.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Make the certificate authority and peers' certificate bundles.
-    #[command(subcommand)]
+    /// Make the certificate authority and peers' certificate bundles
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  kiln certs init --dir certs --san ci.example.com
+  kiln certs issue runner build-01"
+    )]
     Certs(CertsCommand),
-    /// Run the dispatcher: the hub that queues commits and hands them to runners.
+    /// Run the dispatcher: the hub that queues commits and hands them to runners
+    #[command(after_help = "\
+Examples:
+  kiln dispatcher --identity certs/dispatcher --listen 0.0.0.0:7700 --state /var/lib/kiln
+  kiln dispatcher --repo-owner /srv/git/project=watcher   # only observer `watcher` may submit it")]
     Dispatcher(DispatcherArgs),
-    /// Watch a repository and submit new commits to the dispatcher.
+    /// Watch a repository and submit new commits to the dispatcher
+    #[command(after_help = "\
+Examples:
+  kiln observer --identity certs/watcher --dispatcher ci.example.com:7700 --repo /srv/git/project --branch main
+  kiln observer --identity certs/watcher --repo . --mode every --interval 30s")]
     Observer(ObserverArgs),
-    /// Take jobs from the dispatcher and run their tests.
+    /// Take jobs from the dispatcher and run their tests
+    #[command(after_help = "\
+Examples:
+  kiln runner --identity certs/build-01 --dispatcher ci.example.com:7700 --work /var/cache/kiln
+  kiln runner --identity certs/build-01 --slots 4 --allow-program sh --plugins /etc/kiln/plugins")]
     Runner(RunnerArgs),
-    /// Print the results of a commit (exit 0 passed, 1 failed, 2 otherwise).
+    /// Print a commit's results (exit 0 passed, 1 failed, 2 otherwise)
+    #[command(after_help = "\
+Examples:
+  kiln results --identity certs/me --dispatcher ci.example.com:7700     # the newest commit
+  kiln results 3f2a9c1 --format json --wait 5m --identity certs/me      # one commit, as JSON, once it ends")]
     Results(ResultsArgs),
-    /// Stop testing a commit: queued work is dropped, running tests are killed.
+    /// Stop testing a commit: queued work is dropped, running tests are killed
+    #[command(after_help = "\
+Examples:
+  kiln cancel 3f2a9c1 --identity certs/me --dispatcher ci.example.com:7700")]
     Cancel(CancelArgs),
-    /// Make a running observer look for new commits now (for git hooks).
+    /// Make a running observer look for new commits now (for git hooks)
+    #[command(after_help = "\
+Examples:
+  kiln notify --repo /srv/git/project    # in a post-commit or post-receive hook")]
     Notify(NotifyArgs),
-    /// Run the whole system on a sample repository and show the results.
+    /// Run the whole system on a sample repository and show the results
+    #[command(after_help = "\
+Examples:
+  kiln demo
+  kiln demo --dir /tmp/kiln-demo --runners 3 --verbose   # keep the demo's files to look at")]
     Demo(DemoArgs),
-    /// Check an executor plugin file, create a new plugin crate, or run the plugins on a local directory.
-    #[command(subcommand)]
+    /// Check, create or run executor plugins
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  kiln plugin check my_plugin.wasm
+  kiln plugin run --dir ~/src/project"
+    )]
     Plugin(crate::plugin::PluginCommand),
 }
 
 /// `kiln certs …`
 #[derive(Debug, Subcommand)]
 pub enum CertsCommand {
-    /// Create a certificate authority and the dispatcher's bundle (DIR/dispatcher).
+    /// Create a certificate authority and the dispatcher's bundle (DIR/dispatcher)
+    ///
+    /// The CA is valid ten years and kept in DIR/ca; keep it off the machines
+    /// that run Kiln if you can. The dispatcher's bundle names the host names
+    /// and addresses given with `--san`.
+    #[command(after_help = "\
+Examples:
+  kiln certs init --dir certs --san ci.example.com --san 10.0.0.5   # CA + certs/dispatcher")]
     Init {
-        /// Where certificates are written.
-        #[arg(long, default_value = "certs")]
+        /// Where certificates are written
+        #[arg(long, value_name = "DIR", default_value = "certs")]
         dir: PathBuf,
-        /// A host name or IP address the dispatcher is reached by (repeatable).
+        /// A host name or IP address the dispatcher is reached by (repeatable)
         #[arg(long = "san", value_name = "NAME_OR_IP", default_values = ["localhost", "127.0.0.1"])]
         sans: Vec<String>,
-        /// How many days the dispatcher's certificate is valid (the CA: ten years).
+        /// How many days the dispatcher's certificate is valid
+        ///
+        /// From 1 to 3650. The CA itself is valid ten years.
         #[arg(long, value_name = "DAYS", default_value_t = kiln_net::certs::DEFAULT_VALID_DAYS, value_parser = valid_days)]
         valid_days: u32,
     },
-    /// Issue a bundle (DIR/NAME: ca.pem, cert.pem, key.pem) for a runner, observer or admin.
+    /// Issue a bundle (DIR/NAME) for a runner, observer or admin
+    ///
+    /// DIR/NAME holds ca.pem, cert.pem and key.pem; copy it to the peer's machine.
+    #[command(after_help = "\
+Examples:
+  kiln certs issue runner build-01            # certs/build-01, to copy to the runner's machine
+  kiln certs issue admin me --valid-days 30   # short-lived certificates limit a stolen key")]
     Issue {
-        /// The peer's role.
+        /// The peer's role
         role: RoleArg,
-        /// The peer's name, unique in this deployment.
+        /// The peer's name, unique in this deployment
         name: String,
-        /// Where certificates are written.
-        #[arg(long, default_value = "certs")]
+        /// Where certificates are (DIR/ca) and are written
+        #[arg(long, value_name = "DIR", default_value = "certs")]
         dir: PathBuf,
-        /// How many days the certificate is valid; short-lived certificates
-        /// limit what a stolen key is worth.
+        /// How many days the certificate is valid
+        ///
+        /// From 1 to 3650. Short-lived certificates limit what a stolen key is worth.
         #[arg(long, value_name = "DAYS", default_value_t = kiln_net::certs::DEFAULT_VALID_DAYS, value_parser = valid_days)]
         valid_days: u32,
     },
-    /// Issue a new dispatcher bundle (DIR/dispatcher) from the existing CA,
-    /// e.g. when the old certificate expires; move the old bundle away first.
+    /// Issue a new dispatcher bundle (DIR/dispatcher) from the existing CA
+    ///
+    /// For when the old certificate expires, or the dispatcher moves; move the
+    /// old bundle away first.
+    #[command(after_help = "\
+Examples:
+  kiln certs dispatcher --san ci.example.com   # move the old certs/dispatcher away first")]
     Dispatcher {
-        /// Where certificates are (DIR/ca) and are written.
-        #[arg(long, default_value = "certs")]
+        /// Where certificates are (DIR/ca) and are written
+        #[arg(long, value_name = "DIR", default_value = "certs")]
         dir: PathBuf,
-        /// A host name or IP address the dispatcher is reached by (repeatable).
+        /// A host name or IP address the dispatcher is reached by (repeatable)
         #[arg(long = "san", value_name = "NAME_OR_IP", default_values = ["localhost", "127.0.0.1"])]
         sans: Vec<String>,
-        /// How many days the certificate is valid.
+        /// How many days the certificate is valid
+        ///
+        /// From 1 to 3650.
         #[arg(long, value_name = "DAYS", default_value_t = kiln_net::certs::DEFAULT_VALID_DAYS, value_parser = valid_days)]
         valid_days: u32,
     },
@@ -118,28 +197,40 @@ pub enum RoleArg {
 /// Flags every client shares.
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// The certificate bundle directory (ca.pem, cert.pem, key.pem).
-    #[arg(long, env = "KILN_IDENTITY")]
+    /// The certificate bundle directory (ca.pem, cert.pem, key.pem)
+    ///
+    /// Made by `kiln certs issue ROLE NAME` (DIR/NAME).
+    #[arg(long, value_name = "DIR", env = "KILN_IDENTITY")]
     pub identity: PathBuf,
-    /// The dispatcher's HOST:PORT.
-    #[arg(long, env = "KILN_DISPATCHER", default_value = "127.0.0.1:7700")]
+    /// The dispatcher's address
+    #[arg(long, value_name = "HOST:PORT", env = "KILN_DISPATCHER", default_value = "127.0.0.1:7700")]
     pub dispatcher: String,
-    /// How long without hearing from the dispatcher before the connection is dead.
-    #[arg(long, value_parser = duration, default_value = "5s")]
+    /// How long the dispatcher may be silent before the connection is dead
+    ///
+    /// A duration such as 5s, 2m or 1h 30m, or a number of seconds.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s")]
     pub idle_timeout: Duration,
 }
 
 /// The caps on uncompressed git objects, shared by the dispatcher, observer and runner.
 #[derive(Debug, Args)]
 pub struct GitLimitsArgs {
-    /// The largest uncompressed file (git object) accepted or sent, e.g. 100MiB.
-    #[arg(long, env = "KILN_MAX_BLOB_SIZE", default_value_t = ByteSize(kiln_git::Limits::default().max_blob))]
+    /// The largest uncompressed file (git object) accepted or sent
+    ///
+    /// A size such as 512, 64KiB, 100MiB or 2GiB. A process needs about this
+    /// much memory (a few times over at most) for one object.
+    #[arg(long, value_name = "SIZE", env = "KILN_MAX_BLOB_SIZE", default_value_t = ByteSize(kiln_git::Limits::default().max_blob))]
     pub max_blob_size: ByteSize,
-    /// The largest total of the files one commit checks out to, e.g. 1GiB.
-    #[arg(long, env = "KILN_MAX_TREE_SIZE", default_value_t = ByteSize(kiln_git::Limits::default().max_tree))]
+    /// The largest total of the files one commit checks out to
+    ///
+    /// A size such as 512, 64KiB, 100MiB or 2GiB.
+    #[arg(long, value_name = "SIZE", env = "KILN_MAX_TREE_SIZE", default_value_t = ByteSize(kiln_git::Limits::default().max_tree))]
     pub max_tree_size: ByteSize,
-    /// The largest total of the uncompressed objects of one git pack, e.g. 4GiB.
-    #[arg(long, env = "KILN_MAX_PACK_EXPANSION", default_value_t = ByteSize(kiln_git::Limits::default().max_pack_expansion))]
+    /// The largest total of the uncompressed objects of one git pack
+    ///
+    /// A size such as 512, 64KiB, 100MiB or 2GiB. A first submission carries
+    /// the whole history, hence a cap larger than the tree's.
+    #[arg(long, value_name = "SIZE", env = "KILN_MAX_PACK_EXPANSION", default_value_t = ByteSize(kiln_git::Limits::default().max_pack_expansion))]
     pub max_pack_expansion: ByteSize,
 }
 
@@ -157,33 +248,41 @@ impl GitLimitsArgs {
 /// `kiln dispatcher`
 #[derive(Debug, Args)]
 pub struct DispatcherArgs {
-    /// The dispatcher's certificate bundle (made by `kiln certs init`).
-    #[arg(long, env = "KILN_IDENTITY", default_value = "certs/dispatcher")]
+    /// The dispatcher's certificate bundle (made by `kiln certs init`)
+    #[arg(long, value_name = "DIR", env = "KILN_IDENTITY", default_value = "certs/dispatcher")]
     pub identity: PathBuf,
-    /// The UDP address to listen on.
-    #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:7700")]
+    /// The UDP address to listen on
+    #[arg(long, value_name = "ADDR", env = "KILN_LISTEN", default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
-    /// The state directory: git mirror and results files.
-    #[arg(long, env = "KILN_STATE", default_value = "kiln-state")]
+    /// The state directory: git mirror, database and results files
+    #[arg(long, value_name = "DIR", env = "KILN_STATE", default_value = "kiln-state")]
     pub state: PathBuf,
-    /// How long a silent peer is given before it is declared dead and its work requeued.
-    #[arg(long, value_parser = duration, default_value = "5s")]
+    /// How long a silent peer has before it is dead and its work requeued
+    ///
+    /// A duration such as 5s, 2m or 1h 30m, or a number of seconds.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s")]
     pub idle_timeout: Duration,
-    /// The largest git pack accepted from an observer, in MiB.
-    #[arg(long, default_value_t = 512)]
+    /// The largest (compressed) git pack accepted from an observer, in MiB
+    #[arg(long, value_name = "N", default_value_t = 512)]
     pub max_pack_mib: u64,
     #[command(flatten)]
     pub git_limits: GitLimitsArgs,
-    /// How long one commit's tests may run before they are stopped.
-    #[arg(long, value_parser = duration, default_value = "1h")]
+    /// How long one commit's tests may run before they are stopped
+    ///
+    /// A commit that outruns it ends as `error`.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "1h")]
     pub job_timeout: Duration,
-    /// After a restart, how long runners have to reconnect and claim the work
-    /// they were doing before it is handed to other runners.
-    #[arg(long, value_parser = duration, default_value = "20s")]
+    /// After a restart, how long runners have to reclaim their work
+    ///
+    /// Work not claimed by the runner that was doing it within this time is
+    /// handed to other runners.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "20s")]
     pub resume_grace: Duration,
-    /// REPO=OBSERVER: only observer OBSERVER (its certificate's name) may submit
-    /// REPO (as that observer names it, e.g. its --repo path). Repeatable; wins
-    /// over the default, which binds a repository to the first observer that submits it.
+    /// Only observer OBSERVER may submit repository REPO (repeatable)
+    ///
+    /// OBSERVER is the name in the observer's certificate; REPO is the
+    /// repository as that observer names it (its `--repo` path). Wins over the
+    /// default, which binds a repository to the first observer that submits it.
     #[arg(long = "repo-owner", value_name = "REPO=OBSERVER", value_parser = parse_repo_owner)]
     pub repo_owners: Vec<(String, String)>,
 }
@@ -203,25 +302,36 @@ fn parse_repo_owner(s: &str) -> Result<(String, String), String> {
 pub struct ObserverArgs {
     #[command(flatten)]
     pub client: ClientArgs,
-    /// The repository to watch.
-    #[arg(long)]
+    /// The repository to watch
+    #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
-    /// A branch to watch (repeatable; default: the branch HEAD names, as `git init` or a clone left it).
-    #[arg(long = "branch")]
+    /// A branch to watch (repeatable; default: the branch HEAD names)
+    ///
+    /// Without it the observer watches the branch the repository's HEAD names,
+    /// as `git init` or a clone left it. A branch that does not exist yet is
+    /// watched for.
+    #[arg(long = "branch", value_name = "BRANCH")]
     pub branches: Vec<String>,
-    /// How often to look for new commits.
-    #[arg(long, value_parser = duration, default_value = "5s")]
+    /// How often to look for new commits
+    ///
+    /// A duration such as 5s, 2m or 1h 30m, or a number of seconds. `kiln
+    /// notify` makes the observer look at once.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s")]
     pub interval: Duration,
-    /// `latest`: test the newest commit of each branch (older queued ones are
-    /// skipped); `every`: test every new commit, in order.
+    /// Which commits to test: the newest of each branch, or every one
+    ///
+    /// `latest`: a newer commit skips older ones still queued and cancels
+    /// older ones running (if it descends from them). `every`: every new
+    /// commit is tested, in order.
     #[arg(long, value_enum, default_value = "latest")]
     pub mode: ModeArg,
-    /// In `latest` mode, let running tests of a superseded commit finish
-    /// instead of cancelling them.
+    /// In `latest` mode, let a superseded commit's running tests finish
     #[arg(long)]
     pub keep_running: bool,
-    /// The Unix socket `kiln notify` pokes (default: kiln-observer.sock in the repository's git directory).
-    #[arg(long)]
+    /// The Unix socket `kiln notify` pokes (default: in the repository's git directory)
+    ///
+    /// The default is kiln-observer.sock in the repository's git directory.
+    #[arg(long, value_name = "PATH")]
     pub notify_socket: Option<PathBuf>,
     #[command(flatten)]
     pub git_limits: GitLimitsArgs,
@@ -239,7 +349,7 @@ pub enum ModeArg {
 /// `kiln cancel`
 #[derive(Debug, Args)]
 pub struct CancelArgs {
-    /// The commit: its id, or a unique prefix of at least 7 digits.
+    /// The commit: its id, or a unique prefix of at least 7 digits
     pub commit: String,
     #[command(flatten)]
     pub client: ClientArgs,
@@ -248,11 +358,11 @@ pub struct CancelArgs {
 /// `kiln notify`
 #[derive(Debug, Args)]
 pub struct NotifyArgs {
-    /// The watched repository.
-    #[arg(long, default_value = ".")]
+    /// The watched repository
+    #[arg(long, value_name = "DIR", default_value = ".")]
     pub repo: PathBuf,
-    /// The observer's socket, if not the default for `--repo`.
-    #[arg(long)]
+    /// The observer's socket, if not the default for `--repo`
+    #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 }
 
@@ -261,43 +371,55 @@ pub struct NotifyArgs {
 pub struct RunnerArgs {
     #[command(flatten)]
     pub client: ClientArgs,
-    /// Where the runner keeps its object cache and job checkouts.
-    #[arg(long, env = "KILN_WORK", default_value = "kiln-work")]
+    /// Where the runner keeps its object cache and job checkouts
+    #[arg(long, value_name = "DIR", env = "KILN_WORK", default_value = "kiln-work")]
     pub work: PathBuf,
-    /// How many jobs to run at once.
-    #[arg(long, default_value_t = 1)]
+    /// How many jobs to run at once
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub slots: u32,
-    /// A directory of extra executor plugins (*.wasm), loaded after the built-ins in file-name order; a file
-    /// more than one plugin claims goes to the first loaded.
-    #[arg(long)]
+    /// A directory of extra executor plugins (*.wasm)
+    ///
+    /// They are loaded after the built-ins, in file-name order; a file more
+    /// than one plugin claims goes to the first loaded.
+    #[arg(long, value_name = "DIR")]
     pub plugins: Option<PathBuf>,
-    /// A program plugins may run (repeatable); each is resolved to an absolute path at start-up.
+    /// A program plugins may run (repeatable)
+    ///
+    /// Each is resolved to an absolute path at start-up. Add `sh` for TAP
+    /// shell scripts.
     #[arg(long = "allow-program", value_name = "NAME", default_values = ["python3"])]
     pub allow_programs: Vec<String>,
-    /// The wall-clock limit for one command a plugin runs.
-    #[arg(long, value_parser = duration, default_value = "10m")]
+    /// The wall-clock limit for one command a plugin runs
+    ///
+    /// A duration such as 5s, 2m or 1h 30m, or a number of seconds.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10m")]
     pub command_timeout: Duration,
     #[command(flatten)]
     pub git_limits: GitLimitsArgs,
-    /// The uid and gid commands run as when the runner runs as root: one no account on this machine uses.
-    #[arg(long, env = "KILN_SANDBOX_ID", default_value_t = kiln_sandbox::SANDBOX_ID)]
+    /// The uid and gid commands run as when the runner runs as root
+    ///
+    /// Pick one that no account on this machine uses.
+    #[arg(long, value_name = "ID", env = "KILN_SANDBOX_ID", default_value_t = kiln_sandbox::SANDBOX_ID)]
     pub sandbox_id: u32,
 }
 
 /// `kiln results`
 #[derive(Debug, Args)]
 pub struct ResultsArgs {
-    /// The commit (its id, or a unique prefix of at least 7 digits); the newest submitted commit if omitted.
+    /// The commit (its id, or a unique prefix of 7 or more digits; default: the newest)
     pub commit: Option<String>,
     #[command(flatten)]
     pub client: ClientArgs,
-    /// Output format.
+    /// Output format
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
-    /// Wait up to this long for the commit's testing to end.
-    #[arg(long, value_parser = duration)]
+    /// Wait up to this long for the commit's testing to end
+    ///
+    /// A duration such as 5s, 2m or 1h 30m, or a number of seconds. Without
+    /// it the results are printed as they stand.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub wait: Option<Duration>,
-    /// Print each test's message whole, not only its first and last lines.
+    /// Print each test's message whole, not only its first and last lines
     #[arg(long, short)]
     pub verbose: bool,
 }
@@ -314,19 +436,24 @@ pub enum Format {
 /// `kiln demo`
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Where to put the demo's certificates, repository, state and logs (default: a temporary directory).
-    #[arg(long)]
+    /// Where to put the demo's files (default: a temporary directory)
+    ///
+    /// The demo's certificates, repository, state and logs; a temporary
+    /// directory is removed at the end.
+    #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// How many runners to start.
-    #[arg(long, default_value_t = 2)]
+    /// How many runners to start
+    #[arg(long, value_name = "N", default_value_t = 2)]
     pub runners: u32,
-    /// Print each test's message whole, not only its first and last lines.
+    /// Print each test's message whole, not only its first and last lines
     #[arg(long, short)]
     pub verbose: bool,
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
 
     /// The command lines of the README's "Using Kiln" block, without their comments.
@@ -340,11 +467,153 @@ mod tests {
             .skip(1)
             .step_by(2)
             .filter_map(|block| block.strip_prefix("sh\n"))
-            .flat_map(str::lines)
+            .flat_map(example_commands)
+            .collect()
+    }
+
+    /// The `kiln …` command lines of a text (a README block or a command's
+    /// after-help), without their `# comments`.
+    fn example_commands(text: &str) -> Vec<String> {
+        text.lines()
             .map(|line| line.split_once(" #").map_or(line, |(command, _comment)| command).trim())
             .filter(|line| line.starts_with("kiln "))
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Every command of the tree with its path (`["kiln", "certs", "init"]`), parents first.
+    fn all_commands() -> Vec<(Vec<String>, clap::Command)> {
+        fn walk(path: Vec<String>, command: &clap::Command, out: &mut Vec<(Vec<String>, clap::Command)>) {
+            out.push((path.clone(), command.clone()));
+            for sub in command.get_subcommands() {
+                let mut sub_path = path.clone();
+                sub_path.push(sub.get_name().to_owned());
+                walk(sub_path, sub, out);
+            }
+        }
+        // Built, as for printing help: global flags propagated, and clap's own
+        // `help` subcommands added (which are clap's to describe, so left out).
+        let mut cli = Cli::command();
+        cli.build();
+        let mut out = Vec::new();
+        walk(vec!["kiln".to_owned()], &cli, &mut out);
+        out.retain(|(path, _command)| !path[1..].iter().any(|sub| sub == "help"));
+        out
+    }
+
+    /// The longest one-line summary: it fits on a line of `-h` next to its flag.
+    const SUMMARY_MAX: usize = 80;
+
+    /// What a summary must look like: one line, not empty, short, no trailing
+    /// period (clap drops it from a doc comment's first paragraph; a summary
+    /// written by hand must match).
+    fn summary_problem(summary: Option<String>) -> Option<String> {
+        let Some(summary) = summary.filter(|s| !s.trim().is_empty()) else {
+            return Some("has no help: add a doc comment whose first line is a one-line summary".to_owned());
+        };
+        if summary.contains('\n') {
+            Some(format!("summary is more than one line (put details in a later paragraph): {summary:?}"))
+        } else if summary.ends_with('.') {
+            Some(format!("summary ends with a period: {summary:?}"))
+        } else if summary.chars().count() > SUMMARY_MAX {
+            Some(format!("summary is over {SUMMARY_MAX} characters (move details to a later paragraph): {summary:?}"))
+        } else {
+            None
+        }
+    }
+
+    /// Value names that say what a value is; clap's default (the flag's name
+    /// in capitals, like `<IDLE_TIMEOUT>`) says nothing the flag does not.
+    const VALUE_NAMES: &[&str] = &[
+        "ADDR",
+        "HOST:PORT",
+        "DIR",
+        "FILE",
+        "PATH",
+        "DURATION",
+        "SIZE",
+        "N",
+        "DAYS",
+        "NAME",
+        "NAME_OR_IP",
+        "ID",
+        "BRANCH",
+        "REPO=OBSERVER",
+    ];
+
+    /// `-h` and `--help` have one style over the whole command tree (see the module docs).
+    #[test]
+    fn help_has_one_style_everywhere() {
+        let mut problems = Vec::new();
+        for (path, command) in all_commands() {
+            let name = path.join(" ");
+            if path.len() > 1
+                && let Some(problem) = summary_problem(command.get_about().map(ToString::to_string))
+            {
+                problems.push(format!("`{name}`: {problem}"));
+            }
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                let flag = arg.get_long().map_or_else(|| id.to_uppercase(), |long| format!("--{long}"));
+                if let Some(problem) = summary_problem(arg.get_help().map(ToString::to_string)) {
+                    problems.push(format!("`{name} {flag}`: {problem}"));
+                }
+                let takes_value = arg.get_num_args().is_some_and(|n| n.takes_values());
+                let is_enum = !arg.get_possible_values().is_empty();
+                if arg.get_long().is_some() && takes_value && !is_enum {
+                    let value_names = arg.get_value_names().unwrap_or_default();
+                    if !value_names.iter().all(|v| VALUE_NAMES.contains(&v.as_str())) || value_names.is_empty() {
+                        problems.push(format!(
+                            "`{name} {flag}`: value name {value_names:?} is not one of {VALUE_NAMES:?} (set `value_name`)"
+                        ));
+                    }
+                }
+            }
+        }
+        let top = Cli::command().get_after_help().map(ToString::to_string).unwrap_or_default();
+        if !top.contains("kiln help COMMAND") {
+            problems.push("`kiln`: the after-help does not point to `kiln help COMMAND`".to_owned());
+        }
+        assert!(problems.is_empty(), "help out of style:\n{}", problems.join("\n"));
+    }
+
+    /// Every command's help ends with examples, and each one parses as that command.
+    #[test]
+    fn every_command_has_examples_that_parse() {
+        let mut problems = Vec::new();
+        for (path, command) in all_commands() {
+            let name = path.join(" ");
+            let after_help = command.get_after_help().map(ToString::to_string).unwrap_or_default();
+            if !after_help.starts_with("Examples:\n") {
+                problems.push(format!("`{name}`: its after_help does not start with `Examples:`"));
+            }
+            let examples = example_commands(&after_help);
+            if examples.is_empty() {
+                problems.push(format!("`{name}`: no `kiln …` example in its after_help"));
+            }
+            for example in examples {
+                assert!(!example.contains(['"', '\'', '\\']), "quotes in an example: {example}");
+                if let Err(e) = Cli::try_parse_from(example.split_whitespace()) {
+                    problems.push(format!("`{name}`: the example `{example}` does not parse:\n{e}"));
+                    continue;
+                }
+                // The subcommand path the example runs, e.g. `kiln certs init`.
+                let matches = Cli::command().get_matches_from(example.split_whitespace());
+                let mut ran = vec!["kiln".to_owned()];
+                let mut m = &matches;
+                while let Some((sub, sub_matches)) = m.subcommand() {
+                    ran.push(sub.to_owned());
+                    m = sub_matches;
+                }
+                if !ran.starts_with(&path) {
+                    problems.push(format!("`{name}`: the example `{example}` runs `{}`", ran.join(" ")));
+                }
+            }
+        }
+        assert!(problems.is_empty(), "examples missing or wrong:\n{}", problems.join("\n"));
     }
 
     #[test]
