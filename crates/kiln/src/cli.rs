@@ -105,9 +105,9 @@ Examples:
 pub enum CertsCommand {
     /// Create a certificate authority and the dispatcher's bundle (DIR/dispatcher)
     ///
-    /// The CA is valid ten years and kept in DIR/ca; keep it off the machines
-    /// that run Kiln if you can. The dispatcher's bundle names the host names
-    /// and addresses given with `--san`.
+    /// The CA is valid ten years and kept in DIR/ca, where `kiln certs issue`
+    /// finds it. The dispatcher's certificate names the host names and
+    /// addresses given with `--san`.
     #[command(after_help = "\
 Examples:
   kiln certs init --dir certs --san ci.example.com --san 10.0.0.5   # CA + certs/dispatcher")]
