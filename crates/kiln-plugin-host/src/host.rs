@@ -496,12 +496,15 @@ impl PluginHost {
         }
         if self.purpose == Purpose::Runner {
             tracing::info!(
-                plugin = %plugin.name,
+                plugin = %Escaped(&plugin.name),
                 version = %plugin.summary.version,
                 contract = %plugin.summary.contract,
-                claims = ?plugin.summary.claims,
-                granted = ?plugin.summary.granted,
-                compilation = ?plugin.summary.compilation,
+                claims = %Escaped(&plugin.summary.claims.join(",")),
+                granted = %Escaped(&plugin.summary.granted.join(",")),
+                compilation = %match plugin.summary.compilation {
+                    Compilation::Compiled => "compiled",
+                    Compilation::Cached => "cached",
+                },
                 elapsed_ms = started.elapsed().as_millis(),
                 "plugin loaded"
             );
