@@ -170,3 +170,18 @@ fn each_fact_is_logged_once_and_job_lines_belong_to_the_job() {
     let stdout = std::fs::read_to_string(cluster.dir.path().join("dispatcher-0.stdout")).expect("stdout");
     assert_eq!(stdout, "");
 }
+
+#[test]
+fn a_test_process_command_line_is_short_and_names_its_file() {
+    let mut cluster = Cluster::start();
+    // The test reads its own command line, as `ps` would show it.
+    let test = "import unittest\n\n\nclass Cmdline(unittest.TestCase):\n    def test_cmdline(self):\n        \
+                with open('/proc/self/cmdline', 'rb') as f:\n            args = f.read().split(b'\\0')[:-1]\n        \
+                self.assertEqual(args[1:], [b'-', b'tests/test_cmdline.py'])\n";
+    let repo = Repo::new(cluster.dir.path(), &[("tests/__init__.py", ""), ("tests/test_cmdline.py", test)]);
+    let commit = repo.commit("read the command line");
+    cluster.runner("runner-1");
+    cluster.observer("observer", &repo.path, "200ms");
+    let report = cluster.wait_for(&commit);
+    assert_eq!(report.status, CommitStatus::Passed, "{report:?}\n{}", cluster.logs());
+}

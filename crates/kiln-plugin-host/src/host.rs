@@ -43,7 +43,7 @@ const BUILT_IN: &[(&str, &[u8])] = &[
 
 /// The `kiln:executor` contract version this host implements
 /// (plugins/wit/executor.wit).
-pub const CONTRACT_VERSION: &str = "0.1.0";
+pub const CONTRACT_VERSION: &str = "0.1.1";
 const EXECUTOR_EXPORT: &str = "kiln:executor/executor";
 const HOST_IMPORT: &str = "kiln:executor/host";
 
