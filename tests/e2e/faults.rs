@@ -94,7 +94,13 @@ fn a_killed_dispatcher_resumes_its_queue_and_running_work() {
     assert!(log.contains("resumed from the state database"), "{log}");
     // The runner kept working through the restart and its attempt was accepted:
     // the first commit was never handed out again.
-    let resumed = log.lines().any(|l| l.contains(": resumed job=") && l.contains(first.as_str()));
+    // Logged under the runner's connection and the job's span.
+    let resumed = log.lines().any(|l| {
+        l.contains("peer{peer=runner")
+            && l.contains("job{job=")
+            && l.contains(": resumed commit=")
+            && l.contains(first.as_str())
+    });
     assert!(resumed, "{}", cluster.logs());
     assert!(!log.lines().any(|l| l.contains("assigned") && l.contains("attempt=2")), "{}", cluster.logs());
 }

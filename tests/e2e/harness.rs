@@ -111,7 +111,12 @@ impl Cluster {
             .spawn()
             .expect("start dispatcher");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read address");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        stdout.read_line(&mut line).expect("read address");
+        // Whatever else it prints on stdout (nothing, it should be) is kept for tests to check.
+        let mut rest =
+            std::fs::File::create(self.dir.path().join(format!("dispatcher-{n}.stdout"))).expect("stdout file");
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut rest));
         let proc = Proc { child, log };
         self.addr = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("{}", proc.log())).to_owned();
         proc

@@ -129,3 +129,59 @@ fn a_missing_branch_is_said_once_naming_the_branches_there_are() {
     repo.git(&["branch", "main"]);
     cluster.wait_log(observer, "the branch exists now");
 }
+
+#[test]
+fn each_fact_is_logged_once_and_job_lines_belong_to_the_job() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), ONE_TEST);
+    let commit = repo.commit("one test");
+    let runner = cluster.runner("runner-1");
+    cluster.wait_log(0, "runner registered");
+    // The runner is waiting when the observer queues the commit, so the
+    // observer's request is what hands the job out.
+    let observer = cluster.observer_with("observer", &repo.path, "200ms", &["--branch", "main"]);
+    let report = cluster.wait_for(&commit);
+    assert_eq!(report.status, CommitStatus::Passed, "{}", cluster.logs());
+
+    let log = cluster.procs[runner].log();
+    let lines = |text: &str| log.lines().filter(|l| l.contains(text)).count();
+    let plugins = lines("plugin loaded");
+    assert!(plugins >= 1, "{log}");
+    // One line per plugin: each names a different plugin.
+    let names: std::collections::BTreeSet<_> = log
+        .lines()
+        .filter(|l| l.contains("plugin loaded"))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("plugin=")))
+        .collect();
+    assert_eq!(names.len(), plugins, "{log}");
+    assert_eq!(lines("allowed program"), 1, "one line for python3\n{log}");
+
+    let log = cluster.procs[observer].log();
+    let watching = log.lines().find(|l| l.contains("watching")).unwrap_or_else(|| panic!("{log}"));
+    assert!(watching.contains("branches=main") && watching.contains("mode=latest"), "{watching}");
+
+    let log = cluster.procs[0].log();
+    let finished = log.lines().find(|l| l.contains("job finished")).unwrap_or_else(|| panic!("{log}"));
+    assert!(finished.contains("job{") && !finished.contains("observer"), "{finished}");
+    // `kiln results --wait` asks again and again on one connection.
+    let admin = log.lines().filter(|l| l.contains("peer{peer=admin") && l.ends_with(": connected")).count();
+    assert_eq!(admin, 1, "{log}");
+    // Logs go to stderr; stdout held only the address, which the harness read.
+    let stdout = std::fs::read_to_string(cluster.dir.path().join("dispatcher-0.stdout")).expect("stdout");
+    assert_eq!(stdout, "");
+}
+
+#[test]
+fn a_test_process_command_line_is_short_and_names_its_file() {
+    let mut cluster = Cluster::start();
+    // The test reads its own command line, as `ps` would show it.
+    let test = "import unittest\n\n\nclass Cmdline(unittest.TestCase):\n    def test_cmdline(self):\n        \
+                with open('/proc/self/cmdline', 'rb') as f:\n            args = f.read().split(b'\\0')[:-1]\n        \
+                self.assertEqual(args[1:], [b'-', b'tests/test_cmdline.py'])\n";
+    let repo = Repo::new(cluster.dir.path(), &[("tests/__init__.py", ""), ("tests/test_cmdline.py", test)]);
+    let commit = repo.commit("read the command line");
+    cluster.runner("runner-1");
+    cluster.observer("observer", &repo.path, "200ms");
+    let report = cluster.wait_for(&commit);
+    assert_eq!(report.status, CommitStatus::Passed, "{report:?}\n{}", cluster.logs());
+}

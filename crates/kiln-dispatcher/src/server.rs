@@ -641,7 +641,10 @@ impl Dispatcher {
                 .insert(d.assignment.job, (d.assignment.attempt, token.clone()));
             let me = Arc::clone(self);
             let a = &d.assignment;
-            let span = info_span!("job", job = a.job, attempt = a.attempt, runner = %Escaped(&d.runner));
+            // A root span: `schedule` runs under whichever connection freed a slot or
+            // queued work (often an observer's), and the job's lines are not that
+            // connection's. The runner is named in the span instead.
+            let span = info_span!(parent: None, "job", job = a.job, attempt = a.attempt, runner = %Escaped(&d.runner));
             self.tasks.spawn(async move { me.drive(conn, d, token).await }.instrument(span));
         }
     }
@@ -685,11 +688,17 @@ impl Dispatcher {
         };
         let cancel = CancellationToken::new();
         self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(held.job, (held.attempt, cancel.clone()));
-        info!(job = held.job, attempt = held.attempt, %commit, "resumed");
-        send.send(&Reply::Resumed).await?;
-        let outcome = self.events(send, recv, &d, &cancel).await;
-        self.assignment_ended(conn, &d, outcome);
-        Ok(())
+        // Under the runner's connection, which is the one carrying the job now.
+        let span = info_span!("job", job = held.job, attempt = held.attempt);
+        async {
+            info!(%commit, "resumed");
+            send.send(&Reply::Resumed).await?;
+            let outcome = self.events(send, recv, &d, &cancel).await;
+            self.assignment_ended(conn, &d, outcome);
+            Ok(())
+        }
+        .instrument(span)
+        .await
     }
 
     /// Cleans up after an assignment stream: requeues the job if it did not

@@ -61,6 +61,17 @@ pub enum Mode {
     Every,
 }
 
+/// How the observer's start-up line names the mode, as the flags do.
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Latest { cancel_running: true } => "latest",
+            Mode::Latest { cancel_running: false } => "latest --keep-running",
+            Mode::Every => "every",
+        })
+    }
+}
+
 impl Mode {
     fn supersede(self) -> Supersede {
         match self {
@@ -141,9 +152,9 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
     };
     info!(
         repo = %Escaped(&repo_name(&config)),
-        branches = ?branches,
+        branches = %Escaped(&branches.join(",")),
         interval = ?config.interval,
-        mode = ?config.mode,
+        mode = %config.mode,
         "watching"
     );
     let poke = Arc::new(Notify::new());

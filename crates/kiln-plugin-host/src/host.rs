@@ -43,7 +43,7 @@ const BUILT_IN: &[(&str, &[u8])] = &[
 
 /// The `kiln:executor` contract version this host implements
 /// (plugins/wit/executor.wit).
-pub const CONTRACT_VERSION: &str = "0.1.0";
+pub const CONTRACT_VERSION: &str = "0.1.1";
 const EXECUTOR_EXPORT: &str = "kiln:executor/executor";
 const HOST_IMPORT: &str = "kiln:executor/host";
 
@@ -496,12 +496,15 @@ impl PluginHost {
         }
         if self.purpose == Purpose::Runner {
             tracing::info!(
-                plugin = %plugin.name,
+                plugin = %Escaped(&plugin.name),
                 version = %plugin.summary.version,
                 contract = %plugin.summary.contract,
-                claims = ?plugin.summary.claims,
-                granted = ?plugin.summary.granted,
-                compilation = ?plugin.summary.compilation,
+                claims = %Escaped(&plugin.summary.claims.join(",")),
+                granted = %Escaped(&plugin.summary.granted.join(",")),
+                compilation = %match plugin.summary.compilation {
+                    Compilation::Compiled => "compiled",
+                    Compilation::Cached => "cached",
+                },
                 elapsed_ms = started.elapsed().as_millis(),
                 "plugin loaded"
             );

@@ -73,7 +73,6 @@ impl Policy {
                     detail: e.to_string(),
                 })?
             };
-            tracing::info!(program = name, path = %resolved.display(), "allowed program resolved");
             programs.insert(name.to_owned(), resolved);
         }
         Ok(programs)

@@ -153,6 +153,58 @@ impl host::Host for HostState {
         &mut self,
         cmd: host::Command,
     ) -> wasmtime::Result<Result<host::CommandOutput, host::CommandError>> {
+        self.run(cmd, None).await
+    }
+
+    async fn run_command_with_input(
+        &mut self,
+        cmd: host::Command,
+        input: Vec<u8>,
+    ) -> wasmtime::Result<Result<host::CommandOutput, host::CommandError>> {
+        self.run(cmd, Some(input)).await
+    }
+
+    async fn report(&mut self, result: types::TestResult) -> wasmtime::Result<()> {
+        let Some(job) = &mut self.call.job else {
+            tracing::warn!(plugin = %self.call.plugin, "ignoring a result reported outside `run`");
+            return Ok(());
+        };
+        let id = truncate(result.id, MAX_ID_BYTES);
+        if !job.seen.insert(id.clone()) {
+            tracing::debug!(plugin = %self.call.plugin, id, "dropping a repeated test id");
+            return Ok(());
+        }
+        job.files_with_results.insert(result.file.clone());
+        let result = TestResult {
+            id,
+            file: truncate(result.file, MAX_ID_BYTES),
+            outcome: outcome(result.outcome),
+            duration_ms: result.duration_ms,
+            message: truncate(result.message, MAX_MESSAGE_BYTES),
+        };
+        if job.report.send(HostEvent::Test(result)).is_err() {
+            // Nobody is listening: stop the plugin rather than run tests whose
+            // results would be thrown away.
+            job.closed = true;
+            return Err(wasmtime::Error::msg("the runner stopped listening for results"));
+        }
+        Ok(())
+    }
+
+    async fn log(&mut self, message: String) -> wasmtime::Result<()> {
+        tracing::info!(plugin = %self.call.plugin, "{}", truncate(message, MAX_LOG_BYTES));
+        Ok(())
+    }
+}
+
+impl HostState {
+    /// `run-command` and `run-command-with-input`: runs `cmd`, feeding it
+    /// `input` on stdin if there is one.
+    async fn run(
+        &mut self,
+        cmd: host::Command,
+        input: Option<Vec<u8>>,
+    ) -> wasmtime::Result<Result<host::CommandOutput, host::CommandError>> {
         let Some(job) = &self.call.job else {
             return Ok(Err(host::CommandError::Denied("commands can only be run during `run`".to_owned())));
         };
@@ -162,6 +214,7 @@ impl host::Host for HostState {
             args: cmd.args,
             cwd: cmd.cwd,
             timeout: Duration::from_millis(cmd.timeout_ms),
+            input,
         };
         tracing::debug!(plugin = %self.call.plugin, program = %request.program, args = ?request.args, "running command");
         let limits = command::Limits {
@@ -205,38 +258,6 @@ impl host::Host for HostState {
                 Err(host::CommandError::Failed(why))
             }
         })
-    }
-
-    async fn report(&mut self, result: types::TestResult) -> wasmtime::Result<()> {
-        let Some(job) = &mut self.call.job else {
-            tracing::warn!(plugin = %self.call.plugin, "ignoring a result reported outside `run`");
-            return Ok(());
-        };
-        let id = truncate(result.id, MAX_ID_BYTES);
-        if !job.seen.insert(id.clone()) {
-            tracing::debug!(plugin = %self.call.plugin, id, "dropping a repeated test id");
-            return Ok(());
-        }
-        job.files_with_results.insert(result.file.clone());
-        let result = TestResult {
-            id,
-            file: truncate(result.file, MAX_ID_BYTES),
-            outcome: outcome(result.outcome),
-            duration_ms: result.duration_ms,
-            message: truncate(result.message, MAX_MESSAGE_BYTES),
-        };
-        if job.report.send(HostEvent::Test(result)).is_err() {
-            // Nobody is listening: stop the plugin rather than run tests whose
-            // results would be thrown away.
-            job.closed = true;
-            return Err(wasmtime::Error::msg("the runner stopped listening for results"));
-        }
-        Ok(())
-    }
-
-    async fn log(&mut self, message: String) -> wasmtime::Result<()> {
-        tracing::info!(plugin = %self.call.plugin, "{}", truncate(message, MAX_LOG_BYTES));
-        Ok(())
     }
 }
 

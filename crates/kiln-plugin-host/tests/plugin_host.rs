@@ -921,13 +921,13 @@ async fn compiled_plugins_are_cached_on_disk_and_a_damaged_entry_is_recompiled()
 }
 
 /// `wasm` with every `kiln:executor` interface name moved to `version`
-/// (same length as 0.1.0, so the binary stays valid).
+/// (same length as the current one, so the binary stays valid).
 fn with_contract_version(wasm: &[u8], version: &str) -> Vec<u8> {
-    assert_eq!(version.len(), "0.1.0".len());
+    assert_eq!(version.len(), kiln_plugin_host::CONTRACT_VERSION.len());
     let mut bytes = wasm.to_vec();
     let mut patched = 0;
     for interface in ["executor", "host", "types"] {
-        let from = format!("kiln:executor/{interface}@0.1.0");
+        let from = format!("kiln:executor/{interface}@{}", kiln_plugin_host::CONTRACT_VERSION);
         let to = format!("kiln:executor/{interface}@{version}");
         let mut at = 0;
         while let Some(offset) = bytes[at..].windows(from.len()).position(|w| w == from.as_bytes()) {
@@ -951,29 +951,33 @@ async fn a_plugin_for_another_contract_version_is_refused_naming_both_versions()
     let error = host.load_file(&newer).unwrap_err();
     let message = error.to_string();
     assert!(
-        matches!(&error, HostError::IncompatibleContract { found, supported, .. } if found == "0.9.0" && supported == "0.1.0")
+        matches!(&error, HostError::IncompatibleContract { found, supported, .. } if found == "0.9.0" && supported == "0.1.1")
     );
-    assert!(message.contains("kiln:executor@0.9.0") && message.contains("kiln:executor@0.1.0"), "{message}");
+    assert!(message.contains("kiln:executor@0.9.0") && message.contains("kiln:executor@0.1.1"), "{message}");
     assert!(matches!(PluginHost::check_file(&newer), Err(HostError::IncompatibleContract { .. })));
 
     // A newer patch release of the same 0.1 contract is still refused (0.x:
-    // nothing newer than the host's own); the same version loads.
+    // nothing newer than the host's own); the same version and an older
+    // patch (0.1.0, before `run-command-with-input`) load.
     let patch = dir.path().join("patch.wasm");
     std::fs::write(&patch, with_contract_version(&original, "0.1.9")).unwrap();
     assert!(matches!(host.load_file(&patch), Err(HostError::IncompatibleContract { .. })));
     let same = dir.path().join("same.wasm");
-    std::fs::write(&same, with_contract_version(&original, "0.1.0")).unwrap();
+    std::fs::write(&same, with_contract_version(&original, "0.1.1")).unwrap();
     host.load_file(&same).unwrap();
+    let older = dir.path().join("older.wasm");
+    std::fs::write(&older, with_contract_version(&original, "0.1.0")).unwrap();
+    PluginHost::new(policy(&[])).unwrap().load_file(&older).unwrap();
 }
 
 #[test]
 fn check_describes_a_plugin_or_says_why_it_is_not_one() {
     let tap = PluginHost::check_file(&Path::new(env!("KILN_PLUGINS_WASM_DIR")).join("tap.wasm")).unwrap();
-    assert_eq!((tap.name.as_str(), tap.contract.as_str()), ("tap", "0.1.0"));
+    assert_eq!((tap.name.as_str(), tap.contract.as_str()), ("tap", "0.1.1"));
     assert_eq!(tap.claims, ["tests/**/*.t", "tests/**/test*.sh"]);
     assert_eq!(tap.programs, ["sh", "bash", "perl", "python3"]);
     assert!(tap.granted.is_empty());
-    assert!(tap.imports.iter().any(|i| i == "kiln:executor/host@0.1.0"), "{:?}", tap.imports);
+    assert!(tap.imports.iter().any(|i| i == "kiln:executor/host@0.1.1"), "{:?}", tap.imports);
 
     let dir = tempfile::tempdir().unwrap();
     let file = |name: &str, bytes: &[u8]| {

@@ -2,7 +2,8 @@
 //! the process sandbox (see `sandbox`), under the runner's limits.
 //!
 //! Every command runs with a cleared environment (the fixed list below, plus
-//! `HOME` and a private `TMPDIR`), stdin closed, in its own session, and a
+//! `HOME` and a private `TMPDIR`), stdin closed (or fed the caller's input,
+//! then closed), in its own session, and a
 //! working directory that may not leave the checkout, not even through a
 //! symbolic link. It has a wall-clock timeout after which everything it
 //! started is killed, and when the program exits, whatever it left behind is
@@ -17,7 +18,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::Command;
 
 use crate::sandbox::{NOTE_PREFIX, Sandbox};
@@ -51,6 +52,8 @@ pub struct Request {
     pub cwd: String,
     /// The caller's own time limit; zero means the runner's.
     pub timeout: Duration,
+    /// What the program reads on stdin; `None` closes stdin at once.
+    pub input: Option<Vec<u8>>,
 }
 
 /// How a command ended.
@@ -134,7 +137,7 @@ pub(crate) async fn run_in(
         .envs(ENVIRONMENT.iter().copied())
         .env("HOME", confinement.home())
         .env("TMPDIR", confinement.tmp_dir())
-        .stdin(Stdio::null())
+        .stdin(if request.input.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // If this future is dropped (the job was cancelled), tokio kills and
@@ -154,7 +157,11 @@ pub(crate) async fn run_in(
     let (status, timed_out, notes) = {
         let stdout_pipe = child.stdout.take();
         let stderr_pipe = child.stderr.take();
-        let reading = async { tokio::join!(drain(stdout_pipe, &mut stdout), drain(stderr_pipe, &mut stderr)) };
+        let stdin_pipe = child.stdin.take();
+        let input = request.input.unwrap_or_default();
+        let reading = async {
+            tokio::join!(feed(stdin_pipe, &input), drain(stdout_pipe, &mut stdout), drain(stderr_pipe, &mut stderr))
+        };
         tokio::pin!(reading);
         let mut read_all = false;
         let deadline = tokio::time::sleep(timeout);
@@ -220,6 +227,14 @@ async fn drain(pipe: Option<impl AsyncRead + Unpin>, into: &mut Capped) {
             Ok(n) => into.push(&buffer[..n]),
         }
     }
+}
+
+/// Writes `input` to the program's stdin and closes it. A program that stops
+/// reading (or exits) early ends the write with an error, which is its business.
+async fn feed(pipe: Option<impl AsyncWrite + Unpin>, input: &[u8]) {
+    let Some(mut pipe) = pipe else { return };
+    let _ = pipe.write_all(input).await;
+    let _ = pipe.shutdown().await;
 }
 
 /// A byte buffer that keeps at most a fixed number of bytes: the first half
@@ -292,6 +307,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_input_is_the_programs_stdin_and_without_it_stdin_is_closed() {
+        let checkout = tempfile::tempdir().unwrap();
+        let checkout = std::fs::canonicalize(checkout.path()).unwrap();
+        let granted = BTreeMap::from([("sh".to_owned(), PathBuf::from("/bin/sh"))]);
+        let limits = Limits { granted: &granted, timeout: Duration::from_secs(10), max_output: 4 << 20, hidden: &[] };
+        // More than a pipe holds, so the writer must run while the output is read.
+        let input: Vec<u8> = (0..200_000u32).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+        let request = |input: Option<Vec<u8>>| Request {
+            program: "sh".to_owned(),
+            args: vec!["-c".to_owned(), "cat".to_owned()],
+            cwd: String::new(),
+            timeout: Duration::ZERO,
+            input,
+        };
+        let out = run(&checkout, request(Some(input.clone())), &limits).await.unwrap();
+        assert_eq!(out.exit_code, Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stdout == input, "{} bytes back of {}", out.stdout.len(), input.len());
+        let out = run(&checkout, request(None), &limits).await.unwrap();
+        assert_eq!((out.exit_code, out.stdout.as_slice()), (Some(0), &b""[..]));
+    }
+
+    #[tokio::test]
     async fn a_symbolic_link_does_not_lead_the_command_out() {
         let checkout = tempfile::tempdir().unwrap();
         let checkout = std::fs::canonicalize(checkout.path()).unwrap();
@@ -304,6 +341,7 @@ mod tests {
             args: vec!["-c".to_owned(), "pwd".to_owned()],
             cwd: cwd.to_owned(),
             timeout: Duration::ZERO,
+            input: None,
         };
         let refused = run(&checkout, request("out"), &limits).await;
         assert!(matches!(&refused, Err(Refusal::Denied(why)) if why.contains("leads outside")), "{refused:?}");

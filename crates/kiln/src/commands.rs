@@ -26,9 +26,10 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let listener = kiln_net::Listener::bind(&bundle, a.listen, net)
                 .with_context(|| format!("cannot listen on {}", a.listen))?;
             let addr = listener.local_addr().context("cannot read the bound address")?;
-            // One line on stdout, for scripts and tests that listen on port 0.
+            // The address goes on stdout, once, for scripts and tests that listen on
+            // port 0 (`kiln demo` and the e2e harness read it); the log says the rest.
             outln!("listening {addr}");
-            info!(%addr, state = %Escaped(&a.state.display().to_string()), "dispatcher listening");
+            info!(state = %Escaped(&a.state.display().to_string()), "dispatcher started");
             for (repo, observer) in &a.repo_owners {
                 info!(repo = %Escaped(repo), observer = %Escaped(observer), "repository owner set by --repo-owner");
             }
@@ -173,15 +174,7 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
             host.load_file(&path).with_context(|| format!("cannot load the plugin {}", path.display()))?;
         }
     }
-    for p in host.plugins() {
-        info!(
-            plugin = %Escaped(&p.name),
-            version = %Escaped(&p.version.to_string()),
-            claims = ?p.claims,
-            granted = ?p.granted,
-            "plugin loaded"
-        );
-    }
+    // The plugin host logs `plugin loaded` for each plugin, with its contract and compile time.
     // Say at start-up what the process sandbox can and cannot do here.
     let sandbox = kiln_sandbox::probe();
     for m in sandbox.mechanisms() {
@@ -212,10 +205,19 @@ async fn admin_request(
     request: &Request,
     what: impl FnOnce() -> String,
 ) -> anyhow::Result<Reply> {
-    let conn = kiln_net::connect(bundle, &client.dispatcher, net(client)).await?;
-    let reply = conn.request(request).await;
+    let conn = admin_connect(bundle, client).await?;
+    let reply = admin_call(&conn, request, what).await;
     conn.close(kiln_net::CloseCode::Shutdown, "done");
-    match reply {
+    reply
+}
+
+/// Sends one request on an admin connection the caller keeps open.
+async fn admin_call(
+    conn: &kiln_net::Connection,
+    request: &Request,
+    what: impl FnOnce() -> String,
+) -> anyhow::Result<Reply> {
+    match conn.request(request).await {
         Ok((_, _, reply)) => Ok(reply),
         Err(RequestError::Refused(reason)) => bail!("the dispatcher refused: {reason}"),
         // A refused certificate reads the same whether it showed at the handshake or here.
@@ -225,16 +227,35 @@ async fn admin_request(
 }
 
 /// Fetches a commit's report as an admin.
-pub async fn fetch_report(
+async fn fetch_report(
     bundle: &Bundle,
     client: &ClientArgs,
     commit: Option<CommitId>,
 ) -> anyhow::Result<Option<CommitReport>> {
+    let conn = admin_connect(bundle, client).await?;
+    let report = fetch_report_on(&conn, client, commit).await;
+    conn.close(kiln_net::CloseCode::Shutdown, "done");
+    report
+}
+
+/// Fetches a commit's report on an admin connection the caller keeps open,
+/// so that a caller who asks again and again (the demo, waiting) does not
+/// make the dispatcher log a connection for every question.
+pub async fn fetch_report_on(
+    conn: &kiln_net::Connection,
+    client: &ClientArgs,
+    commit: Option<CommitId>,
+) -> anyhow::Result<Option<CommitReport>> {
     let what = || format!("get results from {}", client.dispatcher);
-    match admin_request(bundle, client, &Request::GetResults { commit }, what).await? {
+    match admin_call(conn, &Request::GetResults { commit }, what).await? {
         Reply::Report(report) => Ok(report.map(|r| *r)),
         other => bail!("unexpected reply from the dispatcher: {other:?}"),
     }
+}
+
+/// Opens an admin connection to the dispatcher named by `client`.
+pub async fn admin_connect(bundle: &Bundle, client: &ClientArgs) -> anyhow::Result<kiln_net::Connection> {
+    Ok(kiln_net::connect(bundle, &client.dispatcher, net(client)).await?)
 }
 
 /// The commit a person named: all 40 digits as typed, or else the one commit
@@ -271,16 +292,23 @@ async fn results(a: ResultsArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let deadline = a.wait.map(|w| tokio::time::Instant::now() + w);
-    let report = loop {
-        let report = fetch_report(&bundle, &a.client, commit).await?;
-        let done = report.as_ref().is_some_and(|r| r.status.is_final());
-        match deadline {
-            Some(deadline) if !done && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+    // One connection for all the polls of `--wait`, not one (logged by the dispatcher) per poll.
+    let conn = admin_connect(&bundle, &a.client).await?;
+    let report = async {
+        loop {
+            let report = fetch_report_on(&conn, &a.client, commit).await?;
+            let done = report.as_ref().is_some_and(|r| r.status.is_final());
+            match deadline {
+                Some(deadline) if !done && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                _ => break anyhow::Ok(report),
             }
-            _ => break report,
         }
-    };
+    }
+    .await;
+    conn.close(kiln_net::CloseCode::Shutdown, "done");
+    let report = report?;
     let Some(report) = report else {
         match commit {
             Some(c) => bail!("the dispatcher knows no commit {c}"),

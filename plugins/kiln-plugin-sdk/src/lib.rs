@@ -70,7 +70,7 @@ pub use bindings::kiln::executor::host::{Command, CommandError, CommandOutput};
 pub use bindings::kiln::executor::types::{Outcome, PluginInfo as Info, TestResult};
 
 /// The `kiln:executor` contract version this SDK builds plugins for.
-pub const CONTRACT_VERSION: &str = "0.1.0";
+pub const CONTRACT_VERSION: &str = "0.1.1";
 
 /// Where the runner mounts the job's checkout, read-only. Inside a plugin the
 /// working directory is `/`, so use absolute paths ([`checkout_path`]).
@@ -142,6 +142,14 @@ pub fn log(message: &str) {
 /// process group, under the runner's time limit, with its output capped.
 pub fn run_command(command: &Command) -> Result<CommandOutput, CommandError> {
     bindings::kiln::executor::host::run_command(command)
+}
+
+/// Like [`run_command`], with `input` on the program's stdin (closed after
+/// it): how to hand an interpreter a script (`python3 - ARGS`) without
+/// putting it in the arguments, which process listings show. Needs a runner
+/// of contract 0.1.1 or newer.
+pub fn run_command_with_input(command: &Command, input: &[u8]) -> Result<CommandOutput, CommandError> {
+    bindings::kiln::executor::host::run_command_with_input(command, input)
 }
 
 /// The path inside the plugin of a repository-relative `file`.

@@ -1,11 +1,11 @@
 """Kiln's unittest driver: runs the tests of ONE file exactly as
 `python3 -m unittest discover -s tests -t .` would, one JSON line per test.
 
-The python-unittest plugin passes this file to the interpreter with `-c`,
+The python-unittest plugin feeds this file to the interpreter on stdin,
 from the repository root, once per file (and again after a crash, see
 SKIP_ID below):
 
-    python3 -c "$(cat driver.py)" FILE [SKIP_ID...]
+    python3 - FILE [SKIP_ID...] < driver.py
 
 FILE is repository-relative: a test module (`tests/sub/test_x.py`) or a
 package's `tests/sub/__init__.py`, which stands for what discover loads from
@@ -376,7 +376,7 @@ def _run(suite, emit):
 
 def main(argv):
     if len(argv) < 2:
-        sys.stderr.write("usage: python3 -c DRIVER FILE [SKIP_ID...]\n")
+        sys.stderr.write("usage: python3 - FILE [SKIP_ID...] < driver.py\n")
         return 2
     path, skip = argv[1], set(argv[2:])
     emit = _Emitter(_take_stdout())

@@ -28,7 +28,7 @@ use kiln_plugin_sdk::{Command, CommandError, Executor, Info, Outcome, TestResult
 /// limit, which is normally the one that applies.
 const MODULE_TIMEOUT_MS: u64 = 60 * 60 * 1000;
 
-/// The driver program, passed to the interpreter with `-c`.
+/// The driver program, fed to the interpreter on stdin (`python3 -`).
 const DRIVER: &str = include_str!("driver.py");
 
 /// How many times a file's remaining tests are restarted after crashes
@@ -113,14 +113,21 @@ fn run_file(module: &select::TestModule) {
     }
 }
 
+/// The interpreter's command line for one file: `python3 - FILE SKIP…`, the
+/// driver read from stdin, so that a process listing shows what runs rather
+/// than the driver's source.
+fn module_command(file: &str, skip: &[String]) -> Command {
+    let mut args = vec!["-".to_owned(), file.to_owned()];
+    args.extend(skip.iter().cloned());
+    Command { program: "python3".to_owned(), args, cwd: String::new(), timeout_ms: MODULE_TIMEOUT_MS }
+}
+
 /// Runs one file's tests, except those in `skip`, in its own interpreter
 /// and reads their results.
 fn run_module(module: &select::TestModule, skip: &[String]) -> output::Interpretation {
-    let mut args = vec!["-c".to_owned(), DRIVER.to_owned(), module.file.clone()];
-    args.extend(skip.iter().cloned());
-    let command = Command { program: "python3".to_owned(), args, cwd: String::new(), timeout_ms: MODULE_TIMEOUT_MS };
+    let command = module_command(&module.file, skip);
     let started = Instant::now();
-    let result = kiln_plugin_sdk::run_command(&command);
+    let result = kiln_plugin_sdk::run_command_with_input(&command, DRIVER.as_bytes());
     let elapsed_ms = kiln_plugin_sdk::elapsed_ms(started);
     match result {
         Ok(out) => {
@@ -147,5 +154,19 @@ fn outcome(outcome: output::Outcome) -> Outcome {
         output::Outcome::Skip => Outcome::Skip,
         output::Outcome::Xfail => Outcome::Xfail,
         output::Outcome::Xpass => Outcome::Xpass,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ps` shows a short line a person can read, not the driver's source.
+    #[test]
+    fn the_command_line_names_the_file_and_not_the_driver() {
+        let command = module_command("tests/test_x.py", &["tests.test_x.T.test_crash".to_owned()]);
+        assert_eq!(command.program, "python3");
+        assert_eq!(command.args, ["-", "tests/test_x.py", "tests.test_x.T.test_crash"]);
+        assert!(DRIVER.len() > 1000 && !command.args.iter().any(|a| a.contains("import")));
     }
 }

@@ -1239,6 +1239,7 @@ pub mod testing {
                 args: args.iter().map(|a| (*a).to_owned()).collect(),
                 cwd: String::new(),
                 timeout,
+                input: None,
             };
             let limits = Limits { granted: &granted, timeout, max_output, hidden };
             match command::run_in(&self.0, &checkout, request, &limits).await {

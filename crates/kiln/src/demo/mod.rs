@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::cli::{ClientArgs, DemoArgs};
-use crate::commands::{fetch_report, render};
+use crate::commands::{admin_connect, fetch_report_on, render};
 
 /// The sample project's files, relative path and contents.
 pub const SAMPLE: &[(&str, &str)] = &[
@@ -156,17 +156,25 @@ fn commit(repo: &Path, message: &str) -> anyhow::Result<CommitId> {
 
 async fn wait_for(admin: &Bundle, client: &ClientArgs, commit: CommitId) -> anyhow::Result<CommitReport> {
     let deadline = tokio::time::Instant::now() + RESULTS_TIMEOUT;
-    loop {
-        if let Some(report) = fetch_report(admin, client, Some(commit)).await?
-            && report.status.is_final()
-        {
-            return Ok(report);
+    // One connection for the whole wait: a connection per poll would have
+    // the dispatcher log a connect and a disconnect five times a second.
+    let conn = admin_connect(admin, client).await?;
+    let outcome = async {
+        loop {
+            if let Some(report) = fetch_report_on(&conn, client, Some(commit)).await?
+                && report.status.is_final()
+            {
+                return Ok(report);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("no results for {commit} within {RESULTS_TIMEOUT:?}; see the logs");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        if tokio::time::Instant::now() > deadline {
-            bail!("no results for {commit} within {RESULTS_TIMEOUT:?}; see the logs");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    .await;
+    conn.close(kiln_net::CloseCode::Shutdown, "done");
+    outcome
 }
 
 async fn start_dispatcher(exe: &Path, certs: &Path, state: &Path, logs: &Path) -> anyhow::Result<(Child, String)> {
