@@ -77,4 +77,10 @@ fn tests_symlinks_leading_out_are_reported_once_and_never_followed() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // As JSON: the status beside the counts and tests.
+    let out = kiln().args(["plugin", "run", "--format", "json", "--dir"]).arg(&repo.path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let document: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(document["status"], "passed", "{document}");
+    assert_eq!(document["counts"]["total"], 1, "{document}");
 }

@@ -367,7 +367,8 @@ pub fn render(r: &CommitReport, verbose: bool) -> String {
     let c = &r.counts;
     let _ = writeln!(out, "commit {} on {}: {}", r.commit, r.branch, r.status.as_str().to_uppercase());
     if let Some(runner) = &r.runner {
-        let _ = writeln!(out, "  ran on {runner}");
+        let verb = if r.status.is_final() { "ran" } else { "running" };
+        let _ = writeln!(out, "  {verb} on {runner}");
     }
     if let Some(error) = &r.error {
         let _ = writeln!(out, "  error: {error}");

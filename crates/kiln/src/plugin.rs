@@ -24,7 +24,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use kiln_plugin_host::{HostEvent, PluginHost, Policy};
-use kiln_proto::{Counts, TestResult};
+use kiln_proto::{CommitStatus, Counts, TestResult};
 
 use crate::cli::Format;
 
@@ -149,21 +149,29 @@ async fn run_tests(a: RunArgs) -> anyhow::Result<ExitCode> {
     })
     .await?;
     let counts = Counts::of(&tests);
+    // As for a runner's commit: no test at all is an error, not a pass.
+    let status = if tests.iter().any(|t| t.outcome.is_failure()) {
+        CommitStatus::Failed
+    } else if tests.is_empty() {
+        CommitStatus::Error
+    } else {
+        CommitStatus::Passed
+    };
     match a.format {
         Format::Text => println!("{}", summary(&counts)),
         Format::Json => {
-            let document = serde_json::json!({ "dir": a.dir, "counts": counts, "tests": tests });
+            let document =
+                serde_json::json!({ "dir": a.dir, "status": status.as_str(), "counts": counts, "tests": tests });
             println!("{}", serde_json::to_string_pretty(&document)?);
         }
     }
-    Ok(if tests.iter().any(|t| t.outcome.is_failure()) {
-        ExitCode::from(1)
-    } else if tests.is_empty() {
-        // As for a runner's commit with no test: nothing ran, which is not a pass.
-        eprintln!("no test found under {}", a.dir.join("tests").display());
-        ExitCode::from(2)
-    } else {
-        ExitCode::SUCCESS
+    Ok(match status {
+        CommitStatus::Passed => ExitCode::SUCCESS,
+        CommitStatus::Failed => ExitCode::from(1),
+        _ => {
+            eprintln!("no test found under {}", a.dir.join("tests").display());
+            ExitCode::from(2)
+        }
     })
 }
 
