@@ -235,8 +235,8 @@ impl CommandError {
     pub fn explain(&self, program: &str) -> String {
         match self {
             CommandError::Denied(why) => format!(
-                "the runner did not let this plugin run `{program}` ({why}); its operator can allow it with \
-                 `kiln runner --allow-program {program}`"
+                "the runner did not let this plugin run `{program}` ({why}); allow it with \
+                 `--allow-program {program}` (on `kiln runner`, or on `kiln plugin run` for a local trial)"
             ),
             CommandError::Failed(why) => format!("`{program}` could not be started: {why}"),
         }

@@ -22,7 +22,7 @@ mod select;
 
 use std::time::Instant;
 
-use kiln_plugin_sdk::{Command, CommandError, Executor, Info, Outcome, TestResult, checkout_path, export_executor};
+use kiln_plugin_sdk::{Command, Executor, Info, Outcome, TestResult, checkout_path, export_executor};
 
 /// The per-module time limit the plugin asks for. The host caps it at its own
 /// limit, which is normally the one that applies.
@@ -135,10 +135,8 @@ fn run_module(module: &select::TestModule, skip: &[String]) -> output::Interpret
             output::interpret(&module.name, &out.stdout, &out.stderr, &exit)
         }
         Err(error) => {
-            let message = match error {
-                CommandError::Denied(why) => format!("the runner did not let this plugin run python3: {why}"),
-                CommandError::Failed(why) => format!("python3 could not be started: {why}"),
-            };
+            // The SDK's one wording, with the flag that grants the program.
+            let message = error.explain("python3");
             let report =
                 output::Report { id: module.name.clone(), outcome: output::Outcome::Error, duration_ms: 0, message };
             output::Interpretation { reports: vec![report], ..Default::default() }
