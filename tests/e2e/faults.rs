@@ -74,7 +74,8 @@ fn a_killed_dispatcher_resumes_its_queue_and_running_work() {
     // Slow enough (about 5 s) that the first commit is still running at the kill.
     let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(4, 2, 600)));
     let first = repo.commit("first");
-    cluster.runner("runner-1");
+    // One slot: the second commit waits in the queue.
+    cluster.runner_with("runner-1", &["--slots", "1"]);
     let observer = cluster.observer_with("observer", &repo.path, "200ms", &["--mode", "every"]);
     cluster.wait_stored(&first, "running", |r| r.status == CommitStatus::Running && !r.tests.is_empty());
     repo.write(&[("README", "second\n")]);
@@ -165,7 +166,8 @@ fn with_keep_running_a_queued_commit_is_skipped_when_superseded() {
     let mut cluster = Cluster::start();
     let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(2, 2, 300)));
     let a = repo.commit("a");
-    cluster.runner("runner-1");
+    // One slot: the second commit waits in the queue.
+    cluster.runner_with("runner-1", &["--slots", "1"]);
     cluster.observer_with("observer", &repo.path, "1h", &["--keep-running"]);
     cluster.wait_stored(&a, "running", |r| r.status == CommitStatus::Running);
     let notify = |repo: &Repo| {

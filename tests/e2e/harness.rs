@@ -209,11 +209,18 @@ impl Cluster {
     /// Issues a runner certificate and starts a runner with its own work
     /// directory; returns its index in `procs`.
     pub fn runner(&mut self, name: &str) -> usize {
+        self.runner_with(name, &[])
+    }
+
+    /// Like [`Cluster::runner`], with extra flags (e.g. `--slots 1`).
+    pub fn runner_with(&mut self, name: &str, flags: &[&str]) -> usize {
         if !self.certs().join(name).exists() {
             self.issue("runner", name);
         }
         let work = self.dir.path().join(format!("{name}-work"));
-        self.spawn("runner", name, &["--work".as_ref(), work.as_os_str()]);
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--work".as_ref(), work.as_os_str()];
+        args.extend(flags.iter().map(std::ffi::OsStr::new));
+        self.spawn("runner", name, &args);
         self.procs.len() - 1
     }
 

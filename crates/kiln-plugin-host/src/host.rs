@@ -43,7 +43,7 @@ const BUILT_IN: &[(&str, &[u8])] = &[
 
 /// The `kiln:executor` contract version this host implements
 /// (plugins/wit/executor.wit).
-pub const CONTRACT_VERSION: &str = "0.1.1";
+pub const CONTRACT_VERSION: &str = "0.2.0";
 const EXECUTOR_EXPORT: &str = "kiln:executor/executor";
 const HOST_IMPORT: &str = "kiln:executor/host";
 
@@ -223,9 +223,10 @@ impl PluginHost {
     /// and [`HostEvent::FileDone`] after each file's last result.
     ///
     /// Each file goes to the first plugin that claims it; files no plugin
-    /// claims are ignored. The plugin's `run` is called once per file, each
-    /// time in a fresh instance, so a plugin that fails on one file (traps,
-    /// runs out of time or memory, or refuses) costs only that file, which
+    /// claims are ignored. Each plugin gets its files in one `run` call (a
+    /// batch), in a fresh instance, and may run up to `slots` of them at
+    /// once. A plugin that fails (traps, runs out of time or memory, or
+    /// refuses) costs only the files it had not completed, each of which
     /// gets an `error` result if it has none. A test id already reported in
     /// this run is dropped. Errors are only what the caller must handle: a
     /// checkout that cannot be opened, or `report`'s receiver gone.
@@ -233,6 +234,7 @@ impl PluginHost {
         &self,
         checkout: &Path,
         files: &[String],
+        slots: u32,
         report: &mpsc::UnboundedSender<HostEvent>,
     ) -> Result<(), HostError> {
         let checkout = tokio::fs::canonicalize(checkout)
@@ -240,8 +242,17 @@ impl PluginHost {
             .map_err(|e| HostError::Checkout { path: checkout.to_owned(), source: Box::new(e) })?;
         let mut seen = HashSet::new();
         for (plugin, files) in self.plugins.iter().zip(self.assign(files)) {
-            for file in files {
-                seen = self.run_file(plugin, &checkout, file, report, seen).await?;
+            if files.is_empty() {
+                continue;
+            }
+            let retry;
+            (seen, retry) = self.run_batch(plugin, &checkout, files, slots.max(1), report, seen).await?;
+            // The batch failed, and nothing says which file caused it: each
+            // file it left unfinished runs again alone, so that only a file
+            // that fails on its own gets the error. (Repeated results are
+            // dropped as repeated ids.)
+            for file in retry {
+                (seen, _) = self.run_batch(plugin, &checkout, vec![file], 1, report, seen).await?;
             }
         }
         Ok(())
@@ -297,33 +308,47 @@ impl PluginHost {
         assigned
     }
 
-    /// Runs one plugin on one file in a fresh instance, then sends the
-    /// file's `FileDone`; returns the test ids reported so far.
-    async fn run_file(
+    /// Runs one plugin on a batch of files in a fresh instance. Returns the
+    /// test ids reported so far, and, when the call failed on a batch of
+    /// several files, the files it did not complete, to be run again one by
+    /// one. Otherwise it completes every file itself: those the plugin did
+    /// not mark done get their `FileDone` (and, after a failure, an `error`
+    /// result if they have none).
+    async fn run_batch(
         &self,
         plugin: &Plugin,
         checkout: &Path,
-        file: String,
+        files: Vec<String>,
+        slots: u32,
         report: &mpsc::UnboundedSender<HostEvent>,
         seen: HashSet<String>,
-    ) -> Result<HashSet<String>, HostError> {
+    ) -> Result<(HashSet<String>, Vec<String>), HostError> {
         let started = Instant::now();
+        // The limits are per file; a batch of n files gets n times them.
+        let count = u32::try_from(files.len()).unwrap_or(u32::MAX);
         let job = Job {
-            file: file.clone(),
+            files: files.clone(),
+            done: HashSet::new(),
+            spawn_timeout: self.policy.command_timeout.saturating_mul(count),
             checkout: checkout.to_owned(),
             report: report.clone(),
             seen,
             files_with_results: HashSet::new(),
             closed: false,
         };
-        let mut store = self.store(&plugin.name, &plugin.granted, Some(job), Some(checkout))?;
+        let limit = self.policy.call_timeout.saturating_mul(count);
+        let mut store = self.store(&plugin.name, &plugin.granted, Some(job), Some(checkout), limit)?;
         let clock = store.data().call.clock.clone();
-        let files = [file];
+        let batch = bindings::exports::kiln::executor::executor::Batch {
+            files,
+            slots,
+            file_timeout_ms: u64::try_from(self.policy.command_timeout.as_millis()).unwrap_or(u64::MAX),
+        };
         let call = async {
             let instance = plugin.pre.instantiate_async(&mut store).await?;
-            instance.kiln_executor_executor().call_run(&mut store, &files).await
+            instance.kiln_executor_executor().call_run(&mut store, &batch).await
         };
-        let failure = match self.bounded(call, &clock).await {
+        let failure = match self.bounded(call, &clock, limit).await {
             Ok(()) => {
                 let printed = store.data().call.output.text();
                 if !printed.is_empty() {
@@ -333,23 +358,37 @@ impl PluginHost {
             }
             Err(failure) => Some(self.explain(&format!("plugin {}", plugin.name), &failure, store.data())),
         };
-        let [file] = files;
-        tracing::debug!(plugin = %plugin.name, file, elapsed_ms = started.elapsed().as_millis(), "plugin run ended");
+        store.data_mut().reap().await;
+        tracing::debug!(plugin = %plugin.name, files = count, elapsed_ms = started.elapsed().as_millis(), "plugin run ended");
         let Some(mut job) = store.into_data().call.job else { unreachable!("a run call's store always holds its job") };
         if job.closed {
             return Err(HostError::ReportClosed);
         }
-        if let Some(message) = failure {
-            tracing::warn!(plugin = %Escaped(&plugin.name), file, "{}", Escaped(&message));
-            if !job.files_with_results.contains(&file) && job.seen.insert(file.clone()) {
-                let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                let result =
-                    TestResult { id: file.clone(), file: file.clone(), outcome: Outcome::Error, duration_ms, message };
-                report.send(HostEvent::Test(result)).map_err(|_| HostError::ReportClosed)?;
+        let undone: Vec<String> = batch.files.into_iter().filter(|f| !job.done.contains(f)).collect();
+        if let Some(message) = &failure {
+            tracing::warn!(plugin = %Escaped(&plugin.name), files = %Escaped(&undone.join(", ")), "{}", Escaped(message));
+            if undone.len() > 1 {
+                return Ok((job.seen, undone));
             }
         }
-        report.send(HostEvent::FileDone(file)).map_err(|_| HostError::ReportClosed)?;
-        Ok(job.seen)
+        for file in undone {
+            if let Some(message) = &failure
+                && !job.files_with_results.contains(&file)
+                && job.seen.insert(file.clone())
+            {
+                let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let result = TestResult {
+                    id: file.clone(),
+                    file: file.clone(),
+                    outcome: Outcome::Error,
+                    duration_ms,
+                    message: message.clone(),
+                };
+                report.send(HostEvent::Test(result)).map_err(|_| HostError::ReportClosed)?;
+            }
+            report.send(HostEvent::FileDone(file)).map_err(|_| HostError::ReportClosed)?;
+        }
+        Ok((job.seen, Vec::new()))
     }
 
     /// Runs a plugin call under the call time limit. The epoch callback traps
@@ -358,8 +397,8 @@ impl PluginHost {
         &self,
         call: impl Future<Output = wasmtime::Result<Result<T, String>>>,
         clock: &CallClock,
+        limit: Duration,
     ) -> Result<T, Failure> {
-        let limit = self.policy.call_timeout;
         let watchdog = async {
             // The clock cannot run faster than wall time, so sleeping for the
             // time left never oversleeps; it stops during commands, so check
@@ -391,6 +430,7 @@ impl PluginHost {
         granted: &Arc<BTreeMap<String, PathBuf>>,
         job: Option<Job>,
         checkout: Option<&Path>,
+        limit: Duration,
     ) -> Result<Store<HostState>, HostError> {
         let output = GuestOutput::new();
         let mut wasi = WasiCtx::builder();
@@ -410,12 +450,12 @@ impl PluginHost {
             max_output: self.policy.max_output,
             hidden: self.policy.hidden.clone().into(),
             job,
+            time_limit: limit,
             clock: CallClock::start(),
             output,
         };
         let mut store = Store::new(&self.engine, HostState::new(wasi.build(), self.policy.max_memory, call));
         store.limiter(|state| &mut state.limiter);
-        let limit = self.policy.call_timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |context| {
             if context.data().call.clock.used() >= limit {
@@ -431,7 +471,7 @@ impl PluginHost {
     /// "plugin python-unittest"), what went wrong, and what the plugin
     /// printed (a panic message, usually).
     fn explain(&self, who: &str, failure: &Failure, state: &HostState) -> String {
-        let time_limit = || format!("{who} exceeded its time limit of {}", human_duration(self.policy.call_timeout));
+        let time_limit = || format!("{who} exceeded its time limit of {}", human_duration(state.call.time_limit));
         let mut message = match failure {
             Failure::Refused(why) => format!("{who} could not run these tests: {why}"),
             Failure::TimeLimit => time_limit(),
@@ -520,13 +560,14 @@ impl PluginHost {
         origin: &str,
         pre: &PluginPre<HostState>,
     ) -> Result<bindings::kiln::executor::types::PluginInfo, HostError> {
-        let mut store = self.store(&Arc::from(origin), &Arc::new(BTreeMap::new()), None, None)?;
+        let limit = self.policy.call_timeout;
+        let mut store = self.store(&Arc::from(origin), &Arc::new(BTreeMap::new()), None, None, limit)?;
         let clock = store.data().call.clock.clone();
         let call = async {
             let instance = pre.instantiate_async(&mut store).await?;
             instance.kiln_executor_executor().call_info(&mut store).await.map(Ok)
         };
-        let result = block_on(self.bounded(call, &clock))?;
+        let result = block_on(self.bounded(call, &clock, limit))?;
         result.map_err(|failure| HostError::Info {
             origin: origin.to_owned(),
             detail: self.explain("its `info` call", &failure, store.data()),

@@ -3,10 +3,11 @@
 //!
 //! Key decision: a plugin is untrusted code that gets nothing by default. Each
 //! call runs in a fresh store whose only capabilities are the job's checkout,
-//! read-only at `/checkout`, and the host imports: `run-command` (only for
-//! programs both the plugin asked for and the runner's [`Policy`] allows,
-//! started with a cleared environment, a timeout that kills the whole process
-//! group, and capped output), `report` and `log`. A plugin that traps, runs
+//! read-only at `/checkout`, and the host imports: `run-command` and `spawn`
+//! (only for programs both the plugin asked for and the runner's [`Policy`]
+//! allows, started with a cleared environment, a timeout that kills the whole
+//! process group, and capped or streamed output), `report`, `file-done` and
+//! `log`. A plugin that traps, runs
 //! out of time or memory, or returns an error becomes `error` results for the
 //! files it did not report on, and the host carries on serving.
 //!

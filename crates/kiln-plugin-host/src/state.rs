@@ -1,5 +1,6 @@
 //! What one plugin call's store holds, and the host functions (`run-command`,
-//! `report`, `log`) the plugin calls through it.
+//! `spawn` and its `process`, `report`, `file-done`, `log`) the plugin calls
+//! through it.
 //!
 //! A store lives for exactly one call (`info` at load, or `run` for one job),
 //! so nothing a plugin does can leak into the next call or another job.
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use kiln_proto::{Escaped, Outcome, TestResult};
 use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
+use wasmtime::component::Resource;
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
@@ -41,13 +43,32 @@ pub(crate) struct HostState {
     table: ResourceTable,
     /// The memory limit, and whether the plugin ran into it.
     pub(crate) limiter: MemoryLimiter,
+    /// Table indexes of the programs the plugin spawned and has not dropped.
+    spawned: Vec<u32>,
     /// Everything about this call.
     pub(crate) call: Call,
 }
 
 impl HostState {
     pub(crate) fn new(wasi: WasiCtx, max_memory: usize, call: Call) -> HostState {
-        HostState { wasi, table: ResourceTable::new(), limiter: MemoryLimiter::new(max_memory), call }
+        HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter::new(max_memory),
+            spawned: Vec::new(),
+            call,
+        }
+    }
+
+    /// Kills every program the plugin spawned and did not drop (it trapped,
+    /// or ran out of time), and waits until they are gone: a call's programs
+    /// never outlive it.
+    pub(crate) async fn reap(&mut self) {
+        for rep in std::mem::take(&mut self.spawned) {
+            if let Ok(process) = self.table.delete(Resource::<Spawned>::new_own(rep)) {
+                process.0.finish().await;
+            }
+        }
     }
 }
 
@@ -66,6 +87,8 @@ pub(crate) struct Call {
     /// The job being run; `None` while the plugin is loaded (`info`), when
     /// it may neither run commands nor report.
     pub job: Option<Job>,
+    /// The call's time limit (the policy's per file, times the batch's files).
+    pub time_limit: Duration,
     /// How much of the call's time limit the plugin has used.
     pub clock: CallClock,
     /// What the plugin printed on stdout/stderr (bounded).
@@ -123,10 +146,16 @@ impl Drop for ClockPause {
     }
 }
 
-/// What a `run` call (one file) needs to know about the job, and what it reported.
+/// What a `run` call (one batch) needs to know about the job, and what it
+/// reported.
 pub(crate) struct Job {
-    /// The file this call runs, for log lines.
-    pub file: String,
+    /// The batch's files, for log lines and `file-done`.
+    pub files: Vec<String>,
+    /// Files the plugin said are complete; their `FileDone` has been sent.
+    pub done: HashSet<String>,
+    /// The cap on a spawned program's wall-clock time: the per-file limit
+    /// times the batch's files.
+    pub spawn_timeout: Duration,
     /// The checkout (absolute), where commands run.
     pub checkout: PathBuf,
     /// Where results go.
@@ -148,20 +177,100 @@ impl WasiView for HostState {
 
 impl types::Host for HostState {}
 
+/// A program a plugin started with `spawn`: what the `process` resource's
+/// handle stands for in the store's table. (The generated `host::Process` is
+/// only a marker type, so handles are converted by their index.)
+pub(crate) struct Spawned(command::Process);
+
+fn spawned(handle: &Resource<host::Process>) -> Resource<Spawned> {
+    Resource::new_borrow(handle.rep())
+}
+
+impl host::HostProcess for HostState {
+    async fn next(&mut self, process: Resource<host::Process>) -> wasmtime::Result<host::ProcessEvent> {
+        // Waiting for a program is not the plugin computing.
+        let _paused = self.call.clock.pause();
+        let process = self.table.get_mut(&spawned(&process))?;
+        Ok(match process.0.next().await {
+            command::Event::Stdout(bytes) => host::ProcessEvent::Stdout(bytes),
+            command::Event::Stderr(bytes) => host::ProcessEvent::Stderr(bytes),
+            command::Event::Exited(exit) => {
+                tracing::debug!(plugin = %self.call.plugin, exit_code = ?exit.exit_code, timed_out = exit.timed_out, "spawned program ended");
+                host::ProcessEvent::Exited(host::ExitStatus { exit_code: exit.exit_code, timed_out: exit.timed_out })
+            }
+        })
+    }
+
+    async fn kill(&mut self, process: Resource<host::Process>) -> wasmtime::Result<()> {
+        self.table.get_mut(&spawned(&process))?.0.kill();
+        Ok(())
+    }
+
+    async fn drop(&mut self, process: Resource<host::Process>) -> wasmtime::Result<()> {
+        // Dropping the handle kills the program and what it started; the
+        // call goes on once they are gone.
+        let rep = process.rep();
+        self.spawned.retain(|r| *r != rep);
+        self.table.delete(Resource::<Spawned>::new_own(rep))?.0.finish().await;
+        Ok(())
+    }
+}
+
 impl host::Host for HostState {
     async fn run_command(
         &mut self,
         cmd: host::Command,
+        input: Vec<u8>,
     ) -> wasmtime::Result<Result<host::CommandOutput, host::CommandError>> {
-        self.run(cmd, None).await
+        let _paused = self.call.clock.pause();
+        let (checkout, request) = match self.request(cmd, input) {
+            Ok(ready) => ready,
+            Err(denied) => return Ok(Err(denied)),
+        };
+        let program = request.program.clone();
+        let result = command::run(&checkout, request, &self.limits(self.call.command_timeout)).await;
+        Ok(self.explain_refusal(&program, result).map(|out| {
+            tracing::debug!(plugin = %self.call.plugin, exit_code = ?out.exit_code, timed_out = out.timed_out, "command ended");
+            host::CommandOutput { exit_code: out.exit_code, timed_out: out.timed_out, stdout: out.stdout, stderr: out.stderr }
+        }))
     }
 
-    async fn run_command_with_input(
+    async fn spawn(
         &mut self,
         cmd: host::Command,
         input: Vec<u8>,
-    ) -> wasmtime::Result<Result<host::CommandOutput, host::CommandError>> {
-        self.run(cmd, Some(input)).await
+    ) -> wasmtime::Result<Result<Resource<host::Process>, host::CommandError>> {
+        let (checkout, request) = match self.request(cmd, input) {
+            Ok(ready) => ready,
+            Err(denied) => return Ok(Err(denied)),
+        };
+        let program = request.program.clone();
+        let timeout = self.call.job.as_ref().map_or(self.call.command_timeout, |job| job.spawn_timeout);
+        let result = command::spawn(&checkout, request, &self.limits(timeout)).await;
+        match self.explain_refusal(&program, result) {
+            Ok(process) => {
+                let rep = self.table.push(Spawned(process))?.rep();
+                self.spawned.push(rep);
+                Ok(Ok(Resource::new_own(rep)))
+            }
+            Err(error) => Ok(Err(error)),
+        }
+    }
+
+    async fn file_done(&mut self, file: String) -> wasmtime::Result<()> {
+        let Some(job) = &mut self.call.job else {
+            tracing::warn!(plugin = %self.call.plugin, "ignoring `file-done` outside `run`");
+            return Ok(());
+        };
+        if !job.files.contains(&file) {
+            tracing::warn!(plugin = %self.call.plugin, file = %Escaped(&file), "ignoring `file-done` for a file not in the batch");
+            return Ok(());
+        }
+        if job.done.insert(file.clone()) && job.report.send(HostEvent::FileDone(file)).is_err() {
+            job.closed = true;
+            return Err(wasmtime::Error::msg("the runner stopped listening for results"));
+        }
+        Ok(())
     }
 
     async fn report(&mut self, result: types::TestResult) -> wasmtime::Result<()> {
@@ -172,6 +281,10 @@ impl host::Host for HostState {
         let id = truncate(result.id, MAX_ID_BYTES);
         if !job.seen.insert(id.clone()) {
             tracing::debug!(plugin = %self.call.plugin, id, "dropping a repeated test id");
+            return Ok(());
+        }
+        if job.done.contains(&result.file) {
+            tracing::warn!(plugin = %self.call.plugin, id = %Escaped(&id), file = %Escaped(&result.file), "dropping a result for a file already marked done");
             return Ok(());
         }
         job.files_with_results.insert(result.file.clone());
@@ -198,64 +311,60 @@ impl host::Host for HostState {
 }
 
 impl HostState {
-    /// `run-command` and `run-command-with-input`: runs `cmd`, feeding it
-    /// `input` on stdin if there is one.
-    async fn run(
-        &mut self,
-        cmd: host::Command,
-        input: Option<Vec<u8>>,
-    ) -> wasmtime::Result<Result<host::CommandOutput, host::CommandError>> {
+    /// Checks that a command may be run now and turns it into the sandbox's
+    /// request: the checkout to run it in, and the request.
+    fn request(&self, cmd: host::Command, input: Vec<u8>) -> Result<(PathBuf, command::Request), host::CommandError> {
         let Some(job) = &self.call.job else {
-            return Ok(Err(host::CommandError::Denied("commands can only be run during `run`".to_owned())));
+            return Err(host::CommandError::Denied("commands can only be run during `run`".to_owned()));
         };
-        let _paused = self.call.clock.pause();
         let request = command::Request {
             program: cmd.program,
             args: cmd.args,
             cwd: cmd.cwd,
+            // The sandbox caps it at the limit it is given.
             timeout: Duration::from_millis(cmd.timeout_ms),
-            input,
+            input: Some(input),
         };
         tracing::debug!(plugin = %self.call.plugin, program = %request.program, args = ?request.args, "running command");
-        let limits = command::Limits {
+        Ok((job.checkout.clone(), request))
+    }
+
+    /// The sandbox's limits for one of this plugin's commands.
+    fn limits(&self, timeout: Duration) -> command::Limits<'_> {
+        command::Limits {
             granted: &self.call.granted,
-            timeout: self.call.command_timeout,
+            timeout,
             max_output: self.call.max_output,
             hidden: &self.call.hidden,
-        };
-        let program = request.program.clone();
-        let result = command::run(&job.checkout, request, &limits).await;
-        Ok(match result {
-            Ok(out) => {
-                tracing::debug!(plugin = %self.call.plugin, exit_code = ?out.exit_code, timed_out = out.timed_out, "command ended");
-                Ok(host::CommandOutput {
-                    exit_code: out.exit_code,
-                    timed_out: out.timed_out,
-                    stdout: out.stdout,
-                    stderr: out.stderr,
-                })
-            }
-            Err(Refusal::Denied(why)) if !self.call.granted.contains_key(&program) => {
+        }
+    }
+
+    /// Logs why a command was refused and turns the refusal into the error
+    /// the plugin sees.
+    fn explain_refusal<T>(&self, program: &str, result: Result<T, Refusal>) -> Result<T, host::CommandError> {
+        let files = self.call.job.as_ref().map(|job| job.files.join(", ")).unwrap_or_default();
+        result.map_err(|refusal| match refusal {
+            Refusal::Denied(why) if !self.call.granted.contains_key(program) => {
                 // The one place a program the runner does not allow is a warning:
                 // a file that needs it (at start-up, it is only an info line).
                 tracing::warn!(
                     plugin = %self.call.plugin,
-                    file = %Escaped(&job.file),
-                    program = %Escaped(&program),
+                    files = %Escaped(&files),
+                    program = %Escaped(program),
                     "{} needs program `{}`, which is not allowed here (allow it with --allow-program {})",
-                    Escaped(&job.file),
-                    Escaped(&program),
-                    Escaped(&program)
+                    Escaped(&files),
+                    Escaped(program),
+                    Escaped(program)
                 );
-                Err(host::CommandError::Denied(why))
+                host::CommandError::Denied(why)
             }
-            Err(Refusal::Denied(why)) => {
+            Refusal::Denied(why) => {
                 tracing::warn!(plugin = %self.call.plugin, "command denied: {why}");
-                Err(host::CommandError::Denied(why))
+                host::CommandError::Denied(why)
             }
-            Err(Refusal::Failed(why)) => {
+            Refusal::Failed(why) => {
                 tracing::warn!(plugin = %self.call.plugin, "command failed to start: {why}");
-                Err(host::CommandError::Failed(why))
+                host::CommandError::Failed(why)
             }
         })
     }

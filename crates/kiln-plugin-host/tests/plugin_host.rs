@@ -181,7 +181,7 @@ async fn run_with_events(
     files: &[String],
 ) -> (BTreeMap<String, TestResult>, Vec<String>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    tokio::time::timeout(Duration::from_secs(60), host.run(dir, files, &tx))
+    tokio::time::timeout(Duration::from_secs(60), host.run(dir, files, 2, &tx))
         .await
         .expect("the run finishes")
         .expect("the run succeeds");
@@ -707,6 +707,37 @@ async fn a_misbehaving_plugin_becomes_errors_and_the_host_keeps_serving() {
 }
 
 #[tokio::test]
+async fn spawned_programs_stream_and_die_with_their_handle() {
+    let mut host = PluginHost::new(policy(&["sh"])).unwrap();
+    host.load_file(&misbehaving_wasm()).unwrap();
+    let (dir, _) = checkout(&[("misbehave/.keep", "")]);
+    let files: Vec<String> =
+        ["spawn-stream", "spawn-abandon", "after-done"].iter().map(|n| format!("misbehave/{n}")).collect();
+    let started = std::time::Instant::now();
+    let (results, done) = run_with_events(&host, dir.path(), &files).await;
+
+    // The plugin saw stdout, its input echoed back, stderr, and the exit
+    // code, then `exited` again.
+    let stream = &results["misbehave/spawn-stream"];
+    assert_eq!(stream.outcome, Outcome::Pass);
+    assert_eq!(stream.message, r#"out:"first\ngot second\n"|err:"oops\n"|exit:Some(3)|again:true"#);
+
+    // The abandoned `sleep 31.4159` was killed with its handle: the run did
+    // not wait for it, and nothing of it is left.
+    assert_eq!(results["misbehave/spawn-abandon"].outcome, Outcome::Pass);
+    assert!(started.elapsed() < Duration::from_secs(20), "the run waited for the abandoned program");
+    let left = std::process::Command::new("pgrep").args(["-f", "sleep 31.4159"]).output().unwrap();
+    assert!(left.stdout.is_empty(), "left running: {}", String::from_utf8_lossy(&left.stdout));
+
+    // A result after its file's `file-done` is dropped, a second `file-done`
+    // and one for a file outside the batch are ignored: the file keeps its
+    // first result and is done once (`run_with_events` checks both).
+    let after = &results["misbehave/after-done"];
+    assert_eq!((after.outcome, after.message.as_str()), (Outcome::Pass, "before"));
+    assert_eq!(done, files);
+}
+
+#[tokio::test]
 async fn loading_refuses_what_is_not_a_plugin() {
     let mut host = PluginHost::new(policy(&[])).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -725,7 +756,7 @@ async fn a_closed_report_channel_stops_the_run() {
     let (dir, files) = checkout(FIXTURE);
     let (tx, rx) = mpsc::unbounded_channel();
     drop(rx);
-    assert!(matches!(host.run(dir.path(), &files, &tx).await, Err(HostError::ReportClosed)));
+    assert!(matches!(host.run(dir.path(), &files, 2, &tx).await, Err(HostError::ReportClosed)));
 }
 
 /// TAP scripts covering every outcome, and the ways a script can break its
@@ -951,33 +982,40 @@ async fn a_plugin_for_another_contract_version_is_refused_naming_both_versions()
     let error = host.load_file(&newer).unwrap_err();
     let message = error.to_string();
     assert!(
-        matches!(&error, HostError::IncompatibleContract { found, supported, .. } if found == "0.9.0" && supported == "0.1.1")
+        matches!(&error, HostError::IncompatibleContract { found, supported, .. } if found == "0.9.0" && supported == "0.2.0")
     );
-    assert!(message.contains("kiln:executor@0.9.0") && message.contains("kiln:executor@0.1.1"), "{message}");
+    assert!(message.contains("kiln:executor@0.9.0") && message.contains("kiln:executor@0.2.0"), "{message}");
     assert!(matches!(PluginHost::check_file(&newer), Err(HostError::IncompatibleContract { .. })));
 
-    // A newer patch release of the same 0.1 contract is still refused (0.x:
-    // nothing newer than the host's own); the same version and an older
-    // patch (0.1.0, before `run-command-with-input`) load.
+    // A newer patch release of the same 0.2 contract is still refused (0.x:
+    // nothing newer than the host's own), and so are plugins built for 0.1
+    // (0.2 changed `run` and `run-command`): the message names both versions
+    // and says to rebuild. The same version loads.
     let patch = dir.path().join("patch.wasm");
-    std::fs::write(&patch, with_contract_version(&original, "0.1.9")).unwrap();
+    std::fs::write(&patch, with_contract_version(&original, "0.2.9")).unwrap();
     assert!(matches!(host.load_file(&patch), Err(HostError::IncompatibleContract { .. })));
+    for old in ["0.1.0", "0.1.1"] {
+        let older = dir.path().join(format!("{old}.wasm"));
+        std::fs::write(&older, with_contract_version(&original, old)).unwrap();
+        let message = host.load_file(&older).unwrap_err().to_string();
+        assert!(
+            message.contains(&format!("kiln:executor@{old}")) && message.contains("kiln:executor@0.2.0"),
+            "{message}"
+        );
+    }
     let same = dir.path().join("same.wasm");
-    std::fs::write(&same, with_contract_version(&original, "0.1.1")).unwrap();
+    std::fs::write(&same, with_contract_version(&original, "0.2.0")).unwrap();
     host.load_file(&same).unwrap();
-    let older = dir.path().join("older.wasm");
-    std::fs::write(&older, with_contract_version(&original, "0.1.0")).unwrap();
-    PluginHost::new(policy(&[])).unwrap().load_file(&older).unwrap();
 }
 
 #[test]
 fn check_describes_a_plugin_or_says_why_it_is_not_one() {
     let tap = PluginHost::check_file(&Path::new(env!("KILN_PLUGINS_WASM_DIR")).join("tap.wasm")).unwrap();
-    assert_eq!((tap.name.as_str(), tap.contract.as_str()), ("tap", "0.1.1"));
+    assert_eq!((tap.name.as_str(), tap.contract.as_str()), ("tap", "0.2.0"));
     assert_eq!(tap.claims, ["tests/**/*.t", "tests/**/test*.sh"]);
     assert_eq!(tap.programs, ["sh", "bash", "perl", "python3"]);
     assert!(tap.granted.is_empty());
-    assert!(tap.imports.iter().any(|i| i == "kiln:executor/host@0.1.1"), "{:?}", tap.imports);
+    assert!(tap.imports.iter().any(|i| i == "kiln:executor/host@0.2.0"), "{:?}", tap.imports);
 
     let dir = tempfile::tempdir().unwrap();
     let file = |name: &str, bytes: &[u8]| {

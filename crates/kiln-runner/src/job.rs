@@ -35,8 +35,35 @@ pub(crate) struct JobContext {
     pub git_limits: kiln_git::Limits,
     /// The plugins.
     pub host: Arc<PluginHost>,
+    /// The runner's slots: how many test files may run at once, across jobs.
+    pub slots: Slots,
     /// Jobs running now, by job id, with the way to hand each a new stream.
     pub jobs: Mutex<HashMap<u64, Running>>,
+}
+
+/// The runner's slots, shared by its jobs: a job takes every free one (at
+/// least one, waiting for it) before its tests start and gives them back
+/// when they end, so the runner never runs more test files at once than it
+/// has slots, however many jobs the dispatcher gives it.
+pub(crate) struct Slots(Arc<tokio::sync::Semaphore>);
+
+impl Slots {
+    pub(crate) fn new(slots: u32) -> Slots {
+        Slots(Arc::new(tokio::sync::Semaphore::new(slots.max(1) as usize)))
+    }
+
+    /// Takes one slot (waiting for it), then every other free one, up to
+    /// `wanted`.
+    async fn take(&self, wanted: u32) -> tokio::sync::OwnedSemaphorePermit {
+        let mut permit = Arc::clone(&self.0).acquire_owned().await.expect("the semaphore is never closed");
+        let more = (self.0.available_permits() as u32).min(wanted.saturating_sub(1));
+        if more > 0
+            && let Ok(extra) = Arc::clone(&self.0).try_acquire_many_owned(more)
+        {
+            permit.merge(extra);
+        }
+        permit
+    }
 }
 
 /// A running job, as the reconnect logic sees it.
@@ -284,12 +311,16 @@ async fn run_job(
     }
     // Files an earlier attempt finished are stored already.
     let files: Vec<String> = found.files.into_iter().filter(|f| !skip_files.contains(f)).collect();
-    debug!(files = files.len(), "running tests");
+    let wanted = u32::try_from(files.len()).unwrap_or(u32::MAX);
+    let slots = ctx.slots.take(wanted).await;
+    debug!(files = files.len(), slots = slots.num_permits(), "running tests");
     let (tx, mut rx) = mpsc::unbounded_channel::<HostEvent>();
     let host = Arc::clone(&ctx.host);
     let run = async move {
-        let r = host.run(checkout, &files, &tx).await;
+        let count = u32::try_from(slots.num_permits()).unwrap_or(u32::MAX);
+        let r = host.run(checkout, &files, count, &tx).await;
         drop(tx);
+        drop(slots);
         r
     };
     let forward = async {

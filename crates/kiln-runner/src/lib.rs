@@ -29,7 +29,7 @@ pub struct Config {
     pub dispatcher: String,
     /// Where the object cache and job checkouts live.
     pub work_dir: PathBuf,
-    /// How many jobs to run at once.
+    /// How many test files to run at once, across all jobs.
     pub slots: u32,
     /// The largest source pack accepted.
     pub max_pack_bytes: u64,
@@ -40,6 +40,13 @@ pub struct Config {
     /// What the process sandbox lacks on this machine, reported to the
     /// dispatcher so every result it runs says so.
     pub sandbox_gaps: Vec<String>,
+}
+
+/// How many CPUs this process may use: its CPU affinity and its cgroup's CPU
+/// quota, as the standard library reads them (at least 1). The default for
+/// `slots`.
+pub fn usable_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
 }
 
 /// Why the runner stopped.
@@ -90,6 +97,7 @@ pub async fn run(
         max_pack_bytes: config.max_pack_bytes,
         git_limits: config.git_limits,
         host,
+        slots: job::Slots::new(config.slots),
         jobs: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     let tasks = TaskTracker::new();

@@ -1,5 +1,7 @@
-//! `run-command`: starts a program for a plugin, in the job's checkout, in
-//! the process sandbox (see `sandbox`), under the runner's limits.
+//! `run-command` and `spawn`: start a program for a plugin, in the job's
+//! checkout, in the process sandbox (see `sandbox`), under the runner's
+//! limits. [`spawn`] hands back a [`Process`] whose output arrives as it is
+//! written; [`run`] is `spawn` read to the end.
 //!
 //! Every command runs with a cleared environment (the fixed list below, plus
 //! `HOME` and a private `TMPDIR`), stdin closed (or fed the caller's input,
@@ -8,8 +10,10 @@
 //! symbolic link. It has a wall-clock timeout after which everything it
 //! started is killed, and when the program exits, whatever it left behind is
 //! killed too, so a background child cannot keep the output pipes (and the
-//! job) alive. Output is read concurrently from both pipes and capped,
-//! keeping the head and the tail, so a chatty program costs bounded memory.
+//! job) alive. Output is read concurrently from both pipes; `run` caps it,
+//! keeping the head and the tail, so a chatty program costs bounded memory,
+//! and a `Process` queues a few chunks, so a program that writes faster than
+//! its reader reads waits for it.
 //! Lines starting with `[kiln sandbox]` at the end of stderr say what the
 //! sandbox lacked or what limit the command hit.
 
@@ -19,7 +23,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::process::Command;
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::sandbox::{NOTE_PREFIX, Sandbox};
 
@@ -94,7 +99,8 @@ pub struct Limits<'a> {
 }
 
 /// Runs `request` in `checkout` (an absolute, canonical path) under
-/// `limits`, in the runner's sandbox.
+/// `limits`, in the runner's sandbox, to its end, and returns its capped
+/// output.
 pub async fn run(checkout: &Path, request: Request, limits: &Limits<'_>) -> Result<Output, Refusal> {
     run_in(Sandbox::global(), checkout, request, limits).await
 }
@@ -106,6 +112,111 @@ pub(crate) async fn run_in(
     request: Request,
     limits: &Limits<'_>,
 ) -> Result<Output, Refusal> {
+    let mut process = spawn_in(sandbox, checkout, request, limits).await?;
+    let mut stdout = Capped::new(limits.max_output);
+    let mut stderr = Capped::new(limits.max_output);
+    loop {
+        match process.next().await {
+            Event::Stdout(bytes) => stdout.push(&bytes),
+            Event::Stderr(bytes) => stderr.push(&bytes),
+            Event::Exited(exit) => {
+                return Ok(Output {
+                    exit_code: exit.exit_code,
+                    timed_out: exit.timed_out,
+                    stdout: stdout.to_bytes(),
+                    stderr: stderr.to_bytes(),
+                });
+            }
+        }
+    }
+}
+
+/// What a started program did next (see [`Process::next`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Bytes it wrote to stdout; never empty.
+    Stdout(Vec<u8>),
+    /// Bytes it wrote to stderr; never empty. The sandbox's notes come last.
+    Stderr(Vec<u8>),
+    /// It ended and everything it started is gone.
+    Exited(Exit),
+}
+
+/// How a program ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    /// The exit code, or `None` when a signal ended the program.
+    pub exit_code: Option<i32>,
+    /// Whether the timeout ended it.
+    pub timed_out: bool,
+}
+
+/// A program started by [`spawn`]. Its output arrives through
+/// [`Process::next`] as it is written; dropping the handle kills the program
+/// and everything it started.
+pub struct Process {
+    events: mpsc::Receiver<Event>,
+    /// Dropping (or sending on) this tells the supervisor to kill.
+    kill: Option<oneshot::Sender<()>>,
+    exit: Option<Exit>,
+    supervisor: tokio::task::JoinHandle<()>,
+}
+
+/// How many chunks of output may wait for the reader before the program's
+/// writes block: backpressure instead of unbounded memory.
+const QUEUED_CHUNKS: usize = 16;
+
+impl Process {
+    /// Waits for the program's next output or its end. After
+    /// [`Event::Exited`], returns that again.
+    pub async fn next(&mut self) -> Event {
+        if let Some(exit) = self.exit {
+            return Event::Exited(exit);
+        }
+        let event = self.events.recv().await.unwrap_or(
+            // The supervisor always sends `Exited` last; it cannot be gone
+            // without it unless its runtime is shutting down.
+            Event::Exited(Exit { exit_code: None, timed_out: false }),
+        );
+        if let Event::Exited(exit) = event {
+            self.exit = Some(exit);
+        }
+        event
+    }
+
+    /// Kills the program and everything it started; [`Process::next`] then
+    /// delivers what was written and the exit.
+    pub fn kill(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+    }
+
+    /// Kills the program, if it still runs, and returns once it and
+    /// everything it started are gone. (Dropping a `Process` kills too, but
+    /// does not wait.)
+    pub async fn finish(self) {
+        let Process { events, kill, supervisor, .. } = self;
+        // Nobody reads any more: the supervisor's sends fail at once.
+        drop(events);
+        drop(kill);
+        let _ = supervisor.await;
+    }
+}
+
+/// Starts `request` in `checkout` (an absolute, canonical path) under
+/// `limits`, in the runner's sandbox, and returns at once.
+pub async fn spawn(checkout: &Path, request: Request, limits: &Limits<'_>) -> Result<Process, Refusal> {
+    spawn_in(Sandbox::global(), checkout, request, limits).await
+}
+
+/// [`spawn`] in a given sandbox.
+pub(crate) async fn spawn_in(
+    sandbox: &Sandbox,
+    checkout: &Path,
+    request: Request,
+    limits: &Limits<'_>,
+) -> Result<Process, Refusal> {
     let Some(program) = limits.granted.get(&request.program) else {
         let granted: Vec<&str> = limits.granted.keys().map(String::as_str).collect();
         return Err(Refusal::Denied(format!(
@@ -140,8 +251,8 @@ pub(crate) async fn run_in(
         .stdin(if request.input.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // If this future is dropped (the job was cancelled), tokio kills and
-        // reaps the child; dropping `confinement` takes care of the rest.
+        // If the supervisor is dropped (its runtime is going away), tokio
+        // kills and reaps the child; dropping `confinement` does the rest.
         .kill_on_drop(true);
     confinement.install(&mut command);
     let mut child = command
@@ -151,58 +262,104 @@ pub(crate) async fn run_in(
     // Landlock ruleset).
     drop(command);
     confinement.started(child.id());
+    let (events, receiver) = mpsc::channel(QUEUED_CHUNKS);
+    let (kill, killed) = oneshot::channel();
+    let input = request.input.unwrap_or_default();
+    let supervisor = tokio::spawn(async move {
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let stdin = child.stdin.take();
+        let streams = Streams { stdout, stderr, stdin, input };
+        supervise(child, confinement, streams, timeout, events, killed).await;
+    });
+    Ok(Process { events: receiver, kill: Some(kill), exit: None, supervisor })
+}
 
-    let mut stdout = Capped::new(limits.max_output);
-    let mut stderr = Capped::new(limits.max_output);
-    let (status, timed_out, notes) = {
-        let stdout_pipe = child.stdout.take();
-        let stderr_pipe = child.stderr.take();
-        let stdin_pipe = child.stdin.take();
-        let input = request.input.unwrap_or_default();
-        let reading = async {
-            tokio::join!(feed(stdin_pipe, &input), drain(stdout_pipe, &mut stdout), drain(stderr_pipe, &mut stderr))
-        };
-        tokio::pin!(reading);
-        let mut read_all = false;
-        let deadline = tokio::time::sleep(timeout);
-        tokio::pin!(deadline);
-        let mut timed_out = false;
-        let status = loop {
-            tokio::select! {
-                _ = &mut reading, if !read_all => read_all = true,
-                status = child.wait() => break status,
-                () = &mut deadline => {
-                    if timed_out {
-                        // The sandbox did not stop it in time (it always
-                        // should): kill the child itself.
-                        let _ = child.start_kill();
-                        deadline.as_mut().reset(tokio::time::Instant::now() + STOP_GRACE);
-                    } else {
-                        timed_out = true;
-                        confinement.stop();
-                        deadline.as_mut().reset(tokio::time::Instant::now() + STOP_GRACE);
-                    }
+/// A started child's pipes, and what to write to its stdin.
+struct Streams {
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+    stdin: Option<ChildStdin>,
+    input: Vec<u8>,
+}
+
+/// Owns a started child until it is gone: forwards its output, enforces the
+/// timeout, kills on request (or when the [`Process`] is dropped), cleans up
+/// what it left behind, and sends the sandbox's notes and the exit last.
+async fn supervise(
+    mut child: Child,
+    confinement: crate::sandbox::Confinement,
+    streams: Streams,
+    timeout: Duration,
+    events: mpsc::Sender<Event>,
+    mut killed: oneshot::Receiver<()>,
+) {
+    // Whether stderr's last byte was a line end, for the notes that follow.
+    let stderr_at_line_start = std::sync::atomic::AtomicBool::new(true);
+    let Streams { stdout, stderr, stdin, input } = streams;
+    let reading = async {
+        tokio::join!(
+            feed(stdin, &input),
+            forward(stdout, &events, Event::Stdout, None),
+            forward(stderr, &events, Event::Stderr, Some(&stderr_at_line_start))
+        )
+    };
+    tokio::pin!(reading);
+    let mut read_all = false;
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut timed_out = false;
+    let mut stopping = false;
+    let status = loop {
+        tokio::select! {
+            _ = &mut reading, if !read_all => read_all = true,
+            status = child.wait() => break status,
+            _ = &mut killed, if !stopping => {
+                stopping = true;
+                confinement.stop();
+                deadline.as_mut().reset(tokio::time::Instant::now() + STOP_GRACE);
+            }
+            () = &mut deadline => {
+                if stopping {
+                    // The sandbox did not stop it in time (it always
+                    // should): kill the child itself.
+                    let _ = child.start_kill();
+                    deadline.as_mut().reset(tokio::time::Instant::now() + STOP_GRACE);
+                } else {
+                    timed_out = true;
+                    stopping = true;
+                    confinement.stop();
+                    deadline.as_mut().reset(tokio::time::Instant::now() + STOP_GRACE);
                 }
             }
-        };
-        // The program is gone; so must be anything it left behind.
-        let notes = confinement.finish().await;
-        if !read_all {
-            // Whatever is still buffered in the pipes arrives right away; a
-            // process that escaped could hold them open forever.
-            let _ = tokio::time::timeout(DRAIN_GRACE, &mut reading).await;
         }
-        (status, timed_out, notes)
     };
-    let status = status.map_err(|e| Refusal::Failed(format!("could not wait for {}: {e}", program.display())))?;
-    let mut stderr = stderr.to_bytes();
-    for note in notes {
-        if !stderr.is_empty() && !stderr.ends_with(b"\n") {
-            stderr.push(b'\n');
-        }
-        stderr.extend_from_slice(format!("{NOTE_PREFIX} {note}\n").as_bytes());
+    // The program is gone; so must be anything it left behind.
+    let notes = confinement.finish().await;
+    if !read_all {
+        // Whatever is still buffered in the pipes arrives right away; a
+        // process that escaped could hold them open forever.
+        let _ = tokio::time::timeout(DRAIN_GRACE, &mut reading).await;
     }
-    Ok(Output { exit_code: status.code(), timed_out, stdout: stdout.to_bytes(), stderr })
+    let mut note_text = String::new();
+    for note in notes {
+        if note_text.is_empty() && !stderr_at_line_start.load(std::sync::atomic::Ordering::Relaxed) {
+            note_text.push('\n');
+        }
+        note_text.push_str(&format!("{NOTE_PREFIX} {note}\n"));
+    }
+    if !note_text.is_empty() {
+        let _ = events.send(Event::Stderr(note_text.into_bytes())).await;
+    }
+    let exit = match status {
+        Ok(status) => Exit { exit_code: status.code(), timed_out },
+        Err(e) => {
+            let message = format!("{NOTE_PREFIX} could not wait for the program: {e}\n");
+            let _ = events.send(Event::Stderr(message.into_bytes())).await;
+            Exit { exit_code: None, timed_out }
+        }
+    };
+    let _ = events.send(Event::Exited(exit)).await;
 }
 
 /// The checkout joined with a plugin's relative working directory, which may
@@ -217,14 +374,28 @@ fn working_directory(checkout: &Path, cwd: &str) -> Result<PathBuf, Refusal> {
     Ok(checkout.join(relative))
 }
 
-/// Reads `pipe` to its end into `into`.
-async fn drain(pipe: Option<impl AsyncRead + Unpin>, into: &mut Capped) {
+/// Reads `pipe` to its end, sending each chunk as an event; stops early if
+/// nobody listens any more. `line_start` (for stderr) records whether the
+/// last byte sent ended a line.
+async fn forward(
+    pipe: Option<impl AsyncRead + Unpin>,
+    events: &mpsc::Sender<Event>,
+    event: fn(Vec<u8>) -> Event,
+    line_start: Option<&std::sync::atomic::AtomicBool>,
+) {
     let Some(mut pipe) = pipe else { return };
-    let mut buffer = vec![0u8; 16 * 1024];
+    let mut buffer = vec![0u8; 64 * 1024];
     loop {
         match pipe.read(&mut buffer).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => into.push(&buffer[..n]),
+            Ok(n) => {
+                if let Some(flag) = line_start {
+                    flag.store(buffer[n - 1] == b'\n', std::sync::atomic::Ordering::Relaxed);
+                }
+                if events.send(event(buffer[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }

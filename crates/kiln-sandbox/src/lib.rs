@@ -9,10 +9,10 @@
 //! at the end of the command's stderr).
 //!
 //! This crate knows nothing of WebAssembly: `kiln-plugin-host` calls [`run`]
-//! on a plugin's behalf.
+//! and [`spawn`] on a plugin's behalf.
 //!
 //! Layout: `command` checks a request (granted program, working directory),
-//! starts it and collects its capped output; `sandbox` prepares each
+//! starts it, and streams its output ([`Process`]) or collects it capped; `sandbox` prepares each
 //! command's confinement and probes the machine; `sandbox::sys` holds every
 //! system call made between `fork` and `exec`, and all of the crate's
 //! `unsafe`; `sandbox::cgroup` manages the per-command cgroups.
@@ -20,7 +20,7 @@
 mod command;
 pub mod sandbox;
 
-pub use command::{Capped, Limits, Output, Refusal, Request, run};
+pub use command::{Capped, Event, Exit, Limits, Output, Process, Refusal, Request, run, spawn};
 pub use sandbox::{
     Coverage, Mechanism, MechanismReport, SANDBOX_ID, SandboxIdError, SandboxLimits, SandboxReport, probe, testing,
     use_sandbox_id,

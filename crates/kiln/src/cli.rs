@@ -374,9 +374,12 @@ pub struct RunnerArgs {
     /// Where the runner keeps its object cache and job checkouts
     #[arg(long, value_name = "DIR", env = "KILN_WORK", default_value = "kiln-work")]
     pub work: PathBuf,
-    /// How many jobs to run at once
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub slots: u32,
+    /// How many test files to run at once [default: the CPUs this process may use]
+    ///
+    /// The default counts the CPUs the runner may use (its CPU affinity and
+    /// its cgroup's CPU quota), not only the cores the machine has.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub slots: Option<u32>,
     /// A directory of extra executor plugins (*.wasm)
     ///
     /// They are loaded after the built-ins, in file-name order; a file more

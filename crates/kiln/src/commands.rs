@@ -188,7 +188,7 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
         sandbox_gaps: sandbox.degraded().map(ToString::to_string).collect(),
         dispatcher: a.client.dispatcher.clone(),
         work_dir: a.work.clone(),
-        slots: a.slots,
+        slots: a.slots.unwrap_or_else(kiln_runner::usable_cpus),
         max_pack_bytes: 1 << 30,
         git_limits: a.git_limits.limits(),
         net: net(&a.client),

@@ -210,7 +210,7 @@ async fn run_plugins(a: &RunArgs, mut each: impl FnMut(&TestResult)) -> anyhow::
     let files = found.files;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let run = async move {
-        let ran = host.run(&a.dir, &files, &tx).await;
+        let ran = host.run(&a.dir, &files, kiln_runner::usable_cpus(), &tx).await;
         drop(tx);
         ran
     };

@@ -4,12 +4,13 @@
 //! Key decision: the guest bindings for the `kiln:executor` contract
 //! (`plugins/wit/executor.wit`) are generated once, here, and a plugin never
 //! names them. It implements [`Executor`] and exports itself with
-//! [`export_executor!`]; it talks to the runner through [`report`], [`log`]
-//! and [`run_command`]; and it reads the job's checkout, read-only, under
-//! [`CHECKOUT`] with `std::fs`.
+//! [`export_executor!`]; it talks to the runner through [`report`],
+//! [`file_done`], [`log`], [`run_command`] and [`spawn`] (a program whose
+//! output it reads while it runs); and it reads the job's checkout,
+//! read-only, under [`CHECKOUT`] with `std::fs`.
 //!
 //! ```no_run
-//! use kiln_plugin_sdk::{Executor, Info, Outcome, TestResult, export_executor, report};
+//! use kiln_plugin_sdk::{Batch, Executor, Info, Outcome, TestResult, export_executor, report};
 //!
 //! struct Always;
 //!
@@ -23,8 +24,8 @@
 //!         }
 //!     }
 //!
-//!     fn run(files: Vec<String>) -> Result<(), String> {
-//!         for file in files {
+//!     fn run(batch: Batch) -> Result<(), String> {
+//!         for file in batch.files {
 //!             report(&TestResult::new(file.clone(), file, Outcome::Pass));
 //!         }
 //!         Ok(())
@@ -66,11 +67,14 @@ pub mod bindings {
     });
 }
 
-pub use bindings::kiln::executor::host::{Command, CommandError, CommandOutput};
+pub use bindings::exports::kiln::executor::executor::Batch;
+pub use bindings::kiln::executor::host::{
+    Command, CommandError, CommandOutput, ExitStatus, Process, ProcessEvent as Event,
+};
 pub use bindings::kiln::executor::types::{Outcome, PluginInfo as Info, TestResult};
 
 /// The `kiln:executor` contract version this SDK builds plugins for.
-pub const CONTRACT_VERSION: &str = "0.1.1";
+pub const CONTRACT_VERSION: &str = "0.2.0";
 
 /// Where the runner mounts the job's checkout, read-only. Inside a plugin the
 /// working directory is `/`, so use absolute paths ([`checkout_path`]).
@@ -88,14 +92,15 @@ pub trait Executor {
     /// bare name. Called once, when the runner loads the plugin.
     fn info() -> Info;
 
-    /// Runs the tests in `files` (repository-relative paths, each matched by
-    /// a claim) and [`report`]s each test as it finishes. The runner passes
-    /// one file per call today; accept any number.
+    /// Runs the tests in the batch's `files` (repository-relative paths, each
+    /// matched by a claim), [`report`]s each test as it finishes and calls
+    /// [`file_done`] as each file completes. It may run up to `slots` files at
+    /// once; `file_timeout_ms` is the runner's limit for one file.
     ///
     /// Return `Err` only when the files could not be run at all: the runner
     /// then gives each file without a reported test an `error` result with
     /// this message. A failing or broken test is a result, not an `Err`.
-    fn run(files: Vec<String>) -> Result<(), String>;
+    fn run(batch: Batch) -> Result<(), String>;
 }
 
 /// Exports a type implementing [`Executor`] as the plugin's implementation
@@ -111,10 +116,8 @@ macro_rules! export_executor {
                     <$executor as $crate::Executor>::info()
                 }
 
-                fn run(
-                    files: ::std::vec::Vec<::std::string::String>,
-                ) -> ::std::result::Result<(), ::std::string::String> {
-                    <$executor as $crate::Executor>::run(files)
+                fn run(batch: $crate::Batch) -> ::std::result::Result<(), ::std::string::String> {
+                    <$executor as $crate::Executor>::run(batch)
                 }
             }
 
@@ -130,6 +133,14 @@ pub fn report(result: &TestResult) {
     bindings::kiln::executor::host::report(result);
 }
 
+/// Says that every result of `file` (one of the batch's files) has been
+/// reported, so the runner can tell the dispatcher the file is complete.
+/// Results reported for it afterwards are dropped. A file never marked done
+/// is completed when `run` returns.
+pub fn file_done(file: &str) {
+    bindings::kiln::executor::host::file_done(file);
+}
+
 /// Writes a line to the runner's log, attributed to this plugin.
 pub fn log(message: &str) {
     bindings::kiln::executor::host::log(message);
@@ -141,15 +152,22 @@ pub fn log(message: &str) {
 /// [`CommandError::Denied`]. It runs with a cleared environment, in its own
 /// process group, under the runner's time limit, with its output capped.
 pub fn run_command(command: &Command) -> Result<CommandOutput, CommandError> {
-    bindings::kiln::executor::host::run_command(command)
+    bindings::kiln::executor::host::run_command(command, &[])
 }
 
 /// Like [`run_command`], with `input` on the program's stdin (closed after
 /// it): how to hand an interpreter a script (`python3 - ARGS`) without
-/// putting it in the arguments, which process listings show. Needs a runner
-/// of contract 0.1.1 or newer.
+/// putting it in the arguments, which process listings show.
 pub fn run_command_with_input(command: &Command, input: &[u8]) -> Result<CommandOutput, CommandError> {
-    bindings::kiln::executor::host::run_command_with_input(command, input)
+    bindings::kiln::executor::host::run_command(command, input)
+}
+
+/// Starts a program as [`run_command_with_input`] would, and returns at once:
+/// read what it writes with [`Process::next`] while it runs (to report each
+/// test as it ends), until [`Event::Exited`]. Dropping the [`Process`] kills
+/// the program and everything it started.
+pub fn spawn(command: &Command, input: &[u8]) -> Result<Process, CommandError> {
+    bindings::kiln::executor::host::spawn(command, input)
 }
 
 /// The path inside the plugin of a repository-relative `file`.

@@ -3,9 +3,10 @@
 //! results and that the host keeps serving. It is not built into the runner.
 //!
 //! Each claimed file `misbehave/<action>` asks for one behaviour. The host
-//! runs each file in a call of its own, so a fatal one costs only itself.
+//! runs a batch in one call and, when the call fails, each unfinished file
+//! again in a call of its own, so a fatal one costs only itself.
 
-use kiln_plugin_sdk::{Command, CommandError, Executor, Info, Outcome, TestResult, export_executor};
+use kiln_plugin_sdk::{Batch, Command, CommandError, Event, Executor, Info, Outcome, TestResult, export_executor};
 
 struct Misbehaving;
 
@@ -23,8 +24,8 @@ impl Executor for Misbehaving {
         }
     }
 
-    fn run(files: Vec<String>) -> Result<(), String> {
-        for file in files {
+    fn run(batch: Batch) -> Result<(), String> {
+        for file in batch.files {
             let action = file.rsplit('/').next().unwrap_or_default();
             let (outcome, message) = match action {
                 "loop" => spin(),
@@ -51,10 +52,26 @@ impl Executor for Misbehaving {
                     }
                     (Outcome::Fail, "y".repeat(4 << 20))
                 }
+                "spawn-stream" => spawn_stream(),
+                "spawn-abandon" => {
+                    // Started and forgotten: the host must kill it with the
+                    // handle (the test looks for the process afterwards).
+                    let command = Command::new("sh", ["-c", "sleep 31.4159"]);
+                    let process = kiln_plugin_sdk::spawn(&command, b"");
+                    (if process.is_ok() { Outcome::Pass } else { Outcome::Error }, String::new())
+                }
+                "after-done" => {
+                    report(&file, Outcome::Pass, "before");
+                    kiln_plugin_sdk::file_done(&file);
+                    kiln_plugin_sdk::file_done(&file);
+                    kiln_plugin_sdk::file_done("not/in/the/batch");
+                    (Outcome::Fail, "reported after file-done".to_owned())
+                }
                 "ok" | "after" => (Outcome::Pass, String::new()),
                 other => (Outcome::Error, format!("unknown action `{other}`")),
             };
             report(&file, outcome, &message);
+            kiln_plugin_sdk::file_done(&file);
         }
         Ok(())
     }
@@ -83,6 +100,28 @@ fn command(program: &str, cwd: &str) -> (Outcome, String) {
         Err(CommandError::Denied(why)) => (Outcome::Error, format!("denied: {why}")),
         Err(CommandError::Failed(why)) => (Outcome::Error, format!("failed: {why}")),
     }
+}
+
+/// Spawns a program that writes, waits, and writes again, and checks that
+/// the first line arrives before the program ends: output streams.
+fn spawn_stream() -> (Outcome, String) {
+    let command = Command::new("sh", ["-c", "echo first; read line; echo \"got $line\"; echo oops >&2; exit 3"]);
+    let process = match kiln_plugin_sdk::spawn(&command, b"second\n") {
+        Ok(process) => process,
+        Err(CommandError::Denied(why) | CommandError::Failed(why)) => return (Outcome::Error, why),
+    };
+    // The two pipes are read concurrently: order holds within each only.
+    let (mut out, mut err) = (String::new(), String::new());
+    let exit = loop {
+        match process.next() {
+            Event::Stdout(bytes) => out.push_str(&String::from_utf8_lossy(&bytes)),
+            Event::Stderr(bytes) => err.push_str(&String::from_utf8_lossy(&bytes)),
+            Event::Exited(status) => break status.exit_code,
+        }
+    };
+    // Exited repeats.
+    let again = matches!(process.next(), Event::Exited(_));
+    (Outcome::Pass, format!("out:{out:?}|err:{err:?}|exit:{exit:?}|again:{again}"))
 }
 
 /// Checks that the plugin can see nothing but a read-only checkout: passes

@@ -1,39 +1,45 @@
 //! The python-unittest executor plugin: runs Python `unittest` test modules
-//! and reports one result per test.
+//! and reports one result per test, as each test ends.
 //!
-//! Key decision: one `python3` process per file (a test module, or a
-//! package's `__init__.py` for what discover loads from the package itself),
-//! each running a small driver (driver.py) that loads the file with
-//! discover's own code and prints one JSON line per test. A test that
-//! crashes the interpreter (os._exit, a segfault in C code, a hang until the
-//! host's timeout) becomes an `error` naming it, and the file's remaining
-//! tests run in a fresh interpreter that leaves out the ones already run,
-//! so one crash hides no other test.
+//! Key decision: one sandboxed `python3` per batch runs the driver
+//! (driver.py), which imports unittest once and then forks one child per
+//! test file, up to the batch's slots at once. A file never sees another
+//! file's module state (the parent never imports test code, and each child
+//! is a fresh copy of it), and a child that crashes (os._exit, a segfault in
+//! C code, a hang past the per-file timeout) costs only the test it was in:
+//! the driver reports it as an `error` naming the cause and runs the file's
+//! remaining tests in a fresh fork. The plugin reads the driver's output
+//! while it runs ([`output`]) and reports each result the moment its line
+//! arrives, and each file's completion with it.
 //!
 //! The plugin decides which files to run with the rules of
 //! `python3 -m unittest discover -s tests -t .` ([`select`]), reading the
-//! checkout through the read-only WASI preopen at `/checkout`, and turns
-//! everything the driver prints (or fails to print) into results
-//! ([`output`]). plugins/python-unittest/FIDELITY.md compares its results
-//! with plain unittest's on real projects.
+//! checkout through the read-only WASI preopen at `/checkout`.
+//! plugins/python-unittest/FIDELITY.md compares its results with plain
+//! unittest's on real projects.
 
 mod output;
 mod select;
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
-use kiln_plugin_sdk::{Command, Executor, Info, Outcome, TestResult, checkout_path, export_executor};
+use kiln_plugin_sdk::{Batch, Command, Event, Executor, Info, Outcome, TestResult, checkout_path, export_executor};
 
-/// The per-module time limit the plugin asks for. The host caps it at its own
-/// limit, which is normally the one that applies.
-const MODULE_TIMEOUT_MS: u64 = 60 * 60 * 1000;
+use crate::output::{Line, Reader};
 
-/// The driver program, fed to the interpreter on stdin (`python3 -`).
+/// The driver, and the few lines that check the interpreter's version before
+/// running it (bootstrap.py explains the format).
+const BOOTSTRAP: &str = include_str!("bootstrap.py");
 const DRIVER: &str = include_str!("driver.py");
 
-/// How many times a file's remaining tests are restarted after crashes
-/// before the plugin gives up on the rest of it.
-const MAX_RESTARTS: usize = 100;
+/// The most bytes of file names one driver's command line carries (Linux
+/// refuses an argument list beyond a quarter of the stack limit); a larger
+/// batch runs as several drivers, one after another.
+const MAX_ARGV_BYTES: usize = 64 * 1024;
+
+/// How much of the driver's stderr goes into an error message.
+const STDERR_TAIL: usize = 4000;
 
 struct PythonUnittest;
 
@@ -49,11 +55,12 @@ impl Executor for PythonUnittest {
         }
     }
 
-    fn run(files: Vec<String>) -> Result<(), String> {
-        let (modules, skipped) = select::test_modules(&files, |file| match std::fs::metadata(checkout_path(file)) {
-            Ok(meta) if meta.is_file() => select::Entry::File(meta.len()),
-            _ => select::Entry::Other,
-        });
+    fn run(batch: Batch) -> Result<(), String> {
+        let (modules, skipped) =
+            select::test_modules(&batch.files, |file| match std::fs::metadata(checkout_path(file)) {
+                Ok(meta) if meta.is_file() => select::Entry::File(meta.len()),
+                _ => select::Entry::Other,
+            });
         // Empty package `__init__.py` files are expected here; name the
         // others (one line per call), since a misnamed test file is a common
         // mistake.
@@ -65,82 +72,180 @@ impl Executor for PythonUnittest {
         if !notable.is_empty() {
             kiln_plugin_sdk::log(&format!("not test modules for unittest discover: {}", notable.join(", ")));
         }
-        for module in &modules {
-            run_file(module);
+        for file in &skipped {
+            kiln_plugin_sdk::file_done(&file.file);
+        }
+        for chunk in argv_chunks(&modules) {
+            run_modules(chunk, &batch);
         }
         Ok(())
     }
 }
 
-/// Runs one file's tests and reports them; after a crash, runs the tests
-/// that had not started yet in a fresh interpreter.
-fn run_file(module: &select::TestModule) {
-    let mut skip: Vec<String> = Vec::new();
-    for restart in 0..=MAX_RESTARTS {
-        let mut run = run_module(module, &skip);
-        let again = match &run.crashed_in {
-            Some(test) if !skip.contains(test) && restart < MAX_RESTARTS => true,
-            Some(test) => {
-                // Either the limit, or a test that was to be left out ran
-                // again (a load_tests that renames its tests, say): going on
-                // might never end.
-                let why = if skip.contains(test) {
-                    format!("{test} ran again although it was left out")
-                } else {
-                    format!("the file was restarted {MAX_RESTARTS} times already")
-                };
-                if let Some(last) = run.reports.last_mut() {
-                    last.message.push_str(&format!("\n\nThe file's remaining tests were not run: {why}."));
-                }
-                false
-            }
-            None => false,
-        };
-        for report in run.reports {
-            kiln_plugin_sdk::report(&TestResult {
-                id: report.id,
-                file: module.file.clone(),
-                outcome: outcome(report.outcome),
-                duration_ms: report.duration_ms,
-                message: report.message,
-            });
+/// `modules` in runs of at most [`MAX_ARGV_BYTES`] of paths (at least one
+/// module each).
+fn argv_chunks(modules: &[select::TestModule]) -> Vec<&[select::TestModule]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, module) in modules.iter().enumerate() {
+        let len = module.file.len() + 1;
+        if i > start && bytes + len > MAX_ARGV_BYTES {
+            chunks.push(&modules[start..i]);
+            (start, bytes) = (i, 0);
         }
-        if !again {
+        bytes += len;
+    }
+    if start < modules.len() {
+        chunks.push(&modules[start..]);
+    }
+    chunks
+}
+
+/// The driver program as fed to the interpreter on stdin: the driver as a
+/// string literal, then the guard that runs it (bootstrap.py explains why).
+fn program() -> String {
+    format!("_KILN_DRIVER = r'''{DRIVER}'''\n{BOOTSTRAP}")
+}
+
+/// The interpreter's command line: `python3 - --slots N --timeout S FILE…`,
+/// the driver read from stdin, so that a process listing shows what runs
+/// rather than the driver's source.
+fn driver_command(modules: &[select::TestModule], batch: &Batch) -> Command {
+    let mut args = vec![
+        "-".to_owned(),
+        "--slots".to_owned(),
+        batch.slots.max(1).to_string(),
+        "--timeout".to_owned(),
+        format!("{:.3}", batch.file_timeout_ms as f64 / 1000.0),
+    ];
+    args.extend(modules.iter().map(|m| m.file.clone()));
+    Command::new("python3", args)
+}
+
+/// Runs the driver on `modules` and reports what it says as it says it; then
+/// gives every module it did not finish an `error` saying why.
+fn run_modules(modules: &[select::TestModule], batch: &Batch) {
+    let started = Instant::now();
+    // Module file -> its dotted name, for the modules not yet done.
+    let mut pending: BTreeMap<&str, &str> = modules.iter().map(|m| (m.file.as_str(), m.name.as_str())).collect();
+    let process = match kiln_plugin_sdk::spawn(&driver_command(modules, batch), program().as_bytes()) {
+        Ok(process) => process,
+        Err(error) => {
+            // The SDK's one wording, with the flag that grants the program.
+            fail(&mut pending, &error.explain("python3"), 0);
             return;
         }
-        // Every test that started is done with (the last one crashed).
-        skip.extend(run.started.into_iter().filter(|id| !skip.contains(id)).collect::<Vec<_>>());
+    };
+    let mut reader = Reader::default();
+    let mut stderr = Tail::default();
+    let mut too_old = None;
+    let mut done = false;
+    let status = loop {
+        let lines = match process.next() {
+            Event::Stdout(bytes) => reader.push(&bytes),
+            Event::Stderr(bytes) => {
+                stderr.push(&bytes);
+                continue;
+            }
+            Event::Exited(status) => break status,
+        };
+        for line in lines {
+            match line {
+                Line::Result(report) => {
+                    kiln_plugin_sdk::report(&TestResult {
+                        id: report.id,
+                        file: report.file,
+                        outcome: outcome(report.outcome),
+                        duration_ms: report.duration_ms,
+                        message: report.message,
+                    });
+                }
+                Line::FileDone { file_done } => {
+                    pending.remove(file_done.as_str());
+                    kiln_plugin_sdk::file_done(&file_done);
+                }
+                Line::TooOld { too_old: version } => too_old = Some(version),
+                Line::Hello { .. } => {}
+                Line::Done { .. } => done = true,
+            }
+        }
+    };
+    let _ = reader.finish();
+    if pending.is_empty() && done && reader.bad_lines == 0 {
+        return;
+    }
+    let elapsed_ms = kiln_plugin_sdk::elapsed_ms(started);
+    let mut message = if let Some(version) = &too_old {
+        format!(
+            "python3 is Python {version}; Kiln's unittest driver needs Python 3.8 or newer. Give the runner a newer \
+             interpreter (first on its PATH, or --allow-program with a path)."
+        )
+    } else if status.timed_out {
+        format!("python3 (the unittest driver) was killed after {} s: the batch ran out of time", elapsed_ms / 1000)
+    } else if status.exit_code.is_none() {
+        "python3 (the unittest driver) was killed by a signal (the out-of-memory killer, or a test that killed it)"
+            .to_owned()
+    } else if status.exit_code != Some(0) {
+        format!("python3 (the unittest driver) exited with code {}", status.exit_code.unwrap_or_default())
+    } else if !done {
+        "python3 (the unittest driver) exited before it finished".to_owned()
+    } else {
+        "the unittest driver's output was not all JSON".to_owned()
+    };
+    if !pending.is_empty() && too_old.is_none() {
+        message.push_str("; this file's remaining tests did not run");
+    }
+    message.push('.');
+    if let Some(line) = &reader.first_bad_line {
+        message.push_str(&format!("\n\n{} line(s) of its output were not JSON; the first: {line}", reader.bad_lines));
+    }
+    if too_old.is_none() {
+        let stderr = stderr.text();
+        if stderr.is_empty() {
+            message.push_str("\n\nIt wrote nothing to stderr.");
+        } else {
+            message.push_str(&format!("\n\nThe end of its stderr:\n{stderr}"));
+        }
+    }
+    if pending.is_empty() {
+        // Every file completed, but something in the output was wrong: say
+        // so once, on the log, rather than invent a test.
+        kiln_plugin_sdk::log(&message);
+    }
+    fail(&mut pending, &message, elapsed_ms);
+}
+
+/// Reports an `error` named after each pending module (the host keeps a
+/// test's first result, so a module that already reported an error for its
+/// name keeps that one) and completes it.
+fn fail(pending: &mut BTreeMap<&str, &str>, message: &str, duration_ms: u64) {
+    for (file, name) in std::mem::take(pending) {
+        kiln_plugin_sdk::report(&TestResult {
+            id: name.to_owned(),
+            file: file.to_owned(),
+            outcome: Outcome::Error,
+            duration_ms,
+            message: message.to_owned(),
+        });
+        kiln_plugin_sdk::file_done(file);
     }
 }
 
-/// The interpreter's command line for one file: `python3 - FILE SKIP…`, the
-/// driver read from stdin, so that a process listing shows what runs rather
-/// than the driver's source.
-fn module_command(file: &str, skip: &[String]) -> Command {
-    let mut args = vec!["-".to_owned(), file.to_owned()];
-    args.extend(skip.iter().cloned());
-    Command { program: "python3".to_owned(), args, cwd: String::new(), timeout_ms: MODULE_TIMEOUT_MS }
-}
+/// The last [`STDERR_TAIL`] bytes of a stream.
+#[derive(Default)]
+struct Tail(Vec<u8>);
 
-/// Runs one file's tests, except those in `skip`, in its own interpreter
-/// and reads their results.
-fn run_module(module: &select::TestModule, skip: &[String]) -> output::Interpretation {
-    let command = module_command(&module.file, skip);
-    let started = Instant::now();
-    let result = kiln_plugin_sdk::run_command_with_input(&command, DRIVER.as_bytes());
-    let elapsed_ms = kiln_plugin_sdk::elapsed_ms(started);
-    match result {
-        Ok(out) => {
-            let exit = output::Exit { code: out.exit_code, timed_out: out.timed_out, elapsed_ms };
-            output::interpret(&module.name, &out.stdout, &out.stderr, &exit)
+impl Tail {
+    fn push(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+        if self.0.len() > 2 * STDERR_TAIL {
+            self.0.drain(..self.0.len() - STDERR_TAIL);
         }
-        Err(error) => {
-            // The SDK's one wording, with the flag that grants the program.
-            let message = error.explain("python3");
-            let report =
-                output::Report { id: module.name.clone(), outcome: output::Outcome::Error, duration_ms: 0, message };
-            output::Interpretation { reports: vec![report], ..Default::default() }
-        }
+    }
+
+    fn text(&self) -> String {
+        let text = String::from_utf8_lossy(&self.0);
+        kiln_plugin_sdk::tail(text.trim_end(), STDERR_TAIL)
     }
 }
 
@@ -161,10 +266,35 @@ mod tests {
 
     /// `ps` shows a short line a person can read, not the driver's source.
     #[test]
-    fn the_command_line_names_the_file_and_not_the_driver() {
-        let command = module_command("tests/test_x.py", &["tests.test_x.T.test_crash".to_owned()]);
+    fn the_command_line_names_the_files_and_not_the_driver() {
+        let modules = [select::TestModule { file: "tests/test_x.py".to_owned(), name: "tests.test_x".to_owned() }];
+        let batch = Batch { files: vec![], slots: 3, file_timeout_ms: 12_500 };
+        let command = driver_command(&modules, &batch);
         assert_eq!(command.program, "python3");
-        assert_eq!(command.args, ["-", "tests/test_x.py", "tests.test_x.T.test_crash"]);
+        assert_eq!(command.args, ["-", "--slots", "3", "--timeout", "12.500", "tests/test_x.py"]);
         assert!(DRIVER.len() > 1000 && !command.args.iter().any(|a| a.contains("import")));
+    }
+
+    #[test]
+    fn huge_batches_are_split_to_fit_a_command_line() {
+        let modules: Vec<select::TestModule> = (0..10_000)
+            .map(|i| select::TestModule { file: format!("tests/test_{i:05}.py"), name: format!("tests.test_{i:05}") })
+            .collect();
+        let chunks = argv_chunks(&modules);
+        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), 10_000);
+        assert!(
+            chunks.len() > 1
+                && chunks.iter().all(|c| c.iter().map(|m| m.file.len() + 1).sum::<usize>() <= MAX_ARGV_BYTES)
+        );
+        assert_eq!(argv_chunks(&modules[..3]).len(), 1);
+        assert!(argv_chunks(&[]).is_empty());
+    }
+
+    /// The driver travels inside a raw triple-quoted literal: it must not
+    /// contain the quotes that would end it, nor end with a backslash.
+    #[test]
+    fn the_driver_fits_in_its_literal() {
+        assert!(DRIVER.is_ascii());
+        assert!(!DRIVER.contains("'''") && !DRIVER.ends_with('\\'));
     }
 }

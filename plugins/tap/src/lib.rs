@@ -26,7 +26,7 @@ mod shebang;
 use std::io::Read;
 use std::time::Instant;
 
-use kiln_plugin_sdk::{Command, Executor, Info, Outcome, TestResult, checkout_path, export_executor};
+use kiln_plugin_sdk::{Batch, Command, Executor, Info, Outcome, TestResult, checkout_path, export_executor};
 
 /// Interpreters a script's `#!` line may name. The runner grants the ones
 /// its operator also allows; a script asking for another one gets an
@@ -55,8 +55,10 @@ impl Executor for Tap {
         }
     }
 
-    fn run(files: Vec<String>) -> Result<(), String> {
-        for file in files {
+    /// Runs the scripts one after another (the batch's slots are not used:
+    /// TAP scripts are usually few and short).
+    fn run(batch: Batch) -> Result<(), String> {
+        for file in batch.files {
             for report in run_script(&file) {
                 kiln_plugin_sdk::report(&TestResult {
                     id: report.id,
@@ -66,6 +68,7 @@ impl Executor for Tap {
                     message: report.message,
                 });
             }
+            kiln_plugin_sdk::file_done(&file);
         }
         Ok(())
     }
