@@ -40,7 +40,10 @@ fn a_killed_runner_loses_only_its_unfinished_files() {
     assert_eq!(report.runner.as_deref(), Some("runner-2"));
     // runner-2 was told to skip the files runner-1 had finished.
     let log = cluster.procs[0].log();
-    let second = log.lines().find(|l| l.contains("attempt=2") && l.contains("assigned")).unwrap_or_default();
+    // No reassignment line is a failure, not a pass: the check below needs one.
+    let second = log.lines().find(|l| l.contains("attempt=2") && l.contains("assigned"));
+    let second = second.unwrap_or_else(|| panic!("the job was never reassigned (no attempt=2 assigned):\n{log}"));
+    assert!(second.contains("skip="), "the reassignment does not say what it skips: {second}");
     assert!(!second.contains("skip=0"), "no files skipped on reassignment: {second}\n{log}");
 }
 

@@ -2,9 +2,10 @@
 //! directory holding every commit, its job's attempt counter, its per-test
 //! results and its finished files, and which observer owns each repository.
 //!
-//! The in-memory [`State`](crate::state::State) decides; this module records
-//! each decision before the dispatcher acts on it, under the same lock, so a
-//! restarted dispatcher (even after `kill -9`) resumes where it stopped.
+//! The in-memory [`State`](crate::state::State) decides; this module is the
+//! [`Store`] that records each event's changes in one transaction before the
+//! dispatcher acts on them, so a restarted dispatcher (even after `kill -9`)
+//! resumes where it stopped, and never from half of an event.
 //! WAL with `synchronous=NORMAL` survives a process crash with every
 //! committed transaction; a power loss may lose the last few.
 
@@ -15,6 +16,7 @@ use kiln_proto::{CommitId, TestResult};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::state::CommitEntry;
+use crate::store::{Change, CommitRow, Store, StoreError};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS commits (
@@ -225,55 +227,41 @@ impl Db {
         Ok(entries)
     }
 
-    /// Writes a commit's row (everything but its results and files).
-    pub fn save_commit(&self, e: &CommitEntry) -> Result<(), DbError> {
-        self.conn
-            .execute(
-                "INSERT INTO commits (commit_id, repo, branch, seq, status, error, runner, queued_at_ms,
-                                      finished_at_ms, job, attempt, warnings)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-                 ON CONFLICT (commit_id) DO UPDATE SET status = ?5, error = ?6, runner = ?7,
-                     finished_at_ms = ?9, attempt = ?11, warnings = ?12",
-                params![
-                    e.commit.as_str(),
-                    e.repo,
-                    e.branch,
-                    e.seq as i64,
-                    e.status.as_str(),
-                    e.error,
-                    e.runner,
-                    e.queued_at_ms as i64,
-                    e.finished_at_ms.map(|f| f as i64),
-                    e.job as i64,
-                    i64::from(e.attempt),
-                    serde_json::to_string(&e.warnings).unwrap_or_else(|_| "[]".to_owned()),
-                ],
-            )
-            .map_err(self.err())?;
-        Ok(())
-    }
-
-    /// Records a test result; a second result for the same id is ignored.
-    pub fn insert_test(&self, commit: &CommitId, t: &TestResult) -> Result<(), DbError> {
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO results (commit_id, test_id, file, outcome, duration_ms, message)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![commit.as_str(), t.id, t.file, t.outcome.as_str(), t.duration_ms as i64, t.message],
-            )
-            .map_err(self.err())?;
-        Ok(())
-    }
-
-    /// Records a finished file.
-    pub fn insert_done_file(&self, commit: &CommitId, file: &str) -> Result<(), DbError> {
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO done_files (commit_id, file) VALUES (?1, ?2)",
-                params![commit.as_str(), file],
-            )
-            .map_err(self.err())?;
-        Ok(())
+    /// Applies one event's changes in one transaction.
+    pub fn apply(&mut self, changes: &[Change]) -> Result<(), DbError> {
+        let path = self.path.clone();
+        let err = |source| DbError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        for change in changes {
+            match change {
+                Change::Commit(row) => save_row(&tx, row),
+                Change::Test { commit, result: t } => tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO results (commit_id, test_id, file, outcome, duration_ms, message)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            commit.as_str(),
+                            t.id,
+                            t.file,
+                            t.outcome.as_str(),
+                            t.duration_ms as i64,
+                            t.message
+                        ])
+                    }),
+                Change::FileDone { commit, file } => tx
+                    .prepare_cached("INSERT OR IGNORE INTO done_files (commit_id, file) VALUES (?1, ?2)")
+                    .and_then(|mut s| s.execute(params![commit.as_str(), file])),
+                Change::Owner { repo, observer, at_ms } => tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO repo_owners (repo, observer, bound_at_ms) VALUES (?1, ?2, ?3)",
+                    )
+                    .and_then(|mut s| s.execute(params![repo, observer, *at_ms as i64])),
+            }
+            .map_err(err)?;
+        }
+        tx.commit().map_err(err)
     }
 
     /// Every repository's owner, as bound by its first submission.
@@ -283,15 +271,10 @@ impl Db {
         rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
     }
 
-    /// Records that `repo` belongs to `observer`; a repository already bound keeps its owner.
-    pub fn bind_owner(&self, repo: &str, observer: &str, now_ms: u64) -> Result<(), DbError> {
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO repo_owners (repo, observer, bound_at_ms) VALUES (?1, ?2, ?3)",
-                params![repo, observer, now_ms as i64],
-            )
-            .map_err(self.err())?;
-        Ok(())
+    /// Refuses (or allows again) every write, as a full or read-only disk would.
+    #[cfg(test)]
+    pub(crate) fn set_read_only(&self, read_only: bool) {
+        self.conn.pragma_update(None, "query_only", read_only).unwrap();
     }
 
     /// Whether the database knows the commit (for tests and diagnostics).
@@ -301,6 +284,49 @@ impl Db {
             .optional()
             .map(|r| r.is_some())
             .map_err(self.err())
+    }
+}
+
+/// Writes a commit's row (everything but its results and files).
+fn save_row(tx: &rusqlite::Transaction<'_>, e: &CommitRow) -> rusqlite::Result<usize> {
+    tx.prepare_cached(
+        "INSERT INTO commits (commit_id, repo, branch, seq, status, error, runner, queued_at_ms,
+                              finished_at_ms, job, attempt, warnings)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+         ON CONFLICT (commit_id) DO UPDATE SET status = ?5, error = ?6, runner = ?7,
+             finished_at_ms = ?9, attempt = ?11, warnings = ?12",
+    )?
+    .execute(params![
+        e.commit.as_str(),
+        e.repo,
+        e.branch,
+        e.seq as i64,
+        e.status.as_str(),
+        e.error,
+        e.runner,
+        e.queued_at_ms as i64,
+        e.finished_at_ms.map(|f| f as i64),
+        e.job as i64,
+        i64::from(e.attempt),
+        serde_json::to_string(&e.warnings).unwrap_or_else(|_| "[]".to_owned()),
+    ])
+}
+
+impl Store for Db {
+    fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+        Db::apply(self, changes).map_err(|e| StoreError {
+            action: format!("store {} change{}", changes.len(), if changes.len() == 1 { "" } else { "s" }),
+            source: Box::new(e),
+        })
+    }
+
+    fn load(&mut self) -> Result<Vec<CommitEntry>, StoreError> {
+        Db::load(self).map_err(|e| StoreError { action: "load the commits".into(), source: Box::new(e) })
+    }
+
+    fn load_owners(&mut self) -> Result<Vec<(String, String)>, StoreError> {
+        Db::load_owners(self)
+            .map_err(|e| StoreError { action: "load the repository owners".into(), source: Box::new(e) })
     }
 }
 
@@ -330,12 +356,16 @@ mod tests {
         state.record_test(d.job, d.attempt, 1, t.clone()).unwrap();
         state.file_done(d.job, d.attempt, 1, "tests/test_a.py".into()).unwrap();
         {
-            let db = Db::open(&path).unwrap();
+            let mut db = Db::open(&path).unwrap();
             let entry = state.entry(&commit).unwrap();
-            db.save_commit(entry).unwrap();
-            db.insert_test(&commit, &t).unwrap();
-            db.insert_test(&commit, &TestResult { outcome: Outcome::Fail, ..t.clone() }).unwrap();
-            db.insert_done_file(&commit, "tests/test_a.py").unwrap();
+            let again = Change::Test { commit, result: TestResult { outcome: Outcome::Fail, ..t.clone() } };
+            db.apply(&[
+                Change::Commit(entry.row()),
+                Change::Test { commit, result: t.clone() },
+                again,
+                Change::FileDone { commit, file: "tests/test_a.py".into() },
+            ])
+            .unwrap();
         }
         let db = Db::open(&path).unwrap();
         assert!(db.has_commit(&commit).unwrap());
@@ -354,10 +384,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.db");
         {
-            let db = Db::open(&path).unwrap();
-            db.bind_owner("/srv/git/a", "watcher", 1).unwrap();
-            db.bind_owner("/srv/git/a", "intruder", 2).unwrap();
-            db.bind_owner("/srv/git/b\nINFO forged", "other", 3).unwrap();
+            let mut db = Db::open(&path).unwrap();
+            let owner = |repo: &str, observer: &str, at_ms| Change::Owner {
+                repo: repo.into(),
+                observer: observer.into(),
+                at_ms,
+            };
+            db.apply(&[owner("/srv/git/a", "watcher", 1), owner("/srv/git/a", "intruder", 2)]).unwrap();
+            db.apply(&[owner("/srv/git/b\nINFO forged", "other", 3)]).unwrap();
         }
         let mut owners = Db::open(&path).unwrap().load_owners().unwrap();
         owners.sort();

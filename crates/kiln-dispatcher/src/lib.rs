@@ -11,10 +11,13 @@
 //! sockets, tasks and the mirror; [`private`] keeps the state directory's
 //! files readable by the dispatcher's user only.
 
+pub mod core;
 pub mod db;
 pub mod private;
 pub mod results;
 pub mod server;
 pub mod state;
+pub mod store;
+pub mod stream;
 
 pub use server::{Config, Dispatcher, StartError};

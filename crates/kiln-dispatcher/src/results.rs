@@ -191,6 +191,89 @@ fn xml(text: &str) -> String {
     out
 }
 
+/// How often at most a running commit's files are rewritten. A commit's
+/// documents are whole files (a JSON object with counts at the top, an XML
+/// tree), so each write costs the commit's size; throttling bounds the
+/// writes per commit to two a second plus the final one, instead of one per
+/// finished file, which made a large commit cost files × tests.
+pub const THROTTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Keeps the results directory up to date from the stream of changes:
+/// a commit's files are written when it first appears, at most once per
+/// [`THROTTLE`] while it runs, and once more when it ends; then it is
+/// dropped from memory. `running` are the stored commits not yet final.
+pub async fn follow(dir: ResultsDir, mut feed: crate::stream::Feed, running: Vec<crate::state::CommitEntry>) {
+    use std::collections::HashMap;
+    use tokio::time::Instant;
+
+    use crate::stream::{Doc, Next};
+
+    /// When each commit's files were last written, and whether they are behind.
+    #[derive(Default)]
+    struct Written {
+        at: Option<Instant>,
+        dirty: bool,
+    }
+    let mut docs: HashMap<kiln_proto::CommitId, Doc> = running.iter().map(|e| (e.commit, Doc::of(e))).collect();
+    let mut written: HashMap<kiln_proto::CommitId, Written> = HashMap::new();
+    let mut closed = false;
+    while !closed {
+        let due =
+            written.values().filter(|w| w.dirty).map(|w| w.at.map_or_else(Instant::now, |at| at + THROTTLE)).min();
+        tokio::select! {
+            next = feed.next() => match next {
+                Next::Update(update) => {
+                    for change in &update.changes {
+                        if let Some(commit) = crate::stream::apply(&mut docs, change) {
+                            written.entry(commit).or_default().dirty = true;
+                        }
+                    }
+                }
+                Next::Resync(snapshot) => {
+                    // Whatever was missed, every stored commit's files are rewritten.
+                    docs = snapshot.entries.iter().map(|e| (e.commit, Doc::of(e))).collect();
+                    written = docs.keys().map(|c| (*c, Written { at: None, dirty: true })).collect();
+                }
+                Next::Closed => closed = true,
+            },
+            () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
+        }
+        let now = Instant::now();
+        let ready: Vec<kiln_proto::CommitId> = written
+            .iter()
+            .filter(|(_, w)| w.dirty)
+            .filter(|(c, w)| {
+                let ended = docs.get(c).is_some_and(|d| d.row.status.is_final());
+                closed || ended || w.at.is_none_or(|at| now >= at + THROTTLE)
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for commit in ready {
+            let Some(doc) = docs.get(&commit) else {
+                written.remove(&commit);
+                continue;
+            };
+            let report = doc.report();
+            if report.status.is_final() {
+                // A final commit never changes again.
+                docs.remove(&commit);
+                written.remove(&commit);
+            } else {
+                written.insert(commit, Written { at: Some(now), dirty: false });
+            }
+            let dir = dir.clone();
+            let path = dir.path_of(&report);
+            match tokio::task::spawn_blocking(move || dir.write(&report)).await {
+                Ok(Ok(())) => tracing::debug!(path = %path.display(), "results written"),
+                Ok(Err(e)) => {
+                    tracing::warn!("failed to write results: {}", kiln_proto::Escaped(&kiln_proto::error_chain(&e)))
+                }
+                Err(e) => tracing::warn!("results writer failed: {e}"),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

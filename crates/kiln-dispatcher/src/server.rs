@@ -7,26 +7,33 @@
 //! that peer's connection with a close code and a reason, and is logged once;
 //! every other peer carries on.
 //!
-//! Every decision is made by [`State`] and written to the [`Db`] under one
-//! lock before anyone is told about it.
+//! Every decision is made by one owner task ([`Owner`]) that holds the
+//! [`Core`] (the state machine and its store) and the runners' connections;
+//! connection tasks send it [`Msg`]s and wait for the answer. Each event's
+//! changes are stored before any of its effects happen (see [`crate::core`]).
+//! Results are read from [`Reports`], which follows the stream of changes,
+//! so readers never wait on the owner.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_git::ObjectStore;
 use kiln_net::{CloseCode, Connection, FramedError, Listener, PeerIdentity, RecvStream, SendStream};
 use kiln_proto::wire::{Assignment, Control, Held, JobEvent, NameInUse, Registration, Reply, Request, Supersede};
-use kiln_proto::{CommitId, CommitReport, CommitStatus, Escaped, Role, error_chain};
-use tokio::sync::mpsc;
+use kiln_proto::{CommitId, CommitStatus, Escaped, Role, error_chain};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::core::{Answer, Core, Effects, Event};
 use crate::db::{Db, DbError};
 use crate::results::ResultsDir;
-use crate::state::{ConnId, Dispatch, SourceRefusal, State, Stopped};
+use crate::state::{ConnId, Dispatch, SourceRefusal, State};
+use crate::store::{Store, StoreError};
+use crate::stream::{Feed, Reports, Snapshot, Update};
 
 /// How long a peer may take to send the first frame of a stream it opened.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -66,6 +73,9 @@ pub enum StartError {
     /// The state database is unusable.
     #[error("open the state database")]
     Db(#[from] DbError),
+    /// The state database cannot be read.
+    #[error("read the state database")]
+    Load(#[from] StoreError),
     /// The state directory cannot be made private.
     #[error("make the state directory private")]
     Private(#[from] crate::private::PrivateError),
@@ -96,24 +106,6 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// What the lock guards: the decisions and their durable record.
-struct Core {
-    state: State,
-    db: Db,
-}
-
-impl Core {
-    /// Records a commit's row; a database failure is logged loudly, and the
-    /// dispatcher keeps serving from memory rather than dropping work.
-    fn save(&self, commit: &CommitId) {
-        if let Some(entry) = self.state.entry(commit)
-            && let Err(e) = self.db.save_commit(entry)
-        {
-            error!("cannot record {commit} in the state database: {}", Escaped(&error_chain(&e)));
-        }
-    }
-}
-
 /// A registered runner's connection.
 struct RunnerConn {
     conn: Connection,
@@ -121,22 +113,213 @@ struct RunnerConn {
     since_ms: u64,
 }
 
-/// The running dispatcher.
+/// Why the owner could not do what a message asked.
+type Refusal = String;
+
+/// What connection tasks ask of the owner task.
+enum Msg {
+    /// Take an event; answer with what it decided, or why it could not be stored.
+    Event(Event, Option<oneshot::Sender<Result<Answer, Refusal>>>),
+    /// Read the state (the closure sends its own answer).
+    Read(Box<dyn FnOnce(&State) + Send>),
+    /// A runner registers on `conn`: checked against the live connections first.
+    Register {
+        conn: Connection,
+        name: String,
+        registration: Registration,
+        reply: oneshot::Sender<Result<Answer, Result<NameInUse, Refusal>>>,
+    },
+    /// A resumed job is running on this stream: cancel it through `token`.
+    Track { job: u64, attempt: u32, token: CancellationToken },
+    /// An assignment stream ended.
+    Ended { job: u64, attempt: u32 },
+    /// A subscriber fell behind and needs everything stored.
+    Snapshot(oneshot::Sender<Result<Snapshot, String>>),
+    /// Every connection task is gone: stop.
+    Stop,
+}
+
+/// The running dispatcher: what connection tasks share.
 pub struct Dispatcher {
-    /// Queue, leases, results, and their durable record.
-    core: Mutex<Core>,
-    /// Registered runner connections by id, to open assignment streams on.
-    /// Locked after `core` when both are held.
-    runners: Mutex<HashMap<ConnId, RunnerConn>>,
-    /// Running assignments by job id: cancelling the token tells the runner to stop.
-    running: Mutex<HashMap<u64, (u32, CancellationToken)>>,
+    /// The owner task's mailbox.
+    core: mpsc::Sender<Msg>,
+    /// Every commit's report, kept by following the stream of changes.
+    reports: Arc<RwLock<Reports>>,
+    /// The last update the owner published, and the last one `reports` holds:
+    /// a request waits until the second reaches the first, so an admin who
+    /// was answered "cancelled" reads "cancelled".
+    published: watch::Receiver<u64>,
+    seen: watch::Receiver<u64>,
     /// The bare git mirror's path; opened per operation on a blocking thread.
     mirror: PathBuf,
-    /// Reports to write to the results directory, in order.
-    persist: mpsc::UnboundedSender<CommitReport>,
     config: Config,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+}
+
+/// The owner task's state: the only place decisions are made.
+struct Owner {
+    core: Core<Db>,
+    /// Registered runner connections by id, to open assignment streams on.
+    runners: HashMap<ConnId, RunnerConn>,
+    /// Running assignments by job id: cancelling the token tells the runner to stop.
+    running: HashMap<u64, (u32, CancellationToken)>,
+    /// Where stored changes are published.
+    updates: broadcast::Sender<Arc<Update>>,
+    published: watch::Sender<u64>,
+    /// For the tasks the owner starts (assignments) and messages to itself.
+    dispatcher: Option<Arc<Dispatcher>>,
+    mailbox: mpsc::Sender<Msg>,
+}
+
+/// Runs blocking store work without stalling the other async tasks.
+fn off_async<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        // A single-threaded runtime (tests) has no other thread to hand its tasks to.
+        _ => f(),
+    }
+}
+
+impl Owner {
+    /// Takes one event and acts on its effects, once they are stored.
+    fn event(&mut self, event: Event) -> Result<Answer, Refusal> {
+        let what = event.describe();
+        let retry = matches!(event, Event::RunnerGone { .. } | Event::ExpireOrphans).then(|| event.clone());
+        let now = now_ms();
+        match off_async(|| self.core.handle(event, now)) {
+            Ok(effects) => Ok(self.act(effects)),
+            Err(e) => {
+                let cause = error_chain(&e);
+                error!("cannot store {what}: {}; nothing was changed and nobody was told", Escaped(&cause));
+                // A lost runner is a fact, not a request: keep trying until it is on disk.
+                if let Some(event) = retry {
+                    let mailbox = self.mailbox.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let _ = mailbox.send(Msg::Event(event, None)).await;
+                    });
+                }
+                Err(format!("the dispatcher cannot store {what}: {cause}"))
+            }
+        }
+    }
+
+    /// Publishes the stored changes, stops what was stopped, sends assignments.
+    fn act(&mut self, effects: Effects) -> Answer {
+        let Effects { answer, dispatches, stopped, update } = effects;
+        if let Some(update) = update {
+            let seq = update.seq;
+            // No subscriber is no error: nobody is listening yet.
+            let _ = self.updates.send(update);
+            self.published.send_replace(seq);
+        }
+        for s in &stopped {
+            if s.conn.is_some()
+                && let Some((_, token)) = self.running.get(&s.job)
+            {
+                token.cancel();
+            }
+        }
+        for d in dispatches {
+            let Some(conn) = self.runners.get(&d.conn).map(|r| r.conn.clone()) else {
+                // Its connection is gone: so is the runner, and its work goes back.
+                let _ = self.event(Event::RunnerGone { name: d.runner.clone(), conn: d.conn });
+                continue;
+            };
+            let Some(dispatcher) = self.dispatcher.clone() else { continue };
+            let token = CancellationToken::new();
+            self.running.insert(d.assignment.job, (d.assignment.attempt, token.clone()));
+            let a = &d.assignment;
+            // A root span: the event that freed a slot or queued work came from
+            // another connection (often an observer's), and the job's lines are
+            // not that connection's. The runner is named in the span instead.
+            let span = info_span!(parent: None, "job", job = a.job, attempt = a.attempt, runner = %Escaped(&d.runner));
+            let tasks = dispatcher.tasks.clone();
+            tasks.spawn(async move { dispatcher.drive(conn, d, token).await }.instrument(span));
+        }
+        answer
+    }
+
+    fn register(
+        &mut self,
+        conn: Connection,
+        name: String,
+        Registration { slots, held, sandbox_gaps }: Registration,
+    ) -> Result<Answer, Result<NameInUse, Refusal>> {
+        let id = conn.stable_id();
+        let state = self.core.state();
+        // Two live connections with one name are two runners sharing a
+        // certificate: the registered one keeps the name. A dead one is
+        // replaced (its runner reconnecting); a silent one is declared
+        // dead within the idle timeout, and the newcomer gets in then,
+        // unless it names a lease the old connection holds: only the
+        // runner that was given it knows it, so it is that runner back.
+        let holder = state
+            .runner_conn(&name)
+            .filter(|&c| c != id)
+            .filter(|&c| !held.iter().any(|h| state.holds(h.job, h.attempt, c)))
+            .and_then(|c| self.runners.get(&c))
+            .filter(|h| h.conn.close_reason().is_none());
+        if let Some(h) = holder {
+            return Err(Ok(NameInUse {
+                name,
+                since_unix_ms: h.since_ms,
+                address: h.conn.remote_address().to_string(),
+            }));
+        }
+        let previous = self.runners.insert(id, RunnerConn { conn, since_ms: now_ms() });
+        let held = held[..held.len().min(1024)].to_vec();
+        let gaps: Vec<String> = sandbox_gaps.iter().take(32).map(|g| g.chars().take(512).collect()).collect();
+        let event = Event::Register { name, conn: id, slots: slots.clamp(1, 256), held, gaps };
+        match self.event(event) {
+            Ok(answer) => {
+                if let Answer::Registered { replaced: Some(old), .. } = &answer
+                    && let Some(old) = self.runners.remove(old)
+                {
+                    old.conn.close(CloseCode::Replaced, "a newer connection registered with this name");
+                }
+                Ok(answer)
+            }
+            Err(refusal) => {
+                match previous {
+                    Some(p) => self.runners.insert(id, p),
+                    None => self.runners.remove(&id),
+                };
+                Err(Err(refusal))
+            }
+        }
+    }
+
+    async fn run(mut self, mut mailbox: mpsc::Receiver<Msg>) {
+        while let Some(msg) = mailbox.recv().await {
+            match msg {
+                Msg::Event(event, reply) => {
+                    let answer = self.event(event);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(answer);
+                    }
+                }
+                Msg::Read(read) => read(self.core.state()),
+                Msg::Register { conn, name, registration, reply } => {
+                    let _ = reply.send(self.register(conn, name, registration));
+                }
+                Msg::Track { job, attempt, token } => {
+                    self.running.insert(job, (attempt, token));
+                }
+                Msg::Ended { job, attempt } => {
+                    if self.running.get(&job).is_some_and(|(a, _)| *a == attempt) {
+                        self.running.remove(&job);
+                    }
+                }
+                Msg::Snapshot(reply) => {
+                    let snapshot = off_async(|| self.core.snapshot()).map_err(|e| error_chain(&e));
+                    let _ = reply.send(snapshot);
+                }
+                Msg::Stop => break,
+            }
+        }
+    }
 }
 
 impl Dispatcher {
@@ -148,42 +331,76 @@ impl Dispatcher {
         let results = ResultsDir::open(&config.state_dir.join("results"))?;
         let mirror = config.state_dir.join("mirror.git");
         ObjectStore::open_or_init_bare(&mirror)?;
-        let db = Db::open(&config.state_dir.join("kiln.db"))?;
+        let mut db = Db::open(&config.state_dir.join("kiln.db"))?;
         let mut state = State::default();
-        state.restore_owners(db.load_owners()?);
+        state.restore_owners(Store::load_owners(&mut db)?);
         state.pin_owners(config.repo_owners.iter().cloned());
-        let entries = db.load()?;
+        let entries = Store::load(&mut db)?;
         let (restored, unfinished) = (entries.len(), entries.iter().filter(|e| !e.status.is_final()).count());
+        let reports = Arc::new(RwLock::new(Reports::of(&entries)));
+        let running: Vec<_> = entries.iter().filter(|e| !e.status.is_final()).cloned().collect();
         state.restore(entries);
         if restored > 0 {
             info!(commits = restored, unfinished, "resumed from the state database");
         }
 
-        let (persist, mut persist_rx) = mpsc::unbounded_channel::<CommitReport>();
+        let (updates, _) = broadcast::channel(crate::stream::CAPACITY);
+        let (published_tx, published) = watch::channel(0);
+        let (seen_tx, seen) = watch::channel(0);
+        let (mailbox_tx, mailbox) = mpsc::channel(1024);
+        let (snapshots, mut snapshot_rx) = mpsc::channel(16);
         let tasks = TaskTracker::new();
         let dispatcher = Arc::new(Dispatcher {
-            core: Mutex::new(Core { state, db }),
-            runners: Mutex::new(HashMap::new()),
-            running: Mutex::new(HashMap::new()),
+            core: mailbox_tx.clone(),
+            reports: Arc::clone(&reports),
+            published,
+            seen,
             mirror,
-            persist,
             config,
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
         });
 
-        // One writer keeps result files in the order their states happened.
-        let writer = tokio::spawn(async move {
-            while let Some(report) = persist_rx.recv().await {
-                let results = results.clone();
-                let path = results.path_of(&report);
-                match tokio::task::spawn_blocking(move || results.write(&report)).await {
-                    Ok(Ok(())) => debug!(path = %path.display(), "results written"),
-                    Ok(Err(e)) => warn!("failed to write results: {}", Escaped(&error_chain(&e))),
-                    Err(e) => warn!("results writer failed: {e}"),
+        // Subscribers start before the first update, from what was loaded.
+        let files = Feed::new("results files", updates.subscribe(), snapshots.clone(), 0);
+        let writer = tokio::spawn(crate::results::follow(results, files, running));
+        let mut feed = Feed::new("results reader", updates.subscribe(), snapshots, 0);
+        let follower = tokio::spawn(async move {
+            use crate::stream::Next;
+            loop {
+                let seq = match feed.next().await {
+                    Next::Update(update) => {
+                        reports.write().unwrap_or_else(|e| e.into_inner()).apply(&update);
+                        update.seq
+                    }
+                    Next::Resync(snapshot) => {
+                        *reports.write().unwrap_or_else(|e| e.into_inner()) = Reports::of(&snapshot.entries);
+                        snapshot.seq
+                    }
+                    Next::Closed => break,
+                };
+                seen_tx.send_replace(seq);
+            }
+        });
+        // Snapshot requests go through the mailbox, in order with the events.
+        let to_owner = mailbox_tx.clone();
+        let relay = tokio::spawn(async move {
+            while let Some(reply) = snapshot_rx.recv().await {
+                if to_owner.send(Msg::Snapshot(reply)).await.is_err() {
+                    break;
                 }
             }
         });
+        let owner = Owner {
+            core: Core::new(state, db),
+            runners: HashMap::new(),
+            running: HashMap::new(),
+            updates,
+            published: published_tx,
+            dispatcher: Some(Arc::clone(&dispatcher)),
+            mailbox: mailbox_tx.clone(),
+        };
+        let owner = tokio::spawn(owner.run(mailbox));
 
         if unfinished > 0 {
             // Runners that kept working through the restart have this long to claim their jobs.
@@ -193,13 +410,11 @@ impl Dispatcher {
                 tokio::select! {
                     () = d.shutdown.cancelled() => {}
                     () = tokio::time::sleep(grace) => {
-                        let mut core = d.core();
-                        for commit in core.state.expire_orphans() {
-                            info!(%commit, "no runner claimed this running work after the restart; requeued");
-                            d.persist(&core, &commit);
+                        if let Ok(Answer::Requeued(commits)) = d.ask(Event::ExpireOrphans).await {
+                            for commit in commits {
+                                info!(%commit, "no runner claimed this running work after the restart; requeued");
+                            }
                         }
-                        drop(core);
-                        d.schedule();
                     }
                 }
             });
@@ -218,24 +433,41 @@ impl Dispatcher {
         listener.shutdown().await;
         tasks.close();
         tasks.wait().await;
-        // Every task is gone, so this is the last sender: the writer drains and stops.
+        // Every connection task is gone: the owner stops, which ends the
+        // stream, and the writer writes what is left and stops.
+        let _ = mailbox_tx.send(Msg::Stop).await;
         drop(dispatcher);
+        let _ = owner.await;
+        relay.abort();
+        let _ = follower.await;
         let _ = writer.await;
         Ok(())
     }
 
-    fn core(&self) -> MutexGuard<'_, Core> {
-        // A panic while holding the lock would be a bug in State; keep serving.
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    /// Sends an event to the owner and waits for its answer.
+    async fn ask(&self, event: Event) -> Result<Answer, Refusal> {
+        let (tx, rx) = oneshot::channel();
+        self.core.send(Msg::Event(event, Some(tx))).await.map_err(|_| "the dispatcher is stopping".to_owned())?;
+        rx.await.map_err(|_| "the dispatcher is stopping".to_owned())?
     }
 
-    /// Records a commit durably and queues its results file.
-    fn persist(&self, core: &Core, commit: &CommitId) {
-        core.save(commit);
-        if let Some(report) = core.state.report(commit) {
-            // The writer lives as long as any task; a send only fails at shutdown.
-            let _ = self.persist.send(report);
-        }
+    /// Reads the state in the owner task.
+    async fn read<T: Send + 'static>(&self, f: impl FnOnce(&State) -> T + Send + 'static) -> Result<T, StreamError> {
+        let (tx, rx) = oneshot::channel();
+        let read = Box::new(move |s: &State| {
+            let _ = tx.send(f(s));
+        });
+        let stopping = || StreamError::Failed("the dispatcher is stopping".into());
+        self.core.send(Msg::Read(read)).await.map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())
+    }
+
+    /// Tells the owner without waiting (it is gone only at shutdown).
+    fn tell(&self, msg: Msg) {
+        let core = self.core.clone();
+        self.tasks.spawn(async move {
+            let _ = core.send(msg).await;
+        });
     }
 
     async fn serve_connection(self: Arc<Self>, incoming: kiln_net::Incoming) {
@@ -274,22 +506,20 @@ impl Dispatcher {
             let reason = conn.close_reason().unwrap_or_else(|| "shutdown".to_owned());
             info!("disconnected: {}", Escaped(&reason));
             if peer.role == Role::Runner {
-                self.runner_gone(&peer.name, id);
+                self.runner_gone(&peer.name, id).await;
             }
         }
         .instrument(span)
         .await
     }
 
-    fn runner_gone(self: &Arc<Self>, name: &str, id: ConnId) {
-        self.runners.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-        let mut core = self.core();
-        for commit in core.state.unregister(name, id) {
-            info!(%commit, "requeued the work of a disconnected runner");
-            self.persist(&core, &commit);
+    async fn runner_gone(&self, name: &str, id: ConnId) {
+        // A failure is logged (and retried) by the owner.
+        if let Ok(Answer::Requeued(commits)) = self.ask(Event::RunnerGone { name: name.to_owned(), conn: id }).await {
+            for commit in commits {
+                info!(%commit, "requeued the work of a disconnected runner");
+            }
         }
-        drop(core);
-        self.schedule();
     }
 
     async fn serve_stream(self: Arc<Self>, conn: Connection, peer: PeerIdentity, send: SendStream, recv: RecvStream) {
@@ -337,10 +567,9 @@ impl Dispatcher {
                 self.submit(peer, send, recv, Submission { repo, branch, commit, supersede }).await
             }
             Request::BranchTip { repo, branch } => {
-                let tip = {
-                    let core = self.core();
-                    core.state.may_read_repo(&repo, &peer.name).map(|()| core.state.branch_tip(&repo, &branch))
-                };
+                let name = peer.name.clone();
+                let tip =
+                    self.read(move |s| s.may_read_repo(&repo, &name).map(|()| s.branch_tip(&repo, &branch))).await?;
                 match tip {
                     Ok(tip) => reply(send, Reply::Tip(tip)).await,
                     Err(refused) => refuse(send, refused.to_string()).await,
@@ -350,50 +579,31 @@ impl Dispatcher {
                 self.fetch_source(conn, peer, send, lease, commit, haves).await
             }
             Request::GetResults { commit } => {
-                let report = {
-                    let core = self.core();
-                    commit.or_else(|| core.state.newest()).and_then(|c| core.state.report(&c))
-                };
+                // Read what has been stored so far, including this admin's own
+                // last change: wait (briefly) for the reader to catch up.
+                let target = *self.published.borrow();
+                let mut seen = self.seen.clone();
+                let _ = tokio::time::timeout(Duration::from_secs(5), seen.wait_for(|s| *s >= target)).await;
+                let report = self.reports.read().unwrap_or_else(|e| e.into_inner()).report(commit);
                 reply(send, Reply::Report(report.map(Box::new))).await
             }
             Request::Cancel { commit } => {
-                let stopped = self.stop(&commit, CommitStatus::Cancelled, format!("cancelled by {peer}"));
-                if stopped {
-                    info!(%commit, "cancelled");
+                let event =
+                    Event::Stop { commit, status: CommitStatus::Cancelled, reason: format!("cancelled by {peer}") };
+                match self.ask(event).await {
+                    Ok(answer) => {
+                        let stopped = answer == Answer::Stopped(true);
+                        if stopped {
+                            info!(%commit, "cancelled");
+                        }
+                        reply(send, Reply::Cancelled(stopped)).await
+                    }
+                    Err(refusal) => reply(send, Reply::Refused(refusal)).await,
                 }
-                reply(send, Reply::Cancelled(stopped)).await
             }
             Request::Resolve { prefix } => {
-                let found = self.core().state.commits_with_prefix(&prefix, kiln_proto::wire::MAX_RESOLVED);
+                let found = self.read(move |s| s.commits_with_prefix(&prefix, kiln_proto::wire::MAX_RESOLVED)).await?;
                 reply(send, Reply::Resolved(found)).await
-            }
-        }
-    }
-
-    /// Ends a commit that is not final with `status`, telling its runner to
-    /// kill the tests if it is running. Returns whether anything was stopped.
-    fn stop(self: &Arc<Self>, commit: &CommitId, status: CommitStatus, reason: String) -> bool {
-        let stopped = {
-            let mut core = self.core();
-            let stopped = core.state.stop(commit, status, reason, now_ms());
-            if stopped.is_some() {
-                self.persist(&core, commit);
-            }
-            stopped
-        };
-        let Some(stopped) = stopped else { return false };
-        self.tell_stopped(&[stopped]);
-        self.schedule();
-        true
-    }
-
-    fn tell_stopped(&self, stopped: &[Stopped]) {
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        for s in stopped {
-            if s.conn.is_some()
-                && let Some((_, token)) = running.get(&s.job)
-            {
-                token.cancel();
             }
         }
     }
@@ -404,65 +614,30 @@ impl Dispatcher {
         peer: &PeerIdentity,
         mut send: SendStream,
         mut recv: RecvStream,
-        Registration { slots, held, sandbox_gaps }: Registration,
+        registration: Registration,
     ) -> Result<(), StreamError> {
-        let slots = slots.clamp(1, 256);
-        let id = conn.stable_id();
-        let registered = {
-            let mut core = self.core();
-            let mut runners = self.runners.lock().unwrap_or_else(|e| e.into_inner());
-            // Two live connections with one name are two runners sharing a
-            // certificate: the registered one keeps the name. A dead one is
-            // replaced (its runner reconnecting); a silent one is declared
-            // dead within the idle timeout, and the newcomer gets in then,
-            // unless it names a lease the old connection holds: only the
-            // runner that was given it knows it, so it is that runner back.
-            let holder = core
-                .state
-                .runner_conn(&peer.name)
-                .filter(|&c| c != id)
-                .filter(|&c| !held.iter().any(|h| core.state.holds(h.job, h.attempt, c)))
-                .and_then(|c| runners.get(&c))
-                .filter(|h| h.conn.close_reason().is_none());
-            match holder {
-                Some(h) => Err(NameInUse {
-                    name: peer.name.clone(),
-                    since_unix_ms: h.since_ms,
-                    address: h.conn.remote_address().to_string(),
-                }),
-                None => {
-                    runners.insert(id, RunnerConn { conn: conn.clone(), since_ms: now_ms() });
-                    drop(runners);
-                    let held = &held[..held.len().min(1024)];
-                    let gaps: Vec<String> =
-                        sandbox_gaps.iter().take(32).map(|g| g.chars().take(512).collect()).collect();
-                    let (replaced, adopted) = core.state.register(&peer.name, id, slots, held, &gaps);
-                    for job in &adopted {
-                        if let Some(commit) = core.state.commit_of(*job) {
-                            info!(job, %commit, "the runner still holds this job; it may resume");
-                            self.persist(&core, &commit);
-                        }
-                    }
-                    Ok((replaced, adopted))
-                }
+        let (slots, held) = (registration.slots.clamp(1, 256), registration.held.len());
+        let (tx, rx) = oneshot::channel();
+        let msg = Msg::Register { conn: conn.clone(), name: peer.name.clone(), registration, reply: tx };
+        let stopping = || StreamError::Failed("the dispatcher is stopping".into());
+        self.core.send(msg).await.map_err(|_| stopping())?;
+        let adopted = match rx.await.map_err(|_| stopping())? {
+            Ok(Answer::Registered { adopted, .. }) => adopted,
+            Ok(other) => return Err(StreamError::Failed(format!("unexpected answer {other:?}"))),
+            Err(Ok(clash)) => return refuse_name(conn, send, clash).await,
+            Err(Err(refusal)) => {
+                reply(send, Reply::Refused(refusal.clone())).await?;
+                return Err(StreamError::Failed(refusal));
             }
         };
-        let (replaced, adopted) = match registered {
-            Ok(r) => r,
-            Err(clash) => return refuse_name(conn, send, clash).await,
-        };
-        if held.len() > adopted.len() {
-            info!(held = held.len(), adopted = adopted.len(), "refusing assignments the runner no longer holds");
+        for job in &adopted {
+            info!(job, "the runner still holds this job; it may resume");
         }
-        if let Some(old) = replaced {
-            let old_conn = self.runners.lock().unwrap_or_else(|e| e.into_inner()).remove(&old);
-            if let Some(old_conn) = old_conn {
-                old_conn.conn.close(CloseCode::Replaced, "a newer connection registered with this name");
-            }
+        if held > adopted.len() {
+            info!(held, adopted = adopted.len(), "refusing assignments the runner no longer holds");
         }
         info!(slots, "runner registered");
         send.send(&Reply::Registered).await?;
-        self.schedule();
         // The control stream carries nothing else yet: anything more is a violation.
         match recv.recv::<Request>().await {
             Ok(None) => Ok(()),
@@ -485,21 +660,16 @@ impl Dispatcher {
         }
         // The repository is the first submitter's (or the operator's choice):
         // nobody else may add to it, or supersede its commits.
-        let claimed = {
-            let mut core = self.core();
-            let claimed = core.state.claim_repo(&repo, &peer.name);
-            if claimed == Ok(true) {
-                info!(repo = %Escaped(&repo), "repository bound to this observer");
-                if let Err(e) = core.db.bind_owner(&repo, &peer.name, now_ms()) {
-                    error!("cannot record a repository's owner: {}", Escaped(&error_chain(&e)));
-                }
+        match self.ask(Event::Claim { repo: repo.clone(), observer: peer.name.clone() }).await {
+            Ok(Answer::Claimed(Ok(true))) => info!(repo = %Escaped(&repo), "repository bound to this observer"),
+            Ok(Answer::Claimed(Err(refused))) => return refuse(send, refused.to_string()).await,
+            Ok(_) => {}
+            Err(refusal) => {
+                reply(send, Reply::Refused(refusal.clone())).await?;
+                return Err(StreamError::Failed(refusal));
             }
-            claimed
-        };
-        if let Err(refused) = claimed {
-            return refuse(send, refused.to_string()).await;
         }
-        if self.core().state.knows(&commit) {
+        if self.read(move |s| s.knows(&commit)).await? {
             return reply(send, Reply::Known).await;
         }
         let mirror = self.mirror.clone();
@@ -534,7 +704,8 @@ impl Dispatcher {
         }
         // A newer commit stops older ones only if it descends from them: a
         // rewritten or unrelated history never cancels work.
-        let candidates = self.core().state.supersede_candidates(&repo, &branch, supersede);
+        let (r, b) = (repo.clone(), branch.clone());
+        let candidates = self.read(move |s| s.supersede_candidates(&r, &b, supersede)).await?;
         let descends: HashSet<CommitId> = if candidates.is_empty() {
             HashSet::new()
         } else {
@@ -555,26 +726,27 @@ impl Dispatcher {
             })
             .await?
         };
-        let stopped = {
-            let mut core = self.core();
-            let result = core.state.submit(&repo, &branch, commit, supersede, |c| descends.contains(c), now_ms());
-            if let Some(stopped) = &result {
+        let event =
+            Event::Submit { repo: repo.clone(), branch: branch.clone(), commit, supersede, descends: descends.clone() };
+        match self.ask(event).await {
+            Ok(Answer::Submitted(Some(stopped))) => {
                 info!(%commit, repo = %Escaped(&repo), branch = %Escaped(&branch), "commit queued");
-                self.persist(&core, &commit);
                 for s in stopped {
                     info!(commit = %s.commit, by = %commit, "superseded");
-                    self.persist(&core, &s.commit);
                 }
                 for old in candidates.iter().filter(|c| !descends.contains(c)) {
                     info!(commit = %old, by = %commit, "not superseded: the new commit does not descend from it");
                 }
             }
-            result.unwrap_or_default()
-        };
-        self.tell_stopped(&stopped);
+            Ok(_) => {}
+            // Not stored, so not queued: the observer offers it again.
+            Err(refusal) => {
+                reply(send, Reply::Refused(refusal.clone())).await?;
+                return Err(StreamError::Failed(refusal));
+            }
+        }
         send.send(&Reply::Queued).await?;
         send.finish();
-        self.schedule();
         Ok(())
     }
 
@@ -589,7 +761,8 @@ impl Dispatcher {
         commit: CommitId,
         haves: Vec<CommitId>,
     ) -> Result<(), StreamError> {
-        let access = self.core().state.source_access(lease, &commit, conn.stable_id(), &peer.name);
+        let (id, name) = (conn.stable_id(), peer.name.clone());
+        let access = self.read(move |s| s.source_access(lease, &commit, id, &name)).await?;
         match access {
             Ok(()) => {}
             // The lease ended while the runner was about to fetch: a race, not an attack.
@@ -615,40 +788,6 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Hands queued jobs to free runners.
-    fn schedule(self: &Arc<Self>) {
-        let dispatches = {
-            let mut core = self.core();
-            let dispatches = core.state.assign();
-            for d in &dispatches {
-                self.persist(&core, &d.assignment.commit);
-            }
-            dispatches
-        };
-        for d in dispatches {
-            let conn = self.runners.lock().unwrap_or_else(|e| e.into_inner()).get(&d.conn).map(|r| r.conn.clone());
-            let Some(conn) = conn else {
-                let mut core = self.core();
-                if let Some(commit) = core.state.abandon(d.assignment.job, d.assignment.attempt, d.conn) {
-                    self.persist(&core, &commit);
-                }
-                continue;
-            };
-            let token = CancellationToken::new();
-            self.running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(d.assignment.job, (d.assignment.attempt, token.clone()));
-            let me = Arc::clone(self);
-            let a = &d.assignment;
-            // A root span: `schedule` runs under whichever connection freed a slot or
-            // queued work (often an observer's), and the job's lines are not that
-            // connection's. The runner is named in the span instead.
-            let span = info_span!(parent: None, "job", job = a.job, attempt = a.attempt, runner = %Escaped(&d.runner));
-            self.tasks.spawn(async move { me.drive(conn, d, token).await }.instrument(span));
-        }
-    }
-
     /// Runs one assignment: sends it, records the events that come back.
     async fn drive(self: Arc<Self>, conn: Connection, d: Dispatch, cancel: CancellationToken) {
         info!(commit = %d.assignment.commit, skip = d.assignment.skip_files.len(), "assigned");
@@ -658,7 +797,7 @@ impl Dispatcher {
             self.events(send, recv, &d, &cancel).await
         }
         .await;
-        self.assignment_ended(&conn, &d, outcome);
+        self.assignment_ended(&conn, &d, outcome).await;
     }
 
     /// A runner that kept working through a lost connection carries on
@@ -672,10 +811,8 @@ impl Dispatcher {
         held: Held,
     ) -> Result<(), StreamError> {
         let id = conn.stable_id();
-        let commit = {
-            let core = self.core();
-            core.state.holds(held.job, held.attempt, id).then(|| core.state.commit_of(held.job)).flatten()
-        };
+        let commit =
+            self.read(move |s| s.holds(held.job, held.attempt, id).then(|| s.commit_of(held.job)).flatten()).await?;
         let Some(commit) = commit else {
             let reason = format!("job {} attempt {} is no longer yours", held.job, held.attempt);
             warn!("rejected a late runner's work: {}", Escaped(&reason));
@@ -687,14 +824,14 @@ impl Dispatcher {
             assignment: Assignment { job: held.job, attempt: held.attempt, commit, skip_files: Vec::new() },
         };
         let cancel = CancellationToken::new();
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(held.job, (held.attempt, cancel.clone()));
+        self.tell(Msg::Track { job: held.job, attempt: held.attempt, token: cancel.clone() });
         // Under the runner's connection, which is the one carrying the job now.
         let span = info_span!("job", job = held.job, attempt = held.attempt);
         async {
             info!(%commit, "resumed");
             send.send(&Reply::Resumed).await?;
             let outcome = self.events(send, recv, &d, &cancel).await;
-            self.assignment_ended(conn, &d, outcome);
+            self.assignment_ended(conn, &d, outcome).await;
             Ok(())
         }
         .instrument(span)
@@ -702,27 +839,20 @@ impl Dispatcher {
     }
 
     /// Cleans up after an assignment stream: requeues the job if it did not
-    /// end properly, and hands out work.
-    fn assignment_ended(self: &Arc<Self>, conn: &Connection, d: &Dispatch, outcome: Result<(), StreamError>) {
+    /// end properly (which hands out work).
+    async fn assignment_ended(&self, conn: &Connection, d: &Dispatch, outcome: Result<(), StreamError>) {
         let a = &d.assignment;
-        {
-            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-            if running.get(&a.job).is_some_and(|(attempt, _)| *attempt == a.attempt) {
-                running.remove(&a.job);
-            }
-        }
+        self.tell(Msg::Ended { job: a.job, attempt: a.attempt });
         if let Err(e) = outcome {
             if let StreamError::Protocol(reason) = &e {
                 warn!("protocol violation, closing connection: {}", Escaped(reason));
                 conn.close(CloseCode::Protocol, reason);
             }
-            let mut core = self.core();
-            if let Some(commit) = core.state.abandon(a.job, a.attempt, d.conn) {
+            let event = Event::Abandon { job: a.job, attempt: a.attempt, conn: d.conn };
+            if let Ok(Answer::Abandoned(Some(_))) = self.ask(event).await {
                 info!("job requeued: {}", Escaped(&e.to_string()));
-                self.persist(&core, &commit);
             }
         }
-        self.schedule();
     }
 
     /// Records the events of one assignment stream until the job ends.
@@ -734,6 +864,7 @@ impl Dispatcher {
         cancel: &CancellationToken,
     ) -> Result<(), StreamError> {
         let a = &d.assignment;
+        let (job, attempt, conn) = (a.job, a.attempt, d.conn);
         let deadline = tokio::time::sleep(self.config.job_timeout);
         tokio::pin!(deadline);
         let mut cancelled = false;
@@ -753,7 +884,7 @@ impl Dispatcher {
                     }
                     let reason = format!("the tests ran longer than the job timeout of {:?}", self.config.job_timeout);
                     warn!(commit = %a.commit, "{}", Escaped(&reason));
-                    self.stop_for_timeout(&a.commit, reason);
+                    let _ = self.ask(Event::Stop { commit: a.commit, status: CommitStatus::Error, reason }).await;
                     continue;
                 }
                 event = recv.recv() => event?,
@@ -761,88 +892,55 @@ impl Dispatcher {
             let Some(event) = event else {
                 return Err(StreamError::Protocol("assignment stream ended before the job finished".into()));
             };
-            let mut core = self.core();
-            let result = match event {
+            let event = match event {
                 JobEvent::Test(result) => {
                     if result.id.len() > 4096 || result.message.len() > 512 * 1024 {
                         return Err(StreamError::Protocol("oversized test result".into()));
                     }
-                    let commit = a.commit;
-                    let stored = result.clone();
-                    core.state.record_test(a.job, a.attempt, d.conn, result).map(|new| {
-                        if new && let Err(e) = core.db.insert_test(&commit, &stored) {
-                            error!(test = %Escaped(&stored.id), "cannot record a result: {}", Escaped(&error_chain(&e)));
-                        }
-                    })
+                    Event::Test { job, attempt, conn, result }
                 }
                 JobEvent::FileDone { file } => {
-                    let commit = a.commit;
-                    core.state.file_done(a.job, a.attempt, d.conn, file.clone()).map(|new| {
-                        if new {
-                            debug!(file = %Escaped(&file), "file done");
-                            if let Err(e) = core.db.insert_done_file(&commit, &file) {
-                                error!(file = %Escaped(&file), "cannot record a finished file: {}", Escaped(&error_chain(&e)));
-                            }
-                            // Progress shows in the results file file by file.
-                            self.persist(&core, &commit);
-                        }
-                    })
+                    debug!(file = %Escaped(&file), "file done");
+                    Event::FileDone { job, attempt, conn, file }
                 }
                 JobEvent::Warning(warning) => {
-                    let commit = a.commit;
-                    let count = core.state.entry(&commit).map_or(0, |e| e.warnings.len());
-                    if warning.len() > 16 * 1024 || count >= 32 {
+                    if warning.len() > 16 * 1024 {
                         return Err(StreamError::Protocol("oversized or too many warnings".into()));
                     }
-                    core.state.warn(a.job, a.attempt, d.conn, warning).map(|new| {
-                        if new {
-                            self.persist(&core, &commit);
-                        }
-                    })
+                    Event::Warning { job, attempt, conn, warning }
                 }
-                JobEvent::Finished { error } => {
-                    let result = core.state.finish(a.job, a.attempt, d.conn, error, now_ms());
-                    if let Ok(commit) = &result {
-                        self.persist(&core, commit);
-                        if let Some(r) = core.state.report(commit) {
-                            info!(%commit, status = %r.status, tests = r.counts.total, "job finished");
-                        }
-                    }
-                    let stopped = cancelled || core.state.entry(&a.commit).is_some_and(|e| e.status.is_final());
-                    drop(core);
-                    send.finish();
-                    return match result {
-                        Ok(_) => Ok(()),
-                        Err(_) if stopped => Ok(()),
-                        Err(stale) => Err(StreamError::Failed(format!("rejected a job end: {stale}"))),
-                    };
-                }
+                JobEvent::Finished { error } => Event::Finished { job, attempt, conn, error },
                 JobEvent::Abandoned { reason } => {
-                    drop(core);
                     send.finish();
                     return Err(StreamError::Failed(format!("the runner gave the job back: {reason}")));
                 }
             };
-            // A commit stopped by cancel, timeout or a newer commit may still
-            // get events the runner sent before it heard; they are expected.
-            let stopped = cancelled || core.state.entry(&a.commit).is_some_and(|e| e.status.is_final());
-            match result {
-                Ok(()) => {}
-                Err(_) if stopped => {}
-                Err(stale) => {
+            // Not stored: the runner cannot be told it was, so the job ends here
+            // and goes back to the queue once storing works again.
+            let answer = self.ask(event).await.map_err(StreamError::Failed)?;
+            match answer {
+                Answer::Finished { result, ended } => {
+                    send.finish();
+                    return match result {
+                        Ok((commit, status, tests)) => {
+                            info!(%commit, %status, tests, "job finished");
+                            Ok(())
+                        }
+                        Err(_) if cancelled || ended => Ok(()),
+                        Err(stale) => Err(StreamError::Failed(format!("rejected a job end: {stale}"))),
+                    };
+                }
+                Answer::TooManyWarnings => {
+                    return Err(StreamError::Protocol("oversized or too many warnings".into()));
+                }
+                // A commit stopped by cancel, timeout or a newer commit may still
+                // get events the runner sent before it heard; they are expected.
+                Answer::Recorded { result: Err(stale), ended } if !(cancelled || ended) => {
                     warn!("rejected an event: {}", Escaped(&stale.to_string()));
                     return Err(StreamError::Protocol(format!("an event for work this runner does not hold: {stale}")));
                 }
+                _ => {}
             }
-        }
-    }
-
-    fn stop_for_timeout(&self, commit: &CommitId, reason: String) {
-        let mut core = self.core();
-        if let Some(stopped) = core.state.stop(commit, CommitStatus::Error, reason, now_ms()) {
-            self.persist(&core, commit);
-            drop(core);
-            self.tell_stopped(&[stopped]);
         }
     }
 }

@@ -1,7 +1,13 @@
 //! The dispatcher's bookkeeping as a plain state machine: commits, their jobs
 //! and leases, the queue, and runners' free slots. No I/O happens here, so
-//! every scheduling and fencing decision is tested as data in, data out; the
-//! server persists what changed after each call.
+//! every scheduling and fencing decision is tested as data in, data out.
+//!
+//! Between [`State::begin`] and [`State::commit`] every change is journalled:
+//! [`State::changes`] says what must be stored, and [`State::rollback`] puts
+//! the state back exactly as it was when storing them failed, so memory never
+//! runs ahead of disk. The journal keeps pre-images of only what an event
+//! touched (a commit's row, never its results), so recording one test costs
+//! the same however many the commit has.
 //!
 //! Each commit has one job. Invariants:
 //! - a commit that is not final is queued, or leased to exactly one runner,
@@ -20,6 +26,8 @@
 //! - a new commit supersedes an older one only if it descends from it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use crate::store::{Change, CommitRow};
 
 use kiln_proto::wire::{Assignment, Held, Supersede};
 use kiln_proto::{CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, TestResult, escaped};
@@ -73,7 +81,7 @@ pub struct CommitEntry {
     pub done_files: BTreeSet<String>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Runner {
     conn: ConnId,
     slots: u32,
@@ -83,7 +91,7 @@ struct Runner {
 }
 
 /// Why an event from a runner was not accepted.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Stale {
     /// No such job.
     #[error("job {0} does not exist")]
@@ -120,8 +128,30 @@ pub struct Stopped {
     pub conn: Option<ConnId>,
 }
 
+/// What one event changed, to store it or to undo it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Journal {
+    /// When the event happened (Unix ms), for the rows that record it.
+    now_ms: u64,
+    /// Each touched commit as it was before, without results or files;
+    /// `None` for a commit this event created.
+    before: BTreeMap<CommitId, Option<CommitEntry>>,
+    /// Results this event recorded.
+    tests: Vec<(CommitId, String)>,
+    /// Files this event finished.
+    done_files: Vec<(CommitId, String)>,
+    /// Repositories this event bound to an observer.
+    owners: Vec<String>,
+    /// The queue and the runners before the event, if it changed them.
+    queue: Option<VecDeque<u64>>,
+    runners: Option<BTreeMap<String, Runner>>,
+    order_len: usize,
+    next_job: u64,
+    next_seq: u64,
+}
+
 /// All of the dispatcher's state.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct State {
     commits: HashMap<CommitId, CommitEntry>,
     /// Job id → commit.
@@ -137,6 +167,49 @@ pub struct State {
     owners: HashMap<String, String>,
     /// Owners the operator set with `--repo-owner`; never rebound.
     pinned: HashMap<String, String>,
+    /// The open event's journal, between `begin` and `commit` or `rollback`.
+    journal: Option<Journal>,
+}
+
+impl CommitEntry {
+    /// The commit's row, as stored and published.
+    pub fn row(&self) -> CommitRow {
+        CommitRow {
+            commit: self.commit,
+            repo: self.repo.clone(),
+            branch: self.branch.clone(),
+            seq: self.seq,
+            status: self.status,
+            error: self.error.clone(),
+            runner: self.runner.clone(),
+            warnings: self.warnings.clone(),
+            queued_at_ms: self.queued_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            job: self.job,
+            attempt: self.attempt,
+        }
+    }
+
+    /// A copy without results and files: what the journal keeps.
+    fn light(&self) -> CommitEntry {
+        CommitEntry {
+            commit: self.commit,
+            repo: self.repo.clone(),
+            branch: self.branch.clone(),
+            seq: self.seq,
+            status: self.status,
+            error: self.error.clone(),
+            runner: self.runner.clone(),
+            warnings: self.warnings.clone(),
+            queued_at_ms: self.queued_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            job: self.job,
+            attempt: self.attempt,
+            lease: self.lease.clone(),
+            tests: BTreeMap::new(),
+            done_files: BTreeSet::new(),
+        }
+    }
 }
 
 /// Why an observer may not touch a repository.
@@ -178,6 +251,125 @@ pub enum SourceRefusal {
 }
 
 impl State {
+    /// Starts journalling one event that happens at `now_ms`.
+    pub fn begin(&mut self, now_ms: u64) {
+        self.journal = Some(Journal {
+            now_ms,
+            order_len: self.order.len(),
+            next_job: self.next_job,
+            next_seq: self.next_seq,
+            ..Journal::default()
+        });
+    }
+
+    /// What the open event changed, to be stored in one transaction: rows
+    /// first (results refer to them), then results, files and owners.
+    pub fn changes(&self) -> Vec<Change> {
+        let Some(j) = &self.journal else { return Vec::new() };
+        let mut out = Vec::new();
+        for (commit, before) in &j.before {
+            let Some(now) = self.commits.get(commit) else { continue };
+            let row = now.row();
+            // A lease moving to a new connection changes nothing durable.
+            if before.as_ref().is_none_or(|b| b.row() != row) {
+                out.push(Change::Commit(row));
+            }
+        }
+        for (commit, id) in &j.tests {
+            if let Some(result) = self.commits.get(commit).and_then(|e| e.tests.get(id)) {
+                out.push(Change::Test { commit: *commit, result: result.clone() });
+            }
+        }
+        for (commit, file) in &j.done_files {
+            out.push(Change::FileDone { commit: *commit, file: file.clone() });
+        }
+        for repo in &j.owners {
+            if let Some(observer) = self.owners.get(repo) {
+                out.push(Change::Owner { repo: repo.clone(), observer: observer.clone(), at_ms: j.now_ms });
+            }
+        }
+        out
+    }
+
+    /// Keeps the open event's changes: they were stored.
+    pub fn commit(&mut self) {
+        self.journal = None;
+    }
+
+    /// Undoes the open event: its changes could not be stored.
+    pub fn rollback(&mut self) {
+        let Some(j) = self.journal.take() else { return };
+        for (commit, id) in &j.tests {
+            if let Some(e) = self.commits.get_mut(commit) {
+                e.tests.remove(id);
+            }
+        }
+        for (commit, file) in &j.done_files {
+            if let Some(e) = self.commits.get_mut(commit) {
+                e.done_files.remove(file);
+            }
+        }
+        for (commit, before) in j.before {
+            match before {
+                None => {
+                    if let Some(e) = self.commits.remove(&commit) {
+                        self.jobs.remove(&e.job);
+                    }
+                }
+                Some(mut before) => {
+                    if let Some(e) = self.commits.get_mut(&commit) {
+                        before.tests = std::mem::take(&mut e.tests);
+                        before.done_files = std::mem::take(&mut e.done_files);
+                        *e = before;
+                    }
+                }
+            }
+        }
+        for repo in &j.owners {
+            self.owners.remove(repo);
+        }
+        if let Some(queue) = j.queue {
+            self.queue = queue;
+        }
+        if let Some(runners) = j.runners {
+            self.runners = runners;
+        }
+        self.order.truncate(j.order_len);
+        self.next_job = j.next_job;
+        self.next_seq = j.next_seq;
+    }
+
+    /// Journals a commit's pre-image before its row or lease changes.
+    fn touch(&mut self, commit: &CommitId) {
+        if let Some(j) = self.journal.as_mut()
+            && !j.before.contains_key(commit)
+        {
+            j.before.insert(*commit, self.commits.get(commit).map(CommitEntry::light));
+        }
+    }
+
+    fn touch_job(&mut self, job: u64) {
+        if let Some(commit) = self.jobs.get(&job).copied() {
+            self.touch(&commit);
+        }
+    }
+
+    fn snap_queue(&mut self) {
+        if let Some(j) = self.journal.as_mut()
+            && j.queue.is_none()
+        {
+            j.queue = Some(self.queue.clone());
+        }
+    }
+
+    fn snap_runners(&mut self) {
+        if let Some(j) = self.journal.as_mut()
+            && j.runners.is_none()
+        {
+            j.runners = Some(self.runners.clone());
+        }
+    }
+
     /// Whether the commit was submitted before.
     pub fn knows(&self, commit: &CommitId) -> bool {
         self.commits.contains_key(commit)
@@ -293,6 +485,8 @@ impl State {
 
     fn insert(&mut self, entry: CommitEntry) {
         let (commit, job) = (entry.commit, entry.job);
+        self.touch(&commit);
+        self.snap_queue();
         if entry.status == CommitStatus::Queued {
             self.queue.push_back(job);
         }
@@ -315,7 +509,9 @@ impl State {
         sandbox_gaps: &[String],
     ) -> (Option<ConnId>, Vec<u64>) {
         let mut adopted = Vec::new();
+        self.snap_runners();
         for h in held {
+            self.touch_job(h.job);
             let Some(entry) = self.jobs.get(&h.job).and_then(|c| self.commits.get_mut(c)) else { continue };
             let Some(lease) = entry.lease.as_mut() else { continue };
             if entry.status == CommitStatus::Running && entry.attempt == h.attempt && lease.runner == name {
@@ -374,6 +570,7 @@ impl State {
     pub fn unregister(&mut self, name: &str, conn: ConnId) -> Vec<CommitId> {
         let Some(runner) = self.runners.get(name).filter(|r| r.conn == conn) else { return Vec::new() };
         let jobs: Vec<u64> = runner.jobs.iter().copied().collect();
+        self.snap_runners();
         self.runners.remove(name);
         let mut requeued = Vec::new();
         for &job in jobs.iter().rev() {
@@ -385,6 +582,9 @@ impl State {
     /// Puts a leased job back at the front of the queue.
     fn requeue(&mut self, job: u64) -> Option<CommitId> {
         let commit = *self.jobs.get(&job)?;
+        self.touch(&commit);
+        self.snap_queue();
+        self.snap_runners();
         let entry = self.commits.get_mut(&commit)?;
         let lease = entry.lease.take()?;
         if let Some(r) = self.runners.get_mut(&lease.runner) {
@@ -399,6 +599,10 @@ impl State {
     /// Pairs queued jobs with free runner slots, least busy runner first.
     pub fn assign(&mut self) -> Vec<Dispatch> {
         let mut out = Vec::new();
+        if !self.queue.is_empty() {
+            self.snap_queue();
+            self.snap_runners();
+        }
         while !self.queue.is_empty() {
             let Some((name, runner)) = self
                 .runners
@@ -409,6 +613,12 @@ impl State {
                 break;
             };
             let Some(job) = self.queue.pop_front() else { break };
+            if let Some(j) = self.journal.as_mut()
+                && let Some(commit) = self.jobs.get(&job)
+                && !j.before.contains_key(commit)
+            {
+                j.before.insert(*commit, self.commits.get(commit).map(CommitEntry::light));
+            }
             let Some(entry) = self.jobs.get(&job).and_then(|c| self.commits.get_mut(c)) else { continue };
             if entry.status != CommitStatus::Queued {
                 continue;
@@ -450,22 +660,35 @@ impl State {
         if entry.tests.contains_key(&result.id) {
             return Ok(false);
         }
+        let (commit, id) = (entry.commit, result.id.clone());
         entry.tests.insert(result.id.clone(), result);
+        if let Some(j) = self.journal.as_mut() {
+            j.tests.push((commit, id));
+        }
         Ok(true)
     }
 
     /// Records that the lease holder reported every test of `file`.
     pub fn file_done(&mut self, job: u64, attempt: u32, conn: ConnId, file: String) -> Result<bool, Stale> {
-        Ok(self.current(job, attempt, conn)?.done_files.insert(file))
+        let entry = self.current(job, attempt, conn)?;
+        let commit = entry.commit;
+        if !entry.done_files.insert(file.clone()) {
+            return Ok(false);
+        }
+        if let Some(j) = self.journal.as_mut() {
+            j.done_files.push((commit, file));
+        }
+        Ok(true)
     }
 
     /// Records a warning from the lease holder, once (a resumed job sends its
     /// events again). Returns whether it was new.
     pub fn warn(&mut self, job: u64, attempt: u32, conn: ConnId, warning: String) -> Result<bool, Stale> {
-        let entry = self.current(job, attempt, conn)?;
-        if entry.warnings.contains(&warning) {
+        if self.current(job, attempt, conn)?.warnings.contains(&warning) {
             return Ok(false);
         }
+        self.touch_job(job);
+        let entry = self.current(job, attempt, conn)?;
         entry.warnings.push(warning);
         Ok(true)
     }
@@ -480,6 +703,9 @@ impl State {
         error: Option<String>,
         now_ms: u64,
     ) -> Result<CommitId, Stale> {
+        self.current(job, attempt, conn)?;
+        self.touch_job(job);
+        self.snap_runners();
         let entry = self.current(job, attempt, conn)?;
         let error = error.or_else(|| {
             entry.tests.is_empty().then(|| "no tests found: nothing under tests/ was claimed by a plugin".to_owned())
@@ -507,7 +733,11 @@ impl State {
     /// (`cancelled`, `skipped` or `error`) and `reason`. Returns what was
     /// stopped, with the connection to tell if it was running.
     pub fn stop(&mut self, commit: &CommitId, status: CommitStatus, reason: String, now_ms: u64) -> Option<Stopped> {
-        let entry = self.commits.get_mut(commit).filter(|e| !e.status.is_final())?;
+        self.commits.get(commit).filter(|e| !e.status.is_final())?;
+        self.touch(commit);
+        self.snap_queue();
+        self.snap_runners();
+        let entry = self.commits.get_mut(commit)?;
         let job = entry.job;
         entry.status = status;
         entry.error = Some(reason);
@@ -611,6 +841,9 @@ impl State {
             }
             None => {
                 self.owners.insert(repo.to_owned(), observer.to_owned());
+                if let Some(j) = self.journal.as_mut() {
+                    j.owners.push(repo.to_owned());
+                }
                 Ok(true)
             }
         }
@@ -968,6 +1201,45 @@ mod tests {
         }
     }
 
+    /// What a store holds after applying every stored event's changes.
+    #[derive(Default)]
+    struct Stored {
+        rows: HashMap<CommitId, CommitRow>,
+        tests: HashMap<CommitId, BTreeMap<String, TestResult>>,
+        done: HashMap<CommitId, BTreeSet<String>>,
+    }
+
+    impl Stored {
+        fn apply(&mut self, changes: &[Change]) {
+            for change in changes {
+                match change {
+                    Change::Commit(row) => {
+                        self.rows.insert(row.commit, row.clone());
+                    }
+                    Change::Test { commit, result } => {
+                        assert!(self.rows.contains_key(commit), "a result before its commit's row");
+                        let old = self.tests.entry(*commit).or_default().insert(result.id.clone(), result.clone());
+                        assert!(old.is_none(), "a result stored twice");
+                    }
+                    Change::FileDone { commit, file } => {
+                        self.done.entry(*commit).or_default().insert(file.clone());
+                    }
+                    Change::Owner { .. } => {}
+                }
+            }
+        }
+
+        /// Disk and memory agree on everything durable.
+        fn check(&self, s: &State) {
+            assert_eq!(self.rows.len(), s.commits.len());
+            for (commit, e) in &s.commits {
+                assert_eq!(self.rows.get(commit), Some(&e.row()), "the stored row of {commit:?} is stale");
+                assert_eq!(self.tests.get(commit).cloned().unwrap_or_default(), e.tests);
+                assert_eq!(self.done.get(commit).cloned().unwrap_or_default(), e.done_files);
+            }
+        }
+    }
+
     #[test]
     fn random_event_sequences_keep_the_invariants() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -981,6 +1253,7 @@ mod tests {
             let mut s = State::default();
             let mut finals = HashMap::new();
             let mut known: Vec<Dispatch> = Vec::new();
+            let mut stored = Stored::default();
             for step in 0..200u64 {
                 let n = (next(6) + 1) as u8;
                 let runner = format!("r{}", next(3));
@@ -991,6 +1264,9 @@ mod tests {
                     _ => (next(8), next(4) as u32, conn),
                 };
                 let id = format!("t{}", next(4));
+                // Some events fail to be stored: they must leave no trace.
+                let before = (next(5) == 0).then(|| s.clone());
+                s.begin(step);
                 match next(10) {
                     0 => {
                         let supersede =
@@ -1029,7 +1305,18 @@ mod tests {
                         let _ = s.stop(&commit(n), CommitStatus::Cancelled, "stop".into(), step);
                     }
                 }
+                match before {
+                    Some(before) => {
+                        s.rollback();
+                        assert_eq!(s, before, "a failed event left a trace");
+                    }
+                    None => {
+                        stored.apply(&s.changes());
+                        s.commit();
+                    }
+                }
                 check_invariants(&s, &mut finals);
+                stored.check(&s);
             }
         }
     }

@@ -477,3 +477,76 @@ async fn a_second_connection_with_a_runners_name_is_refused_unless_it_holds_the_
     closed_with(&first.conn, CloseCode::Replaced).await;
     server.stop().await;
 }
+
+/// Bytes this process has passed to `write`-like system calls so far
+/// (`wchar` in `/proc/self/io`): the SQLite file, its WAL and the result files.
+fn bytes_written() -> u64 {
+    let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+    io.lines().find_map(|l| l.strip_prefix("wchar: ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+}
+
+/// The cost of recording a large commit: 5,000 tests in 500 files through
+/// the real dispatcher (QUIC, core, SQLite file, result files), reported as
+/// time and bytes written. A measurement, not a check, so it runs only when
+/// asked (see BENCHMARKS.md):
+/// `cargo nextest run -p kiln-dispatcher --run-ignored ignored-only --no-capture record_5000_tests`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it by name, see BENCHMARKS.md"]
+async fn record_5000_tests_in_500_files() {
+    use kiln_proto::wire::JobEvent;
+    use kiln_proto::{Outcome, TestResult};
+
+    let (files, per_file) = (500, 10);
+    let server = Server::start().await;
+    let repo = GitRepo::new(server.dir.path(), "repo");
+    let commit = repo.commit("a", false);
+    let observer = server.client(Role::Observer, "obs").await;
+    assert_eq!(submit(&observer, &repo, "repo", commit, Supersede::Nothing).await.unwrap(), Reply::Queued);
+    let mut runner = Registered::new(&server, "r1").await;
+    let admin = server.client(Role::Admin, "admin").await;
+    let (before, started) = (bytes_written(), std::time::Instant::now());
+    let send = &mut runner.job.0;
+    for f in 0..files {
+        let file = format!("tests/test_{f:03}.py");
+        for t in 0..per_file {
+            let result = TestResult {
+                id: format!("tests.test_{f:03}.Case.test_{t}"),
+                file: file.clone(),
+                outcome: if t == 0 { Outcome::Fail } else { Outcome::Pass },
+                duration_ms: 3,
+                message: if t == 0 {
+                    "Traceback (most recent call last):\nAssertionError".into()
+                } else {
+                    String::new()
+                },
+            };
+            send.send(&JobEvent::Test(result)).await.unwrap();
+        }
+        send.send(&JobEvent::FileDone { file }).await.unwrap();
+    }
+    send.send(&JobEvent::Finished { error: None }).await.unwrap();
+    let _ = runner.job.1.recv::<Control>().await;
+    let recorded = started.elapsed();
+    assert_eq!(status(&admin, commit).await, CommitStatus::Failed);
+    // The final result files are in place once the commit is final.
+    let json = server.dir.path().join(format!("state/results/{commit}.json"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = std::fs::read_to_string(&json).is_ok_and(|j| j.contains("\"failed\"") && j.contains("test_499"));
+        if done || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (elapsed, written) = (started.elapsed(), bytes_written() - before);
+    let final_size =
+        std::fs::metadata(&json).unwrap().len() + std::fs::metadata(json.with_extension("xml")).unwrap().len();
+    println!(
+        "recorded {} tests in {files} files: events accepted in {recorded:?}, final results on disk after {elapsed:?}; \
+         {:.1} MB written ({:.1} MB of final result files)",
+        files * per_file,
+        written as f64 / 1e6,
+        final_size as f64 / 1e6
+    );
+    server.stop().await;
+}
