@@ -50,14 +50,15 @@ fn restart(commits: u32, tests: u32) -> Duration {
     // Fill the database the way the dispatcher would.
     // The dispatcher may have died before making its state directory.
     std::fs::create_dir_all(cluster.state()).unwrap();
-    let db = Db::open(&cluster.state().join("kiln.db")).unwrap();
+    let mut db = Db::open(&cluster.state().join("kiln.db")).unwrap();
     let mut state = State::default();
     state.register("runner", 1, 1, &[], &[]);
     for n in 0..commits {
         let commit: CommitId = format!("{n:040x}").parse().unwrap();
+        // One transaction per commit, as the core would store its events.
+        state.begin(u64::from(n));
         state.submit("repo", "main", commit, Supersede::Nothing, |_| true, u64::from(n)).unwrap();
         let job = state.assign().remove(0).assignment;
-        db.save_commit(state.entry(&commit).unwrap()).unwrap();
         for t in 0..tests {
             let result = TestResult {
                 id: format!("tests.test_m.T.test_{t}"),
@@ -66,11 +67,11 @@ fn restart(commits: u32, tests: u32) -> Duration {
                 duration_ms: 1,
                 message: String::new(),
             };
-            db.insert_test(&commit, &result).unwrap();
             state.record_test(job.job, job.attempt, 1, result).unwrap();
         }
         state.finish(job.job, job.attempt, 1, None, 0).unwrap();
-        db.save_commit(state.entry(&commit).unwrap()).unwrap();
+        db.apply(&state.changes()).unwrap();
+        state.commit();
     }
     drop(db);
     let addr = cluster.addr.clone();

@@ -730,8 +730,10 @@ class _Parent:
         signal.set_wakeup_fd(self._wake_w)
         self._write(driver=_PROTOCOL, python="%d.%d.%d" % tuple(sys.version_info[:3]))
         try:
-            while self._queue or self._forks:
+            while True:
                 self._start_ready()
+                if not (self._queue or self._forks):
+                    break
                 for key, _ in self._selector.select(self._wait()):
                     if key.data is None:
                         self._drain_wakeups()
