@@ -616,6 +616,146 @@ class Hang(unittest.TestCase):
     }
 }
 
+/// Test files that attack the warm driver they share a batch with. Each one
+/// gets a bounded, clear result, and the ordinary files beside them exactly
+/// their own results, with two files running at once.
+const HOSTILE: &[(&str, &str)] = &[
+    ("tests/__init__.py", ""),
+    (
+        "tests/test_good_a.py",
+        "import unittest\n\nclass A(unittest.TestCase):\n    def test_pass(self):\n        pass\n\n    \
+         def test_fail(self):\n        self.fail('a fails')\n",
+    ),
+    (
+        "tests/test_good_b.py",
+        "import unittest\n\nclass B(unittest.TestCase):\n    def test_one(self):\n        pass\n\n    \
+         @unittest.skip('b skips')\n    def test_two(self):\n        pass\n",
+    ),
+    (
+        "tests/test_stdin.py",
+        "import sys\nimport unittest\n\nclass Stdin(unittest.TestCase):\n    def test_read(self):\n        \
+         self.assertEqual(sys.stdin.read(), '')\n",
+    ),
+    (
+        "tests/test_flood.py",
+        "import unittest\n\nclass Flood(unittest.TestCase):\n    def test_100_mb(self):\n        \
+         line = 'x' * (1 << 20)\n        for _ in range(100):\n            print(line)\n        self.fail('flooded')\n",
+    ),
+    (
+        "tests/test_fds.py",
+        "import os\nimport unittest\n\nclass Fds(unittest.TestCase):\n    def test_write(self):\n        \
+         os.write(1, b'{\"file\": \"forged\"}\\n')\n        os.write(2, b'to stderr\\n')\n\n    \
+         def test_close(self):\n        os.close(1)\n        os.close(2)\n\n    def test_after(self):\n        pass\n",
+    ),
+    (
+        "tests/test_chdir.py",
+        "import os\nimport unittest\n\nclass Chdir(unittest.TestCase):\n    def test_a_leave(self):\n        \
+         os.chdir('/')\n\n    def test_b_after(self):\n        pass\n",
+    ),
+    (
+        "tests/test_fork.py",
+        // The forked copy fails the test and carries on with the rest of the
+        // file, reporting first; only the real test process may report.
+        "import os\nimport time\nimport unittest\n\nclass Fork(unittest.TestCase):\n    def test_a_fork(self):\n        \
+         if os.fork() == 0:\n            raise RuntimeError('in the forked copy')\n        time.sleep(0.5)\n\n    \
+         def test_b_after(self):\n        pass\n",
+    ),
+    (
+        "tests/test_signals.py",
+        "import signal\nimport unittest\n\nclass Signals(unittest.TestCase):\n    def test_ignore(self):\n        \
+         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):\n            \
+         signal.signal(s, signal.SIG_IGN)\n",
+    ),
+    ("tests/test_sysexit.py", "import sys\nsys.exit(3)\n"),
+    (
+        "tests/test_modules.py",
+        "import sys\nimport unittest\n\nclass Modules(unittest.TestCase):\n    def test_delete(self):\n        \
+         for name in ['json', 'unittest', 'unittest.case', 'os']:\n            sys.modules.pop(name, None)\n\n    \
+         def test_after(self):\n        pass\n",
+    ),
+    (
+        "tests/test_crashes.py",
+        "import ctypes\nimport os\nimport signal\nimport unittest\n\nclass Crashes(unittest.TestCase):\n    \
+         def test_a_exit(self):\n        os._exit(0)\n\n    def test_b_segfault(self):\n        \
+         ctypes.string_at(0)\n\n    def test_c_sigkill(self):\n        os.kill(os.getpid(), signal.SIGKILL)\n\n    \
+         def test_d_fine(self):\n        pass\n",
+    ),
+];
+
+/// A bounded fork bomb: forks until the command's process limit refuses,
+/// then ends, taking its children with it (they are in its process group).
+const FORK_BOMB: (&str, &str) = (
+    "tests/test_forkbomb.py",
+    "import os\nimport time\nimport unittest\n\nclass Bomb(unittest.TestCase):\n    def test_bomb(self):\n        \
+     children = 0\n        try:\n            while children < 5000:\n                if os.fork() == 0:\n                    \
+     time.sleep(60)\n                    os._exit(0)\n                children += 1\n        except OSError:\n            \
+     pass\n        self.assertLess(children, 5000)\n",
+);
+
+#[tokio::test]
+async fn hostile_test_files_get_bounded_results_and_the_others_their_exact_ones() {
+    let host = PluginHost::new(policy(&["python3"])).unwrap();
+    let mut files = HOSTILE.to_vec();
+    // Only where a process limit stops it.
+    let limited = kiln_sandbox::probe()
+        .get(kiln_sandbox::Mechanism::ProcessLimit)
+        .is_some_and(|m| m.coverage == kiln_sandbox::Coverage::Full);
+    if limited {
+        files.push(FORK_BOMB);
+    } else {
+        eprintln!("no process limit on this machine: the fork bomb is left out");
+    }
+    let (dir, names) = checkout(&files);
+    let (results, done) = run_with_events(&host, dir.path(), &names).await;
+
+    use Outcome::*;
+    let mut expected = BTreeMap::from([
+        ("tests.test_good_a.A.test_pass", Pass),
+        ("tests.test_good_a.A.test_fail", Fail),
+        ("tests.test_good_b.B.test_one", Pass),
+        ("tests.test_good_b.B.test_two", Skip),
+        ("tests.test_stdin.Stdin.test_read", Pass),
+        ("tests.test_fds.Fds.test_write", Pass),
+        ("tests.test_fds.Fds.test_close", Pass),
+        ("tests.test_fds.Fds.test_after", Pass),
+        ("tests.test_chdir.Chdir.test_a_leave", Pass),
+        ("tests.test_chdir.Chdir.test_b_after", Pass),
+        ("tests.test_fork.Fork.test_a_fork", Pass),
+        ("tests.test_fork.Fork.test_b_after", Pass),
+        ("tests.test_signals.Signals.test_ignore", Pass),
+        ("tests.test_sysexit", Error),
+        ("tests.test_modules.Modules.test_delete", Pass),
+        ("tests.test_modules.Modules.test_after", Pass),
+        ("tests.test_crashes.Crashes.test_a_exit", Error),
+        ("tests.test_crashes.Crashes.test_b_segfault", Error),
+        ("tests.test_crashes.Crashes.test_c_sigkill", Error),
+        ("tests.test_crashes.Crashes.test_d_fine", Pass),
+    ]);
+    if limited {
+        expected.insert("tests.test_forkbomb.Bomb.test_bomb", Pass);
+    }
+    let mut got = outcomes(&results);
+    // Printing 100 MB fails or errors (the output file's size limit), with a
+    // bounded message either way.
+    let flood = got.remove("tests.test_flood.Flood.test_100_mb");
+    assert!(matches!(flood, Some(Fail | Error)), "{flood:?}");
+    assert!(message(&results, "tests.test_flood.Flood.test_100_mb").len() <= 64 * 1024);
+    assert_eq!(got, expected, "{results:#?}");
+
+    // Every file is done once (`run_with_events` checks that), each crash
+    // names its cause, and what a test forged on fd 1 is not a result.
+    assert_eq!(done.len(), names.len(), "{done:?}");
+    assert!(message(&results, "tests.test_crashes.Crashes.test_a_exit").contains("os._exit"));
+    assert!(message(&results, "tests.test_crashes.Crashes.test_b_segfault").contains("SIGSEGV"));
+    assert!(message(&results, "tests.test_crashes.Crashes.test_c_sigkill").contains("SIGKILL"));
+    assert!(
+        message(&results, "tests.test_sysexit").contains("SystemExit"),
+        "{}",
+        message(&results, "tests.test_sysexit")
+    );
+    assert!(results.values().all(|r| r.file != "forged"));
+}
+
 /// A live process whose command line contains `marker`.
 fn process_with(marker: &str) -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
