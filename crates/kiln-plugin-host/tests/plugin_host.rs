@@ -756,6 +756,31 @@ async fn hostile_test_files_get_bounded_results_and_the_others_their_exact_ones(
     assert!(results.values().all(|r| r.file != "forged"));
 }
 
+#[tokio::test]
+async fn an_interpreter_too_old_for_the_driver_is_one_clear_error_per_file() {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let old: Vec<PathBuf> = ["2.7.18", "3.6.15", "3.7.16"]
+        .iter()
+        .map(|v| Path::new(&home).join(format!(".pyenv/versions/{v}/bin/python")))
+        .filter(|p| p.is_file())
+        .collect();
+    if old.is_empty() {
+        eprintln!("no Python older than 3.8 under ~/.pyenv: nothing to check");
+        return;
+    }
+    let (dir, files) = checkout(&[("tests/__init__.py", ""), ("tests/test_a.py", "x = 1\n"), ("tests/test_b.py", "")]);
+    for python in old {
+        eprintln!("checking {}", python.display());
+        let programs = BTreeMap::from([("python3".to_owned(), python.clone())]);
+        let host = PluginHost::new(Policy { programs, ..policy(&[]) }).unwrap();
+        let results = run(&host, dir.path(), &files).await;
+        let expected = BTreeMap::from([("tests.test_a", Outcome::Error), ("tests.test_b", Outcome::Error)]);
+        assert_eq!(outcomes(&results), expected, "{}: {results:#?}", python.display());
+        let text = message(&results, "tests.test_a");
+        assert!(text.contains("needs Python 3.8 or newer") && text.contains("python3 is Python "), "{text}");
+    }
+}
+
 /// A live process whose command line contains `marker`.
 fn process_with(marker: &str) -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
