@@ -186,3 +186,24 @@ fn a_test_process_command_line_is_short_and_names_its_file() {
     let report = cluster.wait_for(&commit);
     assert_eq!(report.status, CommitStatus::Passed, "{report:?}\n{}", cluster.logs());
 }
+
+#[test]
+fn each_result_reaches_the_dispatcher_while_its_file_still_runs() {
+    let mut cluster = Cluster::start();
+    // test_a ends at once; test_b, in the same file, sleeps. With one
+    // process per file reporting at its exit, test_a would arrive with test_b.
+    let test = "import time\nimport unittest\n\n\nclass Stream(unittest.TestCase):\n    def test_a_quick(self):\n        \
+                pass\n\n    def test_b_slow(self):\n        time.sleep(6)\n";
+    let repo = Repo::new(cluster.dir.path(), &[("tests/__init__.py", ""), ("tests/test_stream.py", test)]);
+    let commit = repo.commit("a quick test and a slow one");
+    cluster.runner("runner-1");
+    cluster.observer("observer", &repo.path, "200ms");
+    let running = cluster.wait_stored(&commit, "running with test_a stored", |r| {
+        r.tests.iter().any(|t| t.id == "tests.test_stream.Stream.test_a_quick")
+    });
+    assert_eq!(running.status, CommitStatus::Running, "{running:?}");
+    assert_eq!(running.tests.len(), 1, "{running:?}");
+    let report = cluster.wait_for(&commit);
+    assert_eq!(report.status, CommitStatus::Passed, "{report:?}");
+    assert_eq!(report.tests.len(), 2);
+}
