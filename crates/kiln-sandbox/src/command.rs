@@ -500,6 +500,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_spawned_program_streams_and_is_killed_on_request() {
+        let checkout = tempfile::tempdir().unwrap();
+        let checkout = std::fs::canonicalize(checkout.path()).unwrap();
+        let granted = BTreeMap::from([("sh".to_owned(), PathBuf::from("/bin/sh"))]);
+        let limits = Limits { granted: &granted, timeout: Duration::from_secs(60), max_output: 1024, hidden: &[] };
+        let request = Request {
+            program: "sh".to_owned(),
+            args: vec!["-c".to_owned(), "echo first; exec sleep 30".to_owned()],
+            cwd: String::new(),
+            timeout: Duration::ZERO,
+            input: None,
+        };
+        let mut process = spawn(&checkout, request, &limits).await.unwrap();
+        // The line arrives while the program still runs (it sleeps 30 s).
+        let first = tokio::time::timeout(Duration::from_secs(10), process.next()).await.unwrap();
+        assert_eq!(first, Event::Stdout(b"first\n".to_vec()));
+        process.kill();
+        let exit = loop {
+            match tokio::time::timeout(Duration::from_secs(10), process.next()).await.unwrap() {
+                Event::Exited(exit) => break exit,
+                Event::Stderr(_) => {}
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(exit, Exit { exit_code: None, timed_out: false });
+        assert_eq!(process.next().await, Event::Exited(exit), "the exit repeats");
+    }
+
+    #[tokio::test]
     async fn a_symbolic_link_does_not_lead_the_command_out() {
         let checkout = tempfile::tempdir().unwrap();
         let checkout = std::fs::canonicalize(checkout.path()).unwrap();
