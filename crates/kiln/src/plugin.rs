@@ -101,6 +101,9 @@ pub struct RunArgs {
     /// A duration such as 5s, 2m or 1h 30m, or a number of seconds.
     #[arg(long, value_name = "DURATION", value_parser = crate::cli::duration, default_value = "10m")]
     pub command_timeout: std::time::Duration,
+    /// How many test files to run at once [default: the CPUs this process may use]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub slots: Option<u32>,
 }
 
 /// The SDK in the checkout this binary was built from, if it is still there.
@@ -210,7 +213,8 @@ async fn run_plugins(a: &RunArgs, mut each: impl FnMut(&TestResult)) -> anyhow::
     let files = found.files;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let run = async move {
-        let ran = host.run(&a.dir, &files, kiln_runner::usable_cpus(), &tx).await;
+        let slots = a.slots.unwrap_or_else(kiln_runner::usable_cpus);
+        let ran = host.run(&a.dir, &files, slots, &tx).await;
         drop(tx);
         ran
     };
