@@ -442,6 +442,7 @@ mod tests {
             allow_programs: vec!["python3".to_owned()],
             plugins: None,
             command_timeout: std::time::Duration::from_secs(60),
+            slots: Some(2),
         };
         let mut seen = 0;
         let tests = run_plugins(&args, |_| seen += 1).await.unwrap();
