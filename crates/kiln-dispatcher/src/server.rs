@@ -894,7 +894,10 @@ impl Dispatcher {
             };
             let event = match event {
                 JobEvent::Test(result) => {
-                    if result.id.len() > 4096 || result.message.len() > 512 * 1024 {
+                    if result.id.len() > kiln_proto::MAX_TEST_ID_BYTES
+                        || result.file.len() > kiln_proto::MAX_TEST_ID_BYTES
+                        || result.message.len() > kiln_proto::MAX_TEST_MESSAGE_BYTES
+                    {
                         return Err(StreamError::Protocol("oversized test result".into()));
                     }
                     Event::Test { job, attempt, conn, result }

@@ -43,6 +43,25 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// A runner's policy: `programs` (see [`Policy::resolve_programs`]),
+    /// the per-command (per-file) time limit, the directories to hide, and
+    /// the runner's fixed limits. `kiln runner` and `kiln plugin run` both
+    /// use it, so a plugin behaves the same under either.
+    pub fn runner(programs: BTreeMap<String, PathBuf>, command_timeout: Duration, hidden: Vec<PathBuf>) -> Policy {
+        Policy {
+            programs,
+            command_timeout,
+            // Generous for test output, small enough that a flood cannot
+            // exhaust the runner.
+            max_output: 4 << 20,
+            // Time spent in WebAssembly itself, per file of a batch; waiting
+            // on commands does not count.
+            call_timeout: Duration::from_secs(60),
+            max_memory: 256 << 20,
+            hidden,
+        }
+    }
+
     /// Resolves bare program names to absolute paths: each is looked up on
     /// `PATH` and canonicalized.
     ///

@@ -23,13 +23,9 @@ use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
 
 use crate::HostEvent;
 use crate::bindings::kiln::executor::{host, types};
+use kiln_proto::{MAX_TEST_ID_BYTES as MAX_ID_BYTES, MAX_TEST_MESSAGE_BYTES as MAX_MESSAGE_BYTES};
 use kiln_sandbox::{self as command, Capped, Refusal};
 
-/// Longest test id forwarded; ids are keys, not documents.
-const MAX_ID_BYTES: usize = 1024;
-/// Longest message forwarded (head and tail kept): results travel in frames
-/// of at most 1 MiB, and a traceback rarely needs more than this.
-const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Longest `log` line forwarded to tracing.
 const MAX_LOG_BYTES: usize = 4 * 1024;
 /// How much of what the plugin itself printed is kept, to explain a crash.
@@ -381,14 +377,16 @@ fn outcome(outcome: types::Outcome) -> Outcome {
     }
 }
 
-/// `text`, or its head and tail with a marker if longer than `max` bytes.
+/// `text`, or its head and tail with a marker if longer than `max` bytes;
+/// never longer than `max` (the dispatcher refuses what is).
 pub(crate) fn truncate(text: String, max: usize) -> String {
     if text.len() <= max {
         return text;
     }
-    let mut capped = Capped::new(max);
+    // Room for the marker, and for the replacement characters a cut
+    // character may turn into.
+    let mut capped = Capped::new(max.saturating_sub(64));
     capped.push(text.as_bytes());
-    // The cut may split a character; the lossy conversion marks it.
     String::from_utf8_lossy(&capped.to_bytes()).into_owned()
 }
 
@@ -486,6 +484,10 @@ mod tests {
     #[test]
     fn truncate_keeps_head_and_tail() {
         assert_eq!(truncate("short".to_owned(), 10), "short");
-        assert_eq!(truncate("abcdefghij".to_owned(), 4), "ab\n[... 6 bytes cut ...]\nij");
+        let cut = truncate("abcdefghij".repeat(20), 100);
+        assert_eq!(cut, "abcdefghijabcdefgh\n[... 164 bytes cut ...]\ncdefghijabcdefghij");
+        for text in ["x".repeat(MAX_MESSAGE_BYTES * 3), "\u{1F600}".repeat(MAX_MESSAGE_BYTES)] {
+            assert!(truncate(text, MAX_MESSAGE_BYTES).len() <= MAX_MESSAGE_BYTES);
+        }
     }
 }

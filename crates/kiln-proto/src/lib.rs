@@ -13,7 +13,10 @@ pub mod wire;
 
 pub use escape::{Escaped, escaped};
 pub use frame::{FrameError, MAX_FRAME_LEN};
-pub use model::{CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, Outcome, Role, TestResult};
+pub use model::{
+    CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, MAX_TEST_ID_BYTES, MAX_TEST_MESSAGE_BYTES, Outcome,
+    Role, TestResult,
+};
 pub use size::ByteSize;
 
 /// Formats an error with its chain of causes, as `a: b: c`, for log lines

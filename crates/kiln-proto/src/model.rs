@@ -199,6 +199,17 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// The longest test id (and file path) a result may carry, in bytes: ids are
+/// keys, not documents. The plugin host cuts longer ones; the dispatcher
+/// refuses them.
+pub const MAX_TEST_ID_BYTES: usize = 1024;
+
+/// The longest message a result may carry, in bytes: enough for a
+/// traceback and the end of the test's output, and many results fit in one
+/// frame. The plugin host keeps the head and tail of longer ones; the
+/// dispatcher refuses them.
+pub const MAX_TEST_MESSAGE_BYTES: usize = 64 * 1024;
+
 /// The result of one test.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TestResult {

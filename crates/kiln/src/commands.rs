@@ -148,17 +148,9 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
     for (name, path) in &programs {
         info!(program = %Escaped(name), path = %Escaped(&path.display().to_string()), "allowed program");
     }
-    let policy = kiln_plugin_host::Policy {
-        programs,
-        command_timeout: a.command_timeout,
-        // Generous for test output, small enough that a flood cannot exhaust the runner.
-        max_output: 4 << 20,
-        // Time spent in WebAssembly itself; waiting on commands does not count.
-        call_timeout: Duration::from_secs(60),
-        max_memory: 256 << 20,
-        // Tests must never see the runner's key, its cache or other jobs.
-        hidden: vec![a.work.clone(), a.client.identity.clone()],
-    };
+    // Tests must never see the runner's key, its cache or other jobs.
+    let hidden = vec![a.work.clone(), a.client.identity.clone()];
+    let policy = kiln_plugin_host::Policy::runner(programs, a.command_timeout, hidden);
     // Compiled plugins are kept between runs: a restart compiles nothing.
     let mut host = kiln_plugin_host::PluginHost::with_cache(policy, &a.work.join("plugin-cache"))
         .context("cannot start the plugin host")?;

@@ -187,15 +187,8 @@ async fn run_plugins(a: &RunArgs, mut each: impl FnMut(&TestResult)) -> anyhow::
     let names: Vec<&str> = a.allow_programs.iter().map(String::as_str).collect();
     let programs = Policy::resolve_programs(&names).context("cannot resolve the allowed programs")?;
     // The runner's limits (`kiln runner`), so a plugin behaves here as it will there.
-    let policy = Policy {
-        programs,
-        command_timeout: a.command_timeout,
-        max_output: 4 << 20,
-        call_timeout: std::time::Duration::from_secs(60),
-        max_memory: 256 << 20,
-        // No runner here: nothing of the runner's to hide.
-        hidden: Vec::new(),
-    };
+    // No runner here: nothing of the runner's to hide.
+    let policy = Policy::runner(programs, a.command_timeout, Vec::new());
     let mut host = PluginHost::new(policy).context("cannot start the plugin host")?;
     if let Some(dir) = &a.plugins {
         for path in wasm_files(dir)? {
