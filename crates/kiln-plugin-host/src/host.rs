@@ -31,7 +31,7 @@ use crate::bindings::{self, PluginPre};
 use crate::cache::{Compilation, CompileCache};
 use crate::claims::Claim;
 use crate::state::{CallClock, GuestOutput, HostState, Job};
-use crate::{HostError, Policy};
+use crate::{HostError, HostEvent, Policy};
 
 /// The plugins compiled into the runner, in the order they get files:
 /// (name, component). The build script builds them from `plugins/` and says
@@ -77,20 +77,6 @@ pub struct PluginSummary {
     pub granted: Vec<String>,
     /// Whether it was compiled at load or came from the compile cache.
     pub compilation: Compilation,
-}
-
-/// What [`PluginHost::run`] sends while it runs, in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HostEvent {
-    /// One test's result, as soon as the plugin reports it (or as the host
-    /// makes it up for a file whose plugin failed).
-    Test(TestResult),
-    /// Every result of this file (repository-relative path, as given to
-    /// `run`) has been sent, including the `error` results the host
-    /// synthesizes when the plugin fails on it. Sent once for each file a
-    /// plugin claims; files no plugin claims (and invalid or repeated paths)
-    /// get no event.
-    FileDone(String),
 }
 
 /// Runs Kiln executor plugins. Share it between jobs with an `Arc`: `run`

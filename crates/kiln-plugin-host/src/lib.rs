@@ -15,16 +15,18 @@
 //! [`PluginHost`] and [`HostError`].
 //!
 //! Layout: `host` loads and runs plugins; `state` is what a plugin's store
-//! holds and the host functions it calls, `run-command` among them, which
-//! starts programs through `kiln-sandbox` (see its docs for what it
-//! enforces); `policy` resolves the allowed programs; `claims` matches files to plugins;
-//! `cache` keeps compiled plugins on disk; `bindings` is generated from the
-//! WIT.
+//! holds and the host functions it calls, `run-command` and `spawn` among
+//! them, which start programs through `kiln-sandbox` (see its docs for what
+//! it enforces); `event` is what a run sends the runner; `policy` resolves
+//! the allowed programs; `claims` matches files to plugins; `cache` keeps
+//! compiled plugins on disk; `bindings` is generated from the WIT. `host`
+//! uses `state`, never the reverse.
 
 mod bindings;
 mod cache;
 mod claims;
 mod error;
+mod event;
 mod files;
 mod host;
 mod policy;
@@ -32,6 +34,7 @@ mod state;
 
 pub use cache::Compilation;
 pub use error::HostError;
+pub use event::HostEvent;
 pub use files::{TestFiles, test_files};
-pub use host::{CONTRACT_VERSION, HostEvent, PluginHost, PluginSummary};
+pub use host::{CONTRACT_VERSION, PluginHost, PluginSummary};
 pub use policy::Policy;

@@ -12,16 +12,21 @@
 //! and [`spawn`] on a plugin's behalf.
 //!
 //! Layout: `command` checks a request (granted program, working directory),
-//! starts it, and streams its output ([`Process`]) or collects it capped; `sandbox` prepares each
-//! command's confinement and probes the machine; `sandbox::sys` holds every
-//! system call made between `fork` and `exec`, and all of the crate's
-//! `unsafe`; `sandbox::cgroup` manages the per-command cgroups.
+//! starts it, and streams its output ([`Process`]) or collects it capped;
+//! `sandbox` prepares each command's confinement and probes the machine;
+//! `sandbox::sys` holds every system call made between `fork` and `exec`,
+//! and all of the crate's `unsafe`; `sandbox::cgroup` manages the
+//! per-command cgroups; `testing` builds sandboxes without chosen
+//! mechanisms, for tests. Modules depend downwards only: `testing` on
+//! `command`, `command` on `sandbox`.
 
 mod command;
 pub mod sandbox;
+#[doc(hidden)]
+pub mod testing;
 
 pub use command::{Capped, Event, Exit, Limits, Output, Process, Refusal, Request, run, spawn};
 pub use sandbox::{
-    Coverage, Mechanism, MechanismReport, SANDBOX_ID, SandboxIdError, SandboxLimits, SandboxReport, probe, testing,
+    Coverage, Mechanism, MechanismReport, SANDBOX_ID, SandboxIdError, SandboxLimits, SandboxReport, probe,
     use_sandbox_id,
 };

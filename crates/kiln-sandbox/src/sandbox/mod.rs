@@ -269,17 +269,42 @@ fn sweep(hierarchies: &[cgroup::Hierarchy]) {
     }
 }
 
-/// Which mechanisms a [`Sandbox`] may use (all, except in tests that show
-/// what happens without one).
+/// How a [`Sandbox`] is built: its limits, and which mechanisms it may use
+/// (all, except in tests that show what happens without one).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Allowed {
+pub struct Options {
+    /// What a command may use.
+    pub limits: SandboxLimits,
+    /// A PID namespace per command.
     pub pid_namespace: bool,
+    /// A network namespace per command (loopback only).
     pub network_namespace: bool,
+    /// Cgroups: process and memory limits, and killing a whole tree.
     pub cgroups: bool,
+    /// Landlock write confinement.
     pub landlock: bool,
+    /// A mount namespace with a root of its own.
     pub mount_namespace: bool,
+    /// An unprivileged user when the runner is root.
     pub unprivileged_user: bool,
+    /// The seccomp filter.
     pub syscall_filter: bool,
+}
+
+impl Default for Options {
+    /// Everything the machine offers, with the default limits.
+    fn default() -> Options {
+        Options {
+            limits: SandboxLimits::default(),
+            pid_namespace: true,
+            network_namespace: true,
+            cgroups: true,
+            landlock: true,
+            mount_namespace: true,
+            unprivileged_user: true,
+            syscall_filter: true,
+        }
+    }
 }
 
 /// The user and group commands run as when the runner is root: not root,
@@ -360,22 +385,12 @@ struct LandlockPlan {
 impl Sandbox {
     /// The sandbox `run-command` uses: everything available, default limits.
     pub(crate) fn global() -> &'static Sandbox {
-        GLOBAL.get_or_init(|| {
-            let all = Allowed {
-                pid_namespace: true,
-                network_namespace: true,
-                cgroups: true,
-                landlock: true,
-                mount_namespace: true,
-                unprivileged_user: true,
-                syscall_filter: true,
-            };
-            Sandbox::new(SandboxLimits::default(), all)
-        })
+        GLOBAL.get_or_init(|| Sandbox::new(Options::default()))
     }
 
     /// Probes the machine for the `allowed` mechanisms.
-    pub(crate) fn new(limits: SandboxLimits, allowed: Allowed) -> Sandbox {
+    pub(crate) fn new(options: Options) -> Sandbox {
+        let (limits, allowed) = (options.limits, options);
         let (namespaces, pid_problem, net_problem) =
             choose_namespaces(allowed.pid_namespace, allowed.network_namespace);
         let cgroups = if allowed.cgroups {
@@ -1050,7 +1065,7 @@ struct Trials {
 
 /// Tries, in forked children, a root of its own, a change of user and the
 /// seccomp filter, each alone, in `namespaces` as commands get them.
-fn probe_confinement(namespaces: &sys::Namespaces, allowed: Allowed) -> Trials {
+fn probe_confinement(namespaces: &sys::Namespaces, allowed: Options) -> Trials {
     let plan = |root, user, filter| sys::ChildPlan {
         cgroup_procs: Vec::new(),
         namespaces: namespaces.clone(),
@@ -1135,122 +1150,6 @@ impl Drop for TempDir {
             && e.kind() != io::ErrorKind::NotFound
         {
             tracing::warn!(dir = %self.0.display(), "could not remove a command's temporary directory: {e}");
-        }
-    }
-}
-
-/// Test support: runs commands through the same code as `run-command`,
-/// with chosen limits and without chosen mechanisms, so that tests can show
-/// both what a mechanism prevents and what happens without it.
-#[doc(hidden)]
-pub mod testing {
-    use std::collections::BTreeMap;
-    use std::path::{Path, PathBuf};
-    use std::time::Duration;
-
-    use super::{Allowed, SandboxLimits, SandboxReport};
-    use crate::command::{self, Limits, Refusal, Request};
-
-    /// What a test sandbox may use and its limits.
-    #[derive(Clone, Copy, Debug)]
-    pub struct Options {
-        pub limits: SandboxLimits,
-        pub pid_namespace: bool,
-        pub network_namespace: bool,
-        pub cgroups: bool,
-        pub landlock: bool,
-        pub mount_namespace: bool,
-        pub unprivileged_user: bool,
-        pub syscall_filter: bool,
-    }
-
-    impl Default for Options {
-        fn default() -> Options {
-            Options {
-                limits: SandboxLimits::default(),
-                pid_namespace: true,
-                network_namespace: true,
-                cgroups: true,
-                landlock: true,
-                mount_namespace: true,
-                unprivileged_user: true,
-                syscall_filter: true,
-            }
-        }
-    }
-
-    /// How a command ended (`run-command`'s result).
-    #[derive(Clone, Debug)]
-    pub struct Output {
-        pub exit_code: Option<i32>,
-        pub timed_out: bool,
-        pub stdout: Vec<u8>,
-        pub stderr: Vec<u8>,
-    }
-
-    /// A freshly probed sandbox.
-    pub struct Sandbox(super::Sandbox);
-
-    impl Sandbox {
-        pub fn new(options: Options) -> Sandbox {
-            let allowed = Allowed {
-                pid_namespace: options.pid_namespace,
-                network_namespace: options.network_namespace,
-                cgroups: options.cgroups,
-                landlock: options.landlock,
-                mount_namespace: options.mount_namespace,
-                unprivileged_user: options.unprivileged_user,
-                syscall_filter: options.syscall_filter,
-            };
-            Sandbox(super::Sandbox::new(options.limits, allowed))
-        }
-
-        pub fn report(&self) -> &SandboxReport {
-            self.0.report()
-        }
-
-        /// Runs `program` with `args` in `checkout` as `run-command` would.
-        pub async fn run(
-            &self,
-            checkout: &Path,
-            program: &Path,
-            args: &[&str],
-            timeout: Duration,
-            max_output: usize,
-        ) -> Result<Output, String> {
-            self.run_hiding(checkout, program, args, timeout, max_output, &[]).await
-        }
-
-        /// [`Sandbox::run`], with `hidden` directories the command must not
-        /// see.
-        pub async fn run_hiding(
-            &self,
-            checkout: &Path,
-            program: &Path,
-            args: &[&str],
-            timeout: Duration,
-            max_output: usize,
-            hidden: &[PathBuf],
-        ) -> Result<Output, String> {
-            let checkout = std::fs::canonicalize(checkout).map_err(|e| e.to_string())?;
-            let granted: BTreeMap<String, PathBuf> = BTreeMap::from([("program".to_owned(), program.to_owned())]);
-            let request = Request {
-                program: "program".to_owned(),
-                args: args.iter().map(|a| (*a).to_owned()).collect(),
-                cwd: String::new(),
-                timeout,
-                input: None,
-            };
-            let limits = Limits { granted: &granted, timeout, max_output, hidden };
-            match command::run_in(&self.0, &checkout, request, &limits).await {
-                Ok(out) => Ok(Output {
-                    exit_code: out.exit_code,
-                    timed_out: out.timed_out,
-                    stdout: out.stdout,
-                    stderr: out.stderr,
-                }),
-                Err(Refusal::Denied(why) | Refusal::Failed(why)) => Err(why),
-            }
         }
     }
 }
