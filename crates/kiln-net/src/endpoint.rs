@@ -93,7 +93,7 @@ pub enum EndpointError {
         dir: std::path::PathBuf,
         /// The cause.
         #[source]
-        source: quinn::crypto::rustls::NoInitialCipherSuite,
+        source: BoxError,
     },
     /// A client bundle was used where the dispatcher's is needed, or the other way round.
     #[error("the certificate bundle in {dir} is for {unit} `{name}`; {need}")]
@@ -135,7 +135,7 @@ pub enum EndpointError {
         addr: String,
         /// The cause.
         #[source]
-        source: quinn::ConnectError,
+        source: BoxError,
     },
     /// A certificate is unusable or was refused: retrying cannot help.
     #[error("connect to the dispatcher at {addr}")]
@@ -238,7 +238,7 @@ pub enum HandshakeError {
     NotKiln(#[source] SubjectError),
     /// The handshake did not complete (no certificate, another protocol, a timeout…).
     #[error("the handshake did not complete")]
-    Connection(#[source] quinn::ConnectionError),
+    Connection(#[source] ConnectionLost),
     /// The per-connection TLS configuration could not be made (a bug, not the peer's).
     #[error("cannot configure TLS for the connection")]
     Setup(#[source] BoxError),
@@ -424,7 +424,7 @@ impl Listener {
         config.crypto = tls.config(slot.clone()).map_err(HandshakeError::Setup)?;
         let refused = |e| match slot.take() {
             Some(refused) => client_refusal(refused),
-            None => HandshakeError::Connection(e),
+            None => HandshakeError::Connection(ConnectionLost(e)),
         };
         let conn = incoming.accept_with(Arc::new(config)).map_err(refused)?.await.map_err(refused)?;
         match peer_identity(&conn) {
@@ -615,8 +615,8 @@ impl Connection {
     }
 
     /// Opens a bidirectional stream.
-    pub async fn open(&self) -> Result<(SendStream, RecvStream), quinn::ConnectionError> {
-        let (s, r) = self.conn.open_bi().await?;
+    pub async fn open(&self) -> Result<(SendStream, RecvStream), ConnectionLost> {
+        let (s, r) = self.conn.open_bi().await.map_err(ConnectionLost)?;
         Ok((SendStream::new(s), RecvStream::new(r)))
     }
 
@@ -626,7 +626,7 @@ impl Connection {
     /// here, so connection failures are worded for that case.
     pub async fn request(&self, request: &Request) -> Result<(SendStream, RecvStream, Reply), RequestError> {
         let (mut send, mut recv) =
-            self.open().await.map_err(|e| RequestError::from_connection(&e, self.client.as_deref()))?;
+            self.open().await.map_err(|e| RequestError::from_connection(&e.0, self.client.as_deref()))?;
         send.send(request).await.map_err(|e| self.request_error(e))?;
         let reply: Reply = recv.expect().await.map_err(|e| self.request_error(e))?;
         if let Reply::Refused(reason) = reply {
@@ -640,17 +640,16 @@ impl Connection {
         let client = self.client.as_deref();
         match self.conn.close_reason() {
             Some(reason) => RequestError::from_connection(&reason, client),
-            None => match e {
-                FramedError::Read(quinn::ReadError::ConnectionLost(c))
-                | FramedError::Write(quinn::WriteError::ConnectionLost(c)) => RequestError::from_connection(&c, client),
-                other => RequestError::Framed(other),
+            None => match e.connection_lost() {
+                Some(c) => RequestError::from_connection(c, client),
+                None => RequestError::Framed(e),
             },
         }
     }
 
     /// Waits for the peer to open a bidirectional stream.
-    pub async fn accept(&self) -> Result<(SendStream, RecvStream), quinn::ConnectionError> {
-        let (s, r) = self.conn.accept_bi().await?;
+    pub async fn accept(&self) -> Result<(SendStream, RecvStream), ConnectionLost> {
+        let (s, r) = self.conn.accept_bi().await.map_err(ConnectionLost)?;
         Ok((SendStream::new(s), RecvStream::new(r)))
     }
 
@@ -675,8 +674,21 @@ impl Connection {
     }
 }
 
+/// The connection failed or was closed; the message says why in words a
+/// user can act on (quinn's error is the source).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", describe_connection_error(.0))]
+pub struct ConnectionLost(#[source] pub(crate) quinn::ConnectionError);
+
+impl ConnectionLost {
+    /// Whether it failed because the TLS handshake was refused.
+    pub fn is_rejection(&self) -> bool {
+        is_rejection(&self.0)
+    }
+}
+
 /// Turns a connection error into a sentence a user can act on.
-pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
+fn describe_connection_error(e: &quinn::ConnectionError) -> String {
     use quinn::ConnectionError as E;
     match e {
         E::ConnectionClosed(close) if is_crypto(close) => {
@@ -709,7 +721,7 @@ pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
 }
 
 /// Whether the connection failed because the TLS handshake was refused.
-pub fn is_rejection(e: &quinn::ConnectionError) -> bool {
+fn is_rejection(e: &quinn::ConnectionError) -> bool {
     match e {
         quinn::ConnectionError::ConnectionClosed(close) => is_crypto(close),
         quinn::ConnectionError::TransportError(t) => is_crypto_code(t.code),
@@ -774,8 +786,8 @@ pub async fn connect(bundle: &Bundle, addr: &str, cfg: NetConfig) -> Result<Conn
         .with_client_auth_cert(vec![bundle.cert.clone()], bundle.key.clone_key())
         .map_err(tls)?;
     crypto.alpn_protocols = vec![ALPN.to_vec()];
-    let quic =
-        QuicClientConfig::try_from(crypto).map_err(|source| EndpointError::Quic { dir: bundle.dir.clone(), source })?;
+    let quic = QuicClientConfig::try_from(crypto)
+        .map_err(|source| EndpointError::Quic { dir: bundle.dir.clone(), source: Box::new(source) })?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
     client_config.transport_config(transport(cfg));
 
@@ -784,8 +796,9 @@ pub async fn connect(bundle: &Bundle, addr: &str, cfg: NetConfig) -> Result<Conn
         .map_err(|_| EndpointError::BadAddress(addr.to_owned()))?;
     let mut endpoint = quinn::Endpoint::client(local).map_err(|source| EndpointError::Bind { addr: local, source })?;
     endpoint.set_default_client_config(client_config);
-    let connecting =
-        endpoint.connect(remote, host).map_err(|source| EndpointError::Connect { addr: addr.to_owned(), source })?;
+    let connecting = endpoint
+        .connect(remote, host)
+        .map_err(|source| EndpointError::Connect { addr: addr.to_owned(), source: Box::new(source) })?;
     // A handshake on a live network takes milliseconds; bound it by the idle timeout.
     let after = cfg.idle_timeout.max(Duration::from_secs(1));
     let conn = tokio::time::timeout(after, connecting)

@@ -72,12 +72,12 @@ pub enum FramedError {
     /// The stream ended in the middle of a frame or pack.
     #[error("the stream ended early")]
     Truncated,
-    /// The stream or its connection failed.
+    /// The stream or its connection failed while reading.
     #[error("stream read failed")]
-    Read(#[from] quinn::ReadError),
-    /// The stream or its connection failed.
+    Read(#[source] StreamFailed),
+    /// The stream or its connection failed while writing.
     #[error("stream write failed")]
-    Write(#[from] quinn::WriteError),
+    Write(#[source] StreamFailed),
     /// A pack was larger than allowed.
     #[error("pack of {len} bytes exceeds the limit of {limit} bytes")]
     PackTooLarge {
@@ -88,7 +88,41 @@ pub enum FramedError {
     },
 }
 
+/// A QUIC stream failed (quinn's error is the source).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct StreamFailed(Transport);
+
+#[derive(Debug, thiserror::Error)]
+enum Transport {
+    #[error(transparent)]
+    Read(quinn::ReadError),
+    #[error(transparent)]
+    Write(quinn::WriteError),
+}
+
+impl From<quinn::ReadError> for FramedError {
+    fn from(e: quinn::ReadError) -> FramedError {
+        FramedError::Read(StreamFailed(Transport::Read(e)))
+    }
+}
+
+impl From<quinn::WriteError> for FramedError {
+    fn from(e: quinn::WriteError) -> FramedError {
+        FramedError::Write(StreamFailed(Transport::Write(e)))
+    }
+}
+
 impl FramedError {
+    /// The connection's failure, when that is why the stream failed.
+    pub(crate) fn connection_lost(&self) -> Option<&quinn::ConnectionError> {
+        match self {
+            FramedError::Read(StreamFailed(Transport::Read(quinn::ReadError::ConnectionLost(c))))
+            | FramedError::Write(StreamFailed(Transport::Write(quinn::WriteError::ConnectionLost(c)))) => Some(c),
+            _ => None,
+        }
+    }
+
     /// Whether the peer sent invalid bytes (as opposed to the connection failing).
     pub fn is_protocol_violation(&self) -> bool {
         matches!(self, FramedError::Frame(_) | FramedError::Truncated | FramedError::PackTooLarge { .. })

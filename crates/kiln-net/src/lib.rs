@@ -10,7 +10,9 @@
 //! the precise TLS alert (`certificate_expired`), which a Kiln client reads
 //! against its own certificate's dates.
 //!
-//! Only this crate names quinn and rustls. Every peer is identified by a
+//! Only this crate names quinn and rustls, in its API too: it returns its
+//! own error types ([`ConnectionLost`], [`StreamFailed`], ...), worded for a
+//! user, with quinn's errors as their `source`. Every peer is identified by a
 //! certificate signed by the Kiln certificate authority; only that CA is
 //! trusted (never the system roots), and the peer's role and name are read
 //! from its certificate, not from anything it says.
@@ -26,8 +28,8 @@ mod verify;
 pub use backoff::Backoff;
 pub use certs::{Bundle, CertError, PeerIdentity};
 pub use endpoint::{
-    Connection, EndpointError, HandshakeError, HandshakeFailed, Incoming, Listener, NetConfig, Refusal, RequestError,
-    connect, describe_connection_error,
+    Connection, ConnectionLost, EndpointError, HandshakeError, HandshakeFailed, Incoming, Listener, NetConfig, Refusal,
+    RequestError, connect,
 };
-pub use framed::{CloseCode, FramedError, RecvStream, SendStream};
+pub use framed::{CloseCode, FramedError, RecvStream, SendStream, StreamFailed};
 pub use validity::{OutOfDate, Whose, Window};

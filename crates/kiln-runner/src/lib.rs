@@ -250,7 +250,7 @@ async fn serve(conn: &Connection, ctx: &Arc<job::JobContext>, tasks: &TaskTracke
                 });
             }
             Err(e) => {
-                warn!("lost the dispatcher: {}", Escaped(&kiln_net::describe_connection_error(&e)));
+                warn!("lost the dispatcher: {}", Escaped(&e.to_string()));
                 return;
             }
         }
