@@ -22,10 +22,12 @@ macro_rules! out {
 }
 
 mod cli;
+mod client;
 mod commands;
 mod demo;
 mod logline;
 mod plugin;
+mod report;
 
 use std::process::ExitCode;
 

@@ -22,89 +22,10 @@ use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use clap::Subcommand;
 use kiln_plugin_host::{HostEvent, PluginHost, Policy};
 use kiln_proto::{CommitStatus, Counts, TestResult};
 
-use crate::cli::Format;
-
-/// `kiln plugin …`
-#[derive(Debug, Subcommand)]
-pub enum PluginCommand {
-    /// Load a plugin (.wasm) as a runner would and describe it, or say why it cannot
-    #[command(after_help = "\
-Examples:
-  kiln plugin check my_plugin.wasm   # can a runner load it? name, version, contract, claims, programs")]
-    Check {
-        /// The plugin file
-        #[arg(value_name = "FILE")]
-        file: PathBuf,
-    },
-    /// Create a plugin crate on the Kiln plugin SDK that passes `kiln plugin check`
-    #[command(after_help = "\
-Examples:
-  kiln plugin new my-framework                       # in ./my-framework; see plugins/TUTORIAL.md
-  kiln plugin new my-framework --path ~/src/my-plugin")]
-    New {
-        /// The plugin's name (and its crate's)
-        ///
-        /// Lowercase letters, digits, `-` and `_`, starting with a letter.
-        name: String,
-        /// Where to create the crate (default: ./NAME)
-        ///
-        /// It must not exist, or be an empty directory.
-        #[arg(long, value_name = "DIR")]
-        path: Option<PathBuf>,
-        /// The kiln-plugin-sdk crate (default: found in a Kiln checkout)
-        ///
-        /// plugins/kiln-plugin-sdk in the Kiln repository, looked for above the
-        /// new crate and in the checkout this binary was built from.
-        #[arg(long, value_name = "DIR")]
-        sdk: Option<PathBuf>,
-    },
-    /// Run a directory's tests with the plugins, as a runner would, with no dispatcher
-    ///
-    /// The tests under DIR/tests are run and each result printed (exit 0 all
-    /// passed, 1 a test failed, 2 otherwise).
-    #[command(after_help = "\
-Examples:
-  kiln plugin run --dir ~/src/project                     # as a runner would, no dispatcher
-  kiln plugin run --allow-program sh --format json        # TAP shell scripts too; one JSON document")]
-    Run(RunArgs),
-}
-
-/// `kiln plugin run`
-#[derive(Debug, clap::Args)]
-pub struct RunArgs {
-    /// The repository (working tree) whose tests to run
-    ///
-    /// It is used in place, as a runner uses its checkout.
-    #[arg(long, value_name = "DIR", default_value = ".")]
-    pub dir: PathBuf,
-    /// Output format
-    ///
-    /// `text` prints each result as it comes; `json` prints one document at the end.
-    #[arg(long, value_enum, default_value = "text")]
-    pub format: Format,
-    /// A program plugins may run (repeatable)
-    ///
-    /// Each is resolved to an absolute path at start-up.
-    #[arg(long = "allow-program", value_name = "NAME", default_values = ["python3"])]
-    pub allow_programs: Vec<String>,
-    /// A directory of extra executor plugins (*.wasm)
-    ///
-    /// They are loaded after the built-ins, in file-name order.
-    #[arg(long, value_name = "DIR")]
-    pub plugins: Option<PathBuf>,
-    /// The wall-clock limit for one command a plugin runs
-    ///
-    /// A duration such as 5s, 2m or 1h 30m, or a number of seconds.
-    #[arg(long, value_name = "DURATION", value_parser = crate::cli::duration, default_value = "10m")]
-    pub command_timeout: std::time::Duration,
-    /// How many test files to run at once [default: the CPUs this process may use]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub slots: Option<u32>,
-}
+use crate::cli::{Format, PluginCommand, RunArgs};
 
 /// The SDK in the checkout this binary was built from, if it is still there.
 const BUILT_FROM_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../plugins/kiln-plugin-sdk");
@@ -242,7 +163,7 @@ fn wasm_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 /// tail of a message, or a skip's reason (as `kiln results` shows them).
 fn render_result(t: &TestResult) -> String {
     let mut out = format!("{:<5} {} ({} ms)\n", t.outcome.as_str().to_uppercase(), t.id, t.duration_ms);
-    for line in crate::commands::message_lines(t.outcome, &t.message, false) {
+    for line in crate::report::message_lines(t.outcome, &t.message, false) {
         let _ = writeln!(out, "      {line}");
     }
     out
@@ -250,7 +171,7 @@ fn render_result(t: &TestResult) -> String {
 
 /// The closing line: how many tests ended each way.
 fn summary(c: &Counts) -> String {
-    crate::commands::summary(c)
+    crate::report::summary(c)
 }
 
 /// What `check` prints about a loadable plugin.

@@ -16,7 +16,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::cli::{ClientArgs, DemoArgs};
-use crate::commands::{admin_connect, fetch_report_on, render};
+use crate::client::{admin_connect, fetch_report_on};
+use crate::report::render;
 
 /// The sample project's files, relative path and contents.
 pub const SAMPLE: &[(&str, &str)] = &[
@@ -120,7 +121,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.dir.is_none() {
         outln!("(the demo directory is removed on exit; pass --dir to keep it)");
     }
-    Ok(crate::commands::exit_code(report.status))
+    Ok(crate::report::exit_code(report.status))
 }
 
 fn write_sample(repo: &Path) -> anyhow::Result<()> {

@@ -1,0 +1,160 @@
+//! How a commit's report reads on a terminal, and the exit code it gives:
+//! shared by `kiln results`, `kiln demo` and `kiln plugin run`.
+
+use std::process::ExitCode;
+
+use kiln_proto::{CommitReport, CommitStatus, Outcome};
+
+/// How a finished commit ended, in words: `passed`, or `cancelled (cancelled by admin)`.
+pub fn ended(report: &CommitReport) -> String {
+    match &report.error {
+        Some(error) => format!("{} ({error})", report.status.as_str()),
+        None => report.status.as_str().to_owned(),
+    }
+}
+
+/// The exit code `kiln results` gives for a status.
+pub fn exit_code(status: CommitStatus) -> ExitCode {
+    match status {
+        CommitStatus::Passed => ExitCode::SUCCESS,
+        CommitStatus::Failed => ExitCode::from(1),
+        CommitStatus::Queued
+        | CommitStatus::Running
+        | CommitStatus::Error
+        | CommitStatus::Cancelled
+        | CommitStatus::Skipped => ExitCode::from(2),
+    }
+}
+
+/// Renders a report for a terminal: each message's head and tail, or with
+/// `verbose` each message whole.
+pub fn render(r: &CommitReport, verbose: bool) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let c = &r.counts;
+    let _ = writeln!(out, "commit {} on {}: {}", r.commit, r.branch, r.status.as_str().to_uppercase());
+    if let Some(runner) = &r.runner {
+        let verb = if r.status.is_final() { "ran" } else { "running" };
+        let _ = writeln!(out, "  {verb} on {runner}");
+    }
+    if let Some(error) = &r.error {
+        let _ = writeln!(out, "  error: {error}");
+    }
+    for warning in &r.warnings {
+        let _ = writeln!(out, "  warning: {warning}");
+    }
+    let _ = writeln!(out, "  {}", summary(c));
+    for t in &r.tests {
+        let _ = writeln!(out, "  {:<5} {} ({} ms)", t.outcome.as_str().to_uppercase(), t.id, t.duration_ms);
+        for line in message_lines(t.outcome, &t.message, verbose) {
+            let _ = writeln!(out, "        {line}");
+        }
+    }
+    out
+}
+
+/// How many tests ended each way, in words.
+pub fn summary(c: &kiln_proto::Counts) -> String {
+    format!(
+        "{}: {} passed, {} failed, {}, {} skipped, {}, {}",
+        plural(c.total, "test", "tests"),
+        c.pass,
+        c.fail,
+        plural(c.error, "error", "errors"),
+        c.skip,
+        plural(c.xfail, "expected failure", "expected failures"),
+        plural(c.xpass, "unexpected success", "unexpected successes"),
+    )
+}
+
+/// `1 error`, `2 errors`.
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// How many lines of a long message's start [`message_lines`] shows: where
+/// `Traceback (most recent call last):` and an import error's first line are.
+const HEAD_LINES: usize = 4;
+/// How many lines of its end: where a traceback says what went wrong.
+const TAIL_LINES: usize = 8;
+
+/// The lines of a test's message to print: a skip's reason (its first line),
+/// or for any other outcome but a pass the head and the tail of the message
+/// with a marker between; all of it when `verbose`.
+pub fn message_lines(outcome: Outcome, message: &str, verbose: bool) -> Vec<String> {
+    let lines: Vec<&str> = message.trim_end().lines().collect();
+    let shown = |lines: &[&str]| lines.iter().map(|l| (*l).to_owned()).collect();
+    if verbose {
+        return shown(&lines);
+    }
+    match outcome {
+        Outcome::Pass => Vec::new(),
+        Outcome::Skip => shown(&lines[..lines.len().min(1)]),
+        Outcome::Fail | Outcome::Error | Outcome::Xfail | Outcome::Xpass => {
+            // Leaving out a line or two would save nothing.
+            if lines.len() <= HEAD_LINES + TAIL_LINES + 2 {
+                return shown(&lines);
+            }
+            let hidden = lines.len() - HEAD_LINES - TAIL_LINES;
+            let mut out: Vec<String> = shown(&lines[..HEAD_LINES]);
+            out.push(format!("… ({hidden} more lines; --verbose shows them)"));
+            out.extend(shown(&lines[lines.len() - TAIL_LINES..]));
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_message_keeps_its_head_and_its_tail() {
+        let mut traceback = vec![
+            "ERROR: tests.test_plugins (unittest.loader._FailedTest.tests.test_plugins)".to_owned(),
+            "ImportError: Failed to import test module: tests.test_plugins".to_owned(),
+            "Traceback (most recent call last):".to_owned(),
+        ];
+        traceback.extend((0..20).map(|n| format!("  File \"frame{n}.py\", line {n}, in f{n}")));
+        traceback.push("ModuleNotFoundError: No module named 'yaml_that_is_not_installed'".to_owned());
+        let message = traceback.join("\n");
+        let lines = message_lines(Outcome::Error, &message, false);
+        assert_eq!(lines.len(), HEAD_LINES + 1 + TAIL_LINES);
+        assert_eq!(lines[..3], traceback[..3]);
+        assert_eq!(lines[HEAD_LINES], "… (12 more lines; --verbose shows them)");
+        assert_eq!(lines.last(), traceback.last());
+        assert_eq!(message_lines(Outcome::Error, &message, true), traceback);
+        // Short messages whole, for every outcome that is not a pass or a skip.
+        for outcome in [Outcome::Fail, Outcome::Error, Outcome::Xfail, Outcome::Xpass] {
+            assert_eq!(message_lines(outcome, "one\ntwo\n", false), ["one", "two"], "{outcome:?}");
+        }
+        assert_eq!(message_lines(Outcome::Skip, "needs a network\nmore", false), ["needs a network"]);
+        assert!(message_lines(Outcome::Pass, "printed", false).is_empty());
+    }
+
+    #[test]
+    fn counts_are_pluralised() {
+        let mut report: CommitReport = serde_json::from_value(serde_json::json!({
+            "commit": "a".repeat(40), "repo": "r", "branch": "main", "status": "failed",
+            "counts": {"total": 1, "pass": 0, "fail": 0, "error": 1, "skip": 0, "xfail": 1, "xpass": 1},
+            "error": null, "runner": null, "warnings": [], "queued_at_ms": 0, "finished_at_ms": null, "tests": []
+        }))
+        .unwrap();
+        let text = render(&report, false);
+        assert!(
+            text.contains("1 test: 0 passed, 0 failed, 1 error, 0 skipped, 1 expected failure, 1 unexpected success"),
+            "{text}"
+        );
+        report.counts.error = 2;
+        report.counts.xfail = 2;
+        report.counts.xpass = 2;
+        report.counts.total = 2;
+        let text = render(&report, false);
+        assert!(
+            text.contains(
+                "2 tests: 0 passed, 0 failed, 2 errors, 0 skipped, 2 expected failures, 2 unexpected successes"
+            ),
+            "{text}"
+        );
+    }
+}
