@@ -23,6 +23,22 @@ pub struct TreeTests {
     pub outside_links: Vec<(String, String)>,
 }
 
+impl TreeTests {
+    /// One warning naming every link in [`outside_links`](Self::outside_links),
+    /// worded as the runner's own listing words it.
+    pub fn warning(&self) -> Option<String> {
+        if self.outside_links.is_empty() {
+            return None;
+        }
+        let links: Vec<String> = self
+            .outside_links
+            .iter()
+            .map(|(path, target)| format!("{} -> {}", kiln_proto::escaped(path), kiln_proto::escaped(target)))
+            .collect();
+        Some(format!("symlinks that could lead outside the checkout were not followed: {}", links.join(", ")))
+    }
+}
+
 impl ObjectStore {
     /// Lists the test files of `commit` (see [`TreeTests`]).
     pub fn test_files(&self, commit: &CommitId) -> Result<TreeTests, GitError> {
