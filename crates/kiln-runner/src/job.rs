@@ -39,6 +39,11 @@ pub(crate) struct JobContext {
     pub slots: Slots,
     /// Jobs running now, by job id, with the way to hand each a new stream.
     pub jobs: Mutex<HashMap<u64, Running>>,
+    /// Held while a batch brings its commit into the cache: batches of one
+    /// commit often arrive together, and two writers of the same commit's
+    /// objects and ref would collide on git's lock files. The second finds
+    /// the commit present and fetches nothing.
+    pub fetching: tokio::sync::Mutex<()>,
 }
 
 /// The runner's slots, shared by its batches: a batch takes exactly the
@@ -374,6 +379,7 @@ async fn fetch(
     checkout: &Path,
 ) -> Result<(), JobError> {
     let git = |source| JobError::Git { commit, source };
+    let cached = ctx.fetching.lock().await;
     let cache = ctx.cache.clone();
     let (present, haves) = blocking(move || {
         let store = ObjectStore::open_or_init_bare(&cache)?;
@@ -396,6 +402,7 @@ async fn fetch(
         let limits = ctx.git_limits;
         blocking(move || ObjectStore::open(&cache)?.with_limits(limits).unpack(&pack, &commit)).await.map_err(git)?;
     }
+    drop(cached);
     let cache = ctx.cache.clone();
     let dest = checkout.to_owned();
     let limits = ctx.git_limits;
