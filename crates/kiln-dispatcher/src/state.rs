@@ -1880,8 +1880,11 @@ mod tests {
                 let n = (next(6) + 1) as u8;
                 let runner = format!("r{}", next(3));
                 let conn = next(5) as usize;
-                // Sometimes an assignment we saw, sometimes a made-up one.
-                let seen = known.get(next(known.len() as u64 + 1) as usize).filter(|_| next(4) > 0).cloned();
+                // Mostly a recent assignment (likely still current), sometimes
+                // an old one, sometimes a made-up one.
+                let back = if next(4) == 0 { next(known.len() as u64 + 1) } else { next(4) } as usize;
+                let seen =
+                    known.len().checked_sub(back + 1).and_then(|i| known.get(i)).filter(|_| next(5) > 0).cloned();
                 let (job, attempt, conn) = match &seen {
                     Some(d) => (d.assignment.job, d.assignment.attempt, d.conn),
                     None => (next(12), next(4) as u32, conn),
