@@ -28,23 +28,23 @@ fn a_killed_runner_loses_only_its_unfinished_files() {
     let first = cluster.runner("runner-1");
     cluster.observer("observer", &repo.path, "200ms");
     // Let runner-1 finish some files, then kill it mid-job.
-    cluster.wait_stored(&commit, "partly done by runner-1", |r| {
-        r.runner.as_deref() == Some("runner-1") && r.tests.len() >= 4
-    });
+    let by = |r: &CommitReport, name: &str| r.tests.iter().filter(|t| t.runner.as_deref() == Some(name)).count();
+    cluster.wait_stored(&commit, "partly done by runner-1", |r| by(r, "runner-1") >= 4);
     cluster.procs[first].signal(Signal::SIGKILL);
     let killed = Instant::now();
     cluster.runner("runner-2");
     let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
     eprintln!("killed runner to results: {:?}", killed.elapsed());
     assert_complete(&report, 6, 2);
-    assert_eq!(report.runner.as_deref(), Some("runner-2"));
-    // runner-2 was told to skip the files runner-1 had finished.
-    let log = cluster.procs[0].log();
+    // The commit is split: both runners ran some of it, and runner-2 only
+    // what runner-1 had not finished (each test is recorded once, by one runner).
+    assert_eq!(report.runner.as_deref(), Some("runner-1, runner-2"));
+    assert!(by(&report, "runner-1") >= 4 && by(&report, "runner-2") > 0, "{report:?}");
+    assert_eq!(by(&report, "runner-1") + by(&report, "runner-2"), 12);
     // No reassignment line is a failure, not a pass: the check below needs one.
-    let second = log.lines().find(|l| l.contains("attempt=2") && l.contains("assigned"));
-    let second = second.unwrap_or_else(|| panic!("the job was never reassigned (no attempt=2 assigned):\n{log}"));
-    assert!(second.contains("skip="), "the reassignment does not say what it skips: {second}");
-    assert!(!second.contains("skip=0"), "no files skipped on reassignment: {second}\n{log}");
+    let log = cluster.procs[0].log();
+    let second = log.lines().find(|l| l.contains("runner=runner-2") && l.contains("assigned"));
+    second.unwrap_or_else(|| panic!("nothing was assigned to runner-2:\n{log}"));
 }
 
 #[test]
@@ -56,13 +56,13 @@ fn a_runner_stopped_past_its_lease_is_replaced_and_its_late_work_rejected() {
     cluster.observer("observer", &repo.path, "200ms");
     // Past the source fetch, with results stored: the runner holds real work.
     cluster.wait_stored(&commit, "partly done by runner-1", |r| {
-        r.runner.as_deref() == Some("runner-1") && !r.tests.is_empty()
+        r.tests.iter().any(|t| t.runner.as_deref() == Some("runner-1"))
     });
     cluster.procs[sleeper].signal(Signal::SIGSTOP);
     cluster.runner("runner-2");
     let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
     assert_complete(&report, 4, 2);
-    assert_eq!(report.runner.as_deref(), Some("runner-2"));
+    assert!(report.runner.as_deref().is_some_and(|r| r.contains("runner-2")), "{report:?}");
     // Wake the sleeper: it reconnects and asks to resume its old attempt,
     // which the dispatcher refuses; the stored results do not change.
     cluster.procs[sleeper].signal(Signal::SIGCONT);
@@ -106,7 +106,9 @@ fn a_killed_dispatcher_resumes_its_queue_and_running_work() {
             && l.contains(first.as_str())
     });
     assert!(resumed, "{}", cluster.logs());
-    assert!(!log.lines().any(|l| l.contains("assigned") && l.contains("attempt=2")), "{}", cluster.logs());
+    // Batches are cut as the slot frees, so later ones are normal; but no
+    // batch the runner held through the restart was taken back.
+    assert!(!log.contains("no runner claimed this running work"), "{}", cluster.logs());
 }
 
 #[test]
@@ -226,7 +228,7 @@ fn a_runner_cut_off_from_the_network_is_replaced_and_its_late_work_rejected() {
     cluster.observer("observer", &repo.path, "200ms");
     // Past the source fetch, with results stored: the runner holds real work.
     cluster.wait_stored(&commit, "partly done by the remote runner", |r| {
-        r.runner.as_deref() == Some("remote") && !r.tests.is_empty()
+        r.tests.iter().any(|t| t.runner.as_deref() == Some("remote"))
     });
 
     ns.link(false);
@@ -235,7 +237,7 @@ fn a_runner_cut_off_from_the_network_is_replaced_and_its_late_work_rejected() {
     let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
     eprintln!("network cut to results: {:?}", cut.elapsed());
     assert_complete(&report, 4, 2);
-    assert_eq!(report.runner.as_deref(), Some("local"));
+    assert!(report.runner.as_deref().is_some_and(|r| r.contains("local")), "{report:?}");
 
     ns.link(true);
     // The healed runner comes back and asks to resume; its lease has moved on.
@@ -260,5 +262,7 @@ fn a_runner_stopped_with_sigterm_hands_its_work_back_at_once() {
     cluster.wait_log(0, "the runner gave the job back");
     let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
     assert_complete(&report, 4, 2);
-    assert_eq!(report.runner.as_deref(), Some("runner-2"));
+    // Split: runner-2 ran what runner-1 handed back (and runner-1 may have
+    // finished some files before it left).
+    assert!(report.runner.as_deref().is_some_and(|r| r.contains("runner-2")), "{report:?}");
 }

@@ -19,4 +19,5 @@ mod links;
 mod peers;
 mod pipeline;
 mod plugin;
+mod split;
 mod tap;

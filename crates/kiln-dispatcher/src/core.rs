@@ -29,8 +29,18 @@ use crate::stream::{Snapshot, Update};
 pub enum Event {
     /// An observer submits to a repository: bind it if nobody owns it.
     Claim { repo: String, observer: String },
-    /// A commit is submitted; `descends` are the candidates it descends from.
-    Submit { repo: String, branch: String, commit: CommitId, supersede: Supersede, descends: HashSet<CommitId> },
+    /// A commit is submitted; `descends` are the candidates it descends
+    /// from, `files` its test files as listed from the mirror, and
+    /// `listing_warning` the links under `tests/` that were not followed.
+    Submit {
+        repo: String,
+        branch: String,
+        commit: CommitId,
+        supersede: Supersede,
+        descends: HashSet<CommitId>,
+        files: Vec<String>,
+        listing_warning: Option<String>,
+    },
     /// A runner registers on a connection, holding these leases.
     Register { name: String, conn: ConnId, slots: u32, held: Vec<Held>, gaps: Vec<String> },
     /// A runner's connection is gone.
@@ -39,6 +49,8 @@ pub enum Event {
     Test { job: u64, attempt: u32, conn: ConnId, result: TestResult },
     /// Every test of a file was reported.
     FileDone { job: u64, attempt: u32, conn: ConnId, file: String },
+    /// A file of the batch was not run, and why.
+    NotRun { job: u64, attempt: u32, conn: ConnId, file: String, reason: String },
     /// The runner says the results should be read with this.
     Warning { job: u64, attempt: u32, conn: ConnId, warning: String },
     /// The runner ended the job.
@@ -61,6 +73,9 @@ impl Event {
             Event::RunnerGone { name, .. } => format!("the departure of runner {}", kiln_proto::escaped(name)),
             Event::Test { job, result, .. } => format!("job {job}'s result of {}", kiln_proto::escaped(&result.id)),
             Event::FileDone { job, file, .. } => format!("job {job}'s end of {}", kiln_proto::escaped(file)),
+            Event::NotRun { job, file, .. } => {
+                format!("job {job}'s report that {} was not run", kiln_proto::escaped(file))
+            }
             Event::Warning { job, .. } => format!("a warning of job {job}"),
             Event::Finished { job, .. } => format!("the end of job {job}"),
             Event::Abandon { job, .. } => format!("requeueing job {job}"),
@@ -87,7 +102,8 @@ pub enum Answer {
     Recorded { result: Result<bool, Stale>, ended: bool },
     /// A job's warnings are over the limit.
     TooManyWarnings,
-    /// To [`Event::Finished`]: the commit, its status and test count, or why it was refused.
+    /// To [`Event::Finished`]: the commit, its status (still running while
+    /// other batches run) and test count, or why it was refused.
     Finished { result: Result<(CommitId, CommitStatus, usize), Stale>, ended: bool },
     /// To [`Event::Abandon`]: the commit requeued, if it was.
     Abandoned(Option<CommitId>),
@@ -102,7 +118,7 @@ pub struct Effects {
     pub answer: Answer,
     /// Assignments to send.
     pub dispatches: Vec<Dispatch>,
-    /// Running jobs whose runners must be told to stop.
+    /// Commits stopped: the runners of their running batches must be told.
     pub stopped: Vec<Stopped>,
     /// What to tell subscribers, if anything durable changed.
     pub update: Option<Arc<Update>>,
@@ -165,8 +181,9 @@ fn step(s: &mut State, event: Event, now_ms: u64) -> (Answer, Vec<Stopped>, bool
     let ended = |s: &State, job: u64| s.commit_of(job).and_then(|c| s.entry(&c)).is_none_or(|e| e.status.is_final());
     match event {
         Event::Claim { repo, observer } => (Answer::Claimed(s.claim_repo(&repo, &observer)), Vec::new(), false),
-        Event::Submit { repo, branch, commit, supersede, descends } => {
-            let stopped = s.submit(&repo, &branch, commit, supersede, |c| descends.contains(c), now_ms);
+        Event::Submit { repo, branch, commit, supersede, descends, files, listing_warning } => {
+            let stopped =
+                s.submit(&repo, &branch, commit, supersede, |c| descends.contains(c), &files, listing_warning, now_ms);
             let all = stopped.clone().unwrap_or_default();
             (Answer::Submitted(stopped), all, true)
         }
@@ -183,6 +200,10 @@ fn step(s: &mut State, event: Event, now_ms: u64) -> (Answer, Vec<Stopped>, bool
             let result = s.file_done(job, attempt, conn, file);
             (Answer::Recorded { ended: ended(s, job), result }, Vec::new(), false)
         }
+        Event::NotRun { job, attempt, conn, file, reason } => {
+            let result = s.not_run(job, attempt, conn, file, &reason);
+            (Answer::Recorded { ended: ended(s, job), result }, Vec::new(), false)
+        }
         Event::Warning { job, attempt, conn, warning } => {
             let count = s.commit_of(job).and_then(|c| s.entry(&c)).map_or(0, |e| e.warnings.len());
             if count >= MAX_WARNINGS {
@@ -192,11 +213,13 @@ fn step(s: &mut State, event: Event, now_ms: u64) -> (Answer, Vec<Stopped>, bool
             (Answer::Recorded { ended: ended(s, job), result }, Vec::new(), false)
         }
         Event::Finished { job, attempt, conn, error } => {
-            let result = s.finish(job, attempt, conn, error, now_ms).map(|commit| {
+            let mut stopped = Vec::new();
+            let result = s.finish(job, attempt, conn, error, now_ms).map(|(commit, others)| {
+                stopped = others;
                 let e = s.entry(&commit);
                 (commit, e.map_or(CommitStatus::Error, |e| e.status), e.map_or(0, |e| e.tests.len()))
             });
-            (Answer::Finished { ended: ended(s, job), result }, Vec::new(), true)
+            (Answer::Finished { ended: ended(s, job), result }, stopped, true)
         }
         Event::Abandon { job, attempt, conn } => (Answer::Abandoned(s.abandon(job, attempt, conn)), Vec::new(), true),
         Event::Stop { commit, status, reason } => {
@@ -248,6 +271,8 @@ mod tests {
             commit: commit(n),
             supersede: Supersede::CancelRunning,
             descends: [commit(1)].into(),
+            files: vec!["tests/test_a.py".into()],
+            listing_warning: None,
         }
     }
 
@@ -258,6 +283,7 @@ mod tests {
             outcome: Outcome::Pass,
             duration_ms: 1,
             message: String::new(),
+            runner: None,
         };
         Event::Test { job, attempt: 1, conn: 7, result }
     }
@@ -284,7 +310,11 @@ mod tests {
         let job = effects.dispatches[0].assignment.job;
         let update = effects.update.unwrap();
         assert_eq!(update.seq, 1);
-        assert!(matches!(&update.changes[..], [Change::Commit(r)] if r.status == CommitStatus::Running));
+        // The row, the file list and the batch leased: one transaction.
+        assert!(matches!(
+            &update.changes[..],
+            [Change::Commit(r), Change::Files { .. }, Change::Batch(_)] if r.status == CommitStatus::Running
+        ));
 
         // A result that cannot be stored is not recorded: sent again, it is new.
         core.store.failing = true;
@@ -321,12 +351,12 @@ mod tests {
         let mut core = Core::new(State::default(), Db::open(&path).unwrap());
         core.handle(submit(1), 1).unwrap();
         core.store.set_read_only(true);
-        // Commit 2 supersedes the queued commit 1: both rows, or neither.
+        // Commit 2 supersedes the queued commit 1: both rows and 2's files, or none.
         let before = core.state.clone();
         let err = core.handle(submit(2), 2).unwrap_err();
         assert_eq!(core.state, before);
         let chain = kiln_proto::error_chain(&err);
-        assert!(chain.contains("store 2 changes") && chain.contains("readonly"), "{chain}");
+        assert!(chain.contains("store 3 changes") && chain.contains("readonly"), "{chain}");
         core.store.set_read_only(false);
         let effects = core.handle(submit(2), 3).unwrap();
         assert_eq!(effects.update.unwrap().seq, 2);

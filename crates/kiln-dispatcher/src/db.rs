@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use kiln_proto::{CommitId, TestResult};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::state::CommitEntry;
+use crate::state::{Batch, CommitEntry, Lease};
 use crate::store::{Change, CommitRow, Store, StoreError};
 
 const SCHEMA: &str = "
@@ -40,7 +40,23 @@ CREATE TABLE IF NOT EXISTS results (
     outcome     TEXT NOT NULL,
     duration_ms INTEGER NOT NULL,
     message     TEXT NOT NULL,
+    runner      TEXT,
     PRIMARY KEY (commit_id, test_id)
+);
+-- The test files a commit was split into, listed from the mirror at submission.
+CREATE TABLE IF NOT EXISTS commit_files (
+    commit_id TEXT NOT NULL REFERENCES commits (commit_id),
+    file      TEXT NOT NULL,
+    PRIMARY KEY (commit_id, file)
+);
+-- Running batches: leases a restarted dispatcher keeps for their runners.
+CREATE TABLE IF NOT EXISTS batches (
+    job       INTEGER PRIMARY KEY,
+    commit_id TEXT NOT NULL REFERENCES commits (commit_id),
+    attempt   INTEGER NOT NULL,
+    runner    TEXT NOT NULL,
+    slots     INTEGER NOT NULL,
+    files     TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS done_files (
     commit_id TEXT NOT NULL REFERENCES commits (commit_id),
@@ -55,8 +71,10 @@ CREATE TABLE IF NOT EXISTS repo_owners (
 );
 ";
 
-/// The schema version this code writes (SQLite's `user_version`).
-const VERSION: i64 = 1;
+/// The schema version this code writes (SQLite's `user_version`). Version
+/// 2 added `results.runner`, `commit_files` and `batches`; a version 1
+/// database gains them when opened.
+const VERSION: i64 = 2;
 
 /// Why the state database failed.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +137,13 @@ impl Db {
             });
         }
         conn.execute_batch(SCHEMA).map_err(err)?;
+        // `CREATE TABLE IF NOT EXISTS` leaves a version 1 `results` as it was.
+        let has_runner: i64 = conn
+            .query_row("SELECT COUNT(*) FROM pragma_table_info('results') WHERE name = 'runner'", [], |r| r.get(0))
+            .map_err(err)?;
+        if has_runner == 0 {
+            conn.execute_batch("ALTER TABLE results ADD COLUMN runner TEXT").map_err(err)?;
+        }
         conn.pragma_update(None, "user_version", VERSION).map_err(err)?;
         Ok(Db { conn, path: path.to_owned() })
     }
@@ -176,13 +201,15 @@ impl Db {
                     seq: seq as u64,
                     status,
                     error,
-                    runner,
+                    runners: runner.iter().flat_map(|r| r.split(", ")).map(str::to_owned).collect(),
                     warnings,
                     queued_at_ms: queued as u64,
                     finished_at_ms: finished.map(|f| f as u64),
                     job: job as u64,
                     attempt: attempt as u32,
-                    lease: None,
+                    files: BTreeMap::new(),
+                    pending: Default::default(),
+                    batches: BTreeMap::new(),
                     tests: BTreeMap::new(),
                     done_files: BTreeSet::new(),
                 },
@@ -190,7 +217,7 @@ impl Db {
         }
         let mut stmt = self
             .conn
-            .prepare("SELECT commit_id, test_id, file, outcome, duration_ms, message FROM results")
+            .prepare("SELECT commit_id, test_id, file, outcome, duration_ms, message, runner FROM results")
             .map_err(self.err())?;
         let rows = stmt
             .query_map([], |r| {
@@ -201,15 +228,17 @@ impl Db {
                     r.get::<_, String>(3)?,
                     r.get::<_, i64>(4)?,
                     r.get::<_, String>(5)?,
+                    r.get::<_, Option<String>>(6)?,
                 ))
             })
             .map_err(self.err())?;
         for row in rows {
-            let (commit, id, file, outcome, duration, message) = row.map_err(self.err())?;
+            let (commit, id, file, outcome, duration, message, runner) = row.map_err(self.err())?;
             let commit: CommitId = commit.parse().map_err(|e| self.corrupt(format!("{e}")))?;
             let outcome = outcome.parse().map_err(|e: String| self.corrupt(e))?;
             if let Some(entry) = entries.get_mut(&commit) {
-                let result = TestResult { id: id.clone(), file, outcome, duration_ms: duration as u64, message };
+                let result =
+                    TestResult { id: id.clone(), file, outcome, duration_ms: duration as u64, message, runner };
                 entry.tests.insert(id, result);
             }
         }
@@ -220,6 +249,43 @@ impl Db {
             let commit: CommitId = commit.parse().map_err(|e| self.corrupt(format!("{e}")))?;
             if let Some(entry) = entries.get_mut(&commit) {
                 entry.done_files.insert(file);
+            }
+        }
+        let mut stmt = self.conn.prepare("SELECT commit_id, file FROM commit_files").map_err(self.err())?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(self.err())?;
+        for row in rows {
+            let (commit, file) = row.map_err(self.err())?;
+            let commit: CommitId = commit.parse().map_err(|e| self.corrupt(format!("{e}")))?;
+            if let Some(entry) = entries.get_mut(&commit) {
+                // Estimates are the state's business: it computes them on restore.
+                entry.files.insert(file, 0);
+            }
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT job, commit_id, attempt, runner, slots, files FROM batches")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })
+            .map_err(self.err())?;
+        for row in rows {
+            let (job, commit, attempt, runner, slots, files) = row.map_err(self.err())?;
+            let commit: CommitId = commit.parse().map_err(|e| self.corrupt(format!("{e}")))?;
+            let files: Vec<String> =
+                serde_json::from_str(&files).map_err(|e| self.corrupt(format!("files of batch {job}: {e}")))?;
+            if let Some(entry) = entries.get_mut(&commit) {
+                let lease = Lease { runner, conn: None };
+                let batch = Batch { job: job as u64, attempt: attempt as u32, files, slots: slots as u32, lease };
+                entry.batches.insert(job as u64, batch);
             }
         }
         let mut entries: Vec<CommitEntry> = entries.into_values().collect();
@@ -237,8 +303,8 @@ impl Db {
                 Change::Commit(row) => save_row(&tx, row),
                 Change::Test { commit, result: t } => tx
                     .prepare_cached(
-                        "INSERT OR IGNORE INTO results (commit_id, test_id, file, outcome, duration_ms, message)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        "INSERT OR IGNORE INTO results (commit_id, test_id, file, outcome, duration_ms, message, runner)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     )
                     .and_then(|mut s| {
                         s.execute(params![
@@ -247,9 +313,33 @@ impl Db {
                             t.file,
                             t.outcome.as_str(),
                             t.duration_ms as i64,
-                            t.message
+                            t.message,
+                            t.runner,
                         ])
                     }),
+                Change::Files { commit, files } => files.iter().try_for_each(|file| {
+                    tx.prepare_cached("INSERT OR IGNORE INTO commit_files (commit_id, file) VALUES (?1, ?2)")
+                        .and_then(|mut s| s.execute(params![commit.as_str(), file]))
+                        .map(drop)
+                }).map(|()| 0),
+                Change::Batch(b) => tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO batches (job, commit_id, attempt, runner, slots, files)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            b.job as i64,
+                            b.commit.as_str(),
+                            i64::from(b.attempt),
+                            b.runner,
+                            i64::from(b.slots),
+                            serde_json::to_string(&b.files).unwrap_or_else(|_| "[]".to_owned()),
+                        ])
+                    }),
+                Change::BatchEnded { job } => tx
+                    .prepare_cached("DELETE FROM batches WHERE job = ?1")
+                    .and_then(|mut s| s.execute(params![*job as i64])),
                 Change::FileDone { commit, file } => tx
                     .prepare_cached("INSERT OR IGNORE INTO done_files (commit_id, file) VALUES (?1, ?2)")
                     .and_then(|mut s| s.execute(params![commit.as_str(), file])),
@@ -338,12 +428,44 @@ mod tests {
     use kiln_proto::{CommitStatus, Outcome};
 
     #[test]
+    fn a_version_1_database_opens_and_gains_the_runner_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE commits (commit_id TEXT PRIMARY KEY, repo TEXT NOT NULL, branch TEXT NOT NULL,
+                     seq INTEGER NOT NULL UNIQUE, status TEXT NOT NULL, error TEXT, runner TEXT,
+                     queued_at_ms INTEGER NOT NULL, finished_at_ms INTEGER, job INTEGER NOT NULL UNIQUE,
+                     attempt INTEGER NOT NULL, warnings TEXT NOT NULL DEFAULT '[]');
+                 CREATE TABLE results (commit_id TEXT NOT NULL REFERENCES commits (commit_id), test_id TEXT NOT NULL,
+                     file TEXT NOT NULL, outcome TEXT NOT NULL, duration_ms INTEGER NOT NULL, message TEXT NOT NULL,
+                     PRIMARY KEY (commit_id, test_id));
+                 INSERT INTO commits VALUES ('0123456789abcdef0123456789abcdef01234567', 'repo', 'main', 1, 'passed',
+                     NULL, 'old-runner', 1, 2, 1, 1, '[]');
+                 INSERT INTO results VALUES ('0123456789abcdef0123456789abcdef01234567', 't', 'tests/test_a.py',
+                     'pass', 3, '');
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let loaded = db.load().unwrap();
+        assert_eq!(loaded[0].tests["t"].runner, None, "an old result names no runner");
+        assert_eq!(loaded[0].runners.iter().collect::<Vec<_>>(), ["old-runner"]);
+        let version: i64 = db.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, VERSION);
+    }
+
+    #[test]
     fn state_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.db");
         let commit: CommitId = "0123456789abcdef0123456789abcdef01234567".parse().unwrap();
         let mut state = State::default();
-        state.submit("repo", "main", commit, Supersede::Nothing, |_| true, 5).unwrap();
+        state
+            .submit("repo", "main", commit, Supersede::Nothing, |_| true, &["tests/test_a.py".into()], None, 5)
+            .unwrap();
         state.register("r", 1, 1, &[], &["network isolation: NO".to_owned()]);
         let d = state.assign().remove(0).assignment;
         let t = TestResult {
@@ -352,6 +474,7 @@ mod tests {
             outcome: Outcome::Xfail,
             duration_ms: 12,
             message: "it's 'quoted'\nand multi-line".into(),
+            runner: Some("r".into()),
         };
         state.record_test(d.job, d.attempt, 1, t.clone()).unwrap();
         state.file_done(d.job, d.attempt, 1, "tests/test_a.py".into()).unwrap();
@@ -359,8 +482,11 @@ mod tests {
             let mut db = Db::open(&path).unwrap();
             let entry = state.entry(&commit).unwrap();
             let again = Change::Test { commit, result: TestResult { outcome: Outcome::Fail, ..t.clone() } };
+            let batch = entry.batches.values().next().unwrap();
             db.apply(&[
                 Change::Commit(entry.row()),
+                Change::Files { commit, files: vec!["tests/test_a.py".into()] },
+                Change::Batch(entry.batch_row(batch)),
                 Change::Test { commit, result: t.clone() },
                 again,
                 Change::FileDone { commit, file: "tests/test_a.py".into() },
@@ -373,7 +499,14 @@ mod tests {
         assert_eq!(loaded.len(), 1);
         let e = &loaded[0];
         assert_eq!(e.status, CommitStatus::Running);
-        assert_eq!((e.job, e.attempt, e.seq), (d.job, 1, 1));
+        assert_eq!((e.job, e.attempt, e.seq), (state.entry(&commit).unwrap().job, 1, 1));
+        assert_eq!(e.files.keys().collect::<Vec<_>>(), ["tests/test_a.py"]);
+        let b = &e.batches[&d.job];
+        assert_eq!(
+            (b.attempt, &b.files[..], b.slots, b.lease.runner.as_str()),
+            (1, &["tests/test_a.py".to_owned()][..], 1, "r")
+        );
+        assert_eq!(b.lease.conn, None, "a restored lease waits for its runner");
         assert_eq!(e.warnings, vec!["sandbox on r: network isolation: NO".to_owned()]);
         assert_eq!(e.tests.values().cloned().collect::<Vec<_>>(), vec![t], "the first result wins");
         assert_eq!(e.done_files.iter().cloned().collect::<Vec<_>>(), vec!["tests/test_a.py".to_owned()]);

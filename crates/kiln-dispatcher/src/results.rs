@@ -287,6 +287,7 @@ mod tests {
             outcome,
             duration_ms: 1234,
             message: message.into(),
+            runner: None,
         };
         let tests = vec![
             t("tests.test_a.A.test_pass", "tests/test_a.py", Outcome::Pass, ""),

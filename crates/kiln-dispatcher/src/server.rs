@@ -214,9 +214,9 @@ impl Owner {
             let _ = self.updates.send(update);
             self.published.send_replace(seq);
         }
-        for s in &stopped {
-            if s.conn.is_some()
-                && let Some((_, token)) = self.running.get(&s.job)
+        for (job, conn) in stopped.iter().flat_map(|s| &s.batches) {
+            if conn.is_some()
+                && let Some((_, token)) = self.running.get(job)
             {
                 token.cancel();
             }
@@ -335,7 +335,8 @@ impl Dispatcher {
         let mut state = State::default();
         state.restore_owners(Store::load_owners(&mut db)?);
         state.pin_owners(config.repo_owners.iter().cloned());
-        let entries = Store::load(&mut db)?;
+        let mut entries = Store::load(&mut db)?;
+        relist(&mirror, &mut db, &mut entries);
         let (restored, unfinished) = (entries.len(), entries.iter().filter(|e| !e.status.is_final()).count());
         let reports = Arc::new(RwLock::new(Reports::of(&entries)));
         let running: Vec<_> = entries.iter().filter(|e| !e.status.is_final()).cloned().collect();
@@ -706,28 +707,36 @@ impl Dispatcher {
         // rewritten or unrelated history never cancels work.
         let (r, b) = (repo.clone(), branch.clone());
         let candidates = self.read(move |s| s.supersede_candidates(&r, &b, supersede)).await?;
-        let descends: HashSet<CommitId> = if candidates.is_empty() {
-            HashSet::new()
-        } else {
-            let mirror = self.mirror.clone();
-            let older = candidates.clone();
-            blocking(move || {
-                let store = ObjectStore::open(&mirror)?;
-                Ok(older
-                    .into_iter()
-                    .filter(|old| match store.is_ancestor(old, &commit) {
-                        Ok(yes) => yes,
-                        Err(e) => {
-                            warn!(%old, "cannot tell whether {commit} descends from it: {}", Escaped(&error_chain(&e)));
-                            false
-                        }
-                    })
-                    .collect())
-            })
-            .await?
+        // One store for the whole operation: the commit's test files (what
+        // it is split into) and which older commits it descends from.
+        let mirror = self.mirror.clone();
+        let older = candidates.clone();
+        let (listed, descends): (kiln_git::TreeTests, HashSet<CommitId>) = blocking(move || {
+            let store = ObjectStore::open(&mirror)?;
+            let listed = store.test_files(&commit)?;
+            let descends = older
+                .into_iter()
+                .filter(|old| match store.is_ancestor(old, &commit) {
+                    Ok(yes) => yes,
+                    Err(e) => {
+                        warn!(%old, "cannot tell whether {commit} descends from it: {}", Escaped(&error_chain(&e)));
+                        false
+                    }
+                })
+                .collect();
+            Ok((listed, descends))
+        })
+        .await?;
+        debug!(%commit, files = listed.files.len(), "listed the test files");
+        let event = Event::Submit {
+            repo: repo.clone(),
+            branch: branch.clone(),
+            commit,
+            supersede,
+            descends: descends.clone(),
+            listing_warning: listed.warning(),
+            files: listed.files,
         };
-        let event =
-            Event::Submit { repo: repo.clone(), branch: branch.clone(), commit, supersede, descends: descends.clone() };
         match self.ask(event).await {
             Ok(Answer::Submitted(Some(stopped))) => {
                 info!(%commit, repo = %Escaped(&repo), branch = %Escaped(&branch), "commit queued");
@@ -790,7 +799,8 @@ impl Dispatcher {
 
     /// Runs one assignment: sends it, records the events that come back.
     async fn drive(self: Arc<Self>, conn: Connection, d: Dispatch, cancel: CancellationToken) {
-        info!(commit = %d.assignment.commit, skip = d.assignment.skip_files.len(), "assigned");
+        let a = &d.assignment;
+        info!(commit = %a.commit, files = a.files.len(), slots = a.slots, "assigned");
         let outcome = async {
             let (mut send, recv) = conn.open().await.map_err(|e| StreamError::Failed(e.to_string()))?;
             send.send(&d.assignment).await?;
@@ -821,7 +831,8 @@ impl Dispatcher {
         let d = Dispatch {
             runner: peer.name.clone(),
             conn: id,
-            assignment: Assignment { job: held.job, attempt: held.attempt, commit, skip_files: Vec::new() },
+            // Only the fencing token matters on a resumed stream.
+            assignment: Assignment { job: held.job, attempt: held.attempt, commit, files: Vec::new(), slots: 0 },
         };
         let cancel = CancellationToken::new();
         self.tell(Msg::Track { job: held.job, attempt: held.attempt, token: cancel.clone() });
@@ -912,6 +923,13 @@ impl Dispatcher {
                     }
                     Event::Warning { job, attempt, conn, warning }
                 }
+                JobEvent::NotRun { file, reason } => {
+                    if file.len() > 4096 || reason.len() > 1024 {
+                        return Err(StreamError::Protocol("oversized not-run report".into()));
+                    }
+                    debug!(file = %Escaped(&file), reason = %Escaped(&reason), "file not run");
+                    Event::NotRun { job, attempt, conn, file, reason }
+                }
                 JobEvent::Finished { error } => Event::Finished { job, attempt, conn, error },
                 JobEvent::Abandoned { reason } => {
                     send.finish();
@@ -991,6 +1009,34 @@ async fn reply(mut send: SendStream, reply: Reply) -> Result<(), StreamError> {
     send.send(&reply).await?;
     send.finish();
     Ok(())
+}
+
+/// Lists, from the mirror, the test files of unfinished commits an older
+/// Kiln stored without them (it ran a commit as one job), so they can be
+/// split like new ones. A commit that cannot be listed keeps none, and ends
+/// as `error` ("no tests found") rather than stopping the dispatcher.
+fn relist(mirror: &std::path::Path, db: &mut Db, entries: &mut [crate::state::CommitEntry]) {
+    let bare = entries.iter().any(|e| !e.status.is_final() && e.files.is_empty() && e.batches.is_empty());
+    if !bare {
+        return;
+    }
+    let store = match ObjectStore::open(mirror) {
+        Ok(store) => store,
+        Err(e) => return warn!("cannot list test files of unfinished commits: {}", Escaped(&error_chain(&e))),
+    };
+    for e in entries.iter_mut().filter(|e| !e.status.is_final() && e.files.is_empty() && e.batches.is_empty()) {
+        match store.test_files(&e.commit) {
+            Ok(listed) => {
+                let change = crate::store::Change::Files { commit: e.commit, files: listed.files.clone() };
+                if let Err(err) = Store::apply(db, &[change]) {
+                    warn!(commit = %e.commit, "cannot store its test files: {}", Escaped(&error_chain(&err)));
+                    continue;
+                }
+                e.files = listed.files.into_iter().map(|f| (f, 0)).collect();
+            }
+            Err(err) => warn!(commit = %e.commit, "cannot list its test files: {}", Escaped(&error_chain(&err))),
+        }
+    }
 }
 
 /// Runs blocking git work off the async threads.

@@ -1,25 +1,42 @@
-//! The dispatcher's bookkeeping as a plain state machine: commits, their jobs
-//! and leases, the queue, and runners' free slots. No I/O happens here, so
-//! every scheduling and fencing decision is tested as data in, data out.
+//! The dispatcher's bookkeeping as a plain state machine: commits, the
+//! batches they are split into and their leases, the queue, and runners'
+//! free slots. No I/O happens here, so every scheduling and fencing
+//! decision is tested as data in, data out.
 //!
 //! Between [`State::begin`] and [`State::commit`] every change is journalled:
 //! [`State::changes`] says what must be stored, and [`State::rollback`] puts
 //! the state back exactly as it was when storing them failed, so memory never
 //! runs ahead of disk. The journal keeps pre-images of only what an event
-//! touched (a commit's row, never its results), so recording one test costs
-//! the same however many the commit has.
+//! touched (a commit's row, queue and batches, never its results or file
+//! list), so recording one test costs the same however many the commit has.
 //!
-//! Each commit has one job. Invariants:
-//! - a commit that is not final is queued, or leased to exactly one runner,
-//!   never both; a lease belongs to that runner's connection, except one
-//!   restored after a restart, which waits for its runner to claim it;
-//! - an event is accepted only from the connection holding the job's current
-//!   attempt (the fencing token), so a late or replaced runner can never
-//!   overwrite newer work; a lease restored after a restart belongs to no
-//!   connection until its runner claims it when it registers again;
-//! - a test id is recorded at most once per commit, and a finished file is
-//!   never handed out again;
-//! - a commit's source goes only to the connection holding its current lease;
+//! **Splitting.** A commit arrives with the test files the dispatcher listed
+//! from its mirror. They wait in the commit's `pending` list, longest first
+//! by their duration in earlier commits of the repository (the sum of their
+//! tests' `duration_ms`; a file never seen gets the median of the known
+//! ones, or [`DEFAULT_ESTIMATE_MS`]). Whenever a runner has free slots it is
+//! handed a batch cut from the front of the oldest queued commit: files
+//! worth `free / (2 × all slots)` of the commit's remaining estimated time
+//! (at least one file), so batches shrink as the queue drains and every
+//! runner ends at about the same time. A batch may use `min(free, files)`
+//! of the runner's slots, so a runner never has more files running than it
+//! registered slots, over all its batches.
+//!
+//! Invariants (checked by the randomized test below):
+//! - a file of a commit that is not final is pending, or in exactly one
+//!   batch, or done; never pending and leased, never in two batches;
+//! - a commit is queued iff it has pending files and no batch, running iff
+//!   it has a batch; it is in the queue once iff it has pending files;
+//! - each batch is a lease with a fencing token (its own job id and an
+//!   attempt number); an event is accepted only from the connection holding
+//!   it, and only about the batch's own files, so a late or replaced runner
+//!   can never overwrite newer work; a lease restored after a restart
+//!   belongs to no connection until its runner claims it when it registers;
+//! - a runner's batches use at most its slots;
+//! - a test id is recorded at most once per commit (first result wins), and
+//!   a done file is never handed out again; a commit that passed or failed
+//!   has every file done;
+//! - a commit's source goes only to a connection holding a lease on it;
 //! - a repository belongs to one observer identity (the first to submit it,
 //!   unless the operator named its owner); no other identity submits to it,
 //!   reads its branch tips or supersedes its commits;
@@ -27,7 +44,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-use crate::store::{Change, CommitRow};
+use crate::store::{BatchRow, Change, CommitRow};
 
 use kiln_proto::wire::{Assignment, Held, Supersede};
 use kiln_proto::{CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, TestResult, escaped};
@@ -35,15 +52,41 @@ use kiln_proto::{CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, Tes
 /// A connection's stable id: a runner that reconnects gets a new one.
 pub type ConnId = usize;
 
-/// Who holds a job's lease.
+/// What a file never seen before is expected to take when no file of the
+/// repository has a known duration.
+pub const DEFAULT_ESTIMATE_MS: u64 = 1_000;
+
+/// At most this many files in one batch, so an assignment stays far below
+/// the frame size limit whatever the estimates say.
+pub const MAX_BATCH_FILES: usize = 500;
+
+/// How many earlier commits of a repository are read for file durations.
+const HISTORY: usize = 20;
+
+/// Who holds a batch's lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
     /// The runner's name.
     pub runner: String,
     /// Its connection; `None` for a lease restored after a dispatcher
     /// restart, until its runner reconnects and claims it (or the grace
-    /// period ends and the job is queued again).
+    /// period ends and its unfinished files are queued again).
     pub conn: Option<ConnId>,
+}
+
+/// Some of a commit's files, leased to one runner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// The batch's own job id: with `attempt`, the fencing token.
+    pub job: u64,
+    /// The commit's batch counter when this batch was cut.
+    pub attempt: u32,
+    /// The files to run.
+    pub files: Vec<String>,
+    /// How many of the runner's slots it may use.
+    pub slots: u32,
+    /// Who holds it.
+    pub lease: Lease,
 }
 
 /// Everything about one commit; also the persisted form (see `db`).
@@ -61,23 +104,28 @@ pub struct CommitEntry {
     pub status: CommitStatus,
     /// Why testing could not run or was stopped.
     pub error: Option<String>,
-    /// The runner that ran (or runs) it.
-    pub runner: Option<String>,
-    /// What the results should be read with (the runner's sandbox gaps).
+    /// The runners that ran (or run) some of its files.
+    pub runners: BTreeSet<String>,
+    /// What the results should be read with (the runners' sandbox gaps,
+    /// files that were not run).
     pub warnings: Vec<String>,
     /// When it was queued (Unix ms).
     pub queued_at_ms: u64,
     /// When it reached a final status (Unix ms).
     pub finished_at_ms: Option<u64>,
-    /// The job's id.
+    /// The commit's own id among jobs (batches get theirs).
     pub job: u64,
-    /// The current attempt: 0 until first assigned.
+    /// Batches cut so far: the last batch's attempt number.
     pub attempt: u32,
-    /// The current lease, while running.
-    pub lease: Option<Lease>,
+    /// Every test file listed at submission, with its estimated duration (ms).
+    pub files: BTreeMap<String, u64>,
+    /// Files waiting for a runner, longest first.
+    pub pending: VecDeque<String>,
+    /// Batches running now, by job id.
+    pub batches: BTreeMap<u64, Batch>,
     /// Results so far, by test id.
     pub tests: BTreeMap<String, TestResult>,
-    /// Files whose every test has been reported.
+    /// Files whose every test has been reported (or that were not run, and said so).
     pub done_files: BTreeSet<String>,
 }
 
@@ -85,9 +133,16 @@ pub struct CommitEntry {
 struct Runner {
     conn: ConnId,
     slots: u32,
-    jobs: BTreeSet<u64>,
+    /// Its batches, with the slots each uses.
+    jobs: BTreeMap<u64, u32>,
     /// What its sandbox lacks, copied into each commit it runs.
     sandbox_gaps: Vec<String>,
+}
+
+impl Runner {
+    fn free(&self) -> u32 {
+        self.slots.saturating_sub(self.jobs.values().sum())
+    }
 }
 
 /// Why an event from a runner was not accepted.
@@ -104,9 +159,17 @@ pub enum Stale {
         /// The attempt the event claimed.
         attempt: u32,
     },
+    /// The file is not one of the batch's.
+    #[error("file {} is not in job {job}'s batch", escaped(.file))]
+    NotInBatch {
+        /// The job.
+        job: u64,
+        /// The file the event named.
+        file: String,
+    },
 }
 
-/// A job handed to a runner connection.
+/// A batch handed to a runner connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dispatch {
     /// The runner's name.
@@ -117,15 +180,15 @@ pub struct Dispatch {
     pub assignment: Assignment,
 }
 
-/// A running job that was stopped: its runner must be told to kill it.
+/// A commit that was stopped: the runners of its running batches must be
+/// told to kill them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stopped {
     /// The commit.
     pub commit: CommitId,
-    /// The job.
-    pub job: u64,
-    /// Its connection, if it was running.
-    pub conn: Option<ConnId>,
+    /// Its batches that were running: job and connection (none for a
+    /// restored lease nobody claimed).
+    pub batches: Vec<(u64, Option<ConnId>)>,
 }
 
 /// What one event changed, to store it or to undo it.
@@ -140,10 +203,12 @@ struct Journal {
     tests: Vec<(CommitId, String)>,
     /// Files this event finished.
     done_files: Vec<(CommitId, String)>,
+    /// Job ids this event gave out (to forget them again on rollback).
+    new_jobs: Vec<u64>,
     /// Repositories this event bound to an observer.
     owners: Vec<String>,
     /// The queue and the runners before the event, if it changed them.
-    queue: Option<VecDeque<u64>>,
+    queue: Option<VecDeque<CommitId>>,
     runners: Option<BTreeMap<String, Runner>>,
     order_len: usize,
     next_job: u64,
@@ -154,11 +219,13 @@ struct Journal {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct State {
     commits: HashMap<CommitId, CommitEntry>,
-    /// Job id → commit.
+    /// Job id (a commit's own, or a batch's, running or ended) → commit.
     jobs: HashMap<u64, CommitId>,
     /// Commits in submission order, for "the newest commit".
     order: Vec<CommitId>,
-    queue: VecDeque<u64>,
+    /// Commits with pending files, oldest first (a commit whose batch came
+    /// back goes to the front).
+    queue: VecDeque<CommitId>,
     runners: BTreeMap<String, Runner>,
     next_job: u64,
     next_seq: u64,
@@ -181,7 +248,7 @@ impl CommitEntry {
             seq: self.seq,
             status: self.status,
             error: self.error.clone(),
-            runner: self.runner.clone(),
+            runner: runner_list(&self.runners),
             warnings: self.warnings.clone(),
             queued_at_ms: self.queued_at_ms,
             finished_at_ms: self.finished_at_ms,
@@ -190,7 +257,19 @@ impl CommitEntry {
         }
     }
 
-    /// A copy without results and files: what the journal keeps.
+    /// A batch's stored form.
+    pub fn batch_row(&self, b: &Batch) -> BatchRow {
+        BatchRow {
+            job: b.job,
+            commit: self.commit,
+            attempt: b.attempt,
+            runner: b.lease.runner.clone(),
+            slots: b.slots,
+            files: b.files.clone(),
+        }
+    }
+
+    /// A copy without results and the file list: what the journal keeps.
     fn light(&self) -> CommitEntry {
         CommitEntry {
             commit: self.commit,
@@ -199,17 +278,40 @@ impl CommitEntry {
             seq: self.seq,
             status: self.status,
             error: self.error.clone(),
-            runner: self.runner.clone(),
+            runners: self.runners.clone(),
             warnings: self.warnings.clone(),
             queued_at_ms: self.queued_at_ms,
             finished_at_ms: self.finished_at_ms,
             job: self.job,
             attempt: self.attempt,
-            lease: self.lease.clone(),
+            files: BTreeMap::new(),
+            pending: self.pending.clone(),
+            batches: self.batches.clone(),
             tests: BTreeMap::new(),
             done_files: BTreeSet::new(),
         }
     }
+
+    /// Puts `file` back among the pending ones, longest first.
+    fn sort_pending(&mut self) {
+        let files = &self.files;
+        let mut pending: Vec<String> = std::mem::take(&mut self.pending).into();
+        pending.sort_by(|a, b| {
+            let (ea, eb) = (files.get(a).copied().unwrap_or(0), files.get(b).copied().unwrap_or(0));
+            eb.cmp(&ea).then_with(|| a.cmp(b))
+        });
+        self.pending = pending.into();
+    }
+
+    /// Whether a running batch holds `job` at `attempt` on `conn`.
+    fn leased(&self, job: u64, attempt: u32, conn: ConnId) -> Option<&Batch> {
+        self.batches.get(&job).filter(|b| !self.status.is_final() && b.attempt == attempt && b.lease.conn == Some(conn))
+    }
+}
+
+/// The runners of a commit as the report names them: `a, b`.
+fn runner_list(runners: &BTreeSet<String>) -> Option<String> {
+    (!runners.is_empty()).then(|| runners.iter().cloned().collect::<Vec<_>>().join(", "))
 }
 
 /// Why an observer may not touch a repository.
@@ -250,6 +352,11 @@ pub enum SourceRefusal {
     },
 }
 
+/// The start of the warning that names a commit's files not run for `reason`.
+fn not_run_prefix(reason: &str) -> String {
+    format!("not run ({reason}): ")
+}
+
 impl State {
     /// Starts journalling one event that happens at `now_ms`.
     pub fn begin(&mut self, now_ms: u64) {
@@ -262,11 +369,18 @@ impl State {
         });
     }
 
+    fn now(&self) -> u64 {
+        self.journal.as_ref().map_or(0, |j| j.now_ms)
+    }
+
     /// What the open event changed, to be stored in one transaction: rows
-    /// first (results refer to them), then results, files and owners.
+    /// first (everything else refers to them), then file lists, batches,
+    /// results, files and owners.
     pub fn changes(&self) -> Vec<Change> {
         let Some(j) = &self.journal else { return Vec::new() };
         let mut out = Vec::new();
+        let mut lists = Vec::new();
+        let mut batches = Vec::new();
         for (commit, before) in &j.before {
             let Some(now) = self.commits.get(commit) else { continue };
             let row = now.row();
@@ -274,7 +388,23 @@ impl State {
             if before.as_ref().is_none_or(|b| b.row() != row) {
                 out.push(Change::Commit(row));
             }
+            if before.is_none() && !now.files.is_empty() {
+                lists.push(Change::Files { commit: *commit, files: now.files.keys().cloned().collect() });
+            }
+            let old = before.as_ref().map(|b| &b.batches);
+            for (job, b) in &now.batches {
+                if old.is_none_or(|o| !o.contains_key(job)) {
+                    batches.push(Change::Batch(now.batch_row(b)));
+                }
+            }
+            for job in old.into_iter().flat_map(|o| o.keys()) {
+                if !now.batches.contains_key(job) {
+                    batches.push(Change::BatchEnded { job: *job });
+                }
+            }
         }
+        out.extend(lists);
+        out.extend(batches);
         for (commit, id) in &j.tests {
             if let Some(result) = self.commits.get(commit).and_then(|e| e.tests.get(id)) {
                 out.push(Change::Test { commit: *commit, result: result.clone() });
@@ -309,6 +439,9 @@ impl State {
                 e.done_files.remove(file);
             }
         }
+        for job in &j.new_jobs {
+            self.jobs.remove(job);
+        }
         for (commit, before) in j.before {
             match before {
                 None => {
@@ -320,6 +453,7 @@ impl State {
                     if let Some(e) = self.commits.get_mut(&commit) {
                         before.tests = std::mem::take(&mut e.tests);
                         before.done_files = std::mem::take(&mut e.done_files);
+                        before.files = std::mem::take(&mut e.files);
                         *e = before;
                     }
                 }
@@ -339,18 +473,12 @@ impl State {
         self.next_seq = j.next_seq;
     }
 
-    /// Journals a commit's pre-image before its row or lease changes.
+    /// Journals a commit's pre-image before its row, queue or batches change.
     fn touch(&mut self, commit: &CommitId) {
         if let Some(j) = self.journal.as_mut()
             && !j.before.contains_key(commit)
         {
             j.before.insert(*commit, self.commits.get(commit).map(CommitEntry::light));
-        }
-    }
-
-    fn touch_job(&mut self, job: u64) {
-        if let Some(commit) = self.jobs.get(&job).copied() {
-            self.touch(&commit);
         }
     }
 
@@ -396,11 +524,53 @@ impl State {
             .collect()
     }
 
-    /// Queues a newly seen commit. Returns `None` (and changes nothing) if it
-    /// was submitted before: submission is idempotent. Otherwise returns the
-    /// older commits of the same branch that `supersede` stopped: only those
-    /// for which `descends_from` says the new commit descends from them, so
-    /// a rewritten or unrelated history never stops work.
+    /// Each of `files`' expected duration (ms): what its tests took in the
+    /// newest earlier commit of `repo` that finished it (of the last
+    /// [`HISTORY`] commits of the repository), else the median of the known
+    /// ones, else [`DEFAULT_ESTIMATE_MS`].
+    pub fn estimates(&self, repo: &str, before_seq: u64, files: &[String]) -> BTreeMap<String, u64> {
+        let mut known: HashMap<&str, u64> = HashMap::new();
+        let wanted: BTreeSet<&str> = files.iter().map(String::as_str).collect();
+        let earlier = self
+            .order
+            .iter()
+            .rev()
+            .filter_map(|c| self.commits.get(c))
+            .filter(|e| e.repo == repo && e.seq < before_seq && !e.done_files.is_empty())
+            .take(HISTORY);
+        for e in earlier {
+            let mut sums: HashMap<&str, u64> = HashMap::new();
+            for t in e.tests.values() {
+                if wanted.contains(t.file.as_str()) && !known.contains_key(t.file.as_str()) {
+                    *sums.entry(t.file.as_str()).or_default() += t.duration_ms;
+                }
+            }
+            for f in &e.done_files {
+                if let Some(&w) = wanted.get(f.as_str())
+                    && !known.contains_key(w)
+                {
+                    known.insert(w, sums.get(w).copied().unwrap_or(0));
+                }
+            }
+            if known.len() == wanted.len() {
+                break;
+            }
+        }
+        let mut values: Vec<u64> = known.values().copied().collect();
+        values.sort_unstable();
+        let median = if values.is_empty() { DEFAULT_ESTIMATE_MS } else { values[values.len() / 2] };
+        files.iter().map(|f| (f.clone(), known.get(f.as_str()).copied().unwrap_or(median))).collect()
+    }
+
+    /// Queues a newly seen commit whose test files are `files` (listed from
+    /// the dispatcher's mirror) and `listing_warning` (links not followed).
+    /// Returns `None` (and changes nothing) if it was submitted before:
+    /// submission is idempotent. Otherwise returns the older commits of the
+    /// same branch that `supersede` stopped: only those for which
+    /// `descends_from` says the new commit descends from them, so a
+    /// rewritten or unrelated history never stops work. A commit with no
+    /// test file ends at once as `error`.
+    #[expect(clippy::too_many_arguments, reason = "one event's fields; the core passes them straight through")]
     pub fn submit(
         &mut self,
         repo: &str,
@@ -408,6 +578,8 @@ impl State {
         commit: CommitId,
         supersede: Supersede,
         descends_from: impl Fn(&CommitId) -> bool,
+        files: &[String],
+        listing_warning: Option<String>,
         now_ms: u64,
     ) -> Option<Vec<Stopped>> {
         if self.knows(&commit) {
@@ -432,31 +604,42 @@ impl State {
         }
         self.next_job += 1;
         self.next_seq += 1;
-        let entry = CommitEntry {
+        let estimates = self.estimates(repo, self.next_seq, files);
+        let (status, error, finished) = if files.is_empty() {
+            let why = listing_warning.clone().unwrap_or_else(|| "nothing under tests/".to_owned());
+            (CommitStatus::Error, Some(format!("no tests found: {why}")), Some(now_ms))
+        } else {
+            (CommitStatus::Queued, None, None)
+        };
+        let mut entry = CommitEntry {
             commit,
             repo: repo.to_owned(),
             branch: branch.to_owned(),
             seq: self.next_seq,
-            status: CommitStatus::Queued,
-            error: None,
-            runner: None,
-            warnings: Vec::new(),
+            status,
+            error,
+            runners: BTreeSet::new(),
+            warnings: listing_warning.into_iter().filter(|_| !files.is_empty()).collect(),
             queued_at_ms: now_ms,
-            finished_at_ms: None,
+            finished_at_ms: finished,
             job: self.next_job,
             attempt: 0,
-            lease: None,
+            pending: estimates.keys().cloned().collect(),
+            files: estimates,
+            batches: BTreeMap::new(),
             tests: BTreeMap::new(),
             done_files: BTreeSet::new(),
         };
+        entry.sort_pending();
         self.insert(entry);
         Some(stopped)
     }
 
-    /// Takes back an entry persisted by an earlier dispatcher process, with
-    /// its results and finished files. Work that was running keeps its lease
-    /// for its runner to claim when it reconnects (see
-    /// [`State::register`] and [`State::expire_orphans`]).
+    /// Takes back entries persisted by an earlier dispatcher process, with
+    /// their results, finished files and running batches. A running batch
+    /// keeps its lease for its runner to claim when it reconnects (see
+    /// [`State::register`] and [`State::expire_orphans`]); the files in no
+    /// batch and not done are pending again.
     pub fn restore(&mut self, entries: impl IntoIterator<Item = CommitEntry>) {
         for entry in entries {
             self.restore_one(entry);
@@ -464,42 +647,67 @@ impl State {
         // Restored entries may arrive in any order; keep submission order.
         let commits = &self.commits;
         self.order.sort_by_key(|c| commits.get(c).map(|e| e.seq));
-        self.queue.make_contiguous().sort_by_key(|j| self.jobs.get(j).and_then(|c| commits.get(c)).map(|e| e.seq));
+        self.queue.make_contiguous().sort_by_key(|c| commits.get(c).map(|e| e.seq));
+        // Estimates come from the history, now that all of it is here.
+        let unfinished: Vec<CommitId> =
+            self.commits.values().filter(|e| !e.status.is_final()).map(|e| e.commit).collect();
+        for commit in unfinished {
+            let Some(e) = self.commits.get(&commit) else { continue };
+            let files: Vec<String> = e.files.keys().cloned().collect();
+            let estimates = self.estimates(&e.repo, e.seq, &files);
+            if let Some(e) = self.commits.get_mut(&commit) {
+                e.files = estimates;
+                e.sort_pending();
+            }
+        }
     }
 
     fn restore_one(&mut self, mut entry: CommitEntry) {
         if self.knows(&entry.commit) {
             return;
         }
-        entry.lease = match (entry.status, &entry.runner) {
-            (CommitStatus::Running, Some(runner)) => Some(Lease { runner: runner.clone(), conn: None }),
-            _ => None,
-        };
-        if entry.status == CommitStatus::Running && entry.lease.is_none() {
-            entry.status = CommitStatus::Queued;
+        for b in entry.batches.values_mut() {
+            b.lease.conn = None;
+            self.next_job = self.next_job.max(b.job);
+            self.jobs.insert(b.job, entry.commit);
+        }
+        if !entry.status.is_final() {
+            let leased: BTreeSet<&String> = entry.batches.values().flat_map(|b| &b.files).collect();
+            entry.pending =
+                entry.files.keys().filter(|f| !entry.done_files.contains(*f) && !leased.contains(f)).cloned().collect();
+            entry.status = if entry.batches.is_empty() { CommitStatus::Queued } else { CommitStatus::Running };
+        } else {
+            entry.batches.clear();
+            entry.pending.clear();
         }
         self.next_job = self.next_job.max(entry.job);
         self.next_seq = self.next_seq.max(entry.seq);
+        let commit = entry.commit;
+        let settle = !entry.status.is_final() && entry.pending.is_empty() && entry.batches.is_empty();
         self.insert(entry);
+        if settle {
+            // Everything was done but the end was not stored: end it now.
+            self.settle(&commit, self.now());
+        }
     }
 
     fn insert(&mut self, entry: CommitEntry) {
         let (commit, job) = (entry.commit, entry.job);
         self.touch(&commit);
         self.snap_queue();
-        if entry.status == CommitStatus::Queued {
-            self.queue.push_back(job);
+        if !entry.status.is_final() && !entry.pending.is_empty() {
+            self.queue.push_back(commit);
         }
         self.jobs.insert(job, commit);
         self.order.push(commit);
         self.commits.insert(commit, entry);
     }
 
-    /// Adds a runner with `slots` free slots, which says it still holds the
-    /// assignments `held`. Each held assignment whose lease is still this
-    /// runner's (current attempt, not reassigned) moves to `conn`; the
-    /// runner's other leases go back to the queue. Returns the old
-    /// connection to close, if this is a reconnect, and the adopted jobs.
+    /// Adds a runner with `slots` slots, which says it still holds the
+    /// batches `held`. Each held batch whose lease is still this runner's
+    /// moves to `conn`; the runner's other batches go back to the queue.
+    /// Returns the old connection to close, if this is a reconnect, and the
+    /// adopted jobs.
     pub fn register(
         &mut self,
         name: &str,
@@ -510,20 +718,35 @@ impl State {
     ) -> (Option<ConnId>, Vec<u64>) {
         let mut adopted = Vec::new();
         self.snap_runners();
+        // A batch is adopted only within the slots the runner registers now;
+        // one beyond them is queued again like any other it did not claim.
+        let same: BTreeMap<u64, u32> =
+            self.runners.get(name).filter(|r| r.conn == conn).map(|r| r.jobs.clone()).unwrap_or_default();
+        let mut room = slots.max(1).saturating_sub(same.values().sum());
         for h in held {
-            self.touch_job(h.job);
-            let Some(entry) = self.jobs.get(&h.job).and_then(|c| self.commits.get_mut(c)) else { continue };
-            let Some(lease) = entry.lease.as_mut() else { continue };
-            if entry.status == CommitStatus::Running && entry.attempt == h.attempt && lease.runner == name {
-                lease.conn = Some(conn);
-                adopted.push(h.job);
+            let Some(commit) = self.jobs.get(&h.job).copied() else { continue };
+            self.touch(&commit);
+            let Some(entry) = self.commits.get_mut(&commit) else { continue };
+            if entry.status.is_final() {
+                continue;
+            }
+            let Some(batch) = entry.batches.get_mut(&h.job) else { continue };
+            if batch.attempt != h.attempt || batch.lease.runner != name || adopted.iter().any(|(j, _)| *j == h.job) {
+                continue;
+            }
+            if same.contains_key(&h.job) {
+                adopted.push((h.job, batch.slots));
+            } else if batch.slots <= room {
+                room -= batch.slots;
+                batch.lease.conn = Some(conn);
+                adopted.push((h.job, batch.slots));
             }
         }
         let old = self.runners.get(name).map(|r| r.conn).filter(|&c| c != conn);
         if let Some(old) = old {
-            // Adopted jobs moved to the new connection; the rest are requeued.
+            // Adopted batches moved to the new connection; the rest are requeued.
             if let Some(r) = self.runners.get_mut(name) {
-                r.jobs.retain(|j| !adopted.contains(j));
+                r.jobs.retain(|j, _| !adopted.iter().any(|(a, _)| a == j));
             }
             self.unregister(name, old);
         }
@@ -531,13 +754,15 @@ impl State {
         let runner = self.runners.entry(name.to_owned()).or_insert(Runner {
             conn,
             slots: 1,
-            jobs: BTreeSet::new(),
+            jobs: BTreeMap::new(),
             sandbox_gaps: Vec::new(),
         });
-        runner.slots = slots.max(1);
-        runner.sandbox_gaps = sandbox_gaps.to_vec();
         runner.jobs.extend(adopted.iter().copied());
-        (old, adopted)
+        // Fewer slots than its batches use (registering again on the same
+        // connection): the batches run out, and nothing new comes meanwhile.
+        runner.slots = slots.max(1).max(runner.jobs.values().sum());
+        runner.sandbox_gaps = sandbox_gaps.to_vec();
+        (old, adopted.into_iter().map(|(j, _)| j).collect())
     }
 
     /// The commit a job tests.
@@ -545,121 +770,196 @@ impl State {
         self.jobs.get(&job).copied()
     }
 
-    /// Queues again every restored lease no runner has claimed. Returns the commits.
+    /// Queues again the files of every restored lease no runner has
+    /// claimed. Returns the commits.
     pub fn expire_orphans(&mut self) -> Vec<CommitId> {
         let orphans: Vec<u64> = self
             .commits
             .values()
-            .filter(|e| e.lease.as_ref().is_some_and(|l| l.conn.is_none()))
-            .map(|e| e.job)
+            .flat_map(|e| e.batches.values())
+            .filter(|b| b.lease.conn.is_none())
+            .map(|b| b.job)
             .collect();
-        orphans.into_iter().filter_map(|job| self.requeue(job)).collect()
+        let mut commits: Vec<CommitId> = orphans.into_iter().filter_map(|job| self.requeue(job)).collect();
+        commits.dedup();
+        commits
     }
 
     /// Whether `conn` holds the current lease of `job` at `attempt`.
     pub fn holds(&self, job: u64, attempt: u32, conn: ConnId) -> bool {
-        self.jobs.get(&job).and_then(|c| self.commits.get(c)).is_some_and(|e| {
-            e.status == CommitStatus::Running
-                && e.attempt == attempt
-                && e.lease.as_ref().is_some_and(|l| l.conn == Some(conn))
-        })
+        self.jobs.get(&job).and_then(|c| self.commits.get(c)).is_some_and(|e| e.leased(job, attempt, conn).is_some())
     }
 
-    /// Removes the runner connection `conn` and puts its unfinished jobs back
-    /// at the front of the queue. Returns the commits of the requeued jobs.
+    /// Removes the runner connection `conn` and puts the unfinished files
+    /// of its batches back at the front of the queue. Returns the commits
+    /// they belong to.
     pub fn unregister(&mut self, name: &str, conn: ConnId) -> Vec<CommitId> {
         let Some(runner) = self.runners.get(name).filter(|r| r.conn == conn) else { return Vec::new() };
-        let jobs: Vec<u64> = runner.jobs.iter().copied().collect();
+        let jobs: Vec<u64> = runner.jobs.keys().copied().collect();
         self.snap_runners();
         self.runners.remove(name);
         let mut requeued = Vec::new();
         for &job in jobs.iter().rev() {
-            requeued.extend(self.requeue(job));
+            if let Some(c) = self.requeue(job)
+                && !requeued.contains(&c)
+            {
+                requeued.push(c);
+            }
         }
         requeued
     }
 
-    /// Puts a leased job back at the front of the queue.
+    /// Ends a batch without its files: those not done go back to the
+    /// commit's pending files and the commit to the front of the queue.
     fn requeue(&mut self, job: u64) -> Option<CommitId> {
         let commit = *self.jobs.get(&job)?;
         self.touch(&commit);
         self.snap_queue();
         self.snap_runners();
         let entry = self.commits.get_mut(&commit)?;
-        let lease = entry.lease.take()?;
-        if let Some(r) = self.runners.get_mut(&lease.runner) {
+        let batch = entry.batches.remove(&job)?;
+        if let Some(r) = self.runners.get_mut(&batch.lease.runner) {
             r.jobs.remove(&job);
         }
-        entry.status = CommitStatus::Queued;
-        entry.runner = None;
-        self.queue.push_front(job);
+        let undone: Vec<String> = batch.files.into_iter().filter(|f| !entry.done_files.contains(f)).collect();
+        if !undone.is_empty() {
+            entry.pending.extend(undone);
+            entry.sort_pending();
+            self.queue.retain(|c| *c != commit);
+            self.queue.push_front(commit);
+        }
+        self.settle(&commit, self.now());
         Some(commit)
     }
 
-    /// Pairs queued jobs with free runner slots, least busy runner first.
+    /// Brings a commit's status in line with its batches and files: running
+    /// while a batch runs, queued while files wait, and final once every
+    /// file is done.
+    fn settle(&mut self, commit: &CommitId, now: u64) {
+        let Some(e) = self.commits.get_mut(commit) else { return };
+        if e.status.is_final() {
+            return;
+        }
+        if !e.batches.is_empty() {
+            e.status = CommitStatus::Running;
+        } else if !e.pending.is_empty() {
+            e.status = CommitStatus::Queued;
+        } else {
+            let error =
+                e.tests.is_empty().then(|| "no tests found: nothing under tests/ was claimed by a plugin".to_owned());
+            e.status = CommitReport::final_status(&e.tests, error.as_deref());
+            e.error = error;
+            e.finished_at_ms = Some(now);
+        }
+    }
+
+    /// Cuts batches for free runner slots, the runner with the most free
+    /// slots first, from the oldest queued commit.
     pub fn assign(&mut self) -> Vec<Dispatch> {
         let mut out = Vec::new();
-        if !self.queue.is_empty() {
-            self.snap_queue();
-            self.snap_runners();
+        if self.queue.is_empty() {
+            return out;
         }
-        while !self.queue.is_empty() {
-            let Some((name, runner)) = self
+        self.snap_queue();
+        self.snap_runners();
+        let total: u64 = self.runners.values().map(|r| u64::from(r.slots)).sum();
+        while let Some(&commit) = self.queue.front() {
+            let Some((name, free)) = self
                 .runners
-                .iter_mut()
-                .filter(|(_, r)| (r.jobs.len() as u32) < r.slots)
-                .min_by_key(|(_, r)| r.jobs.len())
+                .iter()
+                .filter(|(_, r)| r.free() > 0)
+                .max_by(|(an, a), (bn, b)| a.free().cmp(&b.free()).then_with(|| bn.cmp(an)))
+                .map(|(n, r)| (n.clone(), r.free()))
             else {
                 break;
             };
-            let Some(job) = self.queue.pop_front() else { break };
-            if let Some(j) = self.journal.as_mut()
-                && let Some(commit) = self.jobs.get(&job)
-                && !j.before.contains_key(commit)
-            {
-                j.before.insert(*commit, self.commits.get(commit).map(CommitEntry::light));
+            self.touch(&commit);
+            self.next_job += 1;
+            let job = self.next_job;
+            if let Some(j) = self.journal.as_mut() {
+                j.new_jobs.push(job);
             }
-            let Some(entry) = self.jobs.get(&job).and_then(|c| self.commits.get_mut(c)) else { continue };
-            if entry.status != CommitStatus::Queued {
+            let Some(runner) = self.runners.get_mut(&name) else { break };
+            let Some(entry) = self.commits.get_mut(&commit) else {
+                self.queue.pop_front();
+                continue;
+            };
+            // Worth `free / (2 × all slots)` of what is left, at least one file.
+            let remaining: u64 = entry.pending.iter().map(|f| entry.files.get(f).copied().unwrap_or(0)).sum();
+            let target = remaining * u64::from(free) / (2 * total.max(1));
+            let mut files = Vec::new();
+            let mut worth = 0u64;
+            while let Some(next) = entry.pending.front() {
+                let cost = entry.files.get(next).copied().unwrap_or(0);
+                if !files.is_empty() && (worth + cost > target || files.len() >= MAX_BATCH_FILES) {
+                    break;
+                }
+                worth += cost;
+                files.extend(entry.pending.pop_front());
+            }
+            if entry.pending.is_empty() {
+                self.queue.pop_front();
+            }
+            if files.is_empty() {
                 continue;
             }
+            let slots = free.min(u32::try_from(files.len()).unwrap_or(u32::MAX));
             entry.attempt += 1;
-            entry.lease = Some(Lease { runner: name.clone(), conn: Some(runner.conn) });
+            let lease = Lease { runner: name.clone(), conn: Some(runner.conn) };
+            let batch = Batch { job, attempt: entry.attempt, files: files.clone(), slots, lease };
+            entry.batches.insert(job, batch);
             entry.status = CommitStatus::Running;
-            entry.runner = Some(name.clone());
-            entry.warnings = runner.sandbox_gaps.iter().map(|g| format!("sandbox on {name}: {g}")).collect();
-            runner.jobs.insert(job);
+            entry.runners.insert(name.clone());
+            for gap in &runner.sandbox_gaps {
+                let warning = format!("sandbox on {name}: {gap}");
+                if !entry.warnings.contains(&warning) {
+                    entry.warnings.push(warning);
+                }
+            }
+            runner.jobs.insert(job, slots);
+            self.jobs.insert(job, commit);
             out.push(Dispatch {
-                runner: name.clone(),
+                runner: name,
                 conn: runner.conn,
-                assignment: Assignment {
-                    job,
-                    attempt: entry.attempt,
-                    commit: entry.commit,
-                    skip_files: entry.done_files.iter().cloned().collect(),
-                },
+                assignment: Assignment { job, attempt: entry.attempt, commit, files, slots },
             });
         }
         out
     }
 
-    /// The entry of `job` if `conn` holds its current `attempt`.
-    fn current(&mut self, job: u64, attempt: u32, conn: ConnId) -> Result<&mut CommitEntry, Stale> {
+    /// The entry of `job` if `conn` holds its current `attempt`, and the
+    /// batch's runner.
+    fn current(&mut self, job: u64, attempt: u32, conn: ConnId) -> Result<(&mut CommitEntry, String), Stale> {
         let commit = self.jobs.get(&job).ok_or(Stale::UnknownJob(job))?;
         let entry = self.commits.get_mut(commit).ok_or(Stale::UnknownJob(job))?;
-        let current = entry.status == CommitStatus::Running
-            && entry.attempt == attempt
-            && entry.lease.as_ref().is_some_and(|l| l.conn == Some(conn));
-        if current { Ok(entry) } else { Err(Stale::NotCurrent { job, attempt }) }
+        let runner = entry.leased(job, attempt, conn).ok_or(Stale::NotCurrent { job, attempt })?.lease.runner.clone();
+        Ok((entry, runner))
     }
 
-    /// Records one test result from the lease holder. Returns whether it was
-    /// new (a repeated id keeps its first result).
-    pub fn record_test(&mut self, job: u64, attempt: u32, conn: ConnId, result: TestResult) -> Result<bool, Stale> {
-        let entry = self.current(job, attempt, conn)?;
+    /// The entry of `job` if `conn` holds its current `attempt` and `file` is the batch's.
+    fn current_file(
+        &mut self,
+        job: u64,
+        attempt: u32,
+        conn: ConnId,
+        file: &str,
+    ) -> Result<(&mut CommitEntry, String), Stale> {
+        let (entry, runner) = self.current(job, attempt, conn)?;
+        if !entry.batches.get(&job).is_some_and(|b| b.files.iter().any(|f| f == file)) {
+            return Err(Stale::NotInBatch { job, file: file.to_owned() });
+        }
+        Ok((entry, runner))
+    }
+
+    /// Records one test result from the lease holder, about one of its
+    /// batch's files, naming the runner. Returns whether it was new (a
+    /// repeated id keeps its first result).
+    pub fn record_test(&mut self, job: u64, attempt: u32, conn: ConnId, mut result: TestResult) -> Result<bool, Stale> {
+        let (entry, runner) = self.current_file(job, attempt, conn, &result.file)?;
         if entry.tests.contains_key(&result.id) {
             return Ok(false);
         }
+        result.runner = Some(runner);
         let (commit, id) = (entry.commit, result.id.clone());
         entry.tests.insert(result.id.clone(), result);
         if let Some(j) = self.journal.as_mut() {
@@ -670,7 +970,7 @@ impl State {
 
     /// Records that the lease holder reported every test of `file`.
     pub fn file_done(&mut self, job: u64, attempt: u32, conn: ConnId, file: String) -> Result<bool, Stale> {
-        let entry = self.current(job, attempt, conn)?;
+        let (entry, _) = self.current_file(job, attempt, conn, &file)?;
         let commit = entry.commit;
         if !entry.done_files.insert(file.clone()) {
             return Ok(false);
@@ -681,20 +981,46 @@ impl State {
         Ok(true)
     }
 
-    /// Records a warning from the lease holder, once (a resumed job sends its
-    /// events again). Returns whether it was new.
-    pub fn warn(&mut self, job: u64, attempt: u32, conn: ConnId, warning: String) -> Result<bool, Stale> {
-        if self.current(job, attempt, conn)?.warnings.contains(&warning) {
+    /// Records that the lease holder did not run `file`, and why: the file
+    /// is done, and named in one warning per reason.
+    pub fn not_run(&mut self, job: u64, attempt: u32, conn: ConnId, file: String, reason: &str) -> Result<bool, Stale> {
+        let (entry, _) = self.current_file(job, attempt, conn, &file)?;
+        if entry.done_files.contains(&file) {
             return Ok(false);
         }
-        self.touch_job(job);
-        let entry = self.current(job, attempt, conn)?;
-        entry.warnings.push(warning);
+        let commit = entry.commit;
+        self.touch(&commit);
+        let Some(entry) = self.commits.get_mut(&commit) else { return Ok(false) };
+        note_not_run(&mut entry.warnings, &file, reason);
+        entry.done_files.insert(file.clone());
+        if let Some(j) = self.journal.as_mut() {
+            j.done_files.push((commit, file));
+        }
         Ok(true)
     }
 
-    /// Ends a job as its lease holder reports, and frees the runner's slot.
-    /// Returns the commit, whose status is now final.
+    /// Records a warning from the lease holder, once (a resumed batch sends
+    /// its events again, and every batch of a commit may say the same).
+    /// Returns whether it was new.
+    pub fn warn(&mut self, job: u64, attempt: u32, conn: ConnId, warning: String) -> Result<bool, Stale> {
+        let (entry, _) = self.current(job, attempt, conn)?;
+        if entry.warnings.contains(&warning) {
+            return Ok(false);
+        }
+        let commit = entry.commit;
+        self.touch(&commit);
+        if let Some(e) = self.commits.get_mut(&commit) {
+            e.warnings.push(warning);
+        }
+        Ok(true)
+    }
+
+    /// Ends a batch as its lease holder reports, and frees its slots. Files
+    /// of the batch it never reported are done, and named in a warning:
+    /// running them again could loop forever. An `error` (the batch could
+    /// not run at all: its source, its checkout) ends the whole commit as
+    /// `error` and stops its other batches. Returns the commit, whose
+    /// status is final once every file is done, and what was stopped.
     pub fn finish(
         &mut self,
         job: u64,
@@ -702,55 +1028,64 @@ impl State {
         conn: ConnId,
         error: Option<String>,
         now_ms: u64,
-    ) -> Result<CommitId, Stale> {
-        self.current(job, attempt, conn)?;
-        self.touch_job(job);
+    ) -> Result<(CommitId, Vec<Stopped>), Stale> {
+        let commit = self.current(job, attempt, conn)?.0.commit;
+        self.touch(&commit);
         self.snap_runners();
-        let entry = self.current(job, attempt, conn)?;
-        let error = error.or_else(|| {
-            entry.tests.is_empty().then(|| "no tests found: nothing under tests/ was claimed by a plugin".to_owned())
-        });
-        entry.status = CommitReport::final_status(&entry.tests, error.as_deref());
-        entry.error = error;
-        entry.finished_at_ms = Some(now_ms);
-        let commit = entry.commit;
-        if let Some(lease) = entry.lease.take()
-            && let Some(runner) = self.runners.get_mut(&lease.runner)
-        {
-            runner.jobs.remove(&job);
+        let Some(entry) = self.commits.get_mut(&commit) else { return Err(Stale::UnknownJob(job)) };
+        let Some(batch) = entry.batches.remove(&job) else { return Err(Stale::NotCurrent { job, attempt }) };
+        if let Some(r) = self.runners.get_mut(&batch.lease.runner) {
+            r.jobs.remove(&job);
         }
-        Ok(commit)
+        if let Some(error) = error {
+            let stopped = self.stop(&commit, CommitStatus::Error, error, now_ms);
+            return Ok((commit, stopped.into_iter().collect()));
+        }
+        let Some(entry) = self.commits.get_mut(&commit) else { return Err(Stale::UnknownJob(job)) };
+        for file in batch.files {
+            if !entry.done_files.contains(&file) {
+                note_not_run(&mut entry.warnings, &file, "the runner ended its batch without reporting it");
+                entry.done_files.insert(file.clone());
+                if let Some(j) = self.journal.as_mut() {
+                    j.done_files.push((commit, file));
+                }
+            }
+        }
+        self.settle(&commit, now_ms);
+        Ok((commit, Vec::new()))
     }
 
-    /// The lease holder gave the job back, or its assignment stream broke:
-    /// put the job back in the queue. Returns the commit if it was requeued.
+    /// The lease holder gave the batch back, or its assignment stream
+    /// broke: its unfinished files go back to the queue. Returns the
+    /// commit if they did.
     pub fn abandon(&mut self, job: u64, attempt: u32, conn: ConnId) -> Option<CommitId> {
         self.current(job, attempt, conn).ok()?;
         self.requeue(job)
     }
 
-    /// Stops testing a commit that is not final: it ends with `status`
-    /// (`cancelled`, `skipped` or `error`) and `reason`. Returns what was
-    /// stopped, with the connection to tell if it was running.
+    /// Stops testing a commit that is not final, all of its batches at
+    /// once: it ends with `status` (`cancelled`, `skipped` or `error`) and
+    /// `reason`. Returns what was stopped, with the connections to tell.
     pub fn stop(&mut self, commit: &CommitId, status: CommitStatus, reason: String, now_ms: u64) -> Option<Stopped> {
         self.commits.get(commit).filter(|e| !e.status.is_final())?;
         self.touch(commit);
         self.snap_queue();
         self.snap_runners();
         let entry = self.commits.get_mut(commit)?;
-        let job = entry.job;
         entry.status = status;
         entry.error = Some(reason);
         entry.finished_at_ms = Some(now_ms);
-        let lease = entry.lease.take();
-        self.queue.retain(|&j| j != job);
-        let conn = lease.and_then(|l| {
-            if let Some(r) = self.runners.get_mut(&l.runner) {
+        entry.pending.clear();
+        let batches = std::mem::take(&mut entry.batches);
+        self.queue.retain(|c| c != commit);
+        let mut running = Vec::new();
+        for (job, b) in batches {
+            if let Some(r) = self.runners.get_mut(&b.lease.runner) {
                 r.jobs.remove(&job);
             }
-            l.conn
-        });
-        Some(Stopped { commit: *commit, job, conn })
+            running.push((job, b.lease.conn));
+        }
+        Some(Stopped { commit: *commit, batches: running })
     }
 
     /// The report for a commit.
@@ -763,14 +1098,13 @@ impl State {
             status: e.status,
             counts: Counts::of(e.tests.values()),
             error: e.error.clone(),
-            runner: e.runner.clone(),
+            runner: runner_list(&e.runners),
             warnings: e.warnings.clone(),
             queued_at_ms: e.queued_at_ms,
             finished_at_ms: e.finished_at_ms,
             tests: e.tests.values().cloned().collect(),
         })
     }
-
     /// Up to `limit` known commits whose id starts with `prefix`, sorted.
     pub fn commits_with_prefix(&self, prefix: &CommitPrefix, limit: usize) -> Vec<CommitId> {
         let mut found: Vec<CommitId> = self.commits.keys().filter(|c| prefix.matches(c)).copied().collect();
@@ -794,17 +1128,19 @@ impl State {
     }
 
     /// Whether `conn`, the connection of runner `name`, may have the source
-    /// of `commit` for the assignment `lease`: only if it holds that lease
-    /// now and the lease is on `commit`.
+    /// of `commit` for the batch `lease`: only if it holds that lease now
+    /// and the lease is on `commit`.
     pub fn source_access(&self, lease: Held, commit: &CommitId, conn: ConnId, name: &str) -> Result<(), SourceRefusal> {
         let (job, attempt, commit) = (lease.job, lease.attempt, *commit);
         let entry = self.jobs.get(&job).filter(|c| **c == commit).and_then(|c| self.commits.get(c));
         let Some(entry) = entry else { return Err(SourceRefusal::NotLeased { job, attempt, commit }) };
-        if self.holds(job, attempt, conn) {
+        if entry.leased(job, attempt, conn).is_some() {
             return Ok(());
         }
-        // `runner` outlives a stopped lease (it is cleared only on requeue).
-        if entry.status.is_final() && entry.attempt == attempt && entry.runner.as_deref() == Some(name) {
+        // A batch of this runner's on this commit that has ended (its id is
+        // remembered, and the runner ran some of the commit).
+        let ended = entry.status.is_final() || !entry.batches.contains_key(&job);
+        if ended && job != entry.job && attempt <= entry.attempt && entry.runners.contains(name) {
             return Err(SourceRefusal::Ended { job, attempt, commit });
         }
         Err(SourceRefusal::NotLeased { job, attempt, commit })
@@ -859,9 +1195,24 @@ impl State {
         }
     }
 
-    /// The names of the registered runners and how many jobs each holds.
+    /// The names of the registered runners and how many batches each holds.
     pub fn runners(&self) -> Vec<(String, usize)> {
         self.runners.iter().map(|(n, r)| (n.clone(), r.jobs.len())).collect()
+    }
+}
+
+/// Names `file` in the warning that lists the files not run for `reason`.
+fn note_not_run(warnings: &mut Vec<String>, file: &str, reason: &str) {
+    let prefix = not_run_prefix(reason);
+    let name = escaped(file);
+    match warnings.iter_mut().find(|w| w.starts_with(&prefix)) {
+        Some(w) => {
+            if !w[prefix.len()..].split(", ").any(|f| f == name) {
+                w.push_str(", ");
+                w.push_str(&name);
+            }
+        }
+        None => warnings.push(format!("{prefix}{name}")),
     }
 }
 
@@ -875,11 +1226,23 @@ mod tests {
     }
 
     fn result(id: &str, outcome: Outcome) -> TestResult {
-        TestResult { id: id.into(), file: "tests/test_a.py".into(), outcome, duration_ms: 1, message: String::new() }
+        TestResult {
+            id: id.into(),
+            file: "tests/test_a.py".into(),
+            outcome,
+            duration_ms: 1,
+            message: String::new(),
+            runner: None,
+        }
     }
 
+    fn one_file() -> Vec<String> {
+        vec!["tests/test_a.py".to_owned()]
+    }
+
+    /// Submits commit `n` with one test file: one batch, as a whole commit was.
     fn submit(s: &mut State, n: u8) {
-        s.submit("repo", "main", commit(n), Supersede::Nothing, |_| true, u64::from(n)).unwrap();
+        s.submit("repo", "main", commit(n), Supersede::Nothing, |_| true, &one_file(), None, u64::from(n)).unwrap();
     }
 
     #[test]
@@ -889,7 +1252,7 @@ mod tests {
             submit(&mut s, n);
         }
         let other: CommitId = "bba85f8".repeat(6)[..40].parse().unwrap();
-        s.submit("repo", "main", other, Supersede::Nothing, |_| true, 9).unwrap();
+        s.submit("repo", "main", other, Supersede::Nothing, |_| true, &one_file(), None, 9).unwrap();
         let prefix = |p: &str| p.parse::<CommitPrefix>().unwrap();
         assert_eq!(s.commits_with_prefix(&prefix("BBA85F8"), 10), [other]);
         assert_eq!(s.commits_with_prefix(&prefix("0000000"), 10), [commit(1), commit(2), commit(3)]);
@@ -902,7 +1265,7 @@ mod tests {
     fn submission_is_idempotent() {
         let mut s = State::default();
         submit(&mut s, 1);
-        assert!(s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, 11).is_none());
+        assert!(s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &one_file(), None, 11).is_none());
         s.register("r1", 1, 4, &[], &[]);
         assert_eq!(s.assign().len(), 1);
         assert!(s.assign().is_empty());
@@ -928,38 +1291,207 @@ mod tests {
         assert_eq!(d2[0].assignment.commit, commit(3));
     }
 
+    fn files(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| format!("tests/test_{n}.py")).collect()
+    }
+
+    fn result_in(id: &str, file: &str, duration_ms: u64) -> TestResult {
+        TestResult { file: file.into(), duration_ms, ..result(id, Outcome::Pass) }
+    }
+
     #[test]
-    fn only_the_current_lease_holder_is_heard() {
+    fn only_the_current_lease_holder_is_heard_and_only_unfinished_files_run_again() {
         let mut s = State::default();
-        submit(&mut s, 1);
+        s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &files(&["a", "b", "c", "d"]), None, 1)
+            .unwrap();
         s.register("a", 1, 1, &[], &[]);
+        // One slot of one: half of the estimated time (four unknown files, equal).
         let first = s.assign().remove(0).assignment;
+        assert_eq!((first.files.clone(), first.slots), (files(&["a", "b"]), 1));
         assert_eq!(s.record_test(first.job, 1, 1, result("t1", Outcome::Pass)), Ok(true));
         assert_eq!(s.file_done(first.job, 1, 1, "tests/test_a.py".into()), Ok(true));
-        // The runner vanishes; its job is requeued and goes to another runner,
-        // without the file it finished.
+        // The runner vanishes: only its unfinished file goes back to the queue.
         assert_eq!(s.unregister("a", 1), vec![commit(1)]);
         assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Queued);
+        assert_eq!(s.entry(&commit(1)).unwrap().pending, files(&["b", "c", "d"]));
         s.register("b", 2, 1, &[], &[]);
         let second = s.assign().remove(0);
-        assert_eq!(second.assignment.attempt, 2);
-        assert_eq!(second.assignment.skip_files, vec!["tests/test_a.py".to_owned()]);
+        assert_eq!((second.assignment.attempt, &second.assignment.files[..]), (2, &files(&["b"])[..]));
+        let job = second.assignment.job;
+        assert_ne!(job, first.job, "each batch has its own job id");
         // The late runner's events are refused, whatever it claims.
         assert!(s.record_test(first.job, 1, 1, result("t2", Outcome::Fail)).is_err());
-        assert!(s.record_test(first.job, 2, 1, result("t2", Outcome::Fail)).is_err());
+        assert!(s.record_test(job, 2, 1, result("t2", Outcome::Fail)).is_err());
         assert!(s.file_done(first.job, 1, 1, "tests/test_b.py".into()).is_err());
         assert!(s.finish(first.job, 1, 1, None, 5).is_err());
-        // The current holder's are accepted, each test once.
-        assert_eq!(s.record_test(first.job, 2, 2, result("t1", Outcome::Fail)), Ok(false));
-        assert_eq!(s.record_test(first.job, 2, 2, result("t2", Outcome::Pass)), Ok(true));
-        assert_eq!(s.finish(first.job, 2, 2, None, 9), Ok(commit(1)));
+        // The holder is heard only about its own batch's files.
+        let elsewhere = s.record_test(job, 2, 2, result("t9", Outcome::Fail));
+        assert!(matches!(elsewhere, Err(Stale::NotInBatch { .. })), "{elsewhere:?}");
+        assert!(s.file_done(job, 2, 2, "tests/test_c.py".into()).is_err());
+        // Each test once, first result wins, and the result names its runner.
+        assert_eq!(s.record_test(job, 2, 2, result_in("t2", "tests/test_b.py", 5)), Ok(true));
+        assert_eq!(s.record_test(job, 2, 2, result_in("t2", "tests/test_b.py", 6)), Ok(false));
+        assert_eq!(s.entry(&commit(1)).unwrap().tests["t2"].runner.as_deref(), Some("b"));
+        assert_eq!(s.entry(&commit(1)).unwrap().tests["t1"].runner.as_deref(), Some("a"));
+        assert_eq!(s.file_done(job, 2, 2, "tests/test_b.py".into()), Ok(true));
+        assert_eq!(s.finish(job, 2, 2, None, 9), Ok((commit(1), vec![])));
+        // Not final while files wait.
+        assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Queued);
+        // Half of what is left each time, with one slot: c, then d.
+        let c = s.assign().remove(0).assignment;
+        assert_eq!(c.files, files(&["c"]));
+        s.not_run(c.job, c.attempt, 2, "tests/test_c.py".into(), "no plugin claims it").unwrap();
+        s.finish(c.job, c.attempt, 2, None, 10).unwrap();
+        let last = s.assign().remove(0).assignment;
+        assert_eq!(last.files, files(&["d"]));
+        s.record_test(last.job, last.attempt, 2, result_in("t3", "tests/test_d.py", 1)).unwrap();
+        s.file_done(last.job, last.attempt, 2, "tests/test_d.py".into()).unwrap();
+        s.finish(last.job, last.attempt, 2, None, 10).unwrap();
         let report = s.report(&commit(1)).unwrap();
         assert_eq!(report.status, CommitStatus::Passed);
-        assert_eq!(report.counts.total, 2);
-        assert_eq!(report.finished_at_ms, Some(9));
+        assert_eq!(report.counts.total, 3);
+        assert_eq!(report.finished_at_ms, Some(10));
+        assert_eq!(report.runner.as_deref(), Some("a, b"));
+        assert_eq!(report.warnings, ["not run (no plugin claims it): tests/test_c.py"]);
         // Nothing more is accepted once done.
-        assert!(s.record_test(first.job, 2, 2, result("t3", Outcome::Pass)).is_err());
+        assert!(s.record_test(last.job, last.attempt, 2, result_in("t4", "tests/test_d.py", 1)).is_err());
         assert!(s.runners().iter().all(|(_, busy)| *busy == 0));
+    }
+
+    #[test]
+    fn files_go_longest_first_by_earlier_durations_in_shrinking_batches() {
+        let mut s = State::default();
+        let names = files(&["a", "b", "c", "d", "e", "f", "g", "h"]);
+        s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &names, None, 1).unwrap();
+        // Nothing known: every file gets the default, in name order.
+        assert!(s.entry(&commit(1)).unwrap().files.values().all(|&e| e == DEFAULT_ESTIMATE_MS));
+        s.register("r", 1, 8, &[], &[]);
+        let d = s.assign();
+        let conn = d[0].conn;
+        // The first commit's durations: a takes 800, b 400, the rest 100 (two tests each).
+        for d in &d {
+            let a = &d.assignment;
+            for f in &a.files {
+                let ms = match f.as_str() {
+                    "tests/test_a.py" => 400,
+                    "tests/test_b.py" => 200,
+                    _ => 50,
+                };
+                for t in 0..2 {
+                    s.record_test(a.job, a.attempt, conn, result_in(&format!("{f}:{t}"), f, ms)).unwrap();
+                }
+                s.file_done(a.job, a.attempt, conn, f.clone()).unwrap();
+            }
+            s.finish(a.job, a.attempt, conn, None, 2).unwrap();
+        }
+        assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Passed);
+        // The next commit has a new file, never seen: it gets the median.
+        let mut next = names.clone();
+        next.push("tests/test_new.py".into());
+        s.submit("repo", "main", commit(2), Supersede::Nothing, |_| true, &next, None, 3).unwrap();
+        let e = s.entry(&commit(2)).unwrap();
+        assert_eq!(e.files["tests/test_a.py"], 800);
+        assert_eq!(e.files["tests/test_b.py"], 400);
+        assert_eq!(e.files["tests/test_new.py"], 100);
+        assert_eq!(e.pending.iter().take(2).cloned().collect::<Vec<_>>(), files(&["a", "b"]));
+        // Another repository knows nothing of these durations.
+        s.submit("other", "main", commit(3), Supersede::Nothing, |_| true, &names, None, 4).unwrap();
+        assert_eq!(s.entry(&commit(3)).unwrap().files["tests/test_a.py"], DEFAULT_ESTIMATE_MS);
+        // Two runners of one slot each: batches of a quarter of what is left,
+        // at least one file, so they shrink as the queue drains.
+        s.unregister("r", 1);
+        s.register("x", 2, 1, &[], &[]);
+        s.register("y", 3, 1, &[], &[]);
+        let mut sizes = Vec::new();
+        loop {
+            let given = s.assign();
+            if given.is_empty() {
+                break;
+            }
+            for d in given {
+                let a = d.assignment;
+                if a.commit != commit(2) {
+                    s.stop(&a.commit, CommitStatus::Cancelled, "not this one".into(), 5);
+                    continue;
+                }
+                assert_eq!(a.slots, 1);
+                sizes.push(a.files.clone());
+                for f in &a.files {
+                    s.file_done(a.job, a.attempt, d.conn, f.clone()).unwrap();
+                }
+                s.finish(a.job, a.attempt, d.conn, None, 6).unwrap();
+            }
+        }
+        // 2100 ms in all: a alone (800 > 525), b alone (400 > 325), then the short ones.
+        assert_eq!(sizes[0], files(&["a"]));
+        assert_eq!(sizes[1], files(&["b"]));
+        let total: usize = sizes.iter().map(Vec::len).sum();
+        assert_eq!(total, 9);
+        assert!(sizes.windows(2).all(|w| w[0].len() + 1 >= w[1].len()), "batches grow: {sizes:?}");
+        assert_eq!(s.report(&commit(2)).unwrap().status, CommitStatus::Error, "no tests recorded");
+    }
+
+    #[test]
+    fn a_runners_batches_never_use_more_than_its_slots() {
+        let mut s = State::default();
+        let names: Vec<String> = (0..20).map(|i| format!("tests/test_{i:02}.py")).collect();
+        s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &names, None, 1).unwrap();
+        s.submit("repo", "main", commit(2), Supersede::Nothing, |_| true, &names, None, 1).unwrap();
+        s.register("two", 1, 2, &[], &[]);
+        s.register("three", 2, 3, &[], &[]);
+        let d = s.assign();
+        let used = |s: &State, name: &str| s.runners[name].jobs.values().sum::<u32>();
+        assert_eq!((used(&s, "two"), used(&s, "three")), (2, 3));
+        assert!(d.iter().all(|d| d.assignment.slots as usize <= d.assignment.files.len()));
+        assert!(s.assign().is_empty(), "no free slot, no batch");
+        // A batch ends: exactly its slots are handed out again.
+        let a = &d[0].assignment;
+        for f in &a.files {
+            s.file_done(a.job, a.attempt, d[0].conn, f.clone()).unwrap();
+        }
+        s.finish(a.job, a.attempt, d[0].conn, None, 2).unwrap();
+        let again = s.assign();
+        let freed: u32 = again.iter().map(|d| d.assignment.slots).sum();
+        assert_eq!(freed, a.slots);
+        assert_eq!((used(&s, "two"), used(&s, "three")), (2, 3));
+    }
+
+    #[test]
+    fn a_batch_that_cannot_run_ends_its_commit_and_stops_the_others() {
+        let mut s = State::default();
+        s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &files(&["a", "b", "c", "d"]), None, 1)
+            .unwrap();
+        s.register("x", 1, 1, &[], &[]);
+        s.register("y", 2, 1, &[], &[]);
+        let d = s.assign();
+        assert_eq!(d.len(), 2);
+        let (bad, other) = (&d[0], &d[1]);
+        let (c, stopped) = s
+            .finish(bad.assignment.job, bad.assignment.attempt, bad.conn, Some("checkout: too large".into()), 3)
+            .unwrap();
+        assert_eq!(c, commit(1));
+        assert_eq!(
+            stopped,
+            vec![Stopped { commit: commit(1), batches: vec![(other.assignment.job, Some(other.conn))] }]
+        );
+        let r = s.report(&commit(1)).unwrap();
+        assert_eq!((r.status, r.error.as_deref()), (CommitStatus::Error, Some("checkout: too large")));
+        assert!(s.runners().iter().all(|(_, busy)| *busy == 0));
+    }
+
+    #[test]
+    fn a_commit_without_test_files_ends_at_once_naming_the_links() {
+        let mut s = State::default();
+        let why = Some("symlinks that could lead outside the checkout were not followed: tests -> /usr".to_owned());
+        s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &[], why, 1).unwrap();
+        let r = s.report(&commit(1)).unwrap();
+        assert_eq!(r.status, CommitStatus::Error);
+        assert_eq!(
+            r.error.as_deref(),
+            Some("no tests found: symlinks that could lead outside the checkout were not followed: tests -> /usr")
+        );
+        s.register("x", 1, 1, &[], &[]);
+        assert!(s.assign().is_empty());
     }
 
     #[test]
@@ -999,12 +1531,13 @@ mod tests {
         submit(&mut s, 1);
         s.register("a", 1, 1, &[], &[]);
         let running = s.assign().remove(0).assignment;
-        s.submit("repo", "main", commit(2), Supersede::Nothing, |_| true, 2).unwrap();
-        s.submit("repo", "other", commit(3), Supersede::Nothing, |_| true, 3).unwrap();
+        s.submit("repo", "main", commit(2), Supersede::Nothing, |_| true, &one_file(), None, 2).unwrap();
+        s.submit("repo", "other", commit(3), Supersede::Nothing, |_| true, &one_file(), None, 3).unwrap();
         // Latest mode: 1 (running) is cancelled, 2 (queued) skipped, 3 (another branch) untouched.
-        let stopped = s.submit("repo", "main", commit(4), Supersede::CancelRunning, |_| true, 4).unwrap();
+        let stopped =
+            s.submit("repo", "main", commit(4), Supersede::CancelRunning, |_| true, &one_file(), None, 4).unwrap();
         assert_eq!(stopped.len(), 2);
-        assert!(stopped.contains(&Stopped { commit: commit(1), job: running.job, conn: Some(1) }));
+        assert!(stopped.contains(&Stopped { commit: commit(1), batches: vec![(running.job, Some(1))] }));
         assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Cancelled);
         assert_eq!(s.report(&commit(2)).unwrap().status, CommitStatus::Skipped);
         assert!(s.report(&commit(2)).unwrap().error.unwrap().contains("superseded by"));
@@ -1015,7 +1548,7 @@ mod tests {
         assert_eq!(next, vec![commit(3)]);
         // SkipQueued leaves running work alone.
         let running = s.entry(&commit(3)).unwrap().job;
-        s.submit("repo", "other", commit(5), Supersede::SkipQueued, |_| true, 5).unwrap();
+        s.submit("repo", "other", commit(5), Supersede::SkipQueued, |_| true, &one_file(), None, 5).unwrap();
         assert_eq!(s.report(&commit(3)).unwrap().status, CommitStatus::Running);
         assert_eq!(s.entry(&commit(3)).unwrap().job, running);
         assert_eq!(s.branch_tip("repo", "main"), Some(commit(4)));
@@ -1030,7 +1563,8 @@ mod tests {
         s.assign();
         submit(&mut s, 2);
         // Commit 3 rewrote history: it descends from neither 1 nor 2.
-        let stopped = s.submit("repo", "main", commit(3), Supersede::CancelRunning, |_| false, 3).unwrap();
+        let stopped =
+            s.submit("repo", "main", commit(3), Supersede::CancelRunning, |_| false, &one_file(), None, 3).unwrap();
         assert!(stopped.is_empty());
         assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Running);
         assert_eq!(s.report(&commit(2)).unwrap().status, CommitStatus::Queued);
@@ -1040,7 +1574,9 @@ mod tests {
         assert_eq!(skippable, vec![commit(2), commit(3)]);
         assert_eq!(s.supersede_candidates("repo", "main", Supersede::CancelRunning).len(), 3);
         // Commit 4 descends from 1 only: 1 is cancelled, 2 and 3 stay.
-        let stopped = s.submit("repo", "main", commit(4), Supersede::CancelRunning, |c| *c == commit(1), 4).unwrap();
+        let stopped = s
+            .submit("repo", "main", commit(4), Supersede::CancelRunning, |c| *c == commit(1), &one_file(), None, 4)
+            .unwrap();
         assert_eq!(stopped.iter().map(|s| s.commit).collect::<Vec<_>>(), vec![commit(1)]);
         assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Cancelled);
         assert_eq!(s.report(&commit(2)).unwrap().status, CommitStatus::Queued);
@@ -1105,7 +1641,7 @@ mod tests {
         s.register("a", 1, 1, &[], &[]);
         let d = s.assign().remove(0);
         let stopped = s.stop(&commit(1), CommitStatus::Cancelled, "cancelled by admin".into(), 7).unwrap();
-        assert_eq!(stopped.conn, Some(1));
+        assert_eq!(stopped.batches, vec![(d.assignment.job, Some(1))]);
         assert!(s.stop(&commit(1), CommitStatus::Cancelled, "again".into(), 8).is_none());
         assert!(s.finish(d.assignment.job, 1, 1, None, 9).is_err());
         assert_eq!(s.assign().remove(0).assignment.commit, commit(2));
@@ -1145,7 +1681,7 @@ mod tests {
         assert_eq!((d[0].assignment.commit, d[0].assignment.attempt), (commit(2), 2));
         assert_eq!(fresh.report(&commit(1)).unwrap().counts.total, 2);
         // New jobs never reuse a restored id.
-        fresh.submit("repo", "main", commit(4), Supersede::Nothing, |_| true, 4).unwrap();
+        fresh.submit("repo", "main", commit(4), Supersede::Nothing, |_| true, &one_file(), None, 4).unwrap();
         assert!(fresh.entry(&commit(4)).unwrap().job > two.job.max(one.job));
     }
 
@@ -1169,34 +1705,61 @@ mod tests {
     /// Checks the invariants listed in the module docs.
     fn check_invariants(s: &State, finals: &mut HashMap<CommitId, CommitStatus>) {
         for (commit, e) in &s.commits {
-            let queued = s.queue.iter().filter(|&&j| j == e.job).count();
+            let queued = s.queue.iter().filter(|&&c| c == *commit).count();
+            let pending: BTreeSet<&String> = e.pending.iter().collect();
+            assert_eq!(pending.len(), e.pending.len(), "{commit:?}: a file pending twice");
+            let mut leased = BTreeSet::new();
+            for (job, b) in &e.batches {
+                assert_eq!(b.job, *job);
+                assert_eq!(s.jobs.get(job), Some(commit), "a batch's job names its commit");
+                assert!(b.slots >= 1 && b.slots as usize <= b.files.len().max(1));
+                for f in &b.files {
+                    assert!(e.files.contains_key(f), "{f} leased but never listed");
+                    assert!(leased.insert(f), "{f} leased twice");
+                    assert!(!pending.contains(f), "{f} both queued and leased");
+                }
+                if let Some(conn) = b.lease.conn {
+                    let runner = s.runners.get(&b.lease.runner).expect("its runner is registered");
+                    assert_eq!(runner.conn, conn);
+                    assert_eq!(runner.jobs.get(job), Some(&b.slots));
+                }
+            }
+            for f in &pending {
+                assert!(e.files.contains_key(*f), "{f} pending but never listed");
+                assert!(!e.done_files.contains(*f), "{f} both done and pending");
+            }
             match e.status {
                 CommitStatus::Queued => {
                     assert_eq!(queued, 1, "{commit:?} queued {queued} times");
-                    assert!(e.lease.is_none());
+                    assert!(e.batches.is_empty() && !e.pending.is_empty());
                 }
                 CommitStatus::Running => {
-                    assert_eq!(queued, 0);
-                    let lease = e.lease.as_ref().expect("a running job has a lease");
-                    if let Some(conn) = lease.conn {
-                        let runner = s.runners.get(&lease.runner).expect("its runner is registered");
-                        assert_eq!(runner.conn, conn);
-                        assert!(runner.jobs.contains(&e.job));
-                    }
+                    assert!(!e.batches.is_empty(), "running without a batch");
+                    assert_eq!(queued, usize::from(!e.pending.is_empty()));
                 }
                 status => {
                     assert_eq!(queued, 0);
-                    assert!(e.lease.is_none());
+                    assert!(e.batches.is_empty() && e.pending.is_empty());
+                    // Ended by its results: every file is done.
+                    if matches!(status, CommitStatus::Passed | CommitStatus::Failed) {
+                        assert!(e.files.keys().all(|f| e.done_files.contains(f)), "{commit:?} final with files undone");
+                    }
                     // A final status never changes.
                     assert_eq!(*finals.entry(*commit).or_insert(status), status);
                 }
             }
-            assert!(e.tests.iter().all(|(id, t)| *id == t.id));
+            for (id, t) in &e.tests {
+                assert_eq!(*id, t.id);
+                assert!(e.files.contains_key(&t.file), "a result for a file not listed");
+                assert!(t.runner.as_ref().is_some_and(|r| e.runners.contains(r)), "a result without its runner");
+            }
         }
         for (name, r) in &s.runners {
-            for job in &r.jobs {
+            assert!(r.jobs.values().sum::<u32>() <= r.slots, "{name} has more files running than slots");
+            for job in r.jobs.keys() {
                 let e = &s.commits[&s.jobs[job]];
-                assert_eq!(e.lease.as_ref().map(|l| (&l.runner, l.conn)), Some((name, Some(r.conn))));
+                let lease = e.batches.get(job).map(|b| (&b.lease.runner, b.lease.conn));
+                assert_eq!(lease, Some((name, Some(r.conn))));
             }
         }
     }
@@ -1207,6 +1770,8 @@ mod tests {
         rows: HashMap<CommitId, CommitRow>,
         tests: HashMap<CommitId, BTreeMap<String, TestResult>>,
         done: HashMap<CommitId, BTreeSet<String>>,
+        files: HashMap<CommitId, BTreeSet<String>>,
+        batches: BTreeMap<u64, BatchRow>,
     }
 
     impl Stored {
@@ -1224,6 +1789,17 @@ mod tests {
                     Change::FileDone { commit, file } => {
                         self.done.entry(*commit).or_default().insert(file.clone());
                     }
+                    Change::Files { commit, files } => {
+                        assert!(self.rows.contains_key(commit), "files before their commit's row");
+                        assert!(self.files.insert(*commit, files.iter().cloned().collect()).is_none());
+                    }
+                    Change::Batch(b) => {
+                        assert!(self.rows.contains_key(&b.commit), "a batch before its commit's row");
+                        assert!(self.batches.insert(b.job, b.clone()).is_none(), "a batch stored twice");
+                    }
+                    Change::BatchEnded { job } => {
+                        assert!(self.batches.remove(job).is_some(), "an unknown batch ended");
+                    }
                     Change::Owner { .. } => {}
                 }
             }
@@ -1232,11 +1808,56 @@ mod tests {
         /// Disk and memory agree on everything durable.
         fn check(&self, s: &State) {
             assert_eq!(self.rows.len(), s.commits.len());
+            let mut batches = BTreeMap::new();
             for (commit, e) in &s.commits {
                 assert_eq!(self.rows.get(commit), Some(&e.row()), "the stored row of {commit:?} is stale");
                 assert_eq!(self.tests.get(commit).cloned().unwrap_or_default(), e.tests);
                 assert_eq!(self.done.get(commit).cloned().unwrap_or_default(), e.done_files);
+                let files: BTreeSet<String> = e.files.keys().cloned().collect();
+                assert_eq!(self.files.get(commit).cloned().unwrap_or_default(), files);
+                batches.extend(e.batches.values().map(|b| (b.job, e.batch_row(b))));
             }
+            assert_eq!(self.batches, batches);
+        }
+
+        /// What a restarted dispatcher loads.
+        fn load(&self) -> Vec<CommitEntry> {
+            let mut out: Vec<CommitEntry> = self
+                .rows
+                .values()
+                .map(|r| CommitEntry {
+                    commit: r.commit,
+                    repo: r.repo.clone(),
+                    branch: r.branch.clone(),
+                    seq: r.seq,
+                    status: r.status,
+                    error: r.error.clone(),
+                    runners: r.runner.iter().flat_map(|x| x.split(", ")).map(str::to_owned).collect(),
+                    warnings: r.warnings.clone(),
+                    queued_at_ms: r.queued_at_ms,
+                    finished_at_ms: r.finished_at_ms,
+                    job: r.job,
+                    attempt: r.attempt,
+                    files: self.files.get(&r.commit).into_iter().flatten().map(|f| (f.clone(), 0)).collect(),
+                    pending: VecDeque::new(),
+                    batches: self
+                        .batches
+                        .values()
+                        .filter(|b| b.commit == r.commit)
+                        .map(|b| {
+                            let lease = Lease { runner: b.runner.clone(), conn: None };
+                            (
+                                b.job,
+                                Batch { job: b.job, attempt: b.attempt, files: b.files.clone(), slots: b.slots, lease },
+                            )
+                        })
+                        .collect(),
+                    tests: self.tests.get(&r.commit).cloned().unwrap_or_default(),
+                    done_files: self.done.get(&r.commit).cloned().unwrap_or_default(),
+                })
+                .collect();
+            out.sort_by_key(|e| e.seq);
+            out
         }
     }
 
@@ -1249,6 +1870,7 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
+        let all = files(&["a", "b", "c", "d", "e", "f"]);
         for _ in 0..300 {
             let mut s = State::default();
             let mut finals = HashMap::new();
@@ -1258,53 +1880,61 @@ mod tests {
                 let n = (next(6) + 1) as u8;
                 let runner = format!("r{}", next(3));
                 let conn = next(5) as usize;
-                // Sometimes an assignment we saw, sometimes a made-up one.
-                let (job, attempt, conn) = match known.get(next(known.len() as u64 + 1) as usize) {
-                    Some(d) if next(4) > 0 => (d.assignment.job, d.assignment.attempt, d.conn),
-                    _ => (next(8), next(4) as u32, conn),
+                // Mostly a recent assignment (likely still current), sometimes
+                // an old one, sometimes a made-up one.
+                let back = if next(4) == 0 { next(known.len() as u64 + 1) } else { next(4) } as usize;
+                let seen =
+                    known.len().checked_sub(back + 1).and_then(|i| known.get(i)).filter(|_| next(5) > 0).cloned();
+                let (job, attempt, conn) = match &seen {
+                    Some(d) => (d.assignment.job, d.assignment.attempt, d.conn),
+                    None => (next(12), next(4) as u32, conn),
                 };
-                let id = format!("t{}", next(4));
+                // Mostly a file of the batch, sometimes any file.
+                let file = match &seen {
+                    Some(d) if next(5) > 0 && !d.assignment.files.is_empty() => {
+                        d.assignment.files[next(d.assignment.files.len() as u64) as usize].clone()
+                    }
+                    _ => all[next(all.len() as u64) as usize].clone(),
+                };
+                let id = format!("{file}:t{}", next(3));
+                let holder = s.holds(job, attempt, conn);
                 // Some events fail to be stored: they must leave no trace.
                 let before = (next(5) == 0).then(|| s.clone());
                 s.begin(step);
-                match next(10) {
+                let accepted = match next(13) {
                     0 => {
                         let supersede =
                             [Supersede::Nothing, Supersede::SkipQueued, Supersede::CancelRunning][next(3) as usize];
-                        let _ = s.submit("repo", ["a", "b"][next(2) as usize], commit(n), supersede, |_| true, step);
+                        let listed: Vec<String> = all.iter().filter(|_| next(3) > 0).cloned().collect();
+                        let branch = ["a", "b"][next(2) as usize];
+                        let _ = s.submit("repo", branch, commit(n), supersede, |_| true, &listed, None, step);
+                        false
                     }
                     1 => {
                         let held = [Held { job, attempt }];
-                        s.register(&runner, conn, next(3) as u32 + 1, if next(2) == 0 { &held } else { &[] }, &[]);
+                        let held: &[Held] = if next(2) == 0 { &held } else { &[] };
+                        s.register(&runner, conn, next(4) as u32 + 1, held, &[]);
+                        false
                     }
                     2 => {
                         s.unregister(&runner, conn);
+                        false
                     }
-                    3 | 4 => {
-                        let given = s.assign();
-                        // Only free slots are filled.
-                        for d in &given {
-                            let r = &s.runners[&d.runner];
-                            assert!(r.jobs.len() as u32 <= r.slots);
-                        }
-                        known.extend(given);
+                    3..=5 => {
+                        known.extend(s.assign());
+                        false
                     }
-                    5 => {
-                        let _ = s.record_test(job, attempt, conn, result(&id, Outcome::Pass));
-                    }
-                    6 => {
-                        let _ = s.file_done(job, attempt, conn, "tests/test_a.py".into());
-                    }
-                    7 => {
-                        let _ = s.finish(job, attempt, conn, None, step);
-                    }
-                    8 => {
-                        let _ = s.abandon(job, attempt, conn);
-                    }
+                    6 | 7 => s.record_test(job, attempt, conn, result_in(&id, &file, next(100))).is_ok(),
+                    8 | 9 => s.file_done(job, attempt, conn, file.clone()).is_ok(),
+                    10 => s.finish(job, attempt, conn, (next(6) == 0).then(|| "boom".into()), step).is_ok(),
+                    11 => s.abandon(job, attempt, conn).is_some(),
                     _ => {
                         let _ = s.stop(&commit(n), CommitStatus::Cancelled, "stop".into(), step);
+                        false
                     }
-                }
+                };
+                // A lease only from its current holder.
+                assert!(!accepted || holder, "an event accepted from a connection not holding the lease");
                 match before {
                     Some(before) => {
                         s.rollback();
@@ -1317,6 +1947,23 @@ mod tests {
                 }
                 check_invariants(&s, &mut finals);
                 stored.check(&s);
+                // Now and then the dispatcher restarts from what is stored.
+                if next(40) == 0 {
+                    let mut fresh = State::default();
+                    fresh.restore(stored.load());
+                    check_invariants(&fresh, &mut finals);
+                    for e in fresh.commits.values() {
+                        let was = &s.commits[&e.commit];
+                        assert_eq!(
+                            (&e.tests, &e.done_files, e.status.is_final()),
+                            (&was.tests, &was.done_files, was.status.is_final())
+                        );
+                    }
+                    // Restored leases belong to no connection until claimed.
+                    assert!(fresh.commits.values().flat_map(|e| e.batches.values()).all(|b| b.lease.conn.is_none()));
+                    s = fresh;
+                    known.clear();
+                }
             }
         }
     }

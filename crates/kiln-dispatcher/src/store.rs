@@ -27,7 +27,7 @@ pub struct CommitRow {
     pub status: CommitStatus,
     /// Why testing could not run or was stopped.
     pub error: Option<String>,
-    /// The runner that ran (or runs) it.
+    /// The runners that ran (or run) its batches, as `a, b`.
     pub runner: Option<String>,
     /// What the results should be read with.
     pub warnings: Vec<String>,
@@ -35,10 +35,28 @@ pub struct CommitRow {
     pub queued_at_ms: u64,
     /// When it reached a final status (Unix ms).
     pub finished_at_ms: Option<u64>,
-    /// The job's id.
+    /// The commit's own job id.
     pub job: u64,
-    /// The job's current attempt.
+    /// How many batches it was given out in.
     pub attempt: u32,
+}
+
+/// A running batch, as stored: so that a restarted dispatcher knows which
+/// files are leased to whom, and the runner can claim its batch back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchRow {
+    /// The batch's job id.
+    pub job: u64,
+    /// Its commit.
+    pub commit: CommitId,
+    /// Its attempt number (with `job`, the fencing token).
+    pub attempt: u32,
+    /// The runner holding it.
+    pub runner: String,
+    /// The runner's slots it may use.
+    pub slots: u32,
+    /// Its files.
+    pub files: Vec<String>,
 }
 
 /// One durable change. The variants are facts, written so that applying
@@ -61,6 +79,20 @@ pub enum Change {
         commit: CommitId,
         /// The file.
         file: String,
+    },
+    /// The test files a new commit is split into, listed at submission.
+    Files {
+        /// The commit.
+        commit: CommitId,
+        /// Its files under `tests/`.
+        files: Vec<String>,
+    },
+    /// A batch was leased to a runner.
+    Batch(BatchRow),
+    /// A batch ended (finished, given back, lost or stopped).
+    BatchEnded {
+        /// The batch's job id.
+        job: u64,
     },
     /// A repository now belongs to an observer (its first submitter).
     Owner {

@@ -95,8 +95,10 @@ pub fn apply(docs: &mut HashMap<CommitId, Doc>, change: &Change) -> Option<Commi
             doc.tests.entry(result.id.clone()).or_insert_with(|| result.clone());
             Some(*commit)
         }
-        Change::FileDone { commit, .. } => docs.contains_key(commit).then_some(*commit),
-        Change::Owner { .. } => None,
+        Change::FileDone { commit, .. } | Change::Files { commit, .. } => docs.contains_key(commit).then_some(*commit),
+        Change::Batch(b) => docs.contains_key(&b.commit).then_some(b.commit),
+        // Which commit an ended batch was on is in its row's last update.
+        Change::BatchEnded { .. } | Change::Owner { .. } => None,
     }
 }
 

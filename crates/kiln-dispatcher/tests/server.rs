@@ -230,9 +230,11 @@ impl GitRepo {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
-    /// Writes `file` and commits it (amending the last commit if `amend`).
+    /// Writes the test file `tests/test_<file>.py` and commits it (amending
+    /// the last commit if `amend`): every commit has something to split.
     fn commit(&self, file: &str, amend: bool) -> CommitId {
-        std::fs::write(self.path.join(file), file).unwrap();
+        std::fs::create_dir_all(self.path.join("tests")).unwrap();
+        std::fs::write(self.path.join(format!("tests/test_{file}.py")), file).unwrap();
         self.git(&["add", "--all"]);
         let mut args = vec!["commit", "--quiet", "-m", file];
         if amend {
@@ -499,33 +501,52 @@ async fn record_5000_tests_in_500_files() {
     let (files, per_file) = (500, 10);
     let server = Server::start().await;
     let repo = GitRepo::new(server.dir.path(), "repo");
-    let commit = repo.commit("a", false);
+    std::fs::create_dir_all(repo.path.join("tests")).unwrap();
+    for f in 1..files {
+        std::fs::write(repo.path.join(format!("tests/test_{f:03}.py")), "").unwrap();
+    }
+    // test_000.py: `commit` names its file tests/test_<name>.py.
+    let commit = repo.commit("000", false);
     let observer = server.client(Role::Observer, "obs").await;
     assert_eq!(submit(&observer, &repo, "repo", commit, Supersede::Nothing).await.unwrap(), Reply::Queued);
     let mut runner = Registered::new(&server, "r1").await;
     let admin = server.client(Role::Admin, "admin").await;
     let (before, started) = (bytes_written(), std::time::Instant::now());
-    let send = &mut runner.job.0;
-    for f in 0..files {
-        let file = format!("tests/test_{f:03}.py");
-        for t in 0..per_file {
-            let result = TestResult {
-                id: format!("tests.test_{f:03}.Case.test_{t}"),
-                file: file.clone(),
-                outcome: if t == 0 { Outcome::Fail } else { Outcome::Pass },
-                duration_ms: 3,
-                message: if t == 0 {
-                    "Traceback (most recent call last):\nAssertionError".into()
-                } else {
-                    String::new()
-                },
-            };
-            send.send(&JobEvent::Test(result)).await.unwrap();
+    // The commit comes in batches, each on its own stream: run each one's files.
+    let mut ran = 0;
+    loop {
+        let send = &mut runner.job.0;
+        for file in runner.assignment.files.clone() {
+            let f = &file["tests/test_".len()..file.len() - 3];
+            for t in 0..per_file {
+                let result = TestResult {
+                    id: format!("tests.test_{f}.Case.test_{t}"),
+                    file: file.clone(),
+                    outcome: if t == 0 { Outcome::Fail } else { Outcome::Pass },
+                    duration_ms: 3,
+                    message: if t == 0 {
+                        "Traceback (most recent call last):\nAssertionError".into()
+                    } else {
+                        String::new()
+                    },
+                    runner: None,
+                };
+                send.send(&JobEvent::Test(result)).await.unwrap();
+            }
+            send.send(&JobEvent::FileDone { file }).await.unwrap();
+            ran += 1;
         }
-        send.send(&JobEvent::FileDone { file }).await.unwrap();
+        send.send(&JobEvent::Finished { error: None }).await.unwrap();
+        send.finish();
+        let _ = runner.job.1.recv::<Control>().await;
+        if ran == files {
+            break;
+        }
+        let (send, mut recv) =
+            tokio::time::timeout(Duration::from_secs(5), runner.conn.accept()).await.unwrap().unwrap();
+        runner.assignment = recv.expect().await.unwrap();
+        runner.job = (send, recv);
     }
-    send.send(&JobEvent::Finished { error: None }).await.unwrap();
-    let _ = runner.job.1.recv::<Control>().await;
     let recorded = started.elapsed();
     assert_eq!(status(&admin, commit).await, CommitStatus::Failed);
     // The final result files are in place once the commit is final.

@@ -38,6 +38,7 @@
 mod checkout;
 mod error;
 mod limits;
+mod list;
 mod measure;
 mod scan;
 
@@ -50,6 +51,7 @@ use kiln_proto::CommitId;
 
 pub use error::{Action, GitError, GitErrorKind};
 pub use limits::{Cap, Limits, Place, TooLarge};
+pub use list::TreeTests;
 
 /// The namespace of the refs that record commits a store holds in full.
 const RECORDED_PREFIX: &str = "refs/kiln/commits/";

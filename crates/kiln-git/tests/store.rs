@@ -956,3 +956,62 @@ fn head_branch_is_what_head_names_even_before_a_commit_and_branches_are_listed()
     assert_eq!(err.kind(), &GitErrorKind::HeadBranch);
     assert!(err.to_string().contains("--branch"), "{err}");
 }
+
+#[test]
+fn test_files_lists_regular_files_under_tests_like_a_checkout_would() {
+    let dir = TempDir::new().unwrap();
+    let (repo, store) = work_repo(&dir);
+    let tree = write_tree(
+        &repo,
+        &[
+            ("setup.py", Node::File(b"")),
+            (
+                "tests",
+                Node::Dir(vec![
+                    ("test_b.py", Node::File(b"b")),
+                    ("run.sh", Node::Exec(b"#!/bin/sh")),
+                    ("sub", Node::Dir(vec![("test_a.py", Node::File(b"a")), ("up", Node::Link("../../.."))])),
+                    ("escape", Node::Link("/etc")),
+                    ("inside.py", Node::Link("../setup.py")),
+                ]),
+            ),
+        ],
+    );
+    let c = commit(&repo, Some("main"), tree, &[], 1);
+    let found = store.test_files(&c).unwrap();
+    assert_eq!(found.files, ["tests/run.sh", "tests/sub/test_a.py", "tests/test_b.py"]);
+    assert_eq!(
+        found.outside_links,
+        [("tests/escape".to_owned(), "/etc".to_owned()), ("tests/sub/up".to_owned(), "../../..".to_owned())]
+    );
+    // The same files a checkout holds as regular files under tests/.
+    let out = dir.path().join("out");
+    store.checkout(&c, &out).unwrap();
+    let mut on_disk = Vec::new();
+    let mut stack = vec![out.join("tests")];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(d).unwrap() {
+            let e = e.unwrap();
+            let kind = e.file_type().unwrap();
+            if kind.is_dir() {
+                stack.push(e.path());
+            } else if kind.is_file() {
+                on_disk.push(e.path().strip_prefix(&out).unwrap().to_str().unwrap().to_owned());
+            }
+        }
+    }
+    on_disk.sort();
+    assert_eq!(on_disk, found.files);
+
+    // `tests` as a link is reported and not followed; no `tests` lists nothing.
+    let linked =
+        write_tree(&repo, &[("real", Node::Dir(vec![("t.py", Node::File(b""))])), ("tests", Node::Link("real"))]);
+    let c = commit(&repo, None, linked, &[], 2);
+    let found = store.test_files(&c).unwrap();
+    assert!(found.files.is_empty());
+    assert_eq!(found.outside_links, [("tests".to_owned(), "real".to_owned())]);
+    let bare = write_tree(&repo, &[("README", Node::File(b""))]);
+    let c = commit(&repo, None, bare, &[], 3);
+    assert_eq!(store.test_files(&c).unwrap(), kiln_git::TreeTests::default());
+    assert!(store.test_files(&unknown_id()).is_err());
+}

@@ -369,6 +369,7 @@ impl PluginHost {
                     outcome: Outcome::Error,
                     duration_ms,
                     message: message.clone(),
+                    runner: None,
                 };
                 report.send(HostEvent::Test(result)).map_err(|_| HostError::ReportClosed)?;
             }

@@ -290,6 +290,8 @@ impl host::Host for HostState {
             outcome: outcome(result.outcome),
             duration_ms: result.duration_ms,
             message: truncate(result.message, MAX_MESSAGE_BYTES),
+            // The dispatcher names the runner when it records the result.
+            runner: None,
         };
         if job.report.send(HostEvent::Test(result)).is_err() {
             // Nobody is listening: stop the plugin rather than run tests whose

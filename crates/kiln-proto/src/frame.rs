@@ -106,6 +106,7 @@ mod tests {
             outcome: Outcome::Xfail,
             duration_ms: 7,
             message: "ünïcode ✓".into(),
+            runner: Some("runner-1".into()),
         });
         assert_eq!(decode::<JobEvent>(&encode(&ev).unwrap()).unwrap().0, ev);
     }
@@ -131,6 +132,7 @@ mod tests {
                 outcome: Outcome::Fail,
                 duration_ms: 3,
                 message: "boom".into(),
+                runner: None,
             }],
         };
         let reply = Reply::Report(Some(Box::new(report)));

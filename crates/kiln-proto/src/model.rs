@@ -223,6 +223,11 @@ pub struct TestResult {
     pub duration_ms: u64,
     /// Failure text, skip reason, or empty.
     pub message: String,
+    /// The runner that ran it, set by the dispatcher when it records the
+    /// result (what a runner says here is ignored). Absent in results
+    /// written before a commit could be split across runners.
+    #[serde(default)]
+    pub runner: Option<String>,
 }
 
 /// Where a commit is in its life.
@@ -453,6 +458,7 @@ mod tests {
             outcome,
             duration_ms: 1,
             message: String::new(),
+            runner: None,
         };
         tests.insert("a".into(), mk("a", Outcome::Pass));
         tests.insert("b".into(), mk("b", Outcome::Xfail));

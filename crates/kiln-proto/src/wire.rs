@@ -96,7 +96,7 @@ pub const MAX_RESOLVED: usize = 10;
 /// What a runner says when it registers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
-    /// How many jobs the runner runs at once.
+    /// How many test files the runner runs at once, over all its batches.
     pub slots: u32,
     /// Assignments the runner is still working on from an earlier
     /// connection (say, before a dispatcher restart). The dispatcher
@@ -199,9 +199,15 @@ pub struct Assignment {
     pub attempt: u32,
     /// The commit to test.
     pub commit: CommitId,
-    /// Test files an earlier attempt finished: their results are stored, so
-    /// they are not run again.
-    pub skip_files: Vec<String>,
+    /// The batch: the test files to run, repository-relative. The runner
+    /// checks out the whole commit (a framework may need its package
+    /// layout) and runs only these, reporting [`JobEvent::FileDone`] or
+    /// [`JobEvent::NotRun`] for each.
+    pub files: Vec<String>,
+    /// How many of the runner's slots this batch may use: how many of its
+    /// files may run at once. The dispatcher never hands a runner more
+    /// slots, over all its batches, than it registered.
+    pub slots: u32,
 }
 
 /// What a runner reports about an assignment.
@@ -226,6 +232,15 @@ pub enum JobEvent {
     /// dispatcher hands what is left to another runner at once.
     Abandoned {
         /// Why.
+        reason: String,
+    }, // New variants go last: postcard numbers them in order.
+    /// A file of the batch that was not run: no plugin claims it, or it is
+    /// not a regular file in the checkout. Reported, never dropped: the
+    /// dispatcher counts it as done and names it in the report's warnings.
+    NotRun {
+        /// The repository-relative path.
+        file: String,
+        /// Why, as a fragment: "no plugin claims it".
         reason: String,
     },
 }

@@ -39,30 +39,35 @@ pub(crate) struct JobContext {
     pub slots: Slots,
     /// Jobs running now, by job id, with the way to hand each a new stream.
     pub jobs: Mutex<HashMap<u64, Running>>,
+    /// Held while a batch brings its commit into the cache: batches of one
+    /// commit often arrive together, and two writers of the same commit's
+    /// objects and ref would collide on git's lock files. The second finds
+    /// the commit present and fetches nothing.
+    pub fetching: tokio::sync::Mutex<()>,
 }
 
-/// The runner's slots, shared by its jobs: a job takes every free one (at
-/// least one, waiting for it) before its tests start and gives them back
-/// when they end, so the runner never runs more test files at once than it
-/// has slots, however many jobs the dispatcher gives it.
-pub(crate) struct Slots(Arc<tokio::sync::Semaphore>);
+/// The runner's slots, shared by its batches: a batch takes exactly the
+/// slots its assignment grants (waiting for them) before its tests start
+/// and gives them back when they end, so the runner never runs more test
+/// files at once than it has slots, however many batches it holds. The
+/// dispatcher grants a batch only slots it believes free; this semaphore is
+/// what holds the line when it is briefly wrong (a cancelled batch's tests
+/// still dying while the next batch arrives).
+pub(crate) struct Slots {
+    semaphore: Arc<tokio::sync::Semaphore>,
+    total: u32,
+}
 
 impl Slots {
     pub(crate) fn new(slots: u32) -> Slots {
-        Slots(Arc::new(tokio::sync::Semaphore::new(slots.max(1) as usize)))
+        let total = slots.max(1);
+        Slots { semaphore: Arc::new(tokio::sync::Semaphore::new(total as usize)), total }
     }
 
-    /// Takes one slot (waiting for it), then every other free one, up to
-    /// `wanted`.
-    async fn take(&self, wanted: u32) -> tokio::sync::OwnedSemaphorePermit {
-        let mut permit = Arc::clone(&self.0).acquire_owned().await.expect("the semaphore is never closed");
-        let more = (self.0.available_permits() as u32).min(wanted.saturating_sub(1));
-        if more > 0
-            && let Ok(extra) = Arc::clone(&self.0).try_acquire_many_owned(more)
-        {
-            permit.merge(extra);
-        }
-        permit
+    /// Takes `granted` slots (at least one, at most all), waiting for them.
+    async fn take(&self, granted: u32) -> tokio::sync::OwnedSemaphorePermit {
+        let n = granted.clamp(1, self.total);
+        Arc::clone(&self.semaphore).acquire_many_owned(n).await.expect("the semaphore is never closed")
     }
 }
 
@@ -99,6 +104,14 @@ impl JobContext {
     }
 }
 
+/// What an assignment asks to run.
+struct Batch {
+    /// The test files, repository-relative.
+    files: Vec<String>,
+    /// How many of the runner's slots they may use.
+    slots: u32,
+}
+
 /// Why a job could not run its tests.
 #[derive(Debug, thiserror::Error)]
 enum JobError {
@@ -133,13 +146,14 @@ pub(crate) async fn serve_assignment(
             return;
         }
     };
-    let Assignment { job, attempt, commit, skip_files } = assignment;
-    info!(job, attempt, %commit, skip = skip_files.len(), "job started");
+    let Assignment { job, attempt, commit, files, slots } = assignment;
+    info!(job, attempt, %commit, files = files.len(), slots, "job started");
     let checkout = ctx.jobs_dir.join(format!("{job}-{attempt}"));
     let (link_tx, link_rx) = mpsc::unbounded_channel();
     ctx.jobs().insert(job, Running { attempt, link: link_tx });
     let lease = Held { job, attempt };
-    report(&ctx, &conn, lease, commit, &skip_files, &checkout, (send, recv), link_rx, &shutdown).await;
+    let batch = Batch { files, slots };
+    report(&ctx, &conn, lease, commit, &batch, &checkout, (send, recv), link_rx, &shutdown).await;
     ctx.jobs().remove(&job);
     remove_checkout(&checkout).await;
 }
@@ -159,7 +173,7 @@ async fn report(
     conn: &Connection,
     lease: Held,
     commit: CommitId,
-    skip_files: &[String],
+    batch: &Batch,
     checkout: &Path,
     first: (SendStream, RecvStream),
     mut relinks: mpsc::UnboundedReceiver<Relink>,
@@ -168,8 +182,7 @@ async fn report(
     let (events_tx, mut events) = mpsc::unbounded_channel::<JobEvent>();
     // Dropping this future kills the job's tests: the plugin host kills each
     // command's process group when its future is dropped.
-    let mut run: Option<Pin<Box<_>>> =
-        Some(Box::pin(run_job(ctx, conn, lease, commit, skip_files, checkout, events_tx)));
+    let mut run: Option<Pin<Box<_>>> = Some(Box::pin(run_job(ctx, conn, lease, commit, batch, checkout, events_tx)));
     let mut link = Some(first);
     // Events not yet sent on the current stream, and every event sent so far:
     // after a reconnect the whole history is sent again, because events the
@@ -288,7 +301,7 @@ async fn run_job(
     conn: &Connection,
     lease: Held,
     commit: CommitId,
-    skip_files: &[String],
+    batch: &Batch,
     checkout: &Path,
     events: mpsc::UnboundedSender<JobEvent>,
 ) -> Result<Result<usize, JobError>, String> {
@@ -309,10 +322,25 @@ async fn run_job(
         // The receiver lives as long as this future.
         let _ = events.send(JobEvent::Warning(warning));
     }
-    // Files an earlier attempt finished are stored already.
-    let files: Vec<String> = found.files.into_iter().filter(|f| !skip_files.contains(f)).collect();
-    let wanted = u32::try_from(files.len()).unwrap_or(u32::MAX);
-    let slots = ctx.slots.take(wanted).await;
+    // The batch's files, of the whole checkout. One that is not a regular
+    // file here, or that no plugin claims, is reported, never dropped.
+    let mut files = Vec::new();
+    for file in &batch.files {
+        let reason = if found.files.binary_search(file).is_err() {
+            "not a regular file under tests/ in the runner's checkout"
+        } else if ctx.host.claimants(file).is_empty() {
+            "no plugin claims it"
+        } else {
+            files.push(file.clone());
+            continue;
+        };
+        // The receiver lives as long as this future.
+        let _ = events.send(JobEvent::NotRun { file: file.clone(), reason: reason.to_owned() });
+    }
+    if files.is_empty() {
+        return Ok(Ok(0));
+    }
+    let slots = ctx.slots.take(batch.slots).await;
     debug!(files = files.len(), slots = slots.num_permits(), "running tests");
     let (tx, mut rx) = mpsc::unbounded_channel::<HostEvent>();
     let host = Arc::clone(&ctx.host);
@@ -351,6 +379,7 @@ async fn fetch(
     checkout: &Path,
 ) -> Result<(), JobError> {
     let git = |source| JobError::Git { commit, source };
+    let cached = ctx.fetching.lock().await;
     let cache = ctx.cache.clone();
     let (present, haves) = blocking(move || {
         let store = ObjectStore::open_or_init_bare(&cache)?;
@@ -373,6 +402,7 @@ async fn fetch(
         let limits = ctx.git_limits;
         blocking(move || ObjectStore::open(&cache)?.with_limits(limits).unpack(&pack, &commit)).await.map_err(git)?;
     }
+    drop(cached);
     let cache = ctx.cache.clone();
     let dest = checkout.to_owned();
     let limits = ctx.git_limits;

@@ -99,6 +99,7 @@ pub async fn run(
         host,
         slots: job::Slots::new(config.slots),
         jobs: std::sync::Mutex::new(std::collections::HashMap::new()),
+        fetching: tokio::sync::Mutex::new(()),
     });
     let tasks = TaskTracker::new();
     let mut backoff = Backoff::default();

@@ -57,7 +57,8 @@ fn restart(commits: u32, tests: u32) -> Duration {
         let commit: CommitId = format!("{n:040x}").parse().unwrap();
         // One transaction per commit, as the core would store its events.
         state.begin(u64::from(n));
-        state.submit("repo", "main", commit, Supersede::Nothing, |_| true, u64::from(n)).unwrap();
+        let files = ["tests/test_m.py".to_owned()];
+        state.submit("repo", "main", commit, Supersede::Nothing, |_| true, &files, None, u64::from(n)).unwrap();
         let job = state.assign().remove(0).assignment;
         for t in 0..tests {
             let result = TestResult {
@@ -66,9 +67,11 @@ fn restart(commits: u32, tests: u32) -> Duration {
                 outcome: Outcome::Pass,
                 duration_ms: 1,
                 message: String::new(),
+                runner: None,
             };
             state.record_test(job.job, job.attempt, 1, result).unwrap();
         }
+        state.file_done(job.job, job.attempt, 1, "tests/test_m.py".into()).unwrap();
         state.finish(job.job, job.attempt, 1, None, 0).unwrap();
         db.apply(&state.changes()).unwrap();
         state.commit();

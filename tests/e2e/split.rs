@@ -1,0 +1,142 @@
+//! One commit split across runners, with real processes: the union of the
+//! batches' results is exactly a one-runner run, a runner killed with
+//! `kill -9` loses only its unfinished files, and a runner never runs more
+//! test files at once than its slots.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kiln_proto::{CommitId, CommitReport, CommitStatus, Outcome};
+
+use crate::harness::{Cluster, Repo, Signal, borrow, outcomes, slow_suite};
+
+/// Thirty test files with passes, failures, errors, skips and expected
+/// failures, each test sleeping `sleep_ms` so batches overlap in time.
+fn mixed_suite(sleep_ms: u64) -> Vec<(String, String)> {
+    let mut files = vec![("tests/__init__.py".to_owned(), String::new())];
+    for m in 0..30 {
+        let body = match m % 5 {
+            0 => "self.assertEqual(1, 2)",
+            1 => "raise RuntimeError('boom')",
+            2 => "self.skipTest('not today')",
+            _ => "pass",
+        };
+        let src = format!(
+            "import time\nimport unittest\n\n\nclass Mixed{m}(unittest.TestCase):\n    def test_a(self):\n        \
+             time.sleep({s})\n        {body}\n\n    def test_b(self):\n        time.sleep({s})\n\n    \
+             @unittest.expectedFailure\n    def test_c(self):\n        self.fail('expected')\n",
+            s = sleep_ms as f64 / 1000.0
+        );
+        files.push((format!("tests/test_mixed{m:02}.py"), src));
+    }
+    files
+}
+
+/// Starts `names` runners with `flags`, waits until each has registered,
+/// then an observer of `repo`.
+fn runners_then_observer(cluster: &mut Cluster, repo: &Repo, names: &[&str], flags: &[&str]) -> Vec<usize> {
+    let procs: Vec<usize> = names.iter().map(|n| cluster.runner_with(n, flags)).collect();
+    for &p in &procs {
+        cluster.wait_log(p, "registered");
+    }
+    cluster.observer("observer", &repo.path, "200ms");
+    procs
+}
+
+/// Which runner ran each test file.
+fn runners_by_file(report: &CommitReport) -> BTreeMap<String, BTreeSet<String>> {
+    let mut by = BTreeMap::<String, BTreeSet<String>>::new();
+    for t in &report.tests {
+        by.entry(t.file.clone()).or_default().insert(t.runner.clone().unwrap_or_default());
+    }
+    by
+}
+
+/// Each id once: the report lists tests by id, so a repeat would show as a duplicate.
+fn assert_each_once(report: &CommitReport) {
+    let ids: BTreeSet<&str> = report.tests.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids.len(), report.tests.len(), "a test recorded twice: {report:?}");
+}
+
+/// Runs `commit` of the repository at `repo` in a fresh cluster of runners `names`.
+fn run_once(repo: &Repo, commit: &CommitId, names: &[&str], flags: &[&str]) -> CommitReport {
+    let mut cluster = Cluster::start();
+    runners_then_observer(&mut cluster, repo, names, flags);
+    cluster.wait_stored(commit, "final", |r| r.status.is_final())
+}
+
+#[test]
+fn three_runners_give_exactly_the_results_of_one() {
+    // One repository and commit, tested by two clusters.
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::new(dir.path(), &borrow(&mixed_suite(150)));
+    let commit = repo.commit("thirty files");
+    let alone = run_once(&repo, &commit, &["solo"], &["--slots", "1"]);
+    let split = run_once(&repo, &commit, &["runner-1", "runner-2", "runner-3"], &["--slots", "1"]);
+    assert_eq!(alone.status, CommitStatus::Failed, "{alone:?}");
+    assert_eq!(split.status, alone.status);
+    assert_eq!(alone.tests.len(), 90);
+    assert_eq!(outcomes(&split), outcomes(&alone), "the union of the batches differs from one runner's run");
+    assert_eq!(split.counts, alone.counts);
+    assert_each_once(&split);
+    // Every file ran on exactly one runner, and every runner ran some.
+    let by_file = runners_by_file(&split);
+    assert!(by_file.values().all(|r| r.len() == 1), "{by_file:?}");
+    let ran: BTreeSet<&String> = by_file.values().flatten().collect();
+    assert_eq!(ran.len(), 3, "not every runner ran files: {by_file:?}");
+    assert_eq!(split.runner.as_deref(), Some("runner-1, runner-2, runner-3"));
+    assert!(alone.tests.iter().all(|t| t.runner.as_deref() == Some("solo")));
+    let xfail = split.tests.iter().filter(|t| t.outcome == Outcome::Xfail).count();
+    assert_eq!(xfail, 30);
+}
+
+#[test]
+fn a_killed_runner_of_three_loses_only_its_unfinished_files() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(12, 2, 300)));
+    let commit = repo.commit("slow suite");
+    let procs = runners_then_observer(&mut cluster, &repo, &["runner-1", "runner-2", "runner-3"], &["--slots", "1"]);
+    // runner-1 has stored results and is still in the middle of the commit.
+    cluster.wait_stored(&commit, "partly done by runner-1", |r| {
+        r.tests.iter().any(|t| t.runner.as_deref() == Some("runner-1")) && r.tests.len() < 20
+    });
+    cluster.procs[procs[0]].signal(Signal::SIGKILL);
+    let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
+    assert_eq!(report.status, CommitStatus::Passed, "{report:?}");
+    assert_eq!(report.tests.len(), 24, "{report:?}");
+    assert_each_once(&report);
+    // Files runner-1 finished stayed its own; the rest ran elsewhere once.
+    let by_file = runners_by_file(&report);
+    assert!(by_file.values().all(|r| !r.is_empty() && r.len() <= 2), "{by_file:?}");
+    let log = cluster.procs[0].log();
+    assert!(log.contains("requeued the work of a disconnected runner"), "{log}");
+    // No file runner-1 had finished was handed out again: each finished
+    // file shows one runner for all its tests.
+    for (file, runners) in &by_file {
+        if runners.contains("runner-1") && runners.len() == 1 {
+            let n = report.tests.iter().filter(|t| &t.file == file).count();
+            assert_eq!(n, 2, "{file}");
+        }
+    }
+}
+
+#[test]
+fn a_runner_with_two_slots_never_runs_more_than_two_files_at_once() {
+    let mut cluster = Cluster::start();
+    // Eight files of one 600 ms test: 4.8 s of tests.
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(8, 1, 600)));
+    let commit = repo.commit("eight files");
+    runners_then_observer(&mut cluster, &repo, &["pair"], &["--slots", "2"]);
+    let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
+    assert_eq!(report.status, CommitStatus::Passed, "{report:?}");
+    // With at most two files at once, the tests' own durations add up to at
+    // most twice the time the commit took; three at once would beat that.
+    let busy: u64 = report.tests.iter().map(|t| t.duration_ms).sum();
+    let took = report.finished_at_ms.unwrap() - report.queued_at_ms;
+    assert!(busy >= 4_800, "{busy}");
+    assert!(busy <= 2 * took, "{busy} ms of tests in {took} ms: more than two files at once");
+    // Every batch asked for at most the runner's two slots.
+    let log = cluster.procs[0].log();
+    let assigned: Vec<&str> = log.lines().filter(|l| l.contains("assigned")).collect();
+    assert!(!assigned.is_empty(), "{log}");
+    assert!(assigned.iter().all(|l| l.contains("slots=1") || l.contains("slots=2")), "{assigned:?}");
+}
