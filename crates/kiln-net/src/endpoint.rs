@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_proto::Escaped;
-use kiln_proto::wire::{ALPN, Reply, Request};
+use kiln_proto::wire::{ALPN, Reply, Request, offered_alpns};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::RootCertStore;
 use rustls::client::WebPkiServerVerifier;
@@ -77,6 +77,16 @@ impl Default for NetConfig {
 /// Why an endpoint could not be set up or a connection made.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
+    /// The dispatcher speaks an older version of the protocol.
+    #[error("the dispatcher at {addr} speaks {theirs} and this client {ours}: run the same Kiln version on both sides")]
+    Version {
+        /// The dispatcher's address.
+        addr: String,
+        /// This client's version (ALPN name).
+        ours: String,
+        /// The dispatcher's.
+        theirs: String,
+    },
     /// The bundle's certificate or key was rejected by rustls.
     #[error("the certificate bundle in {dir} is unusable")]
     Tls {
@@ -239,6 +249,15 @@ pub enum HandshakeError {
     /// The handshake did not complete (no certificate, another protocol, a timeout…).
     #[error("the handshake did not complete")]
     Connection(#[source] ConnectionLost),
+    /// The peer speaks an older version of the protocol.
+    #[error(
+        "the peer speaks {peer} and this dispatcher {}: run the same Kiln version on both sides",
+        String::from_utf8_lossy(ALPN)
+    )]
+    Version {
+        /// The version it speaks (its ALPN name).
+        peer: String,
+    },
     /// The per-connection TLS configuration could not be made (a bug, not the peer's).
     #[error("cannot configure TLS for the connection")]
     Setup(#[source] BoxError),
@@ -326,7 +345,9 @@ fn server_crypto(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::clone(cert) as _);
-    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    // The server's order wins: an older version is chosen only by a peer
+    // that offers nothing else, to be told so (see `version_mismatch`).
+    crypto.alpn_protocols = offered_alpns();
     // Each connection has its own configuration, so a session cache would
     // only cost memory per handshake (a flood's included), and a resumption
     // ticket could never be redeemed. Kiln clients never resume anyway.
@@ -427,6 +448,14 @@ impl Listener {
             None => HandshakeError::Connection(ConnectionLost(e)),
         };
         let conn = incoming.accept_with(Arc::new(config)).map_err(refused)?.await.map_err(refused)?;
+        if let Some(peer) = version_mismatch(&conn) {
+            let reason = format!(
+                "this dispatcher speaks {} and this client {peer}: run the same Kiln version on both sides",
+                String::from_utf8_lossy(ALPN)
+            );
+            conn.close(CloseCode::Protocol.into(), reason.as_bytes());
+            return Err(HandshakeError::Version { peer });
+        }
         match peer_identity(&conn) {
             Ok(identity) => Ok(Connection { conn, identity: Some(identity), client: None }),
             Err(e) => {
@@ -464,6 +493,16 @@ fn client_refusal(refused: Refused) -> HandshakeError {
         return HandshakeError::ClientOutOfDate(e);
     }
     HandshakeError::ClientRefused { subject, source: refused.error }
+}
+
+/// The protocol version the handshake settled on, if it is not this one's.
+fn version_mismatch(conn: &quinn::Connection) -> Option<String> {
+    let data = conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?;
+    match data.protocol {
+        Some(protocol) if protocol == ALPN => None,
+        Some(protocol) => Some(String::from_utf8_lossy(&protocol).into_owned()),
+        None => Some("no protocol version".to_owned()),
+    }
 }
 
 fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, HandshakeError> {
@@ -785,7 +824,7 @@ pub async fn connect(bundle: &Bundle, addr: &str, cfg: NetConfig) -> Result<Conn
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(vec![bundle.cert.clone()], bundle.key.clone_key())
         .map_err(tls)?;
-    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    crypto.alpn_protocols = offered_alpns();
     let quic = QuicClientConfig::try_from(crypto)
         .map_err(|source| EndpointError::Quic { dir: bundle.dir.clone(), source: Box::new(source) })?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
@@ -805,6 +844,12 @@ pub async fn connect(bundle: &Bundle, addr: &str, cfg: NetConfig) -> Result<Conn
         .await
         .map_err(|_| EndpointError::Timeout { addr: addr.to_owned(), after })?
         .map_err(|e| client.error(&e, &slot, host))?;
+    if let Some(theirs) = version_mismatch(&conn) {
+        let ours = String::from_utf8_lossy(ALPN).into_owned();
+        let reason = format!("this client speaks {ours} and the dispatcher {theirs}");
+        conn.close(CloseCode::Protocol.into(), reason.as_bytes());
+        return Err(EndpointError::Version { addr: addr.to_owned(), ours, theirs });
+    }
     Ok(Connection { conn, identity: None, client: Some(client) })
 }
 

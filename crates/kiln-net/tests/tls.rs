@@ -139,6 +139,11 @@ async fn a_client_with_an_expired_certificate_does_not_even_dial() {
 /// A quinn client with the bundle's CA as root, presenting `cert` if given,
 /// and none of Kiln's own checks: a hostile or broken peer.
 fn raw_client(roots_from: &Bundle, cert: Option<&Bundle>) -> quinn::Endpoint {
+    raw_client_speaking(roots_from, cert, ALPN)
+}
+
+/// [`raw_client`], offering only the protocol version `alpn`.
+fn raw_client_speaking(roots_from: &Bundle, cert: Option<&Bundle>, alpn: &[u8]) -> quinn::Endpoint {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(roots_from.ca.clone()).unwrap();
@@ -150,7 +155,7 @@ fn raw_client(roots_from: &Bundle, cert: Option<&Bundle>) -> quinn::Endpoint {
         Some(b) => builder.with_client_auth_cert(vec![b.cert.clone()], b.key.clone_key()).unwrap(),
         None => builder.with_no_client_auth(),
     };
-    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    crypto.alpn_protocols = vec![alpn.to_vec()];
     let config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap()));
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(config);
@@ -262,4 +267,25 @@ async fn futures_join_all<F: Future<Output = String> + Send + 'static>(
         out.push(h.await.unwrap());
     }
     out
+}
+
+#[tokio::test]
+async fn a_kiln_1_client_is_refused_and_both_sides_hear_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    certs::init(dir.path(), &["127.0.0.1".into()]).unwrap();
+    let runner = Bundle::load(&certs::issue(dir.path(), Role::Runner, "old-runner").unwrap()).unwrap();
+    let (addr, mut outcomes) = serve(dir.path(), NetConfig::default());
+    let client_saw = raw_attempt(&raw_client_speaking(&runner, Some(&runner), b"kiln/1"), &addr).await;
+    assert!(
+        client_saw.contains("this dispatcher speaks kiln/2 and this client kiln/1: run the same Kiln version"),
+        "{client_saw}"
+    );
+    let failed = outcomes.recv().await.unwrap().unwrap_err();
+    assert_eq!(
+        failed.log_line().unwrap(),
+        "the peer speaks kiln/1 and this dispatcher kiln/2: run the same Kiln version on both sides"
+    );
+    // One that speaks this version is served.
+    raw_attempt(&raw_client(&runner, Some(&runner)), &addr).await;
+    assert!(outcomes.recv().await.unwrap().is_ok());
 }

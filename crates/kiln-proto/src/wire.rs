@@ -16,6 +16,16 @@ use crate::model::{CommitId, CommitReport, TestResult};
 /// Version 2: `FetchSource` carries the lease, and `Reply::NameInUse`.
 pub const ALPN: &[u8] = b"kiln/2";
 
+/// Earlier versions of this protocol. Both sides offer them at the handshake
+/// after [`ALPN`], never to speak them: a peer that picks one is closed with
+/// a message naming both versions, instead of failing as a bare TLS alert.
+pub const OLDER_ALPNS: &[&[u8]] = &[b"kiln/1"];
+
+/// [`ALPN`] followed by [`OLDER_ALPNS`]: what a Kiln peer offers.
+pub fn offered_alpns() -> Vec<Vec<u8>> {
+    std::iter::once(ALPN).chain(OLDER_ALPNS.iter().copied()).map(<[u8]>::to_vec).collect()
+}
+
 /// The first frame on a stream a client opens.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
