@@ -140,3 +140,40 @@ fn a_runner_with_two_slots_never_runs_more_than_two_files_at_once() {
     assert!(!assigned.is_empty(), "{log}");
     assert!(assigned.iter().all(|l| l.contains("slots=1") || l.contains("slots=2")), "{assigned:?}");
 }
+
+#[test]
+fn a_runner_stopped_past_its_lease_and_continued_adds_nothing_twice() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(12, 2, 300)));
+    let commit = repo.commit("slow suite");
+    let procs = runners_then_observer(&mut cluster, &repo, &["runner-1", "runner-2", "runner-3"], &["--slots", "1"]);
+    cluster.wait_stored(&commit, "partly done by runner-1", |r| {
+        r.tests.iter().any(|t| t.runner.as_deref() == Some("runner-1")) && r.tests.len() < 20
+    });
+    // Frozen past the idle timeout (3 s): the dispatcher gives its batch to
+    // the others. Woken, it finds its lease moved on.
+    cluster.procs[procs[0]].signal(Signal::SIGSTOP);
+    cluster.wait_log(0, "requeued the work of a disconnected runner");
+    cluster.procs[procs[0]].signal(Signal::SIGCONT);
+    let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
+    assert_eq!(report.status, CommitStatus::Passed, "{report:?}");
+    assert_eq!(report.tests.len(), 24, "{report:?}");
+    assert_each_once(&report);
+}
+
+#[test]
+fn a_dispatcher_killed_during_a_split_commit_resumes_it_with_each_test_once() {
+    let mut cluster = Cluster::start();
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(12, 2, 300)));
+    let commit = repo.commit("slow suite");
+    runners_then_observer(&mut cluster, &repo, &["runner-1", "runner-2"], &["--slots", "1"]);
+    cluster.wait_stored(&commit, "partly done", |r| !r.tests.is_empty() && r.tests.len() < 16);
+    cluster.procs[0].signal(Signal::SIGKILL);
+    let _ = cluster.procs[0].child.wait();
+    let addr = cluster.addr.clone();
+    cluster.procs[0] = cluster.spawn_dispatcher(&addr, &[]);
+    let report = cluster.wait_for(&commit);
+    assert_eq!(report.status, CommitStatus::Passed, "{report:?}\n{}", cluster.logs());
+    assert_eq!(report.tests.len(), 24, "{report:?}");
+    assert_each_once(&report);
+}
