@@ -62,6 +62,10 @@ pub struct NetConfig {
     /// The dispatcher logs failed handshakes from one address at most once
     /// per this interval, with a count of the others (see [`crate::failure_log`]).
     pub handshake_log_interval: Duration,
+    /// Once a frame's first byte has arrived, how long the rest of it may
+    /// take (and a pack gets this plus a second per 256 KiB): a peer that
+    /// trickles bytes (slowloris) is cut off instead of holding a stream.
+    pub frame_timeout: Duration,
 }
 
 impl Default for NetConfig {
@@ -70,6 +74,7 @@ impl Default for NetConfig {
             keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(5),
             handshake_log_interval: FAILURE_LOG_INTERVAL,
+            frame_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -321,6 +326,8 @@ struct ServerTls {
     cert: Arc<SingleCertAndKey>,
     /// quinn's settings; each connection gets a copy with its own TLS config.
     base: quinn::ServerConfig,
+    /// See [`NetConfig::frame_timeout`].
+    frame_timeout: Duration,
     /// Which failed handshakes get a log line.
     failures: Mutex<FailureLog>,
 }
@@ -408,7 +415,7 @@ impl Listener {
         let endpoint =
             quinn::Endpoint::server(base.clone(), addr).map_err(|source| EndpointError::Bind { addr, source })?;
         let failures = Mutex::new(FailureLog::new(cfg.handshake_log_interval, MAX_TRACKED_ADDRESSES));
-        let tls = ServerTls { provider, verifier, cert, base, failures };
+        let tls = ServerTls { provider, verifier, cert, base, failures, frame_timeout: cfg.frame_timeout };
         Ok(Listener { endpoint, tls: Arc::new(tls) })
     }
 
@@ -457,7 +464,9 @@ impl Listener {
             return Err(HandshakeError::Version { peer });
         }
         match peer_identity(&conn) {
-            Ok(identity) => Ok(Connection { conn, identity: Some(identity), client: None }),
+            Ok(identity) => {
+                Ok(Connection { conn, identity: Some(identity), client: None, frame_timeout: tls.frame_timeout })
+            }
             Err(e) => {
                 conn.close(CloseCode::Unauthorized.into(), kiln_proto::error_chain(&e).as_bytes());
                 Err(e)
@@ -614,6 +623,8 @@ pub struct Connection {
     identity: Option<PeerIdentity>,
     /// On a client's side: what it needs to word a late refusal.
     client: Option<Arc<ClientSide>>,
+    /// See [`NetConfig::frame_timeout`].
+    frame_timeout: Duration,
 }
 
 impl RequestError {
@@ -656,7 +667,7 @@ impl Connection {
     /// Opens a bidirectional stream.
     pub async fn open(&self) -> Result<(SendStream, RecvStream), ConnectionLost> {
         let (s, r) = self.conn.open_bi().await.map_err(ConnectionLost)?;
-        Ok((SendStream::new(s), RecvStream::new(r)))
+        Ok((SendStream::new(s), RecvStream::new(r, self.frame_timeout)))
     }
 
     /// Opens a stream, sends `request` and reads the dispatcher's first reply.
@@ -689,7 +700,7 @@ impl Connection {
     /// Waits for the peer to open a bidirectional stream.
     pub async fn accept(&self) -> Result<(SendStream, RecvStream), ConnectionLost> {
         let (s, r) = self.conn.accept_bi().await.map_err(ConnectionLost)?;
-        Ok((SendStream::new(s), RecvStream::new(r)))
+        Ok((SendStream::new(s), RecvStream::new(r, self.frame_timeout)))
     }
 
     /// Closes the connection with a code and a reason the peer will see.
@@ -850,7 +861,7 @@ pub async fn connect(bundle: &Bundle, addr: &str, cfg: NetConfig) -> Result<Conn
         conn.close(CloseCode::Protocol.into(), reason.as_bytes());
         return Err(EndpointError::Version { addr: addr.to_owned(), ours, theirs });
     }
-    Ok(Connection { conn, identity: None, client: Some(client) })
+    Ok(Connection { conn, identity: None, client: Some(client), frame_timeout: cfg.frame_timeout })
 }
 
 #[cfg(test)]

@@ -2,7 +2,10 @@
 //! [`kiln_proto::frame`], plus the raw byte runs that carry git packs.
 //!
 //! Every read is bounded: a frame by [`kiln_proto::MAX_FRAME_LEN`], a pack by
-//! the caller's limit, and both are checked before memory is committed.
+//! the caller's limit, and both are checked before memory is committed; and
+//! in time, once begun (see [`crate::NetConfig::frame_timeout`]).
+
+use std::time::Duration;
 
 use kiln_proto::frame::{self, FrameError};
 use kiln_proto::wire::PackHeader;
@@ -78,6 +81,12 @@ pub enum FramedError {
     /// The stream or its connection failed while writing.
     #[error("stream write failed")]
     Write(#[source] StreamFailed),
+    /// A frame or pack that had started did not finish in time.
+    #[error("the peer sent too slowly: a frame not complete within {limit:?}")]
+    TooSlow {
+        /// The time it had.
+        limit: Duration,
+    },
     /// A pack was larger than allowed.
     #[error("pack of {len} bytes exceeds the limit of {limit} bytes")]
     PackTooLarge {
@@ -125,7 +134,13 @@ impl FramedError {
 
     /// Whether the peer sent invalid bytes (as opposed to the connection failing).
     pub fn is_protocol_violation(&self) -> bool {
-        matches!(self, FramedError::Frame(_) | FramedError::Truncated | FramedError::PackTooLarge { .. })
+        matches!(
+            self,
+            FramedError::Frame(_)
+                | FramedError::Truncated
+                | FramedError::TooSlow { .. }
+                | FramedError::PackTooLarge { .. }
+        )
     }
 }
 
@@ -174,11 +189,15 @@ impl SendStream {
 
 /// The receiving half of a stream.
 #[derive(Debug)]
-pub struct RecvStream(quinn::RecvStream);
+pub struct RecvStream(quinn::RecvStream, Duration);
+
+/// How fast a pack must arrive, on top of the frame timeout: a second per
+/// this many bytes.
+const PACK_BYTES_PER_SECOND: u64 = 256 * 1024;
 
 impl RecvStream {
-    pub(crate) fn new(r: quinn::RecvStream) -> Self {
-        RecvStream(r)
+    pub(crate) fn new(r: quinn::RecvStream, frame_timeout: Duration) -> Self {
+        RecvStream(r, frame_timeout)
     }
 
     /// Reads exactly `buf.len()` bytes; `Ok(false)` if the stream ended before the first byte.
@@ -195,16 +214,28 @@ impl RecvStream {
     }
 
     /// Reads the next message; `Ok(None)` if the stream ended cleanly between frames.
+    ///
+    /// Waiting for a frame to start takes as long as it takes (a control
+    /// stream may be quiet for hours); once it has, the rest must arrive
+    /// within the frame timeout.
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FramedError> {
         let mut prefix = [0u8; 4];
-        if !self.fill(&mut prefix).await? {
+        if !self.fill(&mut prefix[..1]).await? {
             return Ok(None);
         }
-        let len = frame::body_len(prefix)?;
-        let mut body = vec![0u8; len];
-        if !self.fill(&mut body).await? && len > 0 {
-            return Err(FramedError::Truncated);
-        }
+        let limit = self.1;
+        let rest = async {
+            if !self.fill(&mut prefix[1..]).await? {
+                return Err(FramedError::Truncated);
+            }
+            let len = frame::body_len(prefix)?;
+            let mut body = vec![0u8; len];
+            if !self.fill(&mut body).await? && len > 0 {
+                return Err(FramedError::Truncated);
+            }
+            Ok(body)
+        };
+        let body = tokio::time::timeout(limit, rest).await.map_err(|_| FramedError::TooSlow { limit })??;
         Ok(Some(frame::decode_body(&body)?))
     }
 
@@ -219,16 +250,20 @@ impl RecvStream {
         if header.len > limit {
             return Err(FramedError::PackTooLarge { len: header.len, limit });
         }
-        // Grow as bytes arrive instead of trusting the announced size up front.
-        let mut pack = Vec::with_capacity(header.len.min(1 << 20) as usize);
-        let mut chunk = vec![0u8; 64 * 1024];
-        while (pack.len() as u64) < header.len {
-            let want = ((header.len - pack.len() as u64) as usize).min(chunk.len());
-            match self.0.read(&mut chunk[..want]).await? {
-                Some(n) => pack.extend_from_slice(&chunk[..n]),
-                None => return Err(FramedError::Truncated),
+        let limit = self.1 + Duration::from_secs(header.len / PACK_BYTES_PER_SECOND);
+        let read = async {
+            // Grow as bytes arrive instead of trusting the announced size up front.
+            let mut pack = Vec::with_capacity(header.len.min(1 << 20) as usize);
+            let mut chunk = vec![0u8; 64 * 1024];
+            while (pack.len() as u64) < header.len {
+                let want = ((header.len - pack.len() as u64) as usize).min(chunk.len());
+                match self.0.read(&mut chunk[..want]).await? {
+                    Some(n) => pack.extend_from_slice(&chunk[..n]),
+                    None => return Err(FramedError::Truncated),
+                }
             }
-        }
-        Ok(pack)
+            Ok(pack)
+        };
+        tokio::time::timeout(limit, read).await.map_err(|_| FramedError::TooSlow { limit })?
     }
 }

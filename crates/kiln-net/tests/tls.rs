@@ -289,3 +289,40 @@ async fn a_kiln_1_client_is_refused_and_both_sides_hear_both_versions() {
     raw_attempt(&raw_client(&runner, Some(&runner)), &addr).await;
     assert!(outcomes.recv().await.unwrap().is_ok());
 }
+
+#[tokio::test]
+async fn a_peer_that_trickles_a_frame_is_cut_off_at_the_frame_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    certs::init(dir.path(), &["127.0.0.1".into()]).unwrap();
+    let runner = Bundle::load(&certs::issue(dir.path(), Role::Runner, "slow").unwrap()).unwrap();
+    let bundle = Bundle::load(&dir.path().join("dispatcher")).unwrap();
+    let cfg = NetConfig { frame_timeout: Duration::from_millis(500), ..NetConfig::default() };
+    let listener = Listener::bind(&bundle, "127.0.0.1:0".parse().unwrap(), cfg).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(async move {
+        let conn = Listener::handshake(listener.accept().await.unwrap()).await.unwrap();
+        let (_send, mut recv) = conn.accept().await.unwrap();
+        let started = std::time::Instant::now();
+        let outcome = recv.expect::<kiln_proto::wire::Request>().await.map(drop);
+        (outcome, started.elapsed())
+    });
+    let endpoint = raw_client(&runner, Some(&runner));
+    let conn = endpoint.connect(addr.parse().unwrap(), "127.0.0.1").unwrap().await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    // A frame announcing 100 bytes, then one byte every 100 ms (10 s in all).
+    send.write_all(&[0, 0, 0, 100]).await.unwrap();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            if send.write_all(&[1]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let (outcome, took) = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+    let error = outcome.unwrap_err();
+    assert!(matches!(error, kiln_net::FramedError::TooSlow { .. }), "{error:?}");
+    assert!(error.is_protocol_violation());
+    assert!(took < Duration::from_secs(3), "cut off after {took:?}");
+    trickle.abort();
+}
