@@ -673,21 +673,19 @@ impl Dispatcher {
         if self.read(move |s| s.knows(&commit)).await? {
             return reply(send, Reply::Known).await;
         }
-        let mirror = self.mirror.clone();
-        let present = blocking(move || Ok(ObjectStore::open(&mirror)?.has_commit(&commit))).await?;
-        if !present {
-            let mirror = self.mirror.clone();
-            let haves = blocking(move || ObjectStore::open(&mirror)?.recorded_commits(HAVES)).await?;
+        let missing = in_mirror(&self.mirror, move |store| {
+            Ok(if store.has_commit(&commit) { None } else { Some(store.recorded_commits(HAVES)?) })
+        })
+        .await?;
+        if let Some(haves) = missing {
             send.send(&Reply::SendPack { haves }).await?;
             let pack = recv.recv_pack(self.config.max_pack_bytes).await?;
-            let mirror = self.mirror.clone();
             let bytes = pack.len();
             let limits = self.config.git_limits;
-            let unpacked = tokio::task::spawn_blocking(move || {
-                ObjectStore::open(&mirror)?.with_limits(limits).unpack(&pack, &commit)
+            let unpacked = kiln_git::with_store(&self.mirror, kiln_git::Open::Existing, move |store| {
+                store.with_limits(limits).unpack(&pack, &commit)
             })
-            .await
-            .map_err(|e| StreamError::Failed(format!("git task failed: {e}")))?;
+            .await;
             match unpacked {
                 Ok(()) => {}
                 // Over a cap: a refusal the observer can report (naming the
@@ -709,10 +707,8 @@ impl Dispatcher {
         let candidates = self.read(move |s| s.supersede_candidates(&r, &b, supersede)).await?;
         // One store for the whole operation: the commit's test files (what
         // it is split into) and which older commits it descends from.
-        let mirror = self.mirror.clone();
         let older = candidates.clone();
-        let (listed, descends): (kiln_git::TreeTests, HashSet<CommitId>) = blocking(move || {
-            let store = ObjectStore::open(&mirror)?;
+        let (listed, descends): (kiln_git::TreeTests, HashSet<CommitId>) = in_mirror(&self.mirror, move |store| {
             let listed = store.test_files(&commit)?;
             let descends = older
                 .into_iter()
@@ -786,9 +782,8 @@ impl Dispatcher {
             }
         }
         let haves: Vec<CommitId> = haves.into_iter().take(256).collect();
-        let mirror = self.mirror.clone();
         let limits = self.config.git_limits;
-        let pack = blocking(move || ObjectStore::open(&mirror)?.with_limits(limits).pack(&commit, &haves)).await?;
+        let pack = in_mirror(&self.mirror, move |store| store.with_limits(limits).pack(&commit, &haves)).await?;
         debug!(%commit, bytes = pack.len(), "sending source");
         send.send(&Reply::Source).await?;
         send.send_pack(&pack).await?;
@@ -1039,13 +1034,10 @@ fn relist(mirror: &std::path::Path, db: &mut Db, entries: &mut [crate::state::Co
     }
 }
 
-/// Runs blocking git work off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, kiln_git::GitError> + Send + 'static,
+/// Runs git work on the mirror, opened once for it, off the async threads.
+async fn in_mirror<T: Send + 'static>(
+    mirror: &std::path::Path,
+    work: impl FnOnce(ObjectStore) -> Result<T, kiln_git::GitError> + Send + 'static,
 ) -> Result<T, StreamError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(StreamError::Failed(error_chain(&e))),
-        Err(e) => Err(StreamError::Failed(format!("git task failed: {e}"))),
-    }
+    kiln_git::with_store(mirror, kiln_git::Open::Existing, work).await.map_err(|e| StreamError::Failed(error_chain(&e)))
 }

@@ -41,6 +41,7 @@ mod limits;
 mod list;
 mod measure;
 mod scan;
+mod work;
 
 use std::fs;
 use std::io::{self, Write};
@@ -52,6 +53,7 @@ use kiln_proto::CommitId;
 pub use error::{Action, GitError, GitErrorKind};
 pub use limits::{Cap, Limits, Place, TooLarge};
 pub use list::TreeTests;
+pub use work::{Open, with_store};
 
 /// The namespace of the refs that record commits a store holds in full.
 const RECORDED_PREFIX: &str = "refs/kiln/commits/";

@@ -143,10 +143,10 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
     }
     // Fail at once, with a clear message, if the repository is not there.
     let repo = config.repo.clone();
-    blocking(move || ObjectStore::open(&repo).map(drop)).await.map_err(ObserverError::Repo)?;
+    in_repo(&repo, |_| Ok(())).await.map_err(ObserverError::Repo)?;
     let branches = if config.branches.is_empty() {
         let repo = config.repo.clone();
-        vec![blocking(move || ObjectStore::open(&repo)?.head_branch()).await.map_err(ObserverError::HeadBranch)?]
+        vec![in_repo(&repo, move |store| store.head_branch()).await.map_err(ObserverError::HeadBranch)?]
     } else {
         config.branches.clone()
     };
@@ -173,7 +173,7 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
         for branch in &branches {
             let repo = config.repo.clone();
             let name = branch.clone();
-            let head = match blocking(move || ObjectStore::open(&repo)?.branch_head(&name)).await {
+            let head = match in_repo(&repo, move |store| store.branch_head(&name)).await {
                 Ok(head) => {
                     if missing.remove(branch) {
                         info!(branch = %Escaped(branch), "the branch exists now");
@@ -183,7 +183,7 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
                 Err(e) if matches!(e.kind(), kiln_git::GitErrorKind::NoSuchBranch { .. }) => {
                     if missing.insert(branch.clone()) {
                         let repo = config.repo.clone();
-                        let existing = blocking(move || ObjectStore::open(&repo)?.branch_names()).await;
+                        let existing = in_repo(&repo, move |store| store.branch_names()).await;
                         warn!(
                             branch = %Escaped(branch),
                             "{}; waiting for it to appear",
@@ -286,7 +286,7 @@ async fn submit_branch(
                 }
             };
             let repo = config.repo.clone();
-            blocking(move || ObjectStore::open(&repo)?.commits_between(from.as_ref(), &head, MAX_CATCH_UP)).await?
+            in_repo(&repo, move |store| store.commits_between(from.as_ref(), &head, MAX_CATCH_UP)).await?
         }
     };
     for commit in commits {
@@ -375,7 +375,7 @@ async fn submit(conn: &Connection, config: &Config, branch: &str, head: CommitId
         Reply::SendPack { haves } => {
             let repo = config.repo.clone();
             let limits = config.git_limits;
-            let pack = match blocking(move || ObjectStore::open(&repo)?.with_limits(limits).pack(&head, &haves)).await {
+            let pack = match in_repo(&repo, move |store| store.with_limits(limits).pack(&head, &haves)).await {
                 Ok(pack) => pack,
                 Err(ref e) if let kiln_git::GitErrorKind::TooLarge { detail, .. } = e.kind() => {
                     return Err(SubmitError::TooLarge(format!("commit {head} is over this observer's caps: {detail}")));
@@ -395,12 +395,11 @@ async fn submit(conn: &Connection, config: &Config, branch: &str, head: CommitId
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, kiln_git::GitError> + Send + 'static,
+/// Runs git work on the watched repository, opened once for it, off the
+/// async threads.
+async fn in_repo<T: Send + 'static>(
+    repo: &std::path::Path,
+    work: impl FnOnce(ObjectStore) -> Result<T, kiln_git::GitError> + Send + 'static,
 ) -> Result<T, kiln_git::GitError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        // The closure does not panic; if it ever did, surface it loudly.
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
+    kiln_git::with_store(repo, kiln_git::Open::Existing, work).await
 }

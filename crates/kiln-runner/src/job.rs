@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use kiln_git::ObjectStore;
+use kiln_git::{ObjectStore, Open, with_store};
 use kiln_net::{Connection, RecvStream, SendStream};
 use kiln_plugin_host::{HostEvent, PluginHost};
 use kiln_proto::wire::{Assignment, Control, Held, JobEvent, Reply, Request};
@@ -379,49 +379,44 @@ async fn fetch(
     checkout: &Path,
 ) -> Result<(), JobError> {
     let git = |source| JobError::Git { commit, source };
-    let cached = ctx.fetching.lock().await;
-    let cache = ctx.cache.clone();
-    let (present, haves) = blocking(move || {
-        let store = ObjectStore::open_or_init_bare(&cache)?;
-        Ok((store.has_commit(&commit), store.recorded_commits(HAVES)?))
-    })
-    .await
-    .map_err(git)?;
-    if !present {
-        let fetch_err = |reason: String| JobError::Fetch { commit, reason };
-        let (_send, mut recv, reply) = conn
-            .request(&Request::FetchSource { lease, commit, haves })
-            .await
-            .map_err(|e| fetch_err(error_chain(&e)))?;
-        if reply != Reply::Source {
-            return Err(fetch_err(format!("unexpected reply {reply:?}")));
-        }
-        let pack = recv.recv_pack(ctx.max_pack_bytes).await.map_err(|e| fetch_err(error_chain(&e)))?;
-        debug!(bytes = pack.len(), "source received");
-        let cache = ctx.cache.clone();
-        let limits = ctx.git_limits;
-        blocking(move || ObjectStore::open(&cache)?.with_limits(limits).unpack(&pack, &commit)).await.map_err(git)?;
-    }
-    drop(cached);
-    let cache = ctx.cache.clone();
-    let dest = checkout.to_owned();
     let limits = ctx.git_limits;
-    blocking(move || {
+    let dest = checkout.to_owned();
+    let checkout_into = move |store: ObjectStore| {
         if dest.exists() {
             // A leftover from a crashed earlier run of this very attempt.
             let _ = std::fs::remove_dir_all(&dest);
         }
-        ObjectStore::open(&cache)?.with_limits(limits).checkout(&commit, &dest)
+        store.with_limits(limits).checkout(&commit, &dest)
+    };
+    // One store open per piece of work: look (and, when the commit is
+    // cached, check it out), then, after the network, unpack and check out.
+    let cached = ctx.fetching.lock().await;
+    let check_out = checkout_into.clone();
+    let missing = with_store(&ctx.cache, Open::OrInitBare, move |store| {
+        if store.has_commit(&commit) {
+            check_out(store)?;
+            return Ok(None);
+        }
+        Ok(Some(store.recorded_commits(HAVES)?))
     })
     .await
-    .map_err(git)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, kiln_git::GitError> + Send + 'static,
-) -> Result<T, kiln_git::GitError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    .map_err(git)?;
+    let Some(haves) = missing else { return Ok(()) };
+    let fetch_err = |reason: String| JobError::Fetch { commit, reason };
+    let (_send, mut recv, reply) =
+        conn.request(&Request::FetchSource { lease, commit, haves }).await.map_err(|e| fetch_err(error_chain(&e)))?;
+    if reply != Reply::Source {
+        return Err(fetch_err(format!("unexpected reply {reply:?}")));
     }
+    let pack = recv.recv_pack(ctx.max_pack_bytes).await.map_err(|e| fetch_err(error_chain(&e)))?;
+    debug!(bytes = pack.len(), "source received");
+    with_store(&ctx.cache, Open::Existing, move |store| {
+        let store = store.with_limits(limits);
+        store.unpack(&pack, &commit)?;
+        checkout_into(store)
+    })
+    .await
+    .map_err(git)?;
+    drop(cached);
+    Ok(())
 }
