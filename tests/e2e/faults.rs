@@ -266,3 +266,64 @@ fn a_runner_stopped_with_sigterm_hands_its_work_back_at_once() {
     // finished some files before it left).
     assert!(report.runner.as_deref().is_some_and(|r| r.contains("runner-2")), "{report:?}");
 }
+
+/// A tmpfs mounted on a directory for a test; unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_new_work_without_crashing_and_work_resumes_when_space_returns() {
+    let mut cluster = Cluster::start();
+    // The dispatcher's state on a small filesystem of its own.
+    cluster.procs[0].signal(Signal::SIGKILL);
+    let _ = cluster.procs[0].child.wait();
+    let Some(_tmpfs) = Tmpfs::mount(&cluster.state(), "16m") else {
+        eprintln!("cannot mount a tmpfs here (not root?): the disk-full test is skipped");
+        return;
+    };
+    let addr = cluster.addr.clone();
+    cluster.procs[0] = cluster.spawn_dispatcher(&addr, &[]);
+    cluster.runner("runner-1");
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(2, 2, 10)));
+    let first = repo.commit("before the disk fills");
+    cluster.observer("observer", &repo.path, "200ms");
+    assert_eq!(cluster.wait_for(&first).status, CommitStatus::Passed);
+
+    // Fill the filesystem to the last byte.
+    let filler = cluster.state().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    repo.write(&[("README", "changed while the disk is full\n")]);
+    let second = repo.commit("while the disk is full");
+    cluster.wait_log(0, "No space left on device");
+    // Still serving, and the commit is not half-stored.
+    assert!(cluster.procs[0].child.try_wait().unwrap().is_none(), "the dispatcher died:\n{}", cluster.logs());
+    assert!(cluster.stored(&second).is_none_or(|r| !r.status.is_final()));
+
+    std::fs::remove_file(&filler).unwrap();
+    let report = cluster.wait_for(&second);
+    assert_eq!(report.status, CommitStatus::Passed, "{report:?}\n{}", cluster.logs());
+    assert_eq!(report.tests.len(), 4);
+}

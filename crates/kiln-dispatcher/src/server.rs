@@ -697,6 +697,17 @@ impl Dispatcher {
                     reply(send, Reply::Refused(reason.clone())).await?;
                     return Err(StreamError::Failed(reason));
                 }
+                // This machine's fault (a full disk, say): refuse for now,
+                // and the observer submits again later.
+                Err(ref e) if e.is_storage_failure() => {
+                    let reason = format!(
+                        "the dispatcher cannot store commit {commit} now: {}; it will take it once it can",
+                        error_chain(e)
+                    );
+                    error!(%commit, "cannot store a pack in the mirror: {}", Escaped(&error_chain(e)));
+                    reply(send, Reply::Unavailable(reason.clone())).await?;
+                    return Err(StreamError::Failed(reason));
+                }
                 Err(e) => return Err(StreamError::Protocol(format!("the pack for {commit} is unusable: {e}"))),
             }
             debug!(%commit, bytes, "pack stored in the mirror");
@@ -746,7 +757,7 @@ impl Dispatcher {
             Ok(_) => {}
             // Not stored, so not queued: the observer offers it again.
             Err(refusal) => {
-                reply(send, Reply::Refused(refusal.clone())).await?;
+                reply(send, Reply::Unavailable(refusal.clone())).await?;
                 return Err(StreamError::Failed(refusal));
             }
         }

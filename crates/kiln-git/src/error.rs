@@ -157,6 +157,21 @@ impl GitError {
     pub fn kind(&self) -> &GitErrorKind {
         &self.0.kind
     }
+
+    /// Whether the store itself could not be written or read (a full disk,
+    /// a permission, an I/O error), as opposed to bad input such as a
+    /// malformed pack: then the fault is this machine's, not the peer's.
+    pub fn is_storage_failure(&self) -> bool {
+        let Some(source) = &self.0.source else { return false };
+        if let Some(io) = source.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error().is_some();
+        }
+        source.downcast_ref::<git2::Error>().is_some_and(|e| {
+            matches!(e.class(), git2::ErrorClass::Os | git2::ErrorClass::Filesystem)
+                || e.message().contains("No space left on device")
+                || e.message().contains("Permission denied")
+        })
+    }
 }
 
 /// The message of a [`GitError`]: what failed, on what, in which repository.

@@ -134,6 +134,9 @@ enum SubmitError {
     /// not queued, and resending it would not help.
     #[error("{0}")]
     TooLarge(String),
+    /// The dispatcher could not store it now: offer it again at the next poll.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Watches the repository until `shutdown` is cancelled.
@@ -231,6 +234,9 @@ pub async fn run(bundle: Bundle, config: Config, shutdown: CancellationToken) ->
                 }
                 Err(SubmitError::Request(RequestError::Rejected(reason))) => {
                     return Err(ObserverError::Rejected(reason));
+                }
+                Err(SubmitError::Unavailable(reason)) => {
+                    warn!(%branch, commit = %head, "not submitted yet, offering it again at the next poll: {}", Escaped(&reason));
                 }
                 Err(e) => {
                     warn!(
@@ -372,6 +378,7 @@ async fn submit(conn: &Connection, config: &Config, branch: &str, head: CommitId
     match reply {
         Reply::Known => Ok(false),
         Reply::Queued => Ok(true),
+        Reply::Unavailable(reason) => Err(SubmitError::Unavailable(reason)),
         Reply::SendPack { haves } => {
             let repo = config.repo.clone();
             let limits = config.git_limits;
@@ -388,6 +395,7 @@ async fn submit(conn: &Connection, config: &Config, branch: &str, head: CommitId
                 Reply::Queued => Ok(true),
                 // The only refusal after a pack: over the dispatcher's caps.
                 Reply::Refused(reason) => Err(SubmitError::TooLarge(reason)),
+                Reply::Unavailable(reason) => Err(SubmitError::Unavailable(reason)),
                 other => Err(SubmitError::Unexpected(other)),
             }
         }

@@ -175,6 +175,9 @@ pub enum Reply {
     /// The commits matching a [`Request::Resolve`] prefix, sorted: none,
     /// one, or (ambiguous) up to [`MAX_RESOLVED`].
     Resolved(Vec<CommitId>),
+    /// The dispatcher cannot take this now (it could not store it: a full
+    /// disk, say); nothing was changed. Ask again later.
+    Unavailable(String),
 }
 
 /// Who holds a runner name that a second connection asked for.
