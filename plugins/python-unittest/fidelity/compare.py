@@ -23,8 +23,19 @@ its figures for real projects from PyPI.
 
 Options: --kiln PATH (default: target/release/kiln or target/debug/kiln of
 this repository, else `kiln` on PATH), --python PATH (the interpreter both
-sides use; default python3, or the venv's), --keep (keep the temporary
-directory), --show N (differences listed per kind, default 50).
+sides use, e.g. /root/.pyenv/versions/3.8.18/bin/python3; Kiln resolves
+`python3` on PATH as a runner does, so the directory of PATH, which must hold
+a `python3` that is that interpreter, goes first on kiln's PATH; default
+python3, or the venv's, which is made from --python), --keep (keep the
+temporary directory), --show N (differences listed per kind, default 50).
+
+src/ layouts. The driver puts `src` on sys.path (right after the working
+directory) when a repository has a src layout, so that a project's tests
+import its package without installing it, which plain unittest cannot do
+(cachetools: one import error instead of 476 tests). That difference is
+deliberate: for such a project (the driver's own `_src_layout` decides),
+unittest's side runs with PYTHONPATH=src, which puts `src` at the same place
+on sys.path, and the summary also says what unittest gives without it.
 
 How unittest's side is run. The recording program runs unittest's own
 `__main__` (runpy, exactly what `python -m unittest` runs: unittest.main,
@@ -76,6 +87,7 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
+DRIVER = REPO / "plugins" / "python-unittest" / "src" / "driver.py"
 
 OUTCOMES = ["pass", "fail", "error", "skip", "xfail", "xpass"]
 
@@ -109,7 +121,8 @@ PRESETS = {
     ),
     "cachetools": Preset(
         "cachetools==8.0.2",
-        note="src/ layout, not installed: unittest cannot import the package, so tests/__init__.py fails",
+        note="src/ layout, not installed: the driver puts src on sys.path (plain unittest cannot import the "
+        "package, so tests/__init__.py fails); compared with unittest under PYTHONPATH=src",
     ),
     "cachetools-installed": Preset(
         "cachetools==8.0.2", install_project=True, note="src/ layout, installed into the venv; mixins in tests/__init__.py"
@@ -215,14 +228,30 @@ finally:
 '''
 
 
-def sandbox_env(project, tmpdir, venv_bin=None):
-    """The environment Kiln gives a test command in `project`."""
+def sandbox_env(project, tmpdir, venv_bin=None, src=None):
+    """The environment Kiln gives a test command in `project`, with
+    PYTHONPATH=`src` when given."""
     path = SANDBOX_PATH if venv_bin is None else f"{venv_bin}:{SANDBOX_PATH}"
-    return {**SANDBOX_ENV, "PATH": path, "HOME": str(project), "TMPDIR": str(tmpdir)}
+    env = {**SANDBOX_ENV, "PATH": path, "HOME": str(project), "TMPDIR": str(tmpdir)}
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    return env
 
 
-def run_unittest(project, python, venv_bin=None):
-    """Plain unittest's outcomes for `project`: ({id: [outcome, reason]}, {id: [later outcomes]})."""
+def src_layout(project):
+    """The `src` directory the driver puts on sys.path for `project`, or
+    None: the driver's own `_src_layout`, loaded from driver.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kiln_unittest_driver", DRIVER)
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    return driver._src_layout(str(project))
+
+
+def run_unittest(project, python, venv_bin=None, src=None):
+    """unittest's outcomes for `project` (with PYTHONPATH=`src` when given):
+    ({id: [outcome, reason]}, {id: [later outcomes]})."""
     with tempfile.TemporaryDirectory(prefix="kiln-fidelity-unittest-") as scratch:
         output = Path(scratch, "results.json")
         tmpdir = Path(scratch, "tmp")
@@ -232,7 +261,7 @@ def run_unittest(project, python, venv_bin=None):
             subprocess.run(
                 [python, "-c", RECORDER, str(output)],
                 cwd=project,
-                env=sandbox_env(project, tmpdir, venv_bin),
+                env=sandbox_env(project, tmpdir, venv_bin, src),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -258,11 +287,24 @@ def find_kiln(explicit):
     raise SystemExit("cannot find kiln: build it (cargo build -p kiln) or pass --kiln PATH")
 
 
-def run_kiln(project, kiln, venv_bin=None):
+def python_dir(python):
+    """The directory to put first on kiln's PATH so that the plugin host,
+    which resolves `python3` on PATH, runs `python`."""
+    directory = Path(python).parent
+    candidate = directory / "python3"
+    if not candidate.exists() or candidate.resolve() != Path(python).resolve():
+        raise SystemExit(f"--python {python}: kiln runs the `python3` on its PATH, and {candidate} is not this "
+                         "interpreter; give the path of a python3 (e.g. /root/.pyenv/versions/3.8.18/bin/python3)")
+    return directory
+
+
+def run_kiln(project, kiln, venv_bin=None, python=None):
     """Kiln's outcomes for `project`: {id: [outcome, skip reason]}."""
-    # The plugin host resolves `python3` on this PATH: a venv's, if any.
+    # The plugin host resolves `python3` on this PATH: a venv's, if any,
+    # else the directory of --python, if given.
     path = os.environ.get("PATH", SANDBOX_PATH)
-    env = {**os.environ, "PATH": path if venv_bin is None else f"{venv_bin}:{path}", "RUST_LOG": "warn"}
+    first = venv_bin if venv_bin is not None else (python_dir(python) if python else None)
+    env = {**os.environ, "PATH": path if first is None else f"{first}:{path}", "RUST_LOG": "warn"}
     done = subprocess.run(
         [kiln, "plugin", "run", "--dir", str(project), "--format", "json"],
         env=env,
@@ -318,13 +360,18 @@ def compare(label, unittest_results, kiln_results, show, known=frozenset()):
     return differing
 
 
-def compare_dir(project, python, kiln, show, label=None, venv_bin=None, known=frozenset()):
+def compare_dir(project, python, kiln, show, label=None, venv_bin=None, known=frozenset(), explicit_python=None):
     project = Path(project).resolve()
+    src = src_layout(project)
+    if src is not None:
+        plain, _ = run_unittest(project, python, venv_bin)
+        print(f"  src layout: the driver puts {Path(src).relative_to(project)}/ on sys.path, so unittest's side "
+              f"runs with PYTHONPATH=src; plain unittest without it: {len(plain)} tests ({describe(counts(plain))})")
     started = time.monotonic()
-    unittest_results, repeated = run_unittest(project, python, venv_bin)
+    unittest_results, repeated = run_unittest(project, python, venv_bin, src)
     unittest_seconds = time.monotonic() - started
     started = time.monotonic()
-    kiln_results = run_kiln(project, kiln, venv_bin)
+    kiln_results = run_kiln(project, kiln, venv_bin, explicit_python)
     kiln_seconds = time.monotonic() - started
     print(f"  wall time: unittest {unittest_seconds:.1f} s, kiln {kiln_seconds:.1f} s")
     inconsistent = {i: o for i, o in repeated.items() if any(x != unittest_results[i][0] for x in o)}
@@ -370,9 +417,11 @@ def compare_pypi(requirement, deps, install_project, kiln, show, keep, python=No
             python = str(venv_bin / "python3")
             # A build can leave files in the project (build/, *.egg-info);
             # they are outside tests/ and change nothing either side runs.
+        explicit_python = python if venv_bin is None else None
         python = python or default_python()
         label = requirement + (" (installed)" if install_project else "")
-        return compare_dir(project, python, kiln, show, label=label, venv_bin=venv_bin, known=known)
+        return compare_dir(project, python, kiln, show, label=label, venv_bin=venv_bin, known=known,
+                           explicit_python=explicit_python)
     finally:
         if keep:
             print(f"  kept {work}")
@@ -422,7 +471,8 @@ def main():
         return 0
     kiln = find_kiln(args.kiln)
     if args.dir:
-        return 1 if compare_dir(args.dir, args.python or default_python(), kiln, args.show) else 0
+        python = args.python or default_python()
+        return 1 if compare_dir(args.dir, python, kiln, args.show, explicit_python=args.python) else 0
     if args.pypi:
         differing = compare_pypi(args.pypi, args.deps, args.install_project, kiln, args.show, args.keep, args.python)
         return 1 if differing else 0

@@ -176,10 +176,7 @@ fn run_modules(modules: &[select::TestModule], batch: &Batch) {
     }
     let elapsed_ms = kiln_plugin_sdk::elapsed_ms(started);
     let mut message = if let Some(version) = &too_old {
-        format!(
-            "python3 is Python {version}; Kiln's unittest driver needs Python 3.8 or newer. Give the runner a newer \
-             interpreter (first on its PATH, or --allow-program with a path)."
-        )
+        too_old_message(version)
     } else if status.timed_out {
         format!("python3 (the unittest driver) was killed after {} s: the batch ran out of time", elapsed_ms / 1000)
     } else if status.exit_code.is_none() {
@@ -213,6 +210,17 @@ fn run_modules(modules: &[select::TestModule], batch: &Batch) {
         kiln_plugin_sdk::log(&message);
     }
     fail(&mut pending, &message, elapsed_ms);
+}
+
+/// What an interpreter too old for the driver gets, without the final
+/// period (as every cause in [`run_modules`], which adds it). The runner
+/// takes `--allow-program` as a bare name only, resolved on its PATH at
+/// start-up, so that is where a newer interpreter has to go.
+fn too_old_message(version: &str) -> String {
+    format!(
+        "python3 is Python {version}; Kiln's unittest driver needs Python 3.8 or newer. Put a newer python3 first \
+         on the runner's PATH (the runner resolves --allow-program python3 there when it starts) and restart it"
+    )
 }
 
 /// Reports an `error` named after each pending module (the host keeps a
@@ -288,6 +296,16 @@ mod tests {
         );
         assert_eq!(argv_chunks(&modules[..3]).len(), 1);
         assert!(argv_chunks(&[]).is_empty());
+    }
+
+    /// One sentence, one period (run_modules adds it), and advice the
+    /// runner accepts: `--allow-program` takes a bare name, never a path.
+    #[test]
+    fn an_interpreter_too_old_is_told_where_a_newer_one_goes() {
+        let message = too_old_message("3.7.16");
+        assert!(message.starts_with("python3 is Python 3.7.16; ") && message.contains("3.8 or newer"), "{message}");
+        assert!(message.contains("first on the runner's PATH") && !message.contains("with a path"), "{message}");
+        assert!(!message.ends_with('.'), "{message}");
     }
 
     /// The driver travels inside a raw triple-quoted literal: it must not

@@ -98,14 +98,15 @@ class DriverTest(unittest.TestCase):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(textwrap.dedent(text))
 
-    def run_driver(self, *args, python=PYTHON, timeout=120, wrap=(), preexec_fn=None, check=True):
+    def run_driver(self, *args, python=PYTHON, timeout=120, wrap=(), preexec_fn=None, check=True, env=None):
         """Runs the driver with `args` (options and files) and checks the
-        protocol; returns the parsed Run."""
+        protocol; returns the parsed Run. `env` adds to the sandbox's
+        environment."""
         completed = subprocess.run(
             [*wrap, python, "-", *args],
             input=stdin_bytes(),
             cwd=self.repo,
-            env=sandbox_env(self.repo, self.tmpdir),
+            env={**sandbox_env(self.repo, self.tmpdir), **(env or {})},
             capture_output=True,
             timeout=timeout,
             preexec_fn=preexec_fn,
@@ -244,6 +245,35 @@ class Outcomes(DriverTest):
             run = self.run_driver(*args, check=False)
             self.assertEqual((run.returncode, run.lines), (2, []), args)
             self.assertIn("usage:", run.stderr)
+
+    def test_the_parent_ends_without_interpreter_finalization(self):
+        # Finalization took 13 to 35 ms after `done`, on the path from every
+        # commit to its results: the parent ends with os._exit instead. An
+        # atexit handler (installed by a sitecustomize, before the driver
+        # runs) shows whether finalization ran; the parent's stderr must
+        # still arrive whole.
+        site = self.tmpdir / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(
+            "import atexit, os, sys\n"
+            "sys.stderr.write('buffered before the end\\n')\n"
+            "atexit.register(lambda: os.write(2, b'finalized\\n'))\n"
+        )
+        self.write({"tests/test_a.py": """
+            import unittest
+            class T(unittest.TestCase):
+                def test_ok(self):
+                    pass
+            """})
+        run = self.run_driver("tests/test_a.py", env={"PYTHONPATH": str(site)})
+        self.assertEqual(run.outcomes("tests/test_a.py"), {"tests.test_a.T.test_ok": "pass"})
+        self.assertIn("buffered before the end", run.stderr)
+        self.assertNotIn("finalized", run.stderr)
+        # A usage error ends the same way, its message flushed.
+        run = self.run_driver("--bogus", env={"PYTHONPATH": str(site)}, check=False)
+        self.assertEqual(run.returncode, 2)
+        self.assertIn("usage:", run.stderr)
+        self.assertNotIn("finalized", run.stderr)
 
 
 class Concurrency(DriverTest):
