@@ -60,6 +60,11 @@ pub const DEFAULT_ESTIMATE_MS: u64 = 1_000;
 /// the frame size limit whatever the estimates say.
 pub const MAX_BATCH_FILES: usize = 500;
 
+/// The least estimated test time a batch is cut for while others share the
+/// work: below it, a batch's fixed cost (a checkout, a sandbox, an
+/// interpreter: some 50–100 ms) outweighs the balance it buys.
+pub const MIN_BATCH_MS: u64 = 500;
+
 /// How many earlier commits of a repository are read for file durations.
 const HISTORY: usize = 20;
 
@@ -884,9 +889,17 @@ impl State {
                 self.queue.pop_front();
                 continue;
             };
-            // Worth `free / (2 × all slots)` of what is left, at least one file.
+            // Worth `free / (2 × all slots)` of what is left, at least one
+            // file and at least MIN_BATCH_MS (each batch costs its runner a
+            // sandbox and an interpreter); all of it for a runner that has
+            // every slot there is, since splitting for it would only add
+            // those costs.
             let remaining: u64 = entry.pending.iter().map(|f| entry.files.get(f).copied().unwrap_or(0)).sum();
-            let target = remaining * u64::from(free) / (2 * total.max(1));
+            let target = if u64::from(runner.slots) >= total {
+                remaining
+            } else {
+                (remaining * u64::from(free) / (2 * total.max(1))).max(MIN_BATCH_MS)
+            };
             let mut files = Vec::new();
             let mut worth = 0u64;
             while let Some(next) = entry.pending.front() {
@@ -1305,18 +1318,19 @@ mod tests {
         s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &files(&["a", "b", "c", "d"]), None, 1)
             .unwrap();
         s.register("a", 1, 1, &[], &[]);
-        // One slot of one: half of the estimated time (four unknown files, equal).
+        // The only runner: the whole commit in one batch (splitting would
+        // only add batches' costs).
         let first = s.assign().remove(0).assignment;
-        assert_eq!((first.files.clone(), first.slots), (files(&["a", "b"]), 1));
+        assert_eq!((first.files.clone(), first.slots), (files(&["a", "b", "c", "d"]), 1));
         assert_eq!(s.record_test(first.job, 1, 1, result("t1", Outcome::Pass)), Ok(true));
         assert_eq!(s.file_done(first.job, 1, 1, "tests/test_a.py".into()), Ok(true));
-        // The runner vanishes: only its unfinished file goes back to the queue.
+        // The runner vanishes: only its unfinished files go back to the queue.
         assert_eq!(s.unregister("a", 1), vec![commit(1)]);
         assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Queued);
         assert_eq!(s.entry(&commit(1)).unwrap().pending, files(&["b", "c", "d"]));
         s.register("b", 2, 1, &[], &[]);
         let second = s.assign().remove(0);
-        assert_eq!((second.assignment.attempt, &second.assignment.files[..]), (2, &files(&["b"])[..]));
+        assert_eq!((second.assignment.attempt, &second.assignment.files[..]), (2, &files(&["b", "c", "d"])[..]));
         let job = second.assignment.job;
         assert_ne!(job, first.job, "each batch has its own job id");
         // The late runner's events are refused, whatever it claims.
@@ -1327,26 +1341,19 @@ mod tests {
         // The holder is heard only about its own batch's files.
         let elsewhere = s.record_test(job, 2, 2, result("t9", Outcome::Fail));
         assert!(matches!(elsewhere, Err(Stale::NotInBatch { .. })), "{elsewhere:?}");
-        assert!(s.file_done(job, 2, 2, "tests/test_c.py".into()).is_err());
+        assert!(s.file_done(job, 2, 2, "tests/test_a.py".into()).is_err());
         // Each test once, first result wins, and the result names its runner.
         assert_eq!(s.record_test(job, 2, 2, result_in("t2", "tests/test_b.py", 5)), Ok(true));
         assert_eq!(s.record_test(job, 2, 2, result_in("t2", "tests/test_b.py", 6)), Ok(false));
         assert_eq!(s.entry(&commit(1)).unwrap().tests["t2"].runner.as_deref(), Some("b"));
         assert_eq!(s.entry(&commit(1)).unwrap().tests["t1"].runner.as_deref(), Some("a"));
         assert_eq!(s.file_done(job, 2, 2, "tests/test_b.py".into()), Ok(true));
-        assert_eq!(s.finish(job, 2, 2, None, 9), Ok((commit(1), vec![])));
         // Not final while files wait.
-        assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Queued);
-        // Half of what is left each time, with one slot: c, then d.
-        let c = s.assign().remove(0).assignment;
-        assert_eq!(c.files, files(&["c"]));
-        s.not_run(c.job, c.attempt, 2, "tests/test_c.py".into(), "no plugin claims it").unwrap();
-        s.finish(c.job, c.attempt, 2, None, 10).unwrap();
-        let last = s.assign().remove(0).assignment;
-        assert_eq!(last.files, files(&["d"]));
-        s.record_test(last.job, last.attempt, 2, result_in("t3", "tests/test_d.py", 1)).unwrap();
-        s.file_done(last.job, last.attempt, 2, "tests/test_d.py".into()).unwrap();
-        s.finish(last.job, last.attempt, 2, None, 10).unwrap();
+        assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Running);
+        s.not_run(job, 2, 2, "tests/test_c.py".into(), "no plugin claims it").unwrap();
+        s.record_test(job, 2, 2, result_in("t3", "tests/test_d.py", 1)).unwrap();
+        s.file_done(job, 2, 2, "tests/test_d.py".into()).unwrap();
+        s.finish(job, 2, 2, None, 10).unwrap();
         let report = s.report(&commit(1)).unwrap();
         assert_eq!(report.status, CommitStatus::Passed);
         assert_eq!(report.counts.total, 3);
@@ -1354,7 +1361,7 @@ mod tests {
         assert_eq!(report.runner.as_deref(), Some("a, b"));
         assert_eq!(report.warnings, ["not run (no plugin claims it): tests/test_c.py"]);
         // Nothing more is accepted once done.
-        assert!(s.record_test(last.job, last.attempt, 2, result_in("t4", "tests/test_d.py", 1)).is_err());
+        assert!(s.record_test(job, 2, 2, result_in("t4", "tests/test_d.py", 1)).is_err());
         assert!(s.runners().iter().all(|(_, busy)| *busy == 0));
     }
 
@@ -1422,12 +1429,19 @@ mod tests {
                 s.finish(a.job, a.attempt, d.conn, None, 6).unwrap();
             }
         }
-        // 2100 ms in all: a alone (800 > 525), b alone (400 > 325), then the short ones.
+        // 2100 ms in all: a alone (800 > 525), then b and c (400 + 100: at
+        // least MIN_BATCH_MS), then the short ones.
         assert_eq!(sizes[0], files(&["a"]));
-        assert_eq!(sizes[1], files(&["b"]));
+        assert_eq!(sizes[1], files(&["b", "c"]));
         let total: usize = sizes.iter().map(Vec::len).sum();
         assert_eq!(total, 9);
-        assert!(sizes.windows(2).all(|w| w[0].len() + 1 >= w[1].len()), "batches grow: {sizes:?}");
+        let estimate = |f: &String| match f.as_str() {
+            "tests/test_a.py" => 800,
+            "tests/test_b.py" => 400,
+            _ => 100,
+        };
+        let worth: Vec<u64> = sizes.iter().map(|b| b.iter().map(estimate).sum()).collect();
+        assert!(worth.windows(2).all(|w| w[0] >= w[1]), "batches grow: {sizes:?} worth {worth:?}");
         assert_eq!(s.report(&commit(2)).unwrap().status, CommitStatus::Error, "no tests recorded");
     }
 
