@@ -89,8 +89,10 @@ fn three_runners_give_exactly_the_results_of_one() {
     assert_eq!(xfail, 30);
 }
 
-#[test]
-fn a_killed_runner_of_three_loses_only_its_unfinished_files() {
+/// Three one-slot runners on 12 files of two 300 ms tests, started and
+/// waited for until runner-1 has stored results and is still in the middle
+/// of the commit.
+fn three_runners_midway() -> (Cluster, CommitId, Vec<usize>) {
     let mut cluster = Cluster::start();
     let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(12, 2, 300)));
     let commit = repo.commit("slow suite");
@@ -99,6 +101,12 @@ fn a_killed_runner_of_three_loses_only_its_unfinished_files() {
     cluster.wait_stored(&commit, "partly done by runner-1", |r| {
         r.tests.iter().any(|t| t.runner.as_deref() == Some("runner-1")) && r.tests.len() < 20
     });
+    (cluster, commit, procs)
+}
+
+#[test]
+fn a_killed_runner_of_three_loses_only_its_unfinished_files() {
+    let (cluster, commit, procs) = three_runners_midway();
     cluster.procs[procs[0]].signal(Signal::SIGKILL);
     let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
     assert_eq!(report.status, CommitStatus::Passed, "{report:?}");
@@ -143,13 +151,7 @@ fn a_runner_with_two_slots_never_runs_more_than_two_files_at_once() {
 
 #[test]
 fn a_runner_stopped_past_its_lease_and_continued_adds_nothing_twice() {
-    let mut cluster = Cluster::start();
-    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(12, 2, 300)));
-    let commit = repo.commit("slow suite");
-    let procs = runners_then_observer(&mut cluster, &repo, &["runner-1", "runner-2", "runner-3"], &["--slots", "1"]);
-    cluster.wait_stored(&commit, "partly done by runner-1", |r| {
-        r.tests.iter().any(|t| t.runner.as_deref() == Some("runner-1")) && r.tests.len() < 20
-    });
+    let (cluster, commit, procs) = three_runners_midway();
     // Frozen past the idle timeout (3 s): the dispatcher gives its batch to
     // the others. Woken, it finds its lease moved on.
     cluster.procs[procs[0]].signal(Signal::SIGSTOP);
