@@ -16,6 +16,7 @@ mod cli;
 mod faults;
 mod limits;
 mod links;
+mod output;
 mod peers;
 mod pipeline;
 mod plugin;

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use kiln_proto::{CommitReport, Outcome};
+use kiln_proto::CommitReport;
 
 /// Why the results directory could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +74,10 @@ impl ResultsDir {
         let mut json = serde_json::to_vec_pretty(report).unwrap_or_default();
         json.push(b'\n');
         self.replace(&self.path_of(report), &json)?;
-        self.replace(&self.dir.join(format!("{}.xml", report.commit)), junit(report).as_bytes())?;
+        self.replace(
+            &self.dir.join(format!("{}.xml", report.commit)),
+            kiln_proto::junit(&format!("kiln {}", report.commit), &report.tests).as_bytes(),
+        )?;
         // Make the renames themselves durable.
         fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(err("sync directory", &self.dir))
     }
@@ -90,105 +93,6 @@ impl ResultsDir {
         file.sync_all().map_err(err("sync", &tmp))?;
         fs::rename(&tmp, path).map_err(err("rename into place", path))
     }
-}
-
-/// A commit's results as JUnit XML: one `<testsuite>` per test file. Failures
-/// and unexpected successes are `<failure>`, errors `<error>`, skips and
-/// expected failures `<skipped>` (as pytest's JUnit output does).
-pub fn junit(report: &CommitReport) -> String {
-    use std::collections::BTreeMap;
-    use std::fmt::Write as _;
-
-    let mut files: BTreeMap<&str, Vec<&kiln_proto::TestResult>> = BTreeMap::new();
-    for t in &report.tests {
-        files.entry(t.file.as_str()).or_default().push(t);
-    }
-    let c = &report.counts;
-    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    let _ = writeln!(
-        out,
-        "<testsuites name=\"kiln {}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\">",
-        report.commit,
-        c.total,
-        c.fail + c.xpass,
-        c.error,
-        c.skip + c.xfail
-    );
-    for (file, tests) in files {
-        let count = |f: fn(Outcome) -> bool| tests.iter().filter(|t| f(t.outcome)).count();
-        let seconds: u64 = tests.iter().map(|t| t.duration_ms).sum();
-        let _ = writeln!(
-            out,
-            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\" time=\"{}.{:03}\">",
-            xml(file),
-            tests.len(),
-            count(|o| matches!(o, Outcome::Fail | Outcome::Xpass)),
-            count(|o| o == Outcome::Error),
-            count(|o| matches!(o, Outcome::Skip | Outcome::Xfail)),
-            seconds / 1000,
-            seconds % 1000
-        );
-        for t in tests {
-            // unittest ids are `module.Class.method`; others (TAP) use `file::n description`.
-            let (class, name) = match t.id.split_once("::") {
-                Some(_) => (t.file.as_str(), t.id.as_str()),
-                None => t.id.rsplit_once('.').unwrap_or((t.file.as_str(), t.id.as_str())),
-            };
-            let head = format!(
-                "    <testcase classname=\"{}\" name=\"{}\" file=\"{}\" time=\"{}.{:03}\"",
-                xml(class),
-                xml(name),
-                xml(&t.file),
-                t.duration_ms / 1000,
-                t.duration_ms % 1000
-            );
-            // The last line of a traceback names the exception.
-            let summary = t.message.lines().last().unwrap_or_default();
-            let body = match t.outcome {
-                Outcome::Pass => None,
-                Outcome::Fail => Some(("failure", summary.to_owned(), t.message.as_str())),
-                Outcome::Xpass => Some(("failure", "unexpected success".to_owned(), t.message.as_str())),
-                Outcome::Error => Some(("error", summary.to_owned(), t.message.as_str())),
-                Outcome::Skip => Some(("skipped", t.message.clone(), "")),
-                Outcome::Xfail => Some(("skipped", "expected failure".to_owned(), t.message.as_str())),
-            };
-            match body {
-                None => {
-                    let _ = writeln!(out, "{head}/>");
-                }
-                Some((tag, message, text)) => {
-                    let _ = writeln!(
-                        out,
-                        "{head}>\n      <{tag} message=\"{}\">{}</{tag}>\n    </testcase>",
-                        xml(&message),
-                        xml(text)
-                    );
-                }
-            }
-        }
-        let _ = writeln!(out, "  </testsuite>");
-    }
-    out.push_str("</testsuites>\n");
-    out
-}
-
-/// Escapes text for XML content and attributes, dropping characters XML 1.0
-/// cannot carry at all (test output may hold any byte).
-fn xml(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for ch in text.chars() {
-        match ch {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            '\t' | '\n' | '\r' => out.push(ch),
-            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => out.push('\u{FFFD}'),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// How often at most a running commit's files are rewritten. A commit's
@@ -277,69 +181,7 @@ pub async fn follow(dir: ResultsDir, mut feed: crate::stream::Feed, running: Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_proto::{CommitStatus, Counts, TestResult};
-
-    #[test]
-    fn junit_maps_every_outcome_and_escapes_what_tests_print() {
-        let t = |id: &str, file: &str, outcome, message: &str| TestResult {
-            id: id.into(),
-            file: file.into(),
-            outcome,
-            duration_ms: 1234,
-            message: message.into(),
-            runner: None,
-        };
-        let tests = vec![
-            t("tests.test_a.A.test_pass", "tests/test_a.py", Outcome::Pass, ""),
-            t(
-                "tests.test_a.A.test_fail",
-                "tests/test_a.py",
-                Outcome::Fail,
-                "Traceback\nAssertionError: 1 < 2 & \"x\"\u{1b}",
-            ),
-            t("tests.test_a.A.test_err", "tests/test_a.py", Outcome::Error, "KeyError: 'b'"),
-            t("tests.test_a.A.test_skip", "tests/test_a.py", Outcome::Skip, "needs a network"),
-            t("tests.test_a.A.test_xfail", "tests/test_a.py", Outcome::Xfail, ""),
-            t("tests.test_a.A.test_xpass", "tests/test_a.py", Outcome::Xpass, ""),
-            t("tests/x.t::1 adds", "tests/x.t", Outcome::Pass, ""),
-        ];
-        let report = CommitReport {
-            commit: "0123456789abcdef0123456789abcdef01234567".parse().unwrap(),
-            repo: "r".into(),
-            branch: "main".into(),
-            status: CommitStatus::Failed,
-            counts: Counts::of(&tests),
-            error: None,
-            runner: None,
-            warnings: vec![],
-            queued_at_ms: 1,
-            finished_at_ms: Some(2),
-            tests,
-        };
-        let xml = junit(&report);
-        assert!(xml.contains(r#"<testsuites name="kiln 0123456789abcdef0123456789abcdef01234567" tests="7" failures="2" errors="1" skipped="2">"#), "{xml}");
-        assert!(
-            xml.contains(
-                r#"<testsuite name="tests/test_a.py" tests="6" failures="2" errors="1" skipped="2" time="7.404">"#
-            ),
-            "{xml}"
-        );
-        assert!(
-            xml.contains(
-                r#"<testcase classname="tests.test_a.A" name="test_pass" file="tests/test_a.py" time="1.234"/>"#
-            ),
-            "{xml}"
-        );
-        assert!(xml.contains(r#"<failure message="AssertionError: 1 &lt; 2 &amp; &quot;x&quot;"#), "{xml}");
-        assert!(xml.contains("\u{FFFD}") && !xml.contains('\u{1b}'), "control characters are replaced");
-        assert!(xml.contains(r#"<error message="KeyError: &apos;b&apos;">"#), "{xml}");
-        assert!(xml.contains(r#"<skipped message="needs a network">"#), "{xml}");
-        assert!(xml.contains(r#"<skipped message="expected failure">"#), "{xml}");
-        assert!(xml.contains(r#"<failure message="unexpected success">"#), "{xml}");
-        assert!(xml.contains(r#"<testcase classname="tests/x.t" name="tests/x.t::1 adds" file="tests/x.t""#), "{xml}");
-        assert_eq!(xml.matches("<testcase ").count(), 7);
-        assert_eq!(xml.matches("</testsuite>").count(), 2);
-    }
+    use kiln_proto::{CommitStatus, Counts};
 
     #[test]
     fn writes_atomically() {

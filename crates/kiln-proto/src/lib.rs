@@ -7,12 +7,14 @@
 
 pub mod escape;
 pub mod frame;
+pub mod junit;
 pub mod model;
 pub mod size;
 pub mod wire;
 
-pub use escape::{Escaped, escaped};
+pub use escape::{Escaped, escaped, for_terminal};
 pub use frame::{FrameError, MAX_FRAME_LEN};
+pub use junit::junit;
 pub use model::{
     CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, MAX_TEST_ID_BYTES, MAX_TEST_MESSAGE_BYTES, Outcome,
     Role, TestResult,

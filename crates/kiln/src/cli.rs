@@ -434,6 +434,8 @@ pub enum Format {
     Text,
     /// One JSON document, for programs (`kiln results`: the one the dispatcher stores).
     Json,
+    /// JUnit XML, for tools that read it (`kiln results`: the dispatcher's `results/<commit>.xml`).
+    Junit,
 }
 
 /// `kiln demo`
@@ -508,7 +510,7 @@ pub struct RunArgs {
     pub dir: PathBuf,
     /// Output format
     ///
-    /// `text` prints each result as it comes; `json` prints one document at the end.
+    /// `text` prints each result as it comes; `json` and `junit` print one document at the end.
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
     /// A program plugins may run (repeatable)

@@ -211,6 +211,7 @@ async fn results(a: ResultsArgs) -> anyhow::Result<ExitCode> {
     match a.format {
         Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
         Format::Text => out!("{}", render(&report, a.verbose)),
+        Format::Junit => out!("{}", kiln_proto::junit(&format!("kiln {}", report.commit), &report.tests)),
     }
     Ok(exit_code(report.status))
 }

@@ -88,6 +88,7 @@ async fn run_tests(a: RunArgs) -> anyhow::Result<ExitCode> {
                 serde_json::json!({ "dir": a.dir, "status": status.as_str(), "counts": counts, "tests": tests });
             println!("{}", serde_json::to_string_pretty(&document)?);
         }
+        Format::Junit => print!("{}", kiln_proto::junit(&format!("kiln {}", a.dir.display()), &tests)),
     }
     Ok(match status {
         CommitStatus::Passed => ExitCode::SUCCESS,
@@ -162,11 +163,7 @@ fn wasm_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 /// One result for a terminal: outcome, id and duration, then the head and
 /// tail of a message, or a skip's reason (as `kiln results` shows them).
 fn render_result(t: &TestResult) -> String {
-    let mut out = format!("{:<5} {} ({} ms)\n", t.outcome.as_str().to_uppercase(), t.id, t.duration_ms);
-    for line in crate::report::message_lines(t.outcome, &t.message, false) {
-        let _ = writeln!(out, "      {line}");
-    }
-    out
+    crate::report::render_test(t, false, "")
 }
 
 /// The closing line: how many tests ended each way.

@@ -1,14 +1,18 @@
 //! How a commit's report reads on a terminal, and the exit code it gives:
-//! shared by `kiln results`, `kiln demo` and `kiln plugin run`.
+//! shared by `kiln results`, `kiln demo` and `kiln plugin run`. Everything a
+//! test printed, and every other outside value, goes through
+//! [`for_terminal`]: colours are dropped and no control character reaches
+//! the terminal.
 
+use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use kiln_proto::{CommitReport, CommitStatus, Outcome};
+use kiln_proto::{CommitReport, CommitStatus, Outcome, TestResult, for_terminal};
 
 /// How a finished commit ended, in words: `passed`, or `cancelled (cancelled by admin)`.
 pub fn ended(report: &CommitReport) -> String {
     match &report.error {
-        Some(error) => format!("{} ({error})", report.status.as_str()),
+        Some(error) => format!("{} ({})", report.status.as_str(), for_terminal(error)),
         None => report.status.as_str().to_owned(),
     }
 }
@@ -29,26 +33,35 @@ pub fn exit_code(status: CommitStatus) -> ExitCode {
 /// Renders a report for a terminal: each message's head and tail, or with
 /// `verbose` each message whole.
 pub fn render(r: &CommitReport, verbose: bool) -> String {
-    use std::fmt::Write;
     let mut out = String::new();
     let c = &r.counts;
-    let _ = writeln!(out, "commit {} on {}: {}", r.commit, r.branch, r.status.as_str().to_uppercase());
+    let branch = for_terminal(&r.branch);
+    let _ = writeln!(out, "commit {} on {branch}: {}", r.commit, r.status.as_str().to_uppercase());
     if let Some(runner) = &r.runner {
         let verb = if r.status.is_final() { "ran" } else { "running" };
-        let _ = writeln!(out, "  {verb} on {runner}");
+        let _ = writeln!(out, "  {verb} on {}", for_terminal(runner));
     }
     if let Some(error) = &r.error {
-        let _ = writeln!(out, "  error: {error}");
+        let _ = writeln!(out, "  error: {}", for_terminal(error));
     }
     for warning in &r.warnings {
-        let _ = writeln!(out, "  warning: {warning}");
+        let _ = writeln!(out, "  warning: {}", for_terminal(warning));
     }
     let _ = writeln!(out, "  {}", summary(c));
     for t in &r.tests {
-        let _ = writeln!(out, "  {:<5} {} ({} ms)", t.outcome.as_str().to_uppercase(), t.id, t.duration_ms);
-        for line in message_lines(t.outcome, &t.message, verbose) {
-            let _ = writeln!(out, "        {line}");
-        }
+        out.push_str(&render_test(t, verbose, "  "));
+    }
+    out
+}
+
+/// One test's line (outcome, id, duration) and the lines of its message
+/// that [`message_lines`] shows, indented by `indent`.
+pub fn render_test(t: &TestResult, verbose: bool, indent: &str) -> String {
+    let mut out = String::new();
+    let outcome = t.outcome.as_str().to_uppercase();
+    let _ = writeln!(out, "{indent}{outcome:<5} {} ({} ms)", for_terminal(&t.id), t.duration_ms);
+    for line in message_lines(t.outcome, &t.message, verbose) {
+        let _ = writeln!(out, "{indent}      {line}");
     }
     out
 }
@@ -83,7 +96,7 @@ const TAIL_LINES: usize = 8;
 /// with a marker between; all of it when `verbose`.
 pub fn message_lines(outcome: Outcome, message: &str, verbose: bool) -> Vec<String> {
     let lines: Vec<&str> = message.trim_end().lines().collect();
-    let shown = |lines: &[&str]| lines.iter().map(|l| (*l).to_owned()).collect();
+    let shown = |lines: &[&str]| lines.iter().map(|l| for_terminal(l)).collect();
     if verbose {
         return shown(&lines);
     }
@@ -130,6 +143,23 @@ mod tests {
         }
         assert_eq!(message_lines(Outcome::Skip, "needs a network\nmore", false), ["needs a network"]);
         assert!(message_lines(Outcome::Pass, "printed", false).is_empty());
+    }
+
+    #[test]
+    fn what_tests_print_reaches_the_terminal_without_escape_sequences() {
+        let test = TestResult {
+            id: "tests.test_x.T.test_\x1b]0;title\x07x".into(),
+            file: "tests/test_x.py".into(),
+            outcome: Outcome::Fail,
+            duration_ms: 3,
+            message: "\x1b[31mAssertionError\x1b[0m: <script>alert(1)</script>\r\x1b[2Jgone\n\tat line 2".into(),
+            runner: None,
+        };
+        assert_eq!(
+            render_test(&test, false, "  "),
+            "  FAIL  tests.test_x.T.test_x (3 ms)\n        AssertionError: <script>alert(1)</script>\\rgone\n        \tat line 2\n"
+        );
+        assert!(!render_test(&test, true, "").contains('\x1b'));
     }
 
     #[test]
