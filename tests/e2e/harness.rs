@@ -224,6 +224,26 @@ impl Cluster {
         self.procs.len() - 1
     }
 
+    /// Like [`Cluster::runner_with`], confined to one CPU by `taskset -c CPU`.
+    pub fn runner_pinned(&mut self, name: &str, cpu: u32, flags: &[&str]) -> usize {
+        self.issue("runner", name);
+        let log = self.dir.path().join(format!("{name}.log"));
+        let child = Command::new("taskset")
+            .args(["-c", &cpu.to_string(), env!("CARGO_BIN_EXE_kiln"), "runner", "--identity"])
+            .arg(self.certs().join(name))
+            .args(["--dispatcher", &self.addr, "--idle-timeout", "3s", "--work"])
+            .arg(self.dir.path().join(format!("{name}-work")))
+            .args(flags)
+            .env("RUST_LOG", &self.rust_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn taskset");
+        self.procs.push(Proc { child, log });
+        self.procs.len() - 1
+    }
+
     /// Issues an observer certificate and starts an observer polling `repo` every `interval`.
     pub fn observer(&mut self, name: &str, repo: &Path, interval: &str) {
         self.observer_with(name, repo, interval, &[]);

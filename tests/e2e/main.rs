@@ -14,6 +14,7 @@ mod auth;
 mod certs;
 mod cli;
 mod faults;
+mod flaky;
 mod limits;
 mod links;
 mod output;

@@ -211,22 +211,8 @@ fn each_result_reaches_the_dispatcher_while_its_file_still_runs() {
 #[test]
 fn a_runner_confined_to_one_cpu_takes_one_slot_by_default() {
     let mut cluster = Cluster::start();
-    cluster.issue("runner", "pinned");
-    let log = cluster.dir.path().join("pinned.log");
     // The machine may have more cores; the runner may use only CPU 0.
-    let child = std::process::Command::new("taskset")
-        .args(["-c", "0", env!("CARGO_BIN_EXE_kiln"), "runner", "--identity"])
-        .arg(cluster.certs().join("pinned"))
-        .args(["--dispatcher", &cluster.addr, "--work"])
-        .arg(cluster.dir.path().join("pinned-work"))
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn taskset");
-    cluster.procs.push(crate::harness::Proc { child, log });
-    let runner = cluster.procs.len() - 1;
+    let runner = cluster.runner_pinned("pinned", 0, &[]);
     cluster.wait_log(runner, "registered dispatcher=");
     let line = cluster.procs[runner].log().lines().find(|l| l.contains("registered dispatcher=")).unwrap().to_owned();
     assert!(line.ends_with("slots=1 held=0"), "{line}");

@@ -284,6 +284,8 @@ mod tests {
             duration_ms: 1,
             message: String::new(),
             runner: None,
+            flaky: false,
+            earlier: Vec::new(),
         };
         Event::Test { job, attempt: 1, conn: 7, result }
     }

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use kiln_proto::{CommitId, TestResult};
+use kiln_proto::{CommitId, TestResult, escaped};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::state::{Batch, CommitEntry, Lease};
@@ -41,12 +41,16 @@ CREATE TABLE IF NOT EXISTS results (
     duration_ms INTEGER NOT NULL,
     message     TEXT NOT NULL,
     runner      TEXT,
+    flaky       INTEGER NOT NULL DEFAULT 0,
+    earlier     TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (commit_id, test_id)
 );
 -- The test files a commit was split into, listed from the mirror at submission.
+-- `retries`: how many times the file was queued again because a test failed (`--retry-failed`).
 CREATE TABLE IF NOT EXISTS commit_files (
     commit_id TEXT NOT NULL REFERENCES commits (commit_id),
     file      TEXT NOT NULL,
+    retries   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (commit_id, file)
 );
 -- Running batches: leases a restarted dispatcher keeps for their runners.
@@ -72,9 +76,19 @@ CREATE TABLE IF NOT EXISTS repo_owners (
 ";
 
 /// The schema version this code writes (SQLite's `user_version`). Version
-/// 2 added `results.runner`, `commit_files` and `batches`; a version 1
+/// 2 added `results.runner`, `commit_files` and `batches`; version 3
+/// `results.flaky`, `results.earlier` and `commit_files.retries`. An older
 /// database gains them when opened.
-const VERSION: i64 = 2;
+const VERSION: i64 = 3;
+
+/// Columns added since version 1, each with what adds it to an older table
+/// (`CREATE TABLE IF NOT EXISTS` leaves an existing table as it was).
+const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+    ("results", "runner", "ALTER TABLE results ADD COLUMN runner TEXT"),
+    ("results", "flaky", "ALTER TABLE results ADD COLUMN flaky INTEGER NOT NULL DEFAULT 0"),
+    ("results", "earlier", "ALTER TABLE results ADD COLUMN earlier TEXT NOT NULL DEFAULT '[]'"),
+    ("commit_files", "retries", "ALTER TABLE commit_files ADD COLUMN retries INTEGER NOT NULL DEFAULT 0"),
+];
 
 /// Why the state database failed.
 #[derive(Debug, thiserror::Error)]
@@ -137,12 +151,13 @@ impl Db {
             });
         }
         conn.execute_batch(SCHEMA).map_err(err)?;
-        // `CREATE TABLE IF NOT EXISTS` leaves a version 1 `results` as it was.
-        let has_runner: i64 = conn
-            .query_row("SELECT COUNT(*) FROM pragma_table_info('results') WHERE name = 'runner'", [], |r| r.get(0))
-            .map_err(err)?;
-        if has_runner == 0 {
-            conn.execute_batch("ALTER TABLE results ADD COLUMN runner TEXT").map_err(err)?;
+        for (table, column, add) in ADDED_COLUMNS {
+            let has: i64 = conn
+                .query_row("SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2", [table, column], |r| r.get(0))
+                .map_err(err)?;
+            if has == 0 {
+                conn.execute_batch(add).map_err(err)?;
+            }
         }
         conn.pragma_update(None, "user_version", VERSION).map_err(err)?;
         Ok(Db { conn, path: path.to_owned() })
@@ -212,12 +227,16 @@ impl Db {
                     batches: BTreeMap::new(),
                     tests: BTreeMap::new(),
                     done_files: BTreeSet::new(),
+                    retries: BTreeMap::new(),
+                    avoid: BTreeMap::new(),
                 },
             );
         }
         let mut stmt = self
             .conn
-            .prepare("SELECT commit_id, test_id, file, outcome, duration_ms, message, runner FROM results")
+            .prepare(
+                "SELECT commit_id, test_id, file, outcome, duration_ms, message, runner, flaky, earlier FROM results",
+            )
             .map_err(self.err())?;
         let rows = stmt
             .query_map([], |r| {
@@ -229,16 +248,20 @@ impl Db {
                     r.get::<_, i64>(4)?,
                     r.get::<_, String>(5)?,
                     r.get::<_, Option<String>>(6)?,
+                    r.get::<_, bool>(7)?,
+                    r.get::<_, String>(8)?,
                 ))
             })
             .map_err(self.err())?;
         for row in rows {
-            let (commit, id, file, outcome, duration, message, runner) = row.map_err(self.err())?;
+            let (commit, id, file, outcome, duration, message, runner, flaky, earlier) = row.map_err(self.err())?;
             let commit: CommitId = commit.parse().map_err(|e| self.corrupt(format!("{e}")))?;
             let outcome = outcome.parse().map_err(|e: String| self.corrupt(e))?;
+            let earlier = serde_json::from_str(&earlier)
+                .map_err(|e| self.corrupt(format!("earlier runs of {} on {commit}: {e}", escaped(&id))))?;
             if let Some(entry) = entries.get_mut(&commit) {
-                let result =
-                    TestResult { id: id.clone(), file, outcome, duration_ms: duration as u64, message, runner };
+                let duration_ms = duration as u64;
+                let result = TestResult { id: id.clone(), file, outcome, duration_ms, message, runner, flaky, earlier };
                 entry.tests.insert(id, result);
             }
         }
@@ -251,12 +274,17 @@ impl Db {
                 entry.done_files.insert(file);
             }
         }
-        let mut stmt = self.conn.prepare("SELECT commit_id, file FROM commit_files").map_err(self.err())?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(self.err())?;
+        let mut stmt = self.conn.prepare("SELECT commit_id, file, retries FROM commit_files").map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
+            .map_err(self.err())?;
         for row in rows {
-            let (commit, file) = row.map_err(self.err())?;
+            let (commit, file, retries) = row.map_err(self.err())?;
             let commit: CommitId = commit.parse().map_err(|e| self.corrupt(format!("{e}")))?;
             if let Some(entry) = entries.get_mut(&commit) {
+                if retries > 0 {
+                    entry.retries.insert(file.clone(), retries as u32);
+                }
                 // Estimates are the state's business: it computes them on restore.
                 entry.files.insert(file, 0);
             }
@@ -301,10 +329,12 @@ impl Db {
         for change in changes {
             match change {
                 Change::Commit(row) => save_row(&tx, row),
+                // A test's result is replaced when a later run of its file changes it (`--retry-failed`).
                 Change::Test { commit, result: t } => tx
                     .prepare_cached(
-                        "INSERT OR IGNORE INTO results (commit_id, test_id, file, outcome, duration_ms, message, runner)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        "INSERT OR REPLACE INTO results
+                           (commit_id, test_id, file, outcome, duration_ms, message, runner, flaky, earlier)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     )
                     .and_then(|mut s| {
                         s.execute(params![
@@ -315,13 +345,21 @@ impl Db {
                             t.duration_ms as i64,
                             t.message,
                             t.runner,
+                            t.flaky,
+                            serde_json::to_string(&t.earlier).unwrap_or_else(|_| "[]".to_owned()),
                         ])
                     }),
-                Change::Files { commit, files } => files.iter().try_for_each(|file| {
-                    tx.prepare_cached("INSERT OR IGNORE INTO commit_files (commit_id, file) VALUES (?1, ?2)")
-                        .and_then(|mut s| s.execute(params![commit.as_str(), file]))
-                        .map(drop)
-                }).map(|()| 0),
+                Change::Retry { commit, file, retries } => tx
+                    .prepare_cached("UPDATE commit_files SET retries = ?3 WHERE commit_id = ?1 AND file = ?2")
+                    .and_then(|mut s| s.execute(params![commit.as_str(), file, i64::from(*retries)])),
+                Change::Files { commit, files } => files
+                    .iter()
+                    .try_for_each(|file| {
+                        tx.prepare_cached("INSERT OR IGNORE INTO commit_files (commit_id, file) VALUES (?1, ?2)")
+                            .and_then(|mut s| s.execute(params![commit.as_str(), file]))
+                            .map(drop)
+                    })
+                    .map(|()| 0),
                 Change::Batch(b) => tx
                     .prepare_cached(
                         "INSERT OR REPLACE INTO batches (job, commit_id, attempt, runner, slots, files)
@@ -475,13 +513,23 @@ mod tests {
             duration_ms: 12,
             message: "it's 'quoted'\nand multi-line".into(),
             runner: Some("r".into()),
+            flaky: false,
+            earlier: Vec::new(),
         };
         state.record_test(d.job, d.attempt, 1, t.clone()).unwrap();
         state.file_done(d.job, d.attempt, 1, "tests/test_a.py".into()).unwrap();
+        // The same test's result after its file ran again.
+        let earlier = vec![kiln_proto::EarlierRun {
+            outcome: Outcome::Fail,
+            duration_ms: 3,
+            message: "AssertionError".into(),
+            runner: Some("q".into()),
+        }];
+        let latest = TestResult { flaky: true, earlier, ..t.clone() };
         {
             let mut db = Db::open(&path).unwrap();
             let entry = state.entry(&commit).unwrap();
-            let again = Change::Test { commit, result: TestResult { outcome: Outcome::Fail, ..t.clone() } };
+            let again = Change::Test { commit, result: latest.clone() };
             let batch = entry.batches.values().next().unwrap();
             db.apply(&[
                 Change::Commit(entry.row()),
@@ -489,6 +537,7 @@ mod tests {
                 Change::Batch(entry.batch_row(batch)),
                 Change::Test { commit, result: t.clone() },
                 again,
+                Change::Retry { commit, file: "tests/test_a.py".into(), retries: 1 },
                 Change::FileDone { commit, file: "tests/test_a.py".into() },
             ])
             .unwrap();
@@ -508,7 +557,8 @@ mod tests {
         );
         assert_eq!(b.lease.conn, None, "a restored lease waits for its runner");
         assert_eq!(e.warnings, vec!["sandbox on r: network isolation: NO".to_owned()]);
-        assert_eq!(e.tests.values().cloned().collect::<Vec<_>>(), vec![t], "the first result wins");
+        assert_eq!(e.tests.values().cloned().collect::<Vec<_>>(), vec![latest], "a later run's result replaces it");
+        assert_eq!(e.retries, BTreeMap::from([("tests/test_a.py".to_owned(), 1)]));
         assert_eq!(e.done_files.iter().cloned().collect::<Vec<_>>(), vec!["tests/test_a.py".to_owned()]);
     }
 

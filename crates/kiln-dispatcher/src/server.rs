@@ -59,6 +59,9 @@ pub struct Config {
     /// Repository → observer name, set by the operator (`--repo-owner`):
     /// these win over the binding the first submission makes.
     pub repo_owners: Vec<(String, String)>,
+    /// How many more times a test file with a failing test runs, on another
+    /// runner when one is free, before its failure counts (`--retry-failed`).
+    pub retry_failed: u32,
 }
 
 /// Why the dispatcher could not start.
@@ -333,6 +336,7 @@ impl Dispatcher {
         ObjectStore::open_or_init_bare(&mirror)?;
         let mut db = Db::open(&config.state_dir.join("kiln.db"))?;
         let mut state = State::default();
+        state.set_retry_failed(config.retry_failed);
         state.restore_owners(Store::load_owners(&mut db)?);
         state.pin_owners(config.repo_owners.iter().cloned());
         let mut entries = Store::load(&mut db)?;

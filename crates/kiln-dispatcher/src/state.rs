@@ -132,6 +132,11 @@ pub struct CommitEntry {
     pub tests: BTreeMap<String, TestResult>,
     /// Files whose every test has been reported (or that were not run, and said so).
     pub done_files: BTreeSet<String>,
+    /// Files queued again because a test failed (`--retry-failed`): how many times.
+    pub retries: BTreeMap<String, u32>,
+    /// Files queued again, and the runner they failed on: another runner
+    /// gets them when one has a free slot. Not stored: only a preference.
+    pub avoid: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -204,8 +209,10 @@ struct Journal {
     /// Each touched commit as it was before, without results or files;
     /// `None` for a commit this event created.
     before: BTreeMap<CommitId, Option<CommitEntry>>,
-    /// Results this event recorded.
-    tests: Vec<(CommitId, String)>,
+    /// Results this event recorded, each with the one it replaced.
+    tests: Vec<(CommitId, String, Option<TestResult>)>,
+    /// Files this event queued again for a retry.
+    retried: Vec<(CommitId, String)>,
     /// Files this event finished.
     done_files: Vec<(CommitId, String)>,
     /// Job ids this event gave out (to forget them again on rollback).
@@ -241,6 +248,8 @@ pub struct State {
     pinned: HashMap<String, String>,
     /// The open event's journal, between `begin` and `commit` or `rollback`.
     journal: Option<Journal>,
+    /// How many times a file with a failing test runs again (`--retry-failed`).
+    retry_failed: u32,
 }
 
 impl CommitEntry {
@@ -294,6 +303,8 @@ impl CommitEntry {
             batches: self.batches.clone(),
             tests: BTreeMap::new(),
             done_files: BTreeSet::new(),
+            retries: self.retries.clone(),
+            avoid: self.avoid.clone(),
         }
     }
 
@@ -398,7 +409,8 @@ impl State {
             }
             let old = before.as_ref().map(|b| &b.batches);
             for (job, b) in &now.batches {
-                if old.is_none_or(|o| !o.contains_key(job)) {
+                // New, or lost a file to a retry (a lease moving to a new connection is not stored).
+                if old.is_none_or(|o| o.get(job).is_none_or(|ob| ob.files != b.files)) {
                     batches.push(Change::Batch(now.batch_row(b)));
                 }
             }
@@ -410,9 +422,14 @@ impl State {
         }
         out.extend(lists);
         out.extend(batches);
-        for (commit, id) in &j.tests {
+        for (commit, id, _) in &j.tests {
             if let Some(result) = self.commits.get(commit).and_then(|e| e.tests.get(id)) {
                 out.push(Change::Test { commit: *commit, result: result.clone() });
+            }
+        }
+        for (commit, file) in &j.retried {
+            if let Some(&retries) = self.commits.get(commit).and_then(|e| e.retries.get(file)) {
+                out.push(Change::Retry { commit: *commit, file: file.clone(), retries });
             }
         }
         for (commit, file) in &j.done_files {
@@ -434,9 +451,13 @@ impl State {
     /// Undoes the open event: its changes could not be stored.
     pub fn rollback(&mut self) {
         let Some(j) = self.journal.take() else { return };
-        for (commit, id) in &j.tests {
-            if let Some(e) = self.commits.get_mut(commit) {
-                e.tests.remove(id);
+        // Latest first, so that a test recorded twice in one event gets its first value back.
+        for (commit, id, replaced) in j.tests.into_iter().rev() {
+            if let Some(e) = self.commits.get_mut(&commit) {
+                match replaced {
+                    Some(old) => e.tests.insert(id, old),
+                    None => e.tests.remove(&id),
+                };
             }
         }
         for (commit, file) in &j.done_files {
@@ -634,6 +655,8 @@ impl State {
             batches: BTreeMap::new(),
             tests: BTreeMap::new(),
             done_files: BTreeSet::new(),
+            retries: BTreeMap::new(),
+            avoid: BTreeMap::new(),
         };
         entry.sort_pending();
         self.insert(entry);
@@ -869,15 +892,21 @@ impl State {
         self.snap_runners();
         let total: u64 = self.runners.values().map(|r| u64::from(r.slots)).sum();
         while let Some(&commit) = self.queue.front() {
+            // A file queued again for a retry goes to another runner than
+            // the one it failed on, if one has a free slot.
+            let avoid = self.commits.get(&commit).and_then(|e| e.pending.front().and_then(|f| e.avoid.get(f)));
             let Some((name, free)) = self
                 .runners
                 .iter()
                 .filter(|(_, r)| r.free() > 0)
-                .max_by(|(an, a), (bn, b)| a.free().cmp(&b.free()).then_with(|| bn.cmp(an)))
+                .max_by(|(an, a), (bn, b)| {
+                    (Some(*an) != avoid, a.free()).cmp(&(Some(*bn) != avoid, b.free())).then_with(|| bn.cmp(an))
+                })
                 .map(|(n, r)| (n.clone(), r.free()))
             else {
                 break;
             };
+            let others_free = self.runners.iter().any(|(n, r)| *n != name && r.free() > 0);
             self.touch(&commit);
             self.next_job += 1;
             let job = self.next_job;
@@ -904,7 +933,8 @@ impl State {
             let mut worth = 0u64;
             while let Some(next) = entry.pending.front() {
                 let cost = entry.files.get(next).copied().unwrap_or(0);
-                if !files.is_empty() && (worth + cost > target || files.len() >= MAX_BATCH_FILES) {
+                let avoided = others_free && entry.avoid.get(next) == Some(&name);
+                if !files.is_empty() && (worth + cost > target || files.len() >= MAX_BATCH_FILES || avoided) {
                     break;
                 }
                 worth += cost;
@@ -965,33 +995,78 @@ impl State {
     }
 
     /// Records one test result from the lease holder, about one of its
-    /// batch's files, naming the runner. Returns whether it was new (a
-    /// repeated id keeps its first result).
-    pub fn record_test(&mut self, job: u64, attempt: u32, conn: ConnId, mut result: TestResult) -> Result<bool, Stale> {
+    /// batch's files, naming the runner. Returns whether it was new: a
+    /// repeated id keeps its first result, unless it comes from a later run
+    /// of its file (`--retry-failed`), which is merged in (see
+    /// [`TestResult::merge_run`]).
+    pub fn record_test(&mut self, job: u64, attempt: u32, conn: ConnId, result: TestResult) -> Result<bool, Stale> {
         let (entry, runner) = self.current_file(job, attempt, conn, &result.file)?;
-        if entry.tests.contains_key(&result.id) {
-            return Ok(false);
-        }
-        result.runner = Some(runner);
+        // What the runner says of these is not its to say.
+        let result = TestResult { runner: Some(runner), flaky: false, earlier: Vec::new(), ..result };
+        let run = 1 + entry.retries.get(&result.file).copied().unwrap_or(0) as usize;
         let (commit, id) = (entry.commit, result.id.clone());
-        entry.tests.insert(result.id.clone(), result);
+        let replaced = match entry.tests.get_mut(&result.id) {
+            // This run of its file already reported it (a resumed batch sends its events again).
+            Some(old) if old.runs() >= run => return Ok(false),
+            Some(old) => {
+                let before = old.clone();
+                old.merge_run(result);
+                Some(before)
+            }
+            None => {
+                entry.tests.insert(result.id.clone(), result);
+                None
+            }
+        };
         if let Some(j) = self.journal.as_mut() {
-            j.tests.push((commit, id));
+            j.tests.push((commit, id, replaced));
         }
         Ok(true)
     }
 
-    /// Records that the lease holder reported every test of `file`.
+    /// Records that the lease holder reported every test of `file`. If one
+    /// of its tests has failed in every run so far and the file may run
+    /// again (`--retry-failed`), it leaves the batch and goes back to the
+    /// front of the queue instead, marked to avoid this runner.
     pub fn file_done(&mut self, job: u64, attempt: u32, conn: ConnId, file: String) -> Result<bool, Stale> {
-        let (entry, _) = self.current_file(job, attempt, conn, &file)?;
+        let retry_failed = self.retry_failed;
+        let (entry, runner) = self.current_file(job, attempt, conn, &file)?;
         let commit = entry.commit;
-        if !entry.done_files.insert(file.clone()) {
+        if entry.done_files.contains(&file) {
             return Ok(false);
         }
+        let retries = entry.retries.get(&file).copied().unwrap_or(0);
+        let failing = || {
+            entry.tests.values().any(|t| t.file == file && t.outcome.is_failure() && t.runs() == retries as usize + 1)
+        };
+        if retries < retry_failed && failing() {
+            self.touch(&commit);
+            self.snap_queue();
+            let Some(entry) = self.commits.get_mut(&commit) else { return Ok(false) };
+            entry.retries.insert(file.clone(), retries + 1);
+            entry.avoid.insert(file.clone(), runner);
+            if let Some(b) = entry.batches.get_mut(&job) {
+                b.files.retain(|f| *f != file);
+            }
+            // First in line: the commit's answer waits for it.
+            entry.pending.push_front(file.clone());
+            self.queue.retain(|c| *c != commit);
+            self.queue.push_front(commit);
+            if let Some(j) = self.journal.as_mut() {
+                j.retried.push((commit, file));
+            }
+            return Ok(true);
+        }
+        entry.done_files.insert(file.clone());
         if let Some(j) = self.journal.as_mut() {
             j.done_files.push((commit, file));
         }
         Ok(true)
+    }
+
+    /// Runs a file with a failing test up to `n` more times before its failure counts.
+    pub fn set_retry_failed(&mut self, n: u32) {
+        self.retry_failed = n;
     }
 
     /// Records that the lease holder did not run `file`, and why: the file
@@ -1246,6 +1321,8 @@ mod tests {
             duration_ms: 1,
             message: String::new(),
             runner: None,
+            flaky: false,
+            earlier: Vec::new(),
         }
     }
 
@@ -1726,7 +1803,8 @@ mod tests {
             for (job, b) in &e.batches {
                 assert_eq!(b.job, *job);
                 assert_eq!(s.jobs.get(job), Some(commit), "a batch's job names its commit");
-                assert!(b.slots >= 1 && b.slots as usize <= b.files.len().max(1));
+                // A file that leaves its batch for a retry leaves its slot with the batch.
+                assert!(b.slots >= 1 && b.slots as usize <= (b.files.len() + e.retries.len()).max(1));
                 for f in &b.files {
                     assert!(e.files.contains_key(f), "{f} leased but never listed");
                     assert!(leased.insert(f), "{f} leased twice");
@@ -1762,8 +1840,14 @@ mod tests {
                     assert_eq!(*finals.entry(*commit).or_insert(status), status);
                 }
             }
+            for (file, retries) in &e.retries {
+                assert!(*retries >= 1 && *retries <= s.retry_failed, "{file} queued again {retries} times");
+            }
             for (id, t) in &e.tests {
                 assert_eq!(*id, t.id);
+                let retries = e.retries.get(&t.file).copied().unwrap_or(0) as usize;
+                assert!(t.runs() <= 1 + retries, "{id} has more runs than its file");
+                assert!(!t.flaky || t.runs() >= 2, "{id} flaky after one run");
                 assert!(e.files.contains_key(&t.file), "a result for a file not listed");
                 assert!(t.runner.as_ref().is_some_and(|r| e.runners.contains(r)), "a result without its runner");
             }
@@ -1786,6 +1870,7 @@ mod tests {
         done: HashMap<CommitId, BTreeSet<String>>,
         files: HashMap<CommitId, BTreeSet<String>>,
         batches: BTreeMap<u64, BatchRow>,
+        retries: HashMap<CommitId, BTreeMap<String, u32>>,
     }
 
     impl Stored {
@@ -1798,7 +1883,8 @@ mod tests {
                     Change::Test { commit, result } => {
                         assert!(self.rows.contains_key(commit), "a result before its commit's row");
                         let old = self.tests.entry(*commit).or_default().insert(result.id.clone(), result.clone());
-                        assert!(old.is_none(), "a result stored twice");
+                        // Replaced only by a later run of its file.
+                        assert!(old.is_none_or(|o| o.runs() < result.runs()), "a result stored twice");
                     }
                     Change::FileDone { commit, file } => {
                         self.done.entry(*commit).or_default().insert(file.clone());
@@ -1809,7 +1895,18 @@ mod tests {
                     }
                     Change::Batch(b) => {
                         assert!(self.rows.contains_key(&b.commit), "a batch before its commit's row");
-                        assert!(self.batches.insert(b.job, b.clone()).is_none(), "a batch stored twice");
+                        // Stored again only when a file left it for a retry.
+                        let old = self.batches.insert(b.job, b.clone());
+                        assert!(
+                            old.is_none_or(
+                                |o| o.files.len() > b.files.len() && b.files.iter().all(|f| o.files.contains(f))
+                            ),
+                            "a batch stored twice"
+                        );
+                    }
+                    Change::Retry { commit, file, retries } => {
+                        let old = self.retries.entry(*commit).or_default().insert(file.clone(), *retries);
+                        assert_eq!(old.unwrap_or(0) + 1, *retries, "retries count up by one");
                     }
                     Change::BatchEnded { job } => {
                         assert!(self.batches.remove(job).is_some(), "an unknown batch ended");
@@ -1829,6 +1926,7 @@ mod tests {
                 assert_eq!(self.done.get(commit).cloned().unwrap_or_default(), e.done_files);
                 let files: BTreeSet<String> = e.files.keys().cloned().collect();
                 assert_eq!(self.files.get(commit).cloned().unwrap_or_default(), files);
+                assert_eq!(self.retries.get(commit).cloned().unwrap_or_default(), e.retries);
                 batches.extend(e.batches.values().map(|b| (b.job, e.batch_row(b))));
             }
             assert_eq!(self.batches, batches);
@@ -1868,6 +1966,8 @@ mod tests {
                         .collect(),
                     tests: self.tests.get(&r.commit).cloned().unwrap_or_default(),
                     done_files: self.done.get(&r.commit).cloned().unwrap_or_default(),
+                    retries: self.retries.get(&r.commit).cloned().unwrap_or_default(),
+                    avoid: BTreeMap::new(),
                 })
                 .collect();
             out.sort_by_key(|e| e.seq);
@@ -1885,8 +1985,11 @@ mod tests {
             seed % n
         };
         let all = files(&["a", "b", "c", "d", "e", "f"]);
+        let (mut retried, mut flaky) = (0, 0);
         for _ in 0..300 {
             let mut s = State::default();
+            let retry_failed = next(3) as u32;
+            s.set_retry_failed(retry_failed);
             let mut finals = HashMap::new();
             let mut known: Vec<Dispatch> = Vec::new();
             let mut stored = Stored::default();
@@ -1938,7 +2041,11 @@ mod tests {
                         known.extend(s.assign());
                         false
                     }
-                    6 | 7 => s.record_test(job, attempt, conn, result_in(&id, &file, next(100))).is_ok(),
+                    6 | 7 => {
+                        let outcome = [Outcome::Pass, Outcome::Fail, Outcome::Error][next(3) as usize];
+                        let result = TestResult { outcome, ..result_in(&id, &file, next(100)) };
+                        s.record_test(job, attempt, conn, result).is_ok()
+                    }
                     8 | 9 => s.file_done(job, attempt, conn, file.clone()).is_ok(),
                     10 => s.finish(job, attempt, conn, (next(6) == 0).then(|| "boom".into()), step).is_ok(),
                     11 => s.abandon(job, attempt, conn).is_some(),
@@ -1964,6 +2071,7 @@ mod tests {
                 // Now and then the dispatcher restarts from what is stored.
                 if next(40) == 0 {
                     let mut fresh = State::default();
+                    fresh.set_retry_failed(retry_failed);
                     fresh.restore(stored.load());
                     check_invariants(&fresh, &mut finals);
                     for e in fresh.commits.values() {
@@ -1979,6 +2087,10 @@ mod tests {
                     known.clear();
                 }
             }
+            retried += stored.retries.values().map(BTreeMap::len).sum::<usize>();
+            flaky += stored.tests.values().flat_map(|t| t.values()).filter(|t| t.flaky).count();
         }
+        // The sequences reach what they are meant to check.
+        assert!(retried > 0 && flaky > 0, "{retried} files retried, {flaky} flaky tests");
     }
 }

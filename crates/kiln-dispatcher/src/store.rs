@@ -60,18 +60,29 @@ pub struct BatchRow {
 }
 
 /// One durable change. The variants are facts, written so that applying
-/// one twice changes nothing (a row is replaced, a result or file is kept
+/// one twice changes nothing (a row or a result is replaced, a file is kept
 /// at its first value), which is what lets a lagging subscriber replay.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// A commit was queued, started, requeued, warned about or ended: its row now.
     Commit(CommitRow),
-    /// A test's result, recorded once per commit.
+    /// A test's result: recorded once per commit, and replaced when a later
+    /// run of its file changes it (`--retry-failed`).
     Test {
         /// The commit.
         commit: CommitId,
         /// The result.
         result: TestResult,
+    },
+    /// A file was queued again because some of its tests failed
+    /// (`--retry-failed`): how many times so far.
+    Retry {
+        /// The commit.
+        commit: CommitId,
+        /// The file.
+        file: String,
+        /// How many times it has been queued again.
+        retries: u32,
     },
     /// Every test of a file has been reported.
     FileDone {

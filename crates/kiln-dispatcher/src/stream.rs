@@ -91,11 +91,13 @@ pub fn apply(docs: &mut HashMap<CommitId, Doc>, change: &Change) -> Option<Commi
         }
         Change::Test { commit, result } => {
             let doc = docs.get_mut(commit)?;
-            // The first result of an id stays, as in the state and the database.
-            doc.tests.entry(result.id.clone()).or_insert_with(|| result.clone());
+            // A test's latest result (a later run of its file may change it), as in the database.
+            doc.tests.insert(result.id.clone(), result.clone());
             Some(*commit)
         }
-        Change::FileDone { commit, .. } | Change::Files { commit, .. } => docs.contains_key(commit).then_some(*commit),
+        Change::FileDone { commit, .. } | Change::Files { commit, .. } | Change::Retry { commit, .. } => {
+            docs.contains_key(commit).then_some(*commit)
+        }
         Change::Batch(b) => docs.contains_key(&b.commit).then_some(b.commit),
         // Which commit an ended batch was on is in its row's last update.
         Change::BatchEnded { .. } | Change::Owner { .. } => None,

@@ -45,6 +45,7 @@ impl Server {
             git_limits: kiln_git::Limits::default(),
             job_timeout: Duration::from_secs(60),
             resume_grace: Duration::from_secs(20),
+            retry_failed: 0,
             repo_owners: Vec::new(),
         };
         let token = shutdown.clone();
@@ -530,6 +531,8 @@ async fn record_5000_tests_in_500_files() {
                         String::new()
                     },
                     runner: None,
+                    flaky: false,
+                    earlier: Vec::new(),
                 };
                 send.send(&JobEvent::Test(result)).await.unwrap();
             }

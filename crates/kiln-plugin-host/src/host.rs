@@ -370,6 +370,8 @@ impl PluginHost {
                     duration_ms,
                     message: message.clone(),
                     runner: None,
+                    flaky: false,
+                    earlier: Vec::new(),
                 };
                 report.send(HostEvent::Test(result)).map_err(|_| HostError::ReportClosed)?;
             }

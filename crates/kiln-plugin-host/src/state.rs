@@ -292,6 +292,8 @@ impl host::Host for HostState {
             message: truncate(result.message, MAX_MESSAGE_BYTES),
             // The dispatcher names the runner when it records the result.
             runner: None,
+            flaky: false,
+            earlier: Vec::new(),
         };
         if job.report.send(HostEvent::Test(result)).is_err() {
             // Nobody is listening: stop the plugin rather than run tests whose

@@ -107,6 +107,8 @@ mod tests {
             duration_ms: 7,
             message: "ünïcode ✓".into(),
             runner: Some("runner-1".into()),
+            flaky: false,
+            earlier: Vec::new(),
         });
         assert_eq!(decode::<JobEvent>(&encode(&ev).unwrap()).unwrap().0, ev);
     }
@@ -133,6 +135,8 @@ mod tests {
                 duration_ms: 3,
                 message: "boom".into(),
                 runner: None,
+                flaky: false,
+                earlier: Vec::new(),
             }],
         };
         let reply = Reply::Report(Some(Box::new(report)));

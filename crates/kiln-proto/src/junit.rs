@@ -65,14 +65,31 @@ pub fn junit(suite: &str, tests: &[TestResult]) -> String {
                 Outcome::Skip => Some(("skipped", t.message.clone(), "")),
                 Outcome::Xfail => Some(("skipped", "expected failure".to_owned(), t.message.as_str())),
             };
+            // Earlier failing runs (`--retry-failed`), as Maven Surefire writes
+            // reruns: `flaky…` when the test passed in the end, `rerun…` when not.
+            let mut reruns = String::new();
+            for run in t.earlier.iter().filter(|r| r.outcome.is_failure()) {
+                let kind = if t.outcome.is_failure() { "rerun" } else { "flaky" };
+                let tag = if run.outcome == Outcome::Error { "Error" } else { "Failure" };
+                let summary = run.message.lines().last().unwrap_or_default();
+                let _ = write!(
+                    reruns,
+                    "\n      <{kind}{tag} message=\"{}\">{}</{kind}{tag}>",
+                    xml(summary),
+                    xml(&run.message)
+                );
+            }
             match body {
-                None => {
+                None if reruns.is_empty() => {
                     let _ = writeln!(out, "{head}/>");
+                }
+                None => {
+                    let _ = writeln!(out, "{head}>{reruns}\n    </testcase>");
                 }
                 Some((tag, message, text)) => {
                     let _ = writeln!(
                         out,
-                        "{head}>\n      <{tag} message=\"{}\">{}</{tag}>\n    </testcase>",
+                        "{head}>\n      <{tag} message=\"{}\">{}</{tag}>{reruns}\n    </testcase>",
                         xml(&message),
                         xml(text)
                     );
@@ -117,6 +134,8 @@ mod tests {
             duration_ms: 1234,
             message: message.into(),
             runner: None,
+            flaky: false,
+            earlier: Vec::new(),
         };
         let tests = vec![
             t("tests.test_a.A.test_pass", "tests/test_a.py", Outcome::Pass, ""),

@@ -228,6 +228,60 @@ pub struct TestResult {
     /// written before a commit could be split across runners.
     #[serde(default)]
     pub runner: Option<String>,
+    /// Whether the test both failed and passed on this commit: its file was
+    /// run again (`kiln dispatcher --retry-failed`) and the runs disagree.
+    /// Set by the dispatcher, like `runner`.
+    #[serde(default)]
+    pub flaky: bool,
+    /// The test's other runs on this commit, in the order they ran, when its
+    /// file was run again: the result above is its first pass, or else its
+    /// last run. Set by the dispatcher.
+    #[serde(default)]
+    pub earlier: Vec<EarlierRun>,
+}
+
+/// A run of a test other than the one its result shows (see
+/// [`TestResult::earlier`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlierRun {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// Failure text, skip reason, or empty.
+    pub message: String,
+    /// The runner that ran it.
+    pub runner: Option<String>,
+}
+
+impl TestResult {
+    /// A result as a runner reports it: nothing the dispatcher adds.
+    pub fn new(id: String, file: String, outcome: Outcome, duration_ms: u64, message: String) -> TestResult {
+        TestResult { id, file, outcome, duration_ms, message, runner: None, flaky: false, earlier: Vec::new() }
+    }
+
+    /// Takes in another run of the same test on the same commit (its file
+    /// was run again): a failing result gives way to the new run, a passing
+    /// one stays and the new run joins `earlier`. The test is flaky once
+    /// its runs include both a failure and a run that did not fail.
+    pub fn merge_run(&mut self, run: TestResult) {
+        let (kept, other) = if self.outcome.is_failure() { (run, self.clone()) } else { (self.clone(), run) };
+        let mut earlier = std::mem::take(&mut self.earlier);
+        earlier.push(EarlierRun {
+            outcome: other.outcome,
+            duration_ms: other.duration_ms,
+            message: other.message,
+            runner: other.runner,
+        });
+        let failed = kept.outcome.is_failure() || earlier.iter().any(|r| r.outcome.is_failure());
+        let passed = !kept.outcome.is_failure() || earlier.iter().any(|r| !r.outcome.is_failure());
+        *self = TestResult { flaky: failed && passed, earlier, ..kept };
+    }
+
+    /// How many times the test ran on its commit.
+    pub fn runs(&self) -> usize {
+        1 + self.earlier.len()
+    }
 }
 
 /// Where a commit is in its life.
@@ -306,6 +360,9 @@ pub struct Counts {
     pub xfail: u64,
     /// Passed unexpectedly.
     pub xpass: u64,
+    /// Of all of them, those that both failed and passed (see [`TestResult::flaky`]).
+    #[serde(default)]
+    pub flaky: u64,
 }
 
 impl Counts {
@@ -322,6 +379,7 @@ impl Counts {
                 Outcome::Xfail => &mut c.xfail,
                 Outcome::Xpass => &mut c.xpass,
             } += 1;
+            c.flaky += u64::from(t.flaky);
         }
         c
     }
@@ -450,16 +508,38 @@ mod tests {
     }
 
     #[test]
+    fn a_test_that_fails_then_passes_is_flaky_and_keeps_its_pass() {
+        let run = |outcome, message: &str, runner: &str| TestResult {
+            runner: Some(runner.into()),
+            ..TestResult::new("t".into(), "tests/test_a.py".into(), outcome, 5, message.into())
+        };
+        let mut t = run(Outcome::Fail, "AssertionError", "r1");
+        t.merge_run(run(Outcome::Pass, "", "r2"));
+        assert_eq!((t.outcome, t.flaky, t.runner.as_deref(), t.runs()), (Outcome::Pass, true, Some("r2"), 2));
+        assert_eq!(t.earlier[0].message, "AssertionError");
+        // A third run that fails again leaves the pass shown and the test flaky.
+        t.merge_run(run(Outcome::Error, "boom", "r1"));
+        assert_eq!((t.outcome, t.flaky, t.runs()), (Outcome::Pass, true, 3));
+        assert_eq!(t.earlier.iter().map(|r| r.outcome).collect::<Vec<_>>(), [Outcome::Fail, Outcome::Error]);
+
+        // Failing every time is a failure, not flakiness: the last run is shown.
+        let mut t = run(Outcome::Fail, "first", "r1");
+        t.merge_run(run(Outcome::Fail, "second", "r2"));
+        assert_eq!((t.outcome, t.flaky, t.message.as_str()), (Outcome::Fail, false, "second"));
+        // A pass whose file ran again for another test's sake, then failed: flaky, still a pass.
+        let mut t = run(Outcome::Pass, "", "r1");
+        t.merge_run(run(Outcome::Fail, "x", "r1"));
+        assert_eq!((t.outcome, t.flaky), (Outcome::Pass, true));
+        let mut t = run(Outcome::Pass, "", "r1");
+        t.merge_run(run(Outcome::Pass, "", "r1"));
+        assert_eq!((t.outcome, t.flaky, t.runs()), (Outcome::Pass, false, 2));
+        assert_eq!(Counts::of([&t]).flaky, 0);
+    }
+
+    #[test]
     fn final_status_follows_outcomes() {
         let mut tests = BTreeMap::new();
-        let mk = |id: &str, outcome| TestResult {
-            id: id.into(),
-            file: "tests/test_a.py".into(),
-            outcome,
-            duration_ms: 1,
-            message: String::new(),
-            runner: None,
-        };
+        let mk = |id: &str, outcome| TestResult::new(id.into(), "tests/test_a.py".into(), outcome, 1, String::new());
         tests.insert("a".into(), mk("a", Outcome::Pass));
         tests.insert("b".into(), mk("b", Outcome::Xfail));
         assert_eq!(CommitReport::final_status(&tests, None), CommitStatus::Passed);

@@ -68,6 +68,8 @@ fn restart(commits: u32, tests: u32) -> Duration {
                 duration_ms: 1,
                 message: String::new(),
                 runner: None,
+                flaky: false,
+                earlier: Vec::new(),
             };
             state.record_test(job.job, job.attempt, 1, result).unwrap();
         }

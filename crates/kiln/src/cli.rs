@@ -285,6 +285,13 @@ pub struct DispatcherArgs {
     /// default, which binds a repository to the first observer that submits it.
     #[arg(long = "repo-owner", value_name = "REPO=OBSERVER", value_parser = parse_repo_owner)]
     pub repo_owners: Vec<(String, String)>,
+    /// Run a test file with a failing test up to N more times before its failure counts
+    ///
+    /// Each retry goes to another runner when one has a free slot. A test
+    /// that failed and then passed is recorded as passed and `flaky` (with
+    /// its earlier runs); one that fails every time fails its commit.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10))]
+    pub retry_failed: u32,
 }
 
 /// Parses `--repo-owner REPO=OBSERVER` (split at the last `=`, so a path may hold one).

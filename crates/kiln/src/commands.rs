@@ -42,6 +42,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 job_timeout: a.job_timeout,
                 resume_grace: a.resume_grace,
                 repo_owners: a.repo_owners.clone(),
+                retry_failed: a.retry_failed,
             };
             kiln_dispatcher::Dispatcher::run(listener, config, shutdown_on_signal())
                 .await

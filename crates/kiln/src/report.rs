@@ -60,16 +60,38 @@ pub fn render_test(t: &TestResult, verbose: bool, indent: &str) -> String {
     let mut out = String::new();
     let outcome = t.outcome.as_str().to_uppercase();
     let _ = writeln!(out, "{indent}{outcome:<5} {} ({} ms)", for_terminal(&t.id), t.duration_ms);
+    if !t.earlier.is_empty() {
+        let on = |outcome: Outcome, runner: &Option<String>| match runner {
+            Some(r) => format!("{} on {}", verb(outcome), for_terminal(r)),
+            None => verb(outcome).to_owned(),
+        };
+        let also: Vec<String> = t.earlier.iter().map(|r| on(r.outcome, &r.runner)).collect();
+        let what = if t.flaky { "flaky" } else { "ran again" };
+        let _ = writeln!(out, "{indent}      {what}: {}; also {}", on(t.outcome, &t.runner), also.join(", "));
+    }
     for line in message_lines(t.outcome, &t.message, verbose) {
         let _ = writeln!(out, "{indent}      {line}");
     }
     out
 }
 
+/// How a run of a test ended, as a verb.
+fn verb(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Pass => "passed",
+        Outcome::Fail => "failed",
+        Outcome::Error => "errored",
+        Outcome::Skip => "skipped",
+        Outcome::Xfail => "failed as expected",
+        Outcome::Xpass => "passed unexpectedly",
+    }
+}
+
 /// How many tests ended each way, in words.
 pub fn summary(c: &kiln_proto::Counts) -> String {
+    let flaky = if c.flaky > 0 { format!(" ({} flaky)", c.flaky) } else { String::new() };
     format!(
-        "{}: {} passed, {} failed, {}, {} skipped, {}, {}",
+        "{}: {} passed{flaky}, {} failed, {}, {} skipped, {}, {}",
         plural(c.total, "test", "tests"),
         c.pass,
         c.fail,
@@ -154,6 +176,8 @@ mod tests {
             duration_ms: 3,
             message: "\x1b[31mAssertionError\x1b[0m: <script>alert(1)</script>\r\x1b[2Jgone\n\tat line 2".into(),
             runner: None,
+            flaky: false,
+            earlier: Vec::new(),
         };
         assert_eq!(
             render_test(&test, false, "  "),

@@ -1,0 +1,72 @@
+//! `kiln dispatcher --retry-failed`: a test file with a failing test runs
+//! again on another runner; a test that failed and then passed is recorded
+//! as passed and flaky, one that fails every time fails its commit.
+
+use kiln_proto::{CommitStatus, Outcome};
+
+use crate::harness::{Cluster, Repo};
+
+/// Fails where it may use one CPU only, passes where it may use more:
+/// a test whose outcome depends on the machine it runs on, as flaky tests'
+/// do, but deterministically.
+const FLAKY: &str = r#"import os, unittest
+
+class Cpus(unittest.TestCase):
+    def test_on_one_cpu(self):
+        self.assertGreater(len(os.sched_getaffinity(0)), 1, "one CPU only")
+"#;
+
+const BROKEN: &str = r#"import unittest
+
+class Broken(unittest.TestCase):
+    def test_always(self):
+        self.fail("broken every time")
+"#;
+
+#[test]
+fn a_test_that_fails_then_passes_on_another_runner_is_flaky_and_its_commit_passes() {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    assert!(cpus >= 2, "this test needs 2 CPUs to tell its runners apart; this machine gives it {cpus}");
+    let mut cluster = Cluster::start_with(&["--retry-failed", "1"]);
+    // `wide` has the most free slots and gets the first file, tests/__init__.py;
+    // then both have one free slot, and the first by name, `narrow`, gets the test.
+    let wide = cluster.runner_with("wide", &["--slots", "2"]);
+    let narrow = cluster.runner_pinned("narrow", 0, &["--slots", "1"]);
+    cluster.wait_log(wide, "registered dispatcher=");
+    cluster.wait_log(narrow, "registered dispatcher=");
+    let repo = Repo::new(cluster.dir.path(), &[("tests/__init__.py", ""), ("tests/test_cpus.py", FLAKY)]);
+    let first = repo.commit("a flaky test");
+    cluster.observer("observer", &repo.path, "200ms");
+
+    let report = cluster.wait_for(&first);
+    assert_eq!(report.status, CommitStatus::Passed, "{report:#?}\n{}", cluster.logs());
+    let [t] = &report.tests[..] else { panic!("one test expected: {report:#?}") };
+    assert_eq!((t.outcome, t.flaky, t.runner.as_deref()), (Outcome::Pass, true, Some("wide")), "{}", cluster.logs());
+    let [run] = &t.earlier[..] else { panic!("one earlier run expected: {t:#?}") };
+    assert_eq!((run.outcome, run.runner.as_deref()), (Outcome::Fail, Some("narrow")));
+    assert!(run.message.contains("one CPU only"), "{}", run.message);
+    assert_eq!((report.counts.total, report.counts.pass, report.counts.flaky), (1, 1, 1));
+    // People and tools are told.
+    let out = cluster.admin(&["results", first.as_str()]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("flaky: passed on wide; also failed on narrow"), "{text}");
+    assert!(text.contains("1 passed (1 flaky)"), "{text}");
+    let out = cluster.admin(&["results", first.as_str(), "--format", "junit"]);
+    let xml = String::from_utf8_lossy(&out.stdout);
+    assert!(xml.contains("<flakyFailure message=\"AssertionError: 1 not greater than 1 : one CPU only\">"), "{xml}");
+
+    // A test that fails every time fails its commit after its retry, and is not flaky.
+    repo.write(&[("tests/test_broken.py", BROKEN)]);
+    let second = repo.commit("a broken test");
+    let report = cluster.wait_for(&second);
+    assert_eq!(report.status, CommitStatus::Failed, "{report:#?}");
+    let broken = report.tests.iter().find(|t| t.file == "tests/test_broken.py").unwrap();
+    assert_eq!((broken.outcome, broken.flaky, broken.runs()), (Outcome::Fail, false, 2), "{broken:#?}");
+
+    // Both runs are stored: a restarted dispatcher shows the same.
+    cluster.restart_dispatcher();
+    let again = cluster.wait_for(&first);
+    assert_eq!(again.tests, cluster.stored(&first).unwrap().tests);
+    assert!(again.tests[0].flaky && again.tests[0].earlier.len() == 1, "{again:#?}");
+}
