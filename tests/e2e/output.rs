@@ -79,3 +79,38 @@ fn hostile_test_output_is_shown_as_plain_text_in_every_format() {
     let file = std::fs::read_to_string(cluster.state().join(format!("results/{commit}.xml"))).unwrap();
     assert_eq!(file, xml);
 }
+
+#[test]
+fn watch_draws_progress_on_a_terminal_only_and_ends_with_the_results() {
+    let mut cluster = Cluster::start();
+    let suite = crate::harness::slow_suite(6, 2, 400);
+    let repo = Repo::new(cluster.dir.path(), &crate::harness::borrow(&suite));
+    let commit = repo.commit("a suite that takes a few seconds");
+    cluster.runner_with("runner-1", &["--slots", "1"]);
+    let observer = cluster.observer_with("observer", &repo.path, "200ms", &[]);
+    cluster.wait_log(observer, &format!("commit={commit}"));
+
+    // On a terminal (a pty from script(1)): the live line, redrawn, then the results.
+    let identity = cluster.certs().join("admin");
+    let watch = format!(
+        "{} watch {commit} --identity {} --dispatcher {}",
+        env!("CARGO_BIN_EXE_kiln"),
+        identity.display(),
+        cluster.addr
+    );
+    let out = Command::new("script").args(["-qefc", &watch, "/dev/null"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("\r\x1b[2Krunning "), "no progress line: {shown:?}");
+    assert!(shown.contains(" files · "), "{shown:?}");
+    let (_, end) = shown.rsplit_once("\r\x1b[2K").unwrap();
+    assert!(end.starts_with(&format!("commit {commit} on main: PASSED")), "{end:?}");
+    assert!(end.contains("12 tests: 12 passed"), "{end:?}");
+
+    // Not a terminal: no progress, only what `kiln results` prints.
+    let out = cluster.admin(&["watch", &commit.as_str()[..10]]);
+    assert_eq!(out.status.code(), Some(0));
+    let results = cluster.admin(&["results", commit.as_str()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&results.stdout));
+    assert!(!out.stdout.contains(&b'\r') && !out.stdout.contains(&0x1b));
+}

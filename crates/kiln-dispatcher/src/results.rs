@@ -198,6 +198,7 @@ mod tests {
             warnings: vec![],
             queued_at_ms: 1,
             finished_at_ms: None,
+            files: Default::default(),
             tests: vec![],
         };
         results.write(&report).unwrap();

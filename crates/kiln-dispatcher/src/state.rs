@@ -47,7 +47,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use crate::store::{BatchRow, Change, CommitRow};
 
 use kiln_proto::wire::{Assignment, Held, Supersede};
-use kiln_proto::{CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, TestResult, escaped};
+use kiln_proto::{CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, FileCounts, TestResult, escaped};
 
 /// A connection's stable id: a runner that reconnects gets a new one.
 pub type ConnId = usize;
@@ -1190,6 +1190,7 @@ impl State {
             warnings: e.warnings.clone(),
             queued_at_ms: e.queued_at_ms,
             finished_at_ms: e.finished_at_ms,
+            files: FileCounts { total: e.files.len() as u64, done: e.done_files.len() as u64 },
             tests: e.tests.values().cloned().collect(),
         })
     }

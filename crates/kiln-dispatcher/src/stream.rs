@@ -9,10 +9,10 @@
 //! resynchronises from storage with a [`Snapshot`] taken by the core, whose
 //! `seq` says which updates it already holds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use kiln_proto::{CommitId, CommitReport, Counts, TestResult};
+use kiln_proto::{CommitId, CommitReport, Counts, FileCounts, TestResult};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::warn;
 
@@ -50,12 +50,16 @@ pub struct Doc {
     pub row: CommitRow,
     /// Its results by id.
     pub tests: BTreeMap<String, TestResult>,
+    /// How many test files it has.
+    pub files: usize,
+    /// Those that are done (a set: a replayed change must not count twice).
+    pub done: BTreeSet<String>,
 }
 
 impl Doc {
     /// The document of a stored commit.
     pub fn of(entry: &CommitEntry) -> Doc {
-        Doc { row: entry.row(), tests: entry.tests.clone() }
+        Doc { row: entry.row(), tests: entry.tests.clone(), files: entry.files.len(), done: entry.done_files.clone() }
     }
 
     /// The commit's report.
@@ -72,6 +76,7 @@ impl Doc {
             warnings: r.warnings.clone(),
             queued_at_ms: r.queued_at_ms,
             finished_at_ms: r.finished_at_ms,
+            files: FileCounts { total: self.files as u64, done: self.done.len() as u64 },
             tests: self.tests.values().cloned().collect(),
         }
     }
@@ -84,7 +89,10 @@ pub fn apply(docs: &mut HashMap<CommitId, Doc>, change: &Change) -> Option<Commi
             match docs.get_mut(&row.commit) {
                 Some(doc) => doc.row = row.clone(),
                 None => {
-                    docs.insert(row.commit, Doc { row: row.clone(), tests: BTreeMap::new() });
+                    docs.insert(
+                        row.commit,
+                        Doc { row: row.clone(), tests: BTreeMap::new(), files: 0, done: BTreeSet::new() },
+                    );
                 }
             }
             Some(row.commit)
@@ -95,9 +103,15 @@ pub fn apply(docs: &mut HashMap<CommitId, Doc>, change: &Change) -> Option<Commi
             doc.tests.insert(result.id.clone(), result.clone());
             Some(*commit)
         }
-        Change::FileDone { commit, .. } | Change::Files { commit, .. } | Change::Retry { commit, .. } => {
-            docs.contains_key(commit).then_some(*commit)
+        Change::FileDone { commit, file } => {
+            docs.get_mut(commit)?.done.insert(file.clone());
+            Some(*commit)
         }
+        Change::Files { commit, files } => {
+            docs.get_mut(commit)?.files = files.len();
+            Some(*commit)
+        }
+        Change::Retry { commit, .. } => docs.contains_key(commit).then_some(*commit),
         Change::Batch(b) => docs.contains_key(&b.commit).then_some(b.commit),
         // Which commit an ended batch was on is in its row's last update.
         Change::BatchEnded { .. } | Change::Owner { .. } => None,

@@ -128,6 +128,7 @@ mod tests {
             warnings: vec!["network isolation: NO".into()],
             queued_at_ms: 5,
             finished_at_ms: None,
+            files: crate::model::FileCounts { total: 2, done: 1 },
             tests: vec![TestResult {
                 id: "t".into(),
                 file: "tests/test_t.py".into(),

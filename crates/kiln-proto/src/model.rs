@@ -413,8 +413,20 @@ pub struct CommitReport {
     pub queued_at_ms: u64,
     /// Unix time (ms) when the last test result or status change was stored.
     pub finished_at_ms: Option<u64>,
+    /// Its test files: how many, and how many have been run.
+    #[serde(default)]
+    pub files: FileCounts,
     /// Per-test results, sorted by id.
     pub tests: Vec<TestResult>,
+}
+
+/// How far through its test files a commit is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCounts {
+    /// The files under `tests/` listed when the commit was queued.
+    pub total: u64,
+    /// Those whose every test has been reported, or that were not run and said so.
+    pub done: u64,
 }
 
 impl CommitReport {

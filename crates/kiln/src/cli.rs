@@ -73,6 +73,12 @@ Examples:
   kiln results --identity certs/me --dispatcher ci.example.com:7700     # the newest commit
   kiln results 3f2a9c1 --format json --wait 5m --identity certs/me      # one commit, as JSON, once it ends")]
     Results(ResultsArgs),
+    /// Follow a commit live, then print its results (exit code as `kiln results`)
+    #[command(after_help = "\
+Examples:
+  kiln watch --identity certs/me --dispatcher ci.example.com:7700       # the newest commit
+  kiln watch 3f2a9c1 --identity certs/me                                 # one commit, until it ends")]
+    Watch(WatchArgs),
     /// Stop testing a commit: queued work is dropped, running tests are killed
     #[command(after_help = "\
 Examples:
@@ -351,6 +357,18 @@ pub enum ModeArg {
     Latest,
     /// Every new commit, in order.
     Every,
+}
+
+/// `kiln watch`
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The commit (its id, or a unique prefix of 7 or more digits; default: the newest)
+    pub commit: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print each test's message whole at the end, not only its first and last lines
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 /// `kiln cancel`

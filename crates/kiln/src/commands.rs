@@ -12,7 +12,7 @@ use kiln_proto::{Escaped, Role};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::cli::{CancelArgs, CertsCommand, Command, Format, ModeArg, ResultsArgs, RoleArg, RunnerArgs};
+use crate::cli::{CancelArgs, CertsCommand, Command, Format, ModeArg, ResultsArgs, RoleArg, RunnerArgs, WatchArgs};
 use crate::client::{admin_connect, admin_request, fetch_report, fetch_report_on, load_bundle, net, resolve_commit};
 use crate::report::{ended, exit_code, render};
 
@@ -69,6 +69,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Runner(a) => runner(a).await,
         Command::Results(a) => results(a).await,
+        Command::Watch(a) => watch(a).await,
         Command::Cancel(a) => cancel(a).await,
         Command::Notify(a) => {
             if a.socket.is_none() && kiln_git::ObjectStore::open(&a.repo).is_err() {
@@ -214,6 +215,47 @@ async fn results(a: ResultsArgs) -> anyhow::Result<ExitCode> {
         Format::Text => out!("{}", render(&report, a.verbose)),
         Format::Junit => out!("{}", kiln_proto::junit(&format!("kiln {}", report.commit), &report.tests)),
     }
+    Ok(exit_code(report.status))
+}
+
+/// `kiln watch`: polls the commit's report, drawing a progress line while
+/// stdout is a terminal (nothing otherwise), then prints the results.
+async fn watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let bundle = load_bundle(&a.client.identity)?;
+    let commit = match &a.commit {
+        Some(typed) => resolve_commit(&bundle, &a.client, typed).await?,
+        None => match fetch_report(&bundle, &a.client, None).await? {
+            Some(report) => report.commit,
+            None => bail!("the dispatcher has no commits yet"),
+        },
+    };
+    let live = std::io::stdout().is_terminal();
+    let conn = admin_connect(&bundle, &a.client).await?;
+    let report = async {
+        loop {
+            let Some(report) = fetch_report_on(&conn, &a.client, Some(commit)).await? else {
+                bail!("the dispatcher knows no commit {commit}");
+            };
+            if report.status.is_final() {
+                break anyhow::Ok(report);
+            }
+            if live {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let elapsed = Duration::from_millis((now.as_millis() as u64).saturating_sub(report.queued_at_ms));
+                // `\r` and erase-line redraw the one line; nothing of it is outside input but the numbers.
+                out!("\r\x1b[2K{}", crate::report::progress(&report, elapsed));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    .await;
+    conn.close(kiln_net::CloseCode::Shutdown, "done");
+    if live {
+        out!("\r\x1b[2K");
+    }
+    let report = report?;
+    out!("{}", render(&report, a.verbose));
     Ok(exit_code(report.status))
 }
 

@@ -75,6 +75,25 @@ pub fn render_test(t: &TestResult, verbose: bool, indent: &str) -> String {
     out
 }
 
+/// The live line `kiln watch` draws: a bar of the files done, then the
+/// tests so far, the failures among them and the time since queued.
+pub fn progress(r: &CommitReport, elapsed: std::time::Duration) -> String {
+    const WIDTH: u64 = 24;
+    let f = &r.files;
+    let filled = (f.done * WIDTH).checked_div(f.total).unwrap_or(0).min(WIDTH) as usize;
+    let bar = format!("{}{}", "█".repeat(filled), "░".repeat(WIDTH as usize - filled));
+    let c = &r.counts;
+    let failed = c.fail + c.error + c.xpass;
+    format!(
+        "{} {bar} {}/{} files · {} · {failed} failed · {:.1} s",
+        r.status.as_str(),
+        f.done,
+        f.total,
+        plural(c.total, "test", "tests"),
+        elapsed.as_secs_f64()
+    )
+}
+
 /// How a run of a test ended, as a verb.
 fn verb(outcome: Outcome) -> &'static str {
     match outcome {
