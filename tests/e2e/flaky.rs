@@ -64,6 +64,29 @@ fn a_test_that_fails_then_passes_on_another_runner_is_flaky_and_its_commit_passe
     let broken = report.tests.iter().find(|t| t.file == "tests/test_broken.py").unwrap();
     assert_eq!((broken.outcome, broken.flaky, broken.runs()), (Outcome::Fail, false, 2), "{broken:#?}");
 
+    // The test's history: newest first, the first commit's run flaky.
+    let cpus = "tests.test_cpus.Cpus.test_on_one_cpu";
+    let out = cluster.admin(&["history", cpus, "--format", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let runs: Vec<kiln_proto::TestRun> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(runs.iter().map(|r| r.commit).collect::<Vec<_>>(), [second, first]);
+    assert!(runs[1].flaky && runs[1].runs == 2 && runs[1].outcome == Outcome::Pass, "{runs:#?}");
+    let out = cluster.admin(&["history", cpus]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("{}  PASS", &first.as_str()[..12])) && text.contains("flaky (2 runs)"), "{text}");
+    // The broken test started failing on the second commit; the flaky list names the CPU test.
+    let out = cluster.admin(&["history", "tests.test_broken.Broken.test_always"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = cluster.admin(&["flaky", "--format", "json"]);
+    let flaky: Vec<kiln_proto::FlakyTest> = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = flaky.iter().find(|f| f.id == cpus).unwrap_or_else(|| panic!("{flaky:#?}"));
+    assert!(listed.commits.contains(&first) && listed.seen == 2, "{listed:#?}");
+    assert!(listed.sample.contains("one CPU only"), "{}", listed.sample);
+    assert!(flaky.iter().all(|f| f.id != "tests.test_broken.Broken.test_always"), "failing every time is not flaky");
+    let out = cluster.admin(&["flaky"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("{cpus} (tests/test_cpus.py): flaky on")), "{text}");
+
     // Both runs are stored: a restarted dispatcher shows the same.
     cluster.restart_dispatcher();
     let again = cluster.wait_for(&first);

@@ -6,13 +6,17 @@
 //! registered runners as leases, serves runners the source they need, and
 //! stores per-commit results as files.
 //!
-//! Layout: [`state`] is the scheduling state machine (no I/O); [`db`] makes
-//! it durable (SQLite); [`results`] is the results directory; [`server`] owns
-//! sockets, tasks and the mirror; [`private`] keeps the state directory's
-//! files readable by the dispatcher's user only.
+//! Layout: [`state`] is the scheduling state machine (no I/O); [`core`] is
+//! the one task that owns it, storing each event's changes through a
+//! [`store::Store`] ([`db`]: SQLite) before acting on them and publishing
+//! them on [`stream`]; [`results`] writes the results directory from that
+//! stream; [`history`] reads each test's history and flakiness from the
+//! state; [`server`] owns sockets, tasks and the mirror; [`private`] keeps
+//! the state directory's files readable by the dispatcher's user only.
 
 pub mod core;
 pub mod db;
+pub mod history;
 pub mod private;
 pub mod results;
 pub mod server;

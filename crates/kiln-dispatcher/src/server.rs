@@ -30,6 +30,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::core::{Answer, Core, Effects, Event};
 use crate::db::{Db, DbError};
+use crate::history;
 use crate::results::ResultsDir;
 use crate::state::{ConnId, Dispatch, SourceRefusal, State};
 use crate::store::{Store, StoreError};
@@ -561,6 +562,7 @@ impl Dispatcher {
             Request::GetResults { .. } => (Role::Admin, "read results"),
             Request::Cancel { .. } => (Role::Admin, "cancel commits"),
             Request::Resolve { .. } => (Role::Admin, "look up commits"),
+            Request::History { .. } | Request::Flaky { .. } => (Role::Admin, "read results"),
         };
         if peer.role != allowed {
             return refuse(send, format!("{peer} may not {what}: that needs the {allowed} role")).await;
@@ -609,6 +611,19 @@ impl Dispatcher {
             Request::Resolve { prefix } => {
                 let found = self.read(move |s| s.commits_with_prefix(&prefix, kiln_proto::wire::MAX_RESOLVED)).await?;
                 reply(send, Reply::Resolved(found)).await
+            }
+            Request::History { test, repo, limit } => {
+                let limit = (limit as usize).min(kiln_proto::wire::MAX_HISTORY);
+                let runs =
+                    self.read(move |s| history::history(s.newest_first(), repo.as_deref(), &test, limit)).await?;
+                reply(send, Reply::History(runs)).await
+            }
+            Request::Flaky { days } => {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                let window = u64::from(days).saturating_mul(24 * 60 * 60 * 1000);
+                let mut flaky = self.read(move |s| history::flaky_tests(s.newest_first(), now, window)).await?;
+                flaky.truncate(kiln_proto::wire::MAX_FLAKY);
+                reply(send, Reply::Flaky(flaky)).await
             }
         }
     }

@@ -1194,6 +1194,11 @@ impl State {
             tests: e.tests.values().cloned().collect(),
         })
     }
+    /// Every commit, the newest first (for [`crate::history`]).
+    pub fn newest_first(&self) -> impl Iterator<Item = &CommitEntry> {
+        self.order.iter().rev().filter_map(|c| self.commits.get(c))
+    }
+
     /// Up to `limit` known commits whose id starts with `prefix`, sorted.
     pub fn commits_with_prefix(&self, prefix: &CommitPrefix, limit: usize) -> Vec<CommitId> {
         let mut found: Vec<CommitId> = self.commits.keys().filter(|c| prefix.matches(c)).copied().collect();

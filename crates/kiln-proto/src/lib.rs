@@ -16,8 +16,8 @@ pub use escape::{Escaped, escaped, for_terminal};
 pub use frame::{FrameError, MAX_FRAME_LEN};
 pub use junit::junit;
 pub use model::{
-    CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, EarlierRun, FileCounts, MAX_TEST_ID_BYTES,
-    MAX_TEST_MESSAGE_BYTES, Outcome, Role, TestResult,
+    CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, EarlierRun, FileCounts, FlakyTest, MAX_TEST_ID_BYTES,
+    MAX_TEST_MESSAGE_BYTES, Outcome, Role, TestResult, TestRun,
 };
 pub use size::ByteSize;
 

@@ -420,6 +420,53 @@ pub struct CommitReport {
     pub tests: Vec<TestResult>,
 }
 
+/// One commit's run of a test, in its history (the dispatcher's `history` module).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestRun {
+    /// The commit.
+    pub commit: CommitId,
+    /// Its branch.
+    pub branch: String,
+    /// Where the commit's testing stands.
+    pub status: CommitStatus,
+    /// When the commit was queued (Unix ms).
+    pub queued_at_ms: u64,
+    /// How the test ended on it.
+    pub outcome: Outcome,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// Whether it both failed and passed on this commit.
+    pub flaky: bool,
+    /// How many times it ran on this commit.
+    pub runs: usize,
+    /// Whether it went from passing to failing, or back, since the run
+    /// before (the next older commit that ran it).
+    pub transition: bool,
+}
+
+/// A test that was flaky on some recent commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlakyTest {
+    /// The test's id.
+    pub id: String,
+    /// Its file.
+    pub file: String,
+    /// Its repository.
+    pub repo: String,
+    /// The commits it was flaky on, newest first.
+    pub commits: Vec<CommitId>,
+    /// How many recent commits ran it.
+    pub seen: usize,
+    /// When the newest of `commits` was queued (Unix ms).
+    pub last_flaky_ms: u64,
+    /// The end of a failing run's message (at most [`MAX_SAMPLE_BYTES`]),
+    /// from the newest flaky commit: what to look at first.
+    pub sample: String,
+}
+
+/// The longest [`FlakyTest::sample`]: the end of a traceback says what went wrong.
+pub const MAX_SAMPLE_BYTES: usize = 2048;
+
 /// How far through its test files a commit is.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileCounts {

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{CommitId, CommitReport, TestResult};
+use crate::model::{CommitId, CommitReport, FlakyTest, TestResult, TestRun};
 
 /// The ALPN protocol name: the version of this wire protocol. A peer speaking
 /// another version fails the TLS handshake instead of misreading frames.
@@ -98,10 +98,32 @@ pub enum Request {
         /// The digits typed.
         prefix: crate::CommitPrefix,
     },
+    // New variants go last: postcard numbers them in order.
+    /// Admin: the runs of one test on the newest commits that ran it
+    /// (at most [`MAX_HISTORY`]). The dispatcher answers [`Reply::History`].
+    History {
+        /// The test's id.
+        test: String,
+        /// Only this repository's commits, as its observer names it.
+        repo: Option<String>,
+        /// How many runs at most.
+        limit: u32,
+    },
+    /// Admin: the tests flaky on some commit queued in the last `days` days
+    /// (at most [`MAX_FLAKY`]). The dispatcher answers [`Reply::Flaky`].
+    Flaky {
+        /// How far back to look.
+        days: u32,
+    },
 }
 
 /// The most commits a [`Reply::Resolved`] lists: enough to show a prefix is ambiguous.
 pub const MAX_RESOLVED: usize = 10;
+/// The most runs a [`Reply::History`] lists.
+pub const MAX_HISTORY: usize = 100;
+/// The most tests a [`Reply::Flaky`] lists (each with a sample message of at
+/// most [`crate::model::MAX_SAMPLE_BYTES`]), so that the reply fits a frame.
+pub const MAX_FLAKY: usize = 100;
 
 /// What a runner says when it registers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +200,10 @@ pub enum Reply {
     /// The dispatcher cannot take this now (it could not store it: a full
     /// disk, say); nothing was changed. Ask again later.
     Unavailable(String),
+    /// A test's runs, newest first (see [`Request::History`]).
+    History(Vec<TestRun>),
+    /// Flaky tests, most often flaky first (see [`Request::Flaky`]).
+    Flaky(Vec<FlakyTest>),
 }
 
 /// Who holds a runner name that a second connection asked for.

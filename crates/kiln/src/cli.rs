@@ -79,6 +79,18 @@ Examples:
   kiln watch --identity certs/me --dispatcher ci.example.com:7700       # the newest commit
   kiln watch 3f2a9c1 --identity certs/me                                 # one commit, until it ends")]
     Watch(WatchArgs),
+    /// Show one test's outcome and duration on the newest commits that ran it
+    #[command(after_help = "\
+Examples:
+  kiln history tests.test_math.MathTest.test_add --identity certs/me --dispatcher ci.example.com:7700
+  kiln history tests.test_math.MathTest.test_add --limit 50 --format json --identity certs/me")]
+    History(HistoryArgs),
+    /// List the tests that both failed and passed on a recent commit
+    #[command(after_help = "\
+Examples:
+  kiln flaky --identity certs/me --dispatcher ci.example.com:7700        # the last 14 days
+  kiln flaky --days 30 --format json --identity certs/me")]
+    Flaky(FlakyArgs),
     /// Stop testing a commit: queued work is dropped, running tests are killed
     #[command(after_help = "\
 Examples:
@@ -369,6 +381,48 @@ pub struct WatchArgs {
     /// Print each test's message whole at the end, not only its first and last lines
     #[arg(long, short)]
     pub verbose: bool,
+}
+
+/// `kiln history`
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The test's id, as in results (e.g. `tests.test_math.MathTest.test_add`)
+    pub test: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Only commits of this repository (as its observer names it)
+    #[arg(long, value_name = "PATH")]
+    pub repo: Option<String>,
+    /// How many of the newest runs to show (at most 100)
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub limit: u32,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: DataFormat,
+}
+
+/// `kiln flaky`
+#[derive(Debug, Args)]
+pub struct FlakyArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// How many days back to look
+    ///
+    /// From 1 to 3650.
+    #[arg(long, value_name = "DAYS", default_value_t = 14, value_parser = valid_days)]
+    pub days: u32,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: DataFormat,
+}
+
+/// How a list the dispatcher keeps is printed.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DataFormat {
+    /// For people.
+    Text,
+    /// JSON, for programs.
+    Json,
 }
 
 /// `kiln cancel`

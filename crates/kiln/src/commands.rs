@@ -12,7 +12,10 @@ use kiln_proto::{Escaped, Role};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::cli::{CancelArgs, CertsCommand, Command, Format, ModeArg, ResultsArgs, RoleArg, RunnerArgs, WatchArgs};
+use crate::cli::{
+    CancelArgs, CertsCommand, Command, DataFormat, FlakyArgs, Format, HistoryArgs, ModeArg, ResultsArgs, RoleArg,
+    RunnerArgs, WatchArgs,
+};
 use crate::client::{admin_connect, admin_request, fetch_report, fetch_report_on, load_bundle, net, resolve_commit};
 use crate::report::{ended, exit_code, render};
 
@@ -70,6 +73,8 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Runner(a) => runner(a).await,
         Command::Results(a) => results(a).await,
         Command::Watch(a) => watch(a).await,
+        Command::History(a) => history(a).await,
+        Command::Flaky(a) => flaky(a).await,
         Command::Cancel(a) => cancel(a).await,
         Command::Notify(a) => {
             if a.socket.is_none() && kiln_git::ObjectStore::open(&a.repo).is_err() {
@@ -257,6 +262,33 @@ async fn watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
     let report = report?;
     out!("{}", render(&report, a.verbose));
     Ok(exit_code(report.status))
+}
+
+async fn history(a: HistoryArgs) -> anyhow::Result<ExitCode> {
+    let bundle = load_bundle(&a.client.identity)?;
+    let request = Request::History { test: a.test.clone(), repo: a.repo.clone(), limit: a.limit };
+    let what = || format!("get the history of a test from {}", a.client.dispatcher);
+    let Reply::History(runs) = admin_request(&bundle, &a.client, &request, what).await? else {
+        bail!("unexpected reply from the dispatcher");
+    };
+    match a.format {
+        DataFormat::Json => outln!("{}", serde_json::to_string_pretty(&runs)?),
+        DataFormat::Text => out!("{}", crate::report::render_history(&a.test, &runs)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn flaky(a: FlakyArgs) -> anyhow::Result<ExitCode> {
+    let bundle = load_bundle(&a.client.identity)?;
+    let what = || format!("list flaky tests at {}", a.client.dispatcher);
+    let Reply::Flaky(tests) = admin_request(&bundle, &a.client, &Request::Flaky { days: a.days }, what).await? else {
+        bail!("unexpected reply from the dispatcher");
+    };
+    match a.format {
+        DataFormat::Json => outln!("{}", serde_json::to_string_pretty(&tests)?),
+        DataFormat::Text => out!("{}", crate::report::render_flaky(&tests, a.days)),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn cancel(a: CancelArgs) -> anyhow::Result<ExitCode> {

@@ -94,6 +94,59 @@ pub fn progress(r: &CommitReport, elapsed: std::time::Duration) -> String {
     )
 }
 
+/// A test's history for a terminal: one line per commit, newest first,
+/// with changes from pass to fail (or back) and flaky runs marked.
+pub fn render_history(test: &str, runs: &[kiln_proto::TestRun]) -> String {
+    let mut out = String::new();
+    if runs.is_empty() {
+        let _ = writeln!(out, "no commit has run {}", for_terminal(test));
+        return out;
+    }
+    let _ =
+        writeln!(out, "{}: the newest {}, newest first", for_terminal(test), plural(runs.len() as u64, "run", "runs"));
+    for r in runs {
+        let mut notes = Vec::new();
+        if r.transition {
+            notes.push(if r.outcome.is_failure() { "started failing" } else { "fixed" }.to_owned());
+        }
+        if r.flaky {
+            notes.push(format!("flaky ({} runs)", r.runs));
+        }
+        let notes = if notes.is_empty() { String::new() } else { format!("  {}", notes.join(", ")) };
+        let commit = &r.commit.as_str()[..12];
+        let outcome = r.outcome.as_str().to_uppercase();
+        let _ = writeln!(out, "  {commit}  {:<5} {:>7} ms  {}{notes}", outcome, r.duration_ms, for_terminal(&r.branch));
+    }
+    out
+}
+
+/// The flaky tests for a terminal, most often flaky first, each with the
+/// last line of a failing run.
+pub fn render_flaky(tests: &[kiln_proto::FlakyTest], days: u32) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} flaky in the last {}",
+        plural(tests.len() as u64, "test", "tests"),
+        plural(days.into(), "day", "days")
+    );
+    for t in tests {
+        let last = t.commits.first().map_or("", |c| &c.as_str()[..12]);
+        let _ = writeln!(
+            out,
+            "  {} ({}): flaky on {} of {} commits, last {last}",
+            for_terminal(&t.id),
+            for_terminal(&t.file),
+            t.commits.len(),
+            t.seen
+        );
+        if let Some(line) = t.sample.trim_end().lines().last() {
+            let _ = writeln!(out, "        {}", for_terminal(line));
+        }
+    }
+    out
+}
+
 /// How a run of a test ended, as a verb.
 fn verb(outcome: Outcome) -> &'static str {
     match outcome {
