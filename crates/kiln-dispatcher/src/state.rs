@@ -1000,6 +1000,9 @@ impl State {
     /// of its file (`--retry-failed`), which is merged in (see
     /// [`TestResult::merge_run`]).
     pub fn record_test(&mut self, job: u64, attempt: u32, conn: ConnId, result: TestResult) -> Result<bool, Stale> {
+        if self.left_for_retry(job, attempt, conn, &result.file) {
+            return Ok(false);
+        }
         let (entry, runner) = self.current_file(job, attempt, conn, &result.file)?;
         // What the runner says of these is not its to say.
         let result = TestResult { runner: Some(runner), flaky: false, earlier: Vec::new(), ..result };
@@ -1029,6 +1032,9 @@ impl State {
     /// again (`--retry-failed`), it leaves the batch and goes back to the
     /// front of the queue instead, marked to avoid this runner.
     pub fn file_done(&mut self, job: u64, attempt: u32, conn: ConnId, file: String) -> Result<bool, Stale> {
+        if self.left_for_retry(job, attempt, conn, &file) {
+            return Ok(false);
+        }
         let retry_failed = self.retry_failed;
         let (entry, runner) = self.current_file(job, attempt, conn, &file)?;
         let commit = entry.commit;
@@ -1064,6 +1070,15 @@ impl State {
         Ok(true)
     }
 
+    /// Whether `file` left the batch `conn` holds as `job`/`attempt` to run
+    /// again (`--retry-failed`). Its later events there are old news, not a
+    /// protocol violation: a batch resumed after a dispatcher restart sends
+    /// its events again, those about such a file too.
+    fn left_for_retry(&self, job: u64, attempt: u32, conn: ConnId, file: &str) -> bool {
+        let Some(e) = self.jobs.get(&job).and_then(|c| self.commits.get(c)) else { return false };
+        e.retries.contains_key(file) && e.leased(job, attempt, conn).is_some_and(|b| !b.files.iter().any(|f| f == file))
+    }
+
     /// Runs a file with a failing test up to `n` more times before its failure counts.
     pub fn set_retry_failed(&mut self, n: u32) {
         self.retry_failed = n;
@@ -1072,6 +1087,9 @@ impl State {
     /// Records that the lease holder did not run `file`, and why: the file
     /// is done, and named in one warning per reason.
     pub fn not_run(&mut self, job: u64, attempt: u32, conn: ConnId, file: String, reason: &str) -> Result<bool, Stale> {
+        if self.left_for_retry(job, attempt, conn, &file) {
+            return Ok(false);
+        }
         let (entry, _) = self.current_file(job, attempt, conn, &file)?;
         if entry.done_files.contains(&file) {
             return Ok(false);
@@ -1393,6 +1411,44 @@ mod tests {
 
     fn result_in(id: &str, file: &str, duration_ms: u64) -> TestResult {
         TestResult { file: file.into(), duration_ms, ..result(id, Outcome::Pass) }
+    }
+
+    #[test]
+    fn a_failing_file_runs_again_on_another_runner_and_its_old_batch_is_not_heard_about_it() {
+        let mut s = State::default();
+        s.set_retry_failed(1);
+        let fs = files(&["a"]);
+        s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &fs, None, 0).unwrap();
+        s.register("r1", 1, 2, &[], &[]);
+        s.register("r2", 2, 1, &[], &[]);
+        let first = s.assign().remove(0);
+        assert_eq!(first.runner, "r1", "the most free slots");
+        let first = first.assignment;
+        let fail = TestResult { outcome: Outcome::Fail, ..result_in("a.t", &fs[0], 5) };
+        assert_eq!(s.record_test(first.job, first.attempt, 1, fail.clone()), Ok(true));
+        assert_eq!(s.file_done(first.job, first.attempt, 1, fs[0].clone()), Ok(true));
+        // The failing file left its batch and waits first in line.
+        let e = s.entry(&commit(1)).unwrap();
+        assert_eq!((e.pending.front(), e.retries.get(&fs[0])), (Some(&fs[0]), Some(&1)));
+        assert!(!e.done_files.contains(&fs[0]) && e.batches[&first.job].files.is_empty());
+        // Both runners have one free slot; r1 would win by name, but the file failed there.
+        let retry = s.assign().remove(0);
+        assert_eq!((retry.runner.as_str(), &retry.assignment.files[..]), ("r2", &fs[..]));
+        // The old batch saying it all again (a resumed batch) changes nothing and is no violation.
+        assert_eq!(s.record_test(first.job, first.attempt, 1, fail.clone()), Ok(false));
+        assert_eq!(s.file_done(first.job, first.attempt, 1, fs[0].clone()), Ok(false));
+        s.finish(first.job, first.attempt, 1, None, 2).unwrap();
+        // The retry passes: the test is flaky, and the commit passes.
+        let r = retry.assignment;
+        assert_eq!(s.record_test(r.job, r.attempt, 2, result_in("a.t", &fs[0], 6)), Ok(true));
+        assert_eq!(s.file_done(r.job, r.attempt, 2, fs[0].clone()), Ok(true));
+        s.finish(r.job, r.attempt, 2, None, 3).unwrap();
+        let report = s.report(&commit(1)).unwrap();
+        assert_eq!(report.status, CommitStatus::Passed);
+        let a = &report.tests[0];
+        assert_eq!((a.outcome, a.flaky, a.runner.as_deref(), a.runs()), (Outcome::Pass, true, Some("r2"), 2));
+        assert_eq!(a.earlier[0].runner.as_deref(), Some("r1"));
+        assert_eq!((report.counts.flaky, report.files.done, report.files.total), (1, 1, 1));
     }
 
     #[test]
