@@ -189,21 +189,7 @@ impl Cluster {
 
     /// Starts a runner inside network namespace `netns`, dialling `dispatcher`.
     pub fn runner_in(&mut self, netns: &str, name: &str, dispatcher: &str) -> usize {
-        self.issue("runner", name);
-        let log = self.dir.path().join(format!("{name}.log"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns, env!("CARGO_BIN_EXE_kiln"), "runner", "--identity"])
-            .arg(self.certs().join(name))
-            .args(["--dispatcher", dispatcher, "--idle-timeout", "3s", "--work"])
-            .arg(self.dir.path().join(format!("{name}-work")))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("spawn ip netns exec");
-        self.procs.push(Proc { child, log });
-        self.procs.len() - 1
+        self.runner_via(&["ip", "netns", "exec", netns], name, dispatcher, &[])
     }
 
     /// Issues a runner certificate and starts a runner with its own work
@@ -226,12 +212,20 @@ impl Cluster {
 
     /// Like [`Cluster::runner_with`], confined to one CPU by `taskset -c CPU`.
     pub fn runner_pinned(&mut self, name: &str, cpu: u32, flags: &[&str]) -> usize {
+        let addr = self.addr.clone();
+        self.runner_via(&["taskset", "-c", &cpu.to_string()], name, &addr, flags)
+    }
+
+    /// Issues a runner certificate and starts `WRAPPER… kiln runner` dialling
+    /// `dispatcher`, with its own work directory; returns its index in `procs`.
+    fn runner_via(&mut self, wrapper: &[&str], name: &str, dispatcher: &str, flags: &[&str]) -> usize {
         self.issue("runner", name);
         let log = self.dir.path().join(format!("{name}.log"));
-        let child = Command::new("taskset")
-            .args(["-c", &cpu.to_string(), env!("CARGO_BIN_EXE_kiln"), "runner", "--identity"])
+        let child = Command::new(wrapper[0])
+            .args(&wrapper[1..])
+            .args([env!("CARGO_BIN_EXE_kiln"), "runner", "--identity"])
             .arg(self.certs().join(name))
-            .args(["--dispatcher", &self.addr, "--idle-timeout", "3s", "--work"])
+            .args(["--dispatcher", dispatcher, "--idle-timeout", "3s", "--work"])
             .arg(self.dir.path().join(format!("{name}-work")))
             .args(flags)
             .env("RUST_LOG", &self.rust_log)
@@ -239,7 +233,7 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()
-            .expect("spawn taskset");
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", wrapper[0]));
         self.procs.push(Proc { child, log });
         self.procs.len() - 1
     }
