@@ -20,6 +20,7 @@ use kiln_proto::{CommitId, CommitStatus, TestResult};
 use crate::state::{ConnId, Dispatch, NotOwner, Stale, State, Stopped};
 use crate::store::{Change, Store, StoreError};
 use crate::stream::{Snapshot, Update};
+use crate::view::CoreMetrics;
 
 /// Something that happened, as the state machine sees it. Jobs are named by
 /// `job`, `attempt` (the fencing token) and `conn`, the runner connection
@@ -133,12 +134,19 @@ pub struct Core<S> {
     store: S,
     /// The last update published.
     seq: u64,
+    /// How long storing takes, for `/metrics`.
+    metrics: Arc<CoreMetrics>,
 }
 
 impl<S: Store> Core<S> {
     /// A core over `state`, which `store` already holds.
     pub fn new(state: State, store: S) -> Core<S> {
-        Core { state, store, seq: 0 }
+        Core { state, store, seq: 0, metrics: Arc::default() }
+    }
+
+    /// Where the core records its measurements (shared with readers).
+    pub fn metrics(&self) -> Arc<CoreMetrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// The state, to read.
@@ -159,11 +167,15 @@ impl<S: Store> Core<S> {
         // Work freed or added in this event is handed out in the same transaction.
         let dispatches = if schedule { self.state.assign() } else { Vec::new() };
         let changes = self.state.changes();
-        if !changes.is_empty()
-            && let Err(e) = self.store.apply(&changes)
-        {
-            self.state.rollback();
-            return Err(e);
+        if !changes.is_empty() {
+            let started = std::time::Instant::now();
+            let stored = self.store.apply(&changes);
+            self.metrics.store_write.observe(started.elapsed());
+            if let Err(e) = stored {
+                self.metrics.store_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.state.rollback();
+                return Err(e);
+            }
         }
         self.state.commit();
         let deltas: Vec<Change> = changes.into_iter().filter(|c| !matches!(c, Change::Owner { .. })).collect();

@@ -12,7 +12,9 @@
 //! them on [`stream`]; [`results`] writes the results directory from that
 //! stream; [`history`] reads each test's history and flakiness from the
 //! state; [`server`] owns sockets, tasks and the mirror; [`private`] keeps
-//! the state directory's files readable by the dispatcher's user only.
+//! the state directory's files readable by the dispatcher's user only;
+//! [`view`] is the read side the dashboard uses (it never makes the owner
+//! wait).
 
 pub mod core;
 pub mod db;
@@ -23,5 +25,6 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod stream;
+pub mod view;
 
 pub use server::{Config, Dispatcher, StartError};

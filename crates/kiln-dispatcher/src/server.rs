@@ -35,6 +35,7 @@ use crate::results::ResultsDir;
 use crate::state::{ConnId, Dispatch, SourceRefusal, State};
 use crate::store::{Store, StoreError};
 use crate::stream::{Feed, Reports, Snapshot, Update};
+use crate::view::{ConnInfo, LiveRequest, ReadApi};
 
 /// How long a peer may take to send the first frame of a stream it opened.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -115,6 +116,8 @@ struct RunnerConn {
     conn: Connection,
     /// When it registered (Unix ms), to tell a second runner with the same name.
     since_ms: u64,
+    /// When it last sent an event (Unix ms), for the dashboard.
+    last_heard_ms: u64,
 }
 
 /// Why the owner could not do what a message asked.
@@ -139,6 +142,8 @@ enum Msg {
     Ended { job: u64, attempt: u32 },
     /// A subscriber fell behind and needs everything stored.
     Snapshot(oneshot::Sender<Result<Snapshot, String>>),
+    /// A reader asks for the runners and the queue now.
+    Live(LiveRequest),
     /// Every connection task is gone: stop.
     Stop,
 }
@@ -189,6 +194,9 @@ impl Owner {
     /// Takes one event and acts on its effects, once they are stored.
     fn event(&mut self, event: Event) -> Result<Answer, Refusal> {
         let what = event.describe();
+        if let Some(r) = job_conn(&event).and_then(|c| self.runners.get_mut(&c)) {
+            r.last_heard_ms = now_ms();
+        }
         let retry = matches!(event, Event::RunnerGone { .. } | Event::ExpireOrphans).then(|| event.clone());
         let now = now_ms();
         match off_async(|| self.core.handle(event, now)) {
@@ -272,7 +280,8 @@ impl Owner {
                 address: h.conn.remote_address().to_string(),
             }));
         }
-        let previous = self.runners.insert(id, RunnerConn { conn, since_ms: now_ms() });
+        let now = now_ms();
+        let previous = self.runners.insert(id, RunnerConn { conn, since_ms: now, last_heard_ms: now });
         let held = held[..held.len().min(1024)].to_vec();
         let gaps: Vec<String> = sandbox_gaps.iter().take(32).map(|g| g.chars().take(512).collect()).collect();
         let event = Event::Register { name, conn: id, slots: slots.clamp(1, 256), held, gaps };
@@ -320,6 +329,17 @@ impl Owner {
                     let snapshot = off_async(|| self.core.snapshot()).map_err(|e| error_chain(&e));
                     let _ = reply.send(snapshot);
                 }
+                Msg::Live(reply) => {
+                    let conns = self
+                        .runners
+                        .iter()
+                        .map(|(&id, r)| {
+                            let address = r.conn.remote_address().to_string();
+                            (id, ConnInfo { address, since_ms: r.since_ms, last_heard_ms: r.last_heard_ms })
+                        })
+                        .collect();
+                    let _ = reply.send(crate::view::live(self.core.state(), &conns, now_ms()));
+                }
                 Msg::Stop => break,
             }
         }
@@ -330,6 +350,17 @@ impl Dispatcher {
     /// Opens the state directory and serves `listener` until `shutdown` is
     /// cancelled; then closes every connection and waits for its tasks.
     pub async fn run(listener: Listener, config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+        Dispatcher::run_with_reader(listener, config, shutdown, |_| {}).await
+    }
+
+    /// Like [`Dispatcher::run`], handing `reader` the read API (for the
+    /// dashboard) once the state is loaded and before any connection is served.
+    pub async fn run_with_reader(
+        listener: Listener,
+        config: Config,
+        shutdown: CancellationToken,
+        reader: impl FnOnce(ReadApi),
+    ) -> Result<(), StartError> {
         // Results, database and mirror are nobody else's business.
         crate::private::dir(&config.state_dir)?;
         let results = ResultsDir::open(&config.state_dir.join("results"))?;
@@ -370,6 +401,7 @@ impl Dispatcher {
         // Subscribers start before the first update, from what was loaded.
         let files = Feed::new("results files", updates.subscribe(), snapshots.clone(), 0);
         let writer = tokio::spawn(crate::results::follow(results, files, running));
+        let snapshots_for_readers = snapshots.clone();
         let mut feed = Feed::new("results reader", updates.subscribe(), snapshots, 0);
         let follower = tokio::spawn(async move {
             use crate::stream::Next;
@@ -397,8 +429,21 @@ impl Dispatcher {
                 }
             }
         });
+        // Live requests, like snapshots, wait their turn in the mailbox; the
+        // reader's side of this channel is small and never waited on.
+        let (live_tx, mut live_rx) = mpsc::channel(8);
+        let to_owner = mailbox_tx.clone();
+        let live_relay = tokio::spawn(async move {
+            while let Some(reply) = live_rx.recv().await {
+                if to_owner.send(Msg::Live(reply)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let core = Core::new(state, db);
+        reader(ReadApi::new(&updates, snapshots_for_readers, live_tx, core.metrics()));
         let owner = Owner {
-            core: Core::new(state, db),
+            core,
             runners: HashMap::new(),
             running: HashMap::new(),
             updates,
@@ -445,6 +490,7 @@ impl Dispatcher {
         drop(dispatcher);
         let _ = owner.await;
         relay.abort();
+        live_relay.abort();
         let _ = follower.await;
         let _ = writer.await;
         Ok(())
@@ -988,6 +1034,19 @@ impl Dispatcher {
                 _ => {}
             }
         }
+    }
+}
+
+/// The runner connection a job event came from, if it is one.
+fn job_conn(event: &Event) -> Option<ConnId> {
+    match event {
+        Event::Test { conn, .. }
+        | Event::FileDone { conn, .. }
+        | Event::NotRun { conn, .. }
+        | Event::Warning { conn, .. }
+        | Event::Finished { conn, .. }
+        | Event::Abandon { conn, .. } => Some(*conn),
+        _ => None,
     }
 }
 

@@ -1311,6 +1311,37 @@ impl State {
     pub fn runners(&self) -> Vec<(String, usize)> {
         self.runners.iter().map(|(n, r)| (n.clone(), r.jobs.len())).collect()
     }
+
+    /// The registered runners, for the read side ([`crate::view`]).
+    pub fn runner_views(&self) -> impl Iterator<Item = RunnerSlots<'_>> {
+        self.runners.iter().map(|(name, r)| RunnerSlots {
+            name,
+            conn: r.conn,
+            slots: r.slots,
+            jobs: &r.jobs,
+            sandbox_gaps: &r.sandbox_gaps,
+        })
+    }
+
+    /// The commits with files waiting for a runner, in the order they get them.
+    pub fn queued(&self) -> impl Iterator<Item = &CommitEntry> {
+        self.queue.iter().filter_map(|c| self.commits.get(c))
+    }
+}
+
+/// A registered runner as the read side sees it.
+#[derive(Debug)]
+pub struct RunnerSlots<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its connection.
+    pub conn: ConnId,
+    /// Its registered slots.
+    pub slots: u32,
+    /// Its batches, with the slots each uses.
+    pub jobs: &'a BTreeMap<u64, u32>,
+    /// What its sandbox lacks.
+    pub sandbox_gaps: &'a [String],
 }
 
 /// Names `file` in the warning that lists the files not run for `reason`.

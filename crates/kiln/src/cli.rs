@@ -310,6 +310,13 @@ pub struct DispatcherArgs {
     /// its earlier runs); one that fails every time fails its commit.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10))]
     pub retry_failed: u32,
+    /// Serve the web dashboard, JSON API and metrics over HTTP on ADDR
+    ///
+    /// Off unless given; `--http` alone serves on 127.0.0.1:7780. Loopback
+    /// addresses only: a non-loopback address is refused, since it would need
+    /// HTTPS with client certificates, which Kiln does not support yet.
+    #[arg(long, value_name = "ADDR", env = "KILN_HTTP", num_args = 0..=1, default_missing_value = "127.0.0.1:7780")]
+    pub http: Option<SocketAddr>,
 }
 
 /// Parses `--repo-owner REPO=OBSERVER` (split at the last `=`, so a path may hold one).
@@ -532,6 +539,9 @@ pub struct DemoArgs {
     /// Print each test's message whole, not only its first and last lines
     #[arg(long, short)]
     pub verbose: bool,
+    /// Keep the cluster and its dashboard running after the demo, until Ctrl-C
+    #[arg(long)]
+    pub serve: bool,
 }
 
 /// `kiln plugin …`

@@ -31,9 +31,18 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let listener = kiln_net::Listener::bind(&bundle, a.listen, net)
                 .with_context(|| format!("cannot listen on {}", a.listen))?;
             let addr = listener.local_addr().context("cannot read the bound address")?;
+            // Bound before anything starts, so a refused address stops here.
+            let http = match a.http {
+                Some(http) => Some(kiln_web::bind(http).await?),
+                None => None,
+            };
             // The address goes on stdout, once, for scripts and tests that listen on
             // port 0 (`kiln demo` and the e2e harness read it); the log says the rest.
             outln!("listening {addr}");
+            if let Some(http) = &http {
+                let http = http.local_addr().context("cannot read the dashboard's address")?;
+                outln!("http http://{http}/");
+            }
             info!(state = %Escaped(&a.state.display().to_string()), "dispatcher started");
             for (repo, observer) in &a.repo_owners {
                 info!(repo = %Escaped(repo), observer = %Escaped(observer), "repository owner set by --repo-owner");
@@ -47,9 +56,24 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 repo_owners: a.repo_owners.clone(),
                 retry_failed: a.retry_failed,
             };
-            kiln_dispatcher::Dispatcher::run(listener, config, shutdown_on_signal())
-                .await
-                .with_context(|| format!("the dispatcher cannot use its state directory {}", a.state.display()))?;
+            let shutdown = shutdown_on_signal();
+            let mut web = None;
+            let serving = kiln_dispatcher::Dispatcher::run_with_reader(listener, config, shutdown.clone(), |api| {
+                if let Some(http) = http {
+                    web = Some(tokio::spawn(kiln_web::serve(http, api, shutdown.clone())));
+                }
+            })
+            .await;
+            if let Some(web) = web {
+                // The dispatcher returns once shutdown began; the dashboard stops on the same token.
+                shutdown.cancel();
+                match web.await {
+                    Ok(Err(e)) => tracing::warn!("the dashboard stopped: {e}"),
+                    Err(e) => tracing::warn!("the dashboard stopped: {e}"),
+                    Ok(Ok(())) => {}
+                }
+            }
+            serving.with_context(|| format!("the dispatcher cannot use its state directory {}", a.state.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Observer(a) => {

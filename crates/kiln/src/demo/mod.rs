@@ -65,9 +65,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let exe = std::env::current_exe().context("cannot find the kiln binary")?;
     let mut children = Children::default();
-    let (dispatcher, addr) = start_dispatcher(&exe, &certs, &dir.join("state"), &logs).await?;
+    let (dispatcher, addr, url) = start_dispatcher(&exe, &certs, &dir.join("state"), &logs).await?;
     children.0.push(dispatcher);
     outln!("  dispatcher      {addr} (state in {})", dir.join("state").display());
+    outln!("  dashboard       {url}");
     for i in 1..=args.runners {
         let name = format!("runner-{i}");
         let work = dir.join(&name);
@@ -112,9 +113,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let report = wait_for(&admin, &client, second).await?;
         out!("{}", render(&report, args.verbose));
         outln!("\nresults are stored as files in {}", dir.join("state/results").display());
+        outln!("the dashboard is at {url}");
         anyhow::Ok(report)
     }
     .await;
+    if args.serve && outcome.is_ok() {
+        outln!("serving until Ctrl-C (commit to {} to see more)", repo.display());
+        let _ = tokio::signal::ctrl_c().await;
+    }
 
     children.stop().await;
     let report = outcome?;
@@ -178,13 +184,18 @@ async fn wait_for(admin: &Bundle, client: &ClientArgs, commit: CommitId) -> anyh
     outcome
 }
 
-async fn start_dispatcher(exe: &Path, certs: &Path, state: &Path, logs: &Path) -> anyhow::Result<(Child, String)> {
+async fn start_dispatcher(
+    exe: &Path,
+    certs: &Path,
+    state: &Path,
+    logs: &Path,
+) -> anyhow::Result<(Child, String, String)> {
     let log = std::fs::File::create(logs.join("dispatcher.log"))?;
     let mut child = Command::new(exe)
         .arg("dispatcher")
         .arg("--identity")
         .arg(certs.join("dispatcher"))
-        .args(["--listen", "127.0.0.1:0", "--state"])
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--state"])
         .arg(state)
         .stdout(Stdio::piped())
         .stderr(log)
@@ -198,7 +209,9 @@ async fn start_dispatcher(exe: &Path, certs: &Path, state: &Path, logs: &Path) -
         .context("the dispatcher did not start within 30 s")??
         .context("the dispatcher exited at start-up; see logs/dispatcher.log")?;
     let addr = line.strip_prefix("listening ").context("unexpected dispatcher output")?.to_owned();
-    Ok((child, addr))
+    let line = lines.next_line().await?.context("the dispatcher exited at start-up; see logs/dispatcher.log")?;
+    let url = line.strip_prefix("http ").context("unexpected dispatcher output")?.to_owned();
+    Ok((child, addr, url))
 }
 
 fn spawn(exe: &Path, log: &Path, args: impl FnOnce(&mut Command) -> &mut Command) -> anyhow::Result<Child> {

@@ -1,0 +1,393 @@
+//! The read side of the dispatcher, for the dashboard and anything else that
+//! only looks: a [`ReadApi`] handle that never makes the owner task wait.
+//!
+//! Two kinds of reading, because the dispatcher holds two kinds of facts:
+//!
+//! - **Durable facts** (commits, their results) travel on the stream of
+//!   deltas ([`crate::stream`]). A reader subscribes once, gets a
+//!   [`Snapshot`] taken in order with the events, and rebuilds what it shows
+//!   from the updates after it: it never asks the owner again unless it
+//!   lags.
+//! - **Live facts** (which runners are connected, from where, since when,
+//!   what they run now; why each queued commit waits) are not stored and
+//!   change with every event, so they are asked for: [`ReadApi::live`]
+//!   posts a request on a small bounded channel without waiting for room
+//!   (a full channel is an answer: "busy") and waits a bounded time for the
+//!   owner's reply, which it computes between two events. The owner never
+//!   blocks on a reader; a reader that stops listening costs it one dropped
+//!   reply.
+//!
+//! The types here are the read API's own (not the state machine's), so the
+//! state can change shape without breaking pages, and later readers
+//! (per-test history, `kiln status`) add requests beside [`Live`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use kiln_proto::CommitId;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::state::State;
+use crate::stream::{Feed, Snapshot, SnapshotRequests, Update};
+
+/// How long a reader waits for the owner's answer to a live request.
+const LIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connected runner, as the dashboard shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunnerView {
+    /// The name in its certificate (CN).
+    pub name: String,
+    /// Where its connection comes from.
+    pub address: String,
+    /// The test files it runs at once.
+    pub slots: u32,
+    /// The slots its batches use now.
+    pub busy: u32,
+    /// What it runs now: one entry per batch.
+    pub running: Vec<RunningBatch>,
+    /// When its connection registered (Unix ms).
+    pub connected_since_ms: u64,
+    /// When the dispatcher last heard from it: its registration or its
+    /// last job event (Unix ms). QUIC keep-alives are not counted; a runner
+    /// whose keep-alives stop is gone within the idle timeout.
+    pub last_heard_ms: u64,
+    /// The sandbox mechanisms its machine lacks.
+    pub sandbox_warnings: Vec<String>,
+}
+
+/// One batch a runner holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunningBatch {
+    /// The batch's job id.
+    pub job: u64,
+    /// Its commit.
+    pub commit: CommitId,
+    /// Its files.
+    pub files: Vec<String>,
+    /// The slots it uses.
+    pub slots: u32,
+}
+
+/// Why a queued commit (or the rest of a running one) waits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaitReason {
+    /// No runner is connected.
+    NoRunner,
+    /// Every connected runner's slots are in use.
+    NoFreeSlot {
+        /// Slots in use.
+        busy: u32,
+        /// Slots registered.
+        total: u32,
+    },
+    /// Older commits are ahead of it in the queue.
+    Behind {
+        /// How many.
+        commits: usize,
+    },
+    /// Some of its files were running when the dispatcher restarted, and
+    /// their runner has not claimed them back yet (`--resume-grace`).
+    AwaitingRunner {
+        /// The runner that held them.
+        runner: String,
+    },
+    /// A runner has a free slot: it is being handed out now.
+    Assigning,
+}
+
+impl std::fmt::Display for WaitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WaitReason::NoRunner => write!(f, "no runner is connected"),
+            WaitReason::NoFreeSlot { busy, total } => {
+                write!(f, "no runner has a free slot ({busy} of {total} slots busy)")
+            }
+            WaitReason::Behind { commits: 1 } => write!(f, "behind 1 older commit"),
+            WaitReason::Behind { commits } => write!(f, "behind {commits} older commits"),
+            WaitReason::AwaitingRunner { runner } => write!(
+                f,
+                "waiting for runner {} to claim its work back after the dispatcher restarted",
+                kiln_proto::escaped(runner)
+            ),
+            WaitReason::Assigning => write!(f, "being handed to a runner with a free slot"),
+        }
+    }
+}
+
+/// A commit that waits for runners, in queue order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueItem {
+    /// The commit.
+    pub commit: CommitId,
+    /// Its repository.
+    pub repo: String,
+    /// Its branch.
+    pub branch: String,
+    /// When it was queued (Unix ms).
+    pub queued_at_ms: u64,
+    /// Files waiting for a runner.
+    pub pending_files: usize,
+    /// Files running now.
+    pub running_files: usize,
+    /// Files done.
+    pub done_files: usize,
+    /// Why it waits.
+    pub reason: WaitReason,
+}
+
+/// What is live now: connected runners (by name) and the queue.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Live {
+    /// When this was taken (Unix ms).
+    pub at_ms: u64,
+    /// Connected runners, by name.
+    pub runners: Vec<RunnerView>,
+    /// What waits, oldest first.
+    pub queue: Vec<QueueItem>,
+}
+
+impl Live {
+    /// Slots registered over all runners.
+    pub fn total_slots(&self) -> u32 {
+        self.runners.iter().map(|r| r.slots).sum()
+    }
+
+    /// Slots in use over all runners.
+    pub fn busy_slots(&self) -> u32 {
+        self.runners.iter().map(|r| r.busy).sum()
+    }
+}
+
+/// What the owner task knows of a runner connection that the state does not.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    /// Its remote address.
+    pub address: String,
+    /// When it registered (Unix ms).
+    pub since_ms: u64,
+    /// When it last sent something (Unix ms).
+    pub last_heard_ms: u64,
+}
+
+/// Builds the live view from the state and what the owner knows of each
+/// connection (by connection id).
+pub fn live(state: &State, conns: &BTreeMap<usize, ConnInfo>, now_ms: u64) -> Live {
+    let mut runners = Vec::new();
+    for r in state.runner_views() {
+        let info = conns.get(&r.conn);
+        let running = r
+            .jobs
+            .iter()
+            .filter_map(|(&job, &slots)| {
+                let commit = state.commit_of(job)?;
+                let files = state.entry(&commit)?.batches.get(&job).map(|b| b.files.clone()).unwrap_or_default();
+                Some(RunningBatch { job, commit, files, slots })
+            })
+            .collect();
+        runners.push(RunnerView {
+            name: r.name.to_owned(),
+            address: info.map(|i| i.address.clone()).unwrap_or_default(),
+            slots: r.slots,
+            busy: r.jobs.values().sum(),
+            running,
+            connected_since_ms: info.map_or(0, |i| i.since_ms),
+            last_heard_ms: info.map_or(0, |i| i.last_heard_ms),
+            sandbox_warnings: r.sandbox_gaps.to_vec(),
+        });
+    }
+    let total: u32 = runners.iter().map(|r| r.slots).sum();
+    let busy: u32 = runners.iter().map(|r| r.busy).sum();
+    let mut queue = Vec::new();
+    for (position, e) in state.queued().enumerate() {
+        let orphan = e.batches.values().find(|b| b.lease.conn.is_none()).map(|b| b.lease.runner.clone());
+        let reason = if let Some(runner) = orphan {
+            WaitReason::AwaitingRunner { runner }
+        } else if runners.is_empty() {
+            WaitReason::NoRunner
+        } else if busy >= total {
+            WaitReason::NoFreeSlot { busy, total }
+        } else if position > 0 {
+            WaitReason::Behind { commits: position }
+        } else {
+            WaitReason::Assigning
+        };
+        queue.push(QueueItem {
+            commit: e.commit,
+            repo: e.repo.clone(),
+            branch: e.branch.clone(),
+            queued_at_ms: e.queued_at_ms,
+            pending_files: e.pending.len(),
+            running_files: e.batches.values().map(|b| b.files.len()).sum(),
+            done_files: e.done_files.len(),
+            reason,
+        });
+    }
+    Live { at_ms: now_ms, runners, queue }
+}
+
+/// A live request: the owner answers on the enclosed channel.
+pub type LiveRequest = oneshot::Sender<Live>;
+
+/// Why a live request got no answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LiveError {
+    /// Too many requests are waiting already: ask again later.
+    #[error("the dispatcher is busy; try again")]
+    Busy,
+    /// The owner did not answer within the timeout.
+    #[error("the dispatcher did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The dispatcher is stopping.
+    #[error("the dispatcher is stopping")]
+    Stopping,
+}
+
+/// A fixed-bucket histogram updated without locks: the owner task records,
+/// readers render. Bucket bounds are in seconds, as Prometheus expects.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// One counter per bound, then one for +Inf (not cumulative).
+    counts: Vec<AtomicU64>,
+    /// The sum of observations, in microseconds.
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// An empty histogram with these upper bounds (seconds, increasing).
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_us: AtomicU64::new(0) }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self.bounds.iter().position(|&b| secs <= b).unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound (the last is +Inf, the total), and the sum in seconds.
+    pub fn read(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let mut total = 0;
+        let mut out = Vec::with_capacity(self.bounds.len());
+        for (i, &b) in self.bounds.iter().enumerate() {
+            total += self.counts[i].load(Ordering::Relaxed);
+            out.push((b, total));
+        }
+        total += self.counts[self.bounds.len()].load(Ordering::Relaxed);
+        (out, total, self.sum_us.load(Ordering::Relaxed) as f64 / 1e6)
+    }
+}
+
+/// Bounds for storage writes: 100 µs to 10 s.
+pub const WRITE_BOUNDS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0];
+
+/// What the core measures about itself.
+#[derive(Debug)]
+pub struct CoreMetrics {
+    /// How long each event's storage transaction took.
+    pub store_write: Histogram,
+    /// Transactions that failed.
+    pub store_failures: AtomicU64,
+}
+
+impl Default for CoreMetrics {
+    fn default() -> Self {
+        CoreMetrics { store_write: Histogram::new(WRITE_BOUNDS), store_failures: AtomicU64::new(0) }
+    }
+}
+
+/// The handle readers get: the stream of changes, snapshots and live views,
+/// and the core's own measurements. Cheap to clone.
+#[derive(Clone)]
+pub struct ReadApi {
+    /// Weak, so that a reader outliving the dispatcher does not keep the
+    /// stream open (its end is what stops the result files' writer).
+    updates: broadcast::WeakSender<Arc<Update>>,
+    snapshots: SnapshotRequests,
+    live: mpsc::Sender<LiveRequest>,
+    metrics: Arc<CoreMetrics>,
+}
+
+impl ReadApi {
+    /// A read API over these channels: what the dispatcher hands out, and
+    /// what a test of a reader builds to feed it updates of its own.
+    pub fn new(
+        updates: &broadcast::Sender<Arc<Update>>,
+        snapshots: SnapshotRequests,
+        live: mpsc::Sender<LiveRequest>,
+        metrics: Arc<CoreMetrics>,
+    ) -> ReadApi {
+        ReadApi { updates: updates.downgrade(), snapshots, live, metrics }
+    }
+
+    /// Everything stored now, and a feed of every update after it (none
+    /// missed, none repeated: the snapshot is taken in order with events
+    /// after the subscription began).
+    pub async fn subscribe(&self, name: &'static str) -> Result<(Snapshot, Feed), String> {
+        let rx = self.updates.upgrade().ok_or("the dispatcher is stopping")?.subscribe();
+        let (tx, answer) = oneshot::channel();
+        self.snapshots.send(tx).await.map_err(|_| "the dispatcher is stopping".to_owned())?;
+        let snapshot = answer.await.map_err(|_| "the dispatcher is stopping".to_owned())??;
+        let feed = Feed::new(name, rx, self.snapshots.clone(), snapshot.seq);
+        Ok((snapshot, feed))
+    }
+
+    /// The runners and the queue now, asked of the owner without making it wait.
+    pub async fn live(&self) -> Result<Live, LiveError> {
+        let (tx, rx) = oneshot::channel();
+        self.live.try_send(tx).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => LiveError::Busy,
+            mpsc::error::TrySendError::Closed(_) => LiveError::Stopping,
+        })?;
+        match tokio::time::timeout(LIVE_TIMEOUT, rx).await {
+            Ok(Ok(live)) => Ok(live),
+            Ok(Err(_)) => Err(LiveError::Stopping),
+            Err(_) => Err(LiveError::Timeout(LIVE_TIMEOUT)),
+        }
+    }
+
+    /// The core's measurements.
+    pub fn metrics(&self) -> &CoreMetrics {
+        &self.metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_counts_cumulatively() {
+        let h = Histogram::new(&[0.001, 0.01]);
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(5));
+        h.observe(Duration::from_millis(5));
+        h.observe(Duration::from_secs(1));
+        let (buckets, total, sum) = h.read();
+        assert_eq!(buckets, vec![(0.001, 1), (0.01, 3)]);
+        assert_eq!(total, 4);
+        assert!((sum - 1.0105).abs() < 1e-9, "{sum}");
+    }
+
+    #[tokio::test]
+    async fn a_full_live_channel_is_busy_not_a_wait() {
+        let (updates, _) = broadcast::channel(4);
+        let (snapshots, _s) = mpsc::channel(1);
+        let (live, _held) = mpsc::channel(1);
+        let api = ReadApi::new(&updates, snapshots, live, Arc::default());
+        // Nobody answers the first request: it times out, and fills the channel.
+        let first = tokio::spawn({
+            let api = api.clone();
+            async move { api.live().await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(api.live().await, Err(LiveError::Busy));
+        drop(first);
+    }
+}
