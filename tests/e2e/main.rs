@@ -23,3 +23,4 @@ mod pipeline;
 mod plugin;
 mod split;
 mod tap;
+mod web;

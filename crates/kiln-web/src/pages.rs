@@ -83,7 +83,7 @@ fn civil(z: i64) -> (i64, u32, u32) {
 fn counts(c: &Counts) -> Markup {
     html! {
         span.counts {
-            (c.total) " tests"
+            (c.total) @if c.total == 1 { " test" } @else { " tests" }
             @if c.pass > 0 { ", " span.o-pass { (c.pass) " passed" } }
             @if c.fail > 0 { ", " span.o-fail { (c.fail) " failed" } }
             @if c.error > 0 { ", " span.o-error { (c.error) " errors" } }
