@@ -385,14 +385,23 @@ fn a_non_loopback_dashboard_is_refused_in_one_sentence() {
     let certs = dir.path().join("certs");
     let out = crate::harness::kiln().args(["certs", "init", "--dir"]).arg(&certs).output().unwrap();
     assert!(out.status.success());
-    let out = crate::harness::kiln()
+    let mut child = crate::harness::kiln()
         .arg("dispatcher")
         .arg("--identity")
         .arg(certs.join("dispatcher"))
         .args(["--listen", "127.0.0.1:0", "--http", "0.0.0.0:0", "--state"])
         .arg(dir.path().join("state"))
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    // A dispatcher that accepted the address would serve until stopped.
+    let exited = eventually(Duration::from_secs(20), || child.try_wait().unwrap().is_some());
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(exited, "the dispatcher started with a non-loopback dashboard");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
