@@ -201,6 +201,11 @@ enum EventChange<'a> {
         commit: CommitId,
         file: &'a str,
     },
+    Retry {
+        commit: CommitId,
+        file: &'a str,
+        retries: u32,
+    },
     Files {
         commit: CommitId,
         files: usize,
@@ -318,6 +323,9 @@ impl Board {
                     Change::Commit(row) => EventChange::Commit(self.summary(&row.commit)?),
                     Change::Test { commit, result } => event_test(*commit, result),
                     Change::FileDone { commit, file } => EventChange::FileDone { commit: *commit, file },
+                    Change::Retry { commit, file, retries } => {
+                        EventChange::Retry { commit: *commit, file, retries: *retries }
+                    }
                     Change::Files { commit, files } => EventChange::Files { commit: *commit, files: files.len() },
                     Change::Batch(b) => {
                         EventChange::Batch { commit: b.commit, job: b.job, runner: &b.runner, files: b.files.len() }

@@ -278,6 +278,7 @@ pub fn commit(doc: &Doc, progress: Option<&Progress>, filter: &Filter, now_ms: u
                             a.permalink href={ "#" (a) } title="permalink" { "#" }
                             " " span.outcome { (t.outcome.as_str()) } " "
                             code.test-id { (display(&t.id)) }
+                            @if t.flaky { " " span.flaky title="failed, then passed when run again" { "flaky" } }
                             " " span.duration { (duration(t.duration_ms)) }
                             @if let Some(runner) = &t.runner { " " span.runner { "on " (runner) } }
                             @if !t.message.is_empty() {

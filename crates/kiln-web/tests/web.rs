@@ -57,6 +57,8 @@ fn result(id: &str, message: &str) -> TestResult {
         duration_ms: 3,
         message: message.into(),
         runner: Some("r1".into()),
+        flaky: false,
+        earlier: vec![],
     }
 }
 
