@@ -375,6 +375,49 @@ mod tests {
         assert!((sum - 1.0105).abs() < 1e-9, "{sum}");
     }
 
+    fn commit(n: u8) -> CommitId {
+        format!("{n:040x}").parse().unwrap()
+    }
+
+    fn submit(s: &mut State, n: u8) {
+        let files = vec!["tests/test_a.py".to_owned()];
+        let supersede = kiln_proto::wire::Supersede::Nothing;
+        s.submit("repo", "main", commit(n), supersede, |_| true, &files, None, u64::from(n)).unwrap();
+    }
+
+    #[test]
+    fn the_queue_says_why_each_commit_waits() {
+        let mut s = State::default();
+        submit(&mut s, 1);
+        submit(&mut s, 2);
+        let reasons = |s: &State| -> Vec<(CommitId, WaitReason)> {
+            live(s, &BTreeMap::new(), 0).queue.into_iter().map(|q| (q.commit, q.reason)).collect()
+        };
+        assert_eq!(reasons(&s), vec![(commit(1), WaitReason::NoRunner), (commit(2), WaitReason::NoRunner)]);
+        // One runner with one slot takes the first commit; the second waits for a slot.
+        s.register("r1", 7, 1, &[], &["no seccomp".to_owned()]);
+        let dispatched = s.assign();
+        assert_eq!(dispatched.len(), 1);
+        assert_eq!(reasons(&s), vec![(commit(2), WaitReason::NoFreeSlot { busy: 1, total: 1 })]);
+        let conns = BTreeMap::from([(7, ConnInfo { address: "127.0.0.1:9".into(), since_ms: 5, last_heard_ms: 6 })]);
+        let view = live(&s, &conns, 10);
+        assert_eq!(view.runners.len(), 1);
+        let r = &view.runners[0];
+        assert_eq!((r.name.as_str(), r.address.as_str(), r.slots, r.busy), ("r1", "127.0.0.1:9", 1, 1));
+        assert_eq!((r.connected_since_ms, r.last_heard_ms), (5, 6));
+        assert_eq!(r.sandbox_warnings, vec!["no seccomp".to_owned()]);
+        assert_eq!(r.running.len(), 1);
+        assert_eq!((r.running[0].commit, r.running[0].files.clone()), (commit(1), vec!["tests/test_a.py".to_owned()]));
+        // A second runner frees a slot: what is still queued is being handed out.
+        s.register("r2", 8, 2, &[], &[]);
+        assert_eq!(reasons(&s), vec![(commit(2), WaitReason::Assigning)]);
+        assert_eq!(
+            WaitReason::NoFreeSlot { busy: 4, total: 4 }.to_string(),
+            "no runner has a free slot (4 of 4 slots busy)"
+        );
+        assert_eq!(WaitReason::Behind { commits: 2 }.to_string(), "behind 2 older commits");
+    }
+
     #[tokio::test]
     async fn a_full_live_channel_is_busy_not_a_wait() {
         let (updates, _) = broadcast::channel(4);
