@@ -258,6 +258,7 @@ fn a_build_step_cannot_write_outside_or_reach_the_hosts_loopback() {
         error.starts_with("set up the Python environment: install the packages (in the sandbox, offline): "),
         "{error}"
     );
+    println!("hostile build step: {error}");
     // The build step ran, and neither attempt reached the host.
     assert!(error.contains("kiln-escape-report: "), "{error}");
     assert!(!error.contains("connect=done"), "{error}");
