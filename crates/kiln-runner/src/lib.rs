@@ -101,6 +101,10 @@ pub async fn run(
     }
     // Checkouts and the object cache are nobody else's business.
     make_private(&config.work_dir).map_err(|source| RunnerError::WorkDir { path: config.work_dir.clone(), source })?;
+    // Absolute: commands see an environment at the path it was built at.
+    let envs_dir = config.work_dir.join("envs");
+    let envs_dir =
+        std::fs::canonicalize(&envs_dir).map_err(|source| RunnerError::WorkDir { path: envs_dir, source })?;
     let ctx = Arc::new(job::JobContext {
         cache: config.work_dir.join("cache.git"),
         jobs_dir: config.work_dir.join("jobs"),
@@ -108,7 +112,7 @@ pub async fn run(
         git_limits: config.git_limits,
         host,
         max_file_timeout: config.max_file_timeout,
-        envs: env::Envs::new(config.work_dir.join("envs"), config.envs.clone(), config.hidden.clone()),
+        envs: env::Envs::new(envs_dir, config.envs.clone(), config.hidden.clone()),
         slots: job::Slots::new(config.slots),
         jobs: std::sync::Mutex::new(std::collections::HashMap::new()),
         fetching: tokio::sync::Mutex::new(()),
