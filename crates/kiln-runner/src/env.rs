@@ -635,6 +635,39 @@ mod tests {
     }
 
     #[test]
+    fn the_least_recently_used_environments_beyond_the_cache_size_go_unless_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = EnvSettings { cache_size: 2, ..EnvSettings::default() };
+        let envs = Envs::new(dir.path().to_owned(), settings, Vec::new());
+        let now = SystemTime::now();
+        for (name, age) in [("oldest", 40), ("old", 30), ("newer", 20), ("newest", 10)] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+            let ready = std::fs::File::create(dir.path().join(name).join(READY)).unwrap();
+            ready.set_modified(now - Duration::from_secs(age)).unwrap();
+        }
+        // Half built (no marker): not counted, not removed here.
+        std::fs::create_dir(dir.path().join("building")).unwrap();
+        let lease = envs.lease("oldest", &dir.path().join("oldest"));
+        envs.evict();
+        let mut left: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        // The one in use stays; the next least recently used go instead.
+        assert_eq!(left, ["building", "newest", "oldest"]);
+        drop(lease);
+        // Reuse makes an environment the most recently used.
+        assert!(touch_ready(&dir.path().join("oldest")));
+        assert!(!touch_ready(&dir.path().join("building")));
+        std::fs::create_dir(dir.path().join("fresh")).unwrap();
+        std::fs::File::create(dir.path().join("fresh").join(READY)).unwrap();
+        envs.evict();
+        let mut left: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["building", "fresh", "oldest"]);
+    }
+
+    #[test]
     fn messages_keep_the_head_and_the_tail() {
         let long = format!("{}{}{}", "a".repeat(2000), "b".repeat(2000), "c".repeat(2000));
         let kept = head_and_tail(long.as_bytes());
