@@ -32,7 +32,9 @@ pub enum Event {
     Claim { repo: String, observer: String },
     /// A commit is submitted; `descends` are the candidates it descends
     /// from, `files` its test files as listed from the mirror, and
-    /// `listing_warning` the links under `tests/` that were not followed.
+    /// `listing_warning` the links under `tests/` that were not followed,
+    /// and `config_error` what is wrong with its `kiln.toml`, if anything
+    /// (then it ends at once as `error` with that message).
     Submit {
         repo: String,
         branch: String,
@@ -41,6 +43,7 @@ pub enum Event {
         descends: HashSet<CommitId>,
         files: Vec<String>,
         listing_warning: Option<String>,
+        config_error: Option<String>,
     },
     /// A runner registers on a connection, holding these leases.
     Register { name: String, conn: ConnId, slots: u32, held: Vec<Held>, gaps: Vec<String> },
@@ -193,9 +196,14 @@ fn step(s: &mut State, event: Event, now_ms: u64) -> (Answer, Vec<Stopped>, bool
     let ended = |s: &State, job: u64| s.commit_of(job).and_then(|c| s.entry(&c)).is_none_or(|e| e.status.is_final());
     match event {
         Event::Claim { repo, observer } => (Answer::Claimed(s.claim_repo(&repo, &observer)), Vec::new(), false),
-        Event::Submit { repo, branch, commit, supersede, descends, files, listing_warning } => {
+        Event::Submit { repo, branch, commit, supersede, descends, files, listing_warning, config_error } => {
             let stopped =
                 s.submit(&repo, &branch, commit, supersede, |c| descends.contains(c), &files, listing_warning, now_ms);
+            if stopped.is_some()
+                && let Some(reason) = config_error
+            {
+                s.refuse_config(&commit, reason, now_ms);
+            }
             let all = stopped.clone().unwrap_or_default();
             (Answer::Submitted(stopped), all, true)
         }
@@ -285,6 +293,7 @@ mod tests {
             descends: [commit(1)].into(),
             files: vec!["tests/test_a.py".into()],
             listing_warning: None,
+            config_error: None,
         }
     }
 

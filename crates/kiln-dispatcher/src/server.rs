@@ -784,8 +784,11 @@ impl Dispatcher {
         // One store for the whole operation: the commit's test files (what
         // it is split into) and which older commits it descends from.
         let older = candidates.clone();
-        let (listed, descends): (kiln_git::TreeTests, HashSet<CommitId>) = in_mirror(&self.mirror, move |store| {
+        type Listing = (kiln_git::TreeTests, HashSet<CommitId>, Option<String>);
+        let (listed, descends, config_error): Listing = in_mirror(&self.mirror, move |store| {
             let listed = store.test_files(&commit)?;
+            // Validated once, here: a problem is the commit's error, and no runner sees it.
+            let config_error = store.repo_config(&commit)?.err().map(|e| e.to_string());
             let descends = older
                 .into_iter()
                 .filter(|old| match store.is_ancestor(old, &commit) {
@@ -796,9 +799,12 @@ impl Dispatcher {
                     }
                 })
                 .collect();
-            Ok((listed, descends))
+            Ok((listed, descends, config_error))
         })
         .await?;
+        if let Some(problem) = &config_error {
+            info!(%commit, "unusable repository configuration: {}", Escaped(problem));
+        }
         debug!(%commit, files = listed.files.len(), "listed the test files");
         let event = Event::Submit {
             repo: repo.clone(),
@@ -808,6 +814,7 @@ impl Dispatcher {
             descends: descends.clone(),
             listing_warning: listed.warning(),
             files: listed.files,
+            config_error,
         };
         match self.ask(event).await {
             Ok(Answer::Submitted(Some(stopped))) => {
@@ -873,8 +880,13 @@ impl Dispatcher {
         let a = &d.assignment;
         info!(commit = %a.commit, files = a.files.len(), slots = a.slots, "assigned");
         let outcome = async {
+            // Read again from the mirror rather than kept per commit: a blob
+            // read, and nothing more to store or to restore after a restart.
+            let commit = a.commit;
+            let config = in_mirror(&self.mirror, move |store| store.repo_config(&commit)).await?;
+            let assignment = Assignment { config: config.ok().flatten(), ..d.assignment.clone() };
             let (mut send, recv) = conn.open().await.map_err(|e| StreamError::Failed(e.to_string()))?;
-            send.send(&d.assignment).await?;
+            send.send(&assignment).await?;
             self.events(send, recv, &d, &cancel).await
         }
         .await;
@@ -903,7 +915,14 @@ impl Dispatcher {
             runner: peer.name.clone(),
             conn: id,
             // Only the fencing token matters on a resumed stream.
-            assignment: Assignment { job: held.job, attempt: held.attempt, commit, files: Vec::new(), slots: 0 },
+            assignment: Assignment {
+                job: held.job,
+                attempt: held.attempt,
+                commit,
+                files: Vec::new(),
+                slots: 0,
+                config: None,
+            },
         };
         let cancel = CancellationToken::new();
         self.tell(Msg::Track { job: held.job, attempt: held.attempt, token: cancel.clone() });

@@ -663,6 +663,21 @@ impl State {
         Some(stopped)
     }
 
+    /// Ends a commit [`State::submit`] has just queued as `error`, because
+    /// its repository configuration is unusable: `reason` names the problem.
+    /// Its test files stay listed, so the report still says what it holds.
+    pub fn refuse_config(&mut self, commit: &CommitId, reason: String, now_ms: u64) {
+        if self.stop(commit, CommitStatus::Error, reason.clone(), now_ms).is_some() {
+            return;
+        }
+        // No test files: submit ended it at once ("no tests found"); the
+        // configuration's problem is the one to fix first.
+        self.touch(commit);
+        if let Some(entry) = self.commits.get_mut(commit) {
+            entry.error = Some(reason);
+        }
+    }
+
     /// Takes back entries persisted by an earlier dispatcher process, with
     /// their results, finished files and running batches. A running batch
     /// keeps its lease for its runner to claim when it reconnects (see
@@ -964,7 +979,7 @@ impl State {
             out.push(Dispatch {
                 runner: name,
                 conn: runner.conn,
-                assignment: Assignment { job, attempt: entry.attempt, commit, files, slots },
+                assignment: Assignment { job, attempt: entry.attempt, commit, files, slots, config: None },
             });
         }
         out

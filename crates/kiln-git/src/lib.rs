@@ -36,6 +36,7 @@
 //! Unix only: checkouts create symlinks and set executable bits.
 
 mod checkout;
+mod config;
 mod error;
 mod limits;
 mod list;

@@ -79,6 +79,22 @@ pub struct PluginSummary {
     pub compilation: Compilation,
 }
 
+/// What a repository's configuration changes about one [`PluginHost::run_with`]:
+/// everything else comes from the runner's [`Policy`].
+#[derive(Clone, Debug, Default)]
+pub struct RunSettings {
+    /// The per-file time limit instead of the policy's command timeout (the
+    /// caller bounds it by the runner's maximum).
+    pub file_timeout: Option<Duration>,
+    /// Variables added to every command's environment; the caller has
+    /// checked them (see `kiln_proto::repo_config::refused_env`).
+    pub env: Vec<(String, String)>,
+    /// Granted programs to start from another path for this run (`python3`
+    /// from the repository's environment): a plugin still gets only the
+    /// programs the policy granted it, by name.
+    pub programs: BTreeMap<String, PathBuf>,
+}
+
 /// Runs Kiln executor plugins. Share it between jobs with an `Arc`: `run`
 /// takes `&self` and every call gets its own store.
 pub struct PluginHost {
@@ -223,6 +239,18 @@ impl PluginHost {
         slots: u32,
         report: &mpsc::UnboundedSender<HostEvent>,
     ) -> Result<(), HostError> {
+        self.run_with(checkout, files, slots, &RunSettings::default(), report).await
+    }
+
+    /// [`PluginHost::run`] with a repository's [`RunSettings`].
+    pub async fn run_with(
+        &self,
+        checkout: &Path,
+        files: &[String],
+        slots: u32,
+        settings: &RunSettings,
+        report: &mpsc::UnboundedSender<HostEvent>,
+    ) -> Result<(), HostError> {
         let checkout = tokio::fs::canonicalize(checkout)
             .await
             .map_err(|e| HostError::Checkout { path: checkout.to_owned(), source: Box::new(e) })?;
@@ -232,13 +260,13 @@ impl PluginHost {
                 continue;
             }
             let retry;
-            (seen, retry) = self.run_batch(plugin, &checkout, files, slots.max(1), report, seen).await?;
+            (seen, retry) = self.run_batch(plugin, &checkout, files, slots.max(1), settings, report, seen).await?;
             // The batch failed, and nothing says which file caused it: each
             // file it left unfinished runs again alone, so that only a file
             // that fails on its own gets the error. (Repeated results are
             // dropped as repeated ids.)
             for file in retry {
-                (seen, _) = self.run_batch(plugin, &checkout, vec![file], 1, report, seen).await?;
+                (seen, _) = self.run_batch(plugin, &checkout, vec![file], 1, settings, report, seen).await?;
             }
         }
         Ok(())
@@ -300,35 +328,51 @@ impl PluginHost {
     /// one. Otherwise it completes every file itself: those the plugin did
     /// not mark done get their `FileDone` (and, after a failure, an `error`
     /// result if they have none).
+    #[expect(clippy::too_many_arguments, reason = "two call sites, both in `run_with`")]
     async fn run_batch(
         &self,
         plugin: &Plugin,
         checkout: &Path,
         files: Vec<String>,
         slots: u32,
+        settings: &RunSettings,
         report: &mpsc::UnboundedSender<HostEvent>,
         seen: HashSet<String>,
     ) -> Result<(HashSet<String>, Vec<String>), HostError> {
         let started = Instant::now();
         // The limits are per file; a batch of n files gets n times them.
         let count = u32::try_from(files.len()).unwrap_or(u32::MAX);
+        let file_timeout = settings.file_timeout.unwrap_or(self.policy.command_timeout);
         let job = Job {
             files: files.clone(),
             done: HashSet::new(),
-            spawn_timeout: self.policy.command_timeout.saturating_mul(count),
+            spawn_timeout: file_timeout.saturating_mul(count),
             checkout: checkout.to_owned(),
             report: report.clone(),
             seen,
             files_with_results: HashSet::new(),
             closed: false,
+            env: settings.env.clone().into(),
+        };
+        let granted = if settings.programs.is_empty() {
+            plugin.granted.clone()
+        } else {
+            let mut granted = (*plugin.granted).clone();
+            for (name, path) in granted.iter_mut() {
+                if let Some(replacement) = settings.programs.get(name) {
+                    path.clone_from(replacement);
+                }
+            }
+            Arc::new(granted)
         };
         let limit = self.policy.call_timeout.saturating_mul(count);
-        let mut store = self.store(&plugin.name, &plugin.granted, Some(job), Some(checkout), limit)?;
+        let mut store = self.store(&plugin.name, &granted, Some(job), Some(checkout), limit)?;
+        store.data_mut().call.command_timeout = file_timeout;
         let clock = store.data().call.clock.clone();
         let batch = bindings::exports::kiln::executor::executor::Batch {
             files,
             slots,
-            file_timeout_ms: u64::try_from(self.policy.command_timeout.as_millis()).unwrap_or(u64::MAX),
+            file_timeout_ms: u64::try_from(file_timeout.as_millis()).unwrap_or(u64::MAX),
         };
         let call = async {
             let instance = plugin.pre.instantiate_async(&mut store).await?;

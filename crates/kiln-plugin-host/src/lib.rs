@@ -36,5 +36,5 @@ pub use cache::Compilation;
 pub use error::HostError;
 pub use event::HostEvent;
 pub use files::{TestFiles, test_files};
-pub use host::{CONTRACT_VERSION, PluginHost, PluginSummary};
+pub use host::{CONTRACT_VERSION, PluginHost, PluginSummary, RunSettings};
 pub use policy::Policy;

@@ -163,6 +163,8 @@ pub(crate) struct Job {
     pub files_with_results: HashSet<String>,
     /// Set when the receiver is gone: the plugin is then stopped.
     pub closed: bool,
+    /// Variables added to every command's environment (see [`crate::RunSettings`]).
+    pub env: Arc<[(String, String)]>,
 }
 
 impl WasiView for HostState {
@@ -336,6 +338,8 @@ impl HostState {
             timeout,
             max_output: self.call.max_output,
             hidden: &self.call.hidden,
+            env: self.call.job.as_ref().map_or(&[], |job| &job.env),
+            binds: &[],
         }
     }
 

@@ -9,6 +9,7 @@ pub mod escape;
 pub mod frame;
 pub mod junit;
 pub mod model;
+pub mod repo_config;
 pub mod size;
 pub mod wire;
 
@@ -19,6 +20,7 @@ pub use model::{
     CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, EarlierRun, FileCounts, FlakyTest, MAX_TEST_ID_BYTES,
     MAX_TEST_MESSAGE_BYTES, Outcome, Role, TestResult, TestRun,
 };
+pub use repo_config::RepoConfig;
 pub use size::ByteSize;
 
 /// Formats an error with its chain of causes, as `a: b: c`, for log lines

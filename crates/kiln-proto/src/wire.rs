@@ -247,6 +247,10 @@ pub struct Assignment {
     /// files may run at once. The dispatcher never hands a runner more
     /// slots, over all its batches, than it registered.
     pub slots: u32,
+    /// The repository's configuration for this commit (`kiln.toml` or
+    /// `[tool.kiln]`, validated by the dispatcher), or `None` when the
+    /// commit has none (and on a resumed stream, where only the lease matters).
+    pub config: Option<crate::RepoConfig>,
 }
 
 /// What a runner reports about an assignment.

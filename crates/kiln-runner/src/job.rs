@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use kiln_git::{ObjectStore, Open, with_store};
 use kiln_net::{Connection, RecvStream, SendStream};
-use kiln_plugin_host::{HostEvent, PluginHost};
+use kiln_plugin_host::{HostEvent, PluginHost, RunSettings};
 use kiln_proto::wire::{Assignment, Control, Held, JobEvent, Reply, Request};
-use kiln_proto::{CommitId, Escaped, error_chain};
+use kiln_proto::{CommitId, Escaped, RepoConfig, error_chain};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -35,6 +35,10 @@ pub(crate) struct JobContext {
     pub git_limits: kiln_git::Limits,
     /// The plugins.
     pub host: Arc<PluginHost>,
+    /// The longest per-file time limit a repository's `file-timeout` may set.
+    pub max_file_timeout: std::time::Duration,
+    /// The repositories' cached environments.
+    pub envs: crate::env::Envs,
     /// The runner's slots: how many test files may run at once, across jobs.
     pub slots: Slots,
     /// Jobs running now, by job id, with the way to hand each a new stream.
@@ -110,6 +114,8 @@ struct Batch {
     files: Vec<String>,
     /// How many of the runner's slots they may use.
     slots: u32,
+    /// The repository's configuration, if the commit has one.
+    config: Option<RepoConfig>,
 }
 
 /// Why a job could not run its tests.
@@ -129,6 +135,10 @@ enum JobError {
     OnlyLinks(String),
     #[error("run the plugins")]
     Plugins(#[source] kiln_plugin_host::HostError),
+    #[error("use the repository's configuration from {source_file}: {problem}")]
+    Config { source_file: String, problem: String },
+    #[error("set up the Python environment")]
+    Env(#[source] crate::env::EnvError),
 }
 
 /// Serves one assignment stream opened by the dispatcher.
@@ -146,13 +156,13 @@ pub(crate) async fn serve_assignment(
             return;
         }
     };
-    let Assignment { job, attempt, commit, files, slots } = assignment;
+    let Assignment { job, attempt, commit, files, slots, config } = assignment;
     info!(job, attempt, %commit, files = files.len(), slots, "job started");
     let checkout = ctx.jobs_dir.join(format!("{job}-{attempt}"));
     let (link_tx, link_rx) = mpsc::unbounded_channel();
     ctx.jobs().insert(job, Running { attempt, link: link_tx });
     let lease = Held { job, attempt };
-    let batch = Batch { files, slots };
+    let batch = Batch { files, slots, config };
     report(&ctx, &conn, lease, commit, &batch, &checkout, (send, recv), link_rx, &shutdown).await;
     ctx.jobs().remove(&job);
     remove_checkout(&checkout).await;
@@ -340,13 +350,31 @@ async fn run_job(
     if files.is_empty() {
         return Ok(Ok(0));
     }
+    let mut settings = match &batch.config {
+        None => RunSettings::default(),
+        Some(config) => match settings(config, ctx.max_file_timeout, &events) {
+            Ok(settings) => settings,
+            Err(e) => return Ok(Err(e)),
+        },
+    };
+    // Held until the tests end: the environment is not evicted under them.
+    let _env = match &batch.config {
+        Some(config) if config.installs() => match ctx.envs.get(config, checkout).await {
+            Ok(lease) => {
+                settings.programs.insert("python3".to_owned(), lease.python.clone());
+                Some(lease)
+            }
+            Err(e) => return Ok(Err(JobError::Env(e))),
+        },
+        _ => None,
+    };
     let slots = ctx.slots.take(batch.slots).await;
     debug!(files = files.len(), slots = slots.num_permits(), "running tests");
     let (tx, mut rx) = mpsc::unbounded_channel::<HostEvent>();
     let host = Arc::clone(&ctx.host);
     let run = async move {
         let count = u32::try_from(slots.num_permits()).unwrap_or(u32::MAX);
-        let r = host.run(checkout, &files, count, &tx).await;
+        let r = host.run_with(checkout, &files, count, &settings, &tx).await;
         drop(tx);
         drop(slots);
         r
@@ -419,4 +447,38 @@ async fn fetch(
     .map_err(git)?;
     drop(cached);
     Ok(())
+}
+
+/// What a repository's configuration changes about running its tests:
+/// `[python] paths` on `sys.path` (as `PYTHONPATH`, relative entries that
+/// the interpreter makes absolute against the checkout, where plugins start
+/// it), `[env]`, and `[limits] file-timeout` bounded by `max_file_timeout`
+/// (with a warning when it is cut). The dispatcher validated the
+/// configuration; it is checked again here, because it came over the
+/// network, and nothing runs if it fails.
+fn settings(
+    config: &RepoConfig,
+    max_file_timeout: std::time::Duration,
+    events: &mpsc::UnboundedSender<JobEvent>,
+) -> Result<RunSettings, JobError> {
+    config.check().map_err(|problem| JobError::Config { source_file: config.source.clone(), problem })?;
+    let mut env: Vec<(String, String)> = config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    if !config.paths.is_empty() {
+        env.push(("PYTHONPATH".to_owned(), config.paths.join(":")));
+    }
+    let file_timeout = config.file_timeout().map(|asked| {
+        if asked > max_file_timeout {
+            let warning = format!(
+                "{} asks for a file-timeout of {}; this runner allows at most {} (--max-file-timeout), so files \
+                 ran with that",
+                config.source,
+                humantime::format_duration(asked),
+                humantime::format_duration(max_file_timeout)
+            );
+            // The receiver lives as long as the job.
+            let _ = events.send(JobEvent::Warning(warning));
+        }
+        asked.min(max_file_timeout)
+    });
+    Ok(RunSettings { file_timeout, env, programs: Default::default() })
 }

@@ -8,7 +8,10 @@
 //! as the plugin reports it. A runner needs only the dispatcher's address and
 //! its certificate bundle: no shared filesystem, no access to the git host.
 
+mod env;
 mod job;
+
+pub use env::EnvSettings;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,6 +43,13 @@ pub struct Config {
     /// What the process sandbox lacks on this machine, reported to the
     /// dispatcher so every result it runs says so.
     pub sandbox_gaps: Vec<String>,
+    /// The longest per-file time limit a repository's `[limits]
+    /// file-timeout` may ask for (`--max-file-timeout`).
+    pub max_file_timeout: Duration,
+    /// How repositories' environments are built and kept.
+    pub envs: EnvSettings,
+    /// Directories no command may see (the work directory, the identity).
+    pub hidden: Vec<PathBuf>,
 }
 
 /// How many CPUs this process may use: its CPU affinity and its cgroup's CPU
@@ -83,7 +93,7 @@ pub async fn run(
     if bundle.identity().is_none_or(|id| id.role != kiln_proto::Role::Runner) {
         return Err(RunnerError::NotRunner(bundle.dir.clone()));
     }
-    for dir in [config.work_dir.clone(), config.work_dir.join("jobs")] {
+    for dir in [config.work_dir.clone(), config.work_dir.join("jobs"), config.work_dir.join("envs")] {
         // Made private from the start, so only an older, looser one is logged.
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
             .create(&dir)
@@ -91,12 +101,18 @@ pub async fn run(
     }
     // Checkouts and the object cache are nobody else's business.
     make_private(&config.work_dir).map_err(|source| RunnerError::WorkDir { path: config.work_dir.clone(), source })?;
+    // Absolute: commands see an environment at the path it was built at.
+    let envs_dir = config.work_dir.join("envs");
+    let envs_dir =
+        std::fs::canonicalize(&envs_dir).map_err(|source| RunnerError::WorkDir { path: envs_dir, source })?;
     let ctx = Arc::new(job::JobContext {
         cache: config.work_dir.join("cache.git"),
         jobs_dir: config.work_dir.join("jobs"),
         max_pack_bytes: config.max_pack_bytes,
         git_limits: config.git_limits,
         host,
+        max_file_timeout: config.max_file_timeout,
+        envs: env::Envs::new(envs_dir, config.envs.clone(), config.hidden.clone()),
         slots: job::Slots::new(config.slots),
         jobs: std::sync::Mutex::new(std::collections::HashMap::new()),
         fetching: tokio::sync::Mutex::new(()),

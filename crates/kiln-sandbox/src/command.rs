@@ -96,6 +96,22 @@ pub struct Limits<'a> {
     /// directory their root binds (the runner's work and identity
     /// directories).
     pub hidden: &'a [PathBuf],
+    /// Variables added to the fixed environment (a repository's `[env]`,
+    /// checked by the caller); `HOME` and `TMPDIR` are set after them and win.
+    pub env: &'a [(String, String)],
+    /// Host directories the command's root also holds, each at its own
+    /// path: a repository's environment while it is built (writable) and the
+    /// wheels it is built from (read-only).
+    pub binds: &'a [Bind],
+}
+
+/// A host directory a command sees at the same path (see [`Limits::binds`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bind {
+    /// The directory (absolute).
+    pub path: PathBuf,
+    /// Whether the command may write beneath it.
+    pub writable: bool,
 }
 
 /// Runs `request` in `checkout` (an absolute, canonical path) under
@@ -238,7 +254,7 @@ pub(crate) async fn spawn_in(
     let timeout = if request.timeout.is_zero() { limits.timeout } else { request.timeout.min(limits.timeout) };
 
     let mut confinement = sandbox
-        .prepare(checkout, &cwd, program, limits.hidden)
+        .prepare(checkout, &cwd, program, limits.hidden, limits.binds)
         .map_err(|e| Refusal::Failed(format!("could not set up the sandbox for {}: {e}", program.display())))?;
     let mut command = Command::new(program);
     command
@@ -246,6 +262,7 @@ pub(crate) async fn spawn_in(
         .current_dir(&cwd)
         .env_clear()
         .envs(ENVIRONMENT.iter().copied())
+        .envs(limits.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("HOME", confinement.home())
         .env("TMPDIR", confinement.tmp_dir())
         .stdin(if request.input.is_some() { Stdio::piped() } else { Stdio::null() })
@@ -482,7 +499,14 @@ mod tests {
         let checkout = tempfile::tempdir().unwrap();
         let checkout = std::fs::canonicalize(checkout.path()).unwrap();
         let granted = BTreeMap::from([("sh".to_owned(), PathBuf::from("/bin/sh"))]);
-        let limits = Limits { granted: &granted, timeout: Duration::from_secs(10), max_output: 4 << 20, hidden: &[] };
+        let limits = Limits {
+            granted: &granted,
+            timeout: Duration::from_secs(10),
+            max_output: 4 << 20,
+            hidden: &[],
+            env: &[],
+            binds: &[],
+        };
         // More than a pipe holds, so the writer must run while the output is read.
         let input: Vec<u8> = (0..200_000u32).flat_map(|i| format!("{i}\n").into_bytes()).collect();
         let request = |input: Option<Vec<u8>>| Request {
@@ -504,7 +528,14 @@ mod tests {
         let checkout = tempfile::tempdir().unwrap();
         let checkout = std::fs::canonicalize(checkout.path()).unwrap();
         let granted = BTreeMap::from([("sh".to_owned(), PathBuf::from("/bin/sh"))]);
-        let limits = Limits { granted: &granted, timeout: Duration::from_secs(60), max_output: 1024, hidden: &[] };
+        let limits = Limits {
+            granted: &granted,
+            timeout: Duration::from_secs(60),
+            max_output: 1024,
+            hidden: &[],
+            env: &[],
+            binds: &[],
+        };
         let request = Request {
             program: "sh".to_owned(),
             args: vec!["-c".to_owned(), "echo first; exec sleep 30".to_owned()],
@@ -535,7 +566,14 @@ mod tests {
         std::os::unix::fs::symlink("/", checkout.join("out")).unwrap();
         std::fs::create_dir(checkout.join("sub")).unwrap();
         let granted = BTreeMap::from([("sh".to_owned(), PathBuf::from("/bin/sh"))]);
-        let limits = Limits { granted: &granted, timeout: Duration::from_secs(10), max_output: 1024, hidden: &[] };
+        let limits = Limits {
+            granted: &granted,
+            timeout: Duration::from_secs(10),
+            max_output: 1024,
+            hidden: &[],
+            env: &[],
+            binds: &[],
+        };
         let request = |cwd: &str| Request {
             program: "sh".to_owned(),
             args: vec!["-c".to_owned(), "pwd".to_owned()],

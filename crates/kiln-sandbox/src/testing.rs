@@ -63,7 +63,7 @@ impl Sandbox {
             timeout,
             input: None,
         };
-        let limits = Limits { granted: &granted, timeout, max_output, hidden };
+        let limits = Limits { granted: &granted, timeout, max_output, hidden, env: &[], binds: &[] };
         match command::run_in(&self.0, &checkout, request, &limits).await {
             Ok(out) => Ok(Output {
                 exit_code: out.exit_code,

@@ -349,8 +349,14 @@ fn in_process(python: &Path) {
     // interpreter started directly with a cleared environment.
     let checkout = tempfile::tempdir().unwrap();
     let checkout_path = checkout.path().canonicalize().unwrap();
-    let limits =
-        kiln_sandbox::Limits { granted: &programs, timeout: Duration::from_secs(60), max_output: 1 << 20, hidden: &[] };
+    let limits = kiln_sandbox::Limits {
+        granted: &programs,
+        timeout: Duration::from_secs(60),
+        max_output: 1 << 20,
+        hidden: &[],
+        env: &[],
+        binds: &[],
+    };
     let sandboxed = || {
         runtime.block_on(async {
             let request = kiln_sandbox::Request {

@@ -483,6 +483,30 @@ pub struct RunnerArgs {
     /// A duration such as 5s, 2m or 1h 30m, or a number of seconds.
     #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10m")]
     pub command_timeout: Duration,
+    /// The longest per-file limit a repository's `[limits] file-timeout` may set
+    ///
+    /// A kiln.toml asking for more gets this, and a warning in the commit's
+    /// results. Without a file-timeout, --command-timeout applies.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "1h")]
+    pub max_file_timeout: Duration,
+    /// The one package index environments may download wheels from [default: none]
+    ///
+    /// For a repository whose kiln.toml installs packages. Only wheels are
+    /// downloaded (no sdist is built), outside the sandbox and running no
+    /// repository code; the install itself runs in the sandbox, offline.
+    /// Without it (and without --find-links) such a commit ends as `error`.
+    /// For example https://pypi.org/simple.
+    #[arg(long, value_name = "URL")]
+    pub index_url: Option<String>,
+    /// A directory of wheels environments may install from (read-only, offline)
+    #[arg(long, value_name = "DIR")]
+    pub find_links: Option<PathBuf>,
+    /// How many repository environments to keep; the least recently used go first
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub env_cache_size: u32,
+    /// The `uv` binary that installs environments [default: the one next to python3, or on PATH]
+    #[arg(long, value_name = "PATH")]
+    pub uv: Option<PathBuf>,
     #[command(flatten)]
     pub git_limits: GitLimitsArgs,
     /// The uid and gid commands run as when the runner runs as root

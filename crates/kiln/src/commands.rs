@@ -1,6 +1,7 @@
 //! What each subcommand does: turn flags into settings, start the library
 //! pieces, and decide the exit code.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -170,7 +171,26 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
     }
     // Tests must never see the runner's key, its cache or other jobs.
     let hidden = vec![a.work.clone(), a.client.identity.clone()];
-    let policy = kiln_plugin_host::Policy::runner(programs, a.command_timeout, hidden);
+    let python = programs.get("python3").cloned();
+    let uv = find_uv(a.uv.as_deref(), python.as_deref())?;
+    match &uv {
+        Some(uv) => info!(path = %Escaped(&uv.display().to_string()), "uv installs repository environments"),
+        None => info!("no uv found: commits whose kiln.toml installs packages end as `error` here"),
+    }
+    if let Some(links) = &a.find_links
+        && !links.is_dir()
+    {
+        anyhow::bail!("--find-links {}: not a directory", links.display());
+    }
+    let envs = kiln_runner::EnvSettings {
+        index_url: a.index_url.clone(),
+        find_links: a.find_links.as_deref().map(std::fs::canonicalize).transpose().context("--find-links")?,
+        cache_size: a.env_cache_size as usize,
+        uv,
+        python,
+        timeout: a.command_timeout,
+    };
+    let policy = kiln_plugin_host::Policy::runner(programs, a.command_timeout, hidden.clone());
     // Compiled plugins are kept between runs: a restart compiles nothing.
     let mut host = kiln_plugin_host::PluginHost::with_cache(policy, &a.work.join("plugin-cache"))
         .context("cannot start the plugin host")?;
@@ -204,6 +224,9 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
         max_pack_bytes: 1 << 30,
         git_limits: a.git_limits.limits(),
         net: net(&a.client),
+        max_file_timeout: a.max_file_timeout,
+        envs,
+        hidden,
     };
     kiln_runner::run(bundle, config, Arc::new(host), shutdown_on_signal()).await?;
     Ok(ExitCode::SUCCESS)
@@ -348,6 +371,30 @@ pub fn shutdown_on_signal() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+/// The `uv` that builds environments: `--uv`, else the one installed beside
+/// the runner's `python3` (`pip install uv` puts it there, and a pyenv shim
+/// on PATH would need the runner's environment), else `uv` on PATH.
+fn find_uv(given: Option<&std::path::Path>, python: Option<&std::path::Path>) -> anyhow::Result<Option<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable =
+        |p: &std::path::Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if let Some(path) = given {
+        let path = std::fs::canonicalize(path).with_context(|| format!("--uv {}", path.display()))?;
+        anyhow::ensure!(executable(&path), "--uv {}: not an executable file", path.display());
+        return Ok(Some(path));
+    }
+    if let Some(beside) = python.and_then(|p| p.parent()).map(|bin| bin.join("uv"))
+        && executable(&beside)
+    {
+        return Ok(Some(std::fs::canonicalize(&beside).unwrap_or(beside)));
+    }
+    let search = std::env::var_os("PATH").unwrap_or_default();
+    Ok(std::env::split_paths(&search)
+        .map(|dir| dir.join("uv"))
+        .filter(|p| p.is_absolute() && executable(p) && !p.to_string_lossy().contains("/shims/"))
+        .find_map(|p| std::fs::canonicalize(p).ok()))
 }
 
 #[cfg(test)]

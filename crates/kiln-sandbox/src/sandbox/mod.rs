@@ -353,6 +353,13 @@ fn sandbox_id() -> u32 {
     CHOSEN_ID.get().copied().unwrap_or(SANDBOX_ID)
 }
 
+/// The user and group commands run as, when they switch to one (a runner
+/// running as root): what must own a directory a command is to write
+/// through a writable [`crate::Bind`].
+pub fn command_user() -> Option<(u32, u32)> {
+    Sandbox::global().user
+}
+
 /// What the probe decided to apply to every command.
 pub(crate) struct Sandbox {
     limits: SandboxLimits,
@@ -649,6 +656,7 @@ impl Sandbox {
         cwd: &Path,
         program: &Path,
         hidden: &[PathBuf],
+        binds: &[crate::Bind],
     ) -> io::Result<Confinement> {
         let tmp = TempDir::create(self.user)?;
         let (cgroup, cgroup_procs) = if self.cgroups.is_empty() {
@@ -660,7 +668,12 @@ impl Sandbox {
             (Some(cgroup), procs)
         };
         let landlock = match self.landlock {
-            Some(plan) => Some(ruleset(plan, &[checkout, &tmp.tmp(), &tmp.shm()])?),
+            Some(plan) => {
+                let (tmp_dir, shm) = (tmp.tmp(), tmp.shm());
+                let mut writable: Vec<&Path> = vec![checkout, &tmp_dir, &shm];
+                writable.extend(binds.iter().filter(|b| b.writable).map(|b| b.path.as_path()));
+                Some(ruleset(plan, &writable)?)
+            }
             None => None,
         };
         let root = if self.mount {
@@ -681,6 +694,7 @@ impl Sandbox {
                 proc: self.namespaces.pid,
                 user: self.user.unwrap_or_else(sys::effective_ids),
                 hidden,
+                binds,
             };
             Some(root::plan(&layout)?)
         } else {
@@ -1139,6 +1153,7 @@ fn trial_root(namespaces: &sys::Namespaces, overlay: bool) -> Result<(TempDir, s
         proc: namespaces.pid,
         user: sys::effective_ids(),
         hidden: &[],
+        binds: &[],
     };
     let plan = root::plan(&layout).map_err(|e| e.to_string())?;
     Ok((dir, plan))

@@ -65,6 +65,8 @@ pub(crate) struct Layout<'a> {
     pub user: (u32, u32),
     /// Directories that must not be visible even beneath a bound one.
     pub hidden: &'a [PathBuf],
+    /// The caller's extra directories, each at its own path.
+    pub binds: &'a [crate::Bind],
 }
 
 /// Builds the plan of `layout`'s root.
@@ -91,6 +93,13 @@ pub(crate) fn plan(layout: &Layout<'_>) -> io::Result<RootPlan> {
         if prefix != source && !root.made.contains(&prefix) {
             root.bind(&source, &prefix, true)?;
         }
+    }
+    // After the toolchain, so that a directory beneath a prefix (a
+    // repository's environment under a work directory beside pyenv's) is
+    // bound on top of it, writable if asked.
+    for bind in layout.binds {
+        let source = fs::canonicalize(&bind.path)?;
+        root.bind(&source, &bind.path, !bind.writable)?;
     }
     root.dirs(Path::new("/etc"))?;
     for name in ETC {
@@ -162,7 +171,11 @@ pub(crate) fn plan(layout: &Layout<'_>) -> io::Result<RootPlan> {
     let cwd = Path::new(CHECKOUT).join(layout.cwd.strip_prefix(layout.checkout).map_err(|_| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not in the checkout", layout.cwd.display()))
     })?);
-    let writable = [CHECKOUT, TMP, "/dev/shm"].iter().map(|p| c_path(Path::new(p))).collect::<io::Result<_>>()?;
+    let mut writable: Vec<CString> =
+        [CHECKOUT, TMP, "/dev/shm"].iter().map(|p| c_path(Path::new(p))).collect::<io::Result<_>>()?;
+    for bind in layout.binds.iter().filter(|b| b.writable) {
+        writable.push(c_path(&bind.path)?);
+    }
     Ok(RootPlan { root: c_path(layout.root)?, steps: root.steps, cwd: c_path(&cwd)?, writable })
 }
 
