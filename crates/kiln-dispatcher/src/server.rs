@@ -42,6 +42,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CANCEL_GRACE: Duration = Duration::from_secs(10);
 /// How many commits the dispatcher offers as "haves" when asking for a pack.
 const HAVES: usize = 32;
+/// At most this many events are stored in one transaction (group commit).
+const MAX_GROUP: usize = 256;
 
 /// The dispatcher's settings.
 #[derive(Clone, Debug)]
@@ -188,23 +190,34 @@ fn off_async<T>(f: impl FnOnce() -> T) -> T {
 impl Owner {
     /// Takes one event and acts on its effects, once they are stored.
     fn event(&mut self, event: Event) -> Result<Answer, Refusal> {
-        let what = event.describe();
-        let retry = matches!(event, Event::RunnerGone { .. } | Event::ExpireOrphans).then(|| event.clone());
+        let mut answers = self.events(vec![event]);
+        answers.pop().unwrap_or_else(|| Err("the dispatcher lost an event".to_owned()))
+    }
+
+    /// Takes events in order, stores their changes in one transaction, and
+    /// acts on their effects once stored: one answer per event. If storing
+    /// fails, every event of the group is refused and nothing changed.
+    fn events(&mut self, events: Vec<Event>) -> Vec<Result<Answer, Refusal>> {
+        let what: Vec<String> = events.iter().map(Event::describe).collect();
+        let retry: Vec<Event> =
+            events.iter().filter(|e| matches!(e, Event::RunnerGone { .. } | Event::ExpireOrphans)).cloned().collect();
         let now = now_ms();
-        match off_async(|| self.core.handle(event, now)) {
-            Ok(effects) => Ok(self.act(effects)),
+        match off_async(|| self.core.handle_all(events, now)) {
+            Ok(effects) => effects.into_iter().map(|e| Ok(self.act(e))).collect(),
             Err(e) => {
                 let cause = error_chain(&e);
-                error!("cannot store {what}: {}; nothing was changed and nobody was told", Escaped(&cause));
+                for what in &what {
+                    error!("cannot store {what}: {}; nothing was changed and nobody was told", Escaped(&cause));
+                }
                 // A lost runner is a fact, not a request: keep trying until it is on disk.
-                if let Some(event) = retry {
+                for event in retry {
                     let mailbox = self.mailbox.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         let _ = mailbox.send(Msg::Event(event, None)).await;
                     });
                 }
-                Err(format!("the dispatcher cannot store {what}: {cause}"))
+                what.iter().map(|what| Err(format!("the dispatcher cannot store {what}: {cause}"))).collect()
             }
         }
     }
@@ -296,12 +309,37 @@ impl Owner {
     }
 
     async fn run(mut self, mut mailbox: mpsc::Receiver<Msg>) {
-        while let Some(msg) = mailbox.recv().await {
+        // A message taken from the mailbox while gathering events, kept for
+        // its turn so that everything happens in the order it arrived.
+        let mut next: Option<Msg> = None;
+        loop {
+            let msg = match next.take() {
+                Some(msg) => msg,
+                None => match mailbox.recv().await {
+                    Some(msg) => msg,
+                    None => break,
+                },
+            };
             match msg {
                 Msg::Event(event, reply) => {
-                    let answer = self.event(event);
-                    if let Some(reply) = reply {
-                        let _ = reply.send(answer);
+                    // Group commit: the events that queued up meanwhile share
+                    // one transaction (one sync to disk).
+                    let mut group = vec![(event, reply)];
+                    while group.len() < MAX_GROUP {
+                        match mailbox.try_recv() {
+                            Ok(Msg::Event(event, reply)) => group.push((event, reply)),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let (events, replies): (Vec<Event>, Vec<_>) = group.into_iter().unzip();
+                    for (answer, reply) in self.events(events).into_iter().zip(replies) {
+                        if let Some(reply) = reply {
+                            let _ = reply.send(answer);
+                        }
                     }
                 }
                 Msg::Read(read) => read(self.core.state()),
