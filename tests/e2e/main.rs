@@ -13,6 +13,7 @@ mod attack;
 mod auth;
 mod certs;
 mod cli;
+mod clock;
 mod crash;
 mod faults;
 mod flaky;
