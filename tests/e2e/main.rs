@@ -17,6 +17,7 @@ mod clock;
 mod crash;
 mod faults;
 mod flaky;
+mod large;
 mod limits;
 mod links;
 mod output;

@@ -14,7 +14,7 @@
 //! Results are read from [`Reports`], which follows the stream of changes,
 //! so readers never wait on the owner.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -44,6 +44,10 @@ const CANCEL_GRACE: Duration = Duration::from_secs(10);
 const HAVES: usize = 32;
 /// At most this many events are stored in one transaction (group commit).
 const MAX_GROUP: usize = 256;
+/// How many of one assignment stream's events may wait for the owner at
+/// once: the stream reads on while earlier events are being stored, so a
+/// single runner's results share transactions (and syncs) too.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// The dispatcher's settings.
 #[derive(Clone, Debug)]
@@ -942,8 +946,14 @@ impl Dispatcher {
         let deadline = tokio::time::sleep(self.config.job_timeout);
         tokio::pin!(deadline);
         let mut cancelled = false;
+        // Events sent to the owner whose answers have not been read, in order.
+        let mut in_flight: VecDeque<oneshot::Receiver<Result<Answer, Refusal>>> = VecDeque::new();
+        // After the job's end, no more events are read; its answer ends the loop.
+        let mut ending = false;
+        let stopping = || StreamError::Failed("the dispatcher is stopping".into());
         loop {
-            let event: Option<JobEvent> = tokio::select! {
+            let (waiting, room) = (!in_flight.is_empty(), in_flight.len() < MAX_IN_FLIGHT && !ending);
+            let next = tokio::select! {
                 () = self.shutdown.cancelled() => return Err(StreamError::Failed("shutting down".into())),
                 () = cancel.cancelled(), if !cancelled => {
                     cancelled = true;
@@ -961,7 +971,41 @@ impl Dispatcher {
                     let _ = self.ask(Event::Stop { commit: a.commit, status: CommitStatus::Error, reason }).await;
                     continue;
                 }
-                event = recv.recv() => event?,
+                answer = async { in_flight.front_mut().expect("waiting").await }, if waiting => {
+                    in_flight.pop_front();
+                    Err(answer.map_err(|_| stopping())?)
+                }
+                event = recv.recv(), if room => Ok(event?),
+            };
+            let event = match next {
+                Ok(event) => event,
+                // Not stored: the runner cannot be told it was, so the job ends here
+                // and goes back to the queue once storing works again.
+                Err(answer) => match answer.map_err(StreamError::Failed)? {
+                    Answer::Finished { result, ended } => {
+                        send.finish();
+                        return match result {
+                            Ok((commit, status, tests)) => {
+                                info!(%commit, %status, tests, "job finished");
+                                Ok(())
+                            }
+                            Err(_) if cancelled || ended => Ok(()),
+                            Err(stale) => Err(StreamError::Failed(format!("rejected a job end: {stale}"))),
+                        };
+                    }
+                    Answer::TooManyWarnings => {
+                        return Err(StreamError::Protocol("oversized or too many warnings".into()));
+                    }
+                    // A commit stopped by cancel, timeout or a newer commit may still
+                    // get events the runner sent before it heard; they are expected.
+                    Answer::Recorded { result: Err(stale), ended } if !(cancelled || ended) => {
+                        warn!("rejected an event: {}", Escaped(&stale.to_string()));
+                        return Err(StreamError::Protocol(format!(
+                            "an event for work this runner does not hold: {stale}"
+                        )));
+                    }
+                    _ => continue,
+                },
             };
             let Some(event) = event else {
                 return Err(StreamError::Protocol("assignment stream ended before the job finished".into()));
@@ -993,38 +1037,20 @@ impl Dispatcher {
                     debug!(file = %Escaped(&file), reason = %Escaped(&reason), "file not run");
                     Event::NotRun { job, attempt, conn, file, reason }
                 }
-                JobEvent::Finished { error } => Event::Finished { job, attempt, conn, error },
+                JobEvent::Finished { error } => {
+                    ending = true;
+                    Event::Finished { job, attempt, conn, error }
+                }
                 JobEvent::Abandoned { reason } => {
                     send.finish();
                     return Err(StreamError::Failed(format!("the runner gave the job back: {reason}")));
                 }
             };
-            // Not stored: the runner cannot be told it was, so the job ends here
-            // and goes back to the queue once storing works again.
-            let answer = self.ask(event).await.map_err(StreamError::Failed)?;
-            match answer {
-                Answer::Finished { result, ended } => {
-                    send.finish();
-                    return match result {
-                        Ok((commit, status, tests)) => {
-                            info!(%commit, %status, tests, "job finished");
-                            Ok(())
-                        }
-                        Err(_) if cancelled || ended => Ok(()),
-                        Err(stale) => Err(StreamError::Failed(format!("rejected a job end: {stale}"))),
-                    };
-                }
-                Answer::TooManyWarnings => {
-                    return Err(StreamError::Protocol("oversized or too many warnings".into()));
-                }
-                // A commit stopped by cancel, timeout or a newer commit may still
-                // get events the runner sent before it heard; they are expected.
-                Answer::Recorded { result: Err(stale), ended } if !(cancelled || ended) => {
-                    warn!("rejected an event: {}", Escaped(&stale.to_string()));
-                    return Err(StreamError::Protocol(format!("an event for work this runner does not hold: {stale}")));
-                }
-                _ => {}
-            }
+            // Sent without waiting for its answer: the next event is read
+            // meanwhile, and answers are read in order as they come.
+            let (tx, rx) = oneshot::channel();
+            self.core.send(Msg::Event(event, Some(tx))).await.map_err(|_| stopping())?;
+            in_flight.push_back(rx);
         }
     }
 }
