@@ -165,10 +165,27 @@ impl<S: Store> Core<S> {
     /// Takes one event at `now_ms`: decides, stores, and says what to do.
     /// On a store error nothing changed, in memory or on disk.
     pub fn handle(&mut self, event: Event, now_ms: u64) -> Result<Effects, StoreError> {
+        let mut effects = self.handle_all(vec![event], now_ms)?;
+        Ok(effects.pop().expect("one effects per event"))
+    }
+
+    /// Takes several events at `now_ms`, in order, and stores all their
+    /// changes in one transaction (group commit): what each must cause, in
+    /// the same order, or an error and nothing changed for any of them.
+    ///
+    /// One transaction per group is what makes a durable store cheap: the
+    /// events that queued up while the previous group was being written
+    /// (synced to disk) share the next sync. The update for subscribers
+    /// (all the group's changes) comes with the first event's effects.
+    pub fn handle_all(&mut self, events: Vec<Event>, now_ms: u64) -> Result<Vec<Effects>, StoreError> {
         self.state.begin(now_ms);
-        let (answer, stopped, schedule) = step(&mut self.state, event, now_ms);
-        // Work freed or added in this event is handed out in the same transaction.
-        let dispatches = if schedule { self.state.assign() } else { Vec::new() };
+        let mut decided = Vec::with_capacity(events.len());
+        for event in events {
+            let (answer, stopped, schedule) = step(&mut self.state, event, now_ms);
+            // Work freed or added in this event is handed out in the same transaction.
+            let dispatches = if schedule { self.state.assign() } else { Vec::new() };
+            decided.push((answer, dispatches, stopped));
+        }
         let changes = self.state.changes();
         if !changes.is_empty() {
             let started = std::time::Instant::now();
@@ -182,11 +199,14 @@ impl<S: Store> Core<S> {
         }
         self.state.commit();
         let deltas: Vec<Change> = changes.into_iter().filter(|c| !matches!(c, Change::Owner { .. })).collect();
-        let update = (!deltas.is_empty()).then(|| {
+        let mut update = (!deltas.is_empty()).then(|| {
             self.seq += 1;
             Arc::new(Update { seq: self.seq, changes: deltas })
         });
-        Ok(Effects { answer, dispatches, stopped, update })
+        Ok(decided
+            .into_iter()
+            .map(|(answer, dispatches, stopped)| Effects { answer, dispatches, stopped, update: update.take() })
+            .collect())
     }
 }
 

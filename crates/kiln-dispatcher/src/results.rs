@@ -102,6 +102,22 @@ impl ResultsDir {
 /// finished file, which made a large commit cost files × tests.
 pub const THROTTLE: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Up to this many tests, a running commit's files are rewritten every
+/// [`THROTTLE`]: they are small, and people watch them.
+const SMALL: usize = 1_000;
+
+/// A larger running commit's files are rewritten once its results have
+/// grown by a quarter since the last write (or after [`STALE`]): a rewrite
+/// costs the whole document, so rewriting on a clock would cost a long
+/// commit its size for every half second it runs (a 20,000-file commit
+/// running for minutes: gigabytes); growing by a quarter each time, the
+/// writes add up to at most five times the final files, plus one per
+/// [`STALE`].
+const GROWTH: (usize, usize) = (5, 4);
+
+/// At the latest, a running commit's files are this old.
+const STALE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Keeps the results directory up to date from the stream of changes:
 /// a commit's files are written when it first appears, at most once per
 /// [`THROTTLE`] while it runs, and once more when it ends; then it is
@@ -112,18 +128,30 @@ pub async fn follow(dir: ResultsDir, mut feed: crate::stream::Feed, running: Vec
 
     use crate::stream::{Doc, Next};
 
-    /// When each commit's files were last written, and whether they are behind.
+    /// When each commit's files were last written, with how many tests,
+    /// and whether they are behind.
     #[derive(Default)]
     struct Written {
         at: Option<Instant>,
+        tests: usize,
         dirty: bool,
+    }
+    /// When a running commit's files (behind, with `now` tests) are due.
+    fn due_at(w: &Written, now: usize) -> Option<Instant> {
+        let at = w.at?;
+        let grown = now <= SMALL || now * GROWTH.1 >= w.tests * GROWTH.0;
+        Some(at + if grown { THROTTLE } else { STALE })
     }
     let mut docs: HashMap<kiln_proto::CommitId, Doc> = running.iter().map(|e| (e.commit, Doc::of(e))).collect();
     let mut written: HashMap<kiln_proto::CommitId, Written> = HashMap::new();
     let mut closed = false;
     while !closed {
-        let due =
-            written.values().filter(|w| w.dirty).map(|w| w.at.map_or_else(Instant::now, |at| at + THROTTLE)).min();
+        let count = |c: &kiln_proto::CommitId| docs.get(c).map_or(0, |d| d.tests.len());
+        let due = written
+            .iter()
+            .filter(|(_, w)| w.dirty)
+            .map(|(c, w)| due_at(w, count(c)).unwrap_or_else(Instant::now))
+            .min();
         tokio::select! {
             next = feed.next() => match next {
                 Next::Update(update) => {
@@ -136,7 +164,7 @@ pub async fn follow(dir: ResultsDir, mut feed: crate::stream::Feed, running: Vec
                 Next::Resync(snapshot) => {
                     // Whatever was missed, every stored commit's files are rewritten.
                     docs = snapshot.entries.iter().map(|e| (e.commit, Doc::of(e))).collect();
-                    written = docs.keys().map(|c| (*c, Written { at: None, dirty: true })).collect();
+                    written = docs.keys().map(|c| (*c, Written { at: None, tests: 0, dirty: true })).collect();
                 }
                 Next::Closed => closed = true,
             },
@@ -148,7 +176,7 @@ pub async fn follow(dir: ResultsDir, mut feed: crate::stream::Feed, running: Vec
             .filter(|(_, w)| w.dirty)
             .filter(|(c, w)| {
                 let ended = docs.get(c).is_some_and(|d| d.row.status.is_final());
-                closed || ended || w.at.is_none_or(|at| now >= at + THROTTLE)
+                closed || ended || due_at(w, docs.get(c).map_or(0, |d| d.tests.len())).is_none_or(|at| now >= at)
             })
             .map(|(c, _)| *c)
             .collect();
@@ -163,7 +191,7 @@ pub async fn follow(dir: ResultsDir, mut feed: crate::stream::Feed, running: Vec
                 docs.remove(&commit);
                 written.remove(&commit);
             } else {
-                written.insert(commit, Written { at: Some(now), dirty: false });
+                written.insert(commit, Written { at: Some(now), tests: report.tests.len(), dirty: false });
             }
             let dir = dir.clone();
             let path = dir.path_of(&report);

@@ -14,7 +14,7 @@
 //! Results are read from [`Reports`], which follows the stream of changes,
 //! so readers never wait on the owner.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -43,6 +43,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CANCEL_GRACE: Duration = Duration::from_secs(10);
 /// How many commits the dispatcher offers as "haves" when asking for a pack.
 const HAVES: usize = 32;
+/// At most this many events are stored in one transaction (group commit).
+const MAX_GROUP: usize = 256;
+/// How many of one assignment stream's events may wait for the owner at
+/// once: the stream reads on while earlier events are being stored, so a
+/// single runner's results share transactions (and syncs) too.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// The dispatcher's settings.
 #[derive(Clone, Debug)]
@@ -193,26 +199,39 @@ fn off_async<T>(f: impl FnOnce() -> T) -> T {
 impl Owner {
     /// Takes one event and acts on its effects, once they are stored.
     fn event(&mut self, event: Event) -> Result<Answer, Refusal> {
-        let what = event.describe();
-        if let Some(r) = job_conn(&event).and_then(|c| self.runners.get_mut(&c)) {
-            r.last_heard_ms = now_ms();
+        let mut answers = self.events(vec![event]);
+        answers.pop().unwrap_or_else(|| Err("the dispatcher lost an event".to_owned()))
+    }
+
+    /// Takes events in order, stores their changes in one transaction, and
+    /// acts on their effects once stored: one answer per event. If storing
+    /// fails, every event of the group is refused and nothing changed.
+    fn events(&mut self, events: Vec<Event>) -> Vec<Result<Answer, Refusal>> {
+        let what: Vec<String> = events.iter().map(Event::describe).collect();
+        for event in &events {
+            if let Some(r) = job_conn(event).and_then(|c| self.runners.get_mut(&c)) {
+                r.last_heard_ms = now_ms();
+            }
         }
-        let retry = matches!(event, Event::RunnerGone { .. } | Event::ExpireOrphans).then(|| event.clone());
+        let retry: Vec<Event> =
+            events.iter().filter(|e| matches!(e, Event::RunnerGone { .. } | Event::ExpireOrphans)).cloned().collect();
         let now = now_ms();
-        match off_async(|| self.core.handle(event, now)) {
-            Ok(effects) => Ok(self.act(effects)),
+        match off_async(|| self.core.handle_all(events, now)) {
+            Ok(effects) => effects.into_iter().map(|e| Ok(self.act(e))).collect(),
             Err(e) => {
                 let cause = error_chain(&e);
-                error!("cannot store {what}: {}; nothing was changed and nobody was told", Escaped(&cause));
+                for what in &what {
+                    error!("cannot store {what}: {}; nothing was changed and nobody was told", Escaped(&cause));
+                }
                 // A lost runner is a fact, not a request: keep trying until it is on disk.
-                if let Some(event) = retry {
+                for event in retry {
                     let mailbox = self.mailbox.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         let _ = mailbox.send(Msg::Event(event, None)).await;
                     });
                 }
-                Err(format!("the dispatcher cannot store {what}: {cause}"))
+                what.iter().map(|what| Err(format!("the dispatcher cannot store {what}: {cause}"))).collect()
             }
         }
     }
@@ -305,12 +324,37 @@ impl Owner {
     }
 
     async fn run(mut self, mut mailbox: mpsc::Receiver<Msg>) {
-        while let Some(msg) = mailbox.recv().await {
+        // A message taken from the mailbox while gathering events, kept for
+        // its turn so that everything happens in the order it arrived.
+        let mut next: Option<Msg> = None;
+        loop {
+            let msg = match next.take() {
+                Some(msg) => msg,
+                None => match mailbox.recv().await {
+                    Some(msg) => msg,
+                    None => break,
+                },
+            };
             match msg {
                 Msg::Event(event, reply) => {
-                    let answer = self.event(event);
-                    if let Some(reply) = reply {
-                        let _ = reply.send(answer);
+                    // Group commit: the events that queued up meanwhile share
+                    // one transaction (one sync to disk).
+                    let mut group = vec![(event, reply)];
+                    while group.len() < MAX_GROUP {
+                        match mailbox.try_recv() {
+                            Ok(Msg::Event(event, reply)) => group.push((event, reply)),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let (events, replies): (Vec<Event>, Vec<_>) = group.into_iter().unzip();
+                    for (answer, reply) in self.events(events).into_iter().zip(replies) {
+                        if let Some(reply) = reply {
+                            let _ = reply.send(answer);
+                        }
                     }
                 }
                 Msg::Read(read) => read(self.core.state()),
@@ -969,8 +1013,14 @@ impl Dispatcher {
         let deadline = tokio::time::sleep(self.config.job_timeout);
         tokio::pin!(deadline);
         let mut cancelled = false;
+        // Events sent to the owner whose answers have not been read, in order.
+        let mut in_flight: VecDeque<oneshot::Receiver<Result<Answer, Refusal>>> = VecDeque::new();
+        // After the job's end, no more events are read; its answer ends the loop.
+        let mut ending = false;
+        let stopping = || StreamError::Failed("the dispatcher is stopping".into());
         loop {
-            let event: Option<JobEvent> = tokio::select! {
+            let (waiting, room) = (!in_flight.is_empty(), in_flight.len() < MAX_IN_FLIGHT && !ending);
+            let next = tokio::select! {
                 () = self.shutdown.cancelled() => return Err(StreamError::Failed("shutting down".into())),
                 () = cancel.cancelled(), if !cancelled => {
                     cancelled = true;
@@ -988,7 +1038,41 @@ impl Dispatcher {
                     let _ = self.ask(Event::Stop { commit: a.commit, status: CommitStatus::Error, reason }).await;
                     continue;
                 }
-                event = recv.recv() => event?,
+                answer = async { in_flight.front_mut().expect("waiting").await }, if waiting => {
+                    in_flight.pop_front();
+                    Err(answer.map_err(|_| stopping())?)
+                }
+                event = recv.recv(), if room => Ok(event?),
+            };
+            let event = match next {
+                Ok(event) => event,
+                // Not stored: the runner cannot be told it was, so the job ends here
+                // and goes back to the queue once storing works again.
+                Err(answer) => match answer.map_err(StreamError::Failed)? {
+                    Answer::Finished { result, ended } => {
+                        send.finish();
+                        return match result {
+                            Ok((commit, status, tests)) => {
+                                info!(%commit, %status, tests, "job finished");
+                                Ok(())
+                            }
+                            Err(_) if cancelled || ended => Ok(()),
+                            Err(stale) => Err(StreamError::Failed(format!("rejected a job end: {stale}"))),
+                        };
+                    }
+                    Answer::TooManyWarnings => {
+                        return Err(StreamError::Protocol("oversized or too many warnings".into()));
+                    }
+                    // A commit stopped by cancel, timeout or a newer commit may still
+                    // get events the runner sent before it heard; they are expected.
+                    Answer::Recorded { result: Err(stale), ended } if !(cancelled || ended) => {
+                        warn!("rejected an event: {}", Escaped(&stale.to_string()));
+                        return Err(StreamError::Protocol(format!(
+                            "an event for work this runner does not hold: {stale}"
+                        )));
+                    }
+                    _ => continue,
+                },
             };
             let Some(event) = event else {
                 return Err(StreamError::Protocol("assignment stream ended before the job finished".into()));
@@ -1020,38 +1104,20 @@ impl Dispatcher {
                     debug!(file = %Escaped(&file), reason = %Escaped(&reason), "file not run");
                     Event::NotRun { job, attempt, conn, file, reason }
                 }
-                JobEvent::Finished { error } => Event::Finished { job, attempt, conn, error },
+                JobEvent::Finished { error } => {
+                    ending = true;
+                    Event::Finished { job, attempt, conn, error }
+                }
                 JobEvent::Abandoned { reason } => {
                     send.finish();
                     return Err(StreamError::Failed(format!("the runner gave the job back: {reason}")));
                 }
             };
-            // Not stored: the runner cannot be told it was, so the job ends here
-            // and goes back to the queue once storing works again.
-            let answer = self.ask(event).await.map_err(StreamError::Failed)?;
-            match answer {
-                Answer::Finished { result, ended } => {
-                    send.finish();
-                    return match result {
-                        Ok((commit, status, tests)) => {
-                            info!(%commit, %status, tests, "job finished");
-                            Ok(())
-                        }
-                        Err(_) if cancelled || ended => Ok(()),
-                        Err(stale) => Err(StreamError::Failed(format!("rejected a job end: {stale}"))),
-                    };
-                }
-                Answer::TooManyWarnings => {
-                    return Err(StreamError::Protocol("oversized or too many warnings".into()));
-                }
-                // A commit stopped by cancel, timeout or a newer commit may still
-                // get events the runner sent before it heard; they are expected.
-                Answer::Recorded { result: Err(stale), ended } if !(cancelled || ended) => {
-                    warn!("rejected an event: {}", Escaped(&stale.to_string()));
-                    return Err(StreamError::Protocol(format!("an event for work this runner does not hold: {stale}")));
-                }
-                _ => {}
-            }
+            // Sent without waiting for its answer: the next event is read
+            // meanwhile, and answers are read in order as they come.
+            let (tx, rx) = oneshot::channel();
+            self.core.send(Msg::Event(event, Some(tx))).await.map_err(|_| stopping())?;
+            in_flight.push_back(rx);
         }
     }
 }

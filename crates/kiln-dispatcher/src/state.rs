@@ -126,6 +126,9 @@ pub struct CommitEntry {
     pub files: BTreeMap<String, u64>,
     /// Files waiting for a runner, longest first.
     pub pending: VecDeque<String>,
+    /// The estimated time of the pending files (ms): kept as they come and
+    /// go, so that cutting a batch does not add up the whole queue.
+    pub(crate) pending_ms: u64,
     /// Batches running now, by job id.
     pub batches: BTreeMap<u64, Batch>,
     /// Results so far, by test id.
@@ -219,12 +222,40 @@ struct Journal {
     new_jobs: Vec<u64>,
     /// Repositories this event bound to an observer.
     owners: Vec<String>,
-    /// The queue and the runners before the event, if it changed them.
+    /// The queue before the event, if it changed it.
     queue: Option<VecDeque<CommitId>>,
-    runners: Option<BTreeMap<String, Runner>>,
+    /// Each runner the event changed, as it was (`None`: it was not
+    /// registered): only those, so an event costs the same however many
+    /// runners there are.
+    runners: BTreeMap<String, Option<Runner>>,
+    /// How to undo the event's changes to commits' pending files, in order:
+    /// the pending list is not part of a commit's pre-image, since copying
+    /// a 20,000-file queue for every batch cut from it would make cutting
+    /// them quadratic.
+    pending: Vec<(CommitId, PendingUndo)>,
+    /// Each batch the event added, ended or moved, as it was (`None`: it
+    /// did not exist). Not part of a commit's pre-image either: a commit
+    /// spread over 1,000 runners has 1,000 batches, and copying them for
+    /// every batch that ends would cost every event a thousand.
+    batches: BTreeMap<(CommitId, u64), Option<Batch>>,
+    /// Runners the event added to a commit's `runners` (which only grow):
+    /// the set is not in the pre-image, since a commit run by 1,000
+    /// runners would copy 1,000 names for every event.
+    ran_by: Vec<(CommitId, String)>,
     order_len: usize,
     next_job: u64,
     next_seq: u64,
+}
+
+/// One change to a commit's pending files, as the journal undoes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PendingUndo {
+    /// This file was taken from the front (into a batch).
+    Popped(String),
+    /// A file was put back at the front (to run again).
+    PushedFront,
+    /// The whole list was replaced; this is what it was.
+    Replaced(VecDeque<String>),
 }
 
 /// All of the dispatcher's state.
@@ -292,15 +323,19 @@ impl CommitEntry {
             seq: self.seq,
             status: self.status,
             error: self.error.clone(),
-            runners: self.runners.clone(),
+            // The journal keeps the runners it added (see `Journal::ran_by`).
+            runners: BTreeSet::new(),
             warnings: self.warnings.clone(),
             queued_at_ms: self.queued_at_ms,
             finished_at_ms: self.finished_at_ms,
             job: self.job,
             attempt: self.attempt,
             files: BTreeMap::new(),
-            pending: self.pending.clone(),
-            batches: self.batches.clone(),
+            // The journal undoes pending changes itself (see `Journal::pending`).
+            pending: VecDeque::new(),
+            pending_ms: self.pending_ms,
+            // So are its batches (see `Journal::batches`).
+            batches: BTreeMap::new(),
             tests: BTreeMap::new(),
             done_files: BTreeSet::new(),
             retries: self.retries.clone(),
@@ -308,9 +343,11 @@ impl CommitEntry {
         }
     }
 
-    /// Puts `file` back among the pending ones, longest first.
+    /// Puts `file` back among the pending ones, longest first, and counts
+    /// their estimated time again.
     fn sort_pending(&mut self) {
         let files = &self.files;
+        self.pending_ms = self.pending.iter().map(|f| files.get(f).copied().unwrap_or(0)).sum();
         let mut pending: Vec<String> = std::mem::take(&mut self.pending).into();
         pending.sort_by(|a, b| {
             let (ea, eb) = (files.get(a).copied().unwrap_or(0), files.get(b).copied().unwrap_or(0));
@@ -327,7 +364,7 @@ impl CommitEntry {
 
 /// The runners of a commit as the report names them: `a, b`.
 fn runner_list(runners: &BTreeSet<String>) -> Option<String> {
-    (!runners.is_empty()).then(|| runners.iter().cloned().collect::<Vec<_>>().join(", "))
+    (!runners.is_empty()).then(|| runners.iter().map(String::as_str).collect::<Vec<_>>().join(", "))
 }
 
 /// Why an observer may not touch a repository.
@@ -396,32 +433,35 @@ impl State {
         let Some(j) = &self.journal else { return Vec::new() };
         let mut out = Vec::new();
         let mut lists = Vec::new();
-        let mut batches = Vec::new();
         for (commit, before) in &j.before {
             let Some(now) = self.commits.get(commit) else { continue };
             let row = now.row();
-            // A lease moving to a new connection changes nothing durable.
-            if before.as_ref().is_none_or(|b| b.row() != row) {
+            let changed = before.as_ref().is_none_or(|b| {
+                // The pre-image has no runners: they are now's, less those this event added.
+                let mut old = b.row();
+                if !j.ran_by.iter().any(|(c, _)| c == commit) {
+                    old.runner.clone_from(&row.runner);
+                }
+                old != row
+            });
+            if changed {
                 out.push(Change::Commit(row));
             }
             if before.is_none() && !now.files.is_empty() {
                 lists.push(Change::Files { commit: *commit, files: now.files.keys().cloned().collect() });
             }
-            let old = before.as_ref().map(|b| &b.batches);
-            for (job, b) in &now.batches {
-                // New, or lost a file to a retry (a lease moving to a new connection is not stored).
-                if old.is_none_or(|o| o.get(job).is_none_or(|ob| ob.files != b.files)) {
-                    batches.push(Change::Batch(now.batch_row(b)));
-                }
-            }
-            for job in old.into_iter().flat_map(|o| o.keys()) {
-                if !now.batches.contains_key(job) {
-                    batches.push(Change::BatchEnded { job: *job });
-                }
-            }
         }
         out.extend(lists);
-        out.extend(batches);
+        for ((commit, job), before) in &j.batches {
+            let Some(entry) = self.commits.get(commit) else { continue };
+            match (before, entry.batches.get(job)) {
+                (None, Some(now)) => out.push(Change::Batch(entry.batch_row(now))),
+                (Some(_), None) => out.push(Change::BatchEnded { job: *job }),
+                // Lost a file to a retry (a lease moving to a new connection is not stored).
+                (Some(old), Some(now)) if old.files != now.files => out.push(Change::Batch(entry.batch_row(now))),
+                _ => {}
+            }
+        }
         for (commit, id, _) in &j.tests {
             if let Some(result) = self.commits.get(commit).and_then(|e| e.tests.get(id)) {
                 out.push(Change::Test { commit: *commit, result: result.clone() });
@@ -480,9 +520,35 @@ impl State {
                         before.tests = std::mem::take(&mut e.tests);
                         before.done_files = std::mem::take(&mut e.done_files);
                         before.files = std::mem::take(&mut e.files);
+                        // Put back below, from the journal's undo logs.
+                        before.pending = std::mem::take(&mut e.pending);
+                        before.batches = std::mem::take(&mut e.batches);
+                        before.runners = std::mem::take(&mut e.runners);
+                        let pending_ms = before.pending_ms;
                         *e = before;
+                        e.pending_ms = pending_ms;
                     }
                 }
+            }
+        }
+        for (commit, name) in &j.ran_by {
+            if let Some(e) = self.commits.get_mut(commit) {
+                e.runners.remove(name);
+            }
+        }
+        for ((commit, job), before) in j.batches {
+            let Some(e) = self.commits.get_mut(&commit) else { continue };
+            match before {
+                Some(batch) => e.batches.insert(job, batch),
+                None => e.batches.remove(&job),
+            };
+        }
+        for (commit, undo) in j.pending.into_iter().rev() {
+            let Some(e) = self.commits.get_mut(&commit) else { continue };
+            match undo {
+                PendingUndo::Popped(file) => e.pending.push_front(file),
+                PendingUndo::PushedFront => drop(e.pending.pop_front()),
+                PendingUndo::Replaced(old) => e.pending = old,
             }
         }
         for repo in &j.owners {
@@ -491,8 +557,11 @@ impl State {
         if let Some(queue) = j.queue {
             self.queue = queue;
         }
-        if let Some(runners) = j.runners {
-            self.runners = runners;
+        for (name, before) in j.runners {
+            match before {
+                Some(runner) => self.runners.insert(name, runner),
+                None => self.runners.remove(&name),
+            };
         }
         self.order.truncate(j.order_len);
         self.next_job = j.next_job;
@@ -516,11 +585,29 @@ impl State {
         }
     }
 
-    fn snap_runners(&mut self) {
+    /// Journals a runner's pre-image before it changes.
+    fn snap_runner(&mut self, name: &str) {
         if let Some(j) = self.journal.as_mut()
-            && j.runners.is_none()
+            && !j.runners.contains_key(name)
         {
-            j.runners = Some(self.runners.clone());
+            j.runners.insert(name.to_owned(), self.runners.get(name).cloned());
+        }
+    }
+
+    /// Journals a batch's pre-image before it is added, ended or changed.
+    fn snap_batch(&mut self, commit: &CommitId, job: u64) {
+        if let Some(j) = self.journal.as_mut() {
+            let commits = &self.commits;
+            j.batches.entry((*commit, job)).or_insert_with(|| commits.get(commit)?.batches.get(&job).cloned());
+        }
+    }
+
+    /// Journals a commit's pending list before it is replaced wholesale.
+    fn snap_pending(&mut self, commit: &CommitId) {
+        if let Some(j) = self.journal.as_mut()
+            && let Some(e) = self.commits.get(commit)
+        {
+            j.pending.push((*commit, PendingUndo::Replaced(e.pending.clone())));
         }
     }
 
@@ -651,6 +738,7 @@ impl State {
             job: self.next_job,
             attempt: 0,
             pending: estimates.keys().cloned().collect(),
+            pending_ms: 0,
             files: estimates,
             batches: BTreeMap::new(),
             tests: BTreeMap::new(),
@@ -760,7 +848,7 @@ impl State {
         sandbox_gaps: &[String],
     ) -> (Option<ConnId>, Vec<u64>) {
         let mut adopted = Vec::new();
-        self.snap_runners();
+        self.snap_runner(name);
         // A batch is adopted only within the slots the runner registers now;
         // one beyond them is queued again like any other it did not claim.
         let same: BTreeMap<u64, u32> =
@@ -769,6 +857,7 @@ impl State {
         for h in held {
             let Some(commit) = self.jobs.get(&h.job).copied() else { continue };
             self.touch(&commit);
+            self.snap_batch(&commit, h.job);
             let Some(entry) = self.commits.get_mut(&commit) else { continue };
             if entry.status.is_final() {
                 continue;
@@ -839,7 +928,7 @@ impl State {
     pub fn unregister(&mut self, name: &str, conn: ConnId) -> Vec<CommitId> {
         let Some(runner) = self.runners.get(name).filter(|r| r.conn == conn) else { return Vec::new() };
         let jobs: Vec<u64> = runner.jobs.keys().copied().collect();
-        self.snap_runners();
+        self.snap_runner(name);
         self.runners.remove(name);
         let mut requeued = Vec::new();
         for &job in jobs.iter().rev() {
@@ -858,7 +947,10 @@ impl State {
         let commit = *self.jobs.get(&job)?;
         self.touch(&commit);
         self.snap_queue();
-        self.snap_runners();
+        let runner = self.commits.get(&commit)?.batches.get(&job)?.lease.runner.clone();
+        self.snap_runner(&runner);
+        self.snap_pending(&commit);
+        self.snap_batch(&commit, job);
         let entry = self.commits.get_mut(&commit)?;
         let batch = entry.batches.remove(&job)?;
         if let Some(r) = self.runners.get_mut(&batch.lease.runner) {
@@ -904,7 +996,6 @@ impl State {
             return out;
         }
         self.snap_queue();
-        self.snap_runners();
         let total: u64 = self.runners.values().map(|r| u64::from(r.slots)).sum();
         while let Some(&commit) = self.queue.front() {
             // A file queued again for a retry goes to another runner than
@@ -923,6 +1014,7 @@ impl State {
             };
             let others_free = self.runners.iter().any(|(n, r)| *n != name && r.free() > 0);
             self.touch(&commit);
+            self.snap_runner(&name);
             self.next_job += 1;
             let job = self.next_job;
             if let Some(j) = self.journal.as_mut() {
@@ -938,7 +1030,7 @@ impl State {
             // sandbox and an interpreter); all of it for a runner that has
             // every slot there is, since splitting for it would only add
             // those costs.
-            let remaining: u64 = entry.pending.iter().map(|f| entry.files.get(f).copied().unwrap_or(0)).sum();
+            let remaining = entry.pending_ms;
             let target = if u64::from(runner.slots) >= total {
                 remaining
             } else {
@@ -953,8 +1045,13 @@ impl State {
                     break;
                 }
                 worth += cost;
-                files.extend(entry.pending.pop_front());
+                let Some(file) = entry.pending.pop_front() else { break };
+                if let Some(j) = self.journal.as_mut() {
+                    j.pending.push((commit, PendingUndo::Popped(file.clone())));
+                }
+                files.push(file);
             }
+            entry.pending_ms = entry.pending_ms.saturating_sub(worth);
             if entry.pending.is_empty() {
                 self.queue.pop_front();
             }
@@ -965,9 +1062,16 @@ impl State {
             entry.attempt += 1;
             let lease = Lease { runner: name.clone(), conn: Some(runner.conn) };
             let batch = Batch { job, attempt: entry.attempt, files: files.clone(), slots, lease };
+            if let Some(j) = self.journal.as_mut() {
+                j.batches.entry((commit, job)).or_insert(None);
+            }
             entry.batches.insert(job, batch);
             entry.status = CommitStatus::Running;
-            entry.runners.insert(name.clone());
+            if entry.runners.insert(name.clone())
+                && let Some(j) = self.journal.as_mut()
+            {
+                j.ran_by.push((commit, name.clone()));
+            }
             for gap in &runner.sandbox_gaps {
                 let warning = format!("sandbox on {name}: {gap}");
                 if !entry.warnings.contains(&warning) {
@@ -1063,6 +1167,7 @@ impl State {
         if retries < retry_failed && failing() {
             self.touch(&commit);
             self.snap_queue();
+            self.snap_batch(&commit, job);
             let Some(entry) = self.commits.get_mut(&commit) else { return Ok(false) };
             entry.retries.insert(file.clone(), retries + 1);
             entry.avoid.insert(file.clone(), runner);
@@ -1071,6 +1176,10 @@ impl State {
             }
             // First in line: the commit's answer waits for it.
             entry.pending.push_front(file.clone());
+            entry.pending_ms += entry.files.get(&file).copied().unwrap_or(0);
+            if let Some(j) = self.journal.as_mut() {
+                j.pending.push((commit, PendingUndo::PushedFront));
+            }
             self.queue.retain(|c| *c != commit);
             self.queue.push_front(commit);
             if let Some(j) = self.journal.as_mut() {
@@ -1150,9 +1259,11 @@ impl State {
         error: Option<String>,
         now_ms: u64,
     ) -> Result<(CommitId, Vec<Stopped>), Stale> {
-        let commit = self.current(job, attempt, conn)?.0.commit;
+        let (entry, runner) = self.current(job, attempt, conn)?;
+        let commit = entry.commit;
         self.touch(&commit);
-        self.snap_runners();
+        self.snap_runner(&runner);
+        self.snap_batch(&commit, job);
         let Some(entry) = self.commits.get_mut(&commit) else { return Err(Stale::UnknownJob(job)) };
         let Some(batch) = entry.batches.remove(&job) else { return Err(Stale::NotCurrent { job, attempt }) };
         if let Some(r) = self.runners.get_mut(&batch.lease.runner) {
@@ -1191,12 +1302,23 @@ impl State {
         self.commits.get(commit).filter(|e| !e.status.is_final())?;
         self.touch(commit);
         self.snap_queue();
-        self.snap_runners();
+        let held: Vec<(u64, String)> =
+            self.commits.get(commit)?.batches.values().map(|b| (b.job, b.lease.runner.clone())).collect();
+        for (job, runner) in &held {
+            self.snap_runner(runner);
+            self.snap_batch(commit, *job);
+        }
         let entry = self.commits.get_mut(commit)?;
         entry.status = status;
         entry.error = Some(reason);
         entry.finished_at_ms = Some(now_ms);
-        entry.pending.clear();
+        // Handed to the journal whole: nothing to copy.
+        let pending = std::mem::take(&mut entry.pending);
+        entry.pending_ms = 0;
+        if let Some(j) = self.journal.as_mut() {
+            j.pending.push((*commit, PendingUndo::Replaced(pending)));
+        }
+        let entry = self.commits.get_mut(commit)?;
         let batches = std::mem::take(&mut entry.batches);
         self.queue.retain(|c| c != commit);
         let mut running = Vec::new();
@@ -1359,18 +1481,37 @@ pub struct RunnerSlots<'a> {
     pub sandbox_gaps: &'a [String],
 }
 
-/// Names `file` in the warning that lists the files not run for `reason`.
+/// At most this many files are named in one "not run" warning; the rest
+/// are counted. A warning naming 20,000 files says no more than one naming
+/// 20, and rewriting it (and storing it with the commit's row) on every
+/// file made recording such a commit quadratic.
+const MAX_NOT_RUN_NAMED: usize = 20;
+
+/// Names `file` in the warning that lists the files not run for `reason`,
+/// or counts it once that names [`MAX_NOT_RUN_NAMED`]. Callers pass each
+/// file once (only a file not yet done is noted).
 fn note_not_run(warnings: &mut Vec<String>, file: &str, reason: &str) {
     let prefix = not_run_prefix(reason);
     let name = escaped(file);
-    match warnings.iter_mut().find(|w| w.starts_with(&prefix)) {
-        Some(w) => {
-            if !w[prefix.len()..].split(", ").any(|f| f == name) {
-                w.push_str(", ");
-                w.push_str(&name);
-            }
+    let Some(w) = warnings.iter_mut().find(|w| w.starts_with(&prefix)) else {
+        warnings.push(format!("{prefix}{name}"));
+        return;
+    };
+    // "PREFIX a, b, … (and N more)": the count is after the last " (and ".
+    let more = w
+        .rfind(" (and ")
+        .filter(|_| w.ends_with(" more)"))
+        .and_then(|i| w[i + 6..w.len() - 6].parse::<u64>().ok().map(|n| (i, n)));
+    match more {
+        Some((i, n)) => {
+            w.truncate(i);
+            w.push_str(&format!(" (and {} more)", n + 1));
         }
-        None => warnings.push(format!("{prefix}{name}")),
+        None if w[prefix.len()..].split(", ").count() >= MAX_NOT_RUN_NAMED => w.push_str(" (and 1 more)"),
+        None => {
+            w.push_str(", ");
+            w.push_str(&name);
+        }
     }
 }
 
@@ -1381,6 +1522,19 @@ mod tests {
 
     fn commit(n: u8) -> CommitId {
         format!("{:040x}", n).parse().unwrap()
+    }
+
+    #[test]
+    fn a_not_run_warning_names_twenty_files_and_counts_the_rest() {
+        let mut warnings = vec!["something else".to_owned()];
+        for n in 0..25 {
+            note_not_run(&mut warnings, &format!("tests/test_{n:02}.py"), "no plugin claims it");
+        }
+        let named: Vec<String> = (0..20).map(|n| format!("tests/test_{n:02}.py")).collect();
+        assert_eq!(
+            warnings,
+            ["something else".to_owned(), format!("not run (no plugin claims it): {} (and 5 more)", named.join(", "))]
+        );
     }
 
     fn result(id: &str, outcome: Outcome) -> TestResult {
@@ -1907,6 +2061,8 @@ mod tests {
             let queued = s.queue.iter().filter(|&&c| c == *commit).count();
             let pending: BTreeSet<&String> = e.pending.iter().collect();
             assert_eq!(pending.len(), e.pending.len(), "{commit:?}: a file pending twice");
+            let pending_ms: u64 = e.pending.iter().map(|f| e.files.get(f).copied().unwrap_or(0)).sum();
+            assert_eq!(e.pending_ms, pending_ms, "{commit:?}: the pending files' estimate drifted");
             let mut leased = BTreeSet::new();
             for (job, b) in &e.batches {
                 assert_eq!(b.job, *job);
@@ -2060,6 +2216,7 @@ mod tests {
                     attempt: r.attempt,
                     files: self.files.get(&r.commit).into_iter().flatten().map(|f| (f.clone(), 0)).collect(),
                     pending: VecDeque::new(),
+                    pending_ms: 0,
                     batches: self
                         .batches
                         .values()

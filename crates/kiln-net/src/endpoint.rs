@@ -54,7 +54,11 @@ impl From<EndpointError> for RequestError {
 /// Transport settings shared by both ends.
 #[derive(Clone, Copy, Debug)]
 pub struct NetConfig {
-    /// How often an idle connection sends a keep-alive.
+    /// How often a client sends a keep-alive on an idle connection. The
+    /// dispatcher sends none of its own: it acknowledges each client's, and
+    /// the acknowledgement keeps the client's idle timer fresh as the
+    /// keep-alive keeps the dispatcher's, so a thousand idle runners cost it
+    /// half the packets.
     pub keep_alive: Duration,
     /// How long without hearing from the peer before the connection is
     /// declared dead: this bounds how long a vanished runner holds its work.
@@ -309,9 +313,10 @@ fn roots(bundle: &Bundle) -> Result<Arc<RootCertStore>, EndpointError> {
     Ok(Arc::new(roots))
 }
 
-fn transport(cfg: NetConfig) -> Arc<quinn::TransportConfig> {
+/// quinn's settings; `keep_alive` is whether this end sends keep-alives.
+fn transport(cfg: NetConfig, keep_alive: bool) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(cfg.keep_alive));
+    t.keep_alive_interval(keep_alive.then_some(cfg.keep_alive));
     // Out-of-range values fall back to quinn's default rather than failing.
     t.max_idle_timeout(quinn::IdleTimeout::try_from(cfg.idle_timeout).ok());
     Arc::new(t)
@@ -411,7 +416,7 @@ impl Listener {
         let first = server_crypto(&provider, &verifier, &cert, Slot::default())
             .map_err(|e| tls_err(rustls::Error::General(e.to_string())))?;
         let mut base = quinn::ServerConfig::with_crypto(first);
-        base.transport_config(transport(cfg));
+        base.transport_config(transport(cfg, false));
         let endpoint =
             quinn::Endpoint::server(base.clone(), addr).map_err(|source| EndpointError::Bind { addr, source })?;
         let failures = Mutex::new(FailureLog::new(cfg.handshake_log_interval, MAX_TRACKED_ADDRESSES));
@@ -839,7 +844,7 @@ pub async fn connect(bundle: &Bundle, addr: &str, cfg: NetConfig) -> Result<Conn
     let quic = QuicClientConfig::try_from(crypto)
         .map_err(|source| EndpointError::Quic { dir: bundle.dir.clone(), source: Box::new(source) })?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
-    client_config.transport_config(transport(cfg));
+    client_config.transport_config(transport(cfg, true));
 
     let local: SocketAddr = if remote.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
         .parse()

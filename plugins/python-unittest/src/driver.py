@@ -991,6 +991,36 @@ def _kill_group(pid):
         pass
 
 
+def _warm_import_caches(files):
+    """Lists, once in the parent, the directories the children will import
+    the batch's files from: each directory's path finder (what `import`
+    consults, with its listing of the directory) is made and filled here,
+    and every forked child inherits it. Otherwise each child lists the
+    directory itself, which costs in proportion to its size: with 20,000
+    test files in `tests/`, some 8 ms a file, a commit's time growing with
+    the square of its files. Nothing is imported: no test code runs in the
+    parent. (A finder checks the directory's mtime on each lookup, so a
+    directory that changes is listed again.)"""
+    dirs = {os.path.abspath(".")}
+    dirs.update(os.path.dirname(os.path.abspath(f)) for f in files)
+    for d in sorted(dirs):
+        finder = sys.path_importer_cache.get(d)
+        if finder is None:
+            for hook in sys.path_hooks:
+                try:
+                    finder = hook(d)
+                    break
+                except ImportError:
+                    continue
+            sys.path_importer_cache[d] = finder
+        if finder is not None and hasattr(finder, "find_spec"):
+            try:
+                # A name no file has: the lookup fills the finder's listing.
+                finder.find_spec("__kiln_no_such_module__")
+            except Exception:
+                pass
+
+
 def main(argv):
     try:
         slots, timeout, files = _parse_args(argv[1:])
@@ -1002,6 +1032,7 @@ def main(argv):
     src = _src_layout(os.getcwd())
     if src is not None and src not in sys.path:
         sys.path.insert(1, src)
+    _warm_import_caches(files)
     return _Parent(out, slots, timeout, files).run()
 
 
