@@ -504,7 +504,9 @@ pub struct RunnerArgs {
     /// How many repository environments to keep; the least recently used go first
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub env_cache_size: u32,
-    /// The `uv` binary that installs environments [default: the one next to python3, or on PATH]
+    /// The `uv` binary that installs environments
+    ///
+    /// Default: the one next to python3, or else the one on PATH.
     #[arg(long, value_name = "PATH")]
     pub uv: Option<PathBuf>,
     #[command(flatten)]
@@ -723,6 +725,7 @@ mod tests {
     const VALUE_NAMES: &[&str] = &[
         "ADDR",
         "HOST:PORT",
+        "URL",
         "DIR",
         "FILE",
         "PATH",
