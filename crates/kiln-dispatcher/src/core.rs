@@ -318,16 +318,7 @@ mod tests {
     }
 
     fn test(job: u64, id: &str) -> Event {
-        let result = TestResult {
-            id: id.into(),
-            file: "tests/test_a.py".into(),
-            outcome: Outcome::Pass,
-            duration_ms: 1,
-            message: String::new(),
-            runner: None,
-            flaky: false,
-            earlier: Vec::new(),
-        };
+        let result = TestResult::new(id.into(), "tests/test_a.py".into(), Outcome::Pass, 1, String::new());
         Event::Test { job, attempt: 1, conn: 7, result }
     }
 

@@ -1538,16 +1538,7 @@ mod tests {
     }
 
     fn result(id: &str, outcome: Outcome) -> TestResult {
-        TestResult {
-            id: id.into(),
-            file: "tests/test_a.py".into(),
-            outcome,
-            duration_ms: 1,
-            message: String::new(),
-            runner: None,
-            flaky: false,
-            earlier: Vec::new(),
-        }
+        TestResult::new(id.into(), "tests/test_a.py".into(), outcome, 1, String::new())
     }
 
     fn one_file() -> Vec<String> {

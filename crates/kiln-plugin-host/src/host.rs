@@ -407,16 +407,7 @@ impl PluginHost {
                 && job.seen.insert(file.clone())
             {
                 let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                let result = TestResult {
-                    id: file.clone(),
-                    file: file.clone(),
-                    outcome: Outcome::Error,
-                    duration_ms,
-                    message: message.clone(),
-                    runner: None,
-                    flaky: false,
-                    earlier: Vec::new(),
-                };
+                let result = TestResult::new(file.clone(), file.clone(), Outcome::Error, duration_ms, message.clone());
                 report.send(HostEvent::Test(result)).map_err(|_| HostError::ReportClosed)?;
             }
             report.send(HostEvent::FileDone(file)).map_err(|_| HostError::ReportClosed)?;

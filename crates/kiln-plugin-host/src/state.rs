@@ -286,17 +286,14 @@ impl host::Host for HostState {
             return Ok(());
         }
         job.files_with_results.insert(result.file.clone());
-        let result = TestResult {
+        // What the dispatcher adds (the runner, flakiness) it sets when it records the result.
+        let result = TestResult::new(
             id,
-            file: truncate(result.file, MAX_ID_BYTES),
-            outcome: outcome(result.outcome),
-            duration_ms: result.duration_ms,
-            message: truncate(result.message, MAX_MESSAGE_BYTES),
-            // The dispatcher names the runner when it records the result.
-            runner: None,
-            flaky: false,
-            earlier: Vec::new(),
-        };
+            truncate(result.file, MAX_ID_BYTES),
+            outcome(result.outcome),
+            result.duration_ms,
+            truncate(result.message, MAX_MESSAGE_BYTES),
+        );
         if job.report.send(HostEvent::Test(result)).is_err() {
             // Nobody is listening: stop the plugin rather than run tests whose
             // results would be thrown away.

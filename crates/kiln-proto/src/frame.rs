@@ -129,16 +129,7 @@ mod tests {
             queued_at_ms: 5,
             finished_at_ms: None,
             files: crate::model::FileCounts { total: 2, done: 1 },
-            tests: vec![TestResult {
-                id: "t".into(),
-                file: "tests/test_t.py".into(),
-                outcome: Outcome::Fail,
-                duration_ms: 3,
-                message: "boom".into(),
-                runner: None,
-                flaky: false,
-                earlier: Vec::new(),
-            }],
+            tests: vec![TestResult::new("t".into(), "tests/test_t.py".into(), Outcome::Fail, 3, "boom".into())],
         };
         let reply = Reply::Report(Some(Box::new(report)));
         assert_eq!(decode::<Reply>(&encode(&reply).unwrap()).unwrap().0, reply);

@@ -127,15 +127,8 @@ mod tests {
 
     #[test]
     fn junit_maps_every_outcome_and_escapes_what_tests_print() {
-        let t = |id: &str, file: &str, outcome, message: &str| TestResult {
-            id: id.into(),
-            file: file.into(),
-            outcome,
-            duration_ms: 1234,
-            message: message.into(),
-            runner: None,
-            flaky: false,
-            earlier: Vec::new(),
+        let t = |id: &str, file: &str, outcome, message: &str| {
+            TestResult::new(id.into(), file.into(), outcome, 1234, message.into())
         };
         let tests = vec![
             t("tests.test_a.A.test_pass", "tests/test_a.py", Outcome::Pass, ""),

@@ -61,16 +61,13 @@ fn restart(commits: u32, tests: u32) -> Duration {
         state.submit("repo", "main", commit, Supersede::Nothing, |_| true, &files, None, u64::from(n)).unwrap();
         let job = state.assign().remove(0).assignment;
         for t in 0..tests {
-            let result = TestResult {
-                id: format!("tests.test_m.T.test_{t}"),
-                file: "tests/test_m.py".into(),
-                outcome: Outcome::Pass,
-                duration_ms: 1,
-                message: String::new(),
-                runner: None,
-                flaky: false,
-                earlier: Vec::new(),
-            };
+            let result = TestResult::new(
+                format!("tests.test_m.T.test_{t}"),
+                "tests/test_m.py".into(),
+                Outcome::Pass,
+                1,
+                String::new(),
+            );
             state.record_test(job.job, job.attempt, 1, result).unwrap();
         }
         state.file_done(job.job, job.attempt, 1, "tests/test_m.py".into()).unwrap();

@@ -241,16 +241,13 @@ mod tests {
 
     #[test]
     fn what_tests_print_reaches_the_terminal_without_escape_sequences() {
-        let test = TestResult {
-            id: "tests.test_x.T.test_\x1b]0;title\x07x".into(),
-            file: "tests/test_x.py".into(),
-            outcome: Outcome::Fail,
-            duration_ms: 3,
-            message: "\x1b[31mAssertionError\x1b[0m: <script>alert(1)</script>\r\x1b[2Jgone\n\tat line 2".into(),
-            runner: None,
-            flaky: false,
-            earlier: Vec::new(),
-        };
+        let test = TestResult::new(
+            "tests.test_x.T.test_\x1b]0;title\x07x".into(),
+            "tests/test_x.py".into(),
+            Outcome::Fail,
+            3,
+            "\x1b[31mAssertionError\x1b[0m: <script>alert(1)</script>\r\x1b[2Jgone\n\tat line 2".into(),
+        );
         assert_eq!(
             render_test(&test, false, "  "),
             "  FAIL  tests.test_x.T.test_x (3 ms)\n        AssertionError: <script>alert(1)</script>\\rgone\n        \tat line 2\n"
