@@ -258,6 +258,13 @@ pub enum HandshakeError {
     /// The handshake did not complete (no certificate, another protocol, a timeout…).
     #[error("the handshake did not complete")]
     Connection(#[source] ConnectionLost),
+    /// A TLS-over-TCP handshake (the dashboard's HTTPS) did not complete:
+    /// the peer spoke something else, or hung up.
+    #[error("the TLS handshake did not complete")]
+    Tls(#[source] std::io::Error),
+    /// A TLS-over-TCP handshake took longer than allowed.
+    #[error("the TLS handshake did not complete within {0:?}")]
+    TimedOut(Duration),
     /// The peer speaks an older version of the protocol.
     #[error(
         "the peer speaks {peer} and this dispatcher {}: run the same Kiln version on both sides",
@@ -303,7 +310,38 @@ impl std::fmt::Display for HandshakeFailed {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// What every server of the dispatcher's (QUIC, and the dashboard's HTTPS)
+/// is built from: webpki's verifier of client certificates, with the Kiln CA
+/// as the only root and a certificate mandatory, and the dispatcher's
+/// certificate and key, parsed once. One definition, so both check clients
+/// by the same rules.
+pub(crate) fn server_side(
+    bundle: &Bundle,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<(Arc<dyn ClientCertVerifier>, Arc<SingleCertAndKey>), EndpointError> {
+    if !bundle.is_dispatcher() {
+        return Err(EndpointError::WrongBundle {
+            dir: bundle.dir.clone(),
+            unit: bundle.unit.clone(),
+            name: bundle.name.clone(),
+            need: "the dispatcher needs the bundle `kiln certs init` made (certs/dispatcher)",
+        });
+    }
+    let tls_err = |source| EndpointError::Tls { dir: bundle.dir.clone(), source };
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(bundle)?, Arc::clone(provider))
+        .build()
+        .map_err(|e| tls_err(rustls::Error::General(e.to_string())))?;
+    let key = CertifiedKey::from_der(vec![bundle.cert.clone()], bundle.key.clone_key(), provider).map_err(tls_err)?;
+    Ok((verifier, Arc::new(SingleCertAndKey::from(key))))
+}
+
+/// A client's identity from the certificates it presented (the first is its own).
+pub(crate) fn identity_from(certs: Option<&[CertificateDer<'_>]>) -> Result<PeerIdentity, HandshakeError> {
+    let first = certs.and_then(|c| c.first()).ok_or(HandshakeError::NoCertificate)?;
+    identity_of(first).map_err(HandshakeError::NotKiln)
+}
+
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -395,22 +433,9 @@ impl Listener {
     /// ([`Bundle::check_dates`]), and tests need a dispatcher whose
     /// certificate has expired.
     pub fn bind(bundle: &Bundle, addr: SocketAddr, cfg: NetConfig) -> Result<Listener, EndpointError> {
-        if !bundle.is_dispatcher() {
-            return Err(EndpointError::WrongBundle {
-                dir: bundle.dir.clone(),
-                unit: bundle.unit.clone(),
-                name: bundle.name.clone(),
-                need: "the dispatcher needs the bundle `kiln certs init` made (certs/dispatcher)",
-            });
-        }
         let tls_err = |source| EndpointError::Tls { dir: bundle.dir.clone(), source };
         let provider = provider();
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots(bundle)?, Arc::clone(&provider))
-            .build()
-            .map_err(|e| tls_err(rustls::Error::General(e.to_string())))?;
-        let key =
-            CertifiedKey::from_der(vec![bundle.cert.clone()], bundle.key.clone_key(), &provider).map_err(tls_err)?;
-        let cert = Arc::new(SingleCertAndKey::from(key));
+        let (verifier, cert) = server_side(bundle, &provider)?;
         // A first configuration checks everything once, here, and is the
         // endpoint's default; each connection gets a copy with its own verifier.
         let first = server_crypto(&provider, &verifier, &cert, Slot::default())
@@ -498,7 +523,7 @@ fn is_lapse(e: &rustls::Error) -> bool {
 }
 
 /// The dispatcher's words for a client certificate its verifier refused.
-fn client_refusal(refused: Refused) -> HandshakeError {
+pub(crate) fn client_refusal(refused: Refused) -> HandshakeError {
     let subject = refused.subject.unwrap_or_else(|| "unparseable".to_owned());
     if is_lapse(&refused.error)
         && let Some(window) = refused.window
@@ -520,12 +545,8 @@ fn version_mismatch(conn: &quinn::Connection) -> Option<String> {
 }
 
 fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, HandshakeError> {
-    let certs = conn
-        .peer_identity()
-        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or(HandshakeError::NoCertificate)?;
-    let first = certs.first().ok_or(HandshakeError::NoCertificate)?;
-    identity_of(first).map_err(HandshakeError::NotKiln)
+    let certs = conn.peer_identity().and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
+    identity_from(certs.as_deref().map(Vec::as_slice))
 }
 
 /// What a client knows about its own side, to word a refusal.

@@ -1,7 +1,8 @@
 //! Kiln's network layer: the certificates that identify peers ([`certs`])
 //! and when they are valid ([`validity`]), QUIC endpoints with mutual TLS
-//! ([`endpoint`]), framed message I/O on QUIC streams ([`framed`]), and the
-//! limit on how often failed handshakes are logged ([`failure_log`]).
+//! ([`endpoint`]), framed message I/O on QUIC streams ([`framed`]), TLS over
+//! TCP for the dashboard's HTTPS by the same rules ([`https`]), and the limit
+//! on how often failed handshakes are logged ([`failure_log`]).
 //!
 //! A refused certificate is reported as *whose* it is and *why*: each
 //! handshake gets its own verifier wrapping webpki's (module `verify`), which
@@ -10,7 +11,7 @@
 //! the precise TLS alert (`certificate_expired`), which a Kiln client reads
 //! against its own certificate's dates.
 //!
-//! Only this crate names quinn and rustls, in its API too: it returns its
+//! Only this crate names quinn and rustls (and tokio-rustls), in its API too: it returns its
 //! own error types ([`ConnectionLost`], [`StreamFailed`], ...), worded for a
 //! user, with quinn's errors as their `source`. Every peer is identified by a
 //! certificate signed by the Kiln certificate authority; only that CA is
@@ -22,6 +23,7 @@ pub mod certs;
 pub mod endpoint;
 pub mod failure_log;
 pub mod framed;
+pub mod https;
 pub mod validity;
 mod verify;
 
@@ -32,4 +34,5 @@ pub use endpoint::{
     RequestError, connect,
 };
 pub use framed::{CloseCode, FramedError, RecvStream, SendStream, StreamFailed};
+pub use https::{HttpsAcceptor, HttpsStream};
 pub use validity::{OutOfDate, Whose, Window};
