@@ -18,6 +18,7 @@ mod crash;
 mod envs;
 mod faults;
 mod flaky;
+mod https;
 mod large;
 mod limits;
 mod links;

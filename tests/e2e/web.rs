@@ -405,7 +405,11 @@ fn a_non_loopback_dashboard_is_refused_in_one_sentence() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("error: refusing to serve the dashboard on 0.0.0.0:0: a non-loopback address needs HTTPS with a client certificate"),
+        stderr.contains(
+            "error: refusing to serve the dashboard on 0.0.0.0:0: a non-loopback address needs HTTPS with a client \
+             certificate, so add --https (clients then present a certificate from `kiln certs issue`) or use a \
+             loopback address such as 127.0.0.1:7780\n"
+        ),
         "{stderr}"
     );
     assert!(out.stdout.is_empty(), "nothing started");

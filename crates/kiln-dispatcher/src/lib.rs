@@ -14,8 +14,11 @@
 //! state; [`server`] owns sockets, tasks and the mirror; [`private`] keeps
 //! the state directory's files readable by the dispatcher's user only;
 //! [`view`] is the read side the dashboard uses (it never makes the owner
-//! wait).
+//! wait); [`control`] says which role each request needs and carries the
+//! one action the dashboard may take (cancel) to the owner by the path
+//! `kiln cancel` takes.
 
+pub mod control;
 pub mod core;
 pub mod db;
 pub mod history;

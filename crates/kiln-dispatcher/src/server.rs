@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::control::{Action, Actions, authorize};
 use crate::core::{Answer, Core, Effects, Event};
 use crate::db::{Db, DbError};
 use crate::history;
@@ -394,16 +395,17 @@ impl Dispatcher {
     /// Opens the state directory and serves `listener` until `shutdown` is
     /// cancelled; then closes every connection and waits for its tasks.
     pub async fn run(listener: Listener, config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
-        Dispatcher::run_with_reader(listener, config, shutdown, |_| {}).await
+        Dispatcher::run_with_reader(listener, config, shutdown, |_, _| {}).await
     }
 
-    /// Like [`Dispatcher::run`], handing `reader` the read API (for the
-    /// dashboard) once the state is loaded and before any connection is served.
+    /// Like [`Dispatcher::run`], handing `reader` the read API and the
+    /// actions it may take for its callers (for the dashboard) once the state
+    /// is loaded and before any connection is served.
     pub async fn run_with_reader(
         listener: Listener,
         config: Config,
         shutdown: CancellationToken,
-        reader: impl FnOnce(ReadApi),
+        reader: impl FnOnce(ReadApi, Actions),
     ) -> Result<(), StartError> {
         // Results, database and mirror are nobody else's business.
         crate::private::dir(&config.state_dir)?;
@@ -485,7 +487,7 @@ impl Dispatcher {
             }
         });
         let core = Core::new(state, db);
-        reader(ReadApi::new(&updates, snapshots_for_readers, live_tx, core.metrics()));
+        reader(ReadApi::new(&updates, snapshots_for_readers, live_tx, core.metrics()), Actions::new(&dispatcher));
         let owner = Owner {
             core,
             runners: HashMap::new(),
@@ -538,6 +540,22 @@ impl Dispatcher {
         let _ = follower.await;
         let _ = writer.await;
         Ok(())
+    }
+
+    /// Cancels `commit` for `peer` (an admin): whether anything was stopped.
+    /// `kiln cancel` and the dashboard ([`Actions`]) both come here.
+    pub(crate) async fn cancel(&self, commit: CommitId, peer: &PeerIdentity) -> Result<bool, Refusal> {
+        let event = Event::Stop { commit, status: CommitStatus::Cancelled, reason: format!("cancelled by {peer}") };
+        let stopped = self.ask(event).await? == Answer::Stopped(true);
+        if stopped {
+            info!(%commit, by = %Escaped(&peer.to_string()), "cancelled");
+        }
+        Ok(stopped)
+    }
+
+    /// The last update the owner published.
+    pub(crate) fn published_seq(&self) -> u64 {
+        *self.published.borrow()
     }
 
     /// Sends an event to the owner and waits for its answer.
@@ -643,19 +661,8 @@ impl Dispatcher {
         let request: Request = tokio::time::timeout(REQUEST_TIMEOUT, recv.expect())
             .await
             .map_err(|_| StreamError::Protocol("no request within 30 s of opening a stream".into()))??;
-        let (allowed, what) = match &request {
-            Request::Register(_) => (Role::Runner, "register as a runner"),
-            Request::Resume(_) => (Role::Runner, "resume jobs"),
-            Request::FetchSource { .. } => (Role::Runner, "fetch source"),
-            Request::Submit { .. } => (Role::Observer, "submit commits"),
-            Request::BranchTip { .. } => (Role::Observer, "ask for branch tips"),
-            Request::GetResults { .. } => (Role::Admin, "read results"),
-            Request::Cancel { .. } => (Role::Admin, "cancel commits"),
-            Request::Resolve { .. } => (Role::Admin, "look up commits"),
-            Request::History { .. } | Request::Flaky { .. } => (Role::Admin, "read results"),
-        };
-        if peer.role != allowed {
-            return refuse(send, format!("{peer} may not {what}: that needs the {allowed} role")).await;
+        if let Err(refusal) = authorize(peer, Action::of(&request)) {
+            return refuse(send, refusal).await;
         }
         match request {
             Request::Register(registration) => self.register(conn, peer, send, recv, registration).await,
@@ -684,20 +691,10 @@ impl Dispatcher {
                 let report = self.reports.read().unwrap_or_else(|e| e.into_inner()).report(commit);
                 reply(send, Reply::Report(report.map(Box::new))).await
             }
-            Request::Cancel { commit } => {
-                let event =
-                    Event::Stop { commit, status: CommitStatus::Cancelled, reason: format!("cancelled by {peer}") };
-                match self.ask(event).await {
-                    Ok(answer) => {
-                        let stopped = answer == Answer::Stopped(true);
-                        if stopped {
-                            info!(%commit, "cancelled");
-                        }
-                        reply(send, Reply::Cancelled(stopped)).await
-                    }
-                    Err(refusal) => reply(send, Reply::Refused(refusal)).await,
-                }
-            }
+            Request::Cancel { commit } => match self.cancel(commit, peer).await {
+                Ok(stopped) => reply(send, Reply::Cancelled(stopped)).await,
+                Err(refusal) => reply(send, Reply::Refused(refusal)).await,
+            },
             Request::Resolve { prefix } => {
                 let found = self.read(move |s| s.commits_with_prefix(&prefix, kiln_proto::wire::MAX_RESOLVED)).await?;
                 reply(send, Reply::Resolved(found)).await

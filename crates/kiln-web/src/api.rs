@@ -19,14 +19,14 @@ use crate::board::Summary;
 pub const MAX_LIMIT: usize = 500;
 
 /// A JSON response; `pretty` as `kiln results --format json` prints it.
-fn json_body(status: StatusCode, body: String) -> Response {
+pub(crate) fn json_body(status: StatusCode, body: String) -> Response {
     let mut res = (status, body).into_response();
     res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
 }
 
-fn error(status: StatusCode, message: &str) -> Response {
+pub(crate) fn error(status: StatusCode, message: &str) -> Response {
     json_body(status, json!({ "error": message }).to_string())
 }
 

@@ -12,18 +12,24 @@
 //!
 //! Layout: [`board`] (the rebuilt state and the event ring), [`pages`]
 //! (maud templates), [`api`] (JSON), [`events`] (SSE), [`metrics`]
-//! (Prometheus text), [`text`] (what test output loses before display).
+//! (Prometheus text), [`text`] (what test output loses before display),
+//! [`https`] (TLS connections and who is calling), [`actions`] (cancel, and
+//! the cross-site rules).
 //!
 //! **Safe to look at.** Every value is escaped by maud; test output also
 //! loses its terminal escape sequences ([`text::display`]). Every response
 //! carries a Content-Security-Policy that allows scripts, styles and
 //! connections only from this origin and no inline script, so markup that
 //! slipped through would still not run. The one script is a static file.
-//! Only loopback addresses are served ([`bind`]).
+//! A non-loopback address is served only over HTTPS with a Kiln client
+//! certificate ([`bind`]); any certificate may read, and an action needs
+//! the role the dispatcher says (admin to cancel), over HTTPS only.
 
+pub mod actions;
 pub mod api;
 pub mod board;
 pub mod events;
+pub mod https;
 pub mod metrics;
 pub mod pages;
 pub mod text;
@@ -37,12 +43,15 @@ use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use kiln_dispatcher::control::Actions;
 use kiln_dispatcher::stream::Next;
 use kiln_dispatcher::view::{Live, LiveError, ReadApi};
+use kiln_net::HttpsAcceptor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::board::Board;
@@ -59,11 +68,11 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 /// Why the dashboard cannot listen.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    /// Not a loopback address.
+    /// Not a loopback address, and no HTTPS.
     #[error(
         "refusing to serve the dashboard on {0}: a non-loopback address needs HTTPS with a client certificate, \
-         which Kiln does not support yet, so use a loopback address such as 127.0.0.1:7780 (and an SSH tunnel or \
-         a reverse proxy to reach it from elsewhere)"
+         so add --https (clients then present a certificate from `kiln certs issue`) or use a loopback address \
+         such as 127.0.0.1:7780"
     )]
     NotLoopback(SocketAddr),
     /// The socket could not be bound.
@@ -77,12 +86,40 @@ pub enum BindError {
     },
 }
 
-/// Binds the dashboard's listener: loopback addresses only.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
-    if !addr.ip().is_loopback() {
+/// A bound dashboard listener, before it serves.
+pub enum Bound {
+    /// Plain HTTP (loopback only): callers have no identity.
+    Http(TcpListener),
+    /// HTTPS with a Kiln client certificate required.
+    Https(TcpListener, HttpsAcceptor),
+}
+
+impl Bound {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Bound::Http(l) | Bound::Https(l, _) => l.local_addr(),
+        }
+    }
+
+    /// The dashboard's URL, e.g. `https://127.0.0.1:7780/`.
+    pub fn url(&self) -> std::io::Result<String> {
+        let scheme = if matches!(self, Bound::Https(..)) { "https" } else { "http" };
+        Ok(format!("{scheme}://{}/", self.local_addr()?))
+    }
+}
+
+/// Binds the dashboard's listener: over HTTPS when `https` is given (any
+/// address), plain HTTP on loopback addresses only.
+pub async fn bind(addr: SocketAddr, https: Option<HttpsAcceptor>) -> Result<Bound, BindError> {
+    if !addr.ip().is_loopback() && https.is_none() {
         return Err(BindError::NotLoopback(addr));
     }
-    TcpListener::bind(addr).await.map_err(|source| BindError::Io { addr, source })
+    let listener = TcpListener::bind(addr).await.map_err(|source| BindError::Io { addr, source })?;
+    Ok(match https {
+        Some(acceptor) => Bound::Https(listener, acceptor),
+        None => Bound::Http(listener),
+    })
 }
 
 /// What every request handler shares.
@@ -91,6 +128,9 @@ pub struct App {
     pub board: RwLock<Board>,
     /// The dispatcher's read side.
     pub api: ReadApi,
+    /// What callers may ask the dispatcher to do (cancel); `None` in tests
+    /// that feed the dashboard without a dispatcher.
+    pub actions: Option<Actions>,
     /// This server's start (Unix ms): event ids carry it, so a client
     /// resuming against a restarted dispatcher (which numbers from 1 again)
     /// is told to reload instead of silently missing events.
@@ -138,8 +178,14 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Serves the dashboard on `listener` from `api` until `shutdown`.
-pub async fn serve(listener: TcpListener, api: ReadApi, shutdown: CancellationToken) -> std::io::Result<()> {
+/// Serves the dashboard on `listener` from `api`, acting through `actions`,
+/// until `shutdown`.
+pub async fn serve(
+    listener: Bound,
+    api: ReadApi,
+    actions: Option<Actions>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let (snapshot, mut feed) = match api.subscribe("dashboard").await {
         Ok(subscribed) => subscribed,
         // The dispatcher stopped before the dashboard started: nothing to show.
@@ -152,6 +198,7 @@ pub async fn serve(listener: TcpListener, api: ReadApi, shutdown: CancellationTo
     let app = Arc::new(App {
         board: RwLock::new(Board::of(&snapshot)),
         api,
+        actions,
         boot: now_ms(),
         seq,
         live_version: watch::Sender::new(0),
@@ -210,11 +257,24 @@ pub async fn serve(listener: TcpListener, api: ReadApi, shutdown: CancellationTo
     });
 
     let addr = listener.local_addr()?;
-    info!(%addr, "dashboard serving");
-    let router = router(Arc::clone(&app));
-    let served = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    let router = router(Arc::clone(&app)).into_make_service_with_connect_info::<https::Caller>();
+    let stop = shutdown.clone().cancelled_owned();
+    let handshakes = TaskTracker::new();
+    let served = match listener {
+        Bound::Http(listener) => {
+            info!(%addr, "dashboard serving over HTTP");
+            axum::serve(listener, router).with_graceful_shutdown(stop).await
+        }
+        Bound::Https(listener, acceptor) => {
+            info!(%addr, "dashboard serving over HTTPS, a Kiln client certificate required");
+            let listener = https::HttpsListener::start(listener, acceptor, &handshakes, shutdown.clone())?;
+            axum::serve(listener, router).with_graceful_shutdown(stop).await
+        }
+    };
     follower.abort();
     poller.abort();
+    handshakes.close();
+    handshakes.wait().await;
     served
 }
 
@@ -234,6 +294,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics::metrics))
         .route("/api/v1/commits", get(api::commits))
         .route("/api/v1/commits/{commit}", get(api::commit))
+        .route("/api/v1/commits/{commit}/cancel", post(actions::cancel))
         .route("/api/v1/runners", get(api::runners))
         .route("/api/v1/queue", get(api::queue))
         .route("/api/v1/events", get(events::events))

@@ -82,9 +82,9 @@ impl Server {
                 let _ = reply.send(Live::default());
             }
         });
-        let listener = rt.block_on(kiln_web::bind("127.0.0.1:0".parse().unwrap())).unwrap();
+        let listener = rt.block_on(kiln_web::bind("127.0.0.1:0".parse().unwrap(), None)).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        rt.spawn(kiln_web::serve(listener, api, shutdown.clone()));
+        rt.spawn(kiln_web::serve(listener, api, None, shutdown.clone()));
         let server = Server { addr, updates, seq, shutdown, rt };
         // Serving once the page answers.
         assert!(eventually(|| server.get("/").0 == 200));

@@ -312,11 +312,18 @@ pub struct DispatcherArgs {
     pub retry_failed: u32,
     /// Serve the web dashboard, JSON API and metrics over HTTP on ADDR
     ///
-    /// Off unless given; `--http` alone serves on 127.0.0.1:7780. Loopback
-    /// addresses only: a non-loopback address is refused, since it would need
-    /// HTTPS with client certificates, which Kiln does not support yet.
+    /// Off unless given; `--http` alone serves on 127.0.0.1:7780. Plain HTTP
+    /// on loopback addresses only: any other address needs --https.
     #[arg(long, value_name = "ADDR", env = "KILN_HTTP", num_args = 0..=1, default_missing_value = "127.0.0.1:7780")]
     pub http: Option<SocketAddr>,
+    /// Serve the dashboard over HTTPS, requiring a Kiln client certificate
+    ///
+    /// The dispatcher's certificate (--identity) serves it, and a client must
+    /// present a certificate from the same CA (`kiln certs issue`), checked as
+    /// QUIC checks it: any role may read; cancelling needs admin. Needed for a
+    /// non-loopback --http address.
+    #[arg(long, requires = "http")]
+    pub https: bool,
 }
 
 /// Parses `--repo-owner REPO=OBSERVER` (split at the last `=`, so a path may hold one).

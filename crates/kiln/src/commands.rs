@@ -34,15 +34,22 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let addr = listener.local_addr().context("cannot read the bound address")?;
             // Bound before anything starts, so a refused address stops here.
             let http = match a.http {
-                Some(http) => Some(kiln_web::bind(http).await?),
+                Some(http) => {
+                    // HTTPS uses the bundle QUIC uses: the same certificate, CA and rules.
+                    let tls = if a.https {
+                        Some(kiln_net::HttpsAcceptor::new(&bundle).context("the dashboard cannot serve HTTPS")?)
+                    } else {
+                        None
+                    };
+                    Some(kiln_web::bind(http, tls).await?)
+                }
                 None => None,
             };
             // The address goes on stdout, once, for scripts and tests that listen on
             // port 0 (`kiln demo` and the e2e harness read it); the log says the rest.
             outln!("listening {addr}");
             if let Some(http) = &http {
-                let http = http.local_addr().context("cannot read the dashboard's address")?;
-                outln!("http http://{http}/");
+                outln!("http {}", http.url().context("cannot read the dashboard's address")?);
             }
             info!(state = %Escaped(&a.state.display().to_string()), "dispatcher started");
             for (repo, observer) in &a.repo_owners {
@@ -59,12 +66,13 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             };
             let shutdown = shutdown_on_signal();
             let mut web = None;
-            let serving = kiln_dispatcher::Dispatcher::run_with_reader(listener, config, shutdown.clone(), |api| {
-                if let Some(http) = http {
-                    web = Some(tokio::spawn(kiln_web::serve(http, api, shutdown.clone())));
-                }
-            })
-            .await;
+            let serving =
+                kiln_dispatcher::Dispatcher::run_with_reader(listener, config, shutdown.clone(), |api, actions| {
+                    if let Some(http) = http {
+                        web = Some(tokio::spawn(kiln_web::serve(http, api, Some(actions), shutdown.clone())));
+                    }
+                })
+                .await;
             if let Some(web) = web {
                 // The dispatcher returns once shutdown began; the dashboard stops on the same token.
                 shutdown.cancel();
