@@ -53,7 +53,8 @@ Examples:
     #[command(after_help = "\
 Examples:
   kiln dispatcher --identity certs/dispatcher --listen 0.0.0.0:7700 --state /var/lib/kiln
-  kiln dispatcher --repo-owner /srv/git/project=watcher   # only observer `watcher` may submit it")]
+  kiln dispatcher --repo-owner /srv/git/project=watcher   # only observer `watcher` may submit it
+  kiln dispatcher --http 0.0.0.0:7780 --https   # the dashboard on every address, Kiln certificates required")]
     Dispatcher(DispatcherArgs),
     /// Watch a repository and submit new commits to the dispatcher
     #[command(after_help = "\
