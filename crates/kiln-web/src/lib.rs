@@ -267,8 +267,11 @@ pub async fn serve(
         }
         Bound::Https(listener, acceptor) => {
             info!(%addr, "dashboard serving over HTTPS, a Kiln client certificate required");
-            let listener = https::HttpsListener::start(listener, acceptor, &handshakes, shutdown.clone())?;
-            axum::serve(listener, router).with_graceful_shutdown(stop).await
+            match https::HttpsListener::start(listener, acceptor, &handshakes, shutdown.clone()) {
+                Ok(listener) => axum::serve(listener, router).with_graceful_shutdown(stop).await,
+                // Not returned at once: the follower and the poller stop first.
+                Err(e) => Err(e),
+            }
         }
     };
     follower.abort();
