@@ -85,7 +85,7 @@ async fn serve(bundle: &Bundle, addr: &str, runner: &Runner) -> Result<(), Strin
     let conn = connecting.await.map_err(|_| "no answer yet".to_owned())?.map_err(|e| e.to_string())?;
     let registration = Registration { slots: 1, held: Vec::new(), sandbox_gaps: Vec::new() };
     let (_control, _recv, reply) = conn.request(&Request::Register(registration)).await.map_err(|e| e.to_string())?;
-    if reply != Reply::Registered {
+    if !matches!(reply, Reply::Registered { .. }) {
         return Err(format!("{reply:?}"));
     }
     while !runner.stop.load(Ordering::SeqCst) {

@@ -2,11 +2,11 @@
 //! nothing stuck, nothing counted twice when a process dies, hangs or is
 //! superseded.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kiln_proto::{CommitReport, CommitStatus, Outcome};
 
-use crate::harness::{Cluster, NetNs, Repo, Signal, borrow, slow_suite};
+use crate::harness::{Cluster, NetNs, Repo, Signal, borrow, eventually, slow_suite};
 
 /// Every test of a slow suite passed, each exactly once.
 fn assert_complete(report: &CommitReport, modules: usize, tests: usize) {
@@ -326,4 +326,25 @@ fn a_full_disk_refuses_new_work_without_crashing_and_work_resumes_when_space_ret
     let report = cluster.wait_for(&second);
     assert_eq!(report.status, CommitStatus::Passed, "{report:?}\n{}", cluster.logs());
     assert_eq!(report.tests.len(), 4);
+}
+
+/// A runner whose keep-alives are too sparse for the dispatcher's idle
+/// timeout (15 s: one every 5 s, against 3 s) reconnects once with one a
+/// second, then stays connected while idle and runs a commit.
+#[test]
+fn a_runner_keeps_alive_often_enough_for_a_shorter_dispatcher_idle_timeout() {
+    let mut cluster = Cluster::start();
+    let runner = cluster.runner_with("runner-1", &["--idle-timeout", "15s"]);
+    cluster.wait_log(runner, "reconnecting with a keep-alive every 1s");
+    let registered = |c: &Cluster| c.procs[0].log().lines().filter(|l| l.contains("runner registered")).count();
+    assert!(eventually(Duration::from_secs(30), || registered(&cluster) == 2), "{}", cluster.logs());
+    // Idle for more than twice the dispatcher's idle timeout: with
+    // keep-alives every 5 s the connection would have died at 3 s.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(registered(&cluster), 2, "the connection was lost while idle:\n{}", cluster.logs());
+    let repo = Repo::new(cluster.dir.path(), &borrow(&slow_suite(2, 1, 10)));
+    let commit = repo.commit("after an idle while");
+    cluster.observer("observer", &repo.path, "200ms");
+    assert_complete(&cluster.wait_for(&commit), 2, 1);
+    assert_eq!(registered(&cluster), 2, "{}", cluster.logs());
 }

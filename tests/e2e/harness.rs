@@ -94,16 +94,20 @@ impl Cluster {
     }
 
     /// Starts a dispatcher listening on `listen` with the cluster's state
-    /// directory, and records its address.
+    /// directory, and records its address. Its idle timeout is 3 s (lost
+    /// runners are noticed quickly) unless `flags` set one.
     pub fn spawn_dispatcher(&mut self, listen: &str, flags: &[&str]) -> Proc {
         let n = self.procs.len();
         let log = self.dir.path().join(format!("dispatcher-{n}.log"));
+        let idle: &[&str] = if flags.contains(&"--idle-timeout") { &[] } else { &["--idle-timeout", "3s"] };
         let mut child = kiln()
             .env("RUST_LOG", &self.rust_log)
             .arg("dispatcher")
             .arg("--identity")
             .arg(self.certs().join("dispatcher"))
-            .args(["--listen", listen, "--idle-timeout", "3s", "--state"])
+            .args(["--listen", listen])
+            .args(idle)
+            .arg("--state")
             .arg(self.state())
             .args(flags)
             .stdout(Stdio::piped())
@@ -168,16 +172,19 @@ impl Cluster {
         self.certs().join(name)
     }
 
-    /// Starts `kiln SUBCOMMAND --identity certs/NAME --dispatcher ADDR EXTRA…`, logging to NAME.log.
+    /// Starts `kiln SUBCOMMAND --identity certs/NAME --dispatcher ADDR EXTRA…`,
+    /// logging to NAME.log; with an idle timeout of 3 s unless EXTRA sets one.
     pub fn spawn(&mut self, subcommand: &str, name: &str, extra: &[&std::ffi::OsStr]) -> &Proc {
         let n = self.procs.len();
         let log = self.dir.path().join(format!("{name}-{n}.log"));
+        let idle: &[&str] = if extra.contains(&"--idle-timeout".as_ref()) { &[] } else { &["--idle-timeout", "3s"] };
         let child = kiln()
             .env("RUST_LOG", &self.rust_log)
             .arg(subcommand)
             .arg("--identity")
             .arg(self.certs().join(name))
-            .args(["--dispatcher", &self.addr, "--idle-timeout", "3s"])
+            .args(["--dispatcher", &self.addr])
+            .args(idle)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))

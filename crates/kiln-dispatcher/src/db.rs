@@ -231,6 +231,7 @@ impl Db {
                     files: BTreeMap::new(),
                     pending: Default::default(),
                     pending_ms: 0,
+                    divisor: crate::state::GUESSED_DIVISOR,
                     batches: BTreeMap::new(),
                     tests: BTreeMap::new(),
                     done_files: BTreeSet::new(),

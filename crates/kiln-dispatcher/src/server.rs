@@ -169,6 +169,8 @@ pub struct Dispatcher {
     /// The bare git mirror's path; opened per operation on a blocking thread.
     mirror: PathBuf,
     config: Config,
+    /// The listener's idle timeout, told to runners at registration.
+    idle_timeout: Duration,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -440,6 +442,7 @@ impl Dispatcher {
             seen,
             mirror,
             config,
+            idle_timeout: listener.idle_timeout(),
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
         });
@@ -744,7 +747,8 @@ impl Dispatcher {
             info!(held, adopted = adopted.len(), "refusing assignments the runner no longer holds");
         }
         info!(slots, "runner registered");
-        send.send(&Reply::Registered).await?;
+        let idle_timeout_ms = u64::try_from(self.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        send.send(&Reply::Registered { idle_timeout_ms }).await?;
         // The control stream carries nothing else yet: anything more is a violation.
         match recv.recv::<Request>().await {
             Ok(None) => Ok(()),

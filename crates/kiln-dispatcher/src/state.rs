@@ -15,10 +15,15 @@
 //! by their duration in earlier commits of the repository (the sum of their
 //! tests' `duration_ms`; a file never seen gets the median of the known
 //! ones, or [`DEFAULT_ESTIMATE_MS`]). Whenever a runner has free slots it is
-//! handed a batch cut from the front of the oldest queued commit: files
-//! worth `free / (2 × all slots)` of the commit's remaining estimated time
-//! (at least one file), so batches shrink as the queue drains and every
-//! runner ends at about the same time. A batch may use `min(free, files)`
+//! handed a batch cut from the front of the oldest queued commit: its share
+//! of the commit's work left (pending and still running), `free / all
+//! slots`, divided by how far the estimates can be trusted (at least one
+//! file): by 2 when some are guesses, by `1 + 3 × spread` when each file
+//! was measured twice (the spread being how much durations moved between
+//! the two), by 1.5 when once. This is factoring (Hummel, Schonberg and
+//! Flynn, 1992): batches shrink as the queue drains so every runner ends at
+//! about the same time, and the better the estimates, the fewer batches
+//! (each costs its runner a sandbox and an interpreter). A batch may use `min(free, files)`
 //! of the runner's slots, so a runner never has more files running than it
 //! registered slots, over all its batches.
 //!
@@ -65,6 +70,14 @@ pub const MAX_BATCH_FILES: usize = 500;
 /// interpreter: some 50–100 ms) outweighs the balance it buys.
 pub const MIN_BATCH_MS: u64 = 500;
 
+/// The batch divisor (in thousandths) when some estimate is a guess: half
+/// an even share, so a wrong guess leaves room to rebalance.
+pub(crate) const GUESSED_DIVISOR: u64 = 2_000;
+
+/// The batch divisor (in thousandths) when every file was measured once:
+/// how much its duration varies is not known yet.
+const MEASURED_ONCE_DIVISOR: u64 = 1_500;
+
 /// How many earlier commits of a repository are read for file durations.
 const HISTORY: usize = 20;
 
@@ -92,6 +105,20 @@ pub struct Batch {
     pub slots: u32,
     /// Who holds it.
     pub lease: Lease,
+}
+
+/// A commit's files' expected durations, and how far to trust them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Estimates {
+    /// Each file's expected duration (ms).
+    pub files: BTreeMap<String, u64>,
+    /// What an even share of the work left is divided by to cut a batch,
+    /// in thousandths: [`GUESSED_DIVISOR`] when some file was never
+    /// measured, [`MEASURED_ONCE_DIVISOR`] when each was measured once, else
+    /// `1 + 3 × spread` (capped at the guessed divisor), the spread being
+    /// how much the files measured twice moved between the two runs,
+    /// relative to the older one.
+    pub divisor: u64,
 }
 
 /// Everything about one commit; also the persisted form (see `db`).
@@ -129,6 +156,9 @@ pub struct CommitEntry {
     /// The estimated time of the pending files (ms): kept as they come and
     /// go, so that cutting a batch does not add up the whole queue.
     pub(crate) pending_ms: u64,
+    /// What an even share of the work left is divided by to cut a batch, in
+    /// thousandths (see [`Estimates::divisor`]); recomputed, not stored.
+    pub(crate) divisor: u64,
     /// Batches running now, by job id.
     pub batches: BTreeMap<u64, Batch>,
     /// Results so far, by test id.
@@ -252,6 +282,8 @@ struct Journal {
 enum PendingUndo {
     /// This file was taken from the front (into a batch).
     Popped(String),
+    /// This file was taken from the back (into a batch).
+    PoppedBack(String),
     /// A file was put back at the front (to run again).
     PushedFront,
     /// The whole list was replaced; this is what it was.
@@ -334,6 +366,7 @@ impl CommitEntry {
             // The journal undoes pending changes itself (see `Journal::pending`).
             pending: VecDeque::new(),
             pending_ms: self.pending_ms,
+            divisor: self.divisor,
             // So are its batches (see `Journal::batches`).
             batches: BTreeMap::new(),
             tests: BTreeMap::new(),
@@ -345,6 +378,13 @@ impl CommitEntry {
 
     /// Puts `file` back among the pending ones, longest first, and counts
     /// their estimated time again.
+    /// The estimated time of the files its running batches have not
+    /// finished (ms).
+    fn running_ms(&self) -> u64 {
+        let left = self.batches.values().flat_map(|b| &b.files).filter(|f| !self.done_files.contains(*f));
+        left.map(|f| self.files.get(f).copied().unwrap_or(0)).sum()
+    }
+
     fn sort_pending(&mut self) {
         let files = &self.files;
         self.pending_ms = self.pending.iter().map(|f| files.get(f).copied().unwrap_or(0)).sum();
@@ -547,6 +587,7 @@ impl State {
             let Some(e) = self.commits.get_mut(&commit) else { continue };
             match undo {
                 PendingUndo::Popped(file) => e.pending.push_front(file),
+                PendingUndo::PoppedBack(file) => e.pending.push_back(file),
                 PendingUndo::PushedFront => drop(e.pending.pop_front()),
                 PendingUndo::Replaced(old) => e.pending = old,
             }
@@ -640,9 +681,11 @@ impl State {
     /// Each of `files`' expected duration (ms): what its tests took in the
     /// newest earlier commit of `repo` that finished it (of the last
     /// [`HISTORY`] commits of the repository), else the median of the known
-    /// ones, else [`DEFAULT_ESTIMATE_MS`].
-    pub fn estimates(&self, repo: &str, before_seq: u64, files: &[String]) -> BTreeMap<String, u64> {
+    /// ones, else [`DEFAULT_ESTIMATE_MS`]; and how far to trust them.
+    pub fn estimates(&self, repo: &str, before_seq: u64, files: &[String]) -> Estimates {
+        // The newest measurement of each file, and the one before it.
         let mut known: HashMap<&str, u64> = HashMap::new();
+        let mut before: HashMap<&str, u64> = HashMap::new();
         let wanted: BTreeSet<&str> = files.iter().map(String::as_str).collect();
         let earlier = self
             .order
@@ -654,25 +697,41 @@ impl State {
         for e in earlier {
             let mut sums: HashMap<&str, u64> = HashMap::new();
             for t in e.tests.values() {
-                if wanted.contains(t.file.as_str()) && !known.contains_key(t.file.as_str()) {
+                if wanted.contains(t.file.as_str()) && !before.contains_key(t.file.as_str()) {
                     *sums.entry(t.file.as_str()).or_default() += t.duration_ms;
                 }
             }
             for f in &e.done_files {
-                if let Some(&w) = wanted.get(f.as_str())
-                    && !known.contains_key(w)
-                {
-                    known.insert(w, sums.get(w).copied().unwrap_or(0));
+                if let Some(&w) = wanted.get(f.as_str()) {
+                    let took = sums.get(w).copied().unwrap_or(0);
+                    if !known.contains_key(w) {
+                        known.insert(w, took);
+                    } else if !before.contains_key(w) {
+                        before.insert(w, took);
+                    }
                 }
             }
-            if known.len() == wanted.len() {
+            if before.len() == wanted.len() {
                 break;
             }
         }
         let mut values: Vec<u64> = known.values().copied().collect();
         values.sort_unstable();
         let median = if values.is_empty() { DEFAULT_ESTIMATE_MS } else { values[values.len() / 2] };
-        files.iter().map(|f| (f.clone(), known.get(f.as_str()).copied().unwrap_or(median))).collect()
+        let divisor = if known.len() < wanted.len() {
+            GUESSED_DIVISOR
+        } else if before.is_empty() {
+            MEASURED_ONCE_DIVISOR
+        } else {
+            // The spread: how much the files measured twice moved, relative
+            // to what they took (1 + 3 × spread, capped at the guessed 2).
+            let (moved, took) = before.iter().fold((0u64, 0u64), |(m, t), (f, &old)| {
+                (m + known.get(f).copied().unwrap_or(old).abs_diff(old), t + old)
+            });
+            (1_000 + 3_000 * moved / took.max(1)).min(GUESSED_DIVISOR)
+        };
+        let files = files.iter().map(|f| (f.clone(), known.get(f.as_str()).copied().unwrap_or(median))).collect();
+        Estimates { files, divisor }
     }
 
     /// Queues a newly seen commit whose test files are `files` (listed from
@@ -717,7 +776,7 @@ impl State {
         }
         self.next_job += 1;
         self.next_seq += 1;
-        let estimates = self.estimates(repo, self.next_seq, files);
+        let Estimates { files: estimates, divisor } = self.estimates(repo, self.next_seq, files);
         let (status, error, finished) = if files.is_empty() {
             let why = listing_warning.clone().unwrap_or_else(|| "nothing under tests/".to_owned());
             (CommitStatus::Error, Some(format!("no tests found: {why}")), Some(now_ms))
@@ -739,6 +798,7 @@ impl State {
             attempt: 0,
             pending: estimates.keys().cloned().collect(),
             pending_ms: 0,
+            divisor,
             files: estimates,
             batches: BTreeMap::new(),
             tests: BTreeMap::new(),
@@ -787,7 +847,8 @@ impl State {
             let files: Vec<String> = e.files.keys().cloned().collect();
             let estimates = self.estimates(&e.repo, e.seq, &files);
             if let Some(e) = self.commits.get_mut(&commit) {
-                e.files = estimates;
+                e.files = estimates.files;
+                e.divisor = estimates.divisor;
                 e.sort_pending();
             }
         }
@@ -1025,16 +1086,18 @@ impl State {
                 self.queue.pop_front();
                 continue;
             };
-            // Worth `free / (2 × all slots)` of what is left, at least one
-            // file and at least MIN_BATCH_MS (each batch costs its runner a
-            // sandbox and an interpreter); all of it for a runner that has
-            // every slot there is, since splitting for it would only add
-            // those costs.
+            // This runner's share of what is left (pending and still
+            // running), `free / all slots`, divided by the commit's divisor
+            // (see the module doc); at least one file and at least
+            // MIN_BATCH_MS (each batch costs its runner a sandbox and an
+            // interpreter); all of it for a runner that has every slot there
+            // is, since splitting for it would only add those costs.
             let remaining = entry.pending_ms;
             let target = if u64::from(runner.slots) >= total {
                 remaining
             } else {
-                (remaining * u64::from(free) / (2 * total.max(1))).max(MIN_BATCH_MS)
+                let share = (remaining + entry.running_ms()) * u64::from(free) / total.max(1);
+                (share * 1_000 / entry.divisor.max(1_000)).max(MIN_BATCH_MS)
             };
             let mut files = Vec::new();
             let mut worth = 0u64;
@@ -1048,6 +1111,23 @@ impl State {
                 let Some(file) = entry.pending.pop_front() else { break };
                 if let Some(j) = self.journal.as_mut() {
                     j.pending.push((commit, PendingUndo::Popped(file.clone())));
+                }
+                files.push(file);
+            }
+            // What the longest files left of the share is filled with the
+            // shortest, from the back: a long file next in line no longer
+            // ends a batch at a fraction of its share.
+            while let Some(last) = entry.pending.back()
+                && files.len() < MAX_BATCH_FILES
+            {
+                let cost = entry.files.get(last).copied().unwrap_or(0);
+                if worth + cost > target || (others_free && entry.avoid.get(last) == Some(&name)) {
+                    break;
+                }
+                worth += cost;
+                let Some(file) = entry.pending.pop_back() else { break };
+                if let Some(j) = self.journal.as_mut() {
+                    j.pending.push((commit, PendingUndo::PoppedBack(file.clone())));
                 }
                 files.push(file);
             }
@@ -1775,6 +1855,64 @@ mod tests {
         assert_eq!(s.report(&commit(2)).unwrap().status, CommitStatus::Error, "no tests recorded");
     }
 
+    /// Submits `commit` of `names` and runs it on one runner `r` of 8 slots,
+    /// each file's one test taking `ms(file)`, then disconnects it.
+    fn run_all(s: &mut State, commit: CommitId, names: &[String], conn: ConnId, ms: impl Fn(&str) -> u64) {
+        s.submit("repo", "main", commit, Supersede::Nothing, |_| true, names, None, 1).unwrap();
+        s.register("r", conn, 8, &[], &[]);
+        for d in s.assign() {
+            let a = d.assignment;
+            assert_eq!(a.commit, commit);
+            for f in &a.files {
+                s.record_test(a.job, a.attempt, d.conn, result_in(&format!("{f}:t"), f, ms(f))).unwrap();
+                s.file_done(a.job, a.attempt, d.conn, f.clone()).unwrap();
+            }
+            s.finish(a.job, a.attempt, d.conn, None, 2).unwrap();
+        }
+        assert_eq!(s.report(&commit).unwrap().status, CommitStatus::Passed);
+        s.unregister("r", conn);
+    }
+
+    #[test]
+    fn the_better_the_estimates_the_larger_the_batches() {
+        // 4 files of 2000 ms and 16 of 200 ms: 11.2 s, 2.8 s each for four runners.
+        let names: Vec<String> = (0..20).map(|i| format!("tests/test_{i:02}.py")).collect();
+        let took = |f: &str| if f < "tests/test_04.py" { 2_000 } else { 200 };
+        let mut s = State::default();
+        // A new commit's divisor, and its first batches for four runners of
+        // one slot (ms).
+        let first_batches = |s: &mut State, n: u8, conn: ConnId| -> (u64, Vec<u64>) {
+            s.submit("repo", "main", commit(n), Supersede::Nothing, |_| true, &names, None, 1).unwrap();
+            for r in 0..4 {
+                s.register(&format!("w{r}"), conn + r, 1, &[], &[]);
+            }
+            let given = s.assign();
+            let e = s.entry(&commit(n)).unwrap();
+            let worth = given.iter().map(|d| d.assignment.files.iter().map(|f| e.files[f]).sum()).collect();
+            let divisor = e.divisor;
+            s.stop(&commit(n), CommitStatus::Cancelled, "measured".into(), 2);
+            for r in 0..4 {
+                s.unregister(&format!("w{r}"), conn + r);
+            }
+            (divisor, worth)
+        };
+        // Nothing known: 20 guesses of 1 s; half an even share (20 s / 4 / 2).
+        assert_eq!(first_batches(&mut s, 1, 10), (GUESSED_DIVISOR, vec![2_000; 4]));
+        // Measured once: two thirds of an even share of what is left, the
+        // running batches included (2.8 s / 1.5 = 1.87 s: one long file each).
+        run_all(&mut s, commit(2), &names, 20, took);
+        assert_eq!(first_batches(&mut s, 3, 30), (MEASURED_ONCE_DIVISOR, vec![2_000; 4]));
+        // Measured twice, the same each time: an even share, one batch each.
+        run_all(&mut s, commit(4), &names, 40, took);
+        assert_eq!(first_batches(&mut s, 5, 50), (1_000, vec![2_800; 4]));
+        // Durations that moved by a tenth: 1 + 3 × 0.1.
+        run_all(&mut s, commit(6), &names, 60, |f| took(f) * 11 / 10);
+        assert_eq!(first_batches(&mut s, 7, 70).0, 1_300);
+        // By half: 1 + 3 × 0.5 = 2.5, capped at the guessed divisor.
+        run_all(&mut s, commit(8), &names, 80, |f| took(f) * 11 * 3 / 20);
+        assert_eq!(first_batches(&mut s, 9, 90).0, GUESSED_DIVISOR);
+    }
+
     #[test]
     fn a_runners_batches_never_use_more_than_its_slots() {
         let mut s = State::default();
@@ -2208,6 +2346,7 @@ mod tests {
                     files: self.files.get(&r.commit).into_iter().flatten().map(|f| (f.clone(), 0)).collect(),
                     pending: VecDeque::new(),
                     pending_ms: 0,
+                    divisor: GUESSED_DIVISOR,
                     batches: self
                         .batches
                         .values()

@@ -277,7 +277,7 @@ impl Registered {
         let conn = server.client(Role::Runner, name).await;
         let registration = Registration { slots: 1, held: vec![], sandbox_gaps: vec![] };
         let (control, _, reply) = conn.request(&Request::Register(registration)).await.unwrap();
-        assert_eq!(reply, Reply::Registered);
+        assert_eq!(reply, Reply::Registered { idle_timeout_ms: 15_000 });
         let (send, mut recv) = tokio::time::timeout(Duration::from_secs(5), conn.accept()).await.unwrap().unwrap();
         let assignment: Assignment = recv.expect().await.unwrap();
         Registered { conn, assignment, _control: control, job: (send, recv) }
@@ -476,7 +476,7 @@ async fn a_second_connection_with_a_runners_name_is_refused_unless_it_holds_the_
     // The same runner back on a new connection, naming its lease: it takes over.
     let again = server.client(Role::Runner, "twin").await;
     let (_control, _, reply) = again.request(&register(vec![first.lease()])).await.unwrap();
-    assert_eq!(reply, Reply::Registered);
+    assert_eq!(reply, Reply::Registered { idle_timeout_ms: 15_000 });
     closed_with(&first.conn, CloseCode::Replaced).await;
     server.stop().await;
 }

@@ -30,8 +30,8 @@ mod verify;
 pub use backoff::Backoff;
 pub use certs::{Bundle, CertError, PeerIdentity};
 pub use endpoint::{
-    Connection, ConnectionLost, EndpointError, HandshakeError, HandshakeFailed, Incoming, Listener, NetConfig, Refusal,
-    RequestError, connect,
+    Connection, ConnectionLost, DEFAULT_IDLE_TIMEOUT, EndpointError, HandshakeError, HandshakeFailed, Incoming,
+    Listener, NetConfig, Refusal, RequestError, connect,
 };
 pub use framed::{CloseCode, FramedError, RecvStream, SendStream, StreamFailed};
 pub use https::{HttpsAcceptor, HttpsStream};

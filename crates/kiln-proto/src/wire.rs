@@ -166,7 +166,12 @@ pub enum Supersede {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     /// The runner is registered under the name in its certificate.
-    Registered,
+    Registered {
+        /// How long the dispatcher lets a connection be silent (ms). A
+        /// runner whose keep-alives are sparser than a third of it
+        /// reconnects with keep-alives that often.
+        idle_timeout_ms: u64,
+    },
     /// The commit was submitted before; nothing more to do.
     Known,
     /// The dispatcher lacks the commit: send a pack leaving out `haves`.

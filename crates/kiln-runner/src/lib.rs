@@ -119,10 +119,11 @@ pub async fn run(
     });
     let tasks = TaskTracker::new();
     let mut backoff = Backoff::default();
+    let mut net = config.net;
     while !shutdown.is_cancelled() {
         let conn = tokio::select! {
             () = shutdown.cancelled() => break,
-            conn = connect_and_register(&bundle, &config, &ctx) => conn,
+            conn = connect_and_register(&bundle, &config, net, &ctx) => conn,
         };
         match conn {
             Ok((conn, _control)) => {
@@ -134,6 +135,15 @@ pub async fn run(
                     let _ = tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await;
                 }
                 conn.close(kiln_net::CloseCode::Shutdown, "runner shutting down");
+            }
+            Err(RegisterError::SparseKeepAlive(theirs)) => {
+                // Keep-alives are set when connecting: connect again, at once.
+                net.keep_alive = theirs / 3;
+                info!(
+                    "the dispatcher's idle timeout is {theirs:?}, shorter than this runner's keep-alives allow: \
+                     reconnecting with a keep-alive every {:?}",
+                    net.keep_alive
+                );
             }
             Err(RegisterError::Request(RequestError::Refused(reason))) => return Err(RunnerError::Refused(reason)),
             // Retrying with a certificate the dispatcher refuses cannot help.
@@ -182,6 +192,9 @@ enum RegisterError {
     Request(RequestError),
     /// Another connection holds this runner's name.
     NameInUse(NameInUse),
+    /// The dispatcher's idle timeout (this) is shorter than three of this
+    /// connection's keep-alive intervals.
+    SparseKeepAlive(Duration),
 }
 
 impl From<RequestError> for RegisterError {
@@ -216,9 +229,10 @@ fn make_private(dir: &std::path::Path) -> std::io::Result<()> {
 async fn connect_and_register(
     bundle: &Bundle,
     config: &Config,
+    net: NetConfig,
     ctx: &job::JobContext,
 ) -> Result<(Connection, kiln_net::SendStream), RegisterError> {
-    let conn = kiln_net::connect(bundle, &config.dispatcher, config.net).await?;
+    let conn = kiln_net::connect(bundle, &config.dispatcher, net).await?;
     let held = ctx.held();
     let (send, _recv, reply) = conn
         .request(&Request::Register(Registration {
@@ -228,7 +242,13 @@ async fn connect_and_register(
         }))
         .await?;
     match reply {
-        Reply::Registered => {}
+        Reply::Registered { idle_timeout_ms } => {
+            let theirs = Duration::from_millis(idle_timeout_ms);
+            if net.keep_alive * 3 > theirs && !theirs.is_zero() {
+                conn.close(kiln_net::CloseCode::Shutdown, "reconnecting with more frequent keep-alives");
+                return Err(RegisterError::SparseKeepAlive(theirs));
+            }
+        }
         Reply::NameInUse(clash) => {
             conn.close(kiln_net::CloseCode::Shutdown, "the runner name is in use");
             return Err(RegisterError::NameInUse(clash));

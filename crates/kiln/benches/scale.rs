@@ -26,7 +26,7 @@
 //!
 //! Run with `cargo bench -p kiln --bench scale` (release). Environment:
 //! `KILN_SCALE_RUNNERS` (1000), `KILN_SCALE_FILES` (20000), `KILN_SCALE_IDLE_S` (10),
-//! `KILN_SCALE_KEEPALIVE_MS` (1000, a runner's default: how often each
+//! `KILN_SCALE_KEEPALIVE_MS` (5000, a runner's default: how often each
 //! runner's connection sends a keep-alive; the dispatcher sends none).
 
 #![allow(clippy::unwrap_used, reason = "a benchmark fails loudly on any unexpected error")]
@@ -84,14 +84,15 @@ async fn serve(
     shared: &Shared,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), String> {
-    let keep_alive = Duration::from_millis(env("KILN_SCALE_KEEPALIVE_MS", 1000) as u64);
-    // A real runner's settings: `NetConfig::default()` with its `--idle-timeout`.
-    let cfg = NetConfig { keep_alive, idle_timeout: keep_alive.max(Duration::from_secs(5)), ..NetConfig::default() };
+    let keep_alive = Duration::from_millis(env("KILN_SCALE_KEEPALIVE_MS", 5000) as u64);
+    // A real runner's settings: `NetConfig::default()`, keep-alives every
+    // third of its idle timeout.
+    let cfg = NetConfig { keep_alive, idle_timeout: keep_alive * 3, ..NetConfig::default() };
     let conn = kiln_net::connect(&bundle, addr, cfg).await.map_err(|e| e.to_string())?;
     let registration = Registration { slots: 1, held: Vec::new(), sandbox_gaps: Vec::new() };
     let (_control, _control_recv, reply) =
         conn.request(&Request::Register(registration)).await.map_err(|e| e.to_string())?;
-    if reply != Reply::Registered {
+    if !matches!(reply, Reply::Registered { .. }) {
         return Err(format!("not registered: {reply:?}"));
     }
     shared.registered.fetch_add(1, Ordering::SeqCst);
@@ -199,7 +200,8 @@ fn main() {
     let runners = env("KILN_SCALE_RUNNERS", 1000);
     let files = env("KILN_SCALE_FILES", 20_000);
     let idle_s = env("KILN_SCALE_IDLE_S", 10) as u64;
-    let mut cluster = Cluster::start();
+    // The default idle timeout, which a real runner's keep-alives follow.
+    let mut cluster = Cluster::start_with(&["--idle-timeout", "15s"]);
     let pid = cluster.procs[0].child.id();
     println!("dispatcher pid {pid}");
     let certs = cluster.certs();

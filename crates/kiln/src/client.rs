@@ -21,7 +21,7 @@ pub fn load_bundle(dir: &std::path::Path) -> anyhow::Result<Bundle> {
 
 /// The transport settings the client flags ask for.
 pub fn net(client: &ClientArgs) -> NetConfig {
-    NetConfig { idle_timeout: client.idle_timeout, ..NetConfig::default() }
+    NetConfig::with_idle_timeout(client.idle_timeout)
 }
 
 /// Sends one admin request and returns the dispatcher's reply; `what` names

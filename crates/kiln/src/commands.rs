@@ -28,7 +28,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let bundle = load_bundle(&a.identity)?;
             // Clients would refuse an out-of-date certificate one by one; say it once, here.
             bundle.check_dates(kiln_net::validity::unix_now()).context("the dispatcher cannot start")?;
-            let net = NetConfig { idle_timeout: a.idle_timeout, ..NetConfig::default() };
+            let net = NetConfig::with_idle_timeout(a.idle_timeout);
             let listener = kiln_net::Listener::bind(&bundle, a.listen, net)
                 .with_context(|| format!("cannot listen on {}", a.listen))?;
             let addr = listener.local_addr().context("cannot read the bound address")?;
