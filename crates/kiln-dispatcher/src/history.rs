@@ -12,29 +12,79 @@
 //! is not flaky by this rule: the code changed in between, and the history
 //! marks it as a transition instead.
 
+use std::collections::{BTreeMap, HashMap};
+
 use kiln_proto::model::MAX_SAMPLE_BYTES;
-use kiln_proto::{FlakyTest, TestRun};
+use kiln_proto::{CommitId, CommitStatus, FlakyTest, TestResult, TestRun};
 
 use crate::state::CommitEntry;
+use crate::stream::Doc;
 
 /// How far back a flaky run keeps its test on the flaky list: 14 days.
 pub const FLAKY_WINDOW_MS: u64 = 14 * 24 * 60 * 60 * 1000;
 
+/// One commit and its results, as this module reads them: from the
+/// dispatcher's state ([`CommitEntry`]) or from a reader's copy rebuilt from
+/// the stream of changes ([`Doc`], what the dashboard keeps), so that both
+/// answer with one definition.
+#[derive(Clone, Copy, Debug)]
+pub struct Tested<'a> {
+    /// The commit.
+    pub commit: CommitId,
+    /// Its repository.
+    pub repo: &'a str,
+    /// Its branch.
+    pub branch: &'a str,
+    /// Where its testing stands.
+    pub status: CommitStatus,
+    /// When it was queued (Unix ms).
+    pub queued_at_ms: u64,
+    /// Its results by test id.
+    pub tests: &'a BTreeMap<String, TestResult>,
+}
+
+impl<'a> From<&'a CommitEntry> for Tested<'a> {
+    fn from(e: &'a CommitEntry) -> Tested<'a> {
+        Tested {
+            commit: e.commit,
+            repo: &e.repo,
+            branch: &e.branch,
+            status: e.status,
+            queued_at_ms: e.queued_at_ms,
+            tests: &e.tests,
+        }
+    }
+}
+
+impl<'a> From<&'a Doc> for Tested<'a> {
+    fn from(d: &'a Doc) -> Tested<'a> {
+        let r = &d.row;
+        Tested {
+            commit: r.commit,
+            repo: &r.repo,
+            branch: &r.branch,
+            status: r.status,
+            queued_at_ms: r.queued_at_ms,
+            tests: &d.tests,
+        }
+    }
+}
+
 /// The runs of `test_id` on the newest `limit` commits that ran it, newest
 /// first, in `repo` if given. `commits` must come newest first.
-pub fn history<'a>(
-    commits: impl IntoIterator<Item = &'a CommitEntry>,
+pub fn history<'a, C: Into<Tested<'a>>>(
+    commits: impl IntoIterator<Item = C>,
     repo: Option<&str>,
     test_id: &str,
     limit: usize,
 ) -> Vec<TestRun> {
     let mut runs: Vec<TestRun> = Vec::new();
     // One more than asked for, so the oldest shown knows whether it is a transition.
-    for e in commits.into_iter().filter(|e| repo.is_none_or(|r| e.repo == r)) {
+    for e in commits.into_iter().map(Into::into).filter(|e: &Tested<'_>| repo.is_none_or(|r| e.repo == r)) {
         let Some(t) = e.tests.get(test_id) else { continue };
         runs.push(TestRun {
             commit: e.commit,
-            branch: e.branch.clone(),
+            branch: e.branch.to_owned(),
             status: e.status,
             queued_at_ms: e.queued_at_ms,
             outcome: t.outcome,
@@ -56,18 +106,46 @@ pub fn history<'a>(
 
 /// The tests flaky on some commit queued at or after `now_ms - window_ms`,
 /// most often flaky first. `commits` must come newest first.
-pub fn flaky_tests<'a>(
-    commits: impl IntoIterator<Item = &'a CommitEntry>,
+pub fn flaky_tests<'a, C: Into<Tested<'a>>>(
+    commits: impl IntoIterator<Item = C>,
     now_ms: u64,
     window_ms: u64,
 ) -> Vec<FlakyTest> {
+    find_flaky(commits, now_ms, window_ms, None)
+}
+
+/// Whether one test (in `repo`, if given) is flaky by [`flaky_tests`]'s
+/// rule: what the test's page shows as its badge, without looking at
+/// every other test.
+pub fn flaky_test<'a, C: Into<Tested<'a>>>(
+    commits: impl IntoIterator<Item = C>,
+    repo: Option<&str>,
+    test_id: &str,
+    now_ms: u64,
+    window_ms: u64,
+) -> Option<FlakyTest> {
+    let found = find_flaky(commits, now_ms, window_ms, Some(test_id));
+    found.into_iter().find(|f| repo.is_none_or(|r| f.repo == r))
+}
+
+/// [`flaky_tests`], of only the test `only` if given.
+fn find_flaky<'a, C: Into<Tested<'a>>>(
+    commits: impl IntoIterator<Item = C>,
+    now_ms: u64,
+    window_ms: u64,
+    only: Option<&str>,
+) -> Vec<FlakyTest> {
     let since = now_ms.saturating_sub(window_ms);
     let mut found: Vec<FlakyTest> = Vec::new();
-    let mut seen: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
-    let mut index: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
-    for e in commits.into_iter().filter(|e| e.queued_at_ms >= since) {
-        for t in e.tests.values() {
-            let key = (e.repo.clone(), t.id.clone());
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    let mut index: HashMap<(String, String), usize> = HashMap::new();
+    for e in commits.into_iter().map(Into::into).filter(|e: &Tested<'_>| e.queued_at_ms >= since) {
+        let tests: Box<dyn Iterator<Item = &TestResult>> = match only {
+            Some(id) => Box::new(e.tests.get(id).into_iter()),
+            None => Box::new(e.tests.values()),
+        };
+        for t in tests {
+            let key = (e.repo.to_owned(), t.id.clone());
             *seen.entry(key.clone()).or_default() += 1;
             if !t.flaky {
                 continue;
@@ -80,7 +158,7 @@ pub fn flaky_tests<'a>(
                     found.push(FlakyTest {
                         id: t.id.clone(),
                         file: t.file.clone(),
-                        repo: e.repo.clone(),
+                        repo: e.repo.to_owned(),
                         commits: vec![e.commit],
                         seen: 0,
                         last_flaky_ms: e.queued_at_ms,
@@ -185,6 +263,10 @@ mod tests {
         assert_eq!(flaky_tests(&all, now, 30 * day)[0].commits.len(), 2);
         assert!(flaky_tests(&all, now, 6 * day).is_empty());
         assert!(flaky_tests(&commits(&[(Pass, false), (Fail, false)], day), 2 * day, FLAKY_WINDOW_MS).is_empty());
+        // One test alone, as its page asks: the same answer.
+        assert_eq!(flaky_test(&all, Some("repo"), "t", now, FLAKY_WINDOW_MS).as_ref(), Some(f));
+        assert_eq!(flaky_test(&all, Some("other"), "t", now, FLAKY_WINDOW_MS), None);
+        assert_eq!(flaky_test(&all, None, "u", now, FLAKY_WINDOW_MS), None);
         assert_eq!(tail("ab✓cd", 3), "cd", "cut at a character boundary");
         assert_eq!(tail("abc", 10), "abc");
     }

@@ -26,8 +26,17 @@ fn json_body(status: StatusCode, body: String) -> Response {
     res
 }
 
-fn error(status: StatusCode, message: &str) -> Response {
+/// `{"error": message}` with `status`.
+pub(crate) fn error(status: StatusCode, message: &str) -> Response {
     json_body(status, json!({ "error": message }).to_string())
+}
+
+/// `value` as JSON, `200 OK`.
+pub(crate) fn json_ok(value: &impl Serialize) -> Response {
+    match serde_json::to_string(value) {
+        Ok(body) => json_body(StatusCode::OK, body),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
 }
 
 /// `?branch=&repo=&status=&limit=&before=`

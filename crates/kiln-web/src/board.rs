@@ -395,6 +395,11 @@ impl Board {
         range.rev().filter_map(|(_, c)| self.docs.get(c)).filter(|d| keep(d)).take(limit).collect()
     }
 
+    /// Every commit, newest first: what [`kiln_dispatcher::history`] reads.
+    pub fn newest_first(&self) -> impl Iterator<Item = &Doc> {
+        self.order.values().rev().filter_map(|c| self.docs.get(c))
+    }
+
     /// How many commits are stored with each status.
     pub fn by_status(&self) -> BTreeMap<&'static str, u64> {
         let mut out = BTreeMap::new();

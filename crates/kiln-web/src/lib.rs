@@ -11,7 +11,8 @@
 //! number of readers (answers are shared).
 //!
 //! Layout: [`board`] (the rebuilt state and the event ring), [`pages`]
-//! (maud templates), [`api`] (JSON), [`events`] (SSE), [`metrics`]
+//! (maud templates), [`api`] (JSON), [`history`] (a test's history and the
+//! flaky tests, page and JSON), [`events`] (SSE), [`metrics`]
 //! (Prometheus text), [`text`] (what test output loses before display).
 //!
 //! **Safe to look at.** Every value is escaped by maud; test output also
@@ -24,6 +25,7 @@
 pub mod api;
 pub mod board;
 pub mod events;
+pub mod history;
 pub mod metrics;
 pub mod pages;
 pub mod text;
@@ -225,6 +227,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/fragments/commits", get(index_fragment))
         .route("/commits/{commit}", get(commit_page))
         .route("/fragments/commits/{commit}", get(commit_fragment))
+        .route("/tests/{*id}", get(history::test_page))
+        .route("/fragments/tests/{*id}", get(history::test_fragment_page))
+        .route("/flaky", get(history::flaky_page))
+        .route("/fragments/flaky", get(history::flaky_fragment))
         .route("/runners", get(runners_page))
         .route("/fragments/runners", get(runners_fragment))
         .route("/queue", get(queue_page))
@@ -234,6 +240,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics::metrics))
         .route("/api/v1/commits", get(api::commits))
         .route("/api/v1/commits/{commit}", get(api::commit))
+        .route("/api/v1/tests/{*rest}", get(history::test_api))
+        .route("/api/v1/flaky", get(history::flaky_api))
         .route("/api/v1/runners", get(api::runners))
         .route("/api/v1/queue", get(api::queue))
         .route("/api/v1/events", get(events::events))
