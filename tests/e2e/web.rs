@@ -496,7 +496,7 @@ fn a_test_history_shows_each_commit_and_a_hostile_id_reaches_its_page() {
         b.screenshot("test-history-hostile").await;
         b.c().goto(&format!("{base}/flaky")).await.unwrap();
         let text = b.c().find(Locator::Css("main p")).await.unwrap().text().await.unwrap();
-        assert_eq!(text, "0 tests both failed and passed on the same commit in the last 14 days.");
+        assert_eq!(text, "0 tests both failed and passed on the same commit, or on the same code, in the last 14 days.");
         b.screenshot("flaky").await;
         b.stop().await;
     });

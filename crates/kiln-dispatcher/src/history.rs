@@ -1,21 +1,34 @@
 //! Each test's history across commits, and which tests are flaky: read from
-//! the commits the dispatcher keeps (no I/O), for the dashboard's test and
-//! flaky pages and their JSON.
+//! the commits the dispatcher keeps (no I/O), for `kiln history`, `kiln
+//! flaky` and the dashboard's test and flaky pages and their JSON.
 //!
-//! **Flaky**, precisely: a test is flaky on a commit when, among its runs on
-//! that commit (`kiln dispatcher --retry-failed`), at least one failed
-//! (`fail`, `error` or `xpass`) and at least one did not; that is
-//! [`kiln_proto::TestResult::flaky`]. A test is listed as flaky when it was
-//! flaky on at least one commit queued within the last
-//! [`FLAKY_WINDOW_MS`] (Harness's rule: passed and failed on the same commit
-//! within 14 days). A test that fails on one commit and passes on the next
-//! is not flaky by this rule: the code changed in between, and the history
-//! marks it as a transition instead.
+//! **Flaky**, precisely. A run *failed* when it ended `fail`, `error` or
+//! `xpass`, and *passed* when it ended `pass` or `xfail` (a `skip` is
+//! neither). A test is listed as flaky when, within the last
+//! [`FLAKY_WINDOW_MS`] (commits queued at or after now − the window), either
+//! rule holds; [`kiln_proto::FlakyTest::rules`] says which:
+//!
+//! - **same commit** ([`FlakyRule::SameCommit`]): on one commit, among its
+//!   runs there (`kiln dispatcher --retry-failed`), at least one failed and
+//!   at least one did not; that is [`kiln_proto::TestResult::flaky`]
+//!   (Harness's rule: passed and failed on the same commit within 14 days).
+//! - **same tree** ([`FlakyRule::SameTree`]): it passed on one commit and
+//!   failed on another commit of the same repository with the same tree id
+//!   (the same files: a commit re-submitted on another branch, a revert to
+//!   code that was tested, an empty commit). A commit's result here is its
+//!   final one (after retries); commits stored before trees were recorded
+//!   have no tree and count for this rule with nothing.
+//!
+//! A test that fails on one commit and passes on the next with a different
+//! tree is not flaky: the code changed in between, and the history marks it
+//! as a transition instead. In a history, a run is marked `flipped` when
+//! another run listed with it, on another commit with the same tree, ended
+//! the other way.
 
 use std::collections::{BTreeMap, HashMap};
 
 use kiln_proto::model::MAX_SAMPLE_BYTES;
-use kiln_proto::{CommitId, CommitStatus, FlakyTest, TestResult, TestRun};
+use kiln_proto::{CommitId, CommitStatus, FlakyRule, FlakyTest, Flip, Outcome, TestResult, TestRun, TreeId};
 
 use crate::state::CommitEntry;
 use crate::stream::Doc;
@@ -39,6 +52,8 @@ pub struct Tested<'a> {
     pub status: CommitStatus,
     /// When it was queued (Unix ms).
     pub queued_at_ms: u64,
+    /// Its tree, if known.
+    pub tree: Option<TreeId>,
     /// Its results by test id.
     pub tests: &'a BTreeMap<String, TestResult>,
 }
@@ -51,6 +66,7 @@ impl<'a> From<&'a CommitEntry> for Tested<'a> {
             branch: &e.branch,
             status: e.status,
             queued_at_ms: e.queued_at_ms,
+            tree: e.tree,
             tests: &e.tests,
         }
     }
@@ -65,6 +81,7 @@ impl<'a> From<&'a Doc> for Tested<'a> {
             branch: &r.branch,
             status: r.status,
             queued_at_ms: r.queued_at_ms,
+            tree: r.tree,
             tests: &d.tests,
         }
     }
@@ -92,6 +109,8 @@ pub fn history<'a, C: Into<Tested<'a>>>(
             flaky: t.flaky,
             runs: t.runs(),
             transition: false,
+            tree: e.tree,
+            flipped: false,
         });
         if runs.len() > limit {
             break;
@@ -101,8 +120,29 @@ pub fn history<'a, C: Into<Tested<'a>>>(
         runs[i].transition = runs[i].outcome.is_failure() != runs[i + 1].outcome.is_failure();
     }
     runs.truncate(limit);
+    for i in 0..runs.len() {
+        let (tree, passed) = (runs[i].tree, class(runs[i].outcome));
+        let other = passed.map(|p| !p);
+        runs[i].flipped = tree.is_some()
+            && other.is_some()
+            && runs.iter().any(|o| o.tree == tree && o.commit != runs[i].commit && class(o.outcome) == other);
+    }
     runs
 }
+
+/// `Some(true)` for a run that passed, `Some(false)` for one that failed,
+/// `None` for a skip (see the module's definition).
+fn class(outcome: Outcome) -> Option<bool> {
+    match outcome {
+        Outcome::Pass | Outcome::Xfail => Some(true),
+        Outcome::Fail | Outcome::Error | Outcome::Xpass => Some(false),
+        Outcome::Skip => None,
+    }
+}
+
+/// The most flips one [`FlakyTest`] lists (the newest), so that a reply of
+/// [`kiln_proto::wire::MAX_FLAKY`] tests fits a frame.
+pub const MAX_FLIPS: usize = 20;
 
 /// The tests flaky on some commit queued at or after `now_ms - window_ms`,
 /// most often flaky first. `commits` must come newest first.
@@ -128,6 +168,29 @@ pub fn flaky_test<'a, C: Into<Tested<'a>>>(
     found.into_iter().find(|f| repo.is_none_or(|r| f.repo == r))
 }
 
+/// One tree's runs of a test: the newest commit it passed on and the
+/// newest it failed on (with when each was queued, and the failure's message).
+struct TreeRuns {
+    tree: TreeId,
+    passed: Option<(CommitId, u64)>,
+    failed: Option<(CommitId, u64, String)>,
+}
+
+/// What one test's runs in the window add up to, while they are read.
+struct Seen {
+    id: String,
+    file: String,
+    repo: String,
+    /// Commits that ran it.
+    seen: usize,
+    /// Commits it was flaky on, newest first, with when they were queued.
+    flaky_on: Vec<(CommitId, u64)>,
+    /// A failing run's message from the newest flaky commit.
+    sample: Option<String>,
+    /// Per tree, in the order first seen (newest first).
+    trees: Vec<TreeRuns>,
+}
+
 /// [`flaky_tests`], of only the test `only` if given.
 fn find_flaky<'a, C: Into<Tested<'a>>>(
     commits: impl IntoIterator<Item = C>,
@@ -136,8 +199,7 @@ fn find_flaky<'a, C: Into<Tested<'a>>>(
     only: Option<&str>,
 ) -> Vec<FlakyTest> {
     let since = now_ms.saturating_sub(window_ms);
-    let mut found: Vec<FlakyTest> = Vec::new();
-    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    let mut all: Vec<Seen> = Vec::new();
     let mut index: HashMap<(String, String), usize> = HashMap::new();
     for e in commits.into_iter().map(Into::into).filter(|e: &Tested<'_>| e.queued_at_ms >= since) {
         let tests: Box<dyn Iterator<Item = &TestResult>> = match only {
@@ -145,34 +207,86 @@ fn find_flaky<'a, C: Into<Tested<'a>>>(
             None => Box::new(e.tests.values()),
         };
         for t in tests {
-            let key = (e.repo.to_owned(), t.id.clone());
-            *seen.entry(key.clone()).or_default() += 1;
-            if !t.flaky {
-                continue;
+            let i = *index.entry((e.repo.to_owned(), t.id.clone())).or_insert_with(|| {
+                all.push(Seen {
+                    id: t.id.clone(),
+                    file: t.file.clone(),
+                    repo: e.repo.to_owned(),
+                    seen: 0,
+                    flaky_on: Vec::new(),
+                    sample: None,
+                    trees: Vec::new(),
+                });
+                all.len() - 1
+            });
+            let s = &mut all[i];
+            s.seen += 1;
+            if t.flaky {
+                if s.flaky_on.is_empty() {
+                    let failed = t.earlier.iter().find(|r| r.outcome.is_failure()).map(|r| r.message.clone());
+                    s.sample = Some(failed.unwrap_or_else(|| t.message.clone()));
+                }
+                s.flaky_on.push((e.commit, e.queued_at_ms));
             }
-            match index.get(&key) {
-                Some(&i) => found[i].commits.push(e.commit),
-                None => {
-                    let sample = t.earlier.iter().find(|r| r.outcome.is_failure()).map(|r| r.message.clone());
-                    index.insert(key, found.len());
-                    found.push(FlakyTest {
-                        id: t.id.clone(),
-                        file: t.file.clone(),
-                        repo: e.repo.to_owned(),
-                        commits: vec![e.commit],
-                        seen: 0,
-                        last_flaky_ms: e.queued_at_ms,
-                        sample: tail(&sample.unwrap_or_else(|| t.message.clone()), MAX_SAMPLE_BYTES),
-                    });
+            if let (Some(tree), Some(passed)) = (e.tree, class(t.outcome)) {
+                let at = match s.trees.iter().position(|x| x.tree == tree) {
+                    Some(at) => at,
+                    None => {
+                        s.trees.push(TreeRuns { tree, passed: None, failed: None });
+                        s.trees.len() - 1
+                    }
+                };
+                let runs = &mut s.trees[at];
+                // Newest first: the first of each kind is the newest.
+                if passed && runs.passed.is_none() {
+                    runs.passed = Some((e.commit, e.queued_at_ms));
+                } else if !passed && runs.failed.is_none() {
+                    runs.failed = Some((e.commit, e.queued_at_ms, t.message.clone()));
                 }
             }
         }
     }
-    for f in &mut found {
-        f.seen = seen.get(&(f.repo.clone(), f.id.clone())).copied().unwrap_or(0);
-    }
-    found.sort_by(|a, b| b.commits.len().cmp(&a.commits.len()).then_with(|| b.last_flaky_ms.cmp(&a.last_flaky_ms)));
+    let mut found: Vec<FlakyTest> = all.into_iter().filter_map(flaky_of).collect();
+    let weight = |f: &FlakyTest| f.commits.len() + f.flips.len();
+    found.sort_by(|a, b| weight(b).cmp(&weight(a)).then_with(|| b.last_flaky_ms.cmp(&a.last_flaky_ms)));
     found
+}
+
+/// The flaky test `s` describes, if either rule found it.
+fn flaky_of(s: Seen) -> Option<FlakyTest> {
+    let mut flips: Vec<(Flip, u64, String)> = s
+        .trees
+        .into_iter()
+        .filter_map(|t| {
+            let ((passed, pass_at), (failed, fail_at, message)) = (t.passed?, t.failed?);
+            Some((Flip { tree: t.tree, passed, failed }, pass_at.max(fail_at), message))
+        })
+        .collect();
+    flips.sort_by_key(|f| std::cmp::Reverse(f.1));
+    flips.truncate(MAX_FLIPS);
+    let mut rules = Vec::new();
+    if !s.flaky_on.is_empty() {
+        rules.push(FlakyRule::SameCommit);
+    }
+    if !flips.is_empty() {
+        rules.push(FlakyRule::SameTree);
+    }
+    if rules.is_empty() {
+        return None;
+    }
+    let last_flaky_ms = s.flaky_on.iter().map(|c| c.1).chain(flips.iter().map(|f| f.1)).max().unwrap_or(0);
+    let sample = s.sample.or_else(|| flips.first().map(|f| f.2.clone())).unwrap_or_default();
+    Some(FlakyTest {
+        id: s.id,
+        file: s.file,
+        repo: s.repo,
+        rules,
+        commits: s.flaky_on.into_iter().map(|c| c.0).collect(),
+        flips: flips.into_iter().map(|f| f.0).collect(),
+        seen: s.seen,
+        last_flaky_ms,
+        sample: tail(&sample, MAX_SAMPLE_BYTES),
+    })
 }
 
 /// The last `max` bytes of `text` or fewer, cut at a character boundary.
@@ -243,6 +357,49 @@ mod tests {
         assert_eq!(h.iter().map(|r| (r.outcome, r.transition)).collect::<Vec<_>>(), [(Pass, false), (Pass, true)]);
         assert!(history(&all, Some("other"), "t", 10).is_empty());
         assert!(history(&all, None, "u", 10).is_empty());
+    }
+
+    #[test]
+    fn a_test_that_passed_and_failed_on_one_tree_is_flaky_by_the_same_tree_rule() {
+        use Outcome::{Fail, Pass, Skip};
+        let day = 24 * 60 * 60 * 1000;
+        let tree = |n: u64| -> TreeId { format!("{:040x}", 0xa000 + n).parse().unwrap() };
+        // Commits 1..=5 queued 1..=5 days in, each on a tree: 1 passes on A; 2 fails on B
+        // (the code changed: a transition); 3 fails on A again (a revert: a flip); 4 passes
+        // on C; 5 skips on C (a skip neither passed nor failed).
+        let mut all = commits(&[(Pass, false), (Fail, false), (Fail, false), (Pass, false), (Skip, false)], day);
+        for (e, t) in all.iter_mut().rev().zip([1, 2, 1, 3, 3]) {
+            e.tree = Some(tree(t));
+        }
+        let ids: Vec<CommitId> = all.iter().rev().map(|e| e.commit).collect();
+        let c = |n: usize| ids[n - 1];
+        let flaky = flaky_tests(&all, 6 * day, FLAKY_WINDOW_MS);
+        let [f] = &flaky[..] else { panic!("{flaky:#?}") };
+        assert_eq!(f.rules, [FlakyRule::SameTree]);
+        assert!(f.commits.is_empty(), "never flaky on one commit");
+        assert_eq!(f.flips, [Flip { tree: tree(1), passed: c(1), failed: c(3) }]);
+        assert_eq!((f.seen, f.last_flaky_ms), (5, 3 * day));
+        assert_eq!(f.sample, "AssertionError: first run", "the failed commit's message");
+        assert_eq!(flaky_test(&all, Some("repo"), "t", 6 * day, FLAKY_WINDOW_MS).as_ref(), Some(f));
+        // Commit 1 out of the window: nothing flipped in it.
+        assert!(flaky_tests(&all, 6 * day, 4 * day + 1).is_empty());
+        // The history marks both runs on tree A, and only those.
+        let h = history(&all, None, "t", 10);
+        let shown: Vec<(CommitId, bool)> = h.iter().map(|r| (r.commit, r.flipped)).collect();
+        assert_eq!(shown, [(c(5), false), (c(4), false), (c(3), true), (c(2), false), (c(1), true)]);
+        assert_eq!(h[2].tree, Some(tree(1)));
+        // Flaky by both rules: commit 4 also failed, then passed, on a retry.
+        all[1].tests.insert("t".into(), result(Pass, true));
+        let flaky = flaky_tests(&all, 6 * day, FLAKY_WINDOW_MS);
+        assert_eq!(flaky[0].rules, [FlakyRule::SameCommit, FlakyRule::SameTree]);
+        assert_eq!((flaky[0].commits.clone(), flaky[0].flips.len(), flaky[0].last_flaky_ms), (vec![c(4)], 1, 4 * day));
+        // Without trees (commits stored before trees were), only the same-commit rule speaks.
+        for e in &mut all {
+            e.tree = None;
+        }
+        let flaky = flaky_tests(&all, 6 * day, FLAKY_WINDOW_MS);
+        assert_eq!((flaky[0].rules.clone(), flaky[0].flips.len()), (vec![FlakyRule::SameCommit], 0));
+        assert!(history(&all, None, "t", 10).iter().all(|r| !r.flipped));
     }
 
     #[test]

@@ -828,9 +828,11 @@ impl Dispatcher {
         // One store for the whole operation: the commit's test files (what
         // it is split into) and which older commits it descends from.
         let older = candidates.clone();
-        type Listing = (kiln_git::TreeTests, HashSet<CommitId>, Option<String>);
-        let (listed, descends, config_error): Listing = in_mirror(&self.mirror, move |store| {
+        type Listing = (kiln_git::TreeTests, HashSet<CommitId>, Option<String>, Option<kiln_proto::TreeId>);
+        let (listed, descends, config_error, tree): Listing = in_mirror(&self.mirror, move |store| {
             let listed = store.test_files(&commit)?;
+            // What tells a re-run, a revert or an empty commit: the same code.
+            let tree = store.tree_of(&commit)?;
             // Validated once, here: a problem is the commit's error, and no runner sees it.
             let config_error = store.repo_config(&commit)?.err().map(|e| e.to_string());
             let descends = older
@@ -843,7 +845,7 @@ impl Dispatcher {
                     }
                 })
                 .collect();
-            Ok((listed, descends, config_error))
+            Ok((listed, descends, config_error, tree))
         })
         .await?;
         if let Some(problem) = &config_error {
@@ -859,6 +861,7 @@ impl Dispatcher {
             listing_warning: listed.warning(),
             files: listed.files,
             config_error,
+            tree,
         };
         match self.ask(event).await {
             Ok(Answer::Submitted(Some(stopped))) => {

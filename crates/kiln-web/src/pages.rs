@@ -332,7 +332,7 @@ pub fn test_history(id: &str, repo: Option<&str>, runs: &[TestRun], flaky: Optio
             h1 {
                 "Test " code.test-id { (display(id)) }
                 @if let Some(f) = flaky {
-                    " " span.flaky.badge title={ "flaky on " (f.commits.len()) " of the " (f.seen) " commits of the last " (days) " days that ran it" } { "flaky" }
+                    " " span.flaky.badge title=(flaky_summary(f)) { "flaky" }
                 }
             }
             @if let Some(repo) = repo { p { "in " span.repo { (repo) } } }
@@ -343,7 +343,8 @@ pub fn test_history(id: &str, repo: Option<&str>, runs: &[TestRun], flaky: Optio
                     a href=(api_history_href(id, repo)) { "JSON" } }
             }
             @if let Some(f) = flaky {
-                p.flaky-note { "Flaky: it failed and passed on the same commit " (f.commits.len()) " times in the last " (days) " days (of " (f.seen) " commits that ran it)." }
+                p.flaky-note { "Flaky in the last " (days) " days: " (flaky_summary(f)) "." }
+                (flips(f))
             }
         }
         @if !runs.is_empty() {
@@ -361,9 +362,45 @@ pub fn test_history(id: &str, repo: Option<&str>, runs: &[TestRun], flaky: Optio
                             td.notes {
                                 @if r.transition { span.transition { (transition(r)) } }
                                 @if r.flaky { " " span.flaky title="failed, then passed when run again" { "flaky (" (r.runs) " runs)" } }
+                                @if r.flipped { " " span.flipped title="another commit listed here has the same tree and ended the other way" { "flipped on the same code" } }
                                 @if !r.status.is_final() { " " (status(r.status)) }
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why a test is flaky, in words, by each rule that found it.
+fn flaky_summary(f: &FlakyTest) -> String {
+    let mut parts = Vec::new();
+    if !f.commits.is_empty() {
+        parts.push(format!(
+            "failed and passed on the same commit: {} of the {} commits that ran it",
+            f.commits.len(),
+            f.seen
+        ));
+    }
+    if !f.flips.is_empty() {
+        let trees = if f.flips.len() == 1 { "1 tree".to_owned() } else { format!("{} trees", f.flips.len()) };
+        parts.push(format!("passed and failed on the same code (another commit with the same tree): {trees}"));
+    }
+    parts.join("; ")
+}
+
+/// The trees a test flipped on, with the commits that passed and failed.
+fn flips(f: &FlakyTest) -> Markup {
+    html! {
+        @if !f.flips.is_empty() {
+            ul.flips {
+                @for x in &f.flips {
+                    li.flip data-tree=(x.tree) {
+                        "tree " code { (x.tree.short()) } ": passed on "
+                        a href=(result_href(&x.passed, &f.id)) { code { (x.passed.short()) } }
+                        ", failed on "
+                        a href=(result_href(&x.failed, &f.id)) { code { (x.failed.short()) } }
                     }
                 }
             }
@@ -377,14 +414,17 @@ pub fn test_history(id: &str, repo: Option<&str>, runs: &[TestRun], flaky: Optio
 pub fn flaky(tests: &[FlakyTest], days: u32) -> Markup {
     html! {
         h1 { "Flaky tests" }
-        p { (tests.len()) @if tests.len() == 1 { " test" } @else { " tests" } " both failed and passed on the same commit in the last " (days) @if days == 1 { " day" } @else { " days" } "." }
+        p { (tests.len()) @if tests.len() == 1 { " test" } @else { " tests" } " both failed and passed on the same commit, or on the same code, in the last " (days) @if days == 1 { " day" } @else { " days" } "." }
         @for t in tests {
             section.flaky-test data-test=(t.id) {
                 h2 { a.test-link href=(test_href(&t.id, Some(&t.repo))) { code.test-id { (display(&t.id)) } } }
-                p { code { (display(&t.file)) } " in " span.repo { (t.repo) } ": flaky on " (t.commits.len()) " of the " (t.seen) " commits that ran it, last " (when(t.last_flaky_ms)) }
-                ul.commits {
-                    @for c in &t.commits { li { a href=(result_href(c, &t.id)) { code { (c.short()) } } } }
+                p { code { (display(&t.file)) } " in " span.repo { (t.repo) } ": " (flaky_summary(t)) ", last " (when(t.last_flaky_ms)) }
+                @if !t.commits.is_empty() {
+                    ul.commits {
+                        @for c in &t.commits { li { a href=(result_href(c, &t.id)) { code { (c.short()) } } } }
+                    }
                 }
+                (flips(t))
                 @if !t.sample.is_empty() { pre.message { (display(&t.sample)) } }
             }
         }

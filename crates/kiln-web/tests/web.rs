@@ -44,6 +44,7 @@ fn row(n: u8, status: CommitStatus) -> CommitRow {
         warnings: vec![],
         queued_at_ms: 1,
         finished_at_ms: None,
+        tree: None,
         job: u64::from(n),
         attempt: 0,
     }
@@ -558,9 +559,12 @@ fn the_flaky_page_lists_a_test_that_failed_and_passed_on_one_commit() {
     two_runs(&server);
     let (status, body) = server.get("/flaky");
     assert_eq!(status, 200);
-    assert!(body.contains("1 test both failed and passed on the same commit in the last 14 days."), "{body}");
+    assert!(
+        body.contains("1 test both failed and passed on the same commit, or on the same code, in the last 14 days."),
+        "{body}"
+    );
     assert!(body.contains(&format!("href=\"/tests/{HOSTILE_PATH}?repo=repo\"")), "{body}");
-    assert!(body.contains("flaky on 1 of the 2 commits that ran it"), "{body}");
+    assert!(body.contains("failed and passed on the same commit: 1 of the 2 commits that ran it"), "{body}");
     assert!(body.contains("AssertionError: &lt;img src=x onerror=window.pwned=2&gt;"), "{body}");
     assert!(!body.contains("<img") && !body.contains("<script>window"), "{body}");
     assert!(body.contains("<a class=\"current\" href=\"/flaky\">Flaky</a>"), "the nav link: {body}");
@@ -576,4 +580,38 @@ fn the_flaky_page_lists_a_test_that_failed_and_passed_on_one_commit() {
         assert!(json.contains("days must be a whole number from 1 to 3650"), "{json}");
     }
     assert_eq!(server.get("/flaky?days=abc").0, 400);
+}
+
+#[test]
+fn a_test_that_flipped_on_one_tree_is_shown_flaky_with_both_commits() {
+    let server = Server::start();
+    let tree: CommitId = "4b825dc642cb6eb9a060e54bf8d69288fbee4904".parse().unwrap();
+    let run = |outcome| TestResult::new("t.flip".into(), "tests/test_a.py".into(), outcome, 7, "boom <b>".into());
+    let now = now_ms();
+    let mut failed = row(1, CommitStatus::Failed);
+    let mut passed = row(2, CommitStatus::Passed);
+    for (r, at) in [(&mut failed, now - 1000), (&mut passed, now)] {
+        r.queued_at_ms = at;
+        r.tree = Some(tree);
+    }
+    server.publish(vec![Change::Test { commit: commit(1), result: run(Outcome::Fail) }, Change::Commit(failed)]);
+    let seq =
+        server.publish(vec![Change::Commit(passed), Change::Test { commit: commit(2), result: run(Outcome::Pass) }]);
+    server.wait_applied(seq);
+    let (_, body) = server.get("/flaky");
+    assert!(body.contains("passed and failed on the same code (another commit with the same tree): 1 tree"), "{body}");
+    let flip = format!(
+        "<li class=\"flip\" data-tree=\"{tree}\">tree <code>{}</code>: passed on <a href=\"/commits/{}#",
+        tree.short(),
+        commit(2)
+    );
+    assert!(body.contains(&flip), "{body}");
+    assert!(body.contains("boom &lt;b&gt;"), "the failed commit's message: {body}");
+    let (_, body) = server.get("/tests/t.flip");
+    assert_eq!(body.matches("flipped on the same code</span>").count(), 2, "{body}");
+    let (_, json) = server.get("/api/v1/flaky");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["tests"][0]["rules"], serde_json::json!(["same_tree"]));
+    let flips = serde_json::json!([{"tree": tree.to_string(), "passed": commit(2).to_string(), "failed": commit(1).to_string()}]);
+    assert_eq!(v["tests"][0]["flips"], flips);
 }

@@ -85,7 +85,7 @@ Examples:
   kiln history tests.test_math.MathTest.test_add --identity certs/me --dispatcher ci.example.com:7700
   kiln history tests.test_math.MathTest.test_add --limit 50 --format json --identity certs/me")]
     History(HistoryArgs),
-    /// List the tests that both failed and passed on a recent commit
+    /// List the tests that failed and passed on one commit, or on the same code
     #[command(after_help = "\
 Examples:
   kiln flaky --identity certs/me --dispatcher ci.example.com:7700        # the last 14 days

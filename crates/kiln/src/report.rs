@@ -112,6 +112,11 @@ pub fn render_history(test: &str, runs: &[kiln_proto::TestRun]) -> String {
         if r.flaky {
             notes.push(format!("flaky ({} runs)", r.runs));
         }
+        if r.flipped
+            && let Some(tree) = &r.tree
+        {
+            notes.push(format!("flipped on the same code (tree {})", &tree.as_str()[..12]));
+        }
         let notes = if notes.is_empty() { String::new() } else { format!("  {}", notes.join(", ")) };
         let commit = &r.commit.as_str()[..12];
         let outcome = r.outcome.as_str().to_uppercase();
@@ -131,15 +136,23 @@ pub fn render_flaky(tests: &[kiln_proto::FlakyTest], days: u32) -> String {
         plural(days.into(), "day", "days")
     );
     for t in tests {
-        let last = t.commits.first().map_or("", |c| &c.as_str()[..12]);
-        let _ = writeln!(
-            out,
-            "  {} ({}): flaky on {} of {} commits, last {last}",
-            for_terminal(&t.id),
-            for_terminal(&t.file),
-            t.commits.len(),
-            t.seen
-        );
+        let mut why = Vec::new();
+        if let Some(last) = t.commits.first() {
+            why.push(format!("flaky on {} of {} commits, last {}", t.commits.len(), t.seen, &last.as_str()[..12]));
+        }
+        if let Some(f) = t.flips.first() {
+            let more = match t.flips.len() {
+                1 => String::new(),
+                n => format!(" (and on {} more trees)", n - 1),
+            };
+            why.push(format!(
+                "flipped on the same code: passed on {} and failed on {}, both tree {}{more}",
+                &f.passed.as_str()[..12],
+                &f.failed.as_str()[..12],
+                &f.tree.as_str()[..12]
+            ));
+        }
+        let _ = writeln!(out, "  {} ({}): {}", for_terminal(&t.id), for_terminal(&t.file), why.join("; "));
         if let Some(line) = t.sample.trim_end().lines().last() {
             let _ = writeln!(out, "        {}", for_terminal(line));
         }
