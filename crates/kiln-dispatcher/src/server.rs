@@ -653,6 +653,7 @@ impl Dispatcher {
             Request::Cancel { .. } => (Role::Admin, "cancel commits"),
             Request::Resolve { .. } => (Role::Admin, "look up commits"),
             Request::History { .. } | Request::Flaky { .. } => (Role::Admin, "read results"),
+            Request::Status { .. } => (Role::Admin, "read the dispatcher's status"),
         };
         if peer.role != allowed {
             return refuse(send, format!("{peer} may not {what}: that needs the {allowed} role")).await;
@@ -714,6 +715,20 @@ impl Dispatcher {
                 let mut flaky = self.read(move |s| history::flaky_tests(s.newest_first(), now, window)).await?;
                 flaky.truncate(kiln_proto::wire::MAX_FLAKY);
                 reply(send, Reply::Flaky(flaky)).await
+            }
+            Request::Status { commits } => {
+                // The live view the dashboard reads, asked of the owner in turn
+                // with events; the commits from the reports, which never wait on it.
+                let (tx, rx) = oneshot::channel();
+                let stopping = || StreamError::Failed("the dispatcher is stopping".into());
+                self.core.send(Msg::Live(tx)).await.map_err(|_| stopping())?;
+                let live = rx.await.map_err(|_| stopping())?;
+                let n = (commits as usize).min(kiln_proto::status::MAX_STATUS_COMMITS);
+                let newest = self.reports.read().unwrap_or_else(|e| e.into_inner()).newest(n);
+                let mut status = live.status(newest);
+                // Room for the reply's own framing.
+                status.fit(kiln_proto::MAX_FRAME_LEN - 1024);
+                reply(send, Reply::Status(Box::new(status))).await
             }
         }
     }

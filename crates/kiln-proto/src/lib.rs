@@ -11,6 +11,7 @@ pub mod junit;
 pub mod model;
 pub mod repo_config;
 pub mod size;
+pub mod status;
 pub mod wire;
 
 pub use escape::{Escaped, escaped, for_terminal};
@@ -22,6 +23,7 @@ pub use model::{
 };
 pub use repo_config::RepoConfig;
 pub use size::ByteSize;
+pub use status::Status;
 
 /// Formats an error with its chain of causes, as `a: b: c`, for log lines
 /// and messages that must name the root cause.
