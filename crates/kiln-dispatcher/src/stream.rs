@@ -233,11 +233,16 @@ impl Reports {
         }
     }
 
-    /// The newest `n` commits' summaries, newest first.
-    pub fn newest(&self, n: usize) -> Vec<kiln_proto::status::CommitSummary> {
+    /// Every commit, newest first (what [`crate::history`] reads).
+    pub fn newest_first(&self) -> Vec<&Doc> {
         let mut docs: Vec<&Doc> = self.docs.values().collect();
         docs.sort_unstable_by_key(|d| std::cmp::Reverse(d.row.seq));
-        docs.into_iter().take(n).map(Doc::summary).collect()
+        docs
+    }
+
+    /// The newest `n` commits' summaries, newest first.
+    pub fn newest(&self, n: usize) -> Vec<kiln_proto::status::CommitSummary> {
+        self.newest_first().into_iter().take(n).map(Doc::summary).collect()
     }
 
     /// A commit's report, or the newest commit's.
