@@ -168,30 +168,32 @@ pub fn flaky_test<'a, C: Into<Tested<'a>>>(
     found.into_iter().find(|f| repo.is_none_or(|r| f.repo == r))
 }
 
-/// One tree's runs of a test: the newest commit it passed on and the
-/// newest it failed on (with when each was queued, and the failure's message).
-struct TreeRuns {
-    tree: TreeId,
-    passed: Option<(CommitId, u64)>,
-    failed: Option<(CommitId, u64, String)>,
-}
-
-/// What one test's runs in the window add up to, while they are read.
-struct Seen {
-    id: String,
-    file: String,
-    repo: String,
+/// What one test's runs in the window add up to, while they are read;
+/// borrowed from the commits, so that only the flaky tests are copied.
+struct Seen<'a> {
+    id: &'a str,
+    file: &'a str,
+    repo: &'a str,
     /// Commits that ran it.
     seen: usize,
     /// Commits it was flaky on, newest first, with when they were queued.
     flaky_on: Vec<(CommitId, u64)>,
     /// A failing run's message from the newest flaky commit.
-    sample: Option<String>,
-    /// Per tree, in the order first seen (newest first).
-    trees: Vec<TreeRuns>,
+    sample: Option<&'a str>,
+    /// The trees it flipped on, with when the later of the two commits was
+    /// queued and the failed commit's message.
+    flips: Vec<(Flip, u64, &'a str)>,
 }
 
+/// One test's runs on the commits of one tree: the newest commit it passed
+/// on and the newest it failed on (with when, and the failure's message).
+type TreeRuns<'a> = (Option<(CommitId, u64)>, Option<(CommitId, u64, &'a str)>);
+
 /// [`flaky_tests`], of only the test `only` if given.
+///
+/// Linear in the results in the window: one pass for the same-commit rule,
+/// and one over the commits whose tree another commit shares (grouped
+/// first, so commits with a tree of their own cost nothing more).
 fn find_flaky<'a, C: Into<Tested<'a>>>(
     commits: impl IntoIterator<Item = C>,
     now_ms: u64,
@@ -199,23 +201,29 @@ fn find_flaky<'a, C: Into<Tested<'a>>>(
     only: Option<&str>,
 ) -> Vec<FlakyTest> {
     let since = now_ms.saturating_sub(window_ms);
-    let mut all: Vec<Seen> = Vec::new();
-    let mut index: HashMap<(String, String), usize> = HashMap::new();
-    for e in commits.into_iter().map(Into::into).filter(|e: &Tested<'_>| e.queued_at_ms >= since) {
-        let tests: Box<dyn Iterator<Item = &TestResult>> = match only {
-            Some(id) => Box::new(e.tests.get(id).into_iter()),
-            None => Box::new(e.tests.values()),
-        };
-        for t in tests {
-            let i = *index.entry((e.repo.to_owned(), t.id.clone())).or_insert_with(|| {
+    let window: Vec<Tested<'a>> =
+        commits.into_iter().map(Into::into).filter(|e: &Tested<'_>| e.queued_at_ms >= since).collect();
+    let tests_of = |e: &Tested<'a>| -> Box<dyn Iterator<Item = &'a TestResult> + 'a> {
+        let tests: &'a BTreeMap<String, TestResult> = e.tests;
+        match only {
+            Some(id) => Box::new(tests.get(id).into_iter()),
+            None => Box::new(tests.values()),
+        }
+    };
+    let mut all: Vec<Seen<'a>> = Vec::new();
+    let mut index: HashMap<(&'a str, &'a str), usize> = HashMap::new();
+    // Same commit, and how many commits ran each test.
+    for e in &window {
+        for t in tests_of(e) {
+            let i = *index.entry((e.repo, &t.id)).or_insert_with(|| {
                 all.push(Seen {
-                    id: t.id.clone(),
-                    file: t.file.clone(),
-                    repo: e.repo.to_owned(),
+                    id: &t.id,
+                    file: &t.file,
+                    repo: e.repo,
                     seen: 0,
                     flaky_on: Vec::new(),
                     sample: None,
-                    trees: Vec::new(),
+                    flips: Vec::new(),
                 });
                 all.len() - 1
             });
@@ -223,69 +231,77 @@ fn find_flaky<'a, C: Into<Tested<'a>>>(
             s.seen += 1;
             if t.flaky {
                 if s.flaky_on.is_empty() {
-                    let failed = t.earlier.iter().find(|r| r.outcome.is_failure()).map(|r| r.message.clone());
-                    s.sample = Some(failed.unwrap_or_else(|| t.message.clone()));
+                    let failed = t.earlier.iter().find(|r| r.outcome.is_failure()).map(|r| r.message.as_str());
+                    s.sample = Some(failed.unwrap_or(&t.message));
                 }
                 s.flaky_on.push((e.commit, e.queued_at_ms));
             }
-            if let (Some(tree), Some(passed)) = (e.tree, class(t.outcome)) {
-                let at = match s.trees.iter().position(|x| x.tree == tree) {
-                    Some(at) => at,
-                    None => {
-                        s.trees.push(TreeRuns { tree, passed: None, failed: None });
-                        s.trees.len() - 1
-                    }
-                };
-                let runs = &mut s.trees[at];
+        }
+    }
+    // Same tree: the commits of each tree that more than one commit has, newest first.
+    let mut trees: HashMap<(&'a str, TreeId), Vec<usize>> = HashMap::new();
+    for (i, e) in window.iter().enumerate() {
+        if let Some(tree) = e.tree {
+            trees.entry((e.repo, tree)).or_default().push(i);
+        }
+    }
+    for ((repo, tree), shared) in trees.into_iter().filter(|(_, c)| c.len() > 1) {
+        let mut runs: HashMap<&'a str, TreeRuns<'a>> = HashMap::new();
+        for &i in &shared {
+            let e = &window[i];
+            for t in tests_of(e) {
+                let Some(passed) = class(t.outcome) else { continue };
+                let (pass, fail) = runs.entry(&t.id).or_default();
                 // Newest first: the first of each kind is the newest.
-                if passed && runs.passed.is_none() {
-                    runs.passed = Some((e.commit, e.queued_at_ms));
-                } else if !passed && runs.failed.is_none() {
-                    runs.failed = Some((e.commit, e.queued_at_ms, t.message.clone()));
+                if passed && pass.is_none() {
+                    *pass = Some((e.commit, e.queued_at_ms));
+                } else if !passed && fail.is_none() {
+                    *fail = Some((e.commit, e.queued_at_ms, &t.message));
                 }
+            }
+        }
+        for (id, run) in runs {
+            let (Some((passed, pass_at)), Some((failed, fail_at, message))) = run else { continue };
+            if let Some(&i) = index.get(&(repo, id)) {
+                all[i].flips.push((Flip { tree, passed, failed }, pass_at.max(fail_at), message));
             }
         }
     }
     let mut found: Vec<FlakyTest> = all.into_iter().filter_map(flaky_of).collect();
     let weight = |f: &FlakyTest| f.commits.len() + f.flips.len();
-    found.sort_by(|a, b| weight(b).cmp(&weight(a)).then_with(|| b.last_flaky_ms.cmp(&a.last_flaky_ms)));
+    found.sort_by(|a, b| {
+        weight(b).cmp(&weight(a)).then_with(|| b.last_flaky_ms.cmp(&a.last_flaky_ms)).then_with(|| a.id.cmp(&b.id))
+    });
     found
 }
 
 /// The flaky test `s` describes, if either rule found it.
-fn flaky_of(s: Seen) -> Option<FlakyTest> {
-    let mut flips: Vec<(Flip, u64, String)> = s
-        .trees
-        .into_iter()
-        .filter_map(|t| {
-            let ((passed, pass_at), (failed, fail_at, message)) = (t.passed?, t.failed?);
-            Some((Flip { tree: t.tree, passed, failed }, pass_at.max(fail_at), message))
-        })
-        .collect();
-    flips.sort_by_key(|f| std::cmp::Reverse(f.1));
-    flips.truncate(MAX_FLIPS);
+fn flaky_of(mut s: Seen<'_>) -> Option<FlakyTest> {
+    // Newest first (trees came in no particular order); ties by tree, so the answer is stable.
+    s.flips.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.tree.cmp(&b.0.tree)));
+    s.flips.truncate(MAX_FLIPS);
     let mut rules = Vec::new();
     if !s.flaky_on.is_empty() {
         rules.push(FlakyRule::SameCommit);
     }
-    if !flips.is_empty() {
+    if !s.flips.is_empty() {
         rules.push(FlakyRule::SameTree);
     }
     if rules.is_empty() {
         return None;
     }
-    let last_flaky_ms = s.flaky_on.iter().map(|c| c.1).chain(flips.iter().map(|f| f.1)).max().unwrap_or(0);
-    let sample = s.sample.or_else(|| flips.first().map(|f| f.2.clone())).unwrap_or_default();
+    let last_flaky_ms = s.flaky_on.iter().map(|c| c.1).chain(s.flips.iter().map(|f| f.1)).max().unwrap_or(0);
+    let sample = s.sample.or_else(|| s.flips.first().map(|f| f.2)).unwrap_or_default();
     Some(FlakyTest {
-        id: s.id,
-        file: s.file,
-        repo: s.repo,
+        id: s.id.to_owned(),
+        file: s.file.to_owned(),
+        repo: s.repo.to_owned(),
         rules,
         commits: s.flaky_on.into_iter().map(|c| c.0).collect(),
-        flips: flips.into_iter().map(|f| f.0).collect(),
+        flips: s.flips.into_iter().map(|f| f.0).collect(),
         seen: s.seen,
         last_flaky_ms,
-        sample: tail(&sample, MAX_SAMPLE_BYTES),
+        sample: tail(sample, MAX_SAMPLE_BYTES),
     })
 }
 

@@ -151,6 +151,9 @@ pub struct Board {
     pub observed: Observed,
     /// Resynchronisations after falling behind the dispatcher's stream.
     pub resyncs: u64,
+    /// The last flaky list computed, reused while nothing changed
+    /// ([`crate::history::FLAKY_MAX_AGE`]).
+    pub(crate) flaky: std::sync::Mutex<Option<crate::history::Cached>>,
 }
 
 /// A commit's summary as the API and the events describe it.

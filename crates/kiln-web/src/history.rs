@@ -11,6 +11,7 @@
 //! typed by hand reaches its page too.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -22,6 +23,22 @@ use serde_json::json;
 
 use crate::board::Board;
 use crate::{App, api, html, now_ms, pages};
+
+/// How long a flaky list is reused while the board has not changed: going
+/// over every result in the window is the dashboard's most expensive read
+/// (BENCHMARKS.md), so readers of an unchanged board share one answer; it
+/// is computed again after this anyway, because commits leave the window
+/// as time passes.
+pub const FLAKY_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// A flaky list, with what it was computed from.
+pub struct Cached {
+    days: u32,
+    /// The board's last event then.
+    seq: u64,
+    at: Instant,
+    flaky: Arc<Flaky>,
+}
 
 /// How many runs a test's page shows: the last 20–30 runs people ask for.
 pub const PAGE_RUNS: usize = 30;
@@ -146,11 +163,24 @@ pub struct Flaky {
     pub tests: Vec<FlakyTest>,
 }
 
-fn flaky(board: &Board, days: u32) -> Flaky {
+/// The flaky list of the last `days` days: computed again only when the
+/// board changed or the last one is older than [`FLAKY_MAX_AGE`].
+fn flaky(board: &Board, days: u32) -> Arc<Flaky> {
+    let seq = board.ring.last();
+    let mut cache = board.flaky.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = cache.as_ref()
+        && c.days == days
+        && c.seq == seq
+        && c.at.elapsed() < FLAKY_MAX_AGE
+    {
+        return Arc::clone(&c.flaky);
+    }
     let now = now_ms();
     let window = u64::from(days) * DAY_MS;
     let tests = h::flaky_tests(board.newest_first(), now, window);
-    Flaky { days, since_ms: now.saturating_sub(window), tests }
+    let flaky = Arc::new(Flaky { days, since_ms: now.saturating_sub(window), tests });
+    *cache = Some(Cached { days, seq, at: Instant::now(), flaky: Arc::clone(&flaky) });
+    flaky
 }
 
 fn flaky_markup(app: &App, q: &FlakyQuery) -> Result<maud::Markup, String> {
@@ -183,7 +213,7 @@ pub async fn flaky_fragment(State(app): State<Arc<App>>, Query(q): Query<FlakyQu
 /// `GET /api/v1/flaky?days=N`.
 pub async fn flaky_api(State(app): State<Arc<App>>, Query(q): Query<FlakyQuery>) -> Response {
     match days(q.days.as_deref()) {
-        Ok(days) => api::json_ok(&flaky(&app.board(), days)),
+        Ok(days) => api::json_ok(&*flaky(&app.board(), days)),
         Err(why) => api::error(StatusCode::BAD_REQUEST, &why),
     }
 }
