@@ -580,6 +580,14 @@ fn the_flaky_page_lists_a_test_that_failed_and_passed_on_one_commit() {
         assert!(json.contains("days must be a whole number from 1 to 3650"), "{json}");
     }
     assert_eq!(server.get("/flaky?days=abc").0, 400);
+    // A change of the board is seen at once: the list is reused only while nothing changed.
+    assert!(server.get("/flaky").1.contains("1 test both failed and passed"));
+    let mut again = TestResult::new("t.other".into(), "tests/test_b.py".into(), Outcome::Fail, 1, "x".into());
+    again.merge_run(TestResult::new("t.other".into(), "tests/test_b.py".into(), Outcome::Pass, 1, String::new()));
+    let seq = server.publish(vec![Change::Test { commit: commit(2), result: again }]);
+    server.wait_applied(seq);
+    let (_, body) = server.get("/flaky");
+    assert!(body.contains("2 tests both failed and passed"), "{body}");
 }
 
 #[test]
