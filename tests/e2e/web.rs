@@ -441,31 +441,36 @@ fn a_test_history_shows_each_commit_and_a_hostile_id_reaches_its_page() {
     cluster.observer("observer", &repo.path, "200ms");
     let first = repo.commit("a failing test");
     assert_eq!(cluster.wait_for(&first).status, kiln_proto::CommitStatus::Failed);
-    repo.write(&[("tests/test_flip.py", FLIP_PASSES)]);
-    let second = repo.commit("fixed");
-    let report = cluster.wait_for(&second);
-    assert_eq!(report.status, kiln_proto::CommitStatus::Passed, "{report:#?}");
-    assert!(report.tests.iter().any(|t| t.id == HOSTILE_ID), "{report:#?}");
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    let second = rt.block_on(async {
         let b = Browser::start().await;
-        // The history of the test that flipped: newest first, the fix marked.
+        // The history of the test, open while the fix is tested: the new run
+        // appears without a reload.
         b.c().goto(&format!("{base}/tests/tests.test_flip.Flip.test_flip")).await.unwrap();
-        let mut rows = Vec::new();
-        for tr in b.c().find_all(Locator::Css("table.history tr[data-outcome]")).await.unwrap() {
-            let commit = tr.attr("data-commit").await.unwrap().unwrap();
-            let outcome = tr.attr("data-outcome").await.unwrap().unwrap();
-            let notes = tr.find(Locator::Css("td.notes")).await.unwrap().text().await.unwrap();
-            rows.push((commit, outcome, notes));
-        }
-        assert_eq!(
-            rows,
-            [
-                (second.to_string(), "pass".to_owned(), "fixed".to_owned()),
-                (first.to_string(), "fail".to_owned(), String::new())
-            ]
-        );
+        let rows = "return Array.from(document.querySelectorAll('table.history tr[data-outcome]')).map(e => e.getAttribute('data-outcome'));";
+        assert_eq!(b.js(rows, vec![]).await, json!(["fail"]));
+        wait_js(&b, "the live status", "return document.getElementById('live-status').textContent === 'live';", vec![])
+            .await;
+        b.js("window.kilnNoReload = true;", vec![]).await;
+        repo.write(&[("tests/test_flip.py", FLIP_PASSES)]);
+        let second = repo.commit("fixed");
+        let report = cluster.wait_for(&second);
+        assert_eq!(report.status, kiln_proto::CommitStatus::Passed, "{report:#?}");
+        assert!(report.tests.iter().any(|t| t.id == HOSTILE_ID), "{report:#?}");
+        let script = format!("const r = {}; return r.length === 2 && r;", rows.trim_start_matches("return ").trim_end_matches(';'));
+        assert_eq!(wait_js(&b, "the fix on the open page", &script, vec![]).await, json!(["pass", "fail"]));
+        assert_eq!(b.js("return window.kilnNoReload === true;", vec![]).await, json!(true), "no reload");
+        // Newest first, the fix marked (read in one script: the live part may be replaced meanwhile).
+        b.c().goto(&format!("{base}/tests/tests.test_flip.Flip.test_flip")).await.unwrap();
+        let rows = b
+            .js(
+                "return Array.from(document.querySelectorAll('table.history tr[data-outcome]')).map(e => \
+                 [e.getAttribute('data-commit'), e.getAttribute('data-outcome'), e.querySelector('td.notes').textContent.trim()]);",
+                vec![],
+            )
+            .await;
+        assert_eq!(rows, json!([[second.to_string(), "pass", "fixed"], [first.to_string(), "fail", ""]]));
         b.screenshot("test-history").await;
         // Each run links to its result on its commit's page.
         let link = b.c().find(Locator::Css("table.history tr[data-outcome=\"fail\"] a")).await.unwrap();
@@ -499,10 +504,12 @@ fn a_test_history_shows_each_commit_and_a_hostile_id_reaches_its_page() {
         assert_eq!(text, "0 tests both failed and passed on the same commit, or on the same code, in the last 14 days.");
         b.screenshot("flaky").await;
         b.stop().await;
+        second
     });
     // The JSON says the same as the page and as `kiln history`.
     let v = get_json(&format!("{base}/api/v1/tests/tests.test_flip.Flip.test_flip/history"));
     let out = cluster.admin(&["history", "tests.test_flip.Flip.test_flip", "--format", "json"]);
     let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["runs"], cli);
+    assert_eq!(v["runs"][0]["commit"], second.as_str());
 }
