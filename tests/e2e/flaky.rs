@@ -93,3 +93,61 @@ fn a_test_that_fails_then_passes_on_another_runner_is_flaky_and_its_commit_passe
     assert_eq!(again.tests, cluster.stored(&first).unwrap().tests);
     assert!(again.tests[0].flaky && again.tests[0].earlier.len() == 1, "{again:#?}");
 }
+
+#[test]
+fn a_test_that_fails_and_then_passes_on_an_empty_commit_is_flaky_on_the_same_tree() {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    assert!(cpus >= 2, "this test needs 2 CPUs to tell its runners apart; this machine gives it {cpus}");
+    let mut cluster = Cluster::start();
+    // The first commit runs where the test fails: on one CPU.
+    let narrow = cluster.runner_pinned("narrow", 0, &["--slots", "1"]);
+    cluster.wait_log(narrow, "registered dispatcher=");
+    let repo = Repo::new(cluster.dir.path(), &[("tests/__init__.py", ""), ("tests/test_cpus.py", FLAKY)]);
+    let first = repo.commit("a test that depends on its machine");
+    cluster.observer("observer", &repo.path, "200ms");
+    assert_eq!(cluster.wait_for(&first).status, CommitStatus::Failed);
+    // Then that runner goes (cleanly, so the dispatcher hears at once), and an
+    // empty commit (the same tree) runs where it passes.
+    cluster.procs[narrow].signal(crate::harness::Signal::SIGTERM);
+    cluster.procs[narrow].child.wait().unwrap();
+    let wide = cluster.runner_with("wide", &["--slots", "2"]);
+    cluster.wait_log(wide, "registered dispatcher=");
+    repo.git(&["commit", "--quiet", "--allow-empty", "-m", "run it again"]);
+    let second: kiln_proto::CommitId = repo.git(&["rev-parse", "HEAD"]).parse().unwrap();
+    assert_eq!(cluster.wait_for(&second).status, CommitStatus::Passed);
+    let tree: kiln_proto::TreeId = repo.git(&["rev-parse", "HEAD^{tree}"]).parse().unwrap();
+
+    let cpus = "tests.test_cpus.Cpus.test_on_one_cpu";
+    let out = cluster.admin(&["flaky", "--format", "json"]);
+    let flaky: Vec<kiln_proto::FlakyTest> = serde_json::from_slice(&out.stdout).unwrap();
+    let [f] = &flaky[..] else { panic!("{flaky:#?}") };
+    assert_eq!(f.id, cpus);
+    assert_eq!(f.rules, [kiln_proto::FlakyRule::SameTree], "never flaky on one commit: {f:#?}");
+    assert_eq!(f.flips, [kiln_proto::Flip { tree, passed: second, failed: first }]);
+    assert!(f.commits.is_empty() && f.seen == 2, "{f:#?}");
+    assert!(f.sample.contains("one CPU only"), "{}", f.sample);
+    let text = String::from_utf8_lossy(&cluster.admin(&["flaky"]).stdout).into_owned();
+    let line = format!(
+        "  {cpus} (tests/test_cpus.py): flipped on the same code: passed on {} and failed on {}, both tree {}\n",
+        &second.as_str()[..12],
+        &first.as_str()[..12],
+        &tree.as_str()[..12]
+    );
+    assert!(text.contains(&line), "{text}");
+
+    // The history marks both runs.
+    let out = cluster.admin(&["history", cpus, "--format", "json"]);
+    let runs: Vec<kiln_proto::TestRun> = serde_json::from_slice(&out.stdout).unwrap();
+    let shown: Vec<_> = runs.iter().map(|r| (r.commit, r.outcome, r.tree, r.flipped, r.transition)).collect();
+    assert_eq!(
+        shown,
+        [(second, Outcome::Pass, Some(tree), true, true), (first, Outcome::Fail, Some(tree), true, false)]
+    );
+    let text = String::from_utf8_lossy(&cluster.admin(&["history", cpus]).stdout).into_owned();
+    assert!(text.contains(&format!("flipped on the same code (tree {})", &tree.as_str()[..12])), "{text}");
+    // The tree is stored: a restarted dispatcher says the same.
+    cluster.restart_dispatcher();
+    let out = cluster.admin(&["flaky", "--format", "json"]);
+    let again: Vec<kiln_proto::FlakyTest> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again, flaky);
+}

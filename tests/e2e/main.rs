@@ -28,5 +28,6 @@ mod pipeline;
 mod plugin;
 mod repo_config;
 mod split;
+mod status;
 mod tap;
 mod web;

@@ -414,3 +414,106 @@ fn a_non_loopback_dashboard_is_refused_in_one_sentence() {
     );
     assert!(out.stdout.is_empty(), "nothing started");
 }
+
+/// A test that fails until the next commit fixes it.
+const FLIP_FAILS: &str =
+    "import unittest\n\n\nclass Flip(unittest.TestCase):\n    def test_flip(self):\n        self.assertEqual(1, 2)\n";
+const FLIP_PASSES: &str =
+    "import unittest\n\n\nclass Flip(unittest.TestCase):\n    def test_flip(self):\n        self.assertEqual(2, 2)\n";
+/// A test whose id holds markup, quotes, spaces, `/` and `::`: unittest
+/// takes any attribute name that starts with `test`.
+const HOSTILE_ID_TEST: &str = r#"import unittest
+
+
+class Ids(unittest.TestCase):
+    pass
+
+
+setattr(Ids, 'test_<script>window.kilnPwned=4</script> "q"/x::y', lambda self: None)
+"#;
+const HOSTILE_ID: &str = "tests.test_ids.Ids.test_<script>window.kilnPwned=4</script> \"q\"/x::y";
+
+#[test]
+fn a_test_history_shows_each_commit_and_a_hostile_id_reaches_its_page() {
+    let mut cluster = Cluster::start_with(&["--http", "127.0.0.1:0"]);
+    let base = dashboard(&cluster);
+    let repo = Repo::new(
+        cluster.dir.path(),
+        &[("tests/__init__.py", ""), ("tests/test_flip.py", FLIP_FAILS), ("tests/test_ids.py", HOSTILE_ID_TEST)],
+    );
+    cluster.runner("r1");
+    cluster.observer("observer", &repo.path, "200ms");
+    let first = repo.commit("a failing test");
+    assert_eq!(cluster.wait_for(&first).status, kiln_proto::CommitStatus::Failed);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let second = rt.block_on(async {
+        let b = Browser::start().await;
+        // The history of the test, open while the fix is tested: the new run
+        // appears without a reload.
+        b.c().goto(&format!("{base}/tests/tests.test_flip.Flip.test_flip")).await.unwrap();
+        let rows = "return Array.from(document.querySelectorAll('table.history tr[data-outcome]')).map(e => e.getAttribute('data-outcome'));";
+        assert_eq!(b.js(rows, vec![]).await, json!(["fail"]));
+        wait_js(&b, "the live status", "return document.getElementById('live-status').textContent === 'live';", vec![])
+            .await;
+        b.js("window.kilnNoReload = true;", vec![]).await;
+        repo.write(&[("tests/test_flip.py", FLIP_PASSES)]);
+        let second = repo.commit("fixed");
+        let report = cluster.wait_for(&second);
+        assert_eq!(report.status, kiln_proto::CommitStatus::Passed, "{report:#?}");
+        assert!(report.tests.iter().any(|t| t.id == HOSTILE_ID), "{report:#?}");
+        let script = format!("const r = {}; return r.length === 2 && r;", rows.trim_start_matches("return ").trim_end_matches(';'));
+        assert_eq!(wait_js(&b, "the fix on the open page", &script, vec![]).await, json!(["pass", "fail"]));
+        assert_eq!(b.js("return window.kilnNoReload === true;", vec![]).await, json!(true), "no reload");
+        // Newest first, the fix marked (read in one script: the live part may be replaced meanwhile).
+        b.c().goto(&format!("{base}/tests/tests.test_flip.Flip.test_flip")).await.unwrap();
+        let rows = b
+            .js(
+                "return Array.from(document.querySelectorAll('table.history tr[data-outcome]')).map(e => \
+                 [e.getAttribute('data-commit'), e.getAttribute('data-outcome'), e.querySelector('td.notes').textContent.trim()]);",
+                vec![],
+            )
+            .await;
+        assert_eq!(rows, json!([[second.to_string(), "pass", "fixed"], [first.to_string(), "fail", ""]]));
+        b.screenshot("test-history").await;
+        // Each run links to its result on its commit's page.
+        let link = b.c().find(Locator::Css("table.history tr[data-outcome=\"fail\"] a")).await.unwrap();
+        link.click().await.unwrap();
+        let at = b.js("return location.pathname + location.hash;", vec![]).await;
+        let at = at.as_str().unwrap().to_owned();
+        assert!(at.starts_with(&format!("/commits/{first}#t-")), "{at}");
+        let anchor = at.split('#').nth(1).unwrap().to_owned();
+        let outcome = b.js("return document.getElementById(arguments[0]).getAttribute('data-outcome');", vec![json!(anchor)]).await;
+        assert_eq!(outcome, json!("fail"));
+
+        // The hostile id: linked from the commit page, routed to its own page, shown as text.
+        b.c().goto(&format!("{base}/commits/{second}")).await.unwrap();
+        let mut target = None;
+        for a in b.c().find_all(Locator::Css("a.test-link")).await.unwrap() {
+            if a.text().await.unwrap() == HOSTILE_ID {
+                target = Some(a);
+            }
+        }
+        target.expect("a link for the hostile id").click().await.unwrap();
+        wait_js(&b, "the test page", "return document.readyState === 'complete' && location.pathname.startsWith('/tests/');", vec![]).await;
+        let shown = b.c().find(Locator::Css("h1 code.test-id")).await.unwrap().text().await.unwrap();
+        assert_eq!(shown, HOSTILE_ID);
+        let outcomes = b.js("return Array.from(document.querySelectorAll('tr[data-outcome]')).map(e => e.getAttribute('data-outcome'));", vec![]).await;
+        assert_eq!(outcomes, json!(["pass", "pass"]), "both commits ran it");
+        assert_eq!(b.js("return typeof window.kilnPwned;", vec![]).await, json!("undefined"));
+        assert_eq!(b.js("return document.querySelectorAll('main script').length;", vec![]).await, json!(0));
+        b.screenshot("test-history-hostile").await;
+        b.c().goto(&format!("{base}/flaky")).await.unwrap();
+        let text = b.c().find(Locator::Css("main p")).await.unwrap().text().await.unwrap();
+        assert_eq!(text, "0 tests both failed and passed on the same commit, or on the same code, in the last 14 days.");
+        b.screenshot("flaky").await;
+        b.stop().await;
+        second
+    });
+    // The JSON says the same as the page and as `kiln history`.
+    let v = get_json(&format!("{base}/api/v1/tests/tests.test_flip.Flip.test_flip/history"));
+    let out = cluster.admin(&["history", "tests.test_flip.Flip.test_flip", "--format", "json"]);
+    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["runs"], cli);
+    assert_eq!(v["runs"][0]["commit"], second.as_str());
+}

@@ -33,6 +33,7 @@ pub enum Action {
     ReadResults,
     Cancel,
     Resolve,
+    Status,
 }
 
 impl Action {
@@ -47,6 +48,7 @@ impl Action {
             Request::GetResults { .. } | Request::History { .. } | Request::Flaky { .. } => Action::ReadResults,
             Request::Cancel { .. } => Action::Cancel,
             Request::Resolve { .. } => Action::Resolve,
+            Request::Status { .. } => Action::Status,
         }
     }
 
@@ -61,6 +63,7 @@ impl Action {
             Action::ReadResults => (Role::Admin, "read results"),
             Action::Cancel => (Role::Admin, "cancel commits"),
             Action::Resolve => (Role::Admin, "look up commits"),
+            Action::Status => (Role::Admin, "read the dispatcher's status"),
         }
     }
 }

@@ -44,6 +44,8 @@ pub enum Event {
         files: Vec<String>,
         listing_warning: Option<String>,
         config_error: Option<String>,
+        /// The commit's tree, as the mirror has it (`None` if it could not be read).
+        tree: Option<kiln_proto::TreeId>,
     },
     /// A runner registers on a connection, holding these leases.
     Register { name: String, conn: ConnId, slots: u32, held: Vec<Held>, gaps: Vec<String> },
@@ -216,9 +218,12 @@ fn step(s: &mut State, event: Event, now_ms: u64) -> (Answer, Vec<Stopped>, bool
     let ended = |s: &State, job: u64| s.commit_of(job).and_then(|c| s.entry(&c)).is_none_or(|e| e.status.is_final());
     match event {
         Event::Claim { repo, observer } => (Answer::Claimed(s.claim_repo(&repo, &observer)), Vec::new(), false),
-        Event::Submit { repo, branch, commit, supersede, descends, files, listing_warning, config_error } => {
+        Event::Submit { repo, branch, commit, supersede, descends, files, listing_warning, config_error, tree } => {
             let stopped =
                 s.submit(&repo, &branch, commit, supersede, |c| descends.contains(c), &files, listing_warning, now_ms);
+            if stopped.is_some() {
+                s.set_tree(&commit, tree);
+            }
             if stopped.is_some()
                 && let Some(reason) = config_error
             {
@@ -314,6 +319,7 @@ mod tests {
             files: vec!["tests/test_a.py".into()],
             listing_warning: None,
             config_error: None,
+            tree: Some(commit(100 + n)),
         }
     }
 
@@ -347,7 +353,8 @@ mod tests {
         // The row, the file list and the batch leased: one transaction.
         assert!(matches!(
             &update.changes[..],
-            [Change::Commit(r), Change::Files { .. }, Change::Batch(_)] if r.status == CommitStatus::Running
+            [Change::Commit(r), Change::Files { .. }, Change::Batch(_)]
+                if r.status == CommitStatus::Running && r.tree == Some(commit(101))
         ));
 
         // A result that cannot be stored is not recorded: sent again, it is new.

@@ -37,7 +37,9 @@ CREATE TABLE IF NOT EXISTS commits (
     finished_at_ms INTEGER,
     job            INTEGER NOT NULL UNIQUE,
     attempt        INTEGER NOT NULL,
-    warnings       TEXT NOT NULL DEFAULT '[]'
+    warnings       TEXT NOT NULL DEFAULT '[]',
+    -- The commit's tree, read from the mirror at submission: the same code has the same tree.
+    tree           TEXT
 );
 CREATE TABLE IF NOT EXISTS results (
     commit_id   TEXT NOT NULL REFERENCES commits (commit_id),
@@ -83,17 +85,19 @@ CREATE TABLE IF NOT EXISTS repo_owners (
 
 /// The schema version this code writes (SQLite's `user_version`). Version
 /// 2 added `results.runner`, `commit_files` and `batches`; version 3
-/// `results.flaky`, `results.earlier` and `commit_files.retries`. An older
+/// `results.flaky`, `results.earlier` and `commit_files.retries`; version 4
+/// `commits.tree`. An older
 /// database gains them when opened.
-const VERSION: i64 = 3;
+const VERSION: i64 = 4;
 
 /// Columns added since version 1, each with what adds it to an older table
 /// (`CREATE TABLE IF NOT EXISTS` leaves an existing table as it was).
-const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
     ("results", "runner", "ALTER TABLE results ADD COLUMN runner TEXT"),
     ("results", "flaky", "ALTER TABLE results ADD COLUMN flaky INTEGER NOT NULL DEFAULT 0"),
     ("results", "earlier", "ALTER TABLE results ADD COLUMN earlier TEXT NOT NULL DEFAULT '[]'"),
     ("commit_files", "retries", "ALTER TABLE commit_files ADD COLUMN retries INTEGER NOT NULL DEFAULT 0"),
+    ("commits", "tree", "ALTER TABLE commits ADD COLUMN tree TEXT"),
 ];
 
 /// Why the state database failed.
@@ -184,7 +188,7 @@ impl Db {
             .conn
             .prepare(
                 "SELECT commit_id, repo, branch, seq, status, error, runner, queued_at_ms, finished_at_ms, job, attempt,
-                        warnings
+                        warnings, tree
                  FROM commits",
             )
             .map_err(self.err())?;
@@ -203,12 +207,17 @@ impl Db {
                     r.get::<_, i64>(9)?,
                     r.get::<_, i64>(10)?,
                     r.get::<_, String>(11)?,
+                    r.get::<_, Option<String>>(12)?,
                 ))
             })
             .map_err(self.err())?;
         for row in rows {
-            let (commit, repo, branch, seq, status, error, runner, queued, finished, job, attempt, warnings) =
+            let (commit, repo, branch, seq, status, error, runner, queued, finished, job, attempt, warnings, tree) =
                 row.map_err(self.err())?;
+            let tree = tree
+                .map(|t| t.parse::<kiln_proto::TreeId>())
+                .transpose()
+                .map_err(|e| self.corrupt(format!("tree of {commit}: {e}")))?;
             let warnings: Vec<String> =
                 serde_json::from_str(&warnings).map_err(|e| self.corrupt(format!("warnings of {commit}: {e}")))?;
             let commit: CommitId = commit.parse().map_err(|e| self.corrupt(format!("{e}")))?;
@@ -226,6 +235,7 @@ impl Db {
                     warnings,
                     queued_at_ms: queued as u64,
                     finished_at_ms: finished.map(|f| f as u64),
+                    tree,
                     job: job as u64,
                     attempt: attempt as u32,
                     files: BTreeMap::new(),
@@ -427,10 +437,10 @@ impl Db {
 fn save_row(tx: &rusqlite::Transaction<'_>, e: &CommitRow) -> rusqlite::Result<usize> {
     tx.prepare_cached(
         "INSERT INTO commits (commit_id, repo, branch, seq, status, error, runner, queued_at_ms,
-                              finished_at_ms, job, attempt, warnings)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                              finished_at_ms, job, attempt, warnings, tree)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
          ON CONFLICT (commit_id) DO UPDATE SET status = ?5, error = ?6, runner = ?7,
-             finished_at_ms = ?9, attempt = ?11, warnings = ?12",
+             finished_at_ms = ?9, attempt = ?11, warnings = ?12, tree = ?13",
     )?
     .execute(params![
         e.commit.as_str(),
@@ -445,6 +455,7 @@ fn save_row(tx: &rusqlite::Transaction<'_>, e: &CommitRow) -> rusqlite::Result<u
         e.job as i64,
         i64::from(e.attempt),
         serde_json::to_string(&e.warnings).unwrap_or_else(|_| "[]".to_owned()),
+        e.tree.as_ref().map(|t| t.as_str()),
     ])
 }
 
@@ -498,6 +509,7 @@ mod tests {
         let db = Db::open(&path).unwrap();
         let loaded = db.load().unwrap();
         assert_eq!(loaded[0].tests["t"].runner, None, "an old result names no runner");
+        assert_eq!(loaded[0].tree, None, "an old commit has no tree");
         assert_eq!(loaded[0].runners.iter().collect::<Vec<_>>(), ["old-runner"]);
         let version: i64 = db.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
         assert_eq!(version, VERSION);
@@ -512,6 +524,8 @@ mod tests {
         state
             .submit("repo", "main", commit, Supersede::Nothing, |_| true, &["tests/test_a.py".into()], None, 5)
             .unwrap();
+        let tree: kiln_proto::TreeId = "4b825dc642cb6eb9a060e54bf8d69288fbee4904".parse().unwrap();
+        state.set_tree(&commit, Some(tree));
         state.register("r", 1, 1, &[], &["network isolation: NO".to_owned()]);
         let d = state.assign().remove(0).assignment;
         let t = TestResult {
@@ -557,6 +571,7 @@ mod tests {
         let e = &loaded[0];
         assert_eq!(e.status, CommitStatus::Running);
         assert_eq!((e.job, e.attempt, e.seq), (state.entry(&commit).unwrap().job, 1, 1));
+        assert_eq!(e.tree, Some(tree));
         assert_eq!(e.files.keys().collect::<Vec<_>>(), ["tests/test_a.py"]);
         let b = &e.batches[&d.job];
         assert_eq!(

@@ -568,6 +568,14 @@ impl Dispatcher {
         rx.await.map_err(|_| "the dispatcher is stopping".to_owned())?
     }
 
+    /// Waits (briefly) until the reports hold everything published so far,
+    /// so that a reader sees what has been stored, including its own last change.
+    async fn caught_up(&self) {
+        let target = *self.published.borrow();
+        let mut seen = self.seen.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(5), seen.wait_for(|s| *s >= target)).await;
+    }
+
     /// Reads the state in the owner task.
     async fn read<T: Send + 'static>(&self, f: impl FnOnce(&State) -> T + Send + 'static) -> Result<T, StreamError> {
         let (tx, rx) = oneshot::channel();
@@ -686,11 +694,7 @@ impl Dispatcher {
                 self.fetch_source(conn, peer, send, lease, commit, haves).await
             }
             Request::GetResults { commit } => {
-                // Read what has been stored so far, including this admin's own
-                // last change: wait (briefly) for the reader to catch up.
-                let target = *self.published.borrow();
-                let mut seen = self.seen.clone();
-                let _ = tokio::time::timeout(Duration::from_secs(5), seen.wait_for(|s| *s >= target)).await;
+                self.caught_up().await;
                 let report = self.reports.read().unwrap_or_else(|e| e.into_inner()).report(commit);
                 reply(send, Reply::Report(report.map(Box::new))).await
             }
@@ -702,18 +706,42 @@ impl Dispatcher {
                 let found = self.read(move |s| s.commits_with_prefix(&prefix, kiln_proto::wire::MAX_RESOLVED)).await?;
                 reply(send, Reply::Resolved(found)).await
             }
+            // History and flakiness read the reports, which follow the stream of
+            // changes, as the dashboard reads its board: going over every commit
+            // never holds up the owner task.
             Request::History { test, repo, limit } => {
                 let limit = (limit as usize).min(kiln_proto::wire::MAX_HISTORY);
-                let runs =
-                    self.read(move |s| history::history(s.newest_first(), repo.as_deref(), &test, limit)).await?;
+                self.caught_up().await;
+                let runs = {
+                    let reports = self.reports.read().unwrap_or_else(|e| e.into_inner());
+                    history::history(reports.newest_first(), repo.as_deref(), &test, limit)
+                };
                 reply(send, Reply::History(runs)).await
             }
             Request::Flaky { days } => {
                 let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
                 let window = u64::from(days).saturating_mul(24 * 60 * 60 * 1000);
-                let mut flaky = self.read(move |s| history::flaky_tests(s.newest_first(), now, window)).await?;
+                self.caught_up().await;
+                let mut flaky = {
+                    let reports = self.reports.read().unwrap_or_else(|e| e.into_inner());
+                    history::flaky_tests(reports.newest_first(), now, window)
+                };
                 flaky.truncate(kiln_proto::wire::MAX_FLAKY);
                 reply(send, Reply::Flaky(flaky)).await
+            }
+            Request::Status { commits } => {
+                // The live view the dashboard reads, asked of the owner in turn
+                // with events; the commits from the reports, which never wait on it.
+                let (tx, rx) = oneshot::channel();
+                let stopping = || StreamError::Failed("the dispatcher is stopping".into());
+                self.core.send(Msg::Live(tx)).await.map_err(|_| stopping())?;
+                let live = rx.await.map_err(|_| stopping())?;
+                let n = (commits as usize).min(kiln_proto::status::MAX_STATUS_COMMITS);
+                let newest = self.reports.read().unwrap_or_else(|e| e.into_inner()).newest(n);
+                let mut status = live.status(newest);
+                // Room for the reply's own framing.
+                status.fit(kiln_proto::MAX_FRAME_LEN - 1024);
+                reply(send, Reply::Status(Box::new(status))).await
             }
         }
     }
@@ -829,9 +857,11 @@ impl Dispatcher {
         // One store for the whole operation: the commit's test files (what
         // it is split into) and which older commits it descends from.
         let older = candidates.clone();
-        type Listing = (kiln_git::TreeTests, HashSet<CommitId>, Option<String>);
-        let (listed, descends, config_error): Listing = in_mirror(&self.mirror, move |store| {
+        type Listing = (kiln_git::TreeTests, HashSet<CommitId>, Option<String>, Option<kiln_proto::TreeId>);
+        let (listed, descends, config_error, tree): Listing = in_mirror(&self.mirror, move |store| {
             let listed = store.test_files(&commit)?;
+            // What tells a re-run, a revert or an empty commit: the same code.
+            let tree = store.tree_of(&commit)?;
             // Validated once, here: a problem is the commit's error, and no runner sees it.
             let config_error = store.repo_config(&commit)?.err().map(|e| e.to_string());
             let descends = older
@@ -844,7 +874,7 @@ impl Dispatcher {
                     }
                 })
                 .collect();
-            Ok((listed, descends, config_error))
+            Ok((listed, descends, config_error, tree))
         })
         .await?;
         if let Some(problem) = &config_error {
@@ -860,6 +890,7 @@ impl Dispatcher {
             listing_warning: listed.warning(),
             files: listed.files,
             config_error,
+            tree,
         };
         match self.ask(event).await {
             Ok(Answer::Submitted(Some(stopped))) => {

@@ -52,7 +52,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use crate::store::{BatchRow, Change, CommitRow};
 
 use kiln_proto::wire::{Assignment, Held, Supersede};
-use kiln_proto::{CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, FileCounts, TestResult, escaped};
+use kiln_proto::{CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, FileCounts, TestResult, TreeId, escaped};
 
 /// A connection's stable id: a runner that reconnects gets a new one.
 pub type ConnId = usize;
@@ -145,6 +145,9 @@ pub struct CommitEntry {
     pub queued_at_ms: u64,
     /// When it reached a final status (Unix ms).
     pub finished_at_ms: Option<u64>,
+    /// Its tree, read from the mirror at submission (`None` if stored
+    /// before trees were): commits with the same tree hold the same code.
+    pub tree: Option<TreeId>,
     /// The commit's own id among jobs (batches get theirs).
     pub job: u64,
     /// Batches cut so far: the last batch's attempt number.
@@ -329,6 +332,7 @@ impl CommitEntry {
             warnings: self.warnings.clone(),
             queued_at_ms: self.queued_at_ms,
             finished_at_ms: self.finished_at_ms,
+            tree: self.tree,
             job: self.job,
             attempt: self.attempt,
         }
@@ -360,6 +364,7 @@ impl CommitEntry {
             warnings: self.warnings.clone(),
             queued_at_ms: self.queued_at_ms,
             finished_at_ms: self.finished_at_ms,
+            tree: self.tree,
             job: self.job,
             attempt: self.attempt,
             files: BTreeMap::new(),
@@ -794,6 +799,7 @@ impl State {
             warnings: listing_warning.into_iter().filter(|_| !files.is_empty()).collect(),
             queued_at_ms: now_ms,
             finished_at_ms: finished,
+            tree: None,
             job: self.next_job,
             attempt: 0,
             pending: estimates.keys().cloned().collect(),
@@ -809,6 +815,15 @@ impl State {
         entry.sort_pending();
         self.insert(entry);
         Some(stopped)
+    }
+
+    /// Records the tree of a commit [`State::submit`] has just queued, read
+    /// from the mirror (its row then carries it to storage and readers).
+    pub fn set_tree(&mut self, commit: &CommitId, tree: Option<TreeId>) {
+        self.touch(commit);
+        if let Some(entry) = self.commits.get_mut(commit) {
+            entry.tree = tree;
+        }
     }
 
     /// Ends a commit [`State::submit`] has just queued as `error`, because
@@ -2341,6 +2356,7 @@ mod tests {
                     warnings: r.warnings.clone(),
                     queued_at_ms: r.queued_at_ms,
                     finished_at_ms: r.finished_at_ms,
+                    tree: r.tree,
                     job: r.job,
                     attempt: r.attempt,
                     files: self.files.get(&r.commit).into_iter().flatten().map(|f| (f.clone(), 0)).collect(),

@@ -35,6 +35,8 @@ pub struct CommitRow {
     pub queued_at_ms: u64,
     /// When it reached a final status (Unix ms).
     pub finished_at_ms: Option<u64>,
+    /// Its tree, read from the mirror at submission (`None` if stored before trees were).
+    pub tree: Option<kiln_proto::TreeId>,
     /// The commit's own job id.
     pub job: u64,
     /// How many batches it was given out in.

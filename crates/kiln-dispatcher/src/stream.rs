@@ -62,6 +62,23 @@ impl Doc {
         Doc { row: entry.row(), tests: entry.tests.clone(), files: entry.files.len(), done: entry.done_files.clone() }
     }
 
+    /// The commit in a line: what `kiln status` lists.
+    pub fn summary(&self) -> kiln_proto::status::CommitSummary {
+        let r = &self.row;
+        kiln_proto::status::CommitSummary {
+            commit: r.commit,
+            repo: r.repo.clone(),
+            branch: r.branch.clone(),
+            status: r.status,
+            counts: Counts::of(self.tests.values()),
+            files: FileCounts { total: self.files as u64, done: self.done.len() as u64 },
+            error: r.error.clone(),
+            runner: r.runner.clone(),
+            queued_at_ms: r.queued_at_ms,
+            finished_at_ms: r.finished_at_ms,
+        }
+    }
+
     /// The commit's report.
     pub fn report(&self) -> CommitReport {
         let r = &self.row;
@@ -214,6 +231,18 @@ impl Reports {
             }
             apply(&mut self.docs, change);
         }
+    }
+
+    /// Every commit, newest first (what [`crate::history`] reads).
+    pub fn newest_first(&self) -> Vec<&Doc> {
+        let mut docs: Vec<&Doc> = self.docs.values().collect();
+        docs.sort_unstable_by_key(|d| std::cmp::Reverse(d.row.seq));
+        docs
+    }
+
+    /// The newest `n` commits' summaries, newest first.
+    pub fn newest(&self, n: usize) -> Vec<kiln_proto::status::CommitSummary> {
+        self.newest_first().into_iter().take(n).map(Doc::summary).collect()
     }
 
     /// A commit's report, or the newest commit's.

@@ -117,6 +117,19 @@ impl std::fmt::Display for WaitReason {
     }
 }
 
+impl WaitReason {
+    /// The reason as a stable code, for programs (the JSON API, `kiln status --format json`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            WaitReason::NoRunner => "no_runner",
+            WaitReason::NoFreeSlot { .. } => "no_free_slot",
+            WaitReason::Behind { .. } => "behind",
+            WaitReason::AwaitingRunner { .. } => "awaiting_runner",
+            WaitReason::Assigning => "assigning",
+        }
+    }
+}
+
 /// A commit that waits for runners, in queue order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueItem {
@@ -158,6 +171,61 @@ impl Live {
     /// Slots in use over all runners.
     pub fn busy_slots(&self) -> u32 {
         self.runners.iter().map(|r| r.busy).sum()
+    }
+
+    /// This view as `kiln status` and `kiln runners` are told it, with the
+    /// newest `commits`: the wire form of the same facts the dashboard shows.
+    pub fn status(&self, commits: Vec<kiln_proto::status::CommitSummary>) -> kiln_proto::Status {
+        use kiln_proto::status::{MAX_LISTED_FILES, QueuedCommit, RunnerStatus, RunningBatch};
+        let runners = self
+            .runners
+            .iter()
+            .map(|r| RunnerStatus {
+                name: r.name.clone(),
+                address: r.address.clone(),
+                slots: r.slots,
+                busy: r.busy,
+                running: r
+                    .running
+                    .iter()
+                    .map(|b| RunningBatch {
+                        job: b.job,
+                        commit: b.commit,
+                        files: b.files.iter().take(MAX_LISTED_FILES).cloned().collect(),
+                        file_count: b.files.len() as u64,
+                        slots: b.slots,
+                    })
+                    .collect(),
+                connected_since_ms: r.connected_since_ms,
+                last_heard_ms: r.last_heard_ms,
+                sandbox_warnings: r.sandbox_warnings.clone(),
+            })
+            .collect();
+        let queue = self
+            .queue
+            .iter()
+            .map(|q| QueuedCommit {
+                commit: q.commit,
+                repo: q.repo.clone(),
+                branch: q.branch.clone(),
+                queued_at_ms: q.queued_at_ms,
+                pending_files: q.pending_files as u64,
+                running_files: q.running_files as u64,
+                done_files: q.done_files as u64,
+                reason: q.reason.code().to_owned(),
+                why: q.reason.to_string(),
+            })
+            .collect();
+        kiln_proto::Status {
+            at_ms: self.at_ms,
+            runners,
+            runners_total: self.runners.len() as u64,
+            slots_total: u64::from(self.total_slots()),
+            slots_busy: u64::from(self.busy_slots()),
+            queue,
+            queue_total: self.queue.len() as u64,
+            commits,
+        }
     }
 }
 
@@ -404,6 +472,12 @@ mod tests {
         assert_eq!(view.runners.len(), 1);
         let r = &view.runners[0];
         assert_eq!((r.name.as_str(), r.address.as_str(), r.slots, r.busy), ("r1", "127.0.0.1:9", 1, 1));
+        // `kiln status` is told the same facts.
+        let status = view.status(vec![]);
+        assert_eq!((status.runners_total, status.slots_total, status.slots_busy, status.queue_total), (1, 1, 1, 1));
+        assert_eq!(status.runners[0].running[0].file_count, 1);
+        assert_eq!(status.queue[0].reason, "no_free_slot");
+        assert_eq!(status.queue[0].why, "no runner has a free slot (1 of 1 slots busy)");
         assert_eq!((r.connected_since_ms, r.last_heard_ms), (5, 6));
         assert_eq!(r.sandbox_warnings, vec!["no seccomp".to_owned()]);
         assert_eq!(r.running.len(), 1);

@@ -398,6 +398,14 @@ impl ObjectStore {
         self.repo.graph_descendant_of(new, old).map_err(|e| self.error(GitErrorKind::Walk { to: *descendant }, e))
     }
 
+    /// The id of `commit`'s tree: two commits holding the same files have
+    /// the same one (a re-run of a commit's content, a revert, an empty
+    /// commit), which is how the dispatcher tells "the same code". `None`
+    /// when the repository's object ids are not SHA-1.
+    pub fn tree_of(&self, commit: &CommitId) -> Result<Option<kiln_proto::TreeId>, GitError> {
+        Ok(to_commit_id(self.find_commit(commit)?.tree_id()).ok())
+    }
+
     fn find_commit(&self, id: &CommitId) -> Result<git2::Commit<'_>, GitError> {
         find_commit(&self.repo, &self.path, id)
     }

@@ -11,17 +11,19 @@ pub mod junit;
 pub mod model;
 pub mod repo_config;
 pub mod size;
+pub mod status;
 pub mod wire;
 
 pub use escape::{Escaped, escaped, for_terminal};
 pub use frame::{FrameError, MAX_FRAME_LEN};
 pub use junit::junit;
 pub use model::{
-    CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, EarlierRun, FileCounts, FlakyTest, MAX_TEST_ID_BYTES,
-    MAX_TEST_MESSAGE_BYTES, Outcome, Role, TestResult, TestRun,
+    CommitId, CommitPrefix, CommitReport, CommitStatus, Counts, EarlierRun, FileCounts, FlakyRule, FlakyTest, Flip,
+    MAX_TEST_ID_BYTES, MAX_TEST_MESSAGE_BYTES, Outcome, Role, TestResult, TestRun, TreeId,
 };
 pub use repo_config::RepoConfig;
 pub use size::ByteSize;
+pub use status::Status;
 
 /// Formats an error with its chain of causes, as `a: b: c`, for log lines
 /// and messages that must name the root cause.

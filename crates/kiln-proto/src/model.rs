@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 #[serde(try_from = "String", into = "String")]
 pub struct CommitId([u8; 40]);
 
+/// A git tree's id: 40 hexadecimal digits like a commit's, so the same
+/// validated type. Two commits with the same tree hold the same files.
+pub type TreeId = CommitId;
+
 /// Why a string is not a commit id.
 #[derive(Debug, thiserror::Error)]
 #[error("`{0}` is not a commit id (expected 40 hexadecimal digits)")]
@@ -442,6 +446,43 @@ pub struct TestRun {
     /// Whether it went from passing to failing, or back, since the run
     /// before (the next older commit that ran it).
     pub transition: bool,
+    /// The commit's tree (`None` for commits stored before trees were).
+    pub tree: Option<TreeId>,
+    /// Whether another run in the same history, on another commit with the
+    /// same tree, ended the other way (one passed, the other failed): it
+    /// flipped on the same code.
+    pub flipped: bool,
+}
+
+/// Which rule found a test flaky (the dispatcher's `history` module defines them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlakyRule {
+    /// It failed and passed on one commit (`--retry-failed`).
+    SameCommit,
+    /// It passed on one commit and failed on another with the same tree.
+    SameTree,
+}
+
+impl FlakyRule {
+    /// The name JSON uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlakyRule::SameCommit => "same_commit",
+            FlakyRule::SameTree => "same_tree",
+        }
+    }
+}
+
+/// Two commits with the same tree on which a test ended differently.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flip {
+    /// The tree both commits hold.
+    pub tree: TreeId,
+    /// The newest of them on which the test passed.
+    pub passed: CommitId,
+    /// The newest of them on which it failed.
+    pub failed: CommitId,
 }
 
 /// A test that was flaky on some recent commit.
@@ -453,14 +494,19 @@ pub struct FlakyTest {
     pub file: String,
     /// Its repository.
     pub repo: String,
-    /// The commits it was flaky on, newest first.
+    /// The rules that found it flaky, each once, in [`FlakyRule`]'s order.
+    pub rules: Vec<FlakyRule>,
+    /// The commits it was flaky on ([`FlakyRule::SameCommit`]), newest first.
     pub commits: Vec<CommitId>,
+    /// The trees it flipped on ([`FlakyRule::SameTree`]), newest first.
+    pub flips: Vec<Flip>,
     /// How many recent commits ran it.
     pub seen: usize,
-    /// When the newest of `commits` was queued (Unix ms).
+    /// When the newest commit of `commits` or `flips` was queued (Unix ms).
     pub last_flaky_ms: u64,
     /// The end of a failing run's message (at most [`MAX_SAMPLE_BYTES`]),
-    /// from the newest flaky commit: what to look at first.
+    /// from the newest flaky commit, else the newest flip's failed commit:
+    /// what to look at first.
     pub sample: String,
 }
 

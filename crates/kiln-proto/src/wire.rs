@@ -115,6 +115,13 @@ pub enum Request {
         /// How far back to look.
         days: u32,
     },
+    /// Admin: the connected runners, what waits and why, and the newest
+    /// `commits` commits (at most [`crate::status::MAX_STATUS_COMMITS`]), for
+    /// `kiln status` and `kiln runners`. The dispatcher answers [`Reply::Status`].
+    Status {
+        /// How many of the newest commits.
+        commits: u32,
+    },
 }
 
 /// The most commits a [`Reply::Resolved`] lists: enough to show a prefix is ambiguous.
@@ -209,6 +216,8 @@ pub enum Reply {
     History(Vec<TestRun>),
     /// Flaky tests, most often flaky first (see [`Request::Flaky`]).
     Flaky(Vec<FlakyTest>),
+    /// The dispatcher now (see [`Request::Status`]).
+    Status(Box<crate::Status>),
 }
 
 /// Who holds a runner name that a second connection asked for.

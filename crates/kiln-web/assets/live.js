@@ -13,6 +13,9 @@
   var m = /^\/fragments\/commits\/([0-9a-f]{40})/.exec(url);
   var commit = m ? m[1] : null;
   var showsLive = url === "/fragments/runners" || url === "/fragments/queue";
+  // A test's history and the flaky list change when a commit's row does
+  // (it ran, or ended): not on every result of a busy commit.
+  var byCommitRow = /^\/fragments\/(tests\/|flaky)/.test(url);
   var after = main.getAttribute("data-seq") || "";
   var busy = false, again = false, timer = null;
 
@@ -38,6 +41,7 @@
   es.onerror = function () { say("reconnecting…"); };
   es.addEventListener("change", function (e) {
     if (commit && e.data.indexOf(commit) < 0) return;
+    if (byCommitRow && e.data.indexOf('"kind":"commit"') < 0) return;
     schedule();
   });
   es.addEventListener("live", function () { if (showsLive) schedule(); });

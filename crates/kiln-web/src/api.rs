@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use kiln_dispatcher::view::{Live, WaitReason};
+use kiln_dispatcher::view::Live;
 use kiln_proto::CommitStatus;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -26,8 +26,17 @@ pub(crate) fn json_body(status: StatusCode, body: String) -> Response {
     res
 }
 
+/// `{"error": message}` with `status`.
 pub(crate) fn error(status: StatusCode, message: &str) -> Response {
     json_body(status, json!({ "error": message }).to_string())
+}
+
+/// `value` as JSON, `200 OK`.
+pub(crate) fn json_ok(value: &impl Serialize) -> Response {
+    match serde_json::to_string(value) {
+        Ok(body) => json_body(StatusCode::OK, body),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
 }
 
 /// `?branch=&repo=&status=&limit=&before=`
@@ -138,17 +147,6 @@ fn runners_json(live: &Live) -> serde_json::Value {
     json!({ "at_ms": live.at_ms, "runners": runners })
 }
 
-/// A reason as a stable code, for programs.
-fn reason_code(r: &WaitReason) -> &'static str {
-    match r {
-        WaitReason::NoRunner => "no_runner",
-        WaitReason::NoFreeSlot { .. } => "no_free_slot",
-        WaitReason::Behind { .. } => "behind",
-        WaitReason::AwaitingRunner { .. } => "awaiting_runner",
-        WaitReason::Assigning => "assigning",
-    }
-}
-
 /// `GET /api/v1/runners`.
 pub async fn runners(State(app): State<Arc<App>>) -> Response {
     match app.live().await {
@@ -175,7 +173,7 @@ pub async fn queue(State(app): State<Arc<App>>) -> Response {
                 "pending_files": q.pending_files,
                 "running_files": q.running_files,
                 "done_files": q.done_files,
-                "reason": reason_code(&q.reason),
+                "reason": q.reason.code(),
                 "why": q.reason.to_string(),
             })
         })

@@ -151,6 +151,9 @@ pub struct Board {
     pub observed: Observed,
     /// Resynchronisations after falling behind the dispatcher's stream.
     pub resyncs: u64,
+    /// The last flaky list computed, reused while nothing changed
+    /// ([`crate::history::FLAKY_MAX_AGE`]).
+    pub(crate) flaky: std::sync::Mutex<Option<crate::history::Cached>>,
 }
 
 /// A commit's summary as the API and the events describe it.
@@ -393,6 +396,11 @@ impl Board {
             None => self.order.range(..),
         };
         range.rev().filter_map(|(_, c)| self.docs.get(c)).filter(|d| keep(d)).take(limit).collect()
+    }
+
+    /// Every commit, newest first: what [`kiln_dispatcher::history`] reads.
+    pub fn newest_first(&self) -> impl Iterator<Item = &Doc> {
+        self.order.values().rev().filter_map(|c| self.docs.get(c))
     }
 
     /// How many commits are stored with each status.

@@ -11,7 +11,8 @@
 //! number of readers (answers are shared).
 //!
 //! Layout: [`board`] (the rebuilt state and the event ring), [`pages`]
-//! (maud templates), [`api`] (JSON), [`events`] (SSE), [`metrics`]
+//! (maud templates), [`api`] (JSON), [`history`] (a test's history and the
+//! flaky tests, page and JSON), [`events`] (SSE), [`metrics`]
 //! (Prometheus text), [`text`] (what test output loses before display),
 //! [`https`] (TLS connections and who is calling), [`actions`] (cancel, and
 //! the cross-site rules).
@@ -29,6 +30,7 @@ pub mod actions;
 pub mod api;
 pub mod board;
 pub mod events;
+pub mod history;
 pub mod https;
 pub mod metrics;
 pub mod pages;
@@ -288,6 +290,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/fragments/commits", get(index_fragment))
         .route("/commits/{commit}", get(commit_page))
         .route("/fragments/commits/{commit}", get(commit_fragment))
+        .route("/tests/{*id}", get(history::test_page))
+        .route("/fragments/tests/{*id}", get(history::test_fragment_page))
+        .route("/flaky", get(history::flaky_page))
+        .route("/fragments/flaky", get(history::flaky_fragment))
         .route("/runners", get(runners_page))
         .route("/fragments/runners", get(runners_fragment))
         .route("/queue", get(queue_page))
@@ -298,6 +304,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/commits", get(api::commits))
         .route("/api/v1/commits/{commit}", get(api::commit))
         .route("/api/v1/commits/{commit}/cancel", post(actions::cancel))
+        .route("/api/v1/tests/{*rest}", get(history::test_api))
+        .route("/api/v1/flaky", get(history::flaky_api))
         .route("/api/v1/runners", get(api::runners))
         .route("/api/v1/queue", get(api::queue))
         .route("/api/v1/events", get(events::events))

@@ -8,7 +8,7 @@ use std::fmt::Write;
 
 use kiln_dispatcher::stream::Doc;
 use kiln_dispatcher::view::Live;
-use kiln_proto::{CommitStatus, Counts, Outcome, TestResult};
+use kiln_proto::{CommitStatus, Counts, FlakyTest, Outcome, TestResult, TestRun};
 use maud::{DOCTYPE, Markup, html};
 
 use crate::board::{Board, Progress};
@@ -35,7 +35,7 @@ pub fn page(title: &str, nav: &str, live: &str, seq: &str, body: Markup) -> Mark
                 header {
                     a.brand href="/" { "Kiln" }
                     nav {
-                        @for (href, name) in [("/", "Commits"), ("/runners", "Runners"), ("/queue", "Queue")] {
+                        @for (href, name) in [("/", "Commits"), ("/flaky", "Flaky"), ("/runners", "Runners"), ("/queue", "Queue")] {
                             @if name == nav { a.current href=(href) { (name) } } @else { a href=(href) { (name) } }
                         }
                         a href="/metrics" { "Metrics" }
@@ -193,6 +193,28 @@ pub fn percent(s: &str) -> String {
     out
 }
 
+/// The path of a test's history page: the id percent-encoded whole (its
+/// `/`, `?`, `#`, spaces and quotes too), so that any id is one route.
+pub fn test_href(id: &str, repo: Option<&str>) -> String {
+    match repo {
+        Some(repo) => format!("/tests/{}?repo={}", percent(id), percent(repo)),
+        None => format!("/tests/{}", percent(id)),
+    }
+}
+
+/// The path of a test's history in the JSON API.
+pub fn api_history_href(id: &str, repo: Option<&str>) -> String {
+    match repo {
+        Some(repo) => format!("/api/v1/tests/{}/history?repo={}", percent(id), percent(repo)),
+        None => format!("/api/v1/tests/{}/history", percent(id)),
+    }
+}
+
+/// The link to a test's result on a commit's page.
+fn result_href(commit: &kiln_proto::CommitId, id: &str) -> String {
+    format!("/commits/{commit}#{}", anchor(id))
+}
+
 /// A stable anchor for a test id: ids hold any characters, anchors should not.
 pub fn anchor(id: &str) -> String {
     // FNV-1a, 64 bits: stable across builds and machines.
@@ -277,7 +299,7 @@ pub fn commit(doc: &Doc, progress: Option<&Progress>, filter: &Filter, now_ms: u
                         li id=(a) class={ "test o-" (t.outcome.as_str()) } data-outcome=(t.outcome.as_str()) {
                             a.permalink href={ "#" (a) } title="permalink" { "#" }
                             " " span.outcome { (t.outcome.as_str()) } " "
-                            code.test-id { (display(&t.id)) }
+                            a.test-link href=(test_href(&t.id, None)) title="this test's history" { code.test-id { (display(&t.id)) } }
                             @if t.flaky { " " span.flaky title="failed, then passed when run again" { "flaky" } }
                             " " span.duration { (duration(t.duration_ms)) }
                             @if let Some(runner) = &t.runner { " " span.runner { "on " (runner) } }
@@ -291,6 +313,119 @@ pub fn commit(doc: &Doc, progress: Option<&Progress>, filter: &Filter, now_ms: u
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// What a run's outcome change means, in words.
+fn transition(r: &TestRun) -> &'static str {
+    if r.outcome.is_failure() { "started failing" } else { "fixed" }
+}
+
+/// A test's history page's live part: its runs on the newest commits that
+/// ran it, newest first, with changes between passing and failing marked.
+pub fn test_history(id: &str, repo: Option<&str>, runs: &[TestRun], flaky: Option<&FlakyTest>, days: u32) -> Markup {
+    let failing = runs.iter().filter(|r| r.outcome.is_failure()).count();
+    html! {
+        section.summary {
+            h1 {
+                "Test " code.test-id { (display(id)) }
+                @if let Some(f) = flaky {
+                    " " span.flaky.badge title=(flaky_summary(f)) { "flaky" }
+                }
+            }
+            @if let Some(repo) = repo { p { "in " span.repo { (repo) } } }
+            @if runs.is_empty() {
+                p.empty { "No commit has run this test." }
+            } @else {
+                p { "The newest " (runs.len()) " runs, newest first: " (failing) " failed. "
+                    a href=(api_history_href(id, repo)) { "JSON" } }
+            }
+            @if let Some(f) = flaky {
+                p.flaky-note { "Flaky in the last " (days) " days: " (flaky_summary(f)) "." }
+                (flips(f))
+            }
+        }
+        @if !runs.is_empty() {
+            table.history {
+                thead { tr { th { "commit" } th { "branch" } th { "outcome" } th { "took" } th { "queued" } th { "" } } }
+                tbody {
+                    @for r in runs {
+                        @let class = if r.transition { format!("run o-{} transition", r.outcome.as_str()) } else { format!("run o-{}", r.outcome.as_str()) };
+                        tr class=(class) data-commit=(r.commit) data-outcome=(r.outcome.as_str()) {
+                            td { a href=(result_href(&r.commit, id)) { code { (r.commit.short()) } } }
+                            td { (r.branch) }
+                            td.outcome { (r.outcome.as_str()) }
+                            td { (duration(r.duration_ms)) }
+                            td { time datetime=(r.queued_at_ms) { (when(r.queued_at_ms)) } }
+                            td.notes {
+                                @if r.transition { span.transition { (transition(r)) } }
+                                @if r.flaky { " " span.flaky title="failed, then passed when run again" { "flaky (" (r.runs) " runs)" } }
+                                @if r.flipped { " " span.flipped title="another commit listed here has the same tree and ended the other way" { "flipped on the same code" } }
+                                @if !r.status.is_final() { " " (status(r.status)) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why a test is flaky, in words, by each rule that found it.
+fn flaky_summary(f: &FlakyTest) -> String {
+    let mut parts = Vec::new();
+    if !f.commits.is_empty() {
+        parts.push(format!(
+            "failed and passed on the same commit: {} of the {} commits that ran it",
+            f.commits.len(),
+            f.seen
+        ));
+    }
+    if !f.flips.is_empty() {
+        let trees = if f.flips.len() == 1 { "1 tree".to_owned() } else { format!("{} trees", f.flips.len()) };
+        parts.push(format!("passed and failed on the same code (another commit with the same tree): {trees}"));
+    }
+    parts.join("; ")
+}
+
+/// The trees a test flipped on, with the commits that passed and failed.
+fn flips(f: &FlakyTest) -> Markup {
+    html! {
+        @if !f.flips.is_empty() {
+            ul.flips {
+                @for x in &f.flips {
+                    li.flip data-tree=(x.tree) {
+                        "tree " code { (x.tree.short()) } ": passed on "
+                        a href=(result_href(&x.passed, &f.id)) { code { (x.passed.short()) } }
+                        ", failed on "
+                        a href=(result_href(&x.failed, &f.id)) { code { (x.failed.short()) } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The flaky page's live part: the tests flaky on a commit of the last
+/// `days` days, most often flaky first, each with its commits and the end
+/// of a failing run's message.
+pub fn flaky(tests: &[FlakyTest], days: u32) -> Markup {
+    html! {
+        h1 { "Flaky tests" }
+        p { (tests.len()) @if tests.len() == 1 { " test" } @else { " tests" } " both failed and passed on the same commit, or on the same code, in the last " (days) @if days == 1 { " day" } @else { " days" } "." }
+        @for t in tests {
+            section.flaky-test data-test=(t.id) {
+                h2 { a.test-link href=(test_href(&t.id, Some(&t.repo))) { code.test-id { (display(&t.id)) } } }
+                p { code { (display(&t.file)) } " in " span.repo { (t.repo) } ": " (flaky_summary(t)) ", last " (when(t.last_flaky_ms)) }
+                @if !t.commits.is_empty() {
+                    ul.commits {
+                        @for c in &t.commits { li { a href=(result_href(c, &t.id)) { code { (c.short()) } } } }
+                    }
+                }
+                (flips(t))
+                @if !t.sample.is_empty() { pre.message { (display(&t.sample)) } }
             }
         }
     }

@@ -44,6 +44,7 @@ fn row(n: u8, status: CommitStatus) -> CommitRow {
         warnings: vec![],
         queued_at_ms: 1,
         finished_at_ms: None,
+        tree: None,
         job: u64::from(n),
         attempt: 0,
     }
@@ -472,4 +473,153 @@ fn every_response_carries_the_policy() {
         assert!(head.contains("x-content-type-options: nosniff"), "{path}");
     }
     let _ = &server.rt;
+}
+
+/// Unix ms now.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A test id with every character a route or a page could trip on.
+const HOSTILE_ID: &str = "a/b c\"<script>window.pwned=1</script>?#%::x";
+/// [`HOSTILE_ID`] as links carry it: percent-encoded whole.
+const HOSTILE_PATH: &str = "a%2Fb%20c%22%3Cscript%3Ewindow.pwned%3D1%3C%2Fscript%3E%3F%23%25%3A%3Ax";
+
+/// Commit 1 fails the hostile test; commit 2, queued now, passes it on a
+/// second run after a failure (flaky).
+fn two_runs(server: &Server) {
+    let run = |outcome, message: &str| {
+        TestResult::new(HOSTILE_ID.into(), "tests/test_a.py".into(), outcome, 7, message.into())
+    };
+    let now = now_ms();
+    let mut first = row(1, CommitStatus::Failed);
+    first.queued_at_ms = now - 1000;
+    let mut second = row(2, CommitStatus::Passed);
+    second.queued_at_ms = now;
+    let mut flaky = run(Outcome::Fail, "AssertionError: <img src=x onerror=window.pwned=2>");
+    flaky.merge_run(run(Outcome::Pass, ""));
+    assert!(flaky.flaky);
+    server.publish(vec![Change::Test { commit: commit(1), result: run(Outcome::Fail, "boom") }, Change::Commit(first)]);
+    let seq = server.publish(vec![Change::Commit(second), Change::Test { commit: commit(2), result: flaky }]);
+    server.wait_applied(seq);
+}
+
+#[test]
+fn a_hostile_test_id_is_linked_routed_and_escaped_on_its_history_page() {
+    let server = Server::start();
+    two_runs(&server);
+    // The commit page links the id percent-encoded whole.
+    let (_, body) = server.get(&format!("/commits/{}", commit(1)));
+    assert!(body.contains(&format!("href=\"/tests/{HOSTILE_PATH}\"")), "{body}");
+
+    // Encoded, and with its slash typed as is: the same page.
+    let literal = HOSTILE_PATH.replacen("%2F", "/", 1);
+    for path in [format!("/tests/{HOSTILE_PATH}"), format!("/tests/{literal}")] {
+        let (status, body) = server.get(&path);
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(body.contains("a/b c&quot;&lt;script&gt;window.pwned=1&lt;/script&gt;?#%::x"), "{body}");
+        assert!(!body.contains("<script>window"), "{body}");
+        // Newest first: the flaky pass (a fix, since the run before failed), then the failure.
+        let outcomes: Vec<&str> =
+            body.match_indices("data-outcome=\"").map(|(i, m)| &body[i + m.len()..i + m.len() + 4]).collect();
+        assert_eq!(outcomes, ["pass", "fail"], "{body}");
+        assert!(body.contains("<span class=\"transition\">fixed</span>"), "{body}");
+        assert!(body.contains("flaky (2 runs)"), "{body}");
+        assert!(body.contains("class=\"flaky badge\""), "the flaky badge: {body}");
+        assert!(body.contains(&format!("href=\"/commits/{}#t-", commit(2))), "{body}");
+    }
+    let (status, json) = server.get(&format!("/api/v1/tests/{HOSTILE_PATH}/history"));
+    assert_eq!(status, 200, "{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["test"], HOSTILE_ID);
+    let runs: Vec<(String, &str, bool, bool)> = v["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let c = r["commit"].as_str().unwrap().to_owned();
+            (c, r["outcome"].as_str().unwrap(), r["flaky"].as_bool().unwrap(), r["transition"].as_bool().unwrap())
+        })
+        .collect();
+    assert_eq!(runs, [(commit(2).to_string(), "pass", true, true), (commit(1).to_string(), "fail", false, false)]);
+    assert_eq!(v["flaky"]["commits"], serde_json::json!([commit(2).to_string()]));
+    assert_eq!(v["flaky"]["seen"], 2);
+    // Bad requests say what is wrong.
+    let (status, json) = server.get(&format!("/api/v1/tests/{HOSTILE_PATH}/history?limit=0"));
+    assert_eq!((status, json.as_str()), (400, r#"{"error":"limit must be a whole number from 1 to 100, not \"0\""}"#));
+    assert_eq!(server.get(&format!("/api/v1/tests/{HOSTILE_PATH}")).0, 404);
+    let (status, json) = server.get("/api/v1/tests/nobody-ran-this/history");
+    assert_eq!(status, 200);
+    assert_eq!(json, r#"{"test":"nobody-ran-this","repo":null,"runs":[],"flaky":null}"#);
+}
+
+#[test]
+fn the_flaky_page_lists_a_test_that_failed_and_passed_on_one_commit() {
+    let server = Server::start();
+    two_runs(&server);
+    let (status, body) = server.get("/flaky");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("1 test both failed and passed on the same commit, or on the same code, in the last 14 days."),
+        "{body}"
+    );
+    assert!(body.contains(&format!("href=\"/tests/{HOSTILE_PATH}?repo=repo\"")), "{body}");
+    assert!(body.contains("failed and passed on the same commit: 1 of the 2 commits that ran it"), "{body}");
+    assert!(body.contains("AssertionError: &lt;img src=x onerror=window.pwned=2&gt;"), "{body}");
+    assert!(!body.contains("<img") && !body.contains("<script>window"), "{body}");
+    assert!(body.contains("<a class=\"current\" href=\"/flaky\">Flaky</a>"), "the nav link: {body}");
+    let (status, json) = server.get("/api/v1/flaky?days=1");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["days"], 1);
+    assert_eq!(v["tests"][0]["id"], HOSTILE_ID);
+    assert_eq!(v["tests"][0]["sample"], "AssertionError: <img src=x onerror=window.pwned=2>");
+    for bad in ["0", "abc", "3651"] {
+        let (status, json) = server.get(&format!("/api/v1/flaky?days={bad}"));
+        assert_eq!(status, 400, "{bad}");
+        assert!(json.contains("days must be a whole number from 1 to 3650"), "{json}");
+    }
+    assert_eq!(server.get("/flaky?days=abc").0, 400);
+    // A change of the board is seen at once: the list is reused only while nothing changed.
+    assert!(server.get("/flaky").1.contains("1 test both failed and passed"));
+    let mut again = TestResult::new("t.other".into(), "tests/test_b.py".into(), Outcome::Fail, 1, "x".into());
+    again.merge_run(TestResult::new("t.other".into(), "tests/test_b.py".into(), Outcome::Pass, 1, String::new()));
+    let seq = server.publish(vec![Change::Test { commit: commit(2), result: again }]);
+    server.wait_applied(seq);
+    let (_, body) = server.get("/flaky");
+    assert!(body.contains("2 tests both failed and passed"), "{body}");
+}
+
+#[test]
+fn a_test_that_flipped_on_one_tree_is_shown_flaky_with_both_commits() {
+    let server = Server::start();
+    let tree: CommitId = "4b825dc642cb6eb9a060e54bf8d69288fbee4904".parse().unwrap();
+    let run = |outcome| TestResult::new("t.flip".into(), "tests/test_a.py".into(), outcome, 7, "boom <b>".into());
+    let now = now_ms();
+    let mut failed = row(1, CommitStatus::Failed);
+    let mut passed = row(2, CommitStatus::Passed);
+    for (r, at) in [(&mut failed, now - 1000), (&mut passed, now)] {
+        r.queued_at_ms = at;
+        r.tree = Some(tree);
+    }
+    server.publish(vec![Change::Test { commit: commit(1), result: run(Outcome::Fail) }, Change::Commit(failed)]);
+    let seq =
+        server.publish(vec![Change::Commit(passed), Change::Test { commit: commit(2), result: run(Outcome::Pass) }]);
+    server.wait_applied(seq);
+    let (_, body) = server.get("/flaky");
+    assert!(body.contains("passed and failed on the same code (another commit with the same tree): 1 tree"), "{body}");
+    let flip = format!(
+        "<li class=\"flip\" data-tree=\"{tree}\">tree <code>{}</code>: passed on <a href=\"/commits/{}#",
+        tree.short(),
+        commit(2)
+    );
+    assert!(body.contains(&flip), "{body}");
+    assert!(body.contains("boom &lt;b&gt;"), "the failed commit's message: {body}");
+    let (_, body) = server.get("/tests/t.flip");
+    assert_eq!(body.matches("flipped on the same code</span>").count(), 2, "{body}");
+    let (_, json) = server.get("/api/v1/flaky");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["tests"][0]["rules"], serde_json::json!(["same_tree"]));
+    let flips = serde_json::json!([{"tree": tree.to_string(), "passed": commit(2).to_string(), "failed": commit(1).to_string()}]);
+    assert_eq!(v["tests"][0]["flips"], flips);
 }

@@ -86,12 +86,24 @@ Examples:
   kiln history tests.test_math.MathTest.test_add --identity certs/me --dispatcher ci.example.com:7700
   kiln history tests.test_math.MathTest.test_add --limit 50 --format json --identity certs/me")]
     History(HistoryArgs),
-    /// List the tests that both failed and passed on a recent commit
+    /// List the tests that failed and passed on one commit, or on the same code
     #[command(after_help = "\
 Examples:
   kiln flaky --identity certs/me --dispatcher ci.example.com:7700        # the last 14 days
   kiln flaky --days 30 --format json --identity certs/me")]
     Flaky(FlakyArgs),
+    /// Show what waits and why, the connected runners and the newest commits
+    #[command(after_help = "\
+Examples:
+  kiln status --identity certs/me --dispatcher ci.example.com:7700
+  kiln status --commits 30 --format json --identity certs/me")]
+    Status(StatusArgs),
+    /// List the connected runners: address, slots, what they run, sandbox warnings
+    #[command(after_help = "\
+Examples:
+  kiln runners --identity certs/me --dispatcher ci.example.com:7700
+  kiln runners --format json --identity certs/me")]
+    Runners(RunnersArgs),
     /// Stop testing a commit: queued work is dropped, running tests are killed
     #[command(after_help = "\
 Examples:
@@ -415,6 +427,29 @@ pub struct HistoryArgs {
     /// How many of the newest runs to show (at most 100)
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub limit: u32,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: DataFormat,
+}
+
+/// `kiln status`
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// How many of the newest commits to show (at most 50)
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub commits: u32,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: DataFormat,
+}
+
+/// `kiln runners`
+#[derive(Debug, Args)]
+pub struct RunnersArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Output format
     #[arg(long, value_enum, default_value = "text")]
     pub format: DataFormat,

@@ -15,7 +15,7 @@ use tracing::info;
 
 use crate::cli::{
     CancelArgs, CertsCommand, Command, DataFormat, FlakyArgs, Format, HistoryArgs, ModeArg, ResultsArgs, RoleArg,
-    RunnerArgs, WatchArgs,
+    RunnerArgs, RunnersArgs, StatusArgs, WatchArgs,
 };
 use crate::client::{admin_connect, admin_request, fetch_report, fetch_report_on, load_bundle, net, resolve_commit};
 use crate::report::{ended, exit_code, render};
@@ -108,6 +108,8 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Watch(a) => watch(a).await,
         Command::History(a) => history(a).await,
         Command::Flaky(a) => flaky(a).await,
+        Command::Status(a) => status(a).await,
+        Command::Runners(a) => runners(a).await,
         Command::Cancel(a) => cancel(a).await,
         Command::Notify(a) => {
             if a.socket.is_none() && kiln_git::ObjectStore::open(&a.repo).is_err() {
@@ -342,6 +344,44 @@ async fn flaky(a: FlakyArgs) -> anyhow::Result<ExitCode> {
     match a.format {
         DataFormat::Json => outln!("{}", serde_json::to_string_pretty(&tests)?),
         DataFormat::Text => out!("{}", crate::report::render_flaky(&tests, a.days)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks the dispatcher for its status, with the newest `commits` commits.
+async fn fetch_status(client: &crate::cli::ClientArgs, commits: u32) -> anyhow::Result<kiln_proto::Status> {
+    let bundle = load_bundle(&client.identity)?;
+    let what = || format!("get the status of the dispatcher at {}", client.dispatcher);
+    match admin_request(&bundle, client, &Request::Status { commits }, what).await? {
+        Reply::Status(status) => Ok(*status),
+        other => bail!("unexpected reply from the dispatcher: {other:?}"),
+    }
+}
+
+async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let status = fetch_status(&a.client, a.commits).await?;
+    match a.format {
+        DataFormat::Json => outln!("{}", serde_json::to_string_pretty(&status)?),
+        DataFormat::Text => out!("{}", crate::report::render_status(&status)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn runners(a: RunnersArgs) -> anyhow::Result<ExitCode> {
+    // The runners are the status's; no commits are needed.
+    let status = fetch_status(&a.client, 0).await?;
+    match a.format {
+        DataFormat::Json => {
+            let runners = serde_json::json!({
+                "at_ms": status.at_ms,
+                "runners_total": status.runners_total,
+                "slots_total": status.slots_total,
+                "slots_busy": status.slots_busy,
+                "runners": status.runners,
+            });
+            outln!("{}", serde_json::to_string_pretty(&runners)?);
+        }
+        DataFormat::Text => out!("{}", crate::report::render_runners(&status)),
     }
     Ok(ExitCode::SUCCESS)
 }

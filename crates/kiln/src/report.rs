@@ -112,6 +112,11 @@ pub fn render_history(test: &str, runs: &[kiln_proto::TestRun]) -> String {
         if r.flaky {
             notes.push(format!("flaky ({} runs)", r.runs));
         }
+        if r.flipped
+            && let Some(tree) = &r.tree
+        {
+            notes.push(format!("flipped on the same code (tree {})", &tree.as_str()[..12]));
+        }
         let notes = if notes.is_empty() { String::new() } else { format!("  {}", notes.join(", ")) };
         let commit = &r.commit.as_str()[..12];
         let outcome = r.outcome.as_str().to_uppercase();
@@ -131,20 +136,132 @@ pub fn render_flaky(tests: &[kiln_proto::FlakyTest], days: u32) -> String {
         plural(days.into(), "day", "days")
     );
     for t in tests {
-        let last = t.commits.first().map_or("", |c| &c.as_str()[..12]);
-        let _ = writeln!(
-            out,
-            "  {} ({}): flaky on {} of {} commits, last {last}",
-            for_terminal(&t.id),
-            for_terminal(&t.file),
-            t.commits.len(),
-            t.seen
-        );
+        let mut why = Vec::new();
+        if let Some(last) = t.commits.first() {
+            why.push(format!("flaky on {} of {} commits, last {}", t.commits.len(), t.seen, &last.as_str()[..12]));
+        }
+        if let Some(f) = t.flips.first() {
+            let more = match t.flips.len() {
+                1 => String::new(),
+                n => format!(" (and on {} more trees)", n - 1),
+            };
+            why.push(format!(
+                "flipped on the same code: passed on {} and failed on {}, both tree {}{more}",
+                &f.passed.as_str()[..12],
+                &f.failed.as_str()[..12],
+                &f.tree.as_str()[..12]
+            ));
+        }
+        let _ = writeln!(out, "  {} ({}): {}", for_terminal(&t.id), for_terminal(&t.file), why.join("; "));
         if let Some(line) = t.sample.trim_end().lines().last() {
             let _ = writeln!(out, "        {}", for_terminal(line));
         }
     }
     out
+}
+
+/// A Unix ms time as `2026-12-01 10:41:07 UTC`.
+fn utc(ms: u64) -> String {
+    kiln_net::validity::Utc(i64::try_from(ms / 1000).unwrap_or(i64::MAX)).to_string()
+}
+
+/// `kiln status` for a terminal: what waits and why, the runners with
+/// their slots, and the newest commits with their counts.
+pub fn render_status(s: &kiln_proto::Status) -> String {
+    let mut out = String::new();
+    let waiting = plural(s.queue_total, "commit waits", "commits wait");
+    let _ = writeln!(out, "queue: {waiting}");
+    for q in &s.queue {
+        let _ = writeln!(
+            out,
+            "  {}  {} ({}): {} waiting, {} running, {} done; {}",
+            &q.commit.as_str()[..12],
+            for_terminal(&q.branch),
+            for_terminal(&q.repo),
+            plural(q.pending_files, "file", "files"),
+            q.running_files,
+            q.done_files,
+            for_terminal(&q.why)
+        );
+    }
+    more(&mut out, s.queue_total, s.queue.len(), "commits");
+    let _ = writeln!(out, "runners: {} connected, {} of {} slots busy", s.runners_total, s.slots_busy, s.slots_total);
+    for r in &s.runners {
+        let _ = writeln!(
+            out,
+            "  {}  {} of {} slots busy, {} free",
+            for_terminal(&r.name),
+            r.busy,
+            r.slots,
+            r.slots.saturating_sub(r.busy)
+        );
+    }
+    more(&mut out, s.runners_total, s.runners.len(), "runners");
+    let _ = writeln!(out, "latest commits: {}", s.commits.len());
+    for c in &s.commits {
+        let _ = writeln!(
+            out,
+            "  {}  {:<9} {} ({}): {}",
+            &c.commit.as_str()[..12],
+            c.status.as_str(),
+            for_terminal(&c.branch),
+            for_terminal(&c.repo),
+            summary(&c.counts)
+        );
+        if let Some(error) = &c.error {
+            let _ = writeln!(out, "      {}", for_terminal(error));
+        }
+    }
+    out
+}
+
+/// `kiln runners` for a terminal: each runner with its address, slots,
+/// batches, when it connected and was last heard, and its sandbox's gaps.
+pub fn render_runners(s: &kiln_proto::Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} connected, {} of {} slots busy",
+        plural(s.runners_total, "runner", "runners"),
+        s.slots_busy,
+        s.slots_total
+    );
+    for r in &s.runners {
+        let _ = writeln!(out, "{}", for_terminal(&r.name));
+        let _ = writeln!(out, "  address: {}", for_terminal(&r.address));
+        let _ = writeln!(out, "  slots: {} of {} busy", r.busy, r.slots);
+        if r.running.is_empty() {
+            let _ = writeln!(out, "  running: nothing");
+        }
+        for b in &r.running {
+            let _ = writeln!(
+                out,
+                "  running: {} ({} on {}, job {})",
+                &b.commit.as_str()[..12],
+                plural(b.file_count, "file", "files"),
+                plural(b.slots.into(), "slot", "slots"),
+                b.job
+            );
+        }
+        let _ = writeln!(out, "  connected since: {}", utc(r.connected_since_ms));
+        let _ = writeln!(out, "  last heard: {}", utc(r.last_heard_ms));
+        if r.sandbox_warnings.is_empty() {
+            let _ = writeln!(out, "  sandbox: complete");
+        }
+        for w in &r.sandbox_warnings {
+            let _ = writeln!(out, "  sandbox warning: {}", for_terminal(w));
+        }
+    }
+    more(&mut out, s.runners_total, s.runners.len(), "runners");
+    out
+}
+
+/// Says how many of `total` were left out of a list that shows `shown`.
+fn more(out: &mut String, total: u64, shown: usize, what: &str) {
+    let left = total.saturating_sub(shown as u64);
+    if left > 0 {
+        let _ = writeln!(out, "  … and {left} more {what}, left out to keep the answer within one message");
+    }
 }
 
 /// How a run of a test ended, as a verb.
@@ -253,6 +370,72 @@ mod tests {
             "  FAIL  tests.test_x.T.test_x (3 ms)\n        AssertionError: <script>alert(1)</script>\\rgone\n        \tat line 2\n"
         );
         assert!(!render_test(&test, true, "").contains('\x1b'));
+    }
+
+    fn status() -> kiln_proto::Status {
+        use kiln_proto::status::{QueuedCommit, RunnerStatus, RunningBatch};
+        let commit: kiln_proto::CommitId = "0123456789abcdef0123456789abcdef01234567".parse().unwrap();
+        kiln_proto::Status {
+            at_ms: 0,
+            runners: vec![RunnerStatus {
+                name: "r\x1b]0;pwned\x07-1".into(),
+                address: "127.0.0.1:4433".into(),
+                slots: 3,
+                busy: 2,
+                running: vec![RunningBatch {
+                    job: 7,
+                    commit,
+                    files: vec!["tests/a.py".into()],
+                    file_count: 2,
+                    slots: 2,
+                }],
+                connected_since_ms: 1_764_585_667_000,
+                last_heard_ms: 1_764_585_668_000,
+                sandbox_warnings: vec!["seccomp: \x1b[31mmissing\x1b[0m".into()],
+            }],
+            runners_total: 2,
+            slots_total: 4,
+            slots_busy: 2,
+            queue: vec![QueuedCommit {
+                commit,
+                repo: "/srv/git/p".into(),
+                branch: "main\r".into(),
+                queued_at_ms: 0,
+                pending_files: 1,
+                running_files: 2,
+                done_files: 0,
+                reason: "no_free_slot".into(),
+                why: "no runner has a free slot (2 of 2 slots busy)".into(),
+            }],
+            queue_total: 1,
+            commits: vec![],
+        }
+    }
+
+    #[test]
+    fn status_and_runners_read_plainly_and_carry_no_escape_sequences() {
+        let s = status();
+        assert_eq!(
+            render_status(&s),
+            "queue: 1 commit waits\n  \
+             0123456789ab  main\\r (/srv/git/p): 1 file waiting, 2 running, 0 done; no runner has a free slot (2 of 2 slots busy)\n\
+             runners: 2 connected, 2 of 4 slots busy\n  \
+             r-1  2 of 3 slots busy, 1 free\n  \
+             … and 1 more runners, left out to keep the answer within one message\n\
+             latest commits: 0\n"
+        );
+        assert_eq!(
+            render_runners(&s),
+            "2 runners connected, 2 of 4 slots busy\n\
+             r-1\n  \
+             address: 127.0.0.1:4433\n  \
+             slots: 2 of 3 busy\n  \
+             running: 0123456789ab (2 files on 2 slots, job 7)\n  \
+             connected since: 2025-12-01 10:41:07 UTC\n  \
+             last heard: 2025-12-01 10:41:08 UTC\n  \
+             sandbox warning: seccomp: missing\n  \
+             … and 1 more runners, left out to keep the answer within one message\n"
+        );
     }
 
     #[test]
