@@ -11,6 +11,11 @@
 //! within 14 days). A test that fails on one commit and passes on the next
 //! is not flaky by this rule: the code changed in between, and the history
 //! marks it as a transition instead.
+//!
+//! With an interpreter matrix a test has one result per Python version on
+//! a commit: both functions key a test by (version, id), so a history
+//! lists each version's run and a transition compares runs of one version,
+//! and a test flaky under 3.12 only is listed once, for 3.12.
 
 use kiln_proto::model::MAX_SAMPLE_BYTES;
 use kiln_proto::{FlakyTest, TestRun};
@@ -31,24 +36,33 @@ pub fn history<'a>(
     let mut runs: Vec<TestRun> = Vec::new();
     // One more than asked for, so the oldest shown knows whether it is a transition.
     for e in commits.into_iter().filter(|e| repo.is_none_or(|r| e.repo == r)) {
-        let Some(t) = e.tests.get(test_id) else { continue };
-        runs.push(TestRun {
-            commit: e.commit,
-            branch: e.branch.clone(),
-            status: e.status,
-            queued_at_ms: e.queued_at_ms,
-            outcome: t.outcome,
-            duration_ms: t.duration_ms,
-            flaky: t.flaky,
-            runs: t.runs(),
-            transition: false,
-        });
+        // Without a matrix the id is the key; with one, each version's result.
+        let found: Vec<&kiln_proto::TestResult> = match e.tests.get(test_id) {
+            Some(t) => vec![t],
+            None => e.tests.values().filter(|t| t.id == test_id).collect(),
+        };
+        for t in found {
+            runs.push(TestRun {
+                commit: e.commit,
+                branch: e.branch.clone(),
+                status: e.status,
+                queued_at_ms: e.queued_at_ms,
+                outcome: t.outcome,
+                duration_ms: t.duration_ms,
+                flaky: t.flaky,
+                runs: t.runs(),
+                transition: false,
+                python: t.python.clone(),
+            });
+        }
         if runs.len() > limit {
             break;
         }
     }
-    for i in 0..runs.len().saturating_sub(1) {
-        runs[i].transition = runs[i].outcome.is_failure() != runs[i + 1].outcome.is_failure();
+    for i in 0..runs.len() {
+        // The next older run of the same version.
+        let older = runs[i + 1..].iter().find(|r| r.python == runs[i].python).map(|r| r.outcome.is_failure());
+        runs[i].transition = older.is_some_and(|failed| failed != runs[i].outcome.is_failure());
     }
     runs.truncate(limit);
     runs
@@ -63,11 +77,12 @@ pub fn flaky_tests<'a>(
 ) -> Vec<FlakyTest> {
     let since = now_ms.saturating_sub(window_ms);
     let mut found: Vec<FlakyTest> = Vec::new();
-    let mut seen: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
-    let mut index: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
+    type Key = (String, Option<String>, String);
+    let mut seen: std::collections::HashMap<Key, usize> = std::collections::HashMap::new();
+    let mut index: std::collections::HashMap<Key, usize> = std::collections::HashMap::new();
     for e in commits.into_iter().filter(|e| e.queued_at_ms >= since) {
         for t in e.tests.values() {
-            let key = (e.repo.clone(), t.id.clone());
+            let key = (e.repo.clone(), t.python.clone(), t.id.clone());
             *seen.entry(key.clone()).or_default() += 1;
             if !t.flaky {
                 continue;
@@ -85,13 +100,14 @@ pub fn flaky_tests<'a>(
                         seen: 0,
                         last_flaky_ms: e.queued_at_ms,
                         sample: tail(&sample.unwrap_or_else(|| t.message.clone()), MAX_SAMPLE_BYTES),
+                        python: t.python.clone(),
                     });
                 }
             }
         }
     }
     for f in &mut found {
-        f.seen = seen.get(&(f.repo.clone(), f.id.clone())).copied().unwrap_or(0);
+        f.seen = seen.get(&(f.repo.clone(), f.python.clone(), f.id.clone())).copied().unwrap_or(0);
     }
     found.sort_by(|a, b| b.commits.len().cmp(&a.commits.len()).then_with(|| b.last_flaky_ms.cmp(&a.last_flaky_ms)));
     found

@@ -96,6 +96,12 @@ pub enum WaitReason {
     },
     /// A runner has a free slot: it is being handed out now.
     Assigning,
+    /// Its waiting files are for Python versions (the matrix) that no
+    /// connected runner has: it cannot finish until one registers.
+    NoPython {
+        /// The versions nobody has, as the configuration spells them.
+        versions: Vec<String>,
+    },
 }
 
 impl std::fmt::Display for WaitReason {
@@ -113,6 +119,10 @@ impl std::fmt::Display for WaitReason {
                 kiln_proto::escaped(runner)
             ),
             WaitReason::Assigning => write!(f, "being handed to a runner with a free slot"),
+            WaitReason::NoPython { versions } => {
+                let versions: Vec<String> = versions.iter().map(|v| kiln_proto::escaped(v).to_string()).collect();
+                write!(f, "no runner has Python {}", versions.join(" or "))
+            }
         }
     }
 }
@@ -207,6 +217,8 @@ pub fn live(state: &State, conns: &BTreeMap<usize, ConnInfo>, now_ms: u64) -> Li
             WaitReason::AwaitingRunner { runner }
         } else if runners.is_empty() {
             WaitReason::NoRunner
+        } else if !state.servable(e) {
+            WaitReason::NoPython { versions: state.unserved_pythons(e) }
         } else if busy >= total {
             WaitReason::NoFreeSlot { busy, total }
         } else if position > 0 {
@@ -395,7 +407,7 @@ mod tests {
         };
         assert_eq!(reasons(&s), vec![(commit(1), WaitReason::NoRunner), (commit(2), WaitReason::NoRunner)]);
         // One runner with one slot takes the first commit; the second waits for a slot.
-        s.register("r1", 7, 1, &[], &["no seccomp".to_owned()]);
+        s.register("r1", 7, 1, &[], &["no seccomp".to_owned()], &[]);
         let dispatched = s.assign();
         assert_eq!(dispatched.len(), 1);
         assert_eq!(reasons(&s), vec![(commit(2), WaitReason::NoFreeSlot { busy: 1, total: 1 })]);
@@ -409,7 +421,7 @@ mod tests {
         assert_eq!(r.running.len(), 1);
         assert_eq!((r.running[0].commit, r.running[0].files.clone()), (commit(1), vec!["tests/test_a.py".to_owned()]));
         // A second runner frees a slot: what is still queued is being handed out.
-        s.register("r2", 8, 2, &[], &[]);
+        s.register("r2", 8, 2, &[], &[], &[]);
         assert_eq!(reasons(&s), vec![(commit(2), WaitReason::Assigning)]);
         assert_eq!(
             WaitReason::NoFreeSlot { busy: 4, total: 4 }.to_string(),

@@ -139,6 +139,11 @@ pub struct Registration {
     /// (empty when complete). Stored with every commit the runner tests,
     /// so results never hide a weaker sandbox.
     pub sandbox_gaps: Vec<String>,
+    /// The Python interpreters the runner has, by exact version
+    /// (`3.12.7`), found at start-up (`kiln runner --python`). A commit
+    /// whose configuration asks for Python 3.12 is tested here only if one
+    /// of these is a 3.12.
+    pub pythons: Vec<String>,
 }
 
 /// An assignment a runner holds: the job and the attempt (fencing token).
@@ -251,6 +256,11 @@ pub struct Assignment {
     /// `[tool.kiln]`, validated by the dispatcher), or `None` when the
     /// commit has none (and on a resumed stream, where only the lease matters).
     pub config: Option<crate::RepoConfig>,
+    /// The Python version the batch is for, when the commit's configuration
+    /// asks for several (`[python] versions`): the runner runs the files
+    /// (and builds their environment) with its interpreter of that version.
+    /// `None`: the runner's default `python3`.
+    pub python: Option<String>,
 }
 
 /// What a runner reports about an assignment.

@@ -10,8 +10,10 @@
 
 mod env;
 mod job;
+pub mod python;
 
 pub use env::EnvSettings;
+pub use python::Interpreter;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,6 +52,12 @@ pub struct Config {
     pub envs: EnvSettings,
     /// Directories no command may see (the work directory, the identity).
     pub hidden: Vec<PathBuf>,
+    /// The Python interpreters this runner has (`--python`), reported at
+    /// registration: a batch for Python 3.12 runs with the first 3.12 here.
+    pub pythons: Vec<Interpreter>,
+    /// The runner's own `python3` (the allowed program), with its exact
+    /// version: what a batch without a version runs with.
+    pub default_python: Option<Interpreter>,
 }
 
 /// How many CPUs this process may use: its CPU affinity and its cgroup's CPU
@@ -113,6 +121,8 @@ pub async fn run(
         host,
         max_file_timeout: config.max_file_timeout,
         envs: env::Envs::new(envs_dir, config.envs.clone(), config.hidden.clone()),
+        pythons: config.pythons.clone(),
+        default_python: config.default_python.clone(),
         slots: job::Slots::new(config.slots),
         jobs: std::sync::Mutex::new(std::collections::HashMap::new()),
         fetching: tokio::sync::Mutex::new(()),
@@ -225,6 +235,7 @@ async fn connect_and_register(
             slots: config.slots,
             held: held.clone(),
             sandbox_gaps: config.sandbox_gaps.clone(),
+            pythons: config.pythons.iter().map(|i| i.version.clone()).collect(),
         }))
         .await?;
     match reply {

@@ -146,6 +146,7 @@ fn reason_code(r: &WaitReason) -> &'static str {
         WaitReason::Behind { .. } => "behind",
         WaitReason::AwaitingRunner { .. } => "awaiting_runner",
         WaitReason::Assigning => "assigning",
+        WaitReason::NoPython { .. } => "no_python",
     }
 }
 

@@ -288,7 +288,7 @@ impl Board {
     fn observe(&mut self, change: &Change, now_ms: u64) {
         match change {
             Change::Test { commit, result } => {
-                let new = self.docs.get(commit).is_some_and(|d| !d.tests.contains_key(&result.id));
+                let new = self.docs.get(commit).is_some_and(|d| !d.tests.contains_key(&result.key()));
                 if new {
                     self.observed.test_duration.observe(Duration::from_millis(result.duration_ms));
                 }

@@ -478,6 +478,16 @@ pub struct RunnerArgs {
     /// shell scripts.
     #[arg(long = "allow-program", value_name = "NAME", default_values = ["python3"])]
     pub allow_programs: Vec<String>,
+    /// Python interpreters for the interpreter matrix (repeatable) [default: python3 on PATH]
+    ///
+    /// An absolute path, `*` and `?` matching within one component, for
+    /// example /opt/python/*/bin/python3. Each match is asked its exact
+    /// version once at start-up and reported to the dispatcher: a commit
+    /// whose kiln.toml asks for versions = ["3.12"] runs here only if one is
+    /// a 3.12. A pattern that matches nothing, or a match that is not a
+    /// Python, stops the runner.
+    #[arg(long = "python", value_name = "GLOB")]
+    pub pythons: Vec<String>,
     /// The wall-clock limit for one command a plugin runs
     ///
     /// A duration such as 5s, 2m or 1h 30m, or a number of seconds.
