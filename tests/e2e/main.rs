@@ -21,6 +21,7 @@ mod flaky;
 mod large;
 mod limits;
 mod links;
+mod matrix;
 mod output;
 mod peers;
 mod pipeline;

@@ -59,7 +59,9 @@ pub fn render(r: &CommitReport, verbose: bool) -> String {
 pub fn render_test(t: &TestResult, verbose: bool, indent: &str) -> String {
     let mut out = String::new();
     let outcome = t.outcome.as_str().to_uppercase();
-    let _ = writeln!(out, "{indent}{outcome:<5} {} ({} ms)", for_terminal(&t.id), t.duration_ms);
+    // With an interpreter matrix, the version the test ran with: the same id once per version.
+    let python = t.python.as_deref().map(|v| format!(" [python {}]", for_terminal(v))).unwrap_or_default();
+    let _ = writeln!(out, "{indent}{outcome:<5} {}{python} ({} ms)", for_terminal(&t.id), t.duration_ms);
     if !t.earlier.is_empty() {
         let on = |outcome: Outcome, runner: &Option<String>| match runner {
             Some(r) => format!("{} on {}", verb(outcome), for_terminal(r)),
@@ -112,6 +114,9 @@ pub fn render_history(test: &str, runs: &[kiln_proto::TestRun]) -> String {
         if r.flaky {
             notes.push(format!("flaky ({} runs)", r.runs));
         }
+        if let Some(v) = &r.python {
+            notes.push(format!("python {}", for_terminal(v)));
+        }
         let notes = if notes.is_empty() { String::new() } else { format!("  {}", notes.join(", ")) };
         let commit = &r.commit.as_str()[..12];
         let outcome = r.outcome.as_str().to_uppercase();
@@ -134,8 +139,9 @@ pub fn render_flaky(tests: &[kiln_proto::FlakyTest], days: u32) -> String {
         let last = t.commits.first().map_or("", |c| &c.as_str()[..12]);
         let _ = writeln!(
             out,
-            "  {} ({}): flaky on {} of {} commits, last {last}",
+            "  {}{} ({}): flaky on {} of {} commits, last {last}",
             for_terminal(&t.id),
+            t.python.as_deref().map(|v| format!(" [python {}]", for_terminal(v))).unwrap_or_default(),
             for_terminal(&t.file),
             t.commits.len(),
             t.seen
