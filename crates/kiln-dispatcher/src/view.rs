@@ -193,7 +193,9 @@ pub fn live(state: &State, conns: &BTreeMap<usize, ConnInfo>, now_ms: u64) -> Li
             .iter()
             .filter_map(|(&job, &slots)| {
                 let commit = state.commit_of(job)?;
+                // Under a matrix each as `tests/test_a.py (Python 3.12)`.
                 let files = state.entry(&commit)?.batches.get(&job).map(|b| b.files.clone()).unwrap_or_default();
+                let files = files.iter().map(|u| crate::state::unit_label(u)).collect();
                 Some(RunningBatch { job, commit, files, slots })
             })
             .collect();

@@ -471,36 +471,19 @@ async fn fetch(
     Ok(())
 }
 
-/// What a repository's configuration changes about running its tests:
-/// `[python] paths` on `sys.path` (as `PYTHONPATH`, relative entries that
-/// the interpreter makes absolute against the checkout, where plugins start
-/// it), `[env]`, and `[limits] file-timeout` bounded by `max_file_timeout`
-/// (with a warning when it is cut). The dispatcher validated the
-/// configuration; it is checked again here, because it came over the
-/// network, and nothing runs if it fails.
+/// The run settings of a repository's configuration ([`crate::run_settings`]),
+/// checked again because it came over the network; a warning goes to the
+/// commit's report.
 fn settings(
     config: &RepoConfig,
     max_file_timeout: std::time::Duration,
     events: &mpsc::UnboundedSender<JobEvent>,
 ) -> Result<RunSettings, JobError> {
-    config.check().map_err(|problem| JobError::Config { source_file: config.source.clone(), problem })?;
-    let mut env: Vec<(String, String)> = config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    if !config.paths.is_empty() {
-        env.push(("PYTHONPATH".to_owned(), config.paths.join(":")));
+    let (settings, warning) = crate::run_settings(config, max_file_timeout)
+        .map_err(|problem| JobError::Config { source_file: config.source.clone(), problem })?;
+    if let Some(warning) = warning {
+        // The receiver lives as long as the job.
+        let _ = events.send(JobEvent::Warning(warning));
     }
-    let file_timeout = config.file_timeout().map(|asked| {
-        if asked > max_file_timeout {
-            let warning = format!(
-                "{} asks for a file-timeout of {}; this runner allows at most {} (--max-file-timeout), so files \
-                 ran with that",
-                config.source,
-                humantime::format_duration(asked),
-                humantime::format_duration(max_file_timeout)
-            );
-            // The receiver lives as long as the job.
-            let _ = events.send(JobEvent::Warning(warning));
-        }
-        asked.min(max_file_timeout)
-    });
-    Ok(RunSettings { file_timeout, env, programs: Default::default() })
+    Ok(settings)
 }

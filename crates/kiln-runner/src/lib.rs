@@ -60,6 +60,38 @@ pub struct Config {
     pub default_python: Option<Interpreter>,
 }
 
+/// What a repository's configuration changes about running its tests, for
+/// a runner and for `kiln plugin run` alike: `[python] paths` on
+/// `sys.path` (as `PYTHONPATH`, relative entries that the interpreter
+/// makes absolute against the checkout, where plugins start it), `[env]`,
+/// and `[limits] file-timeout` bounded by `max_file_timeout`, with the
+/// warning to give when it is cut. The configuration is checked first
+/// ([`RepoConfig::check`]): nothing runs from one that fails.
+pub fn run_settings(
+    config: &kiln_proto::RepoConfig,
+    max_file_timeout: Duration,
+) -> Result<(kiln_plugin_host::RunSettings, Option<String>), String> {
+    config.check()?;
+    let mut env: Vec<(String, String)> = config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    if !config.paths.is_empty() {
+        env.push(("PYTHONPATH".to_owned(), config.paths.join(":")));
+    }
+    let mut warning = None;
+    let file_timeout = config.file_timeout().map(|asked| {
+        if asked > max_file_timeout {
+            warning = Some(format!(
+                "{} asks for a file-timeout of {}; this runner allows at most {} (--max-file-timeout), so files \
+                 ran with that",
+                config.source,
+                humantime::format_duration(asked),
+                humantime::format_duration(max_file_timeout)
+            ));
+        }
+        asked.min(max_file_timeout)
+    });
+    Ok((kiln_plugin_host::RunSettings { file_timeout, env, programs: Default::default() }, warning))
+}
+
 /// How many CPUs this process may use: its CPU affinity and its cgroup's CPU
 /// quota, as the standard library reads them (at least 1). The default for
 /// `slots`.
