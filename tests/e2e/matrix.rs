@@ -177,3 +177,76 @@ fn a_commit_is_tested_once_per_python_version_and_a_missing_version_waits_with_i
     assert_eq!(report.tests.len(), 2, "{report:?}");
     assert!(report.tests.iter().all(|t| t.python.is_none()), "{report:?}");
 }
+
+/// Fails on purpose, saying which Python ran it and whether from an
+/// environment, after importing a package only the environment has.
+const ENV_TEST: &str = "\
+import sys
+import unittest
+
+import iniconfig
+
+
+class E(unittest.TestCase):
+    def test_says_where_it_ran(self):
+        self.assertTrue(hasattr(iniconfig, 'IniConfig'))
+        self.fail('ran on %d.%d in an environment: %s' % (sys.version_info[:2] + (sys.prefix != sys.base_prefix,)))
+";
+
+#[test]
+fn each_version_gets_its_own_environment_built_with_its_interpreter() {
+    let (system, minor, other) = interpreters();
+    let Some((other_path, other_minor)) = other else {
+        println!("only one interpreter found ({} is {minor}): no second environment to build", system.display());
+        return;
+    };
+    println!("interpreters: {} is {minor}, {} is {other_minor}", system.display(), other_path.display());
+    let mut cluster = Cluster::start();
+    let wheels = cluster.dir.path().join("wheels");
+    let out = std::process::Command::new("python3")
+        .args(["-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--only-binary", ":all:"])
+        .args(["--index-url", "https://pypi.org/simple", "--dest"])
+        .arg(&wheels)
+        .arg("iniconfig==2.0.0")
+        .output()
+        .expect("pip download");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let toml =
+        format!("[python]\nversions = [\"{minor}\", \"{other_minor}\"]\nrequirements = [\"requirements-test.txt\"]\n");
+    let repo = Repo::new(
+        cluster.dir.path(),
+        &[
+            ("tests/__init__.py", ""),
+            ("tests/test_env.py", ENV_TEST),
+            ("requirements-test.txt", "iniconfig==2.0.0\n"),
+            ("kiln.toml", &toml),
+        ],
+    );
+    let commit = repo.commit("an environment per version");
+    // One runner with both interpreters.
+    let (first, second) = (system.display().to_string(), other_path.display().to_string());
+    let runner = cluster.runner_with(
+        "both",
+        &["--python", &first, "--python", &second, "--find-links", wheels.to_str().expect("utf-8"), "--slots", "1"],
+    );
+    cluster.observer("observer", &repo.path, "200ms");
+    let report = cluster.wait_for(&commit);
+    let said: Vec<(Option<String>, String)> = report
+        .tests
+        .iter()
+        .map(|t| (t.python.clone(), t.message.lines().last().unwrap_or_default().to_owned()))
+        .collect();
+    assert_eq!(
+        said,
+        [
+            (Some(minor.clone()), format!("AssertionError: ran on {minor} in an environment: True")),
+            (Some(other_minor.clone()), format!("AssertionError: ran on {other_minor} in an environment: True")),
+        ],
+        "{report:?}\n{}",
+        cluster.logs()
+    );
+    // Two environments, one per interpreter, each built once.
+    let log = cluster.procs[runner].log();
+    let built: Vec<&str> = log.lines().filter(|l| l.contains("environment built")).collect();
+    assert_eq!(built.len(), 2, "{log}");
+}
