@@ -227,9 +227,47 @@ impl Runner {
     fn serves(&self, unit: &str) -> bool {
         match split_unit(unit).0 {
             None => true,
-            Some(wanted) => self.pythons.iter().any(|exact| python_matches(wanted, exact)),
+            Some(wanted) => self.serves_version(wanted),
         }
     }
+
+    /// Whether it has an interpreter of version `wanted`.
+    fn serves_version(&self, wanted: &str) -> bool {
+        self.pythons.iter().any(|exact| python_matches(wanted, exact))
+    }
+
+    /// Whether it can run one of the units whose versions are `versions`.
+    fn serves_any(&self, versions: &Versions<'_>) -> bool {
+        match versions {
+            Versions::None => false,
+            Versions::Any => true,
+            Versions::Some(vs) => vs.iter().any(|v| self.serves_version(v)),
+        }
+    }
+}
+
+/// The Python versions a commit's waiting units need.
+enum Versions<'a> {
+    /// Nothing waits.
+    None,
+    /// A unit without a version waits: any runner can take it.
+    Any,
+    /// Only units with these versions wait (the matrix).
+    Some(Vec<&'a str>),
+}
+
+/// What `e`'s waiting units need: one pass over them, stopping at the
+/// first unit without a version (a commit without a matrix has only those).
+fn pending_versions(e: &CommitEntry) -> Versions<'_> {
+    let mut versions: Vec<&str> = Vec::new();
+    for u in &e.pending {
+        match split_unit(u).0 {
+            None => return Versions::Any,
+            Some(v) if !versions.contains(&v) => versions.push(v),
+            Some(_) => {}
+        }
+    }
+    if versions.is_empty() { Versions::None } else { Versions::Some(versions) }
 }
 
 /// Why an event from a runner was not accepted.
@@ -1091,17 +1129,20 @@ impl State {
             // A file queued again for a retry goes to another runner than
             // the one it failed on, if one has a free slot.
             let avoid = entry.pending.front().and_then(|f| entry.avoid.get(f));
-            // Each free runner that can serve one of the waiting units, with the first such unit.
-            let Some((name, free, first)) = self
+            // The free runner that can serve one of the waiting units, and the
+            // first unit it can. Versions are looked up once per commit, not
+            // per unit and runner: a commit nobody can serve costs a pass over
+            // its units, not one per runner.
+            let versions = pending_versions(entry);
+            let chosen = self
                 .runners
                 .iter()
-                .filter(|(_, r)| r.free() > 0)
-                .filter_map(|(n, r)| Some((n, r, entry.pending.iter().position(|u| r.serves(u))?)))
-                .max_by(|(an, a, _), (bn, b, _)| {
+                .filter(|(_, r)| r.free() > 0 && r.serves_any(&versions))
+                .max_by(|(an, a), (bn, b)| {
                     (Some(*an) != avoid, a.free()).cmp(&(Some(*bn) != avoid, b.free())).then_with(|| bn.cmp(an))
                 })
-                .map(|(n, r, first)| (n.clone(), r.free(), first))
-            else {
+                .and_then(|(n, r)| Some((n.clone(), r.free(), entry.pending.iter().position(|u| r.serves(u))?)));
+            let Some((name, free, first)) = chosen else {
                 // No free runner has the Python these units need: the next commit may do.
                 at += 1;
                 continue;
@@ -1200,21 +1241,19 @@ impl State {
     /// The Python versions that `e`'s waiting units need and no registered
     /// runner has, in the order they wait: why such a commit cannot finish.
     pub fn unserved_pythons(&self, e: &CommitEntry) -> Vec<String> {
-        let mut missing: Vec<String> = Vec::new();
-        for u in &e.pending {
-            if let (Some(version), _) = split_unit(u)
-                && !missing.iter().any(|m| m == version)
-                && !self.runners.values().any(|r| r.serves(u))
-            {
-                missing.push(version.to_owned());
-            }
-        }
-        missing
+        let versions = pending_versions(e);
+        let Versions::Some(versions) = versions else { return Vec::new() };
+        versions
+            .into_iter()
+            .filter(|v| !self.runners.values().any(|r| r.serves_version(v)))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Whether some registered runner can serve one of `e`'s waiting units.
     pub fn servable(&self, e: &CommitEntry) -> bool {
-        e.pending.iter().any(|u| self.runners.values().any(|r| r.serves(u)))
+        let versions = pending_versions(e);
+        self.runners.values().any(|r| r.serves_any(&versions))
     }
 
     /// The entry of `job` if `conn` holds its current `attempt`, and the
