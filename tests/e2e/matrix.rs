@@ -250,3 +250,19 @@ fn each_version_gets_its_own_environment_built_with_its_interpreter() {
     let built: Vec<&str> = log.lines().filter(|l| l.contains("environment built")).collect();
     assert_eq!(built.len(), 2, "{log}");
 }
+
+#[test]
+fn a_python_pattern_that_matches_nothing_or_no_python_stops_the_runner_naming_it() {
+    let mut cluster = Cluster::start();
+    for (flag, says) in [
+        ("/nonexistent/*/bin/python3", "error: --python /nonexistent/*/bin/python3: matches no file"),
+        ("/bin/tru?", "error: --python /bin/tru?: /bin/true is not a Python interpreter: it printed no version"),
+    ] {
+        let name = if flag.contains("nonexistent") { "nothing" } else { "not-python" };
+        let i = cluster.runner_with(name, &["--python", flag]);
+        let status = cluster.procs[i].child.wait().expect("the runner exits");
+        let log = cluster.procs[i].log();
+        assert_eq!(status.code(), Some(2), "{log}");
+        assert!(log.lines().any(|l| l == says), "{log}");
+    }
+}

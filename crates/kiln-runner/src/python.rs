@@ -97,6 +97,9 @@ pub async fn probe(path: &Path) -> Result<Interpreter, String> {
     let mut lines = stdout.lines();
     let version = lines.next().unwrap_or_default().trim().to_owned();
     let exact = version.split('.').count() == 3 && version.split('.').all(|p| p.parse::<u32>().is_ok());
+    if version.is_empty() {
+        return Err("it printed no version".to_owned());
+    }
     if !exact {
         return Err(format!("it said its version is `{}`", kiln_proto::escaped(&version)));
     }
