@@ -65,8 +65,6 @@ pub struct EnvSettings {
     pub cache_size: usize,
     /// The `uv` binary, resolved at start-up; `None`: this runner cannot install.
     pub uv: Option<PathBuf>,
-    /// The interpreter environments are made from (the runner's `python3`).
-    pub python: Option<PathBuf>,
     /// How long one phase may take.
     pub timeout: Duration,
 }

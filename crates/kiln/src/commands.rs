@@ -208,7 +208,6 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
         find_links: a.find_links.as_deref().map(std::fs::canonicalize).transpose().context("--find-links")?,
         cache_size: a.env_cache_size as usize,
         uv,
-        python,
         timeout: a.command_timeout,
     };
     let policy = kiln_plugin_host::Policy::runner(programs, a.command_timeout, hidden.clone());
