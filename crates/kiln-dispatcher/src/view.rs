@@ -432,6 +432,26 @@ mod tests {
         assert_eq!(WaitReason::Behind { commits: 2 }.to_string(), "behind 2 older commits");
     }
 
+    #[test]
+    fn a_matrix_version_no_runner_has_is_the_reason_its_commit_waits() {
+        let mut s = State::default();
+        let files = crate::state::units(&["tests/test_a.py".to_owned()], &["3.11".to_owned(), "3.12".to_owned()]);
+        let supersede = kiln_proto::wire::Supersede::Nothing;
+        s.submit("repo", "main", commit(1), supersede, |_| true, &files, None, 1).unwrap();
+        s.register("r1", 7, 2, &[], &[], &["3.11.7".to_owned()]);
+        let d = s.assign();
+        assert_eq!(d.len(), 1, "only the 3.11 half");
+        let view = live(&s, &BTreeMap::new(), 0);
+        assert_eq!(view.queue[0].reason, WaitReason::NoPython { versions: vec!["3.12".to_owned()] });
+        assert_eq!(view.queue[0].reason.to_string(), "no runner has Python 3.12");
+        assert_eq!(view.runners[0].running[0].files, ["tests/test_a.py (Python 3.11)"]);
+        // Once a runner has it, the wait is an ordinary one.
+        s.register("r2", 8, 1, &[], &[], &["3.12.1".to_owned()]);
+        assert_eq!(live(&s, &BTreeMap::new(), 0).queue[0].reason, WaitReason::Assigning);
+        let reason = WaitReason::NoPython { versions: vec!["3.12".to_owned(), "3.13".to_owned()] };
+        assert_eq!(reason.to_string(), "no runner has Python 3.12 or 3.13");
+    }
+
     #[tokio::test]
     async fn a_full_live_channel_is_busy_not_a_wait() {
         let (updates, _) = broadcast::channel(4);
