@@ -14,12 +14,15 @@ use crate::model::{CommitId, CommitReport, FlakyTest, TestResult, TestRun};
 /// The ALPN protocol name: the version of this wire protocol. A peer speaking
 /// another version fails the TLS handshake instead of misreading frames.
 /// Version 2: `FetchSource` carries the lease, and `Reply::NameInUse`.
-pub const ALPN: &[u8] = b"kiln/2";
+/// Version 3: the interpreter matrix (`Registration::pythons`,
+/// `Assignment::python`, `TestResult::python`), which a version 2 peer
+/// would misread as a malformed frame.
+pub const ALPN: &[u8] = b"kiln/3";
 
 /// Earlier versions of this protocol. Both sides offer them at the handshake
 /// after [`ALPN`], never to speak them: a peer that picks one is closed with
 /// a message naming both versions, instead of failing as a bare TLS alert.
-pub const OLDER_ALPNS: &[&[u8]] = &[b"kiln/1"];
+pub const OLDER_ALPNS: &[&[u8]] = &[b"kiln/2", b"kiln/1"];
 
 /// [`ALPN`] followed by [`OLDER_ALPNS`]: what a Kiln peer offers.
 pub fn offered_alpns() -> Vec<Vec<u8>> {
