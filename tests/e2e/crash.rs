@@ -83,7 +83,7 @@ async fn serve(bundle: &Bundle, addr: &str, runner: &Runner) -> Result<(), Strin
     // second); give up sooner and try again, as it restarts within moments.
     let connecting = tokio::time::timeout(Duration::from_millis(300), kiln_net::connect(bundle, addr, cfg));
     let conn = connecting.await.map_err(|_| "no answer yet".to_owned())?.map_err(|e| e.to_string())?;
-    let registration = Registration { slots: 1, held: Vec::new(), sandbox_gaps: Vec::new() };
+    let registration = Registration { slots: 1, held: Vec::new(), sandbox_gaps: Vec::new(), pythons: Vec::new() };
     let (_control, _recv, reply) = conn.request(&Request::Register(registration)).await.map_err(|e| e.to_string())?;
     if !matches!(reply, Reply::Registered { .. }) {
         return Err(format!("{reply:?}"));

@@ -22,6 +22,7 @@ mod https;
 mod large;
 mod limits;
 mod links;
+mod matrix;
 mod output;
 mod peers;
 mod pipeline;

@@ -113,7 +113,7 @@ impl Drop for Browser {
 }
 
 /// The dashboard's base URL, from the dispatcher's stdout.
-fn dashboard(cluster: &Cluster) -> String {
+pub(crate) fn dashboard(cluster: &Cluster) -> String {
     let path = cluster.dir.path().join("dispatcher-0.stdout");
     let mut url = None;
     assert!(eventually(Duration::from_secs(10), || {
@@ -156,7 +156,7 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
-fn get_json(url: &str) -> Value {
+pub(crate) fn get_json(url: &str) -> Value {
     let (status, body) = http_get(url);
     assert_eq!(status, 200, "{url}: {}", String::from_utf8_lossy(&body));
     serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{url} is not JSON ({e})"))

@@ -34,7 +34,9 @@ pub enum Event {
     /// from, `files` its test files as listed from the mirror, and
     /// `listing_warning` the links under `tests/` that were not followed,
     /// and `config_error` what is wrong with its `kiln.toml`, if anything
-    /// (then it ends at once as `error` with that message).
+    /// (then it ends at once as `error` with that message), and `versions`
+    /// the Python versions its configuration asks for (the matrix: each
+    /// file is queued once per version; empty: once, for any runner).
     Submit {
         repo: String,
         branch: String,
@@ -46,9 +48,10 @@ pub enum Event {
         config_error: Option<String>,
         /// The commit's tree, as the mirror has it (`None` if it could not be read).
         tree: Option<kiln_proto::TreeId>,
+        versions: Vec<String>,
     },
     /// A runner registers on a connection, holding these leases.
-    Register { name: String, conn: ConnId, slots: u32, held: Vec<Held>, gaps: Vec<String> },
+    Register { name: String, conn: ConnId, slots: u32, held: Vec<Held>, gaps: Vec<String>, pythons: Vec<String> },
     /// A runner's connection is gone.
     RunnerGone { name: String, conn: ConnId },
     /// A test ended.
@@ -218,9 +221,22 @@ fn step(s: &mut State, event: Event, now_ms: u64) -> (Answer, Vec<Stopped>, bool
     let ended = |s: &State, job: u64| s.commit_of(job).and_then(|c| s.entry(&c)).is_none_or(|e| e.status.is_final());
     match event {
         Event::Claim { repo, observer } => (Answer::Claimed(s.claim_repo(&repo, &observer)), Vec::new(), false),
-        Event::Submit { repo, branch, commit, supersede, descends, files, listing_warning, config_error, tree } => {
+        Event::Submit {
+            repo,
+            branch,
+            commit,
+            supersede,
+            descends,
+            files,
+            listing_warning,
+            config_error,
+            tree,
+            versions,
+        } => {
+            // The matrix: each file once per version, as its own unit of work.
+            let units = crate::state::units(&files, &versions);
             let stopped =
-                s.submit(&repo, &branch, commit, supersede, |c| descends.contains(c), &files, listing_warning, now_ms);
+                s.submit(&repo, &branch, commit, supersede, |c| descends.contains(c), &units, listing_warning, now_ms);
             if stopped.is_some() {
                 s.set_tree(&commit, tree);
             }
@@ -232,8 +248,8 @@ fn step(s: &mut State, event: Event, now_ms: u64) -> (Answer, Vec<Stopped>, bool
             let all = stopped.clone().unwrap_or_default();
             (Answer::Submitted(stopped), all, true)
         }
-        Event::Register { name, conn, slots, held, gaps } => {
-            let (replaced, adopted) = s.register(&name, conn, slots, &held, &gaps);
+        Event::Register { name, conn, slots, held, gaps, pythons } => {
+            let (replaced, adopted) = s.register(&name, conn, slots, &held, &gaps, &pythons);
             (Answer::Registered { replaced, adopted }, Vec::new(), true)
         }
         Event::RunnerGone { name, conn } => (Answer::Requeued(s.unregister(&name, conn)), Vec::new(), true),
@@ -320,6 +336,7 @@ mod tests {
             listing_warning: None,
             config_error: None,
             tree: Some(commit(100 + n)),
+            versions: vec![],
         }
     }
 
@@ -331,7 +348,8 @@ mod tests {
     #[test]
     fn nothing_happens_that_was_not_stored() {
         let mut core = Core::new(State::default(), TestStore::default());
-        let register = Event::Register { name: "r".into(), conn: 7, slots: 1, held: vec![], gaps: vec![] };
+        let register =
+            Event::Register { name: "r".into(), conn: 7, slots: 1, held: vec![], gaps: vec![], pythons: vec![] };
         core.handle(register, 1).unwrap();
 
         // A submission that cannot be stored is not queued, not assigned, not published.

@@ -41,18 +41,6 @@ CREATE TABLE IF NOT EXISTS commits (
     -- The commit's tree, read from the mirror at submission: the same code has the same tree.
     tree           TEXT
 );
-CREATE TABLE IF NOT EXISTS results (
-    commit_id   TEXT NOT NULL REFERENCES commits (commit_id),
-    test_id     TEXT NOT NULL,
-    file        TEXT NOT NULL,
-    outcome     TEXT NOT NULL,
-    duration_ms INTEGER NOT NULL,
-    message     TEXT NOT NULL,
-    runner      TEXT,
-    flaky       INTEGER NOT NULL DEFAULT 0,
-    earlier     TEXT NOT NULL DEFAULT '[]',
-    PRIMARY KEY (commit_id, test_id)
-);
 -- The test files a commit was split into, listed from the mirror at submission.
 -- `retries`: how many times the file was queued again because a test failed (`--retry-failed`).
 CREATE TABLE IF NOT EXISTS commit_files (
@@ -83,16 +71,52 @@ CREATE TABLE IF NOT EXISTS repo_owners (
 );
 ";
 
+/// Per-test results. `python`: the version the test ran with when its
+/// commit has an interpreter matrix, else empty (not NULL: a primary key
+/// column holding NULL would let the same test be stored twice), so the
+/// same test id is stored once per version.
+const RESULTS_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS results (
+    commit_id   TEXT NOT NULL REFERENCES commits (commit_id),
+    test_id     TEXT NOT NULL,
+    file        TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    message     TEXT NOT NULL,
+    runner      TEXT,
+    flaky       INTEGER NOT NULL DEFAULT 0,
+    earlier     TEXT NOT NULL DEFAULT '[]',
+    python      TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (commit_id, python, test_id)
+);
+";
+
+/// Version 4's change to `results`: a `python` column in its primary key.
+/// SQLite cannot change a table's primary key, so an older table is
+/// renamed, the new one made, the rows copied (with no version) and the
+/// old table dropped, in one transaction.
+const RESULTS_REBUILD: &str = "
+BEGIN;
+ALTER TABLE results RENAME TO results_before_v4;
+{RESULTS_TABLE}
+INSERT INTO results (commit_id, test_id, file, outcome, duration_ms, message, runner, flaky, earlier, python)
+    SELECT commit_id, test_id, file, outcome, duration_ms, message, runner, flaky, earlier, '' FROM results_before_v4;
+DROP TABLE results_before_v4;
+COMMIT;
+";
+
 /// The schema version this code writes (SQLite's `user_version`). Version
 /// 2 added `results.runner`, `commit_files` and `batches`; version 3
 /// `results.flaky`, `results.earlier` and `commit_files.retries`; version 4
-/// `commits.tree`. An older
+/// `commits.tree`, `results.python` (in its primary key) and
+/// `batches.python`. An older
 /// database gains them when opened.
 const VERSION: i64 = 4;
 
 /// Columns added since version 1, each with what adds it to an older table
 /// (`CREATE TABLE IF NOT EXISTS` leaves an existing table as it was).
-const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
+    ("batches", "python", "ALTER TABLE batches ADD COLUMN python TEXT"),
     ("results", "runner", "ALTER TABLE results ADD COLUMN runner TEXT"),
     ("results", "flaky", "ALTER TABLE results ADD COLUMN flaky INTEGER NOT NULL DEFAULT 0"),
     ("results", "earlier", "ALTER TABLE results ADD COLUMN earlier TEXT NOT NULL DEFAULT '[]'"),
@@ -161,13 +185,20 @@ impl Db {
             });
         }
         conn.execute_batch(SCHEMA).map_err(err)?;
-        for (table, column, add) in ADDED_COLUMNS {
-            let has: i64 = conn
+        conn.execute_batch(RESULTS_TABLE).map_err(err)?;
+        let has = |table: &str, column: &str| -> Result<bool, DbError> {
+            let n: i64 = conn
                 .query_row("SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2", [table, column], |r| r.get(0))
                 .map_err(err)?;
-            if has == 0 {
+            Ok(n > 0)
+        };
+        for (table, column, add) in ADDED_COLUMNS {
+            if !has(table, column)? {
                 conn.execute_batch(add).map_err(err)?;
             }
+        }
+        if !has("results", "python")? {
+            conn.execute_batch(&RESULTS_REBUILD.replace("{RESULTS_TABLE}", RESULTS_TABLE)).map_err(err)?;
         }
         conn.pragma_update(None, "user_version", VERSION).map_err(err)?;
         Ok(Db { conn, path: path.to_owned() })
@@ -241,6 +272,8 @@ impl Db {
                     files: BTreeMap::new(),
                     pending: Default::default(),
                     pending_ms: 0,
+                    done_ms: 0,
+                    total_ms: 0,
                     divisor: crate::state::GUESSED_DIVISOR,
                     batches: BTreeMap::new(),
                     tests: BTreeMap::new(),
@@ -253,7 +286,8 @@ impl Db {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT commit_id, test_id, file, outcome, duration_ms, message, runner, flaky, earlier FROM results",
+                "SELECT commit_id, test_id, file, outcome, duration_ms, message, runner, flaky, earlier, python
+                 FROM results",
             )
             .map_err(self.err())?;
         let rows = stmt
@@ -268,19 +302,22 @@ impl Db {
                     r.get::<_, Option<String>>(6)?,
                     r.get::<_, bool>(7)?,
                     r.get::<_, String>(8)?,
+                    r.get::<_, String>(9)?,
                 ))
             })
             .map_err(self.err())?;
         for row in rows {
-            let (commit, id, file, outcome, duration, message, runner, flaky, earlier) = row.map_err(self.err())?;
+            let (commit, id, file, outcome, duration, message, runner, flaky, earlier, python) =
+                row.map_err(self.err())?;
             let commit: CommitId = commit.parse().map_err(|e| self.corrupt(format!("{e}")))?;
             let outcome = outcome.parse().map_err(|e: String| self.corrupt(e))?;
             let earlier = serde_json::from_str(&earlier)
                 .map_err(|e| self.corrupt(format!("earlier runs of {} on {commit}: {e}", escaped(&id))))?;
             if let Some(entry) = entries.get_mut(&commit) {
                 let duration_ms = duration as u64;
-                let result = TestResult { id: id.clone(), file, outcome, duration_ms, message, runner, flaky, earlier };
-                entry.tests.insert(id, result);
+                let python = (!python.is_empty()).then_some(python);
+                let result = TestResult { id, file, outcome, duration_ms, message, runner, flaky, earlier, python };
+                entry.tests.insert(result.key(), result);
             }
         }
         let mut stmt = self.conn.prepare("SELECT commit_id, file FROM done_files").map_err(self.err())?;
@@ -309,7 +346,7 @@ impl Db {
         }
         let mut stmt = self
             .conn
-            .prepare("SELECT job, commit_id, attempt, runner, slots, files FROM batches")
+            .prepare("SELECT job, commit_id, attempt, runner, slots, files, python FROM batches")
             .map_err(self.err())?;
         let rows = stmt
             .query_map([], |r| {
@@ -320,18 +357,20 @@ impl Db {
                     r.get::<_, String>(3)?,
                     r.get::<_, i64>(4)?,
                     r.get::<_, String>(5)?,
+                    r.get::<_, Option<String>>(6)?,
                 ))
             })
             .map_err(self.err())?;
         for row in rows {
-            let (job, commit, attempt, runner, slots, files) = row.map_err(self.err())?;
+            let (job, commit, attempt, runner, slots, files, python) = row.map_err(self.err())?;
             let commit: CommitId = commit.parse().map_err(|e| self.corrupt(format!("{e}")))?;
             let files: Vec<String> =
                 serde_json::from_str(&files).map_err(|e| self.corrupt(format!("files of batch {job}: {e}")))?;
             if let Some(entry) = entries.get_mut(&commit) {
                 let lease = Lease { runner, conn: None };
-                let batch = Batch { job: job as u64, attempt: attempt as u32, files, slots: slots as u32, lease };
-                entry.batches.insert(job as u64, batch);
+                let (job, attempt, slots) = (job as u64, attempt as u32, slots as u32);
+                let batch = Batch { job, attempt, files, slots, lease, python };
+                entry.batches.insert(job, batch);
             }
         }
         let mut entries: Vec<CommitEntry> = entries.into_values().collect();
@@ -351,8 +390,8 @@ impl Db {
                 Change::Test { commit, result: t } => tx
                     .prepare_cached(
                         "INSERT OR REPLACE INTO results
-                           (commit_id, test_id, file, outcome, duration_ms, message, runner, flaky, earlier)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                           (commit_id, test_id, file, outcome, duration_ms, message, runner, flaky, earlier, python)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                     )
                     .and_then(|mut s| {
                         s.execute(params![
@@ -365,6 +404,7 @@ impl Db {
                             t.runner,
                             t.flaky,
                             serde_json::to_string(&t.earlier).unwrap_or_else(|_| "[]".to_owned()),
+                            t.python.as_deref().unwrap_or(""),
                         ])
                     }),
                 Change::Retry { commit, file, retries } => tx
@@ -380,8 +420,8 @@ impl Db {
                     .map(|()| 0),
                 Change::Batch(b) => tx
                     .prepare_cached(
-                        "INSERT OR REPLACE INTO batches (job, commit_id, attempt, runner, slots, files)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        "INSERT OR REPLACE INTO batches (job, commit_id, attempt, runner, slots, files, python)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     )
                     .and_then(|mut s| {
                         s.execute(params![
@@ -391,6 +431,7 @@ impl Db {
                             b.runner,
                             i64::from(b.slots),
                             serde_json::to_string(&b.files).unwrap_or_else(|_| "[]".to_owned()),
+                            b.python,
                         ])
                     }),
                 Change::BatchEnded { job } => tx
@@ -516,6 +557,50 @@ mod tests {
     }
 
     #[test]
+    fn an_older_results_table_gains_the_python_key_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        let c = "0123456789abcdef0123456789abcdef01234567";
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!(
+                "CREATE TABLE commits (commit_id TEXT PRIMARY KEY, repo TEXT NOT NULL, branch TEXT NOT NULL,
+                     seq INTEGER NOT NULL UNIQUE, status TEXT NOT NULL, error TEXT, runner TEXT,
+                     queued_at_ms INTEGER NOT NULL, finished_at_ms INTEGER, job INTEGER NOT NULL UNIQUE,
+                     attempt INTEGER NOT NULL, warnings TEXT NOT NULL DEFAULT '[]');
+                 CREATE TABLE results (commit_id TEXT NOT NULL REFERENCES commits (commit_id), test_id TEXT NOT NULL,
+                     file TEXT NOT NULL, outcome TEXT NOT NULL, duration_ms INTEGER NOT NULL, message TEXT NOT NULL,
+                     runner TEXT, flaky INTEGER NOT NULL DEFAULT 0, earlier TEXT NOT NULL DEFAULT '[]',
+                     PRIMARY KEY (commit_id, test_id));
+                 INSERT INTO commits VALUES ('{c}', 'repo', 'main', 1, 'running', NULL, 'r', 1, NULL, 1, 1, '[]');
+                 INSERT INTO results VALUES ('{c}', 't', 'tests/test_a.py', 'pass', 3, '', 'r', 0, '[]');
+                 PRAGMA user_version = 3;"
+            ))
+            .unwrap();
+        }
+        let mut db = Db::open(&path).unwrap();
+        let loaded = db.load().unwrap();
+        assert_eq!(loaded[0].tests["t"].python, None, "an old result ran without a matrix");
+        // The same test id, once per version, beside the old row.
+        let commit: CommitId = c.parse().unwrap();
+        let mut changes = Vec::new();
+        for v in ["3.11", "3.12"] {
+            let result = TestResult {
+                python: Some(v.into()),
+                ..TestResult::new("t".into(), "tests/test_a.py".into(), Outcome::Fail, 4, v.into())
+            };
+            changes.push(Change::Test { commit, result });
+        }
+        db.apply(&changes).unwrap();
+        let tests = &db.load().unwrap()[0].tests;
+        let got: Vec<(&str, Option<&str>, &str)> =
+            tests.iter().map(|(k, t)| (k.as_str(), t.python.as_deref(), t.message.as_str())).collect();
+        assert_eq!(got, [("3.11:t", Some("3.11"), "3.11"), ("3.12:t", Some("3.12"), "3.12"), ("t", None, "")]);
+        let version: i64 = db.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, 4);
+    }
+
+    #[test]
     fn state_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.db");
@@ -526,7 +611,7 @@ mod tests {
             .unwrap();
         let tree: kiln_proto::TreeId = "4b825dc642cb6eb9a060e54bf8d69288fbee4904".parse().unwrap();
         state.set_tree(&commit, Some(tree));
-        state.register("r", 1, 1, &[], &["network isolation: NO".to_owned()]);
+        state.register("r", 1, 1, &[], &["network isolation: NO".to_owned()], &[]);
         let d = state.assign().remove(0).assignment;
         let t = TestResult {
             id: "tests.test_a.T.test_x".into(),
@@ -537,6 +622,7 @@ mod tests {
             runner: Some("r".into()),
             flaky: false,
             earlier: Vec::new(),
+            python: None,
         };
         state.record_test(d.job, d.attempt, 1, t.clone()).unwrap();
         state.file_done(d.job, d.attempt, 1, "tests/test_a.py".into()).unwrap();

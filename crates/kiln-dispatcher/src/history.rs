@@ -24,6 +24,11 @@
 //! as a transition instead. In a history, a run is marked `flipped` when
 //! another run listed with it, on another commit with the same tree, ended
 //! the other way.
+//!
+//! With an interpreter matrix a test has one result per Python version on
+//! a commit: both functions key a test by (version, id), so a history
+//! lists each version's run and a transition compares runs of one version,
+//! and a test flaky under 3.12 only is listed once, for 3.12.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -98,26 +103,30 @@ pub fn history<'a, C: Into<Tested<'a>>>(
     let mut runs: Vec<TestRun> = Vec::new();
     // One more than asked for, so the oldest shown knows whether it is a transition.
     for e in commits.into_iter().map(Into::into).filter(|e: &Tested<'_>| repo.is_none_or(|r| e.repo == r)) {
-        let Some(t) = e.tests.get(test_id) else { continue };
-        runs.push(TestRun {
-            commit: e.commit,
-            branch: e.branch.to_owned(),
-            status: e.status,
-            queued_at_ms: e.queued_at_ms,
-            outcome: t.outcome,
-            duration_ms: t.duration_ms,
-            flaky: t.flaky,
-            runs: t.runs(),
-            transition: false,
-            tree: e.tree,
-            flipped: false,
-        });
+        for t in results_of(e.tests, test_id) {
+            runs.push(TestRun {
+                commit: e.commit,
+                branch: e.branch.to_owned(),
+                status: e.status,
+                queued_at_ms: e.queued_at_ms,
+                outcome: t.outcome,
+                duration_ms: t.duration_ms,
+                flaky: t.flaky,
+                runs: t.runs(),
+                transition: false,
+                tree: e.tree,
+                flipped: false,
+                python: t.python.clone(),
+            });
+        }
         if runs.len() > limit {
             break;
         }
     }
-    for i in 0..runs.len().saturating_sub(1) {
-        runs[i].transition = runs[i].outcome.is_failure() != runs[i + 1].outcome.is_failure();
+    for i in 0..runs.len() {
+        // The next older run of the same version.
+        let older = runs[i + 1..].iter().find(|r| r.python == runs[i].python).map(|r| r.outcome.is_failure());
+        runs[i].transition = older.is_some_and(|failed| failed != runs[i].outcome.is_failure());
     }
     runs.truncate(limit);
     for i in 0..runs.len() {
@@ -125,7 +134,9 @@ pub fn history<'a, C: Into<Tested<'a>>>(
         let other = passed.map(|p| !p);
         runs[i].flipped = tree.is_some()
             && other.is_some()
-            && runs.iter().any(|o| o.tree == tree && o.commit != runs[i].commit && class(o.outcome) == other);
+            && runs.iter().any(|o| {
+                o.tree == tree && o.python == runs[i].python && o.commit != runs[i].commit && class(o.outcome) == other
+            });
     }
     runs
 }
@@ -172,6 +183,8 @@ pub fn flaky_test<'a, C: Into<Tested<'a>>>(
 /// borrowed from the commits, so that only the flaky tests are copied.
 struct Seen<'a> {
     id: &'a str,
+    /// The Python version it ran with, with an interpreter matrix.
+    python: Option<&'a str>,
     file: &'a str,
     repo: &'a str,
     /// Commits that ran it.
@@ -206,18 +219,19 @@ fn find_flaky<'a, C: Into<Tested<'a>>>(
     let tests_of = |e: &Tested<'a>| -> Box<dyn Iterator<Item = &'a TestResult> + 'a> {
         let tests: &'a BTreeMap<String, TestResult> = e.tests;
         match only {
-            Some(id) => Box::new(tests.get(id).into_iter()),
+            Some(id) => Box::new(results_of(tests, id).into_iter()),
             None => Box::new(tests.values()),
         }
     };
     let mut all: Vec<Seen<'a>> = Vec::new();
-    let mut index: HashMap<(&'a str, &'a str), usize> = HashMap::new();
+    let mut index: HashMap<(&'a str, Option<&'a str>, &'a str), usize> = HashMap::new();
     // Same commit, and how many commits ran each test.
     for e in &window {
         for t in tests_of(e) {
-            let i = *index.entry((e.repo, &t.id)).or_insert_with(|| {
+            let i = *index.entry((e.repo, t.python.as_deref(), &t.id)).or_insert_with(|| {
                 all.push(Seen {
                     id: &t.id,
+                    python: t.python.as_deref(),
                     file: &t.file,
                     repo: e.repo,
                     seen: 0,
@@ -246,12 +260,12 @@ fn find_flaky<'a, C: Into<Tested<'a>>>(
         }
     }
     for ((repo, tree), shared) in trees.into_iter().filter(|(_, c)| c.len() > 1) {
-        let mut runs: HashMap<&'a str, TreeRuns<'a>> = HashMap::new();
+        let mut runs: HashMap<(Option<&'a str>, &'a str), TreeRuns<'a>> = HashMap::new();
         for &i in &shared {
             let e = &window[i];
             for t in tests_of(e) {
                 let Some(passed) = class(t.outcome) else { continue };
-                let (pass, fail) = runs.entry(&t.id).or_default();
+                let (pass, fail) = runs.entry((t.python.as_deref(), &t.id)).or_default();
                 // Newest first: the first of each kind is the newest.
                 if passed && pass.is_none() {
                     *pass = Some((e.commit, e.queued_at_ms));
@@ -260,9 +274,9 @@ fn find_flaky<'a, C: Into<Tested<'a>>>(
                 }
             }
         }
-        for (id, run) in runs {
+        for ((python, id), run) in runs {
             let (Some((passed, pass_at)), Some((failed, fail_at, message))) = run else { continue };
-            if let Some(&i) = index.get(&(repo, id)) {
+            if let Some(&i) = index.get(&(repo, python, id)) {
                 all[i].flips.push((Flip { tree, passed, failed }, pass_at.max(fail_at), message));
             }
         }
@@ -302,7 +316,17 @@ fn flaky_of(mut s: Seen<'_>) -> Option<FlakyTest> {
         seen: s.seen,
         last_flaky_ms,
         sample: tail(sample, MAX_SAMPLE_BYTES),
+        python: s.python.map(str::to_owned),
     })
+}
+
+/// The results of test `id` in `tests`: the one keyed by the id, or with an
+/// interpreter matrix (results keyed by version and id) one per version.
+fn results_of<'a>(tests: &'a BTreeMap<String, TestResult>, id: &str) -> Vec<&'a TestResult> {
+    match tests.get(id) {
+        Some(t) => vec![t],
+        None => tests.values().filter(|t| t.id == id).collect(),
+    }
 }
 
 /// The last `max` bytes of `text` or fewer, cut at a character boundary.

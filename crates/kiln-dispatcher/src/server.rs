@@ -279,7 +279,7 @@ impl Owner {
         &mut self,
         conn: Connection,
         name: String,
-        Registration { slots, held, sandbox_gaps }: Registration,
+        Registration { slots, held, sandbox_gaps, pythons }: Registration,
     ) -> Result<Answer, Result<NameInUse, Refusal>> {
         let id = conn.stable_id();
         let state = self.core.state();
@@ -306,7 +306,13 @@ impl Owner {
         let previous = self.runners.insert(id, RunnerConn { conn, since_ms: now, last_heard_ms: now });
         let held = held[..held.len().min(1024)].to_vec();
         let gaps: Vec<String> = sandbox_gaps.iter().take(32).map(|g| g.chars().take(512).collect()).collect();
-        let event = Event::Register { name, conn: id, slots: slots.clamp(1, 256), held, gaps };
+        // Versions as a runner reports them (`3.12.7`): anything else is not one, and is left out.
+        let pythons: Vec<String> = pythons
+            .into_iter()
+            .filter(|v| v.len() <= 16 && !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+            .take(32)
+            .collect();
+        let event = Event::Register { name, conn: id, slots: slots.clamp(1, 256), held, gaps, pythons };
         match self.event(event) {
             Ok(answer) => {
                 if let Answer::Registered { replaced: Some(old), .. } = &answer
@@ -857,13 +863,17 @@ impl Dispatcher {
         // One store for the whole operation: the commit's test files (what
         // it is split into) and which older commits it descends from.
         let older = candidates.clone();
-        type Listing = (kiln_git::TreeTests, HashSet<CommitId>, Option<String>, Option<kiln_proto::TreeId>);
-        let (listed, descends, config_error, tree): Listing = in_mirror(&self.mirror, move |store| {
+        type Listing =
+            (kiln_git::TreeTests, HashSet<CommitId>, Option<String>, Option<kiln_proto::TreeId>, Vec<String>);
+        let (listed, descends, config_error, tree, versions): Listing = in_mirror(&self.mirror, move |store| {
             let listed = store.test_files(&commit)?;
             // What tells a re-run, a revert or an empty commit: the same code.
             let tree = store.tree_of(&commit)?;
             // Validated once, here: a problem is the commit's error, and no runner sees it.
-            let config_error = store.repo_config(&commit)?.err().map(|e| e.to_string());
+            let config = store.repo_config(&commit)?;
+            let config_error = config.as_ref().err().map(ToString::to_string);
+            // The matrix: the commit is split into each file under each version.
+            let versions = config.ok().flatten().map(|c| c.versions).unwrap_or_default();
             let descends = older
                 .into_iter()
                 .filter(|old| match store.is_ancestor(old, &commit) {
@@ -874,7 +884,7 @@ impl Dispatcher {
                     }
                 })
                 .collect();
-            Ok((listed, descends, config_error, tree))
+            Ok((listed, descends, config_error, tree, versions))
         })
         .await?;
         if let Some(problem) = &config_error {
@@ -891,6 +901,7 @@ impl Dispatcher {
             files: listed.files,
             config_error,
             tree,
+            versions,
         };
         match self.ask(event).await {
             Ok(Answer::Submitted(Some(stopped))) => {
@@ -954,7 +965,7 @@ impl Dispatcher {
     /// Runs one assignment: sends it, records the events that come back.
     async fn drive(self: Arc<Self>, conn: Connection, d: Dispatch, cancel: CancellationToken) {
         let a = &d.assignment;
-        info!(commit = %a.commit, files = a.files.len(), slots = a.slots, "assigned");
+        info!(commit = %a.commit, files = a.files.len(), slots = a.slots, python = a.python.as_deref(), "assigned");
         let outcome = async {
             // Read again from the mirror rather than kept per commit: a blob
             // read, and nothing more to store or to restore after a restart.
@@ -998,6 +1009,7 @@ impl Dispatcher {
                 files: Vec::new(),
                 slots: 0,
                 config: None,
+                python: None,
             },
         };
         let cancel = CancellationToken::new();

@@ -27,6 +27,18 @@
 //! of the runner's slots, so a runner never has more files running than it
 //! registered slots, over all its batches.
 //!
+//! **The interpreter matrix.** A commit whose configuration asks for
+//! several Python versions (`[python] versions`) is split into *units*:
+//! each test file once per version ([`unit`]: `3.12:tests/test_a.py`; a
+//! commit without a matrix has one unit per file, spelled as the file).
+//! Everything below that speaks of files speaks of units. A batch holds
+//! units of one version and goes only to a runner that registered an
+//! interpreter of that version (`3.12` is served by `3.12.7`); a unit
+//! that no registered runner can serve waits, and its commit with it,
+//! without holding up the commits behind it. A result keeps its version
+//! (`TestResult::python`), and the commit's results are keyed by
+//! (version, test id) ([`TestResult::key`]).
+//!
 //! Invariants (checked by the randomized test below):
 //! - a file of a commit that is not final is pending, or in exactly one
 //!   batch, or done; never pending and leased, never in two batches;
@@ -38,6 +50,9 @@
 //!   can never overwrite newer work; a lease restored after a restart
 //!   belongs to no connection until its runner claims it when it registers;
 //! - a runner's batches use at most its slots;
+//! - a batch's units all have its version, and a batch with a version is
+//!   leased only to a runner that has an interpreter of that version;
+//! - a result's version is its batch's, and it is stored under its key;
 //! - a test id is recorded at most once per commit (first result wins), and
 //!   a done file is never handed out again; a commit that passed or failed
 //!   has every file done;
@@ -81,6 +96,51 @@ const MEASURED_ONCE_DIVISOR: u64 = 1_500;
 /// How many earlier commits of a repository are read for file durations.
 const HISTORY: usize = 20;
 
+/// The unit of work for `file` under Python `python`: the file itself
+/// without a matrix, else `VERSION:FILE`. Unambiguous, because listed
+/// files start with `tests/` and versions hold only digits and dots.
+pub fn unit(python: Option<&str>, file: &str) -> String {
+    match python {
+        Some(version) => format!("{version}:{file}"),
+        None => file.to_owned(),
+    }
+}
+
+/// The units a commit with test files `files` is split into under the
+/// matrix `versions`: each file once per version, or once when there is no
+/// matrix.
+pub fn units(files: &[String], versions: &[String]) -> Vec<String> {
+    if versions.is_empty() {
+        return files.to_vec();
+    }
+    versions.iter().flat_map(|v| files.iter().map(move |f| unit(Some(v), f))).collect()
+}
+
+/// A unit's Python version (if it has one) and its file.
+pub fn split_unit(unit: &str) -> (Option<&str>, &str) {
+    match unit.split_once(':') {
+        Some((version, file)) if !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit() || b == b'.') => {
+            (Some(version), file)
+        }
+        _ => (None, unit),
+    }
+}
+
+/// A unit as people read it: `tests/test_a.py`, or `tests/test_a.py (Python 3.12)`.
+pub fn unit_label(unit: &str) -> String {
+    match split_unit(unit) {
+        (Some(version), file) => format!("{file} (Python {version})"),
+        (None, file) => file.to_owned(),
+    }
+}
+
+/// Whether an interpreter of exact version `exact` (`3.12.7`) serves a
+/// matrix entry `wanted` (`3.12`, or `3.12.7`): `wanted`'s parts are its first.
+pub fn python_matches(wanted: &str, exact: &str) -> bool {
+    let (mut w, mut e) = (wanted.split('.'), exact.split('.'));
+    w.all(|part| e.next() == Some(part))
+}
+
 /// Who holds a batch's lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
@@ -105,6 +165,9 @@ pub struct Batch {
     pub slots: u32,
     /// Who holds it.
     pub lease: Lease,
+    /// The Python version of its units (they all have the same), if the
+    /// commit has a matrix.
+    pub python: Option<String>,
 }
 
 /// A commit's files' expected durations, and how far to trust them.
@@ -154,11 +217,15 @@ pub struct CommitEntry {
     pub attempt: u32,
     /// Every test file listed at submission, with its estimated duration (ms).
     pub files: BTreeMap<String, u64>,
-    /// Files waiting for a runner, longest first.
+    /// Units waiting for a runner, longest first.
     pub pending: VecDeque<String>,
     /// The estimated time of the pending files (ms): kept as they come and
     /// go, so that cutting a batch does not add up the whole queue.
     pub(crate) pending_ms: u64,
+    /// The estimated time of the done files, and of all of them (ms): with
+    /// `pending_ms`, what the running batches have left.
+    pub(crate) done_ms: u64,
+    pub(crate) total_ms: u64,
     /// What an even share of the work left is divided by to cut a batch, in
     /// thousandths (see [`Estimates::divisor`]); recomputed, not stored.
     pub(crate) divisor: u64,
@@ -183,12 +250,61 @@ struct Runner {
     jobs: BTreeMap<u64, u32>,
     /// What its sandbox lacks, copied into each commit it runs.
     sandbox_gaps: Vec<String>,
+    /// The exact versions of its Python interpreters.
+    pythons: Vec<String>,
 }
 
 impl Runner {
     fn free(&self) -> u32 {
         self.slots.saturating_sub(self.jobs.values().sum())
     }
+
+    /// Whether it can run `unit`: any runner can run a unit without a
+    /// version; one with a version needs an interpreter of that version.
+    fn serves(&self, unit: &str) -> bool {
+        match split_unit(unit).0 {
+            None => true,
+            Some(wanted) => self.serves_version(wanted),
+        }
+    }
+
+    /// Whether it has an interpreter of version `wanted`.
+    fn serves_version(&self, wanted: &str) -> bool {
+        self.pythons.iter().any(|exact| python_matches(wanted, exact))
+    }
+
+    /// Whether it can run one of the units whose versions are `versions`.
+    fn serves_any(&self, versions: &Versions<'_>) -> bool {
+        match versions {
+            Versions::None => false,
+            Versions::Any => true,
+            Versions::Some(vs) => vs.iter().any(|v| self.serves_version(v)),
+        }
+    }
+}
+
+/// The Python versions a commit's waiting units need.
+enum Versions<'a> {
+    /// Nothing waits.
+    None,
+    /// A unit without a version waits: any runner can take it.
+    Any,
+    /// Only units with these versions wait (the matrix).
+    Some(Vec<&'a str>),
+}
+
+/// What `e`'s waiting units need: one pass over them, stopping at the
+/// first unit without a version (a commit without a matrix has only those).
+fn pending_versions(e: &CommitEntry) -> Versions<'_> {
+    let mut versions: Vec<&str> = Vec::new();
+    for u in &e.pending {
+        match split_unit(u).0 {
+            None => return Versions::Any,
+            Some(v) if !versions.contains(&v) => versions.push(v),
+            Some(_) => {}
+        }
+    }
+    if versions.is_empty() { Versions::None } else { Versions::Some(versions) }
 }
 
 /// Why an event from a runner was not accepted.
@@ -283,10 +399,8 @@ struct Journal {
 /// One change to a commit's pending files, as the journal undoes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum PendingUndo {
-    /// This file was taken from the front (into a batch).
-    Popped(String),
-    /// This file was taken from the back (into a batch).
-    PoppedBack(String),
+    /// This unit was taken from this position (into a batch).
+    Removed(usize, String),
     /// A file was put back at the front (to run again).
     PushedFront,
     /// The whole list was replaced; this is what it was.
@@ -347,6 +461,7 @@ impl CommitEntry {
             runner: b.lease.runner.clone(),
             slots: b.slots,
             files: b.files.clone(),
+            python: b.python.clone(),
         }
     }
 
@@ -371,6 +486,8 @@ impl CommitEntry {
             // The journal undoes pending changes itself (see `Journal::pending`).
             pending: VecDeque::new(),
             pending_ms: self.pending_ms,
+            done_ms: self.done_ms,
+            total_ms: self.total_ms,
             divisor: self.divisor,
             // So are its batches (see `Journal::batches`).
             batches: BTreeMap::new(),
@@ -381,18 +498,35 @@ impl CommitEntry {
         }
     }
 
-    /// Puts `file` back among the pending ones, longest first, and counts
-    /// their estimated time again.
     /// The estimated time of the files its running batches have not
-    /// finished (ms).
+    /// finished (ms): every file is pending, running or done, so it is what
+    /// neither of the others holds; constant time, however many batches.
     fn running_ms(&self) -> u64 {
-        let left = self.batches.values().flat_map(|b| &b.files).filter(|f| !self.done_files.contains(*f));
-        left.map(|f| self.files.get(f).copied().unwrap_or(0)).sum()
+        self.total_ms.saturating_sub(self.pending_ms + self.done_ms)
     }
 
+    /// The estimate of `file` (ms).
+    fn estimate(&self, file: &str) -> u64 {
+        self.files.get(file).copied().unwrap_or(0)
+    }
+
+    /// Marks `file` done, counting its estimate; whether it was not yet.
+    fn mark_done(&mut self, file: String) -> bool {
+        let estimate = self.estimate(&file);
+        let new = self.done_files.insert(file);
+        if new {
+            self.done_ms += estimate;
+        }
+        new
+    }
+
+    /// Puts the pending files in order, longest first, and counts the
+    /// estimated time of the pending, done and all files again.
     fn sort_pending(&mut self) {
         let files = &self.files;
         self.pending_ms = self.pending.iter().map(|f| files.get(f).copied().unwrap_or(0)).sum();
+        self.done_ms = self.done_files.iter().map(|f| files.get(f).copied().unwrap_or(0)).sum();
+        self.total_ms = files.values().sum();
         let mut pending: Vec<String> = std::mem::take(&mut self.pending).into();
         pending.sort_by(|a, b| {
             let (ea, eb) = (files.get(a).copied().unwrap_or(0), files.get(b).copied().unwrap_or(0));
@@ -546,8 +680,10 @@ impl State {
             }
         }
         for (commit, file) in &j.done_files {
-            if let Some(e) = self.commits.get_mut(commit) {
-                e.done_files.remove(file);
+            if let Some(e) = self.commits.get_mut(commit)
+                && e.done_files.remove(file)
+            {
+                e.done_ms = e.done_ms.saturating_sub(e.estimate(file));
             }
         }
         for job in &j.new_jobs {
@@ -570,8 +706,11 @@ impl State {
                         before.batches = std::mem::take(&mut e.batches);
                         before.runners = std::mem::take(&mut e.runners);
                         let pending_ms = before.pending_ms;
+                        // Undone above, file by file.
+                        let done_ms = e.done_ms;
                         *e = before;
                         e.pending_ms = pending_ms;
+                        e.done_ms = done_ms;
                     }
                 }
             }
@@ -591,8 +730,7 @@ impl State {
         for (commit, undo) in j.pending.into_iter().rev() {
             let Some(e) = self.commits.get_mut(&commit) else { continue };
             match undo {
-                PendingUndo::Popped(file) => e.pending.push_front(file),
-                PendingUndo::PoppedBack(file) => e.pending.push_back(file),
+                PendingUndo::Removed(at, file) => e.pending.insert(at, file),
                 PendingUndo::PushedFront => drop(e.pending.pop_front()),
                 PendingUndo::Replaced(old) => e.pending = old,
             }
@@ -702,8 +840,11 @@ impl State {
         for e in earlier {
             let mut sums: HashMap<&str, u64> = HashMap::new();
             for t in e.tests.values() {
-                if wanted.contains(t.file.as_str()) && !before.contains_key(t.file.as_str()) {
-                    *sums.entry(t.file.as_str()).or_default() += t.duration_ms;
+                let u = unit(t.python.as_deref(), &t.file);
+                if let Some(&w) = wanted.get(u.as_str())
+                    && !before.contains_key(w)
+                {
+                    *sums.entry(w).or_default() += t.duration_ms;
                 }
             }
             for f in &e.done_files {
@@ -804,6 +945,8 @@ impl State {
             attempt: 0,
             pending: estimates.keys().cloned().collect(),
             pending_ms: 0,
+            done_ms: 0,
+            total_ms: 0,
             divisor,
             files: estimates,
             batches: BTreeMap::new(),
@@ -922,6 +1065,7 @@ impl State {
         slots: u32,
         held: &[Held],
         sandbox_gaps: &[String],
+        pythons: &[String],
     ) -> (Option<ConnId>, Vec<u64>) {
         let mut adopted = Vec::new();
         self.snap_runner(name);
@@ -964,12 +1108,14 @@ impl State {
             slots: 1,
             jobs: BTreeMap::new(),
             sandbox_gaps: Vec::new(),
+            pythons: Vec::new(),
         });
         runner.jobs.extend(adopted.iter().copied());
         // Fewer slots than its batches use (registering again on the same
         // connection): the batches run out, and nothing new comes meanwhile.
         runner.slots = slots.max(1).max(runner.jobs.values().sum());
         runner.sandbox_gaps = sandbox_gaps.to_vec();
+        runner.pythons = pythons.to_vec();
         (old, adopted.into_iter().map(|(j, _)| j).collect())
     }
 
@@ -1065,29 +1211,50 @@ impl State {
     }
 
     /// Cuts batches for free runner slots, the runner with the most free
-    /// slots first, from the oldest queued commit.
+    /// slots first, from the oldest queued commit that a runner with a free
+    /// slot can serve: a commit whose waiting units need a Python version
+    /// no free runner has does not hold up the commits behind it.
     pub fn assign(&mut self) -> Vec<Dispatch> {
         let mut out = Vec::new();
         if self.queue.is_empty() {
             return out;
         }
         self.snap_queue();
-        let total: u64 = self.runners.values().map(|r| u64::from(r.slots)).sum();
-        while let Some(&commit) = self.queue.front() {
+        let mut at = 0;
+        while let Some(&commit) = self.queue.get(at) {
+            if !self.runners.values().any(|r| r.free() > 0) {
+                break;
+            }
+            let Some(entry) = self.commits.get(&commit) else {
+                self.queue.remove(at);
+                continue;
+            };
             // A file queued again for a retry goes to another runner than
             // the one it failed on, if one has a free slot.
-            let avoid = self.commits.get(&commit).and_then(|e| e.pending.front().and_then(|f| e.avoid.get(f)));
-            let Some((name, free)) = self
+            let avoid = entry.pending.front().and_then(|f| entry.avoid.get(f));
+            // The free runner that can serve one of the waiting units, and the
+            // first unit it can. Versions are looked up once per commit, not
+            // per unit and runner: a commit nobody can serve costs a pass over
+            // its units, not one per runner.
+            let versions = pending_versions(entry);
+            let chosen = self
                 .runners
                 .iter()
-                .filter(|(_, r)| r.free() > 0)
+                .filter(|(_, r)| r.free() > 0 && r.serves_any(&versions))
                 .max_by(|(an, a), (bn, b)| {
                     (Some(*an) != avoid, a.free()).cmp(&(Some(*bn) != avoid, b.free())).then_with(|| bn.cmp(an))
                 })
-                .map(|(n, r)| (n.clone(), r.free()))
-            else {
-                break;
+                .and_then(|(n, r)| Some((n.clone(), r.free(), entry.pending.iter().position(|u| r.serves(u))?)));
+            let Some((name, free, first)) = chosen else {
+                // No free runner has the Python these units need: the next commit may do.
+                at += 1;
+                continue;
             };
+            let python = split_unit(&entry.pending[first]).0.map(str::to_owned);
+            // The slots that could share this work: those of the runners
+            // with this version (every runner's, without a matrix).
+            let total: u64 =
+                self.runners.values().filter(|r| r.serves(&entry.pending[first])).map(|r| u64::from(r.slots)).sum();
             let others_free = self.runners.iter().any(|(n, r)| *n != name && r.free() > 0);
             self.touch(&commit);
             self.snap_runner(&name);
@@ -1098,7 +1265,7 @@ impl State {
             }
             let Some(runner) = self.runners.get_mut(&name) else { break };
             let Some(entry) = self.commits.get_mut(&commit) else {
-                self.queue.pop_front();
+                self.queue.remove(at);
                 continue;
             };
             // This runner's share of what is left (pending and still
@@ -1116,39 +1283,49 @@ impl State {
             };
             let mut files = Vec::new();
             let mut worth = 0u64;
-            while let Some(next) = entry.pending.front() {
+            // Only units of the batch's version; the others keep their places.
+            let mut i = first;
+            while let Some(next) = entry.pending.get(i) {
+                if split_unit(next).0 != python.as_deref() {
+                    i += 1;
+                    continue;
+                }
                 let cost = entry.files.get(next).copied().unwrap_or(0);
                 let avoided = others_free && entry.avoid.get(next) == Some(&name);
                 if !files.is_empty() && (worth + cost > target || files.len() >= MAX_BATCH_FILES || avoided) {
                     break;
                 }
                 worth += cost;
-                let Some(file) = entry.pending.pop_front() else { break };
+                let Some(file) = entry.pending.remove(i) else { break };
                 if let Some(j) = self.journal.as_mut() {
-                    j.pending.push((commit, PendingUndo::Popped(file.clone())));
+                    j.pending.push((commit, PendingUndo::Removed(i, file.clone())));
                 }
                 files.push(file);
             }
             // What the longest files left of the share is filled with the
-            // shortest, from the back: a long file next in line no longer
-            // ends a batch at a fraction of its share.
-            while let Some(last) = entry.pending.back()
-                && files.len() < MAX_BATCH_FILES
-            {
+            // shortest of its version, from the back: a long file next in
+            // line no longer ends a batch at a fraction of its share.
+            let mut k = entry.pending.len();
+            while k > i && files.len() < MAX_BATCH_FILES {
+                k -= 1;
+                let Some(last) = entry.pending.get(k) else { break };
+                if split_unit(last).0 != python.as_deref() {
+                    continue;
+                }
                 let cost = entry.files.get(last).copied().unwrap_or(0);
                 if worth + cost > target || (others_free && entry.avoid.get(last) == Some(&name)) {
                     break;
                 }
                 worth += cost;
-                let Some(file) = entry.pending.pop_back() else { break };
+                let Some(file) = entry.pending.remove(k) else { break };
                 if let Some(j) = self.journal.as_mut() {
-                    j.pending.push((commit, PendingUndo::PoppedBack(file.clone())));
+                    j.pending.push((commit, PendingUndo::Removed(k, file.clone())));
                 }
                 files.push(file);
             }
             entry.pending_ms = entry.pending_ms.saturating_sub(worth);
             if entry.pending.is_empty() {
-                self.queue.pop_front();
+                self.queue.remove(at);
             }
             if files.is_empty() {
                 continue;
@@ -1156,7 +1333,8 @@ impl State {
             let slots = free.min(u32::try_from(files.len()).unwrap_or(u32::MAX));
             entry.attempt += 1;
             let lease = Lease { runner: name.clone(), conn: Some(runner.conn) };
-            let batch = Batch { job, attempt: entry.attempt, files: files.clone(), slots, lease };
+            let batch =
+                Batch { job, attempt: entry.attempt, files: files.clone(), slots, lease, python: python.clone() };
             if let Some(j) = self.journal.as_mut() {
                 j.batches.entry((commit, job)).or_insert(None);
             }
@@ -1175,13 +1353,33 @@ impl State {
             }
             runner.jobs.insert(job, slots);
             self.jobs.insert(job, commit);
+            // The runner runs files; the version travels beside them.
+            let files = files.iter().map(|u| split_unit(u).1.to_owned()).collect();
             out.push(Dispatch {
                 runner: name,
                 conn: runner.conn,
-                assignment: Assignment { job, attempt: entry.attempt, commit, files, slots, config: None },
+                assignment: Assignment { job, attempt: entry.attempt, commit, files, slots, config: None, python },
             });
         }
         out
+    }
+
+    /// The Python versions that `e`'s waiting units need and no registered
+    /// runner has, in the order they wait: why such a commit cannot finish.
+    pub fn unserved_pythons(&self, e: &CommitEntry) -> Vec<String> {
+        let versions = pending_versions(e);
+        let Versions::Some(versions) = versions else { return Vec::new() };
+        versions
+            .into_iter()
+            .filter(|v| !self.runners.values().any(|r| r.serves_version(v)))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Whether some registered runner can serve one of `e`'s waiting units.
+    pub fn servable(&self, e: &CommitEntry) -> bool {
+        let versions = pending_versions(e);
+        self.runners.values().any(|r| r.serves_any(&versions))
     }
 
     /// The entry of `job` if `conn` holds its current `attempt`, and the
@@ -1193,19 +1391,23 @@ impl State {
         Ok((entry, runner))
     }
 
-    /// The entry of `job` if `conn` holds its current `attempt` and `file` is the batch's.
+    /// The entry of `job` if `conn` holds its current `attempt` and `file`
+    /// (as the runner names it) is the batch's, with the batch's runner,
+    /// its Python version and the file's unit.
     fn current_file(
         &mut self,
         job: u64,
         attempt: u32,
         conn: ConnId,
         file: &str,
-    ) -> Result<(&mut CommitEntry, String), Stale> {
+    ) -> Result<(&mut CommitEntry, String, Option<String>, String), Stale> {
         let (entry, runner) = self.current(job, attempt, conn)?;
-        if !entry.batches.get(&job).is_some_and(|b| b.files.iter().any(|f| f == file)) {
+        let python = entry.batches.get(&job).and_then(|b| b.python.clone());
+        let u = unit(python.as_deref(), file);
+        if !entry.batches.get(&job).is_some_and(|b| b.files.contains(&u)) {
             return Err(Stale::NotInBatch { job, file: file.to_owned() });
         }
-        Ok((entry, runner))
+        Ok((entry, runner, python, u))
     }
 
     /// Records one test result from the lease holder, about one of its
@@ -1217,12 +1419,12 @@ impl State {
         if self.left_for_retry(job, attempt, conn, &result.file) {
             return Ok(false);
         }
-        let (entry, runner) = self.current_file(job, attempt, conn, &result.file)?;
+        let (entry, runner, python, u) = self.current_file(job, attempt, conn, &result.file)?;
         // What the runner says of these is not its to say.
-        let result = TestResult { runner: Some(runner), flaky: false, earlier: Vec::new(), ..result };
-        let run = 1 + entry.retries.get(&result.file).copied().unwrap_or(0) as usize;
-        let (commit, id) = (entry.commit, result.id.clone());
-        let replaced = match entry.tests.get_mut(&result.id) {
+        let result = TestResult { runner: Some(runner), flaky: false, earlier: Vec::new(), python, ..result };
+        let run = 1 + entry.retries.get(&u).copied().unwrap_or(0) as usize;
+        let (commit, id) = (entry.commit, result.key());
+        let replaced = match entry.tests.get_mut(&id) {
             // This run of its file already reported it (a resumed batch sends its events again).
             Some(old) if old.runs() >= run => return Ok(false),
             Some(old) => {
@@ -1231,7 +1433,7 @@ impl State {
                 Some(before)
             }
             None => {
-                entry.tests.insert(result.id.clone(), result);
+                entry.tests.insert(id.clone(), result);
                 None
             }
         };
@@ -1250,14 +1452,17 @@ impl State {
             return Ok(false);
         }
         let retry_failed = self.retry_failed;
-        let (entry, runner) = self.current_file(job, attempt, conn, &file)?;
+        let (entry, runner, python, file) = self.current_file(job, attempt, conn, &file)?;
         let commit = entry.commit;
         if entry.done_files.contains(&file) {
             return Ok(false);
         }
         let retries = entry.retries.get(&file).copied().unwrap_or(0);
+        let plain = split_unit(&file).1;
         let failing = || {
-            entry.tests.values().any(|t| t.file == file && t.outcome.is_failure() && t.runs() == retries as usize + 1)
+            entry.tests.values().any(|t| {
+                t.file == plain && t.python == python && t.outcome.is_failure() && t.runs() == retries as usize + 1
+            })
         };
         if retries < retry_failed && failing() {
             self.touch(&commit);
@@ -1282,7 +1487,7 @@ impl State {
             }
             return Ok(true);
         }
-        entry.done_files.insert(file.clone());
+        entry.mark_done(file.clone());
         if let Some(j) = self.journal.as_mut() {
             j.done_files.push((commit, file));
         }
@@ -1295,7 +1500,9 @@ impl State {
     /// its events again, those about such a file too.
     fn left_for_retry(&self, job: u64, attempt: u32, conn: ConnId, file: &str) -> bool {
         let Some(e) = self.jobs.get(&job).and_then(|c| self.commits.get(c)) else { return false };
-        e.retries.contains_key(file) && e.leased(job, attempt, conn).is_some_and(|b| !b.files.iter().any(|f| f == file))
+        let Some(b) = e.leased(job, attempt, conn) else { return false };
+        let u = unit(b.python.as_deref(), file);
+        e.retries.contains_key(&u) && !b.files.contains(&u)
     }
 
     /// Runs a file with a failing test up to `n` more times before its failure counts.
@@ -1309,15 +1516,15 @@ impl State {
         if self.left_for_retry(job, attempt, conn, &file) {
             return Ok(false);
         }
-        let (entry, _) = self.current_file(job, attempt, conn, &file)?;
+        let (entry, _, _, file) = self.current_file(job, attempt, conn, &file)?;
         if entry.done_files.contains(&file) {
             return Ok(false);
         }
         let commit = entry.commit;
         self.touch(&commit);
         let Some(entry) = self.commits.get_mut(&commit) else { return Ok(false) };
-        note_not_run(&mut entry.warnings, &file, reason);
-        entry.done_files.insert(file.clone());
+        note_not_run(&mut entry.warnings, &unit_label(&file), reason);
+        entry.mark_done(file.clone());
         if let Some(j) = self.journal.as_mut() {
             j.done_files.push((commit, file));
         }
@@ -1371,8 +1578,12 @@ impl State {
         let Some(entry) = self.commits.get_mut(&commit) else { return Err(Stale::UnknownJob(job)) };
         for file in batch.files {
             if !entry.done_files.contains(&file) {
-                note_not_run(&mut entry.warnings, &file, "the runner ended its batch without reporting it");
-                entry.done_files.insert(file.clone());
+                note_not_run(
+                    &mut entry.warnings,
+                    &unit_label(&file),
+                    "the runner ended its batch without reporting it",
+                );
+                entry.mark_done(file.clone());
                 if let Some(j) = self.journal.as_mut() {
                     j.done_files.push((commit, file));
                 }
@@ -1666,7 +1877,7 @@ mod tests {
         let mut s = State::default();
         submit(&mut s, 1);
         assert!(s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &one_file(), None, 11).is_none());
-        s.register("r1", 1, 4, &[], &[]);
+        s.register("r1", 1, 4, &[], &[], &[]);
         assert_eq!(s.assign().len(), 1);
         assert!(s.assign().is_empty());
     }
@@ -1677,8 +1888,8 @@ mod tests {
         for n in 1..=3 {
             submit(&mut s, n);
         }
-        s.register("a", 1, 1, &[], &[]);
-        s.register("b", 2, 1, &[], &[]);
+        s.register("a", 1, 1, &[], &[], &[]);
+        s.register("b", 2, 1, &[], &[], &[]);
         let d = s.assign();
         assert_eq!(d.len(), 2);
         assert_ne!(d[0].runner, d[1].runner);
@@ -1700,13 +1911,80 @@ mod tests {
     }
 
     #[test]
+    fn a_matrix_commit_runs_each_file_per_version_on_runners_that_have_it() {
+        let mut s = State::default();
+        let fs = files(&["a", "b"]);
+        let versions = ["3.11".to_owned(), "3.12".to_owned()];
+        s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &units(&fs, &versions), None, 0).unwrap();
+        assert_eq!(s.entry(&commit(1)).unwrap().files.len(), 4, "two files under two versions");
+        s.register("py311", 1, 4, &[], &[], &["3.11.7".to_owned()]);
+        let d = s.assign();
+        assert_eq!(d.len(), 1);
+        let a = &d[0].assignment;
+        // The runner gets plain files and the version beside them.
+        assert_eq!((a.python.as_deref(), &a.files[..]), (Some("3.11"), &fs[..]));
+        for f in &fs {
+            let r = TestResult { python: None, ..result_in("t", &fs[0], 3) };
+            if f == &fs[0] {
+                s.record_test(a.job, a.attempt, 1, r).unwrap();
+            }
+            s.file_done(a.job, a.attempt, 1, f.clone()).unwrap();
+        }
+        s.finish(a.job, a.attempt, 1, None, 1).unwrap();
+        // Half done: the 3.12 half waits, with the reason, and the commit is not final.
+        let e = s.entry(&commit(1)).unwrap();
+        assert_eq!(e.status, CommitStatus::Queued);
+        assert_eq!((s.servable(e), s.unserved_pythons(e)), (false, vec!["3.12".to_owned()]));
+        assert_eq!(e.tests["3.11:t"].python.as_deref(), Some("3.11"));
+        // It does not hold up a commit behind it that the runner can serve.
+        submit(&mut s, 2);
+        let d = s.assign();
+        assert_eq!((d.len(), d[0].assignment.commit, d[0].assignment.python.as_deref()), (1, commit(2), None));
+        // A runner with 3.12.1 serves "3.12"; the same test id is a second result.
+        s.register("py312", 2, 1, &[], &[], &["3.12.1".to_owned()]);
+        let d = s.assign();
+        assert_eq!(d.len(), 1);
+        let a = &d[0].assignment;
+        assert_eq!((d[0].runner.as_str(), a.python.as_deref(), &a.files[..]), ("py312", Some("3.12"), &fs[..]));
+        // A result for a file under another version than the batch's is not the batch's.
+        assert!(s.record_test(99, 1, 2, result_in("t", &fs[0], 1)).is_err());
+        let fail = TestResult { outcome: Outcome::Fail, ..result_in("t", &fs[0], 4) };
+        assert_eq!(s.record_test(a.job, a.attempt, 2, fail), Ok(true));
+        for f in &fs {
+            s.file_done(a.job, a.attempt, 2, f.clone()).unwrap();
+        }
+        s.finish(a.job, a.attempt, 2, None, 2).unwrap();
+        let report = s.report(&commit(1)).unwrap();
+        assert_eq!(report.status, CommitStatus::Failed, "every entry must pass");
+        let got: Vec<(&str, Option<&str>, Outcome, Option<&str>)> =
+            report.tests.iter().map(|t| (t.id.as_str(), t.python.as_deref(), t.outcome, t.runner.as_deref())).collect();
+        assert_eq!(
+            got,
+            [("t", Some("3.11"), Outcome::Pass, Some("py311")), ("t", Some("3.12"), Outcome::Fail, Some("py312"))]
+        );
+        assert_eq!((report.counts.total, report.files.total, report.files.done), (2, 4, 4));
+    }
+
+    #[test]
+    fn versions_match_by_their_leading_parts() {
+        assert!(python_matches("3.12", "3.12.7"));
+        assert!(python_matches("3.12.7", "3.12.7"));
+        assert!(!python_matches("3.12.7", "3.12.8"));
+        assert!(!python_matches("3.1", "3.12.7"));
+        assert!(!python_matches("3.12", "3.11.9"));
+        assert_eq!(split_unit("3.12:tests/test_a.py"), (Some("3.12"), "tests/test_a.py"));
+        assert_eq!(split_unit("tests/a:b.py"), (None, "tests/a:b.py"));
+        assert_eq!(unit_label("3.12:tests/test_a.py"), "tests/test_a.py (Python 3.12)");
+    }
+
+    #[test]
     fn a_failing_file_runs_again_on_another_runner_and_its_old_batch_is_not_heard_about_it() {
         let mut s = State::default();
         s.set_retry_failed(1);
         let fs = files(&["a"]);
         s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &fs, None, 0).unwrap();
-        s.register("r1", 1, 2, &[], &[]);
-        s.register("r2", 2, 1, &[], &[]);
+        s.register("r1", 1, 2, &[], &[], &[]);
+        s.register("r2", 2, 1, &[], &[], &[]);
         let first = s.assign().remove(0);
         assert_eq!(first.runner, "r1", "the most free slots");
         let first = first.assignment;
@@ -1742,7 +2020,7 @@ mod tests {
         let mut s = State::default();
         s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &files(&["a", "b", "c", "d"]), None, 1)
             .unwrap();
-        s.register("a", 1, 1, &[], &[]);
+        s.register("a", 1, 1, &[], &[], &[]);
         // The only runner: the whole commit in one batch (splitting would
         // only add batches' costs).
         let first = s.assign().remove(0).assignment;
@@ -1753,7 +2031,7 @@ mod tests {
         assert_eq!(s.unregister("a", 1), vec![commit(1)]);
         assert_eq!(s.report(&commit(1)).unwrap().status, CommitStatus::Queued);
         assert_eq!(s.entry(&commit(1)).unwrap().pending, files(&["b", "c", "d"]));
-        s.register("b", 2, 1, &[], &[]);
+        s.register("b", 2, 1, &[], &[], &[]);
         let second = s.assign().remove(0);
         assert_eq!((second.assignment.attempt, &second.assignment.files[..]), (2, &files(&["b", "c", "d"])[..]));
         let job = second.assignment.job;
@@ -1797,7 +2075,7 @@ mod tests {
         s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &names, None, 1).unwrap();
         // Nothing known: every file gets the default, in name order.
         assert!(s.entry(&commit(1)).unwrap().files.values().all(|&e| e == DEFAULT_ESTIMATE_MS));
-        s.register("r", 1, 8, &[], &[]);
+        s.register("r", 1, 8, &[], &[], &[]);
         let d = s.assign();
         let conn = d[0].conn;
         // The first commit's durations: a takes 800, b 400, the rest 100 (two tests each).
@@ -1832,8 +2110,8 @@ mod tests {
         // Two runners of one slot each: batches of a quarter of what is left,
         // at least one file, so they shrink as the queue drains.
         s.unregister("r", 1);
-        s.register("x", 2, 1, &[], &[]);
-        s.register("y", 3, 1, &[], &[]);
+        s.register("x", 2, 1, &[], &[], &[]);
+        s.register("y", 3, 1, &[], &[], &[]);
         let mut sizes = Vec::new();
         loop {
             let given = s.assign();
@@ -1874,7 +2152,7 @@ mod tests {
     /// each file's one test taking `ms(file)`, then disconnects it.
     fn run_all(s: &mut State, commit: CommitId, names: &[String], conn: ConnId, ms: impl Fn(&str) -> u64) {
         s.submit("repo", "main", commit, Supersede::Nothing, |_| true, names, None, 1).unwrap();
-        s.register("r", conn, 8, &[], &[]);
+        s.register("r", conn, 8, &[], &[], &[]);
         for d in s.assign() {
             let a = d.assignment;
             assert_eq!(a.commit, commit);
@@ -1899,7 +2177,7 @@ mod tests {
         let first_batches = |s: &mut State, n: u8, conn: ConnId| -> (u64, Vec<u64>) {
             s.submit("repo", "main", commit(n), Supersede::Nothing, |_| true, &names, None, 1).unwrap();
             for r in 0..4 {
-                s.register(&format!("w{r}"), conn + r, 1, &[], &[]);
+                s.register(&format!("w{r}"), conn + r, 1, &[], &[], &[]);
             }
             let given = s.assign();
             let e = s.entry(&commit(n)).unwrap();
@@ -1934,8 +2212,8 @@ mod tests {
         let names: Vec<String> = (0..20).map(|i| format!("tests/test_{i:02}.py")).collect();
         s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &names, None, 1).unwrap();
         s.submit("repo", "main", commit(2), Supersede::Nothing, |_| true, &names, None, 1).unwrap();
-        s.register("two", 1, 2, &[], &[]);
-        s.register("three", 2, 3, &[], &[]);
+        s.register("two", 1, 2, &[], &[], &[]);
+        s.register("three", 2, 3, &[], &[], &[]);
         let d = s.assign();
         let used = |s: &State, name: &str| s.runners[name].jobs.values().sum::<u32>();
         assert_eq!((used(&s, "two"), used(&s, "three")), (2, 3));
@@ -1958,8 +2236,8 @@ mod tests {
         let mut s = State::default();
         s.submit("repo", "main", commit(1), Supersede::Nothing, |_| true, &files(&["a", "b", "c", "d"]), None, 1)
             .unwrap();
-        s.register("x", 1, 1, &[], &[]);
-        s.register("y", 2, 1, &[], &[]);
+        s.register("x", 1, 1, &[], &[], &[]);
+        s.register("y", 2, 1, &[], &[], &[]);
         let d = s.assign();
         assert_eq!(d.len(), 2);
         let (bad, other) = (&d[0], &d[1]);
@@ -1987,7 +2265,7 @@ mod tests {
             r.error.as_deref(),
             Some("no tests found: symlinks that could lead outside the checkout were not followed: tests -> /usr")
         );
-        s.register("x", 1, 1, &[], &[]);
+        s.register("x", 1, 1, &[], &[], &[]);
         assert!(s.assign().is_empty());
     }
 
@@ -1995,9 +2273,9 @@ mod tests {
     fn a_reconnecting_runner_replaces_its_old_connection() {
         let mut s = State::default();
         submit(&mut s, 1);
-        s.register("a", 1, 1, &[], &[]);
+        s.register("a", 1, 1, &[], &[], &[]);
         let d = s.assign().remove(0);
-        assert_eq!(s.register("a", 7, 1, &[], &[]), (Some(1), vec![]));
+        assert_eq!(s.register("a", 7, 1, &[], &[], &[]), (Some(1), vec![]));
         let again = s.assign().remove(0);
         assert_eq!((again.conn, again.assignment.attempt), (7, 2));
         assert_eq!(s.abandon(d.assignment.job, 1, 1), None);
@@ -2010,7 +2288,7 @@ mod tests {
         let mut s = State::default();
         submit(&mut s, 1);
         submit(&mut s, 2);
-        s.register("a", 1, 2, &[], &[]);
+        s.register("a", 1, 2, &[], &[], &[]);
         let d = s.assign();
         s.finish(d[0].assignment.job, 1, 1, None, 3).unwrap();
         let r = s.report(&commit(1)).unwrap();
@@ -2026,7 +2304,7 @@ mod tests {
     fn a_newer_commit_supersedes_older_ones_of_its_branch() {
         let mut s = State::default();
         submit(&mut s, 1);
-        s.register("a", 1, 1, &[], &[]);
+        s.register("a", 1, 1, &[], &[], &[]);
         let running = s.assign().remove(0).assignment;
         s.submit("repo", "main", commit(2), Supersede::Nothing, |_| true, &one_file(), None, 2).unwrap();
         s.submit("repo", "other", commit(3), Supersede::Nothing, |_| true, &one_file(), None, 3).unwrap();
@@ -2056,7 +2334,7 @@ mod tests {
     fn only_descendants_supersede() {
         let mut s = State::default();
         submit(&mut s, 1);
-        s.register("a", 1, 1, &[], &[]);
+        s.register("a", 1, 1, &[], &[], &[]);
         s.assign();
         submit(&mut s, 2);
         // Commit 3 rewrote history: it descends from neither 1 nor 2.
@@ -2107,8 +2385,8 @@ mod tests {
         let mut s = State::default();
         submit(&mut s, 1);
         submit(&mut s, 2);
-        s.register("a", 1, 1, &[], &[]);
-        s.register("b", 2, 1, &[], &[]);
+        s.register("a", 1, 1, &[], &[], &[]);
+        s.register("b", 2, 1, &[], &[], &[]);
         let d = s.assign();
         let (to_a, to_b) = if d[0].conn == 1 { (&d[0], &d[1]) } else { (&d[1], &d[0]) };
         let lease = |d: &Dispatch| Held { job: d.assignment.job, attempt: d.assignment.attempt };
@@ -2135,7 +2413,7 @@ mod tests {
         let mut s = State::default();
         submit(&mut s, 1);
         submit(&mut s, 2);
-        s.register("a", 1, 1, &[], &[]);
+        s.register("a", 1, 1, &[], &[], &[]);
         let d = s.assign().remove(0);
         let stopped = s.stop(&commit(1), CommitStatus::Cancelled, "cancelled by admin".into(), 7).unwrap();
         assert_eq!(stopped.batches, vec![(d.assignment.job, Some(1))]);
@@ -2152,7 +2430,7 @@ mod tests {
         submit(&mut s, 1);
         submit(&mut s, 2);
         submit(&mut s, 3);
-        s.register("a", 1, 2, &[], &[]);
+        s.register("a", 1, 2, &[], &[], &[]);
         let d = s.assign();
         let (one, two) = (d[0].assignment.clone(), d[1].assignment.clone());
         s.record_test(one.job, 1, 1, result("t", Outcome::Pass)).unwrap();
@@ -2168,7 +2446,7 @@ mod tests {
         assert!(fresh.record_test(one.job, 1, 1, result("u", Outcome::Pass)).is_err());
         // Runner "a" comes back still working on job one, but not on job two.
         let held = [Held { job: one.job, attempt: 1 }, Held { job: 99, attempt: 1 }];
-        assert_eq!(fresh.register("a", 5, 2, &held, &[]), (None, vec![one.job]));
+        assert_eq!(fresh.register("a", 5, 2, &held, &[], &[]), (None, vec![one.job]));
         assert!(fresh.holds(one.job, 1, 5));
         assert_eq!(fresh.record_test(one.job, 1, 5, result("u", Outcome::Pass)), Ok(true));
         // Job two's lease is unclaimed; after the grace period it is queued again.
@@ -2186,14 +2464,14 @@ mod tests {
     fn a_late_runner_cannot_claim_a_reassigned_job() {
         let mut s = State::default();
         submit(&mut s, 1);
-        s.register("a", 1, 1, &[], &[]);
+        s.register("a", 1, 1, &[], &[], &[]);
         let first = s.assign().remove(0).assignment;
         s.unregister("a", 1);
-        s.register("b", 2, 1, &[], &[]);
+        s.register("b", 2, 1, &[], &[], &[]);
         let second = s.assign().remove(0).assignment;
         assert_eq!(second.attempt, 2);
         // "a" comes back claiming attempt 1: refused, and b keeps the lease.
-        let (_, adopted) = s.register("a", 3, 1, &[Held { job: first.job, attempt: 1 }], &[]);
+        let (_, adopted) = s.register("a", 3, 1, &[Held { job: first.job, attempt: 1 }], &[], &[]);
         assert!(adopted.is_empty());
         assert!(s.holds(second.job, 2, 2));
         assert!(!s.holds(first.job, 1, 3));
@@ -2207,10 +2485,23 @@ mod tests {
             assert_eq!(pending.len(), e.pending.len(), "{commit:?}: a file pending twice");
             let pending_ms: u64 = e.pending.iter().map(|f| e.files.get(f).copied().unwrap_or(0)).sum();
             assert_eq!(e.pending_ms, pending_ms, "{commit:?}: the pending files' estimate drifted");
+            let done_ms: u64 = e.done_files.iter().map(|f| e.estimate(f)).sum();
+            assert_eq!(e.done_ms, done_ms, "{commit:?}: the done files' estimate drifted");
+            if !e.status.is_final() {
+                let left = e.batches.values().flat_map(|b| &b.files).filter(|f| !e.done_files.contains(*f));
+                let running_ms: u64 = left.map(|f| e.estimate(f)).sum();
+                assert_eq!(e.running_ms(), running_ms, "{commit:?}: the running files' estimate drifted");
+            }
             let mut leased = BTreeSet::new();
+            // With a matrix every unit has a version, without one none has.
+            let versioned = e.files.keys().filter(|u| split_unit(u).0.is_some()).count();
+            assert!(versioned == 0 || versioned == e.files.len(), "{commit:?}: units with and without a version");
             for (job, b) in &e.batches {
                 assert_eq!(b.job, *job);
                 assert_eq!(s.jobs.get(job), Some(commit), "a batch's job names its commit");
+                for f in &b.files {
+                    assert_eq!(split_unit(f).0, b.python.as_deref(), "{f} in a batch for Python {:?}", b.python);
+                }
                 // A file that leaves its batch for a retry leaves its slot with the batch.
                 assert!(b.slots >= 1 && b.slots as usize <= (b.files.len() + e.retries.len()).max(1));
                 for f in &b.files {
@@ -2252,11 +2543,11 @@ mod tests {
                 assert!(*retries >= 1 && *retries <= s.retry_failed, "{file} queued again {retries} times");
             }
             for (id, t) in &e.tests {
-                assert_eq!(*id, t.id);
-                let retries = e.retries.get(&t.file).copied().unwrap_or(0) as usize;
+                assert_eq!(*id, t.key(), "a result stored under another key");
+                assert!(e.files.contains_key(&unit(t.python.as_deref(), &t.file)), "{id}: a result for no unit");
+                let retries = e.retries.get(&unit(t.python.as_deref(), &t.file)).copied().unwrap_or(0) as usize;
                 assert!(t.runs() <= 1 + retries, "{id} has more runs than its file");
                 assert!(!t.flaky || t.runs() >= 2, "{id} flaky after one run");
-                assert!(e.files.contains_key(&t.file), "a result for a file not listed");
                 assert!(t.runner.as_ref().is_some_and(|r| e.runners.contains(r)), "a result without its runner");
             }
         }
@@ -2290,7 +2581,7 @@ mod tests {
                     }
                     Change::Test { commit, result } => {
                         assert!(self.rows.contains_key(commit), "a result before its commit's row");
-                        let old = self.tests.entry(*commit).or_default().insert(result.id.clone(), result.clone());
+                        let old = self.tests.entry(*commit).or_default().insert(result.key(), result.clone());
                         // Replaced only by a later run of its file.
                         assert!(old.is_none_or(|o| o.runs() < result.runs()), "a result stored twice");
                     }
@@ -2362,6 +2653,8 @@ mod tests {
                     files: self.files.get(&r.commit).into_iter().flatten().map(|f| (f.clone(), 0)).collect(),
                     pending: VecDeque::new(),
                     pending_ms: 0,
+                    done_ms: 0,
+                    total_ms: 0,
                     divisor: GUESSED_DIVISOR,
                     batches: self
                         .batches
@@ -2371,7 +2664,14 @@ mod tests {
                             let lease = Lease { runner: b.runner.clone(), conn: None };
                             (
                                 b.job,
-                                Batch { job: b.job, attempt: b.attempt, files: b.files.clone(), slots: b.slots, lease },
+                                Batch {
+                                    job: b.job,
+                                    attempt: b.attempt,
+                                    files: b.files.clone(),
+                                    slots: b.slots,
+                                    lease,
+                                    python: b.python.clone(),
+                                },
                             )
                         })
                         .collect(),
@@ -2397,6 +2697,12 @@ mod tests {
         };
         let all = files(&["a", "b", "c", "d", "e", "f"]);
         let (mut retried, mut flaky) = (0, 0);
+        // The interpreter matrix: commits asking for none, for two versions,
+        // or for one no runner may have; runners with none, some or all.
+        let matrices: [&[&str]; 6] = [&[], &[], &[], &[], &["3.11", "3.12"], &["3.13"]];
+        let interpreters: [&[&str]; 6] =
+            [&["3.11.7", "3.12.1"], &["3.11.7", "3.12.1"], &["3.11.7", "3.12.1"], &[], &["3.11.7"], &["3.12.1"]];
+        let (mut versioned, mut unserved) = (0, 0);
         for _ in 0..300 {
             let mut s = State::default();
             let retry_failed = next(3) as u32;
@@ -2435,13 +2741,18 @@ mod tests {
                             [Supersede::Nothing, Supersede::SkipQueued, Supersede::CancelRunning][next(3) as usize];
                         let listed: Vec<String> = all.iter().filter(|_| next(3) > 0).cloned().collect();
                         let branch = ["a", "b"][next(2) as usize];
+                        let versions: Vec<String> =
+                            matrices[next(6) as usize].iter().map(|v| (*v).to_owned()).collect();
+                        let listed = units(&listed, &versions);
                         let _ = s.submit("repo", branch, commit(n), supersede, |_| true, &listed, None, step);
                         false
                     }
                     1 => {
                         let held = [Held { job, attempt }];
                         let held: &[Held] = if next(2) == 0 { &held } else { &[] };
-                        s.register(&runner, conn, next(4) as u32 + 1, held, &[]);
+                        let pythons: Vec<String> =
+                            interpreters[next(6) as usize].iter().map(|v| (*v).to_owned()).collect();
+                        s.register(&runner, conn, next(4) as u32 + 1, held, &[], &pythons);
                         false
                     }
                     2 => {
@@ -2449,12 +2760,32 @@ mod tests {
                         false
                     }
                     3..=5 => {
-                        known.extend(s.assign());
+                        let given = s.assign();
+                        for d in &given {
+                            // A batch with a version goes only to a runner with that interpreter.
+                            let r = &s.runners[&d.runner];
+                            if let Some(wanted) = &d.assignment.python {
+                                assert!(r.pythons.iter().any(|p| python_matches(wanted, p)), "{wanted} to {r:?}");
+                                versioned += 1;
+                            }
+                        }
+                        // Nothing left that a free runner could take: a commit
+                        // nobody can serve does not hold up the ones behind it.
+                        for e in s.queued() {
+                            for (name, r) in &s.runners {
+                                let takes = r.free() > 0 && e.pending.iter().any(|u| r.serves(u));
+                                assert!(!takes, "{name} has a free slot for {:?}'s waiting units", e.commit);
+                            }
+                            unserved += usize::from(!s.unserved_pythons(e).is_empty());
+                        }
+                        known.extend(given);
                         false
                     }
                     6 | 7 => {
                         let outcome = [Outcome::Pass, Outcome::Fail, Outcome::Error][next(3) as usize];
-                        let result = TestResult { outcome, ..result_in(&id, &file, next(100)) };
+                        // What the runner says of the version is not its to say either.
+                        let python = (next(4) == 0).then(|| "9.9".to_owned());
+                        let result = TestResult { outcome, python, ..result_in(&id, &file, next(100)) };
                         s.record_test(job, attempt, conn, result).is_ok()
                     }
                     8 | 9 => s.file_done(job, attempt, conn, file.clone()).is_ok(),
@@ -2503,5 +2834,6 @@ mod tests {
         }
         // The sequences reach what they are meant to check.
         assert!(retried > 0 && flaky > 0, "{retried} files retried, {flaky} flaky tests");
+        assert!(versioned > 0 && unserved > 0, "{versioned} batches with a version, {unserved} unserved");
     }
 }

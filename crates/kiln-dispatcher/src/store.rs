@@ -57,8 +57,10 @@ pub struct BatchRow {
     pub runner: String,
     /// The runner's slots it may use.
     pub slots: u32,
-    /// Its files.
+    /// Its files (units: see [`crate::state::unit`]).
     pub files: Vec<String>,
+    /// The Python version of its units, with a matrix.
+    pub python: Option<String>,
 }
 
 /// One durable change. The variants are facts, written so that applying

@@ -117,7 +117,7 @@ pub fn apply(docs: &mut HashMap<CommitId, Doc>, change: &Change) -> Option<Commi
         Change::Test { commit, result } => {
             let doc = docs.get_mut(commit)?;
             // A test's latest result (a later run of its file may change it), as in the database.
-            doc.tests.insert(result.id.clone(), result.clone());
+            doc.tests.insert(result.key(), result.clone());
             Some(*commit)
         }
         Change::FileDone { commit, file } => {

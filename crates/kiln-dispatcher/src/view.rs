@@ -96,6 +96,12 @@ pub enum WaitReason {
     },
     /// A runner has a free slot: it is being handed out now.
     Assigning,
+    /// Its waiting files are for Python versions (the matrix) that no
+    /// connected runner has: it cannot finish until one registers.
+    NoPython {
+        /// The versions nobody has, as the configuration spells them.
+        versions: Vec<String>,
+    },
 }
 
 impl std::fmt::Display for WaitReason {
@@ -113,6 +119,10 @@ impl std::fmt::Display for WaitReason {
                 kiln_proto::escaped(runner)
             ),
             WaitReason::Assigning => write!(f, "being handed to a runner with a free slot"),
+            WaitReason::NoPython { versions } => {
+                let versions: Vec<String> = versions.iter().map(|v| kiln_proto::escaped(v).to_string()).collect();
+                write!(f, "no runner has Python {}", versions.join(" or "))
+            }
         }
     }
 }
@@ -126,6 +136,7 @@ impl WaitReason {
             WaitReason::Behind { .. } => "behind",
             WaitReason::AwaitingRunner { .. } => "awaiting_runner",
             WaitReason::Assigning => "assigning",
+            WaitReason::NoPython { .. } => "no_python",
         }
     }
 }
@@ -251,7 +262,9 @@ pub fn live(state: &State, conns: &BTreeMap<usize, ConnInfo>, now_ms: u64) -> Li
             .iter()
             .filter_map(|(&job, &slots)| {
                 let commit = state.commit_of(job)?;
+                // Under a matrix each as `tests/test_a.py (Python 3.12)`.
                 let files = state.entry(&commit)?.batches.get(&job).map(|b| b.files.clone()).unwrap_or_default();
+                let files = files.iter().map(|u| crate::state::unit_label(u)).collect();
                 Some(RunningBatch { job, commit, files, slots })
             })
             .collect();
@@ -275,6 +288,8 @@ pub fn live(state: &State, conns: &BTreeMap<usize, ConnInfo>, now_ms: u64) -> Li
             WaitReason::AwaitingRunner { runner }
         } else if runners.is_empty() {
             WaitReason::NoRunner
+        } else if !state.servable(e) {
+            WaitReason::NoPython { versions: state.unserved_pythons(e) }
         } else if busy >= total {
             WaitReason::NoFreeSlot { busy, total }
         } else if position > 0 {
@@ -463,7 +478,7 @@ mod tests {
         };
         assert_eq!(reasons(&s), vec![(commit(1), WaitReason::NoRunner), (commit(2), WaitReason::NoRunner)]);
         // One runner with one slot takes the first commit; the second waits for a slot.
-        s.register("r1", 7, 1, &[], &["no seccomp".to_owned()]);
+        s.register("r1", 7, 1, &[], &["no seccomp".to_owned()], &[]);
         let dispatched = s.assign();
         assert_eq!(dispatched.len(), 1);
         assert_eq!(reasons(&s), vec![(commit(2), WaitReason::NoFreeSlot { busy: 1, total: 1 })]);
@@ -483,13 +498,33 @@ mod tests {
         assert_eq!(r.running.len(), 1);
         assert_eq!((r.running[0].commit, r.running[0].files.clone()), (commit(1), vec!["tests/test_a.py".to_owned()]));
         // A second runner frees a slot: what is still queued is being handed out.
-        s.register("r2", 8, 2, &[], &[]);
+        s.register("r2", 8, 2, &[], &[], &[]);
         assert_eq!(reasons(&s), vec![(commit(2), WaitReason::Assigning)]);
         assert_eq!(
             WaitReason::NoFreeSlot { busy: 4, total: 4 }.to_string(),
             "no runner has a free slot (4 of 4 slots busy)"
         );
         assert_eq!(WaitReason::Behind { commits: 2 }.to_string(), "behind 2 older commits");
+    }
+
+    #[test]
+    fn a_matrix_version_no_runner_has_is_the_reason_its_commit_waits() {
+        let mut s = State::default();
+        let files = crate::state::units(&["tests/test_a.py".to_owned()], &["3.11".to_owned(), "3.12".to_owned()]);
+        let supersede = kiln_proto::wire::Supersede::Nothing;
+        s.submit("repo", "main", commit(1), supersede, |_| true, &files, None, 1).unwrap();
+        s.register("r1", 7, 2, &[], &[], &["3.11.7".to_owned()]);
+        let d = s.assign();
+        assert_eq!(d.len(), 1, "only the 3.11 half");
+        let view = live(&s, &BTreeMap::new(), 0);
+        assert_eq!(view.queue[0].reason, WaitReason::NoPython { versions: vec!["3.12".to_owned()] });
+        assert_eq!(view.queue[0].reason.to_string(), "no runner has Python 3.12");
+        assert_eq!(view.runners[0].running[0].files, ["tests/test_a.py (Python 3.11)"]);
+        // Once a runner has it, the wait is an ordinary one.
+        s.register("r2", 8, 1, &[], &[], &["3.12.1".to_owned()]);
+        assert_eq!(live(&s, &BTreeMap::new(), 0).queue[0].reason, WaitReason::Assigning);
+        let reason = WaitReason::NoPython { versions: vec!["3.12".to_owned(), "3.13".to_owned()] };
+        assert_eq!(reason.to_string(), "no runner has Python 3.12 or 3.13");
     }
 
     #[tokio::test]

@@ -94,7 +94,10 @@ async fn an_observer_cannot_take_jobs_and_others_carry_on() {
     let server = Server::start().await;
     let admin = server.client(Role::Admin, "admin").await;
     let observer = server.client(Role::Observer, "obs").await;
-    match observer.request(&Request::Register(Registration { slots: 1, held: vec![], sandbox_gaps: vec![] })).await {
+    match observer
+        .request(&Request::Register(Registration { slots: 1, held: vec![], sandbox_gaps: vec![], pythons: vec![] }))
+        .await
+    {
         Err(RequestError::Refused(reason)) => assert!(reason.contains("may not register as a runner"), "{reason}"),
         Err(RequestError::Connection(reason)) => assert!(reason.contains("unauthorized"), "{reason}"),
         other => panic!("observer registered: {other:?}"),
@@ -275,7 +278,7 @@ struct Registered {
 impl Registered {
     async fn new(server: &Server, name: &str) -> Registered {
         let conn = server.client(Role::Runner, name).await;
-        let registration = Registration { slots: 1, held: vec![], sandbox_gaps: vec![] };
+        let registration = Registration { slots: 1, held: vec![], sandbox_gaps: vec![], pythons: vec![] };
         let (control, _, reply) = conn.request(&Request::Register(registration)).await.unwrap();
         assert_eq!(reply, Reply::Registered { idle_timeout_ms: 15_000 });
         let (send, mut recv) = tokio::time::timeout(Duration::from_secs(5), conn.accept()).await.unwrap().unwrap();
@@ -462,7 +465,8 @@ async fn a_second_connection_with_a_runners_name_is_refused_unless_it_holds_the_
     let observer = server.client(Role::Observer, "obs").await;
     assert_eq!(submit(&observer, &repo, "repo", commit, Supersede::Nothing).await.unwrap(), Reply::Queued);
     let first = Registered::new(&server, "twin").await;
-    let register = |held: Vec<Held>| Request::Register(Registration { slots: 1, held, sandbox_gaps: vec![] });
+    let register =
+        |held: Vec<Held>| Request::Register(Registration { slots: 1, held, sandbox_gaps: vec![], pythons: vec![] });
 
     // Another runner with the same certificate: told who holds the name, and closed.
     let other = server.client(Role::Runner, "twin").await;
@@ -533,6 +537,7 @@ async fn record_5000_tests_in_500_files() {
                     runner: None,
                     flaky: false,
                     earlier: Vec::new(),
+                    python: None,
                 };
                 send.send(&JobEvent::Test(result)).await.unwrap();
             }

@@ -277,13 +277,13 @@ async fn a_kiln_1_client_is_refused_and_both_sides_hear_both_versions() {
     let (addr, mut outcomes) = serve(dir.path(), NetConfig::default());
     let client_saw = raw_attempt(&raw_client_speaking(&runner, Some(&runner), b"kiln/1"), &addr).await;
     assert!(
-        client_saw.contains("this dispatcher speaks kiln/2 and this client kiln/1: run the same Kiln version"),
+        client_saw.contains("this dispatcher speaks kiln/3 and this client kiln/1: run the same Kiln version"),
         "{client_saw}"
     );
     let failed = outcomes.recv().await.unwrap().unwrap_err();
     assert_eq!(
         failed.log_line().unwrap(),
-        "the peer speaks kiln/1 and this dispatcher kiln/2: run the same Kiln version on both sides"
+        "the peer speaks kiln/1 and this dispatcher kiln/3: run the same Kiln version on both sides"
     );
     // One that speaks this version is served.
     raw_attempt(&raw_client(&runner, Some(&runner)), &addr).await;

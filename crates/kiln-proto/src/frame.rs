@@ -109,6 +109,7 @@ mod tests {
             runner: Some("runner-1".into()),
             flaky: false,
             earlier: Vec::new(),
+            python: Some("3.12".into()),
         });
         assert_eq!(decode::<JobEvent>(&encode(&ev).unwrap()).unwrap().0, ev);
     }
@@ -173,9 +174,10 @@ mod tests {
         }
         // An unknown enum tag, and a valid message followed by junk.
         assert!(matches!(decode_body::<Request>(&[200]), Err(FrameError::Malformed(_))));
-        let mut body = encode(&Request::Register(Registration { slots: 1, held: vec![], sandbox_gaps: vec![] }))
-            .unwrap()[4..]
-            .to_vec();
+        let mut body =
+            encode(&Request::Register(Registration { slots: 1, held: vec![], sandbox_gaps: vec![], pythons: vec![] }))
+                .unwrap()[4..]
+                .to_vec();
         body.push(0);
         assert!(matches!(decode_body::<Request>(&body), Err(FrameError::Trailing(1))));
     }

@@ -5,16 +5,18 @@
 
 use crate::{Counts, Outcome, TestResult};
 
-/// Results as JUnit XML, under one `<testsuites>` named `suite`: one `<testsuite>` per test file. Failures
+/// Results as JUnit XML, under one `<testsuites>` named `suite`: one `<testsuite>` per test file, or
+/// with an interpreter matrix per file and Python version (named `FILE [python 3.12]`, with a
+/// `python` property), so that the same test under two versions is two test cases. Failures
 /// and unexpected successes are `<failure>`, errors `<error>`, skips and
 /// expected failures `<skipped>` (as pytest's JUnit output does).
 pub fn junit(suite: &str, tests: &[TestResult]) -> String {
     use std::collections::BTreeMap;
     use std::fmt::Write as _;
 
-    let mut files: BTreeMap<&str, Vec<&TestResult>> = BTreeMap::new();
+    let mut files: BTreeMap<(&str, Option<&str>), Vec<&TestResult>> = BTreeMap::new();
     for t in tests {
-        files.entry(t.file.as_str()).or_default().push(t);
+        files.entry((t.file.as_str(), t.python.as_deref())).or_default().push(t);
     }
     let c = Counts::of(tests);
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
@@ -27,13 +29,17 @@ pub fn junit(suite: &str, tests: &[TestResult]) -> String {
         c.error,
         c.skip + c.xfail
     );
-    for (file, tests) in files {
+    for ((file, python), tests) in files {
+        let suite_name = match python {
+            Some(version) => format!("{file} [python {version}]"),
+            None => file.to_owned(),
+        };
         let count = |f: fn(Outcome) -> bool| tests.iter().filter(|t| f(t.outcome)).count();
         let seconds: u64 = tests.iter().map(|t| t.duration_ms).sum();
         let _ = writeln!(
             out,
             "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\" time=\"{}.{:03}\">",
-            xml(file),
+            xml(&suite_name),
             tests.len(),
             count(|o| matches!(o, Outcome::Fail | Outcome::Xpass)),
             count(|o| o == Outcome::Error),
@@ -41,6 +47,10 @@ pub fn junit(suite: &str, tests: &[TestResult]) -> String {
             seconds / 1000,
             seconds % 1000
         );
+        if let Some(version) = python {
+            let _ =
+                writeln!(out, "    <properties><property name=\"python\" value=\"{}\"/></properties>", xml(version));
+        }
         for t in tests {
             // unittest ids are `module.Class.method`; others (TAP) use `file::n description`.
             let (class, name) = match t.id.split_once("::") {
@@ -170,5 +180,27 @@ mod tests {
         assert!(!xml.contains("]]>") && !xml.contains("<script"), "{xml}");
         assert_eq!(xml.matches("<testcase ").count(), 8);
         assert_eq!(xml.matches("</testsuite>").count(), 3);
+    }
+}
+
+#[cfg(test)]
+mod matrix_tests {
+    use super::*;
+
+    #[test]
+    fn each_python_version_is_its_own_suite() {
+        let run = |python: &str, outcome| TestResult {
+            python: Some(python.into()),
+            ..TestResult::new("tests.test_a.T.test_x".into(), "tests/test_a.py".into(), outcome, 5, String::new())
+        };
+        let xml = junit("kiln c", &[run("3.11", Outcome::Pass), run("3.12", Outcome::Fail)]);
+        assert!(xml.contains("<testsuites name=\"kiln c\" tests=\"2\" failures=\"1\""), "{xml}");
+        assert!(xml.contains("<testsuite name=\"tests/test_a.py [python 3.11]\" tests=\"1\" failures=\"0\""), "{xml}");
+        assert!(xml.contains("<testsuite name=\"tests/test_a.py [python 3.12]\" tests=\"1\" failures=\"1\""), "{xml}");
+        assert_eq!(xml.matches("<property name=\"python\" value=\"3.1").count(), 2, "{xml}");
+        // Without a matrix nothing changes: one suite named by the file, no properties.
+        let plain = TestResult::new("t".into(), "tests/test_a.py".into(), Outcome::Pass, 1, String::new());
+        let xml = junit("kiln c", &[plain]);
+        assert!(xml.contains("<testsuite name=\"tests/test_a.py\" ") && !xml.contains("<properties>"), "{xml}");
     }
 }

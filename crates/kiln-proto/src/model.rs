@@ -242,6 +242,20 @@ pub struct TestResult {
     /// last run. Set by the dispatcher.
     #[serde(default)]
     pub earlier: Vec<EarlierRun>,
+    /// The Python version the test ran with, when its commit's configuration
+    /// asks for several (`[python] versions`, the matrix): the same test id
+    /// is then a separate result per version. Set by the dispatcher from the
+    /// batch (every batch is for one version); `None` without a matrix.
+    #[serde(default)]
+    pub python: Option<String>,
+}
+
+/// The key of test `id` run with Python `python` (see [`TestResult::key`]).
+pub fn result_key(python: Option<&str>, id: &str) -> String {
+    match python {
+        Some(version) => format!("{version}:{id}"),
+        None => id.to_owned(),
+    }
 }
 
 /// A run of a test other than the one its result shows (see
@@ -261,7 +275,25 @@ pub struct EarlierRun {
 impl TestResult {
     /// A result as a runner reports it: nothing the dispatcher adds.
     pub fn new(id: String, file: String, outcome: Outcome, duration_ms: u64, message: String) -> TestResult {
-        TestResult { id, file, outcome, duration_ms, message, runner: None, flaky: false, earlier: Vec::new() }
+        TestResult {
+            id,
+            file,
+            outcome,
+            duration_ms,
+            message,
+            runner: None,
+            flaky: false,
+            earlier: Vec::new(),
+            python: None,
+        }
+    }
+
+    /// The key a commit's results are kept by: the test id, or with a
+    /// matrix the version and the id (`3.12:tests.test_a.T.test_x`), so
+    /// that the same test is one result per version. Within one commit
+    /// either every result has a version or none has.
+    pub fn key(&self) -> String {
+        result_key(self.python.as_deref(), &self.id)
     }
 
     /// Takes in another run of the same test on the same commit (its file
@@ -444,7 +476,7 @@ pub struct TestRun {
     /// How many times it ran on this commit.
     pub runs: usize,
     /// Whether it went from passing to failing, or back, since the run
-    /// before (the next older commit that ran it).
+    /// before (the next older commit that ran it, under the same Python).
     pub transition: bool,
     /// The commit's tree (`None` for commits stored before trees were).
     pub tree: Option<TreeId>,
@@ -452,6 +484,9 @@ pub struct TestRun {
     /// same tree, ended the other way (one passed, the other failed): it
     /// flipped on the same code.
     pub flipped: bool,
+    /// The Python version of this run, with an interpreter matrix.
+    #[serde(default)]
+    pub python: Option<String>,
 }
 
 /// Which rule found a test flaky (the dispatcher's `history` module defines them).
@@ -508,6 +543,9 @@ pub struct FlakyTest {
     /// from the newest flaky commit, else the newest flip's failed commit:
     /// what to look at first.
     pub sample: String,
+    /// The Python version it was flaky under, with an interpreter matrix.
+    #[serde(default)]
+    pub python: Option<String>,
 }
 
 /// The longest [`FlakyTest::sample`]: the end of a traceback says what went wrong.

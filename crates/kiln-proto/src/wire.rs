@@ -14,12 +14,15 @@ use crate::model::{CommitId, CommitReport, FlakyTest, TestResult, TestRun};
 /// The ALPN protocol name: the version of this wire protocol. A peer speaking
 /// another version fails the TLS handshake instead of misreading frames.
 /// Version 2: `FetchSource` carries the lease, and `Reply::NameInUse`.
-pub const ALPN: &[u8] = b"kiln/2";
+/// Version 3: the interpreter matrix (`Registration::pythons`,
+/// `Assignment::python`, `TestResult::python`), which a version 2 peer
+/// would misread as a malformed frame.
+pub const ALPN: &[u8] = b"kiln/3";
 
 /// Earlier versions of this protocol. Both sides offer them at the handshake
 /// after [`ALPN`], never to speak them: a peer that picks one is closed with
 /// a message naming both versions, instead of failing as a bare TLS alert.
-pub const OLDER_ALPNS: &[&[u8]] = &[b"kiln/1"];
+pub const OLDER_ALPNS: &[&[u8]] = &[b"kiln/2", b"kiln/1"];
 
 /// [`ALPN`] followed by [`OLDER_ALPNS`]: what a Kiln peer offers.
 pub fn offered_alpns() -> Vec<Vec<u8>> {
@@ -146,6 +149,11 @@ pub struct Registration {
     /// (empty when complete). Stored with every commit the runner tests,
     /// so results never hide a weaker sandbox.
     pub sandbox_gaps: Vec<String>,
+    /// The Python interpreters the runner has, by exact version
+    /// (`3.12.7`), found at start-up (`kiln runner --python`). A commit
+    /// whose configuration asks for Python 3.12 is tested here only if one
+    /// of these is a 3.12.
+    pub pythons: Vec<String>,
 }
 
 /// An assignment a runner holds: the job and the attempt (fencing token).
@@ -265,6 +273,11 @@ pub struct Assignment {
     /// `[tool.kiln]`, validated by the dispatcher), or `None` when the
     /// commit has none (and on a resumed stream, where only the lease matters).
     pub config: Option<crate::RepoConfig>,
+    /// The Python version the batch is for, when the commit's configuration
+    /// asks for several (`[python] versions`): the runner runs the files
+    /// (and builds their environment) with its interpreter of that version.
+    /// `None`: the runner's default `python3`.
+    pub python: Option<String>,
 }
 
 /// What a runner reports about an assignment.

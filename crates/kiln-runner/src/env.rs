@@ -65,8 +65,6 @@ pub struct EnvSettings {
     pub cache_size: usize,
     /// The `uv` binary, resolved at start-up; `None`: this runner cannot install.
     pub uv: Option<PathBuf>,
-    /// The interpreter environments are made from (the runner's `python3`).
-    pub python: Option<PathBuf>,
     /// How long one phase may take.
     pub timeout: Duration,
 }
@@ -127,9 +125,15 @@ impl Envs {
 
     /// The environment for `config` and the checkout at `checkout`: reused
     /// if one with the same inputs is ready, else built.
-    pub(crate) async fn get(&self, config: &RepoConfig, checkout: &Path) -> Result<EnvLease<'_>, EnvError> {
+    /// `python` is the batch's interpreter (the runner's `python3` without a matrix).
+    pub(crate) async fn get(
+        &self,
+        config: &RepoConfig,
+        checkout: &Path,
+        python: Option<&crate::Interpreter>,
+    ) -> Result<EnvLease<'_>, EnvError> {
         let started = Instant::now();
-        let (Some(uv), Some(python)) = (&self.settings.uv, &self.settings.python) else {
+        let (Some(uv), Some(interpreter)) = (&self.settings.uv, python) else {
             return Err(EnvError::Refused(format!(
                 "{} asks for packages to be installed, but this runner has no `uv` (install it with `pip install \
                  uv`, or pass --uv PATH) or no python3",
@@ -149,7 +153,12 @@ impl Envs {
                 }
             }
         }
-        let key = key(python, config, &inputs, &self.settings);
+        let python = &interpreter.path;
+        let wheels = match &self.settings.find_links {
+            Some(dir) => wheel_listing(dir),
+            None => Vec::new(),
+        };
+        let key = key(interpreter, config, &inputs, &self.settings, &wheels);
         let env = self.dir.join(&key);
         if touch_ready(&env) {
             let lease = self.lease(&key, &env);
@@ -443,10 +452,37 @@ async fn read_checkout(checkout: &Path, file: &str) -> Result<String, EnvError> 
         .map_err(|e| EnvError::Refused(format!("requirement file `{file}` cannot be read as text: {e}")))
 }
 
+/// What the `--find-links` directory holds, as the environment key reads
+/// it: each entry's name, size and modification time (ns), sorted, so that
+/// a wheel added, replaced or removed builds a new environment. Cheaper
+/// than hashing the wheels, and a wheel rewritten in place changes its
+/// modification time.
+pub(crate) fn wheel_listing(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut listing: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            let mtime = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+            Some(format!("{}\0{}\0{mtime}", e.file_name().to_string_lossy(), meta.len()))
+        })
+        .collect();
+    listing.sort();
+    listing
+}
+
 /// The hash of exactly what decides an environment's contents: the
-/// interpreter, the requirement files' contents, the install targets, the
-/// project's build files when `.` is installed, and where packages come from.
-pub(crate) fn key(python: &Path, config: &RepoConfig, inputs: &[(String, String)], settings: &EnvSettings) -> String {
+/// interpreter (its path and exact version), the requirement files'
+/// contents, the install targets, the project's build files when `.` is
+/// installed, and where packages come from (with what the `--find-links`
+/// directory holds, [`wheel_listing`]).
+pub(crate) fn key(
+    python: &crate::Interpreter,
+    config: &RepoConfig,
+    inputs: &[(String, String)],
+    settings: &EnvSettings,
+    wheels: &[String],
+) -> String {
     let mut hash = Sha256::new();
     let mut field = |name: &str, value: &[u8]| {
         hash.update(name.as_bytes());
@@ -454,7 +490,8 @@ pub(crate) fn key(python: &Path, config: &RepoConfig, inputs: &[(String, String)
         hash.update(value);
     };
     field("layout", LAYOUT.as_bytes());
-    field("python", python.as_os_str().as_encoded_bytes());
+    field("python", python.path.as_os_str().as_encoded_bytes());
+    field("python-version", python.version.as_bytes());
     field("index", settings.index_url.as_deref().unwrap_or("").as_bytes());
     field("find-links", settings.find_links.as_deref().map_or(&[][..], |p| p.as_os_str().as_encoded_bytes()));
     for target in &config.install {
@@ -463,6 +500,9 @@ pub(crate) fn key(python: &Path, config: &RepoConfig, inputs: &[(String, String)
     for (name, text) in inputs {
         field("file", name.as_bytes());
         field("contents", text.as_bytes());
+    }
+    for wheel in wheels {
+        field("wheel", wheel.as_bytes());
     }
     let digest = hash.finalize();
     digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
@@ -617,21 +657,48 @@ mod tests {
     fn the_key_changes_with_each_input_and_only_then() {
         let settings = EnvSettings { index_url: Some("https://pypi.org/simple".into()), ..EnvSettings::default() };
         let config = RepoConfig { install: vec![".".into()], ..RepoConfig::default() };
-        let python = Path::new("/usr/bin/python3");
+        let python = &crate::Interpreter { version: "3.11.2".into(), path: "/usr/bin/python3".into() };
         let inputs = vec![("requirements.txt".to_owned(), "six\n".to_owned())];
-        let base = key(python, &config, &inputs, &settings);
-        assert_eq!(base, key(python, &config, &inputs, &settings));
+        let base = key(python, &config, &inputs, &settings, &[]);
+        assert_eq!(base, key(python, &config, &inputs, &settings, &[]));
         assert_eq!(base.len(), 32);
         let other_contents = vec![("requirements.txt".to_owned(), "six==1.16.0\n".to_owned())];
-        assert_ne!(base, key(python, &config, &other_contents, &settings));
-        assert_ne!(base, key(Path::new("/usr/bin/python3.12"), &config, &inputs, &settings));
+        assert_ne!(base, key(python, &config, &other_contents, &settings, &[]));
+        let elsewhere = crate::Interpreter { path: "/usr/bin/python3.12".into(), ..python.clone() };
+        assert_ne!(base, key(&elsewhere, &config, &inputs, &settings, &[]));
+        // The same path after an upgrade of the interpreter in place.
+        let upgraded = crate::Interpreter { version: "3.11.9".into(), ..python.clone() };
+        assert_ne!(base, key(&upgraded, &config, &inputs, &settings, &[]));
         let other_target = RepoConfig { install: vec![".[test]".into()], ..RepoConfig::default() };
-        assert_ne!(base, key(python, &other_target, &inputs, &settings));
+        assert_ne!(base, key(python, &other_target, &inputs, &settings, &[]));
         let offline = EnvSettings { find_links: Some("/wheels".into()), ..EnvSettings::default() };
-        assert_ne!(base, key(python, &config, &inputs, &offline));
+        assert_ne!(base, key(python, &config, &inputs, &offline, &[]));
         // What does not change the environment does not change the key.
         let env_only = RepoConfig { env: [("TZ".to_owned(), "UTC".to_owned())].into(), ..config.clone() };
-        assert_eq!(base, key(python, &env_only, &inputs, &settings));
+        assert_eq!(base, key(python, &env_only, &inputs, &settings, &[]));
+    }
+
+    #[test]
+    fn a_new_or_changed_wheel_in_the_find_links_directory_changes_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = EnvSettings { find_links: Some(dir.path().to_owned()), ..EnvSettings::default() };
+        let config = RepoConfig { requirements: vec!["r.txt".into()], ..RepoConfig::default() };
+        let python = &crate::Interpreter { version: "3.12.1".into(), path: "/opt/py/bin/python3".into() };
+        let inputs = vec![("r.txt".to_owned(), "six\n".to_owned())];
+        let key_now = || key(python, &config, &inputs, &settings, &wheel_listing(dir.path()));
+        let wheel = dir.path().join("six-1.16.0-py2.py3-none-any.whl");
+        std::fs::write(&wheel, b"one").unwrap();
+        let one = key_now();
+        assert_eq!(one, key_now(), "nothing changed, same key");
+        std::fs::write(dir.path().join("attrs-23.1.0-py3-none-any.whl"), b"two").unwrap();
+        let two = key_now();
+        assert_ne!(one, two, "a new wheel");
+        // The same name rewritten with other contents (another size, another time).
+        std::fs::write(&wheel, b"one, rebuilt").unwrap();
+        let file = std::fs::File::options().write(true).open(&wheel).unwrap();
+        file.set_modified(SystemTime::now() + Duration::from_secs(5)).unwrap();
+        assert_ne!(two, key_now(), "a replaced wheel");
+        assert!(wheel_listing(&dir.path().join("missing")).is_empty());
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub(crate) struct JobContext {
     pub max_file_timeout: std::time::Duration,
     /// The repositories' cached environments.
     pub envs: crate::env::Envs,
+    /// The interpreters for batches with a version (`--python`).
+    pub pythons: Vec<crate::Interpreter>,
+    /// The runner's `python3`, for batches without one.
+    pub default_python: Option<crate::Interpreter>,
     /// The runner's slots: how many test files may run at once, across jobs.
     pub slots: Slots,
     /// Jobs running now, by job id, with the way to hand each a new stream.
@@ -116,6 +120,8 @@ struct Batch {
     slots: u32,
     /// The repository's configuration, if the commit has one.
     config: Option<RepoConfig>,
+    /// The Python version the batch is for (the matrix), if any.
+    python: Option<String>,
 }
 
 /// Why a job could not run its tests.
@@ -139,6 +145,8 @@ enum JobError {
     Config { source_file: String, problem: String },
     #[error("set up the Python environment")]
     Env(#[source] crate::env::EnvError),
+    #[error("this runner has no Python {0} (it registered {1})")]
+    NoPython(String, String),
 }
 
 /// Serves one assignment stream opened by the dispatcher.
@@ -156,13 +164,13 @@ pub(crate) async fn serve_assignment(
             return;
         }
     };
-    let Assignment { job, attempt, commit, files, slots, config } = assignment;
-    info!(job, attempt, %commit, files = files.len(), slots, "job started");
+    let Assignment { job, attempt, commit, files, slots, config, python } = assignment;
+    info!(job, attempt, %commit, files = files.len(), slots, python = python.as_deref(), "job started");
     let checkout = ctx.jobs_dir.join(format!("{job}-{attempt}"));
     let (link_tx, link_rx) = mpsc::unbounded_channel();
     ctx.jobs().insert(job, Running { attempt, link: link_tx });
     let lease = Held { job, attempt };
-    let batch = Batch { files, slots, config };
+    let batch = Batch { files, slots, config, python };
     report(&ctx, &conn, lease, commit, &batch, &checkout, (send, recv), link_rx, &shutdown).await;
     ctx.jobs().remove(&job);
     remove_checkout(&checkout).await;
@@ -357,9 +365,23 @@ async fn run_job(
             Err(e) => return Ok(Err(e)),
         },
     };
+    // The batch's interpreter, for the tests and for their environment alike.
+    let interpreter = match &batch.python {
+        None => ctx.default_python.as_ref(),
+        Some(wanted) => match crate::python::choose(&ctx.pythons, wanted) {
+            Some(interpreter) => {
+                settings.programs.insert("python3".to_owned(), interpreter.path.clone());
+                Some(interpreter)
+            }
+            None => {
+                let have: Vec<&str> = ctx.pythons.iter().map(|i| i.version.as_str()).collect();
+                return Ok(Err(JobError::NoPython(wanted.clone(), have.join(", "))));
+            }
+        },
+    };
     // Held until the tests end: the environment is not evicted under them.
     let _env = match &batch.config {
-        Some(config) if config.installs() => match ctx.envs.get(config, checkout).await {
+        Some(config) if config.installs() => match ctx.envs.get(config, checkout, interpreter).await {
             Ok(lease) => {
                 settings.programs.insert("python3".to_owned(), lease.python.clone());
                 Some(lease)
@@ -449,36 +471,19 @@ async fn fetch(
     Ok(())
 }
 
-/// What a repository's configuration changes about running its tests:
-/// `[python] paths` on `sys.path` (as `PYTHONPATH`, relative entries that
-/// the interpreter makes absolute against the checkout, where plugins start
-/// it), `[env]`, and `[limits] file-timeout` bounded by `max_file_timeout`
-/// (with a warning when it is cut). The dispatcher validated the
-/// configuration; it is checked again here, because it came over the
-/// network, and nothing runs if it fails.
+/// The run settings of a repository's configuration ([`crate::run_settings`]),
+/// checked again because it came over the network; a warning goes to the
+/// commit's report.
 fn settings(
     config: &RepoConfig,
     max_file_timeout: std::time::Duration,
     events: &mpsc::UnboundedSender<JobEvent>,
 ) -> Result<RunSettings, JobError> {
-    config.check().map_err(|problem| JobError::Config { source_file: config.source.clone(), problem })?;
-    let mut env: Vec<(String, String)> = config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    if !config.paths.is_empty() {
-        env.push(("PYTHONPATH".to_owned(), config.paths.join(":")));
+    let (settings, warning) = crate::run_settings(config, max_file_timeout)
+        .map_err(|problem| JobError::Config { source_file: config.source.clone(), problem })?;
+    if let Some(warning) = warning {
+        // The receiver lives as long as the job.
+        let _ = events.send(JobEvent::Warning(warning));
     }
-    let file_timeout = config.file_timeout().map(|asked| {
-        if asked > max_file_timeout {
-            let warning = format!(
-                "{} asks for a file-timeout of {}; this runner allows at most {} (--max-file-timeout), so files \
-                 ran with that",
-                config.source,
-                humantime::format_duration(asked),
-                humantime::format_duration(max_file_timeout)
-            );
-            // The receiver lives as long as the job.
-            let _ = events.send(JobEvent::Warning(warning));
-        }
-        asked.min(max_file_timeout)
-    });
-    Ok(RunSettings { file_timeout, env, programs: Default::default() })
+    Ok(settings)
 }

@@ -10,8 +10,10 @@
 
 mod env;
 mod job;
+pub mod python;
 
 pub use env::EnvSettings;
+pub use python::Interpreter;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,6 +52,44 @@ pub struct Config {
     pub envs: EnvSettings,
     /// Directories no command may see (the work directory, the identity).
     pub hidden: Vec<PathBuf>,
+    /// The Python interpreters this runner has (`--python`), reported at
+    /// registration: a batch for Python 3.12 runs with the first 3.12 here.
+    pub pythons: Vec<Interpreter>,
+    /// The runner's own `python3` (the allowed program), with its exact
+    /// version: what a batch without a version runs with.
+    pub default_python: Option<Interpreter>,
+}
+
+/// What a repository's configuration changes about running its tests, for
+/// a runner and for `kiln plugin run` alike: `[python] paths` on
+/// `sys.path` (as `PYTHONPATH`, relative entries that the interpreter
+/// makes absolute against the checkout, where plugins start it), `[env]`,
+/// and `[limits] file-timeout` bounded by `max_file_timeout`, with the
+/// warning to give when it is cut. The configuration is checked first
+/// ([`RepoConfig::check`]): nothing runs from one that fails.
+pub fn run_settings(
+    config: &kiln_proto::RepoConfig,
+    max_file_timeout: Duration,
+) -> Result<(kiln_plugin_host::RunSettings, Option<String>), String> {
+    config.check()?;
+    let mut env: Vec<(String, String)> = config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    if !config.paths.is_empty() {
+        env.push(("PYTHONPATH".to_owned(), config.paths.join(":")));
+    }
+    let mut warning = None;
+    let file_timeout = config.file_timeout().map(|asked| {
+        if asked > max_file_timeout {
+            warning = Some(format!(
+                "{} asks for a file-timeout of {}; this runner allows at most {} (--max-file-timeout), so files \
+                 ran with that",
+                config.source,
+                humantime::format_duration(asked),
+                humantime::format_duration(max_file_timeout)
+            ));
+        }
+        asked.min(max_file_timeout)
+    });
+    Ok((kiln_plugin_host::RunSettings { file_timeout, env, programs: Default::default() }, warning))
 }
 
 /// How many CPUs this process may use: its CPU affinity and its cgroup's CPU
@@ -113,6 +153,8 @@ pub async fn run(
         host,
         max_file_timeout: config.max_file_timeout,
         envs: env::Envs::new(envs_dir, config.envs.clone(), config.hidden.clone()),
+        pythons: config.pythons.clone(),
+        default_python: config.default_python.clone(),
         slots: job::Slots::new(config.slots),
         jobs: std::sync::Mutex::new(std::collections::HashMap::new()),
         fetching: tokio::sync::Mutex::new(()),
@@ -239,6 +281,7 @@ async fn connect_and_register(
             slots: config.slots,
             held: held.clone(),
             sandbox_gaps: config.sandbox_gaps.clone(),
+            pythons: config.pythons.iter().map(|i| i.version.clone()).collect(),
         }))
         .await?;
     match reply {

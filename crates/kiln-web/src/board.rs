@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_dispatcher::state::CommitEntry;
+use kiln_dispatcher::state::split_unit;
 use kiln_dispatcher::store::Change;
 use kiln_dispatcher::stream::{Doc, Snapshot, Update, apply};
 use kiln_dispatcher::view::Histogram;
@@ -199,14 +200,17 @@ enum EventChange<'a> {
         message: &'a str,
         truncated: bool,
         runner: Option<&'a str>,
+        python: Option<&'a str>,
     },
     FileDone {
         commit: CommitId,
         file: &'a str,
+        python: Option<&'a str>,
     },
     Retry {
         commit: CommitId,
         file: &'a str,
+        python: Option<&'a str>,
         retries: u32,
     },
     Files {
@@ -291,7 +295,7 @@ impl Board {
     fn observe(&mut self, change: &Change, now_ms: u64) {
         match change {
             Change::Test { commit, result } => {
-                let new = self.docs.get(commit).is_some_and(|d| !d.tests.contains_key(&result.id));
+                let new = self.docs.get(commit).is_some_and(|d| !d.tests.contains_key(&result.key()));
                 if new {
                     self.observed.test_duration.observe(Duration::from_millis(result.duration_ms));
                 }
@@ -325,9 +329,14 @@ impl Board {
                 Some(match c {
                     Change::Commit(row) => EventChange::Commit(self.summary(&row.commit)?),
                     Change::Test { commit, result } => event_test(*commit, result),
-                    Change::FileDone { commit, file } => EventChange::FileDone { commit: *commit, file },
+                    // The state's units, as a file and its Python version (the matrix).
+                    Change::FileDone { commit, file } => {
+                        let (python, file) = split_unit(file);
+                        EventChange::FileDone { commit: *commit, file, python }
+                    }
                     Change::Retry { commit, file, retries } => {
-                        EventChange::Retry { commit: *commit, file, retries: *retries }
+                        let (python, file) = split_unit(file);
+                        EventChange::Retry { commit: *commit, file, python, retries: *retries }
                     }
                     Change::Files { commit, files } => EventChange::Files { commit: *commit, files: files.len() },
                     Change::Batch(b) => {
@@ -435,6 +444,7 @@ fn event_test(commit: CommitId, result: &TestResult) -> EventChange<'_> {
         message,
         truncated: message.len() < result.message.len(),
         runner: result.runner.as_deref(),
+        python: result.python.as_deref(),
     }
 }
 

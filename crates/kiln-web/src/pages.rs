@@ -295,11 +295,13 @@ pub fn commit(doc: &Doc, progress: Option<&Progress>, filter: &Filter, now_ms: u
                 h2 { code { (display(file)) } }
                 ul.tests {
                     @for t in list {
-                        @let a = anchor(&t.id);
+                        // The id without a matrix, version and id with one: the same test under two versions is two entries.
+                        @let a = anchor(&t.key());
                         li id=(a) class={ "test o-" (t.outcome.as_str()) } data-outcome=(t.outcome.as_str()) {
                             a.permalink href={ "#" (a) } title="permalink" { "#" }
                             " " span.outcome { (t.outcome.as_str()) } " "
                             a.test-link href=(test_href(&t.id, None)) title="this test's history" { code.test-id { (display(&t.id)) } }
+                            @if let Some(v) = &t.python { " " span.python { "python " (v) } }
                             @if t.flaky { " " span.flaky title="failed, then passed when run again" { "flaky" } }
                             " " span.duration { (duration(t.duration_ms)) }
                             @if let Some(runner) = &t.runner { " " span.runner { "on " (runner) } }

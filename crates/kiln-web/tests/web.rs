@@ -60,6 +60,7 @@ fn result(id: &str, message: &str) -> TestResult {
         runner: Some("r1".into()),
         flaky: false,
         earlier: vec![],
+        python: None,
     }
 }
 

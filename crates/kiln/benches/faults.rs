@@ -52,7 +52,7 @@ fn restart(commits: u32, tests: u32) -> Duration {
     std::fs::create_dir_all(cluster.state()).unwrap();
     let mut db = Db::open(&cluster.state().join("kiln.db")).unwrap();
     let mut state = State::default();
-    state.register("runner", 1, 1, &[], &[]);
+    state.register("runner", 1, 1, &[], &[], &[]);
     for n in 0..commits {
         let commit: CommitId = format!("{n:040x}").parse().unwrap();
         // One transaction per commit, as the core would store its events.

@@ -89,7 +89,7 @@ async fn serve(
     // third of its idle timeout.
     let cfg = NetConfig { keep_alive, idle_timeout: keep_alive * 3, ..NetConfig::default() };
     let conn = kiln_net::connect(&bundle, addr, cfg).await.map_err(|e| e.to_string())?;
-    let registration = Registration { slots: 1, held: Vec::new(), sandbox_gaps: Vec::new() };
+    let registration = Registration { slots: 1, held: Vec::new(), sandbox_gaps: Vec::new(), pythons: Vec::new() };
     let (_control, _control_recv, reply) =
         conn.request(&Request::Register(registration)).await.map_err(|e| e.to_string())?;
     if !matches!(reply, Reply::Registered { .. }) {

@@ -66,7 +66,8 @@ Examples:
     #[command(after_help = "\
 Examples:
   kiln runner --identity certs/build-01 --dispatcher ci.example.com:7700 --work /var/cache/kiln
-  kiln runner --identity certs/build-01 --slots 4 --allow-program sh --plugins /etc/kiln/plugins")]
+  kiln runner --identity certs/build-01 --slots 4 --allow-program sh --plugins /etc/kiln/plugins
+  kiln runner --identity certs/build-01 --python /usr/bin/python3.11 --python /opt/python/3.12/bin/python3")]
     Runner(RunnerArgs),
     /// Print a commit's results (exit 0 passed, 1 failed, 2 otherwise)
     #[command(after_help = "\
@@ -525,6 +526,17 @@ pub struct RunnerArgs {
     /// shell scripts.
     #[arg(long = "allow-program", value_name = "NAME", default_values = ["python3"])]
     pub allow_programs: Vec<String>,
+    /// Python interpreters for the matrix (repeatable) [default: python3 on PATH]
+    ///
+    /// An absolute path, `*` and `?` matching within one component, for
+    /// example /opt/python/*/bin/python3. Each match is asked its exact
+    /// version once at start-up and reported to the dispatcher: a commit
+    /// whose kiln.toml asks for versions = ["3.12"] runs here only if one is
+    /// a 3.12. A pattern that matches nothing, or a match that is not a
+    /// Python, stops the runner. Quote a pattern, so that the shell leaves
+    /// it to Kiln.
+    #[arg(long = "python", value_name = "GLOB")]
+    pub pythons: Vec<String>,
     /// The wall-clock limit for one command a plugin runs
     ///
     /// A duration such as 5s, 2m or 1h 30m, or a number of seconds.
@@ -785,6 +797,7 @@ mod tests {
         "ID",
         "BRANCH",
         "REPO=OBSERVER",
+        "GLOB",
     ];
 
     /// `-h` and `--help` have one style over the whole command tree (see the module docs).

@@ -182,6 +182,27 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
     // Tests must never see the runner's key, its cache or other jobs.
     let hidden = vec![a.work.clone(), a.client.identity.clone()];
     let python = programs.get("python3").cloned();
+    // The runner's python3 with its exact version (for batches without a
+    // matrix), and the interpreters it offers the matrix.
+    let default_python = match &python {
+        Some(path) => Some(
+            kiln_runner::python::probe(path)
+                .await
+                .map_err(|why| anyhow::anyhow!("python3 ({}) cannot say its version: {why}", path.display()))?,
+        ),
+        None => None,
+    };
+    let pythons = if a.pythons.is_empty() {
+        default_python.iter().cloned().collect()
+    } else {
+        kiln_runner::python::find(&a.pythons).await?
+    };
+    for i in &pythons {
+        info!(version = %i.version, path = %Escaped(&i.path.display().to_string()), "python interpreter");
+    }
+    if pythons.is_empty() {
+        info!("no python interpreter: commits whose kiln.toml lists [python] versions are not run here");
+    }
     let uv = find_uv(a.uv.as_deref(), python.as_deref())?;
     match &uv {
         Some(uv) => info!(path = %Escaped(&uv.display().to_string()), "uv installs repository environments"),
@@ -197,7 +218,6 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
         find_links: a.find_links.as_deref().map(std::fs::canonicalize).transpose().context("--find-links")?,
         cache_size: a.env_cache_size as usize,
         uv,
-        python,
         timeout: a.command_timeout,
     };
     let policy = kiln_plugin_host::Policy::runner(programs, a.command_timeout, hidden.clone());
@@ -237,6 +257,8 @@ async fn runner(a: RunnerArgs) -> anyhow::Result<ExitCode> {
         max_file_timeout: a.max_file_timeout,
         envs,
         hidden,
+        pythons,
+        default_python,
     };
     kiln_runner::run(bundle, config, Arc::new(host), shutdown_on_signal()).await?;
     Ok(ExitCode::SUCCESS)

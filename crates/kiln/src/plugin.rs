@@ -8,7 +8,10 @@
 //! plugin SDK (`plugins/kiln-plugin-sdk`), that passes `check` as generated.
 //! `run` runs the plugins on a local directory with no dispatcher, the way a
 //! runner runs them on a checkout: the same plugin host and limits, the files
-//! under `tests/` listed the same way, each result printed as it comes.
+//! under `tests/` listed the same way, the directory's `kiln.toml` (or
+//! `[tool.kiln]`) read and checked as the dispatcher reads a commit's and
+//! applied as a runner applies it (`paths`, `env`, `file-timeout`), each
+//! result printed as it comes.
 //!
 //! Where the SDK comes from: a plugin crate depends on it by path (it is not
 //! published). `new` takes `--sdk DIR`, or finds `plugins/kiln-plugin-sdk` in
@@ -126,10 +129,36 @@ async fn run_plugins(a: &RunArgs, mut each: impl FnMut(&TestResult)) -> anyhow::
         eprintln!("warning: {warning}");
     }
     let files = found.files;
+    let settings = match local_config(&a.dir)? {
+        None => kiln_plugin_host::RunSettings::default(),
+        Some(config) => {
+            if config.installs() {
+                eprintln!(
+                    "warning: {} lists packages to install; kiln plugin run builds no environment, so the tests \
+                     run with python3 as it is (a runner installs them)",
+                    config.source
+                );
+            }
+            if !config.versions.is_empty() {
+                eprintln!(
+                    "warning: {} asks for Python {}; kiln plugin run tests with python3 only (runners test each \
+                     version)",
+                    config.source,
+                    config.versions.join(", ")
+                );
+            }
+            let (settings, warning) = kiln_runner::run_settings(&config, MAX_FILE_TIMEOUT)
+                .map_err(|problem| anyhow::anyhow!("{}: {problem}", config.source))?;
+            if let Some(warning) = warning {
+                eprintln!("warning: {warning}");
+            }
+            settings
+        }
+    };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let run = async move {
         let slots = a.slots.unwrap_or_else(kiln_runner::usable_cpus);
-        let ran = host.run(&a.dir, &files, slots, &tx).await;
+        let ran = host.run_with(&a.dir, &files, slots, &settings, &tx).await;
         drop(tx);
         ran
     };
@@ -146,6 +175,34 @@ async fn run_plugins(a: &RunArgs, mut each: impl FnMut(&TestResult)) -> anyhow::
     let (ran, tests) = tokio::join!(run, collect);
     ran.with_context(|| format!("cannot run the tests in {}", a.dir.display()))?;
     Ok(tests)
+}
+
+/// The most a `file-timeout` may ask for here: a runner's default
+/// `--max-file-timeout`, so a suite behaves here as on a runner left at its defaults.
+const MAX_FILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The directory's `kiln.toml` or `pyproject.toml [tool.kiln]`, read and
+/// checked as the dispatcher checks a commit's (the directory stands for
+/// the commit's tree; a symbolic link is neither a file nor a directory).
+fn local_config(dir: &Path) -> anyhow::Result<Option<kiln_proto::RepoConfig>> {
+    use kiln_proto::repo_config::{KILN_TOML, Kind, PYPROJECT_TOML, parse};
+    let read = |name: &str| match std::fs::read(dir.join(name)) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", dir.join(name).display())),
+    };
+    let (kiln_toml, pyproject) = (read(KILN_TOML)?, read(PYPROJECT_TOML)?);
+    let tree = |path: &str| {
+        let meta = std::fs::symlink_metadata(dir.join(path)).ok()?;
+        Some(if meta.is_file() {
+            Kind::File
+        } else if meta.is_dir() {
+            Kind::Dir
+        } else {
+            Kind::Other
+        })
+    };
+    parse(kiln_toml.as_deref(), pyproject.as_deref(), &tree).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The `.wasm` files in `dir`, sorted by name: the order a runner loads them.
@@ -368,6 +425,57 @@ mod tests {
 
         let missing = RunArgs { dir: dir.path().join("nope"), ..args };
         assert!(run_plugins(&missing, |_| ()).await.unwrap_err().to_string().contains("is not a directory"));
+    }
+
+    /// Needs `lib/` on `sys.path` and `APP_MODE` from `[env]`.
+    const CONFIGURED: &str = "\
+import os
+import unittest
+
+import helper_mod
+
+
+class T(unittest.TestCase):
+    def test_paths(self):
+        self.assertEqual(helper_mod.VALUE, 42)
+
+    def test_env(self):
+        self.assertEqual(os.environ.get('APP_MODE'), 'local')
+";
+
+    #[tokio::test]
+    async fn run_honours_the_directorys_kiln_toml_as_a_runner_does() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            &[
+                ("lib/helper_mod.py", "VALUE = 42\n"),
+                ("tests/__init__.py", ""),
+                ("tests/test_x.py", CONFIGURED),
+                ("kiln.toml", "[python]\npaths = [\"lib\"]\n\n[env]\nAPP_MODE = \"local\"\n"),
+            ],
+        );
+        let args = RunArgs {
+            dir: dir.path().to_owned(),
+            format: Format::Json,
+            allow_programs: vec!["python3".to_owned()],
+            plugins: None,
+            command_timeout: std::time::Duration::from_secs(60),
+            slots: Some(2),
+        };
+        let tests = run_plugins(&args, |_| ()).await.unwrap();
+        let outcomes: Vec<(&str, &str)> = tests.iter().map(|t| (t.id.as_str(), t.outcome.as_str())).collect();
+        assert_eq!(outcomes, [("tests.test_x.T.test_env", "pass"), ("tests.test_x.T.test_paths", "pass")], "{tests:?}");
+        // A configuration the dispatcher would refuse is refused here, with the same words.
+        write(dir.path(), &[("kiln.toml", "[python]\npath = [\"lib\"]\n")]);
+        let err = run_plugins(&args, |_| ()).await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "kiln.toml: line 2: unknown field `path`, expected one of `versions`, `requirements`, `install`, `paths`"
+        );
+        write(dir.path(), &[("kiln.toml", "[env]\nLD_PRELOAD = \"/tmp/x.so\"\n")]);
+        let err = run_plugins(&args, |_| ()).await.unwrap_err().to_string();
+        assert!(err.starts_with("kiln.toml: [env] LD_PRELOAD: the tests may not set it"), "{err}");
     }
 
     #[test]

@@ -59,7 +59,9 @@ pub fn render(r: &CommitReport, verbose: bool) -> String {
 pub fn render_test(t: &TestResult, verbose: bool, indent: &str) -> String {
     let mut out = String::new();
     let outcome = t.outcome.as_str().to_uppercase();
-    let _ = writeln!(out, "{indent}{outcome:<5} {} ({} ms)", for_terminal(&t.id), t.duration_ms);
+    // With an interpreter matrix, the version the test ran with: the same id once per version.
+    let python = t.python.as_deref().map(|v| format!(" [python {}]", for_terminal(v))).unwrap_or_default();
+    let _ = writeln!(out, "{indent}{outcome:<5} {}{python} ({} ms)", for_terminal(&t.id), t.duration_ms);
     if !t.earlier.is_empty() {
         let on = |outcome: Outcome, runner: &Option<String>| match runner {
             Some(r) => format!("{} on {}", verb(outcome), for_terminal(r)),
@@ -112,6 +114,9 @@ pub fn render_history(test: &str, runs: &[kiln_proto::TestRun]) -> String {
         if r.flaky {
             notes.push(format!("flaky ({} runs)", r.runs));
         }
+        if let Some(v) = &r.python {
+            notes.push(format!("python {}", for_terminal(v)));
+        }
         if r.flipped
             && let Some(tree) = &r.tree
         {
@@ -152,7 +157,8 @@ pub fn render_flaky(tests: &[kiln_proto::FlakyTest], days: u32) -> String {
                 &f.tree.as_str()[..12]
             ));
         }
-        let _ = writeln!(out, "  {} ({}): {}", for_terminal(&t.id), for_terminal(&t.file), why.join("; "));
+        let python = t.python.as_deref().map(|v| format!(" [python {}]", for_terminal(v))).unwrap_or_default();
+        let _ = writeln!(out, "  {}{python} ({}): {}", for_terminal(&t.id), for_terminal(&t.file), why.join("; "));
         if let Some(line) = t.sample.trim_end().lines().last() {
             let _ = writeln!(out, "        {}", for_terminal(line));
         }
