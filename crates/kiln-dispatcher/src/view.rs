@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kiln_proto::CommitId;
+use kiln_proto::status::{MAX_LISTED_FILES, RunnerStatus, RunningBatch};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::state::State;
@@ -34,42 +35,6 @@ use crate::stream::{Feed, Snapshot, SnapshotRequests, Update};
 
 /// How long a reader waits for the owner's answer to a live request.
 const LIVE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A connected runner, as the dashboard shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RunnerView {
-    /// The name in its certificate (CN).
-    pub name: String,
-    /// Where its connection comes from.
-    pub address: String,
-    /// The test files it runs at once.
-    pub slots: u32,
-    /// The slots its batches use now.
-    pub busy: u32,
-    /// What it runs now: one entry per batch.
-    pub running: Vec<RunningBatch>,
-    /// When its connection registered (Unix ms).
-    pub connected_since_ms: u64,
-    /// When the dispatcher last heard from it: its registration or its
-    /// last job event (Unix ms). QUIC keep-alives are not counted; a runner
-    /// whose keep-alives stop is gone within the idle timeout.
-    pub last_heard_ms: u64,
-    /// The sandbox mechanisms its machine lacks.
-    pub sandbox_warnings: Vec<String>,
-}
-
-/// One batch a runner holds.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RunningBatch {
-    /// The batch's job id.
-    pub job: u64,
-    /// Its commit.
-    pub commit: CommitId,
-    /// Its files.
-    pub files: Vec<String>,
-    /// The slots it uses.
-    pub slots: u32,
-}
 
 /// Why a queued commit (or the rest of a running one) waits.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,8 +132,9 @@ pub struct QueueItem {
 pub struct Live {
     /// When this was taken (Unix ms).
     pub at_ms: u64,
-    /// Connected runners, by name.
-    pub runners: Vec<RunnerView>,
+    /// Connected runners, by name, in the wire form `kiln runners` is told
+    /// (a batch lists its first files and counts them all).
+    pub runners: Vec<RunnerStatus>,
     /// What waits, oldest first.
     pub queue: Vec<QueueItem>,
 }
@@ -187,31 +153,7 @@ impl Live {
     /// This view as `kiln status` and `kiln runners` are told it, with the
     /// newest `commits`: the wire form of the same facts the dashboard shows.
     pub fn status(&self, commits: Vec<kiln_proto::status::CommitSummary>) -> kiln_proto::Status {
-        use kiln_proto::status::{MAX_LISTED_FILES, QueuedCommit, RunnerStatus, RunningBatch};
-        let runners = self
-            .runners
-            .iter()
-            .map(|r| RunnerStatus {
-                name: r.name.clone(),
-                address: r.address.clone(),
-                slots: r.slots,
-                busy: r.busy,
-                running: r
-                    .running
-                    .iter()
-                    .map(|b| RunningBatch {
-                        job: b.job,
-                        commit: b.commit,
-                        files: b.files.iter().take(MAX_LISTED_FILES).cloned().collect(),
-                        file_count: b.files.len() as u64,
-                        slots: b.slots,
-                    })
-                    .collect(),
-                connected_since_ms: r.connected_since_ms,
-                last_heard_ms: r.last_heard_ms,
-                sandbox_warnings: r.sandbox_warnings.clone(),
-            })
-            .collect();
+        use kiln_proto::status::QueuedCommit;
         let queue = self
             .queue
             .iter()
@@ -229,7 +171,7 @@ impl Live {
             .collect();
         kiln_proto::Status {
             at_ms: self.at_ms,
-            runners,
+            runners: self.runners.clone(),
             runners_total: self.runners.len() as u64,
             slots_total: u64::from(self.total_slots()),
             slots_busy: u64::from(self.busy_slots()),
@@ -263,12 +205,12 @@ pub fn live(state: &State, conns: &BTreeMap<usize, ConnInfo>, now_ms: u64) -> Li
             .filter_map(|(&job, &slots)| {
                 let commit = state.commit_of(job)?;
                 // Under a matrix each as `tests/test_a.py (Python 3.12)`.
-                let files = state.entry(&commit)?.batches.get(&job).map(|b| b.files.clone()).unwrap_or_default();
-                let files = files.iter().map(|u| crate::state::unit_label(u)).collect();
-                Some(RunningBatch { job, commit, files, slots })
+                let all = state.entry(&commit)?.batches.get(&job).map(|b| &b.files[..]).unwrap_or_default();
+                let files = all.iter().take(MAX_LISTED_FILES).map(|u| crate::state::unit_label(u)).collect();
+                Some(RunningBatch { job, commit, files, file_count: all.len() as u64, slots })
             })
             .collect();
-        runners.push(RunnerView {
+        runners.push(RunnerStatus {
             name: r.name.to_owned(),
             address: info.map(|i| i.address.clone()).unwrap_or_default(),
             slots: r.slots,

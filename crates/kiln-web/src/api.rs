@@ -113,38 +113,8 @@ pub async fn commit(State(app): State<Arc<App>>, Path(commit): Path<String>) -> 
     }
 }
 
-#[derive(Serialize)]
-struct RunnerJson<'a> {
-    name: &'a str,
-    address: &'a str,
-    slots: u32,
-    busy: u32,
-    running: Vec<serde_json::Value>,
-    connected_since_ms: u64,
-    last_heard_ms: u64,
-    sandbox_warnings: &'a [String],
-}
-
 fn runners_json(live: &Live) -> serde_json::Value {
-    let runners: Vec<RunnerJson<'_>> = live
-        .runners
-        .iter()
-        .map(|r| RunnerJson {
-            name: &r.name,
-            address: &r.address,
-            slots: r.slots,
-            busy: r.busy,
-            running: r
-                .running
-                .iter()
-                .map(|b| json!({ "job": b.job, "commit": b.commit, "files": b.files, "slots": b.slots }))
-                .collect(),
-            connected_since_ms: r.connected_since_ms,
-            last_heard_ms: r.last_heard_ms,
-            sandbox_warnings: &r.sandbox_warnings,
-        })
-        .collect();
-    json!({ "at_ms": live.at_ms, "runners": runners })
+    json!({ "at_ms": live.at_ms, "runners": live.runners })
 }
 
 /// `GET /api/v1/runners`.

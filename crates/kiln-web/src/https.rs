@@ -7,7 +7,8 @@
 //! only connections whose handshake completed. A failed handshake is logged
 //! by kiln-net's limiter's verdict: at most one line per address per minute.
 //!
-//! Every request carries a [`Caller`] (axum's connection info): its address
+//! Every request carries a [`Caller`] (axum's connection info, set by
+//! [`crate::conn`]): its address
 //! and, over HTTPS, the role and name in its certificate. Plain HTTP has no
 //! identity, so nothing that needs one can be done over it.
 
@@ -15,8 +16,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
 use kiln_net::{HttpsAcceptor, HttpsStream, PeerIdentity};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
@@ -42,18 +41,6 @@ impl Caller {
     /// The scheme the request came by: `https` exactly when the caller has a certificate.
     pub fn scheme(&self) -> &'static str {
         if self.identity.is_some() { "https" } else { "http" }
-    }
-}
-
-impl Connected<IncomingStream<'_, TcpListener>> for Caller {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Caller {
-        Caller { remote: *stream.remote_addr(), identity: None }
-    }
-}
-
-impl Connected<IncomingStream<'_, HttpsListener>> for Caller {
-    fn connect_info(stream: IncomingStream<'_, HttpsListener>) -> Caller {
-        Caller { remote: *stream.remote_addr(), identity: Some(stream.io().identity().clone()) }
     }
 }
 
@@ -120,6 +107,11 @@ impl HttpsListener {
             }
         });
         Ok(HttpsListener { ready, local })
+    }
+
+    /// Who is on one of these connections: the identity in its certificate.
+    pub fn caller(stream: &HttpsStream, remote: &SocketAddr) -> Caller {
+        Caller { remote: *remote, identity: Some(stream.identity().clone()) }
     }
 }
 

@@ -14,8 +14,9 @@
 //! (maud templates), [`api`] (JSON), [`history`] (a test's history and the
 //! flaky tests, page and JSON), [`events`] (SSE), [`metrics`]
 //! (Prometheus text), [`text`] (what test output loses before display),
-//! [`https`] (TLS connections and who is calling), [`actions`] (cancel, and
-//! the cross-site rules).
+//! [`https`] (TLS connections and who is calling), [`conn`] (serving them,
+//! with a deadline for each request's head), [`actions`] (cancel, and the
+//! cross-site rules).
 //!
 //! **Safe to look at.** Every value is escaped by maud; test output also
 //! loses its terminal escape sequences ([`text::display`]). Every response
@@ -29,6 +30,7 @@
 pub mod actions;
 pub mod api;
 pub mod board;
+pub mod conn;
 pub mod events;
 pub mod history;
 pub mod https;
@@ -57,6 +59,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::board::Board;
+use crate::https::Caller;
 use crate::pages::Filter;
 
 /// How long an answer about runners and the queue is reused.
@@ -89,25 +92,30 @@ pub enum BindError {
 }
 
 /// A bound dashboard listener, before it serves.
-pub enum Bound {
-    /// Plain HTTP (loopback only): callers have no identity.
-    Http(TcpListener),
-    /// HTTPS with a Kiln client certificate required.
-    Https(TcpListener, HttpsAcceptor),
+pub struct Bound {
+    listener: TcpListener,
+    /// HTTPS with a Kiln client certificate required; plain HTTP (loopback
+    /// only, callers without identity) when `None`.
+    https: Option<HttpsAcceptor>,
+    head_timeout: Duration,
 }
 
 impl Bound {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        match self {
-            Bound::Http(l) | Bound::Https(l, _) => l.local_addr(),
-        }
+        self.listener.local_addr()
     }
 
     /// The dashboard's URL, e.g. `https://127.0.0.1:7780/`.
     pub fn url(&self) -> std::io::Result<String> {
-        let scheme = if matches!(self, Bound::Https(..)) { "https" } else { "http" };
+        let scheme = if self.https.is_some() { "https" } else { "http" };
         Ok(format!("{scheme}://{}/", self.local_addr()?))
+    }
+
+    /// How long a client has to send each request's line and headers
+    /// before its connection is closed ([`conn::HEAD_TIMEOUT`] unless told).
+    pub fn head_timeout(self, head_timeout: Duration) -> Bound {
+        Bound { head_timeout, ..self }
     }
 }
 
@@ -118,10 +126,7 @@ pub async fn bind(addr: SocketAddr, https: Option<HttpsAcceptor>) -> Result<Boun
         return Err(BindError::NotLoopback(addr));
     }
     let listener = TcpListener::bind(addr).await.map_err(|source| BindError::Io { addr, source })?;
-    Ok(match https {
-        Some(acceptor) => Bound::Https(listener, acceptor),
-        None => Bound::Http(listener),
-    })
+    Ok(Bound { listener, https, head_timeout: conn::HEAD_TIMEOUT })
 }
 
 /// What every request handler shares.
@@ -259,18 +264,24 @@ pub async fn serve(
     });
 
     let addr = listener.local_addr()?;
-    let router = router(Arc::clone(&app)).into_make_service_with_connect_info::<https::Caller>();
+    let router = router(Arc::clone(&app));
     let stop = shutdown.clone().cancelled_owned();
     let handshakes = TaskTracker::new();
-    let served = match listener {
-        Bound::Http(listener) => {
+    let Bound { listener, https, head_timeout } = listener;
+    let served = match https {
+        None => {
             info!(%addr, "dashboard serving over HTTP");
-            axum::serve(listener, router).with_graceful_shutdown(stop).await
+            let caller = |_: &_, remote: &SocketAddr| Caller { remote: *remote, identity: None };
+            conn::serve(listener, router, caller, head_timeout, stop).await;
+            Ok(())
         }
-        Bound::Https(listener, acceptor) => {
+        Some(acceptor) => {
             info!(%addr, "dashboard serving over HTTPS, a Kiln client certificate required");
             match https::HttpsListener::start(listener, acceptor, &handshakes, shutdown.clone()) {
-                Ok(listener) => axum::serve(listener, router).with_graceful_shutdown(stop).await,
+                Ok(listener) => {
+                    conn::serve(listener, router, https::HttpsListener::caller, head_timeout, stop).await;
+                    Ok(())
+                }
                 // Not returned at once: the follower and the poller stop first.
                 Err(e) => Err(e),
             }

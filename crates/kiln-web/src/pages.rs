@@ -449,7 +449,7 @@ pub fn runners(live: &Live) -> Markup {
                             td {
                                 @if r.running.is_empty() { "idle" }
                                 @for b in &r.running {
-                                    div { a href={ "/commits/" (b.commit) } { code { (b.commit.short()) } } " — " (b.files.len()) " files on " (b.slots) " slots" }
+                                    div { a href={ "/commits/" (b.commit) } { code { (b.commit.short()) } } " — " (b.file_count) " files on " (b.slots) " slots" }
                                 }
                             }
                             td { (when(r.connected_since_ms)) }

@@ -66,6 +66,11 @@ fn result(id: &str, message: &str) -> TestResult {
 
 impl Server {
     fn start() -> Server {
+        Server::start_with(kiln_web::conn::HEAD_TIMEOUT)
+    }
+
+    /// A server that gives clients `head_timeout` to send a request's head.
+    fn start_with(head_timeout: Duration) -> Server {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let (updates, _) = broadcast::channel(kiln_dispatcher::stream::CAPACITY);
         let seq = Arc::new(AtomicU64::new(0));
@@ -84,7 +89,8 @@ impl Server {
                 let _ = reply.send(Live::default());
             }
         });
-        let listener = rt.block_on(kiln_web::bind("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+        let listener =
+            rt.block_on(kiln_web::bind("127.0.0.1:0".parse().unwrap(), None)).unwrap().head_timeout(head_timeout);
         let addr = listener.local_addr().unwrap().to_string();
         rt.spawn(kiln_web::serve(listener, api, None, shutdown.clone()));
         let server = Server { addr, updates, seq, shutdown, rt };
@@ -623,4 +629,35 @@ fn a_test_that_flipped_on_one_tree_is_shown_flaky_with_both_commits() {
     assert_eq!(v["tests"][0]["rules"], serde_json::json!(["same_tree"]));
     let flips = serde_json::json!([{"tree": tree.to_string(), "passed": commit(2).to_string(), "failed": commit(1).to_string()}]);
     assert_eq!(v["tests"][0]["flips"], flips);
+}
+
+#[test]
+fn a_client_that_sends_its_request_head_a_byte_at_a_time_is_cut_off() {
+    let server = Server::start_with(Duration::from_secs(1));
+    let mut slow = TcpStream::connect(&server.addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    write!(slow, "GET / HTTP/1.1\r\nHost: test\r\nX-Slow: ").unwrap();
+    let started = std::time::Instant::now();
+    // One byte every 100 ms for up to 5 s: a head that never ends.
+    let mut answer = Vec::new();
+    let closed_after = loop {
+        if started.elapsed() > Duration::from_secs(5) {
+            break None;
+        }
+        let mut buf = [0; 512];
+        match slow.read(&mut buf) {
+            Ok(0) => break Some(started.elapsed()),
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break Some(started.elapsed()),
+        }
+        if slow.write_all(b"a").is_err() {
+            break Some(started.elapsed());
+        }
+    };
+    let closed_after = closed_after.expect("the dashboard still waits for a head it has been sent for 5 s");
+    assert!(closed_after >= Duration::from_millis(900), "closed before the head timeout: {closed_after:?}");
+    assert!(!String::from_utf8_lossy(&answer).contains(" 200 "), "a page for half a request: {answer:?}");
+    // Everyone else is still served.
+    assert_eq!(server.get("/").0, 200);
 }
