@@ -56,20 +56,12 @@ fn cancel(ca: &Path, client: Option<&Path>, headers: &[&str], url: &str) -> Got 
     curl(ca, client, &extra, url)
 }
 
-/// The dashboard's URL (`https://127.0.0.1:PORT`) from the dispatcher's
-/// stdout, whatever address it bound.
+/// The dashboard's URL (`https://127.0.0.1:PORT`), whatever address it
+/// bound (it prints the address it was given, `0.0.0.0` included).
 fn dashboard(cluster: &Cluster) -> String {
-    let path = cluster.dir.path().join("dispatcher-0.stdout");
-    let mut url = None;
-    assert!(eventually(Duration::from_secs(10), || {
-        url = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("http ").map(str::to_owned)));
-        url.is_some()
-    }));
-    let url = url.unwrap();
-    let port = url.trim_end_matches('/').rsplit_once(':').unwrap().1.to_owned();
-    let scheme = url.split_once("://").unwrap().0.to_owned();
+    let url = crate::web::dashboard(cluster);
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let port = rest.rsplit_once(':').unwrap().1;
     format!("{scheme}://127.0.0.1:{port}")
 }
 

@@ -525,17 +525,20 @@ mod tests {
     use kiln_proto::wire::Supersede;
     use kiln_proto::{CommitStatus, Outcome};
 
+    /// The commits table of schema versions 1 to 3 (before `tree`).
+    const OLD_COMMITS: &str = "CREATE TABLE commits (commit_id TEXT PRIMARY KEY, repo TEXT NOT NULL, \
+        branch TEXT NOT NULL, seq INTEGER NOT NULL UNIQUE, status TEXT NOT NULL, error TEXT, runner TEXT, \
+        queued_at_ms INTEGER NOT NULL, finished_at_ms INTEGER, job INTEGER NOT NULL UNIQUE, \
+        attempt INTEGER NOT NULL, warnings TEXT NOT NULL DEFAULT '[]');";
+
     #[test]
     fn a_version_1_database_opens_and_gains_the_runner_column() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.db");
         {
             let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(
-                "CREATE TABLE commits (commit_id TEXT PRIMARY KEY, repo TEXT NOT NULL, branch TEXT NOT NULL,
-                     seq INTEGER NOT NULL UNIQUE, status TEXT NOT NULL, error TEXT, runner TEXT,
-                     queued_at_ms INTEGER NOT NULL, finished_at_ms INTEGER, job INTEGER NOT NULL UNIQUE,
-                     attempt INTEGER NOT NULL, warnings TEXT NOT NULL DEFAULT '[]');
+            conn.execute_batch(&format!(
+                "{OLD_COMMITS}
                  CREATE TABLE results (commit_id TEXT NOT NULL REFERENCES commits (commit_id), test_id TEXT NOT NULL,
                      file TEXT NOT NULL, outcome TEXT NOT NULL, duration_ms INTEGER NOT NULL, message TEXT NOT NULL,
                      PRIMARY KEY (commit_id, test_id));
@@ -543,8 +546,8 @@ mod tests {
                      NULL, 'old-runner', 1, 2, 1, 1, '[]');
                  INSERT INTO results VALUES ('0123456789abcdef0123456789abcdef01234567', 't', 'tests/test_a.py',
                      'pass', 3, '');
-                 PRAGMA user_version = 1;",
-            )
+                 PRAGMA user_version = 1;"
+            ))
             .unwrap();
         }
         let db = Db::open(&path).unwrap();
@@ -564,10 +567,7 @@ mod tests {
         {
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(&format!(
-                "CREATE TABLE commits (commit_id TEXT PRIMARY KEY, repo TEXT NOT NULL, branch TEXT NOT NULL,
-                     seq INTEGER NOT NULL UNIQUE, status TEXT NOT NULL, error TEXT, runner TEXT,
-                     queued_at_ms INTEGER NOT NULL, finished_at_ms INTEGER, job INTEGER NOT NULL UNIQUE,
-                     attempt INTEGER NOT NULL, warnings TEXT NOT NULL DEFAULT '[]');
+                "{OLD_COMMITS}
                  CREATE TABLE results (commit_id TEXT NOT NULL REFERENCES commits (commit_id), test_id TEXT NOT NULL,
                      file TEXT NOT NULL, outcome TEXT NOT NULL, duration_ms INTEGER NOT NULL, message TEXT NOT NULL,
                      runner TEXT, flaky INTEGER NOT NULL DEFAULT 0, earlier TEXT NOT NULL DEFAULT '[]',

@@ -390,6 +390,18 @@ mod tests {
         }
     }
 
+    /// `kiln plugin run DIR --format json --slots 2` with python3 allowed.
+    fn run_args(dir: &Path) -> RunArgs {
+        RunArgs {
+            dir: dir.to_owned(),
+            format: Format::Json,
+            allow_programs: vec!["python3".to_owned()],
+            plugins: None,
+            command_timeout: std::time::Duration::from_secs(60),
+            slots: Some(2),
+        }
+    }
+
     #[tokio::test]
     async fn run_reports_every_test_of_a_directory() {
         let dir = tempfile::tempdir().unwrap();
@@ -404,14 +416,7 @@ mod tests {
                 ),
             ],
         );
-        let args = RunArgs {
-            dir: dir.path().to_owned(),
-            format: Format::Json,
-            allow_programs: vec!["python3".to_owned()],
-            plugins: None,
-            command_timeout: std::time::Duration::from_secs(60),
-            slots: Some(2),
-        };
+        let args = run_args(dir.path());
         let mut seen = 0;
         let tests = run_plugins(&args, |_| seen += 1).await.unwrap();
         let outcomes: Vec<(&str, &str)> = tests.iter().map(|t| (t.id.as_str(), t.outcome.as_str())).collect();
@@ -455,14 +460,7 @@ class T(unittest.TestCase):
                 ("kiln.toml", "[python]\npaths = [\"lib\"]\n\n[env]\nAPP_MODE = \"local\"\n"),
             ],
         );
-        let args = RunArgs {
-            dir: dir.path().to_owned(),
-            format: Format::Json,
-            allow_programs: vec!["python3".to_owned()],
-            plugins: None,
-            command_timeout: std::time::Duration::from_secs(60),
-            slots: Some(2),
-        };
+        let args = run_args(dir.path());
         let tests = run_plugins(&args, |_| ()).await.unwrap();
         let outcomes: Vec<(&str, &str)> = tests.iter().map(|t| (t.id.as_str(), t.outcome.as_str())).collect();
         assert_eq!(outcomes, [("tests.test_x.T.test_env", "pass"), ("tests.test_x.T.test_paths", "pass")], "{tests:?}");
