@@ -2,15 +2,16 @@
 //!
 //! kiln-net completes each TLS handshake (the dispatcher's certificate, a
 //! Kiln client certificate required, the QUIC side's rules); this module runs
-//! the handshakes off axum's accept loop, at most [`MAX_HANDSHAKES`] at once,
-//! so a client that stalls its handshake delays nobody else, and hands axum
-//! only connections whose handshake completed. A failed handshake is logged
-//! by kiln-net's limiter's verdict: at most one line per address per minute.
+//! the handshakes off the accept loop, at most [`MAX_HANDSHAKES`] at once, so
+//! a client that stalls its handshake delays nobody else, and hands
+//! [`crate::conn`] only connections whose handshake completed. A failed
+//! handshake is logged by kiln-net's limiter's verdict: at most one line per
+//! address per minute.
 //!
 //! Every request carries a [`Caller`] (axum's connection info, set by
-//! [`crate::conn`]): its address
-//! and, over HTTPS, the role and name in its certificate. Plain HTTP has no
-//! identity, so nothing that needs one can be done over it.
+//! [`crate::conn`]): its address and, over HTTPS, the role and name in its
+//! certificate. Plain HTTP has no identity, so nothing that needs one can be
+//! done over it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! The Kiln dashboard: HTML pages, a JSON API under `/api/v1/`, a
 //! Server-Sent Events stream of changes and Prometheus metrics, served over
-//! HTTP by the dispatcher process. The only crate that names axum and maud.
+//! HTTP by the dispatcher process. The only crate that names axum, maud and
+//! hyper's server.
 //!
 //! **Key decision: the scheduling core never waits on a page.** The
 //! dashboard keeps its own [`board::Board`], rebuilt from the dispatcher's

@@ -1,7 +1,11 @@
 """Kiln's version guard, which runs the unittest driver (driver.py).
 
-The python-unittest plugin starts `python3 - [--slots N] [--timeout S] FILE...`
-from the repository root and writes to its stdin exactly these bytes:
+The python-unittest plugin starts, from the repository root,
+
+    python3 -c "import sys; exec(sys.stdin.read())" [--slots N] [--timeout S] FILE...
+
+(the loader reads stdin in one go, where `python3 -` would read its program a
+byte at a time) and writes to its stdin exactly these bytes:
 
     b"_KILN_DRIVER = r'''" + DRIVER + b"'''\n" + BOOTSTRAP
 
@@ -15,7 +19,7 @@ parses the driver as code before this guard has run: Python 2.7, 3.6 and
 On Python older than 3.8 this prints one line on stdout, {"too-old": "X.Y.Z"},
 and exits with code 3. Otherwise it runs the driver in this module, the
 interpreter's `__main__` (so `__name__ == "__main__"` holds, as it does for
-`python3 - < driver.py`), compiled under the file name "kiln-driver.py",
+`python3 - < driver.py`, and `sys.path[0]` is the working directory), compiled under the file name "kiln-driver.py",
 which tracebacks name; linecache is told its lines so they show the source.
 
 This file must stay valid on Python 2.7 and 3.x, and pure ASCII.

@@ -2,9 +2,10 @@
 `python3 -m unittest discover -s tests -t .` would, one JSON line per test.
 
 The python-unittest plugin starts it from the repository root, fed on stdin
-behind the version guard (bootstrap.py says which bytes, exactly):
+behind the version guard to a one-line loader (bootstrap.py says which
+command and which bytes, exactly); by hand, `python3 - ARGS < driver.py`:
 
-    python3 - [--slots N] [--timeout SECONDS] [--] FILE...
+    python3 -c LOADER [--slots N] [--timeout SECONDS] [--] FILE...
 
 Design: a warm forking batch. This process, the PARENT, imports what the
 driver needs once (unittest and a few standard modules, never a test module

@@ -3,8 +3,8 @@
 """Tests of the python-unittest driver (src/driver.py behind src/bootstrap.py).
 
 Every test builds a temporary repository with a `tests/` package, runs the
-real driver the way the plugin does (`PYTHON - [options] FILE...` from the
-repository root, stdin = the bytes bootstrap.py's docstring prescribes, in
+real driver the way the plugin does (`PYTHON -c LOADER [options] FILE...`
+from the repository root, stdin = the bytes bootstrap.py's docstring prescribes, in
 the environment Kiln's sandbox gives a command) and checks the JSON lines
 it prints: exact outcomes per test, and the protocol's order properties
 (`check_protocol`), which every run is held to.
@@ -18,6 +18,7 @@ when they skip.
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 PLUGIN = HERE.parent
 DRIVER = (PLUGIN / "src" / "driver.py").read_bytes()
 BOOTSTRAP = (PLUGIN / "src" / "bootstrap.py").read_bytes()
+# The plugin's one-line loader, as src/lib.rs spells it.
+LOADER = re.search(r'const LOADER: &str = "(.*)";', (PLUGIN / "src" / "lib.rs").read_text()).group(1)
 PYTHON = os.environ.get("KILN_TEST_PYTHON", sys.executable)
 PYENV = Path("/root/.pyenv/versions")
 
@@ -103,7 +106,7 @@ class DriverTest(unittest.TestCase):
         protocol; returns the parsed Run. `env` adds to the sandbox's
         environment."""
         completed = subprocess.run(
-            [*wrap, python, "-", *args],
+            [*wrap, python, "-c", LOADER, *args],
             input=stdin_bytes(),
             cwd=self.repo,
             env={**sandbox_env(self.repo, self.tmpdir), **(env or {})},
@@ -359,7 +362,7 @@ class Concurrency(DriverTest):
             """,
         })
         process = subprocess.Popen(
-            [PYTHON, "-", "tests/test_s.py"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [PYTHON, "-c", LOADER, "tests/test_s.py"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             cwd=self.repo, env=sandbox_env(self.repo, self.tmpdir),
         )
         process.stdin.write(stdin_bytes())
@@ -765,7 +768,7 @@ class Bootstrap(unittest.TestCase):
                 continue
             found += 1
             with self.subTest(version=version):
-                done = subprocess.run([str(python), "-", "tests/test_x.py"], input=stdin_bytes(), capture_output=True,
+                done = subprocess.run([str(python), "-c", LOADER, "tests/test_x.py"], input=stdin_bytes(), capture_output=True,
                                       timeout=60)
                 self.assertEqual((done.returncode, done.stdout), (3, b'{"too-old": "%s"}\n' % version.encode()), done.stderr)
         if not found:
