@@ -20,10 +20,12 @@
 //! slots`, divided by how far the estimates can be trusted (at least one
 //! file): by 2 when some are guesses, by `1 + 3 × spread` when each file
 //! was measured twice (the spread being how much durations moved between
-//! the two), by 1.3 when once. This is factoring (Hummel, Schonberg and
-//! Flynn, 1992): batches shrink as the queue drains so every runner ends at
-//! about the same time, and the better the estimates, the fewer batches
-//! (each costs its runner a sandbox and an interpreter). A batch may use `min(free, files)`
+//! the two), by 1.3 when once; not divided once a slot's even share of what
+//! is left is at most [`TAIL_MS`] (the tail, taken in one round). This is
+//! factoring (Hummel, Schonberg and Flynn, 1992): batches shrink as the
+//! queue drains so every runner ends at about the same time, and the better
+//! the estimates, the fewer batches (each costs its runner a sandbox and an
+//! interpreter). A batch may use `min(free, files)`
 //! of the runner's slots, so a runner never has more files running than it
 //! registered slots, over all its batches.
 //!
@@ -84,6 +86,15 @@ pub const MAX_BATCH_FILES: usize = 500;
 /// work: below it, a batch's fixed cost (a checkout, a sandbox, an
 /// interpreter: some 50–100 ms) outweighs the balance it buys.
 pub const MIN_BATCH_MS: u64 = 500;
+
+/// When a slot's even share of a commit's work left (pending and running)
+/// is at most this, a batch is that share whole, not divided: what is left
+/// is too little to hedge, as cutting it smaller would only make batches
+/// near [`MIN_BATCH_MS`], each paying a batch's start-up. In the model of
+/// the rule (`benches/split_model.py`) it was better on average at every
+/// divisor and noise level tried, and with the measured-once divisor no
+/// worse in the worst case.
+pub const TAIL_MS: u64 = 3 * MIN_BATCH_MS;
 
 /// The batch divisor (in thousandths) when some estimate is a guess: half
 /// an even share, so a wrong guess leaves room to rebalance.
@@ -1278,10 +1289,15 @@ impl State {
             // interpreter); all of it for a runner that has every slot there
             // is, since splitting for it would only add those costs.
             let remaining = entry.pending_ms;
+            let left = remaining + entry.running_ms();
             let target = if u64::from(runner.slots) >= total {
                 remaining
+            } else if left / total.max(1) <= TAIL_MS {
+                // The tail: hedging it would only cut batches near the
+                // minimum, each paying a batch's start-up.
+                (left * u64::from(free) / total.max(1)).max(MIN_BATCH_MS)
             } else {
-                let share = (remaining + entry.running_ms()) * u64::from(free) / total.max(1);
+                let share = left * u64::from(free) / total.max(1);
                 (share * 1_000 / entry.divisor.max(1_000)).max(MIN_BATCH_MS)
             };
             let mut files = Vec::new();
@@ -2081,14 +2097,14 @@ mod tests {
         s.register("r", 1, 8, &[], &[], &[]);
         let d = s.assign();
         let conn = d[0].conn;
-        // The first commit's durations: a takes 800, b 400, the rest 100 (two tests each).
+        // The first commit's durations: a takes 2400, b 1200, the rest 300 (two tests each).
         for d in &d {
             let a = &d.assignment;
             for f in &a.files {
                 let ms = match f.as_str() {
-                    "tests/test_a.py" => 400,
-                    "tests/test_b.py" => 200,
-                    _ => 50,
+                    "tests/test_a.py" => 1_200,
+                    "tests/test_b.py" => 600,
+                    _ => 150,
                 };
                 for t in 0..2 {
                     s.record_test(a.job, a.attempt, conn, result_in(&format!("{f}:{t}"), f, ms)).unwrap();
@@ -2103,15 +2119,16 @@ mod tests {
         next.push("tests/test_new.py".into());
         s.submit("repo", "main", commit(2), Supersede::Nothing, |_| true, &next, None, 3).unwrap();
         let e = s.entry(&commit(2)).unwrap();
-        assert_eq!(e.files["tests/test_a.py"], 800);
-        assert_eq!(e.files["tests/test_b.py"], 400);
-        assert_eq!(e.files["tests/test_new.py"], 100);
+        assert_eq!(e.files["tests/test_a.py"], 2_400);
+        assert_eq!(e.files["tests/test_b.py"], 1_200);
+        assert_eq!(e.files["tests/test_new.py"], 300);
         assert_eq!(e.pending.iter().take(2).cloned().collect::<Vec<_>>(), files(&["a", "b"]));
         // Another repository knows nothing of these durations.
         s.submit("other", "main", commit(3), Supersede::Nothing, |_| true, &names, None, 4).unwrap();
         assert_eq!(s.entry(&commit(3)).unwrap().files["tests/test_a.py"], DEFAULT_ESTIMATE_MS);
-        // Two runners of one slot each: batches of a quarter of what is left,
-        // at least one file, so they shrink as the queue drains.
+        // Two runners of one slot each: batches of half of what is left over
+        // 2 (the new file's estimate is a guess), at least one file, so they
+        // shrink as the queue drains; the tail in one round.
         s.unregister("r", 1);
         s.register("x", 2, 1, &[], &[], &[]);
         s.register("y", 3, 1, &[], &[], &[]);
@@ -2135,16 +2152,19 @@ mod tests {
                 s.finish(a.job, a.attempt, d.conn, None, 6).unwrap();
             }
         }
-        // 2100 ms in all: a alone (800 > 525), then b and c (400 + 100: at
-        // least MIN_BATCH_MS), then the short ones.
+        // 5700 ms in all: a alone (2400 > 5700 / 2 / 2 = 1425), then b alone
+        // (a still runs, so the share is the same); then 2100 ms are left,
+        // 1050 a slot: the tail (at most TAIL_MS), cut at an even share
+        // (three files each), not halved, and the one file over.
         assert_eq!(sizes[0], files(&["a"]));
-        assert_eq!(sizes[1], files(&["b", "c"]));
+        assert_eq!(sizes[1], files(&["b"]));
+        assert_eq!(sizes[2..].iter().map(Vec::len).collect::<Vec<_>>(), [3, 3, 1]);
         let total: usize = sizes.iter().map(Vec::len).sum();
         assert_eq!(total, 9);
         let estimate = |f: &String| match f.as_str() {
-            "tests/test_a.py" => 800,
-            "tests/test_b.py" => 400,
-            _ => 100,
+            "tests/test_a.py" => 2_400,
+            "tests/test_b.py" => 1_200,
+            _ => 300,
         };
         let worth: Vec<u64> = sizes.iter().map(|b| b.iter().map(estimate).sum()).collect();
         assert!(worth.windows(2).all(|w| w[0] >= w[1]), "batches grow: {sizes:?} worth {worth:?}");
