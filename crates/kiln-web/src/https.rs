@@ -24,9 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-/// At most this many TLS handshakes run at once; further connections wait
-/// in the kernel's backlog until one ends (each ends within kiln-net's
-/// handshake timeout).
+/// At most this many TLS handshakes run at once (counting those done but
+/// not yet taken by the server); further connections wait in the kernel's
+/// backlog until one ends (each ends within kiln-net's handshake timeout) or
+/// is taken.
 pub const MAX_HANDSHAKES: usize = 64;
 
 /// Who sent a request.
@@ -91,11 +92,14 @@ impl HttpsListener {
                         () = stop.cancelled() => return,
                         result = acceptor.handshake(stream, remote) => result,
                     };
-                    drop(permit);
                     match result {
-                        // axum takes it at once; a closed channel means shutdown.
+                        // Taken when the server has room for a connection;
+                        // the permit is held until then, so that a server at
+                        // its cap stops new handshakes instead of piling up
+                        // finished ones. A closed channel means shutdown.
                         Ok(stream) => {
                             let _ = done.send((stream, remote)).await;
+                            drop(permit);
                         }
                         Err(failed) => {
                             // The line is escaped already (it holds the peer's words).

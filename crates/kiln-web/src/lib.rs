@@ -98,7 +98,7 @@ pub struct Bound {
     /// HTTPS with a Kiln client certificate required; plain HTTP (loopback
     /// only, callers without identity) when `None`.
     https: Option<HttpsAcceptor>,
-    head_timeout: Duration,
+    limits: conn::Limits,
 }
 
 impl Bound {
@@ -113,10 +113,10 @@ impl Bound {
         Ok(format!("{scheme}://{}/", self.local_addr()?))
     }
 
-    /// How long a client has to send each request's line and headers
-    /// before its connection is closed ([`conn::HEAD_TIMEOUT`] unless told).
-    pub fn head_timeout(self, head_timeout: Duration) -> Bound {
-        Bound { head_timeout, ..self }
+    /// How long a client has to send each request's head, and how many
+    /// connections are served at once ([`conn::Limits::default`] unless told).
+    pub fn limits(self, limits: conn::Limits) -> Bound {
+        Bound { limits, ..self }
     }
 }
 
@@ -127,7 +127,7 @@ pub async fn bind(addr: SocketAddr, https: Option<HttpsAcceptor>) -> Result<Boun
         return Err(BindError::NotLoopback(addr));
     }
     let listener = TcpListener::bind(addr).await.map_err(|source| BindError::Io { addr, source })?;
-    Ok(Bound { listener, https, head_timeout: conn::HEAD_TIMEOUT })
+    Ok(Bound { listener, https, limits: conn::Limits::default() })
 }
 
 /// What every request handler shares.
@@ -268,19 +268,19 @@ pub async fn serve(
     let router = router(Arc::clone(&app));
     let stop = shutdown.clone().cancelled_owned();
     let handshakes = TaskTracker::new();
-    let Bound { listener, https, head_timeout } = listener;
+    let Bound { listener, https, limits } = listener;
     let served = match https {
         None => {
             info!(%addr, "dashboard serving over HTTP");
             let caller = |_: &_, remote: &SocketAddr| Caller { remote: *remote, identity: None };
-            conn::serve(listener, router, caller, head_timeout, stop).await;
+            conn::serve(listener, router, caller, limits, stop).await;
             Ok(())
         }
         Some(acceptor) => {
             info!(%addr, "dashboard serving over HTTPS, a Kiln client certificate required");
             match https::HttpsListener::start(listener, acceptor, &handshakes, shutdown.clone()) {
                 Ok(listener) => {
-                    conn::serve(listener, router, https::HttpsListener::caller, head_timeout, stop).await;
+                    conn::serve(listener, router, https::HttpsListener::caller, limits, stop).await;
                     Ok(())
                 }
                 // Not returned at once: the follower and the poller stop first.

@@ -16,6 +16,7 @@ use kiln_dispatcher::store::{Change, CommitRow};
 use kiln_dispatcher::stream::{Snapshot, Update};
 use kiln_dispatcher::view::{Live, ReadApi};
 use kiln_proto::{CommitId, CommitStatus, Outcome, TestResult};
+use kiln_web::conn::Limits;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -66,11 +67,11 @@ fn result(id: &str, message: &str) -> TestResult {
 
 impl Server {
     fn start() -> Server {
-        Server::start_with(kiln_web::conn::HEAD_TIMEOUT)
+        Server::start_with(Limits::default())
     }
 
-    /// A server that gives clients `head_timeout` to send a request's head.
-    fn start_with(head_timeout: Duration) -> Server {
+    /// A server with these limits on what clients hold.
+    fn start_with(limits: Limits) -> Server {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let (updates, _) = broadcast::channel(kiln_dispatcher::stream::CAPACITY);
         let seq = Arc::new(AtomicU64::new(0));
@@ -89,8 +90,7 @@ impl Server {
                 let _ = reply.send(Live::default());
             }
         });
-        let listener =
-            rt.block_on(kiln_web::bind("127.0.0.1:0".parse().unwrap(), None)).unwrap().head_timeout(head_timeout);
+        let listener = rt.block_on(kiln_web::bind("127.0.0.1:0".parse().unwrap(), None)).unwrap().limits(limits);
         let addr = listener.local_addr().unwrap().to_string();
         rt.spawn(kiln_web::serve(listener, api, None, shutdown.clone()));
         let server = Server { addr, updates, seq, shutdown, rt };
@@ -633,7 +633,7 @@ fn a_test_that_flipped_on_one_tree_is_shown_flaky_with_both_commits() {
 
 #[test]
 fn a_client_that_sends_its_request_head_a_byte_at_a_time_is_cut_off() {
-    let server = Server::start_with(Duration::from_secs(1));
+    let server = Server::start_with(Limits { head_timeout: Duration::from_secs(1), ..Limits::default() });
     let mut slow = TcpStream::connect(&server.addr).unwrap();
     slow.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     write!(slow, "GET / HTTP/1.1\r\nHost: test\r\nX-Slow: ").unwrap();
@@ -660,4 +660,22 @@ fn a_client_that_sends_its_request_head_a_byte_at_a_time_is_cut_off() {
     assert!(!String::from_utf8_lossy(&answer).contains(" 200 "), "a page for half a request: {answer:?}");
     // Everyone else is still served.
     assert_eq!(server.get("/").0, 200);
+}
+
+#[test]
+fn connections_beyond_the_cap_wait_until_one_closes() {
+    let server = Server::start_with(Limits { head_timeout: Duration::from_secs(1), max_connections: 3 });
+    // Served at once while there is room (Server::start's own request is done).
+    let started = std::time::Instant::now();
+    assert_eq!(server.get("/").0, 200);
+    let at_once = started.elapsed();
+    // Three clients that connect and send nothing take every place.
+    let idle: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&server.addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    assert_eq!(server.get("/").0, 200);
+    let waited = started.elapsed();
+    // Served once the head timeout closed an idle one, not before.
+    assert!(waited >= Duration::from_millis(700), "served at once, beyond the cap: {waited:?} ({at_once:?} with room)");
+    drop(idle);
 }
