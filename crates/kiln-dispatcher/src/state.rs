@@ -92,8 +92,8 @@ pub const MIN_BATCH_MS: u64 = 500;
 /// is too little to hedge, as cutting it smaller would only make batches
 /// near [`MIN_BATCH_MS`], each paying a batch's start-up. In the model of
 /// the rule (`benches/split_model.py`) it was better on average at every
-/// divisor and noise level tried, and with the measured-once divisor no
-/// worse in the worst case.
+/// divisor above 1 and every noise level tried (at 1 it changes nothing),
+/// and with the measured-once divisor no worse in the worst case.
 pub const TAIL_MS: u64 = 3 * MIN_BATCH_MS;
 
 /// The batch divisor (in thousandths) when some estimate is a guess: half

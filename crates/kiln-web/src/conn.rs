@@ -75,7 +75,8 @@ pub async fn serve<L>(
     let mut stop = std::pin::pin!(stop);
     loop {
         // A free place first, then a connection: at the cap, clients wait
-        // in the backlog (over HTTPS, before their handshakes start).
+        // in the backlog (over HTTPS, after at most MAX_HANDSHAKES more
+        // handshakes, whose permits are held until taken here).
         let slot = tokio::select! {
             () = &mut stop => break,
             slot = Arc::clone(&slots).acquire_owned() => slot,
