@@ -11,7 +11,12 @@
 //! cluster: `KILN_SPLIT_RUNNERS=4` runs only that size, `KILN_SPLIT_LOG=PATH`
 //! writes each cluster's logs to `PATH.N`, and `KILN_SPLIT_RUST_LOG` sets
 //! the runners' `RUST_LOG` (e.g. `info,kiln_plugin_host=debug` shows when
-//! each batch's interpreter starts and ends).
+//! each batch's interpreter starts and ends). `KILN_SPLIT_SLOTS=4` gives
+//! each runner 4 slots instead of 1 (the bound is then over all slots):
+//! with one runner, that measures how one batch's files share its slots.
+//! `KILN_SPLIT_ROUNDS=N` measures every size N times, a round of each in
+//! turn, and ends with each speedup's median: on a shared machine two runs
+//! of the same build differ by as much as 0.1 s of a 4.3 s makespan.
 
 #![allow(clippy::unwrap_used, reason = "a benchmark fails loudly on any unexpected error")]
 
@@ -43,14 +48,14 @@ fn suite() -> Vec<(String, String)> {
 }
 
 /// Makespans (seconds) of the first and second commit with `runners` runners.
-fn run(runners: usize) -> (f64, f64) {
+fn run(runners: usize, slots: &str) -> (f64, f64) {
     let mut cluster = Cluster::start();
     if let Ok(level) = std::env::var("KILN_SPLIT_RUST_LOG") {
         cluster.rust_log = level;
     }
     let repo = Repo::new(cluster.dir.path(), &borrow(&suite()));
     let procs: Vec<usize> =
-        (0..runners).map(|i| cluster.runner_with(&format!("runner-{i}"), &["--slots", "1"])).collect();
+        (0..runners).map(|i| cluster.runner_with(&format!("runner-{i}"), &["--slots", slots])).collect();
     for p in procs {
         cluster.wait_log(p, "registered");
     }
@@ -74,21 +79,50 @@ fn main() {
     let total = (SHORT.0 * SHORT.1 as u64 + LONG.0 * LONG.1 as u64) as f64 / 1000.0;
     let longest = LONG.0 as f64 / 1000.0;
     println!("suite: 40 files, {total:.1} s of tests, longest file {longest:.1} s");
-    let mut second = Vec::new();
     let only: Option<usize> = std::env::var("KILN_SPLIT_RUNNERS").ok().and_then(|v| v.parse().ok());
+    let slots: usize = std::env::var("KILN_SPLIT_SLOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let rounds: usize = std::env::var("KILN_SPLIT_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let mut speedups = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        if let Some([two, four]) = round(only, slots, total, longest) {
+            speedups.0.push(two);
+            speedups.1.push(four);
+        }
+    }
+    if rounds > 1 && !speedups.1.is_empty() {
+        println!(
+            "median of {} rounds, second commit: 2 runners {:.2}×, 4 runners {:.2}×",
+            speedups.1.len(),
+            median(&mut speedups.0),
+            median(&mut speedups.1)
+        );
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 }
+}
+
+/// One cluster of each size in turn; the speedups of 2 and 4 runners when
+/// all three sizes ran.
+fn round(only: Option<usize>, slots: usize, total: f64, longest: f64) -> Option<[f64; 2]> {
+    let mut second = Vec::new();
     for runners in [1, 2, 4].into_iter().filter(|n| only.is_none_or(|o| o == *n)) {
-        let (a, b) = run(runners);
-        let ideal = (total / runners as f64).max(longest);
+        let (a, b) = run(runners, &slots.to_string());
+        let n = runners * slots;
+        let ideal = (total / n as f64).max(longest);
         let bound = 1.1 * ideal + 0.3;
         println!(
-            "{runners} runner(s): first commit (no timings) {a:.2} s, second commit {b:.2} s; \
-             bound 1.1 × max(total/{runners}, longest) + 0.3 s = {bound:.2} s; second/bound = {:.2}, first/bound = {:.2}",
+            "{runners} runner(s) × {slots} slot(s): first commit (no timings) {a:.2} s, second commit {b:.2} s; \
+             bound 1.1 × max(total/{n}, longest) + 0.3 s = {bound:.2} s; second/bound = {:.2}, first/bound = {:.2}",
             b / bound,
             a / bound
         );
         second.push(b);
     }
-    if let [one, two, four] = second[..] {
-        println!("speedup, second commit: 2 runners {:.2}×, 4 runners {:.2}×", one / two, one / four);
-    }
+    let [one, two, four] = second[..] else { return None };
+    println!("speedup, second commit: 2 runners {:.2}×, 4 runners {:.2}×", one / two, one / four);
+    Some([one / two, one / four])
 }
