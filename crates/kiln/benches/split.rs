@@ -48,14 +48,14 @@ fn suite() -> Vec<(String, String)> {
 }
 
 /// Makespans (seconds) of the first and second commit with `runners` runners.
-fn run(runners: usize, slots: &str) -> (f64, f64) {
+fn run(runners: usize, slots: usize) -> (f64, f64) {
     let mut cluster = Cluster::start();
     if let Ok(level) = std::env::var("KILN_SPLIT_RUST_LOG") {
         cluster.rust_log = level;
     }
     let repo = Repo::new(cluster.dir.path(), &borrow(&suite()));
     let procs: Vec<usize> =
-        (0..runners).map(|i| cluster.runner_with(&format!("runner-{i}"), &["--slots", slots])).collect();
+        (0..runners).map(|i| cluster.runner_with(&format!("runner-{i}"), &["--slots", &slots.to_string()])).collect();
     for p in procs {
         cluster.wait_log(p, "registered");
     }
@@ -79,9 +79,9 @@ fn main() {
     let total = (SHORT.0 * SHORT.1 as u64 + LONG.0 * LONG.1 as u64) as f64 / 1000.0;
     let longest = LONG.0 as f64 / 1000.0;
     println!("suite: 40 files, {total:.1} s of tests, longest file {longest:.1} s");
-    let only: Option<usize> = std::env::var("KILN_SPLIT_RUNNERS").ok().and_then(|v| v.parse().ok());
-    let slots: usize = std::env::var("KILN_SPLIT_SLOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let rounds: usize = std::env::var("KILN_SPLIT_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let only = number("KILN_SPLIT_RUNNERS");
+    let slots = number("KILN_SPLIT_SLOTS").unwrap_or(1);
+    let rounds = number("KILN_SPLIT_ROUNDS").unwrap_or(1);
     let mut speedups = (Vec::new(), Vec::new());
     for _ in 0..rounds.max(1) {
         if let Some([two, four]) = round(only, slots, total, longest) {
@@ -99,6 +99,11 @@ fn main() {
     }
 }
 
+/// The number in environment variable `name`, if it is set to one.
+fn number(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
@@ -110,7 +115,7 @@ fn median(values: &mut [f64]) -> f64 {
 fn round(only: Option<usize>, slots: usize, total: f64, longest: f64) -> Option<[f64; 2]> {
     let mut second = Vec::new();
     for runners in [1, 2, 4].into_iter().filter(|n| only.is_none_or(|o| o == *n)) {
-        let (a, b) = run(runners, &slots.to_string());
+        let (a, b) = run(runners, slots);
         let n = runners * slots;
         let ideal = (total / n as f64).max(longest);
         let bound = 1.1 * ideal + 0.3;
