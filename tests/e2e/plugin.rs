@@ -38,11 +38,11 @@ fn build_plugin(dir: &Path, crate_file: &str) -> PathBuf {
 }
 
 /// `wasm` with every `kiln:executor` interface name moved to `version`
-/// (same length as 0.2.0, so the binary stays valid).
+/// (same length as 0.2.1, so the binary stays valid).
 fn with_contract_version(wasm: &[u8], version: &str) -> Vec<u8> {
     let mut bytes = wasm.to_vec();
     for interface in ["executor", "host", "types"] {
-        let from = format!("kiln:executor/{interface}@0.2.0");
+        let from = format!("kiln:executor/{interface}@0.2.1");
         let to = format!("kiln:executor/{interface}@{version}");
         while let Some(at) = bytes.windows(from.len()).position(|w| w == from.as_bytes()) {
             bytes[at..at + to.len()].copy_from_slice(to.as_bytes());
@@ -74,13 +74,13 @@ fn a_new_plugin_builds_passes_check_and_runs_from_the_plugins_directory() {
     for line in [
         "  name      automake\n",
         "  version   0.1.0\n",
-        "  contract  kiln:executor@0.2.0 (this kiln implements 0.2.0)\n",
+        "  contract  kiln:executor@0.2.1 (this kiln implements 0.2.1)\n",
         "  claims    tests/automake/*.test\n",
         "  programs  sh (a runner grants those it allows with --allow-program)\n",
     ] {
         assert!(stdout.contains(line), "{line:?} missing from:\n{stdout}");
     }
-    assert!(stdout.contains("kiln:executor/{types,host}@0.2.0"), "{stdout}");
+    assert!(stdout.contains("kiln:executor/{types,host}@0.2.1"), "{stdout}");
 
     // The same plugin built against another contract version is refused,
     // naming both versions.
@@ -89,7 +89,7 @@ fn a_new_plugin_builds_passes_check_and_runs_from_the_plugins_directory() {
     let refused = kiln_output(&["plugin", "check", &newer.to_string_lossy()]);
     assert_eq!(refused.status.code(), Some(2));
     let err = text(&refused.stderr);
-    assert!(err.contains("kiln:executor@1.0.0") && err.contains("kiln:executor@0.2.0"), "{err}");
+    assert!(err.contains("kiln:executor@1.0.0") && err.contains("kiln:executor@0.2.1"), "{err}");
 
     // A runner loads it from --plugins DIR (after the built-ins).
     let plugins = cluster.dir.path().join("plugins");

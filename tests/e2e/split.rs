@@ -179,3 +179,94 @@ fn a_dispatcher_killed_during_a_split_commit_resumes_it_with_each_test_once() {
     assert_eq!(report.tests.len(), 24, "{report:?}");
     assert_each_once(&report);
 }
+
+/// A runner's later batches of a commit run in the interpreter its first
+/// batch started (see crates/kiln-runner/src/session.rs): every test prints
+/// its driver's PID namespace, pid (the parent of the forked child running
+/// it) and start time (namespace ids and pids are reused over time) and
+/// fails, so the results say which interpreter ran each file. Two one-slot runners
+/// split 16 files of a first commit (no timings: batches shrink), so each
+/// gets several batches; fewer interpreters than batches ran them.
+#[test]
+fn a_runners_later_batches_of_a_commit_join_its_warm_interpreter() {
+    let mut cluster = Cluster::start();
+    let mut files = vec![("tests/__init__.py".to_owned(), String::new())];
+    for n in 0..16 {
+        let src = format!(
+            "import os\nimport time\nimport unittest\n\n\nclass W{n}(unittest.TestCase):\n    def test(self):\n        \
+             time.sleep(0.1)\n        with open('/proc/%d/stat' % os.getppid()) as f:\n            \
+             started = f.read().rsplit(')', 1)[1].split()[19]\n        \
+             print('driver', os.readlink('/proc/self/ns/pid'), os.getppid(), started)\n        self.fail()\n"
+        );
+        files.push((format!("tests/test_w{n:02}.py"), src));
+    }
+    let repo = Repo::new(cluster.dir.path(), &borrow(&files));
+    let commit = repo.commit("sixteen files");
+    let procs = runners_then_observer(&mut cluster, &repo, &["runner-1", "runner-2"], &["--slots", "1"]);
+    let report = cluster.wait_stored(&commit, "final", |r| r.status.is_final());
+    assert_eq!(report.status, CommitStatus::Failed, "{report:?}");
+    assert_eq!(report.tests.len(), 16, "{report:?}");
+    assert!(report.tests.iter().all(|t| t.outcome == Outcome::Fail), "{report:?}");
+    assert_each_once(&report);
+    let mut batches = 0;
+    let mut interpreters = BTreeSet::new();
+    for (name, &p) in ["runner-1", "runner-2"].iter().zip(&procs) {
+        let log = cluster.procs[p].log();
+        batches += log.matches("job started").count();
+        for t in report.tests.iter().filter(|t| t.runner.as_deref() == Some(name)) {
+            let driver = t.message.split("driver ").nth(1).and_then(|rest| rest.lines().next());
+            interpreters.insert(format!("{name} {}", driver.unwrap_or_else(|| panic!("no driver in {t:?}"))));
+        }
+    }
+    assert!(batches > 2, "each runner should get several batches: {batches}\n{}", cluster.logs());
+    assert!(
+        interpreters.len() < batches,
+        "{} interpreters for {batches} batches: none joined a warm one\n{}",
+        interpreters.len(),
+        cluster.logs()
+    );
+    assert!(cluster.logs().contains("the batch joined the commit's warm plugin run"), "{}", cluster.logs());
+}
+
+/// The processes whose command line is exactly `sleep 27.1828`.
+fn sleepers() -> usize {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return 0 };
+    procs
+        .filter_map(|p| std::fs::read(p.ok()?.path().join("cmdline")).ok())
+        .filter(|cmdline| cmdline == b"sleep\x0027.1828\x00")
+        .count()
+}
+
+/// Cancelling a commit stops a batch that joined a warm interpreter as it
+/// stops any other: its tests are killed. The first eight files end at
+/// once; the last eight start `sleep 27.1828`, so they run in later
+/// batches, which join the runners' warm interpreters.
+#[test]
+fn cancelling_a_batch_that_joined_a_warm_interpreter_kills_its_tests() {
+    let mut cluster = Cluster::start();
+    let mut files = vec![("tests/__init__.py".to_owned(), String::new())];
+    for n in 0..16 {
+        let body = if n < 8 { "pass" } else { "subprocess.run(['sleep', '27.1828'])" };
+        let src = format!(
+            "import subprocess\nimport unittest\n\n\nclass C{n}(unittest.TestCase):\n    def test(self):\n        {body}\n"
+        );
+        files.push((format!("tests/test_c{n:02}.py"), src));
+    }
+    let repo = Repo::new(cluster.dir.path(), &borrow(&files));
+    let commit = repo.commit("sleepers last");
+    runners_then_observer(&mut cluster, &repo, &["runner-1", "runner-2"], &["--slots", "1"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !(sleepers() > 0 && cluster.logs().contains("the batch joined the commit's warm plugin run")) {
+        assert!(std::time::Instant::now() < deadline, "no joined batch started a sleeper\n{}", cluster.logs());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = cluster.admin(&["cancel", commit.as_str()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = cluster.wait_stored(&commit, "cancelled", |r| r.status.is_final());
+    assert_eq!(report.status, CommitStatus::Cancelled, "{report:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sleepers() > 0 {
+        assert!(std::time::Instant::now() < deadline, "a cancelled batch's test still runs\n{}", cluster.logs());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

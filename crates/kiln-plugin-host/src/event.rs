@@ -16,4 +16,7 @@ pub enum HostEvent {
     /// plugin claims; files no plugin claims (and invalid or repeated paths)
     /// get no event.
     FileDone(String),
+    /// Every file given so far is done, and the plugin waits for more
+    /// ([`crate::PluginHost::run_more`]).
+    Idle,
 }

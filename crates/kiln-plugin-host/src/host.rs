@@ -43,7 +43,7 @@ const BUILT_IN: &[(&str, &[u8])] = &[
 
 /// The `kiln:executor` contract version this host implements
 /// (plugins/wit/executor.wit).
-pub const CONTRACT_VERSION: &str = "0.2.0";
+pub const CONTRACT_VERSION: &str = "0.2.1";
 const EXECUTOR_EXPORT: &str = "kiln:executor/executor";
 const HOST_IMPORT: &str = "kiln:executor/host";
 
@@ -143,6 +143,15 @@ enum Failure {
 #[derive(Debug, thiserror::Error)]
 #[error("the plugin call exceeded its time limit")]
 struct TimeLimitExceeded;
+
+/// Where one plugin call runs, and what it may use and tell.
+struct Run<'a> {
+    checkout: &'a Path,
+    slots: u32,
+    settings: &'a RunSettings,
+    report: &'a mpsc::UnboundedSender<HostEvent>,
+    more: Option<mpsc::UnboundedReceiver<Vec<String>>>,
+}
 
 impl PluginHost {
     /// Sets up the engine and loads the built-in plugins, compiling each.
@@ -251,22 +260,46 @@ impl PluginHost {
         settings: &RunSettings,
         report: &mpsc::UnboundedSender<HostEvent>,
     ) -> Result<(), HostError> {
+        self.run_more(checkout, files, slots, settings, report, None).await
+    }
+
+    /// [`PluginHost::run_with`], and then more files of the same checkout
+    /// while the plugin wants them. When the files all go to one plugin and
+    /// it asks for more (`next-files`) once they are done, `report` gets
+    /// [`HostEvent::Idle`]; the files next sent on `more` are its answer,
+    /// run and reported in the same call, and closing `more` tells it that
+    /// none will come. Only files that plugin claims may be sent
+    /// ([`PluginHost::claimants`]). Files split over several plugins run as
+    /// with [`PluginHost::run_with`], and `more` is closed unread.
+    pub async fn run_more(
+        &self,
+        checkout: &Path,
+        files: &[String],
+        slots: u32,
+        settings: &RunSettings,
+        report: &mpsc::UnboundedSender<HostEvent>,
+        more: Option<mpsc::UnboundedReceiver<Vec<String>>>,
+    ) -> Result<(), HostError> {
         let checkout = tokio::fs::canonicalize(checkout)
             .await
             .map_err(|e| HostError::Checkout { path: checkout.to_owned(), source: Box::new(e) })?;
         let mut seen = HashSet::new();
-        for (plugin, files) in self.plugins.iter().zip(self.assign(files)) {
+        let assigned = self.assign(files);
+        let mut more = more.filter(|_| assigned.iter().filter(|f| !f.is_empty()).count() == 1);
+        for (plugin, files) in self.plugins.iter().zip(assigned) {
             if files.is_empty() {
                 continue;
             }
             let retry;
-            (seen, retry) = self.run_batch(plugin, &checkout, files, slots.max(1), settings, report, seen).await?;
+            let run = Run { checkout: &checkout, slots: slots.max(1), settings, report, more: more.take() };
+            (seen, retry) = self.run_batch(plugin, files, run, seen).await?;
             // The batch failed, and nothing says which file caused it: each
             // file it left unfinished runs again alone, so that only a file
             // that fails on its own gets the error. (Repeated results are
             // dropped as repeated ids.)
             for file in retry {
-                (seen, _) = self.run_batch(plugin, &checkout, vec![file], 1, settings, report, seen).await?;
+                let run = Run { checkout: &checkout, slots: 1, settings, report, more: None };
+                (seen, _) = self.run_batch(plugin, vec![file], run, seen).await?;
             }
         }
         Ok(())
@@ -328,17 +361,14 @@ impl PluginHost {
     /// one. Otherwise it completes every file itself: those the plugin did
     /// not mark done get their `FileDone` (and, after a failure, an `error`
     /// result if they have none).
-    #[expect(clippy::too_many_arguments, reason = "two call sites, both in `run_with`")]
     async fn run_batch(
         &self,
         plugin: &Plugin,
-        checkout: &Path,
         files: Vec<String>,
-        slots: u32,
-        settings: &RunSettings,
-        report: &mpsc::UnboundedSender<HostEvent>,
+        run: Run<'_>,
         seen: HashSet<String>,
     ) -> Result<(HashSet<String>, Vec<String>), HostError> {
+        let Run { checkout, slots, settings, report, more } = run;
         let started = Instant::now();
         // The limits are per file; a batch of n files gets n times them.
         let count = u32::try_from(files.len()).unwrap_or(u32::MAX);
@@ -347,6 +377,8 @@ impl PluginHost {
             files: files.clone(),
             done: HashSet::new(),
             spawn_timeout: file_timeout.saturating_mul(count),
+            per_file: (file_timeout, self.policy.call_timeout),
+            more,
             checkout: checkout.to_owned(),
             report: report.clone(),
             seen,
@@ -378,7 +410,7 @@ impl PluginHost {
             let instance = plugin.pre.instantiate_async(&mut store).await?;
             instance.kiln_executor_executor().call_run(&mut store, &batch).await
         };
-        let failure = match self.bounded(call, &clock, limit).await {
+        let failure = match self.bounded(call, &clock).await {
             Ok(()) => {
                 let printed = store.data().call.output.text();
                 if !printed.is_empty() {
@@ -394,7 +426,9 @@ impl PluginHost {
         if job.closed {
             return Err(HostError::ReportClosed);
         }
-        let undone: Vec<String> = batch.files.into_iter().filter(|f| !job.done.contains(f)).collect();
+        // Its files, with those `next-files` handed it.
+        let files = std::mem::take(&mut job.files);
+        let undone: Vec<String> = files.into_iter().filter(|f| !job.done.contains(f)).collect();
         if let Some(message) = &failure {
             tracing::warn!(plugin = %Escaped(&plugin.name), files = %Escaped(&undone.join(", ")), "{}", Escaped(message));
             if undone.len() > 1 {
@@ -421,14 +455,13 @@ impl PluginHost {
         &self,
         call: impl Future<Output = wasmtime::Result<Result<T, String>>>,
         clock: &CallClock,
-        limit: Duration,
     ) -> Result<T, Failure> {
         let watchdog = async {
             // The clock cannot run faster than wall time, so sleeping for the
-            // time left never oversleeps; it stops during commands, so check
-            // again on waking.
+            // time left never oversleeps; it stops during commands (and the
+            // limit grows with `next-files`), so check again on waking.
             loop {
-                let used = clock.used();
+                let (used, limit) = (clock.used(), clock.limit());
                 if used >= limit {
                     return;
                 }
@@ -474,15 +507,14 @@ impl PluginHost {
             max_output: self.policy.max_output,
             hidden: self.policy.hidden.clone().into(),
             job,
-            time_limit: limit,
-            clock: CallClock::start(),
+            clock: CallClock::start(limit),
             output,
         };
         let mut store = Store::new(&self.engine, HostState::new(wasi.build(), self.policy.max_memory, call));
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |context| {
-            if context.data().call.clock.used() >= limit {
+            if context.data().call.clock.exceeded() {
                 return Err(wasmtime::Error::new(TimeLimitExceeded));
             }
             // Yielding lets other jobs' tasks run on this executor thread.
@@ -495,7 +527,7 @@ impl PluginHost {
     /// "plugin python-unittest"), what went wrong, and what the plugin
     /// printed (a panic message, usually).
     fn explain(&self, who: &str, failure: &Failure, state: &HostState) -> String {
-        let time_limit = || format!("{who} exceeded its time limit of {}", human_duration(state.call.time_limit));
+        let time_limit = || format!("{who} exceeded its time limit of {}", human_duration(state.call.clock.limit()));
         let mut message = match failure {
             Failure::Refused(why) => format!("{who} could not run these tests: {why}"),
             Failure::TimeLimit => time_limit(),
@@ -591,7 +623,7 @@ impl PluginHost {
             let instance = pre.instantiate_async(&mut store).await?;
             instance.kiln_executor_executor().call_info(&mut store).await.map(Ok)
         };
-        let result = block_on(self.bounded(call, &clock, limit))?;
+        let result = block_on(self.bounded(call, &clock))?;
         result.map_err(|failure| HostError::Info {
             origin: origin.to_owned(),
             detail: self.explain("its `info` call", &failure, store.data()),

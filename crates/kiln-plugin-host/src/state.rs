@@ -1,6 +1,6 @@
 //! What one plugin call's store holds, and the host functions (`run-command`,
-//! `spawn` and its `process`, `report`, `file-done`, `log`) the plugin calls
-//! through it.
+//! `spawn`/`spawn-open` and its `process`, `report`, `file-done`,
+//! `next-files`, `log`) the plugin calls through it.
 //!
 //! A store lives for exactly one call (`info` at load, or `run` for one job),
 //! so nothing a plugin does can leak into the next call or another job.
@@ -83,9 +83,8 @@ pub(crate) struct Call {
     /// The job being run; `None` while the plugin is loaded (`info`), when
     /// it may neither run commands nor report.
     pub job: Option<Job>,
-    /// The call's time limit (the policy's per file, times the batch's files).
-    pub time_limit: Duration,
-    /// How much of the call's time limit the plugin has used.
+    /// How much of the call's time limit (the policy's per file, times the
+    /// files it was given) the plugin has used.
     pub clock: CallClock,
     /// What the plugin printed on stdout/stderr (bounded).
     pub output: GuestOutput,
@@ -99,6 +98,8 @@ pub(crate) struct Call {
 pub(crate) struct CallClock(Arc<Mutex<ClockState>>);
 
 struct ClockState {
+    /// The limit: grows as `next-files` hands the call more files.
+    limit: Duration,
     started: Instant,
     /// Time spent in commands that have ended.
     in_commands: Duration,
@@ -107,8 +108,9 @@ struct ClockState {
 }
 
 impl CallClock {
-    pub(crate) fn start() -> CallClock {
+    pub(crate) fn start(limit: Duration) -> CallClock {
         CallClock(Arc::new(Mutex::new(ClockState {
+            limit,
             started: Instant::now(),
             in_commands: Duration::ZERO,
             command_since: None,
@@ -121,6 +123,21 @@ impl CallClock {
         let now = Instant::now();
         let in_command = state.command_since.map_or(Duration::ZERO, |since| now - since);
         (now - state.started).saturating_sub(state.in_commands + in_command)
+    }
+
+    /// The call's time limit now.
+    pub(crate) fn limit(&self) -> Duration {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).limit
+    }
+
+    /// Whether the call has used up its time limit.
+    pub(crate) fn exceeded(&self) -> bool {
+        self.used() >= self.limit()
+    }
+
+    fn extend(&self, by: Duration) {
+        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        state.limit = state.limit.saturating_add(by);
     }
 
     /// Stops the clock until the returned guard is dropped (also when a
@@ -152,6 +169,12 @@ pub(crate) struct Job {
     /// The cap on a spawned program's wall-clock time: the per-file limit
     /// times the batch's files.
     pub spawn_timeout: Duration,
+    /// The per-file limits, by which each file `next-files` hands out
+    /// extends the running programs' cap and the call's own.
+    pub per_file: (Duration, Duration),
+    /// Where `next-files` waits for more files (see
+    /// [`crate::PluginHost::run_more`]); `None`: no more will come.
+    pub more: Option<mpsc::UnboundedReceiver<Vec<String>>>,
     /// The checkout (absolute), where commands run.
     pub checkout: PathBuf,
     /// Where results go.
@@ -204,6 +227,15 @@ impl host::HostProcess for HostState {
         Ok(())
     }
 
+    async fn write(&mut self, process: Resource<host::Process>, data: Vec<u8>) -> wasmtime::Result<bool> {
+        Ok(self.table.get_mut(&spawned(&process))?.0.write(data))
+    }
+
+    async fn close_input(&mut self, process: Resource<host::Process>) -> wasmtime::Result<()> {
+        self.table.get_mut(&spawned(&process))?.0.close_input();
+        Ok(())
+    }
+
     async fn drop(&mut self, process: Resource<host::Process>) -> wasmtime::Result<()> {
         // Dropping the handle kills the program and what it started; the
         // call goes on once they are gone.
@@ -238,21 +270,50 @@ impl host::Host for HostState {
         cmd: host::Command,
         input: Vec<u8>,
     ) -> wasmtime::Result<Result<Resource<host::Process>, host::CommandError>> {
-        let (checkout, request) = match self.request(cmd, input) {
-            Ok(ready) => ready,
-            Err(denied) => return Ok(Err(denied)),
-        };
-        let program = request.program.clone();
-        let timeout = self.call.job.as_ref().map_or(self.call.command_timeout, |job| job.spawn_timeout);
-        let result = command::spawn(&checkout, request, &self.limits(timeout)).await;
-        match self.explain_refusal(&program, result) {
-            Ok(process) => {
-                let rep = self.table.push(Spawned(process))?.rep();
-                self.spawned.push(rep);
-                Ok(Ok(Resource::new_own(rep)))
+        self.start(cmd, input, false).await
+    }
+
+    async fn spawn_open(
+        &mut self,
+        cmd: host::Command,
+        input: Vec<u8>,
+    ) -> wasmtime::Result<Result<Resource<host::Process>, host::CommandError>> {
+        self.start(cmd, input, true).await
+    }
+
+    async fn next_files(&mut self) -> wasmtime::Result<Vec<String>> {
+        let Some(job) = &mut self.call.job else { return Ok(Vec::new()) };
+        let Some(more) = job.more.as_mut() else { return Ok(Vec::new()) };
+        // Every file given so far is done now, whether the plugin said so
+        // or not: the runner may end their batch.
+        for file in &job.files {
+            if job.done.insert(file.clone()) && job.report.send(HostEvent::FileDone(file.clone())).is_err() {
+                job.closed = true;
+                return Err(wasmtime::Error::msg("the runner stopped listening for results"));
             }
-            Err(error) => Ok(Err(error)),
         }
+        if job.report.send(HostEvent::Idle).is_err() {
+            job.closed = true;
+            return Err(wasmtime::Error::msg("the runner stopped listening for results"));
+        }
+        // Waiting for the runner is not the plugin computing.
+        let _paused = self.call.clock.pause();
+        let Some(files) = more.recv().await else {
+            job.more = None;
+            return Ok(Vec::new());
+        };
+        let count = u32::try_from(files.len()).unwrap_or(u32::MAX);
+        let (file_timeout, call_timeout) = job.per_file;
+        for rep in &self.spawned {
+            if let Ok(process) = self.table.get(&Resource::<Spawned>::new_borrow(*rep)) {
+                process.0.extend(file_timeout.saturating_mul(count));
+            }
+        }
+        job.spawn_timeout = job.spawn_timeout.saturating_add(file_timeout.saturating_mul(count));
+        self.call.clock.extend(call_timeout.saturating_mul(count));
+        tracing::debug!(plugin = %self.call.plugin, files = files.len(), "more files for the running plugin");
+        job.files.extend(files.iter().cloned());
+        Ok(files)
     }
 
     async fn file_done(&mut self, file: String) -> wasmtime::Result<()> {
@@ -310,7 +371,35 @@ impl host::Host for HostState {
 }
 
 impl HostState {
-    /// Checks that a command may be run now and turns it into the sandbox's
+    /// `spawn`, or with `open` `spawn-open`.
+    async fn start(
+        &mut self,
+        cmd: host::Command,
+        input: Vec<u8>,
+        open: bool,
+    ) -> wasmtime::Result<Result<Resource<host::Process>, host::CommandError>> {
+        let (checkout, request) = match self.request(cmd, input) {
+            Ok(ready) => ready,
+            Err(denied) => return Ok(Err(denied)),
+        };
+        let program = request.program.clone();
+        let timeout = self.call.job.as_ref().map_or(self.call.command_timeout, |job| job.spawn_timeout);
+        let limits = self.limits(timeout);
+        let result = if open {
+            command::spawn_open(&checkout, request, &limits).await
+        } else {
+            command::spawn(&checkout, request, &limits).await
+        };
+        match self.explain_refusal(&program, result) {
+            Ok(process) => {
+                let rep = self.table.push(Spawned(process))?.rep();
+                self.spawned.push(rep);
+                Ok(Ok(Resource::new_own(rep)))
+            }
+            Err(error) => Ok(Err(error)),
+        }
+    }
+
     /// request: the checkout to run it in, and the request.
     fn request(&self, cmd: host::Command, input: Vec<u8>) -> Result<(PathBuf, command::Request), host::CommandError> {
         let Some(job) = &self.call.job else {

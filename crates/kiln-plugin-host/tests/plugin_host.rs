@@ -4,7 +4,7 @@
 //! limits, and loading: the compile cache, overlapping claims, contract
 //! versions and what is not a plugin.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -199,9 +199,94 @@ async fn run_with_events(
                 assert!(!done.contains(&file), "{file} done twice");
                 done.push(file);
             }
+            HostEvent::Idle => panic!("a run that is offered no more files never waits for them"),
         }
     }
     (results, done)
+}
+
+/// `run_more` hands the files of later batches to the plugin that is
+/// still running: python-unittest runs them in the interpreter that ran the
+/// first batch (each test prints its driver's PID namespace, pid and start
+/// time), each round ends with
+/// `Idle` once its files are done, and closing `more` ends the run.
+#[tokio::test]
+async fn more_files_run_in_the_warm_interpreter_of_the_first_batch() {
+    // Each sandboxed command has a PID namespace of its own.
+    let test = "import os, unittest\n\nclass T(unittest.TestCase):\n    def test(self):\n        \
+                with open('/proc/%d/stat' % os.getppid()) as f:\n            \
+                started = f.read().rsplit(')', 1)[1].split()[19]\n        \
+                print(os.readlink('/proc/self/ns/pid'), os.getppid(), started)\n        self.fail()\n";
+    let (dir, files) = checkout(&[
+        ("tests/__init__.py", ""),
+        ("tests/test_a.py", test),
+        ("tests/test_b.py", test),
+        ("tests/test_c.py", test),
+    ]);
+    let host = PluginHost::new(policy(&["python3"])).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (more_tx, more) = mpsc::unbounded_channel();
+    let settings = kiln_plugin_host::RunSettings::default();
+    let first = files[..2].to_vec();
+    let run = host.run_more(dir.path(), &first, 1, &settings, &tx, Some(more));
+    let events = &mut rx;
+    let rounds = async move {
+        let mut rounds: Vec<Vec<HostEvent>> = vec![Vec::new()];
+        let mut later = vec![vec![files[2].clone()], vec![files[3].clone()]].into_iter();
+        while let Some(event) = events.recv().await {
+            if event != HostEvent::Idle {
+                rounds.last_mut().unwrap().push(event);
+                continue;
+            }
+            match later.next() {
+                Some(files) => more_tx.send(files).unwrap(),
+                // Dropping `more_tx` says none will come.
+                None => return rounds,
+            }
+            rounds.push(Vec::new());
+        }
+        panic!("the run ended without waiting for more: {rounds:?}");
+    };
+    let (ran, mut rounds) = tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(run, rounds) })
+        .await
+        .expect("the run ends once no more files come");
+    ran.unwrap();
+    drop(tx);
+    while let Some(event) = rx.recv().await {
+        rounds.last_mut().unwrap().push(event);
+    }
+    let done = |file: &str| HostEvent::FileDone(file.to_owned());
+    let mut pids = BTreeSet::new();
+    let mut shape = Vec::new();
+    for round in &rounds {
+        let mut events = Vec::new();
+        for event in round {
+            match event {
+                HostEvent::Test(result) => {
+                    assert_eq!(result.outcome, Outcome::Fail, "{result:?}");
+                    pids.insert(
+                        result.message.rsplit("Output (stdout and stderr):\n").next().unwrap().trim().to_owned(),
+                    );
+                    events.push(format!("{} {}", result.file, result.id));
+                }
+                other => events.push(format!("{other:?}")),
+            }
+        }
+        shape.push(events);
+    }
+    assert_eq!(
+        shape,
+        [
+            vec![
+                format!("{:?}", done("tests/__init__.py")),
+                "tests/test_a.py tests.test_a.T.test".to_owned(),
+                format!("{:?}", done("tests/test_a.py"))
+            ],
+            vec!["tests/test_b.py tests.test_b.T.test".to_owned(), format!("{:?}", done("tests/test_b.py"))],
+            vec!["tests/test_c.py tests.test_c.T.test".to_owned(), format!("{:?}", done("tests/test_c.py"))],
+        ]
+    );
+    assert_eq!(pids.len(), 1, "one interpreter ran every file: {pids:?}");
 }
 
 fn outcomes(results: &BTreeMap<String, TestResult>) -> BTreeMap<&str, Outcome> {
@@ -1147,15 +1232,16 @@ async fn a_plugin_for_another_contract_version_is_refused_naming_both_versions()
     let error = host.load_file(&newer).unwrap_err();
     let message = error.to_string();
     assert!(
-        matches!(&error, HostError::IncompatibleContract { found, supported, .. } if found == "0.9.0" && supported == "0.2.0")
+        matches!(&error, HostError::IncompatibleContract { found, supported, .. } if found == "0.9.0" && supported == "0.2.1")
     );
-    assert!(message.contains("kiln:executor@0.9.0") && message.contains("kiln:executor@0.2.0"), "{message}");
+    assert!(message.contains("kiln:executor@0.9.0") && message.contains("kiln:executor@0.2.1"), "{message}");
     assert!(matches!(PluginHost::check_file(&newer), Err(HostError::IncompatibleContract { .. })));
 
     // A newer patch release of the same 0.2 contract is still refused (0.x:
     // nothing newer than the host's own), and so are plugins built for 0.1
     // (0.2 changed `run` and `run-command`): the message names both versions
-    // and says to rebuild. The same version loads.
+    // and says to rebuild. The same version loads, and so does an older
+    // patch release (0.2.0 plugins run on this 0.2.1 host).
     let patch = dir.path().join("patch.wasm");
     std::fs::write(&patch, with_contract_version(&original, "0.2.9")).unwrap();
     assert!(matches!(host.load_file(&patch), Err(HostError::IncompatibleContract { .. })));
@@ -1164,23 +1250,25 @@ async fn a_plugin_for_another_contract_version_is_refused_naming_both_versions()
         std::fs::write(&older, with_contract_version(&original, old)).unwrap();
         let message = host.load_file(&older).unwrap_err().to_string();
         assert!(
-            message.contains(&format!("kiln:executor@{old}")) && message.contains("kiln:executor@0.2.0"),
+            message.contains(&format!("kiln:executor@{old}")) && message.contains("kiln:executor@0.2.1"),
             "{message}"
         );
     }
-    let same = dir.path().join("same.wasm");
-    std::fs::write(&same, with_contract_version(&original, "0.2.0")).unwrap();
-    host.load_file(&same).unwrap();
+    for compatible in ["0.2.1", "0.2.0"] {
+        let same = dir.path().join(format!("{compatible}.wasm"));
+        std::fs::write(&same, with_contract_version(&original, compatible)).unwrap();
+        PluginHost::new(policy(&[])).unwrap().load_file(&same).unwrap();
+    }
 }
 
 #[test]
 fn check_describes_a_plugin_or_says_why_it_is_not_one() {
     let tap = PluginHost::check_file(&Path::new(env!("KILN_PLUGINS_WASM_DIR")).join("tap.wasm")).unwrap();
-    assert_eq!((tap.name.as_str(), tap.contract.as_str()), ("tap", "0.2.0"));
+    assert_eq!((tap.name.as_str(), tap.contract.as_str()), ("tap", "0.2.1"));
     assert_eq!(tap.claims, ["tests/**/*.t", "tests/**/test*.sh"]);
     assert_eq!(tap.programs, ["sh", "bash", "perl", "python3"]);
     assert!(tap.granted.is_empty());
-    assert!(tap.imports.iter().any(|i| i == "kiln:executor/host@0.2.0"), "{:?}", tap.imports);
+    assert!(tap.imports.iter().any(|i| i == "kiln:executor/host@0.2.1"), "{:?}", tap.imports);
 
     let dir = tempfile::tempdir().unwrap();
     let file = |name: &str, bytes: &[u8]| {

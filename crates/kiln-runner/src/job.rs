@@ -16,8 +16,10 @@ use kiln_net::{Connection, RecvStream, SendStream};
 use kiln_plugin_host::{HostEvent, PluginHost, RunSettings};
 use kiln_proto::wire::{Assignment, Control, Held, JobEvent, Reply, Request};
 use kiln_proto::{CommitId, Escaped, RepoConfig, error_chain};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+
+use crate::session;
 use tracing::{debug, info, warn};
 
 /// How many commits a runner offers as "haves" when fetching source.
@@ -52,6 +54,8 @@ pub(crate) struct JobContext {
     /// objects and ref would collide on git's lock files. The second finds
     /// the commit present and fetches nothing.
     pub fetching: tokio::sync::Mutex<()>,
+    /// Warm plugin runs waiting for their commit's next batch.
+    pub sessions: Arc<crate::session::Sessions>,
 }
 
 /// The runner's slots, shared by its batches: a batch takes exactly the
@@ -323,6 +327,16 @@ async fn run_job(
     checkout: &Path,
     events: mpsc::UnboundedSender<JobEvent>,
 ) -> Result<Result<usize, JobError>, String> {
+    let key = session::Key { commit, python: batch.python.clone(), config: batch.config.clone(), slots: batch.slots };
+    // Without an installed environment (see `session`), a batch joins a
+    // warm run of its commit if this runner has one idle.
+    let warm = batch.config.as_ref().is_none_or(|c| !c.installs());
+    if warm
+        && let Some(idle) = ctx.sessions.take(&key)
+        && let Some(ran) = join_session(ctx, idle, batch, &events).await
+    {
+        return Ok(ran);
+    }
     if let Err(e) = fetch(ctx, conn, lease, commit, checkout).await {
         if let Some(reason) = conn.close_reason() {
             return Err(format!("lost the dispatcher while fetching the source: {reason}"));
@@ -392,6 +406,20 @@ async fn run_job(
     };
     let slots = ctx.slots.take(batch.slots).await;
     debug!(files = files.len(), slots = slots.num_permits(), "running tests");
+    if warm {
+        // The session owns the checkout from now on, under a name of its own.
+        let dir = ctx.jobs_dir.join(format!("session-{}-{}", lease.job, lease.attempt));
+        if tokio::fs::rename(checkout, &dir).await.is_ok() {
+            let (tx, rx) = mpsc::unbounded_channel::<HostEvent>();
+            let (ended_tx, ended) = oneshot::channel();
+            let first = session::Join { files, events: tx, ended: ended_tx };
+            let start = session::Start { key, checkout: dir, found: Arc::new(found.files), settings, first };
+            let attached = ctx.sessions.start(Arc::clone(&ctx.host), start);
+            return Ok(in_session(rx, ended, attached, slots, &events)
+                .await
+                .unwrap_or_else(|| Err(JobError::Plugins(kiln_plugin_host::HostError::ReportClosed))));
+        }
+    }
     let (tx, mut rx) = mpsc::unbounded_channel::<HostEvent>();
     let host = Arc::clone(&ctx.host);
     let run = async move {
@@ -401,23 +429,89 @@ async fn run_job(
         drop(slots);
         r
     };
-    let forward = async {
-        let mut count = 0;
-        while let Some(event) = rx.recv().await {
-            let event = match event {
-                HostEvent::Test(result) => {
-                    count += 1;
-                    JobEvent::Test(result)
-                }
-                HostEvent::FileDone(file) => JobEvent::FileDone { file },
-            };
-            // The receiver lives as long as this future.
-            let _ = events.send(event);
-        }
-        count
-    };
-    let (ran, count) = tokio::join!(run, forward);
+    let (ran, count) = tokio::join!(run, forward(&mut rx, &events));
     Ok(ran.map(|()| count).map_err(JobError::Plugins))
+}
+
+/// Sends the plugins' events on as the job's until their sender is gone;
+/// how many test results there were.
+async fn forward(rx: &mut mpsc::UnboundedReceiver<HostEvent>, events: &mpsc::UnboundedSender<JobEvent>) -> usize {
+    let mut count = 0;
+    while let Some(event) = rx.recv().await {
+        let event = match event {
+            HostEvent::Test(result) => {
+                count += 1;
+                JobEvent::Test(result)
+            }
+            HostEvent::FileDone(file) => JobEvent::FileDone { file },
+            HostEvent::Idle => continue,
+        };
+        // The receiver lives as long as the job.
+        let _ = events.send(event);
+    }
+    count
+}
+
+/// Runs `batch` in the idle session `idle`, if it can: its files must all
+/// go to the session's plugin. `None`: it could not, and it runs as a batch
+/// of its own (nothing about it was reported, or only what that repeats).
+async fn join_session(
+    ctx: &JobContext,
+    idle: session::Idle,
+    batch: &Batch,
+    events: &mpsc::UnboundedSender<JobEvent>,
+) -> Option<Result<usize, JobError>> {
+    let mut files = Vec::new();
+    let mut not_run = Vec::new();
+    for file in &batch.files {
+        let claimant = ctx.host.claimants(file).into_iter().next();
+        if idle.found.binary_search(file).is_err() {
+            not_run.push((file, "not a regular file under tests/ in the runner's checkout"));
+        } else if claimant.is_none() {
+            not_run.push((file, "no plugin claims it"));
+        } else if claimant.as_deref() == Some(idle.plugin.as_str()) {
+            files.push(file.clone());
+        } else {
+            // Another plugin's file: this session cannot run it.
+            ctx.sessions.put_back(idle);
+            return None;
+        }
+    }
+    for (file, reason) in not_run {
+        // The receiver lives as long as the job.
+        let _ = events.send(JobEvent::NotRun { file: file.clone(), reason: reason.to_owned() });
+    }
+    if files.is_empty() {
+        ctx.sessions.put_back(idle);
+        return Some(Ok(0));
+    }
+    let slots = ctx.slots.take(batch.slots).await;
+    debug!(files = files.len(), slots = slots.num_permits(), "running tests in the commit's warm plugin run");
+    let (tx, rx) = mpsc::unbounded_channel::<HostEvent>();
+    let (ended_tx, ended) = oneshot::channel();
+    let attached = idle.join(session::Join { files, events: tx, ended: ended_tx }).ok()?;
+    in_session(rx, ended, attached, slots, events).await
+}
+
+/// Forwards a batch's events from its session until the batch ends there;
+/// `None` if the session ended before it got the batch.
+async fn in_session(
+    mut rx: mpsc::UnboundedReceiver<HostEvent>,
+    ended: oneshot::Receiver<session::Ended>,
+    attached: session::Attached,
+    slots: tokio::sync::OwnedSemaphorePermit,
+    events: &mpsc::UnboundedSender<JobEvent>,
+) -> Option<Result<usize, JobError>> {
+    // The session drops the sender when the batch ends there.
+    let (ended, count) = tokio::join!(ended, forward(&mut rx, events));
+    drop(slots);
+    let result = match ended {
+        Ok(session::Ended::Idle | session::Ended::Finished(Ok(()))) => Ok(count),
+        Ok(session::Ended::Finished(Err(e))) => Err(JobError::Plugins(e)),
+        Ok(session::Ended::Gone) | Err(_) => return None,
+    };
+    attached.release();
+    Some(result)
 }
 
 /// Gets `commit` into the local cache (fetching only what is missing) and checks it out.

@@ -11,6 +11,7 @@
 mod env;
 mod job;
 pub mod python;
+mod session;
 
 pub use env::EnvSettings;
 pub use python::Interpreter;
@@ -158,6 +159,7 @@ pub async fn run(
         slots: job::Slots::new(config.slots),
         jobs: std::sync::Mutex::new(std::collections::HashMap::new()),
         fetching: tokio::sync::Mutex::new(()),
+        sessions: Arc::default(),
     });
     let tasks = TaskTracker::new();
     let mut backoff = Backoff::default();

@@ -23,7 +23,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::sandbox::{NOTE_PREFIX, Sandbox};
@@ -128,7 +128,7 @@ pub(crate) async fn run_in(
     request: Request,
     limits: &Limits<'_>,
 ) -> Result<Output, Refusal> {
-    let mut process = spawn_in(sandbox, checkout, request, limits).await?;
+    let mut process = spawn_in(sandbox, checkout, request, limits, false).await?;
     let mut stdout = Capped::new(limits.max_output);
     let mut stderr = Capped::new(limits.max_output);
     loop {
@@ -176,6 +176,11 @@ pub struct Process {
     kill: Option<oneshot::Sender<()>>,
     exit: Option<Exit>,
     supervisor: tokio::task::JoinHandle<()>,
+    /// More for its stdin, while that is open ([`spawn_open`]); dropping it
+    /// closes stdin.
+    input: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// Time added to its limit ([`Process::extend`]).
+    extend: mpsc::UnboundedSender<Duration>,
 }
 
 /// How many chunks of output may wait for the reader before the program's
@@ -208,6 +213,23 @@ impl Process {
         }
     }
 
+    /// Writes `data` to the program's stdin after what it was given before;
+    /// whether stdin is still open ([`spawn_open`]) for it. A program that
+    /// stops reading makes later writes fail, which is its business.
+    pub fn write(&mut self, data: Vec<u8>) -> bool {
+        self.input.as_ref().is_some_and(|input| input.send(data).is_ok())
+    }
+
+    /// Closes the program's stdin once what was written has been delivered.
+    pub fn close_input(&mut self) {
+        self.input = None;
+    }
+
+    /// Adds `by` to the program's time limit (more work was handed to it).
+    pub fn extend(&self, by: Duration) {
+        let _ = self.extend.send(by);
+    }
+
     /// Kills the program, if it still runs, and returns once it and
     /// everything it started are gone. (Dropping a `Process` kills too, but
     /// does not wait.)
@@ -223,15 +245,23 @@ impl Process {
 /// Starts `request` in `checkout` (an absolute, canonical path) under
 /// `limits`, in the runner's sandbox, and returns at once.
 pub async fn spawn(checkout: &Path, request: Request, limits: &Limits<'_>) -> Result<Process, Refusal> {
-    spawn_in(Sandbox::global(), checkout, request, limits).await
+    spawn_in(Sandbox::global(), checkout, request, limits, false).await
 }
 
-/// [`spawn`] in a given sandbox.
+/// [`spawn`], leaving the program's stdin open after the request's input:
+/// the caller writes more with [`Process::write`] and closes it with
+/// [`Process::close_input`] (or by dropping the process).
+pub async fn spawn_open(checkout: &Path, request: Request, limits: &Limits<'_>) -> Result<Process, Refusal> {
+    spawn_in(Sandbox::global(), checkout, request, limits, true).await
+}
+
+/// [`spawn`] in a given sandbox; `open`: see [`spawn_open`].
 pub(crate) async fn spawn_in(
     sandbox: &Sandbox,
     checkout: &Path,
     request: Request,
     limits: &Limits<'_>,
+    open: bool,
 ) -> Result<Process, Refusal> {
     let Some(program) = limits.granted.get(&request.program) else {
         let granted: Vec<&str> = limits.granted.keys().map(String::as_str).collect();
@@ -265,7 +295,7 @@ pub(crate) async fn spawn_in(
         .envs(limits.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("HOME", confinement.home())
         .env("TMPDIR", confinement.tmp_dir())
-        .stdin(if request.input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if request.input.is_some() || open { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // If the supervisor is dropped (its runtime is going away), tokio
@@ -281,23 +311,28 @@ pub(crate) async fn spawn_in(
     confinement.started(child.id());
     let (events, receiver) = mpsc::channel(QUEUED_CHUNKS);
     let (kill, killed) = oneshot::channel();
-    let input = request.input.unwrap_or_default();
+    let (input, more) = mpsc::unbounded_channel();
+    if let Some(first) = request.input {
+        let _ = input.send(first);
+    }
+    let (extend, extended) = mpsc::unbounded_channel();
+    // Fed by its own task, which ends when stdin is closed: a program that
+    // exits while its stdin is open must not wait for the feeder.
+    tokio::spawn(feed(child.stdin.take(), more));
     let supervisor = tokio::spawn(async move {
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        let stdin = child.stdin.take();
-        let streams = Streams { stdout, stderr, stdin, input };
-        supervise(child, confinement, streams, timeout, events, killed).await;
+        let streams = Streams { stdout, stderr };
+        supervise(child, confinement, streams, (timeout, extended), events, killed).await;
     });
-    Ok(Process { events: receiver, kill: Some(kill), exit: None, supervisor })
+    let input = open.then_some(input);
+    Ok(Process { events: receiver, kill: Some(kill), exit: None, supervisor, input, extend })
 }
 
-/// A started child's pipes, and what to write to its stdin.
+/// A started child's output pipes.
 struct Streams {
     stdout: Option<ChildStdout>,
     stderr: Option<ChildStderr>,
-    stdin: Option<ChildStdin>,
-    input: Vec<u8>,
 }
 
 /// Owns a started child until it is gone: forwards its output, enforces the
@@ -307,16 +342,15 @@ async fn supervise(
     mut child: Child,
     confinement: crate::sandbox::Confinement,
     streams: Streams,
-    timeout: Duration,
+    (timeout, mut extended): (Duration, mpsc::UnboundedReceiver<Duration>),
     events: mpsc::Sender<Event>,
     mut killed: oneshot::Receiver<()>,
 ) {
     // Whether stderr's last byte was a line end, for the notes that follow.
     let stderr_at_line_start = std::sync::atomic::AtomicBool::new(true);
-    let Streams { stdout, stderr, stdin, input } = streams;
+    let Streams { stdout, stderr } = streams;
     let reading = async {
         tokio::join!(
-            feed(stdin, &input),
             forward(stdout, &events, Event::Stdout, None),
             forward(stderr, &events, Event::Stderr, Some(&stderr_at_line_start))
         )
@@ -331,6 +365,10 @@ async fn supervise(
         tokio::select! {
             _ = &mut reading, if !read_all => read_all = true,
             status = child.wait() => break status,
+            Some(by) = extended.recv(), if !stopping => {
+                let until = deadline.deadline() + by;
+                deadline.as_mut().reset(until);
+            }
             _ = &mut killed, if !stopping => {
                 stopping = true;
                 confinement.stop();
@@ -417,11 +455,16 @@ async fn forward(
     }
 }
 
-/// Writes `input` to the program's stdin and closes it. A program that stops
-/// reading (or exits) early ends the write with an error, which is its business.
-async fn feed(pipe: Option<impl AsyncWrite + Unpin>, input: &[u8]) {
+/// Writes what arrives on `input` to the program's stdin, in order, and
+/// closes it when `input` closes. A program that stops reading (or exits)
+/// early ends the writes with an error, which is its business.
+async fn feed(pipe: Option<impl AsyncWrite + Unpin>, mut input: mpsc::UnboundedReceiver<Vec<u8>>) {
     let Some(mut pipe) = pipe else { return };
-    let _ = pipe.write_all(input).await;
+    while let Some(data) = input.recv().await {
+        if pipe.write_all(&data).await.is_err() {
+            return;
+        }
+    }
     let _ = pipe.shutdown().await;
 }
 
@@ -521,6 +564,59 @@ mod tests {
         assert!(out.stdout == input, "{} bytes back of {}", out.stdout.len(), input.len());
         let out = run(&checkout, request(None), &limits).await.unwrap();
         assert_eq!((out.exit_code, out.stdout.as_slice()), (Some(0), &b""[..]));
+    }
+
+    /// What a spawned program wrote on stdout, and how it ended.
+    async fn drain(process: &mut Process) -> (Vec<u8>, Exit) {
+        let mut out = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), process.next()).await.unwrap() {
+                Event::Stdout(bytes) => out.extend(bytes),
+                Event::Stderr(_) => {}
+                Event::Exited(exit) => return (out, exit),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_open_stdin_takes_writes_until_closed_and_more_time_extends_the_limit() {
+        let checkout = tempfile::tempdir().unwrap();
+        let checkout = std::fs::canonicalize(checkout.path()).unwrap();
+        let granted = BTreeMap::from([("sh".to_owned(), PathBuf::from("/bin/sh"))]);
+        let limits =
+            |timeout| Limits { granted: &granted, timeout, max_output: 1024, hidden: &[], env: &[], binds: &[] };
+        let request = |script: &str| Request {
+            program: "sh".to_owned(),
+            args: vec!["-c".to_owned(), script.to_owned()],
+            cwd: String::new(),
+            timeout: Duration::ZERO,
+            input: Some(b"one\n".to_vec()),
+        };
+        // Each line written later is read after the first, and closing
+        // stdin ends `cat`.
+        let mut process = spawn_open(&checkout, request("cat"), &limits(Duration::from_secs(60))).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(10), process.next()).await.unwrap();
+        assert_eq!(first, Event::Stdout(b"one\n".to_vec()));
+        assert!(process.write(b"two\n".to_vec()));
+        process.close_input();
+        assert!(!process.write(b"three\n".to_vec()), "a write after closing must fail");
+        let (out, exit) = drain(&mut process).await;
+        assert_eq!((out.as_slice(), exit), (&b"two\n"[..], Exit { exit_code: Some(0), timed_out: false }));
+        // A plain spawn's stdin is closed after its input.
+        let mut process = spawn(&checkout, request("cat"), &limits(Duration::from_secs(60))).await.unwrap();
+        assert!(!process.write(b"two\n".to_vec()));
+        assert_eq!(drain(&mut process).await.0, b"one\n");
+        // A limit of 1 s, extended by 2 s: a 2 s program ends on its own.
+        let mut process =
+            spawn_open(&checkout, request("sleep 2; echo slept"), &limits(Duration::from_secs(1))).await.unwrap();
+        process.extend(Duration::from_secs(2));
+        let (out, exit) = drain(&mut process).await;
+        assert_eq!((out.as_slice(), exit.timed_out), (&b"slept\n"[..], false));
+        // Without the extension it runs out of time.
+        let mut process =
+            spawn_open(&checkout, request("sleep 2; echo slept"), &limits(Duration::from_secs(1))).await.unwrap();
+        let (out, exit) = drain(&mut process).await;
+        assert_eq!((out.as_slice(), exit.timed_out), (&b""[..], true));
     }
 
     #[tokio::test]

@@ -25,7 +25,7 @@ pub mod sandbox;
 #[doc(hidden)]
 pub mod testing;
 
-pub use command::{Bind, Capped, Event, Exit, Limits, Output, Process, Refusal, Request, run, spawn};
+pub use command::{Bind, Capped, Event, Exit, Limits, Output, Process, Refusal, Request, run, spawn, spawn_open};
 pub use sandbox::{
     Coverage, Mechanism, MechanismReport, SANDBOX_ID, SandboxIdError, SandboxLimits, SandboxReport, command_user,
     probe, use_sandbox_id,

@@ -6,7 +6,8 @@
 //! names them. It implements [`Executor`] and exports itself with
 //! [`export_executor!`]; it talks to the runner through [`report`],
 //! [`file_done`], [`log`], [`run_command`] and [`spawn`] (a program whose
-//! output it reads while it runs); and it reads the job's checkout,
+//! output it reads while it runs), and may take more files as it goes
+//! ([`next_files`], with [`spawn_open`]); and it reads the job's checkout,
 //! read-only, under [`CHECKOUT`] with `std::fs`.
 //!
 //! ```no_run
@@ -74,7 +75,7 @@ pub use bindings::kiln::executor::host::{
 pub use bindings::kiln::executor::types::{Outcome, PluginInfo as Info, TestResult};
 
 /// The `kiln:executor` contract version this SDK builds plugins for.
-pub const CONTRACT_VERSION: &str = "0.2.0";
+pub const CONTRACT_VERSION: &str = "0.2.1";
 
 /// Where the runner mounts the job's checkout, read-only. Inside a plugin the
 /// working directory is `/`, so use absolute paths ([`checkout_path`]).
@@ -168,6 +169,23 @@ pub fn run_command_with_input(command: &Command, input: &[u8]) -> Result<Command
 /// the program and everything it started.
 pub fn spawn(command: &Command, input: &[u8]) -> Result<Process, CommandError> {
     bindings::kiln::executor::host::spawn(command, input)
+}
+
+/// [`spawn`], with the program's stdin left open after `input`: write more
+/// with [`Process::write`] and close it with [`Process::close_input`] (or by
+/// dropping the process). For a program that takes more files as it runs
+/// ([`next_files`]).
+pub fn spawn_open(command: &Command, input: &[u8]) -> Result<Process, CommandError> {
+    bindings::kiln::executor::host::spawn_open(command, input)
+}
+
+/// More files for this run, once every file given so far is done: waits
+/// until the runner has another batch of the same commit for this plugin
+/// and returns its files (run and report them like the batch's own), or
+/// returns an empty list when none will come. Calling it is optional: it
+/// lets one warm program serve several batches instead of starting again.
+pub fn next_files() -> Vec<String> {
+    bindings::kiln::executor::host::next_files()
 }
 
 /// The path inside the plugin of a repository-relative `file`.

@@ -5,7 +5,7 @@ The python-unittest plugin starts it from the repository root, fed on stdin
 behind the version guard to a one-line loader (bootstrap.py says which
 command and which bytes, exactly); by hand, `python3 - ARGS < driver.py`:
 
-    python3 -c LOADER [--slots N] [--timeout SECONDS] [--] FILE...
+    python3 -c LOADER [--slots N] [--timeout SECONDS] [--more] [--] FILE...
 
 Design: a warm forking batch. This process, the PARENT, imports what the
 driver needs once (unittest and a few standard modules, never a test module
@@ -51,8 +51,17 @@ per line, each flushed as the event happens, so results stream:
     {"file-done": F}
                     every result of F has been written (exactly once per F,
                     also when F yields no result)
+    {"idle": true}  with --more: every file given so far is done (written
+                    once each time the driver runs out of files)
     {"done": true}  the last line: the driver finished normally (its absence
                     means the parent itself was cut short)
+
+With `--more`, the driver runs more files after its FILE arguments: each
+line it reads on stdin after the program is a JSON list of FILE paths,
+queued as if they had been given as arguments (a path given before runs
+once). It ends once stdin is closed and every file is done. This is how one
+warm interpreter serves several batches of a commit: the plugin hands it the
+next batch's files when it says `idle`, instead of starting another.
 
 F is the FILE argument exactly as given. Within a file an id is reported at
 most once (a later report of the same id, e.g. a class fixture failing again
@@ -123,6 +132,9 @@ _START = "tests"
 
 # The protocol version on the first line.
 _PROTOCOL = 2
+
+# The selector's mark for stdin (with --more).
+_STDIN = object()
 
 # When several outcomes are reported for one test (an assertion fails and
 # then tearDown raises, say), the worst one is the test's outcome.
@@ -602,18 +614,20 @@ class _Usage(Exception):
     pass
 
 
-_USAGE = "usage: python3 - [--slots N] [--timeout SECONDS] [--] FILE... < bootstrap and driver.py"
+_USAGE = "usage: python3 - [--slots N] [--timeout SECONDS] [--more] [--] FILE... < bootstrap and driver.py"
 
 
 def _parse_args(args):
-    slots, timeout, files = 1, None, []
+    slots, timeout, more, files = 1, None, False, []
     i = 0
     while i < len(args):
         arg = args[i]
         if arg == "--":
             files.extend(args[i + 1:])
             break
-        if arg.startswith("--"):
+        if arg == "--more":
+            more = True
+        elif arg.startswith("--"):
             name, equals, value = arg.partition("=")
             if name not in ("--slots", "--timeout"):
                 raise _Usage("unknown option %s" % arg)
@@ -636,7 +650,7 @@ def _parse_args(args):
         else:
             files.append(arg)
         i += 1
-    return slots, timeout, files
+    return slots, timeout, more, files
 
 
 def _take_stdout():
@@ -702,22 +716,34 @@ def _src_layout(root):
 class _Parent:
     """The scheduler: forks children, multiplexes their pipes, reports."""
 
-    def __init__(self, out, slots, timeout, paths):
+    def __init__(self, out, slots, timeout, paths, more=False):
         self._out = out
         self._slots = slots
         self._timeout = timeout
         self._queue = []
-        seen = set()
-        for path in paths:
-            if path not in seen:
-                seen.add(path)
-                self._queue.append(_File(path))
+        self._seen = set()
+        self._add(paths)
         self._forks = {}
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        # With --more: stdin stays open for more files (see the module doc),
+        # and the buffered part of a line not yet ended.
+        self._more = more
+        self._more_buffer = b""
+        self._idle = False
+        if more:
+            os.set_blocking(0, False)
+            self._selector.register(0, selectors.EVENT_READ, _STDIN)
+
+    def _add(self, paths):
+        """Queues each path not seen before."""
+        for path in paths:
+            if path not in self._seen:
+                self._seen.add(path)
+                self._queue.append(_File(path))
 
     def _write(self, **fields):
         _write_all(self._out, (json.dumps(fields) + "\n").encode("ascii"))
@@ -736,10 +762,16 @@ class _Parent:
             while True:
                 self._start_ready()
                 if not (self._queue or self._forks):
-                    break
+                    if not self._more:
+                        break
+                    if not self._idle:
+                        self._idle = True
+                        self._write(idle=True)
                 for key, _ in self._selector.select(self._wait()):
                     if key.data is None:
                         self._drain_wakeups()
+                    elif key.data is _STDIN:
+                        self._read_more()
                     else:
                         self._read(key.data)
                 self._reap()
@@ -760,6 +792,35 @@ class _Parent:
         if not times:
             return None
         return max(0.0, min(times) - time.monotonic())
+
+    def _read_more(self):
+        """Queues the files of each whole line on stdin; at its end, no more
+        will come. A line that is not a JSON list of strings is a usage
+        error: the plugin wrote it, not a test."""
+        try:
+            data = os.read(0, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self._more = False
+            self._selector.unregister(0)
+            if self._more_buffer.strip():
+                raise _Usage("stdin ended inside a line of files")
+            return
+        lines = (self._more_buffer + data).split(b"\n")
+        self._more_buffer = lines.pop()
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                paths = json.loads(line)
+            except ValueError:
+                paths = None
+            if not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
+                raise _Usage("a line on stdin is not a JSON list of files: %r" % line[:200])
+            _warm_import_caches(paths)
+            self._add(paths)
+            self._idle = False
 
     def _drain_wakeups(self):
         try:
@@ -1024,7 +1085,7 @@ def _warm_import_caches(files):
 
 def main(argv):
     try:
-        slots, timeout, files = _parse_args(argv[1:])
+        slots, timeout, more, files = _parse_args(argv[1:])
     except _Usage as error:
         sys.stderr.write("%s\n%s\n" % (error, _USAGE))
         return 2
@@ -1034,7 +1095,11 @@ def main(argv):
     if src is not None and src not in sys.path:
         sys.path.insert(1, src)
     _warm_import_caches(files)
-    return _Parent(out, slots, timeout, files).run()
+    try:
+        return _Parent(out, slots, timeout, files, more).run()
+    except _Usage as error:
+        sys.stderr.write("%s\n%s\n" % (error, _USAGE))
+        return 2
 
 
 if __name__ == "__main__":

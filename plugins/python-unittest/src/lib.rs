@@ -10,7 +10,10 @@
 //! the driver reports it as an `error` naming the cause and runs the file's
 //! remaining tests in a fresh fork. The plugin reads the driver's output
 //! while it runs ([`output`]) and reports each result the moment its line
-//! arrives, and each file's completion with it.
+//! arrives, and each file's completion with it. The last driver of a call
+//! keeps its stdin open (`--more`): when it is idle the plugin asks the
+//! runner for more files of the commit ([`kiln_plugin_sdk::next_files`])
+//! and hands them to the same warm interpreter, which ends when none come.
 //!
 //! The plugin decides which files to run with the rules of
 //! `python3 -m unittest discover -s tests -t .` ([`select`]), reading the
@@ -56,29 +59,59 @@ impl Executor for PythonUnittest {
     }
 
     fn run(batch: Batch) -> Result<(), String> {
-        let (modules, skipped) =
-            select::test_modules(&batch.files, |file| match std::fs::metadata(checkout_path(file)) {
-                Ok(meta) if meta.is_file() => select::Entry::File(meta.len()),
-                _ => select::Entry::Other,
-            });
-        // Empty package `__init__.py` files are expected here; name the
-        // others (one line per call), since a misnamed test file is a common
-        // mistake.
-        let notable: Vec<String> = skipped
-            .iter()
-            .filter(|s| !s.file.ends_with("/__init__.py"))
-            .map(|s| format!("{} ({})", s.file, s.reason))
-            .collect();
-        if !notable.is_empty() {
-            kiln_plugin_sdk::log(&format!("not test modules for unittest discover: {}", notable.join(", ")));
+        let mut modules = test_modules(&batch.files);
+        // A batch with nothing to run still takes the runner's next one.
+        while modules.is_empty() {
+            let files = kiln_plugin_sdk::next_files();
+            if files.is_empty() {
+                return Ok(());
+            }
+            modules = test_modules(&files);
         }
-        for file in &skipped {
-            kiln_plugin_sdk::file_done(&file.file);
-        }
-        for chunk in argv_chunks(&modules) {
-            run_modules(chunk, &batch);
+        let chunks = argv_chunks(&modules);
+        for (i, chunk) in chunks.iter().enumerate() {
+            // The last driver stays for the runner's next batches.
+            run_modules(chunk, &batch, i + 1 == chunks.len());
         }
         Ok(())
+    }
+}
+
+/// The test modules among `files`; the others are marked done here.
+fn test_modules(files: &[String]) -> Vec<select::TestModule> {
+    let (modules, skipped) = select::test_modules(files, |file| match std::fs::metadata(checkout_path(file)) {
+        Ok(meta) if meta.is_file() => select::Entry::File(meta.len()),
+        _ => select::Entry::Other,
+    });
+    // Empty package `__init__.py` files are expected here; name the
+    // others (one line per call), since a misnamed test file is a common
+    // mistake.
+    let notable: Vec<String> = skipped
+        .iter()
+        .filter(|s| !s.file.ends_with("/__init__.py"))
+        .map(|s| format!("{} ({})", s.file, s.reason))
+        .collect();
+    if !notable.is_empty() {
+        kiln_plugin_sdk::log(&format!("not test modules for unittest discover: {}", notable.join(", ")));
+    }
+    for file in &skipped {
+        kiln_plugin_sdk::file_done(&file.file);
+    }
+    modules
+}
+
+/// The test modules of the runner's next batches, once the driver is idle:
+/// none when no more will come.
+fn more_modules() -> Vec<select::TestModule> {
+    loop {
+        let files = kiln_plugin_sdk::next_files();
+        if files.is_empty() {
+            return Vec::new();
+        }
+        let modules = test_modules(&files);
+        if !modules.is_empty() {
+            return modules;
+        }
     }
 }
 
@@ -108,35 +141,50 @@ fn program() -> String {
 }
 
 /// What the interpreter is told to run: read the program on stdin in one go
-/// and run it. Not `python3 -`, which reads its program one byte at a time
-/// (a read call per byte: 42,000 for the driver, each through the sandbox's
+/// (exactly its length: with `--more`, what follows on stdin is files) and
+/// run it. Not `python3 -`, which reads its program one byte at a time (a
+/// read call per byte: 42,000 for the driver, each through the sandbox's
 /// system call filter; 20–40 ms of every batch). Valid Python 2.7 too, so
 /// that the version guard still speaks to an old interpreter.
-const LOADER: &str = "import sys; exec(sys.stdin.read())";
+fn loader() -> String {
+    format!("import sys; exec(sys.stdin.read({}))", program().len())
+}
 
 /// The interpreter's command line: `python3 -c LOADER --slots N --timeout S
-/// FILE…`, the driver read from stdin, so that a process listing shows what
-/// runs rather than the driver's source.
-fn driver_command(modules: &[select::TestModule], batch: &Batch) -> Command {
+/// [--more] FILE…`, the driver read from stdin, so that a process listing
+/// shows what runs rather than the driver's source.
+fn driver_command(modules: &[select::TestModule], batch: &Batch, more: bool) -> Command {
     let mut args = vec![
         "-c".to_owned(),
-        LOADER.to_owned(),
+        loader(),
         "--slots".to_owned(),
         batch.slots.max(1).to_string(),
         "--timeout".to_owned(),
         format!("{:.3}", batch.file_timeout_ms as f64 / 1000.0),
     ];
+    if more {
+        args.push("--more".to_owned());
+    }
+    args.push("--".to_owned());
     args.extend(modules.iter().map(|m| m.file.clone()));
     Command::new("python3", args)
 }
 
 /// Runs the driver on `modules` and reports what it says as it says it; then
-/// gives every module it did not finish an `error` saying why.
-fn run_modules(modules: &[select::TestModule], batch: &Batch) {
+/// gives every module it did not finish an `error` saying why. With `more`,
+/// the driver, once idle, gets the runner's next batches of the commit
+/// ([`kiln_plugin_sdk::next_files`]) on its stdin, and ends when none come.
+fn run_modules(modules: &[select::TestModule], batch: &Batch, more: bool) {
     let started = Instant::now();
     // Module file -> its dotted name, for the modules not yet done.
-    let mut pending: BTreeMap<&str, &str> = modules.iter().map(|m| (m.file.as_str(), m.name.as_str())).collect();
-    let process = match kiln_plugin_sdk::spawn(&driver_command(modules, batch), program().as_bytes()) {
+    let mut pending: BTreeMap<String, String> = modules.iter().map(|m| (m.file.clone(), m.name.clone())).collect();
+    let command = driver_command(modules, batch, more);
+    let spawned = if more {
+        kiln_plugin_sdk::spawn_open(&command, program().as_bytes())
+    } else {
+        kiln_plugin_sdk::spawn(&command, program().as_bytes())
+    };
+    let process = match spawned {
         Ok(process) => process,
         Err(error) => {
             // The SDK's one wording, with the flag that grants the program.
@@ -175,6 +223,20 @@ fn run_modules(modules: &[select::TestModule], batch: &Batch) {
                 Line::TooOld { too_old: version } => too_old = Some(version),
                 Line::Hello { .. } => {}
                 Line::Done { .. } => done = true,
+                Line::Idle { .. } => {
+                    let next = if pending.is_empty() { more_modules() } else { Vec::new() };
+                    if next.is_empty() {
+                        process.close_input();
+                        continue;
+                    }
+                    let files: Vec<&str> = next.iter().map(|m| m.file.as_str()).collect();
+                    let line = serde_json::to_string(&files).unwrap_or_default() + "\n";
+                    pending.extend(next.into_iter().map(|m| (m.file, m.name)));
+                    if !process.write(line.as_bytes()) {
+                        // The driver is gone; the pending files say so below.
+                        process.close_input();
+                    }
+                }
             }
         }
     };
@@ -234,16 +296,16 @@ fn too_old_message(version: &str) -> String {
 /// Reports an `error` named after each pending module (the host keeps a
 /// test's first result, so a module that already reported an error for its
 /// name keeps that one) and completes it.
-fn fail(pending: &mut BTreeMap<&str, &str>, message: &str, duration_ms: u64) {
+fn fail(pending: &mut BTreeMap<String, String>, message: &str, duration_ms: u64) {
     for (file, name) in std::mem::take(pending) {
         kiln_plugin_sdk::report(&TestResult {
-            id: name.to_owned(),
-            file: file.to_owned(),
+            id: name,
+            file: file.clone(),
             outcome: Outcome::Error,
             duration_ms,
             message: message.to_owned(),
         });
-        kiln_plugin_sdk::file_done(file);
+        kiln_plugin_sdk::file_done(&file);
     }
 }
 
@@ -285,10 +347,14 @@ mod tests {
     fn the_command_line_names_the_files_and_not_the_driver() {
         let modules = [select::TestModule { file: "tests/test_x.py".to_owned(), name: "tests.test_x".to_owned() }];
         let batch = Batch { files: vec![], slots: 3, file_timeout_ms: 12_500 };
-        let command = driver_command(&modules, &batch);
+        let command = driver_command(&modules, &batch, false);
         assert_eq!(command.program, "python3");
-        assert_eq!(command.args, ["-c", LOADER, "--slots", "3", "--timeout", "12.500", "tests/test_x.py"]);
+        let loader = loader();
+        assert_eq!(command.args, ["-c", &loader, "--slots", "3", "--timeout", "12.500", "--", "tests/test_x.py"]);
         assert!(DRIVER.len() > 1000 && !command.args.iter().any(|a| a.contains("_KILN_DRIVER") || a.len() > 40));
+        assert_eq!(loader, format!("import sys; exec(sys.stdin.read({}))", program().len()));
+        let more = driver_command(&modules, &batch, true);
+        assert_eq!(more.args[6..], ["--more", "--", "tests/test_x.py"]);
     }
 
     #[test]

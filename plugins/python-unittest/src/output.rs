@@ -62,6 +62,8 @@ pub enum Line {
     },
     /// The driver finished normally.
     Done { done: bool },
+    /// With `--more`: every file given so far is done; it waits for more.
+    Idle { idle: bool },
 }
 
 /// The longest line kept: a result's message is capped by the driver well

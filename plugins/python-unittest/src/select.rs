@@ -45,8 +45,9 @@ pub enum Entry {
     Other,
 }
 
-/// Splits `files` into the ones the driver runs, sorted by path, and the
-/// others.
+/// Splits `files` into the ones the driver runs, in the order given, each
+/// once, and the others. The order is the runner's: the dispatcher puts a
+/// batch's longest files first, so that the batch ends on short ones.
 ///
 /// `entry` says what a repository-relative path is in the checkout; it is a
 /// parameter so the rules can be tested without one.
@@ -59,8 +60,8 @@ pub fn test_modules(files: &[String], entry: impl Fn(&str) -> Entry) -> (Vec<Tes
             Err(reason) => skipped.push(Skipped { file: file.clone(), reason }),
         }
     }
-    modules.sort_by(|a, b| a.file.cmp(&b.file));
-    modules.dedup_by(|a, b| a.file == b.file);
+    let mut seen = std::collections::HashSet::new();
+    modules.retain(|m| seen.insert(m.file.clone()));
     (modules, skipped)
 }
 
@@ -163,12 +164,23 @@ mod tests {
         assert_eq!(
             runs(&files, &inits, &[]),
             [
-                "tests/my.dir/test_e.py tests.my.dir.test_e",
-                "tests/pkg/deep/test_c.py tests.pkg.deep.test_c",
-                "tests/pkg/test_b.py tests.pkg.test_b",
                 "tests/test_a.py tests.test_a",
+                "tests/pkg/test_b.py tests.pkg.test_b",
+                "tests/pkg/deep/test_c.py tests.pkg.deep.test_c",
                 "tests/testé.py tests.testé",
+                "tests/my.dir/test_e.py tests.my.dir.test_e",
             ]
+        );
+    }
+
+    /// The batch's order is kept (the dispatcher's: longest first), and a
+    /// file given twice runs once, where it came first.
+    #[test]
+    fn keeps_the_order_given_and_each_file_once() {
+        let files = ["tests/test_z.py", "tests/test_a.py", "tests/test_z.py", "tests/test_m.py"];
+        assert_eq!(
+            runs(&files, &["tests/__init__.py"], &[]),
+            ["tests/test_z.py tests.test_z", "tests/test_a.py tests.test_a", "tests/test_m.py tests.test_m"]
         );
     }
 

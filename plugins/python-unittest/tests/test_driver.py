@@ -33,8 +33,6 @@ HERE = Path(__file__).resolve().parent
 PLUGIN = HERE.parent
 DRIVER = (PLUGIN / "src" / "driver.py").read_bytes()
 BOOTSTRAP = (PLUGIN / "src" / "bootstrap.py").read_bytes()
-# The plugin's one-line loader, as src/lib.rs spells it.
-LOADER = re.search(r'const LOADER: &str = "(.*)";', (PLUGIN / "src" / "lib.rs").read_text()).group(1)
 PYTHON = os.environ.get("KILN_TEST_PYTHON", sys.executable)
 PYENV = Path("/root/.pyenv/versions")
 
@@ -42,6 +40,12 @@ PYENV = Path("/root/.pyenv/versions")
 def stdin_bytes():
     """Exactly what the plugin writes to the interpreter's stdin."""
     return b"_KILN_DRIVER = r'''" + DRIVER + b"'''\n" + BOOTSTRAP
+
+
+# The plugin's one-line loader, as src/lib.rs spells it: it reads exactly
+# the program, so that with --more what follows on stdin is files.
+_LOADER_FORMAT = re.search(r'format!\("(import sys; exec\(sys\.stdin\.read\(\{\}\)\))"', (PLUGIN / "src" / "lib.rs").read_text())
+LOADER = _LOADER_FORMAT.group(1).replace("{}", str(len(stdin_bytes())))
 
 
 def sandbox_env(repo, tmpdir):
@@ -242,6 +246,49 @@ class Outcomes(DriverTest):
     def test_no_files(self):
         run = self.run_driver()
         self.assertEqual(len(run.lines), 2)
+
+    def test_with_more_the_files_on_stdin_run_in_the_same_interpreter_when_it_is_idle(self):
+        test = "import os, unittest\nclass T(unittest.TestCase):\n    def test(self):\n        print(os.getppid())\n        self.fail()\n"
+        self.write({"tests/test_%s.py" % n: test for n in "abc"})
+        process = subprocess.Popen(
+            [PYTHON, "-c", LOADER, "--more", "--", "tests/test_a.py"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, cwd=self.repo, env=sandbox_env(self.repo, self.tmpdir),
+        )
+        process.stdin.write(stdin_bytes())
+        process.stdin.flush()
+
+        def until_idle():
+            lines = []
+            while True:
+                line = json.loads(process.stdout.readline())
+                if line == {"idle": True}:
+                    return lines
+                lines.append(line)
+
+        first = until_idle()
+        self.assertEqual(first[0]["driver"], 2)
+        self.assertEqual([l.get("file-done") for l in first[1:]], [None, "tests/test_a.py"])
+        # Two files in one line, the first given again (it runs once).
+        process.stdin.write(b'["tests/test_b.py", "tests/test_a.py", "tests/test_c.py"]\n')
+        process.stdin.flush()
+        second = until_idle()
+        self.assertEqual([l.get("file-done") for l in second], [None, "tests/test_b.py", None, "tests/test_c.py"])
+        # Every file ran in a child of this one interpreter.
+        parents = {l["message"].split("Output (stdout and stderr):\n")[1].split()[0] for l in first[1:] + second if "message" in l}
+        self.assertEqual(parents, {str(process.pid)})
+        process.stdin.close()
+        with process.stdout, process.stderr:
+            out, err = process.stdout.read(), process.stderr.read()
+        self.assertEqual((process.wait(timeout=60), out, err), (0, b'{"done": true}\n', b""))
+
+    def test_with_more_a_line_that_is_not_a_list_of_files_is_a_usage_error(self):
+        process = subprocess.run(
+            [PYTHON, "-c", LOADER, "--more"], input=stdin_bytes() + b'{"not": "a list"}\n', capture_output=True,
+            cwd=self.repo, env=sandbox_env(self.repo, self.tmpdir), timeout=60,
+        )
+        self.assertEqual(process.returncode, 2, process.stderr)
+        self.assertIn(b"a line on stdin is not a JSON list of files", process.stderr)
+        self.assertEqual(process.stdout.splitlines()[1:], [b'{"idle": true}'])
 
     def test_usage_errors(self):
         for args in (["--slots", "0", "x"], ["--slots"], ["--bogus", "x"], ["--timeout", "soon", "x"]):
