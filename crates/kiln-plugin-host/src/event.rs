@@ -17,6 +17,6 @@ pub enum HostEvent {
     /// get no event.
     FileDone(String),
     /// Every file given so far is done, and the plugin waits for more
-    /// ([`crate::PluginHost::run_more`]).
+    /// ([`crate::PluginHost::run_with`]).
     Idle,
 }

@@ -248,30 +248,19 @@ impl PluginHost {
         slots: u32,
         report: &mpsc::UnboundedSender<HostEvent>,
     ) -> Result<(), HostError> {
-        self.run_with(checkout, files, slots, &RunSettings::default(), report).await
+        self.run_with(checkout, files, slots, &RunSettings::default(), report, None).await
     }
 
-    /// [`PluginHost::run`] with a repository's [`RunSettings`].
+    /// [`PluginHost::run`] with a repository's [`RunSettings`], and with
+    /// `more`, then more files of the same checkout while the plugin wants
+    /// them. When the files all go to one plugin and it asks for more
+    /// (`next-files`) once they are done, `report` gets [`HostEvent::Idle`];
+    /// the files next sent on `more` are its answer, run and reported in the
+    /// same call, and closing `more` tells it that none will come. Only
+    /// files that plugin claims may be sent ([`PluginHost::claimants`]).
+    /// Files split over several plugins run as without `more`, which is
+    /// closed unread.
     pub async fn run_with(
-        &self,
-        checkout: &Path,
-        files: &[String],
-        slots: u32,
-        settings: &RunSettings,
-        report: &mpsc::UnboundedSender<HostEvent>,
-    ) -> Result<(), HostError> {
-        self.run_more(checkout, files, slots, settings, report, None).await
-    }
-
-    /// [`PluginHost::run_with`], and then more files of the same checkout
-    /// while the plugin wants them. When the files all go to one plugin and
-    /// it asks for more (`next-files`) once they are done, `report` gets
-    /// [`HostEvent::Idle`]; the files next sent on `more` are its answer,
-    /// run and reported in the same call, and closing `more` tells it that
-    /// none will come. Only files that plugin claims may be sent
-    /// ([`PluginHost::claimants`]). Files split over several plugins run as
-    /// with [`PluginHost::run_with`], and `more` is closed unread.
-    pub async fn run_more(
         &self,
         checkout: &Path,
         files: &[String],

@@ -173,7 +173,7 @@ pub(crate) struct Job {
     /// extends the running programs' cap and the call's own.
     pub per_file: (Duration, Duration),
     /// Where `next-files` waits for more files (see
-    /// [`crate::PluginHost::run_more`]); `None`: no more will come.
+    /// [`crate::PluginHost::run_with`]); `None`: no more will come.
     pub more: Option<mpsc::UnboundedReceiver<Vec<String>>>,
     /// The checkout (absolute), where commands run.
     pub checkout: PathBuf,

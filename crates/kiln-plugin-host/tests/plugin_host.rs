@@ -205,7 +205,7 @@ async fn run_with_events(
     (results, done)
 }
 
-/// `run_more` hands the files of later batches to the plugin that is
+/// `run_with` (given `more`) hands the files of later batches to the plugin that is
 /// still running: python-unittest runs them in the interpreter that ran the
 /// first batch (each test prints its driver's PID namespace, pid and start
 /// time), each round ends with
@@ -228,7 +228,7 @@ async fn more_files_run_in_the_warm_interpreter_of_the_first_batch() {
     let (more_tx, more) = mpsc::unbounded_channel();
     let settings = kiln_plugin_host::RunSettings::default();
     let first = files[..2].to_vec();
-    let run = host.run_more(dir.path(), &first, 1, &settings, &tx, Some(more));
+    let run = host.run_with(dir.path(), &first, 1, &settings, &tx, Some(more));
     let events = &mut rx;
     let rounds = async move {
         let mut rounds: Vec<Vec<HostEvent>> = vec![Vec::new()];

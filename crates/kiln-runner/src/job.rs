@@ -424,7 +424,7 @@ async fn run_job(
     let host = Arc::clone(&ctx.host);
     let run = async move {
         let count = u32::try_from(slots.num_permits()).unwrap_or(u32::MAX);
-        let r = host.run_with(checkout, &files, count, &settings, &tx).await;
+        let r = host.run_with(checkout, &files, count, &settings, &tx, None).await;
         drop(tx);
         drop(slots);
         r

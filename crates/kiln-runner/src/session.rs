@@ -3,8 +3,9 @@
 //! A commit split across runners reaches each runner as several batches,
 //! and each batch used to pay for a new sandbox and a new interpreter (some
 //! 100–250 ms, most of the cost of a batch's start). Instead, a batch runs
-//! as a *session*: the plugin host's [`PluginHost::run_more`], in a task of
-//! its own. When the plugin has finished every file it was given and asks
+//! as a *session*: the plugin host's [`PluginHost::run_with`], given a way
+//! to send more files, in a task of its own. When the plugin has finished
+//! every file it was given and asks
 //! for more, the batch ends (its slots freed, its `Finished` sent) and the
 //! session waits, idle, for [`LINGER`]. A next batch of the same commit,
 //! Python and configuration, for the same slots, whose files all go to the
@@ -157,7 +158,7 @@ impl Sessions {
         let sessions = Arc::clone(self);
         let (join_tx, join_rx) = mpsc::unbounded_channel();
         // The plugin that gets every file, if one does: only then may the
-        // session take more (see `run_more`).
+        // session take more (see `PluginHost::run_with`).
         let claimants: Vec<Option<String>> =
             start.first.files.iter().map(|f| host.claimants(f).into_iter().next()).collect();
         let plugin = claimants.first().cloned().flatten().filter(|p| claimants.iter().all(|c| c.as_ref() == Some(p)));
@@ -197,7 +198,7 @@ async fn run(
     let mut more_tx = Some(more_tx);
     let files = first.files.clone();
     let mut current = Some(Joined { join: first, stop });
-    let plugin_run = host.run_more(&checkout.0, &files, key.slots, &settings, &events_tx, Some(more_rx));
+    let plugin_run = host.run_with(&checkout.0, &files, key.slots, &settings, &events_tx, Some(more_rx));
     tokio::pin!(plugin_run);
     let linger = tokio::time::sleep(Duration::MAX);
     tokio::pin!(linger);

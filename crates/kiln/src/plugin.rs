@@ -158,7 +158,7 @@ async fn run_plugins(a: &RunArgs, mut each: impl FnMut(&TestResult)) -> anyhow::
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let run = async move {
         let slots = a.slots.unwrap_or_else(kiln_runner::usable_cpus);
-        let ran = host.run_with(&a.dir, &files, slots, &settings, &tx).await;
+        let ran = host.run_with(&a.dir, &files, slots, &settings, &tx, None).await;
         drop(tx);
         ran
     };
