@@ -169,9 +169,11 @@ pub(crate) struct Job {
     /// The cap on a spawned program's wall-clock time: the per-file limit
     /// times the batch's files.
     pub spawn_timeout: Duration,
-    /// The per-file limits, by which each file `next-files` hands out
-    /// extends the running programs' cap and the call's own.
-    pub per_file: (Duration, Duration),
+    /// The per-file limit of a spawned program: each file `next-files`
+    /// hands out extends the running programs' cap by it.
+    pub file_timeout: Duration,
+    /// The per-file limit of the call, which extends its limit likewise.
+    pub call_timeout: Duration,
     /// Where `next-files` waits for more files (see
     /// [`crate::PluginHost::run_with`]); `None`: no more will come.
     pub more: Option<mpsc::UnboundedReceiver<Vec<String>>>,
@@ -188,6 +190,19 @@ pub(crate) struct Job {
     pub closed: bool,
     /// Variables added to every command's environment (see [`crate::RunSettings`]).
     pub env: Arc<[(String, String)]>,
+}
+
+impl Job {
+    /// Sends `event` to the runner. When nobody listens any more, the
+    /// plugin is stopped (the error traps it) rather than run tests whose
+    /// results would be thrown away.
+    fn send(&mut self, event: HostEvent) -> wasmtime::Result<()> {
+        if self.report.send(event).is_err() {
+            self.closed = true;
+            return Err(wasmtime::Error::msg("the runner stopped listening for results"));
+        }
+        Ok(())
+    }
 }
 
 impl WasiView for HostState {
@@ -283,27 +298,26 @@ impl host::Host for HostState {
 
     async fn next_files(&mut self) -> wasmtime::Result<Vec<String>> {
         let Some(job) = &mut self.call.job else { return Ok(Vec::new()) };
-        let Some(more) = job.more.as_mut() else { return Ok(Vec::new()) };
+        if job.more.is_none() {
+            return Ok(Vec::new());
+        }
         // Every file given so far is done now, whether the plugin said so
         // or not: the runner may end their batch.
-        for file in &job.files {
-            if job.done.insert(file.clone()) && job.report.send(HostEvent::FileDone(file.clone())).is_err() {
-                job.closed = true;
-                return Err(wasmtime::Error::msg("the runner stopped listening for results"));
-            }
+        let undone: Vec<String> = job.files.iter().filter(|f| !job.done.contains(*f)).cloned().collect();
+        for file in undone {
+            job.done.insert(file.clone());
+            job.send(HostEvent::FileDone(file))?;
         }
-        if job.report.send(HostEvent::Idle).is_err() {
-            job.closed = true;
-            return Err(wasmtime::Error::msg("the runner stopped listening for results"));
-        }
+        job.send(HostEvent::Idle)?;
         // Waiting for the runner is not the plugin computing.
         let _paused = self.call.clock.pause();
+        let Some(more) = job.more.as_mut() else { return Ok(Vec::new()) };
         let Some(files) = more.recv().await else {
             job.more = None;
             return Ok(Vec::new());
         };
         let count = u32::try_from(files.len()).unwrap_or(u32::MAX);
-        let (file_timeout, call_timeout) = job.per_file;
+        let (file_timeout, call_timeout) = (job.file_timeout, job.call_timeout);
         for rep in &self.spawned {
             if let Ok(process) = self.table.get(&Resource::<Spawned>::new_borrow(*rep)) {
                 process.0.extend(file_timeout.saturating_mul(count));
@@ -325,9 +339,8 @@ impl host::Host for HostState {
             tracing::warn!(plugin = %self.call.plugin, file = %Escaped(&file), "ignoring `file-done` for a file not in the batch");
             return Ok(());
         }
-        if job.done.insert(file.clone()) && job.report.send(HostEvent::FileDone(file)).is_err() {
-            job.closed = true;
-            return Err(wasmtime::Error::msg("the runner stopped listening for results"));
+        if job.done.insert(file.clone()) {
+            job.send(HostEvent::FileDone(file))?;
         }
         Ok(())
     }
@@ -355,13 +368,7 @@ impl host::Host for HostState {
             result.duration_ms,
             truncate(result.message, MAX_MESSAGE_BYTES),
         );
-        if job.report.send(HostEvent::Test(result)).is_err() {
-            // Nobody is listening: stop the plugin rather than run tests whose
-            // results would be thrown away.
-            job.closed = true;
-            return Err(wasmtime::Error::msg("the runner stopped listening for results"));
-        }
-        Ok(())
+        job.send(HostEvent::Test(result))
     }
 
     async fn log(&mut self, message: String) -> wasmtime::Result<()> {

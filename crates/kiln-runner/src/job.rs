@@ -18,9 +18,9 @@ use kiln_proto::wire::{Assignment, Control, Held, JobEvent, Reply, Request};
 use kiln_proto::{CommitId, Escaped, RepoConfig, error_chain};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
 use crate::session;
-use tracing::{debug, info, warn};
 
 /// How many commits a runner offers as "haves" when fetching source.
 const HAVES: usize = 32;
@@ -55,7 +55,7 @@ pub(crate) struct JobContext {
     /// the commit present and fetches nothing.
     pub fetching: tokio::sync::Mutex<()>,
     /// Warm plugin runs waiting for their commit's next batch.
-    pub sessions: Arc<crate::session::Sessions>,
+    pub sessions: Arc<session::Sessions>,
 }
 
 /// The runner's slots, shared by its batches: a batch takes exactly the
@@ -358,16 +358,12 @@ async fn run_job(
     // file here, or that no plugin claims, is reported, never dropped.
     let mut files = Vec::new();
     for file in &batch.files {
-        let reason = if found.files.binary_search(file).is_err() {
-            "not a regular file under tests/ in the runner's checkout"
-        } else if ctx.host.claimants(file).is_empty() {
-            "no plugin claims it"
-        } else {
-            files.push(file.clone());
-            continue;
-        };
-        // The receiver lives as long as this future.
-        let _ = events.send(JobEvent::NotRun { file: file.clone(), reason: reason.to_owned() });
+        let claimant = ctx.host.claimants(file).into_iter().next();
+        match not_run(&found.files, file, claimant.as_deref()) {
+            // The receiver lives as long as this future.
+            Some(reason) => drop(events.send(JobEvent::NotRun { file: file.clone(), reason: reason.to_owned() })),
+            None => files.push(file.clone()),
+        }
     }
     if files.is_empty() {
         return Ok(Ok(0));
@@ -433,6 +429,19 @@ async fn run_job(
     Ok(ran.map(|()| count).map_err(JobError::Plugins))
 }
 
+/// Why a batch's `file` is not run, if it is not: it is not among the
+/// regular files under `tests/` the checkout has (`found`, sorted), or no
+/// plugin claims it (`claimant`: the first that does).
+fn not_run(found: &[String], file: &str, claimant: Option<&str>) -> Option<&'static str> {
+    if found.binary_search_by(|f| f.as_str().cmp(file)).is_err() {
+        Some("not a regular file under tests/ in the runner's checkout")
+    } else if claimant.is_none() {
+        Some("no plugin claims it")
+    } else {
+        None
+    }
+}
+
 /// Sends the plugins' events on as the job's until their sender is gone;
 /// how many test results there were.
 async fn forward(rx: &mut mpsc::UnboundedReceiver<HostEvent>, events: &mpsc::UnboundedSender<JobEvent>) -> usize {
@@ -462,13 +471,11 @@ async fn join_session(
     events: &mpsc::UnboundedSender<JobEvent>,
 ) -> Option<Result<usize, JobError>> {
     let mut files = Vec::new();
-    let mut not_run = Vec::new();
+    let mut skipped = Vec::new();
     for file in &batch.files {
         let claimant = ctx.host.claimants(file).into_iter().next();
-        if idle.found.binary_search(file).is_err() {
-            not_run.push((file, "not a regular file under tests/ in the runner's checkout"));
-        } else if claimant.is_none() {
-            not_run.push((file, "no plugin claims it"));
+        if let Some(reason) = not_run(&idle.found, file, claimant.as_deref()) {
+            skipped.push((file, reason));
         } else if claimant.as_deref() == Some(idle.plugin.as_str()) {
             files.push(file.clone());
         } else {
@@ -477,7 +484,7 @@ async fn join_session(
             return None;
         }
     }
-    for (file, reason) in not_run {
+    for (file, reason) in skipped {
         // The receiver lives as long as the job.
         let _ = events.send(JobEvent::NotRun { file: file.clone(), reason: reason.to_owned() });
     }

@@ -5,9 +5,9 @@
 //! 100–250 ms, most of the cost of a batch's start). Instead, a batch runs
 //! as a *session*: the plugin host's [`PluginHost::run_with`], given a way
 //! to send more files, in a task of its own. When the plugin has finished
-//! every file it was given and asks
-//! for more, the batch ends (its slots freed, its `Finished` sent) and the
-//! session waits, idle, for [`LINGER`]. A next batch of the same commit,
+//! every file it was given and asks for more, the batch ends (its slots
+//! freed, its `Finished` sent) and the session waits, idle, for
+//! [`LINGER`]. A next batch of the same commit,
 //! Python and configuration, for the same slots, whose files all go to the
 //! same plugin, joins it: its files are handed to the running plugin, and
 //! their results flow to that batch's own stream (its own lease and

@@ -60,13 +60,12 @@ impl Executor for PythonUnittest {
 
     fn run(batch: Batch) -> Result<(), String> {
         let mut modules = test_modules(&batch.files);
-        // A batch with nothing to run still takes the runner's next one.
-        while modules.is_empty() {
-            let files = kiln_plugin_sdk::next_files();
-            if files.is_empty() {
+        if modules.is_empty() {
+            // A batch with nothing to run still takes the runner's next one.
+            modules = more_modules();
+            if modules.is_empty() {
                 return Ok(());
             }
-            modules = test_modules(&files);
         }
         let chunks = argv_chunks(&modules);
         for (i, chunk) in chunks.iter().enumerate() {
